@@ -1,0 +1,91 @@
+"""Which backend runs an op: ``available_backends`` and ``select_backend``.
+
+``backend="auto"`` picks, for the tensor's device, cuda > triton > cpu >
+reference; the environment variable ``CONFUSION_KERNELS_BACKEND`` replaces
+"auto" with a fixed choice. An explicitly requested backend that cannot run
+raises ``RuntimeError`` saying why; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "CONFUSION_KERNELS_BACKEND"
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def unavailable_reason(backend: str, device: torch.device | None = None,
+                       op: str = "intra_inter_sums") -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` now (None when it can)."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}"
+    device_type = device.type if device is not None else None
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if not _extension.HAS_C:
+            return f"the C++ extension confusion_kernels._C is not built ({_extension.IMPORT_ERROR})"
+        if not _extension.has_kernel(op, "CPU"):
+            return f"confusion_kernels._C has no CPU kernel for {op}"
+        if device_type not in (None, "cpu"):
+            return f"it runs on CPU tensors, got a tensor on {device}"
+        return None
+    if backend == "triton":
+        if not _triton_installed():
+            return "triton is not installed"
+        if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
+            return None
+        if device_type in (None, "cpu") and _triton_interpreting():
+            return None
+        return (f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+                f"got a tensor on {device if device is not None else 'cpu'}")
+    # cuda
+    if not _extension.HAS_C:
+        return f"the C++ extension confusion_kernels._C is not built ({_extension.IMPORT_ERROR})"
+    if not _extension.has_kernel(op, "CUDA"):
+        return ("confusion_kernels._C was built without CUDA kernels (torch without CUDA, "
+                "no nvcc, or CONFUSION_KERNELS_NO_CUDA=1 at build time)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if device_type not in (None, "cuda"):
+        return f"it runs on CUDA tensors, got a tensor on {device}"
+    return None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run now (for tensors on ``device`` when given)."""
+    dev = torch.device(device) if device is not None else None
+    return [b for b in BACKENDS if unavailable_reason(b, dev) is None]
+
+
+def select_backend(tensor: torch.Tensor, backend: str = "auto",
+                   op: str = "intra_inter_sums") -> str:
+    """The backend that runs ``op`` on ``tensor`` for the requested ``backend``."""
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if backend == "auto":
+            order = ("cuda", "triton", "cpu", "reference") if tensor.is_cuda else ("cpu", "reference")
+            for candidate in order:
+                if unavailable_reason(candidate, tensor.device, op) is None:
+                    return candidate
+            return "reference"
+        source = f"{ENV_VAR}={backend!r}"
+    else:
+        source = f"backend={backend!r}"
+    reason = unavailable_reason(backend, tensor.device, op)
+    if reason is not None:
+        raise RuntimeError(f"confusion_kernels: {source} cannot run {op}: {reason}")
+    return backend

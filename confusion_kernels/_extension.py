@@ -1,0 +1,34 @@
+"""Loads the compiled extension ``confusion_kernels._C`` if it was built.
+
+Without it the package still works through the reference backend; one warning
+says why the extension is missing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing registers the torch.ops kernels)
+
+    HAS_C = True
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # not built, or built against another torch
+    HAS_C = False
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "confusion_kernels: the C++ extension confusion_kernels._C is not available "
+        f"({IMPORT_ERROR}); only the 'reference' (and 'triton') backends can run. "
+        "Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when ``confusion_kernels::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    if not HAS_C:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"confusion_kernels::{op}", dispatch_key)

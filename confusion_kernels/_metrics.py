@@ -1,0 +1,58 @@
+"""Metric names, aliases and the integer codes the kernels use.
+
+Keep the codes in sync with ``csrc/include/confusion_kernels/pair_math.h``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+EUCLIDEAN = 0
+SQEUCLIDEAN = 1
+MANHATTAN = 2
+COSINE = 3
+SMOOTH_L1 = 4
+
+METRIC_CODES = {
+    "euclidean": EUCLIDEAN,
+    "sqeuclidean": SQEUCLIDEAN,
+    "manhattan": MANHATTAN,
+    "cosine": COSINE,
+    "smooth_l1": SMOOTH_L1,
+}
+# Metrics with a Gram form |a|^2 + |b|^2 - 2 a.b (matrix products).
+GRAM_METRICS = frozenset({EUCLIDEAN, SQEUCLIDEAN, COSINE})
+
+COSINE_EPS = 1e-8  # cosine distance denominator floor: max(|a||b|, eps)
+GRAM_EXACT_FRACTION = 1.0 / 16.0  # see pair_math.h: kGramExactFraction
+
+# alias -> (metric, forces dim_mean). The public ASLoss code uses nn.L1Loss /
+# nn.MSELoss / nn.SmoothL1Loss, which average over the dimensions.
+_ALIASES = {
+    "l2": ("euclidean", False),
+    "l1": ("manhattan", False),
+    "squared_euclidean": ("sqeuclidean", False),
+    "l1_mean": ("manhattan", True),
+    "mse": ("sqeuclidean", True),
+    "smooth_l1_mean": ("smooth_l1", True),
+}
+
+
+class ResolvedMetric(NamedTuple):
+    name: str
+    code: int
+    dim_mean: bool
+
+
+def resolve_metric(metric: str, dim_mean: bool = False) -> ResolvedMetric:
+    """Canonical name, kernel code and effective ``dim_mean`` of a metric name or alias."""
+    if not isinstance(metric, str):
+        raise TypeError(f"metric must be a string, got {type(metric).__name__}")
+    key = metric.lower()
+    if key in _ALIASES:
+        key, forced = _ALIASES[key]
+        dim_mean = dim_mean or forced
+    if key not in METRIC_CODES:
+        known = sorted(METRIC_CODES) + sorted(_ALIASES)
+        raise ValueError(f"unknown metric {metric!r}; expected one of {known}")
+    return ResolvedMetric(key, METRIC_CODES[key], bool(dim_mean))

@@ -1,0 +1,43 @@
+"""Input rules of SPEC section 6, shared by every op: clear Python errors
+before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_embeddings(x: torch.Tensor, name: str = "x", *, check_finite: bool = True) -> None:
+    """x: floating 2-D [N, D] with N > 0, finite unless ``check_finite=False``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has no rows (N = 0)")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this scan)")
+
+
+def check_labels(labels: torch.Tensor, n: int, device: torch.device,
+                 name: str = "labels") -> torch.Tensor:
+    """labels: 1-D integer of length n on ``device``; returned as contiguous int64."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N], got shape {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but the embeddings have {n} rows")
+    if labels.device != device:
+        raise ValueError(f"{name} are on {labels.device} but the embeddings are on {device}")
+    return labels.to(torch.int64).contiguous()
+
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for fp16/bf16 inputs, else the input dtype (SPEC section 6)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

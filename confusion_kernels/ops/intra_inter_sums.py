@@ -1,0 +1,90 @@
+"""``intra_inter_sums``: the fused, differentiable per-row sums behind ASLoss.
+
+    S_in[i]  = sum_{j != i, y_j == y_i} D(x_i, x_j)
+    S_out[i] = sum_{j : y_j != y_i}     D(x_i, x_j)
+
+Backends: ``reference`` (N x N PyTorch), ``cpu`` (C++/OpenMP, torch.ops),
+``cuda`` (CUDA C++, torch.ops), ``triton`` (Python custom op). The C++ ops'
+schemas live in csrc/ops.cpp; their fake and autograd rules are registered
+here, so every backend is usable under torch.compile and opcheck.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from .. import reference as _reference
+from .._backend import select_backend
+from .._metrics import resolve_metric
+from .._validation import check_embeddings, check_labels
+from ._registration import (
+    fake_row_sums,
+    fake_row_sums_backward,
+    register_row_sums_autograd,
+)
+
+CPP_OP = "confusion_kernels::intra_inter_sums"
+CPP_BACKWARD_OP = "confusion_kernels::intra_inter_sums_backward"
+TRITON_OP = "confusion_kernels::intra_inter_sums_triton"
+TRITON_BACKWARD_OP = "confusion_kernels::intra_inter_sums_triton_backward"
+
+if _extension.HAS_C:
+    torch.library.register_fake(CPP_OP)(fake_row_sums)
+    torch.library.register_fake(CPP_BACKWARD_OP)(fake_row_sums_backward)
+    register_row_sums_autograd(
+        CPP_OP, lambda gi, go, x, lab, m: torch.ops.confusion_kernels.intra_inter_sums_backward(gi, go, x, lab, m))
+
+
+@torch.library.custom_op(TRITON_OP, mutates_args=())
+def _triton_forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import intra_inter_sums as kernels
+
+    return kernels.forward(x, labels, metric)
+
+
+@torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
+def _triton_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
+                     labels: torch.Tensor, metric: int) -> torch.Tensor:
+    from ..triton import intra_inter_sums as kernels
+
+    return kernels.backward(grad_in, grad_out, x, labels, metric)
+
+
+_triton_forward.register_fake(fake_row_sums)
+_triton_backward.register_fake(fake_row_sums_backward)
+register_row_sums_autograd(TRITON_OP, _triton_backward)
+
+
+def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
+                     dim_mean: bool = False, backend: str = "auto",
+                     check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of distances to same-class and other-class rows.
+
+    Args:
+        x: embeddings [N, D], fp16/bf16/fp32/fp64 (any strides).
+        labels: integer labels [N]; any values, only equality matters.
+        metric: "euclidean" ("l2"), "sqeuclidean", "manhattan" ("l1"), "cosine",
+            "smooth_l1"; aliases "l1_mean", "mse" imply ``dim_mean``.
+        dim_mean: divide every distance by D.
+        backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
+        check_finite: scan x for NaN/Inf first (ValueError).
+
+    Returns:
+        (S_in [N], S_out [N]), float32 for fp16/bf16 inputs, else x's dtype;
+        differentiable w.r.t. x with O(N*D) memory (no N x N buffers) on the
+        kernel backends.
+    """
+    check_embeddings(x, "x", check_finite=check_finite)
+    labels = check_labels(labels, x.shape[0], x.device)
+    name, code, dim_mean = resolve_metric(metric, dim_mean)
+    chosen = select_backend(x, backend)
+    if chosen == "reference":
+        s_in, s_out = _reference.intra_inter_sums(x, labels, name)
+    elif chosen == "triton":
+        s_in, s_out = _triton_forward(x, labels, code)
+    else:
+        s_in, s_out = torch.ops.confusion_kernels.intra_inter_sums(x, labels, code)
+    if dim_mean and x.shape[1] > 0:
+        s_in, s_out = s_in / x.shape[1], s_out / x.shape[1]
+    return s_in, s_out

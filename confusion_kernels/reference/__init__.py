@@ -1,0 +1,8 @@
+"""Readable PyTorch definitions of every op (the formulas of shared/SPEC.md).
+
+They may materialise N x N matrices; the kernels must agree with them."""
+
+from .as_loss import ASLossTerms, as_loss, as_loss_terms
+from .pairwise import intra_inter_sums, pairwise_distances
+
+__all__ = ["ASLossTerms", "as_loss", "as_loss_terms", "intra_inter_sums", "pairwise_distances"]

@@ -1,0 +1,58 @@
+"""Reference pairwise distances (SPEC section 1): plain PyTorch, N x M memory.
+
+Gradients are PyTorch's own: at a = b the euclidean and manhattan distances
+have gradient 0 (``cdist``'s subgradient convention), as the kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._metrics import COSINE_EPS, resolve_metric
+
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None,
+                       metric: str = "euclidean", *, dim_mean: bool = False) -> torch.Tensor:
+    """D[i, j] = D(x_i, y_j) for x [N, D], y [M, D] (y = x when omitted) -> [N, M].
+
+    euclidean |a-b|_2, sqeuclidean |a-b|^2, manhattan sum|a_k-b_k|,
+    cosine 1 - a.b / max(|a||b|, 1e-8), smooth_l1 sum h(a_k-b_k) with
+    h(t) = t^2/2 if |t| < 1 else |t| - 1/2. ``dim_mean`` divides by D.
+    """
+    name, _, dim_mean = resolve_metric(metric, dim_mean)
+    y = x if y is None else y
+    if name == "euclidean":
+        dist = torch.cdist(x, y, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+    elif name == "sqeuclidean":
+        dist = torch.cdist(x, y, p=2.0, compute_mode="donot_use_mm_for_euclid_dist").square()
+    elif name == "manhattan":
+        dist = torch.cdist(x, y, p=1.0)
+    elif name == "cosine":
+        norms = torch.linalg.vector_norm(x, dim=1)[:, None] * torch.linalg.vector_norm(y, dim=1)[None, :]
+        dist = 1.0 - (x @ y.T) / norms.clamp_min(COSINE_EPS)
+    else:  # smooth_l1
+        dist = F.smooth_l1_loss(x[:, None, :].expand(-1, y.shape[0], -1),
+                                y[None, :, :].expand(x.shape[0], -1, -1),
+                                reduction="none", beta=1.0).sum(-1)
+    if dim_mean:
+        dist = dist / x.shape[1]
+    return dist
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
+                     dim_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_in[i] = sum_{j != i, y_j = y_i} D(x_i, x_j), S_out[i] = sum_{y_j != y_i} D(x_i, x_j).
+
+    fp16/bf16 inputs are computed in float32.
+    """
+    dist = pairwise_distances(_upcast(x), metric=metric, dim_mean=dim_mean)
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    s_in = torch.where(same & off_diagonal, dist, 0.0).sum(1)
+    s_out = torch.where(same, 0.0, dist).sum(1)
+    return s_in, s_out

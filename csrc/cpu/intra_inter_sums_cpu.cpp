@@ -1,0 +1,289 @@
+// C++ CPU kernels of intra_inter_sums (SPEC section 2): for every row i
+//   S_in[i]  = sum_{j != i, y_j == y_i} D(x_i, x_j)
+//   S_out[i] = sum_{j : y_j != y_i}     D(x_i, x_j)
+// and its backward, in O(N*D + tile) memory.
+//
+// euclidean / sqeuclidean / cosine: distances of a (row tile x column tile)
+// block come from one matrix product (the Gram form); pairs where the Gram
+// form cancels (duplicates, near neighbours) are recomputed exactly with the
+// shared per-pair math. manhattan / smooth_l1: direct loops over a transposed
+// copy so the inner loop runs over contiguous columns and vectorises.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "confusion_kernels/checks.h"
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+namespace {
+
+constexpr int64_t kRowTile = 256;
+constexpr int64_t kColTile = 1024;
+constexpr int64_t kDirectColBlock = 256;
+
+// ---------------------------------------------------------------------------
+// Gram-form metrics
+// ---------------------------------------------------------------------------
+template <int64_t M, typename acc_t>
+void gram_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
+  const int64_t n = xa.size(0), d = xa.size(1);
+  const acc_t* xp = xa.data_ptr<acc_t>();
+  const at::Tensor norms = (xa * xa).sum(1);
+  const acc_t* np = norms.data_ptr<acc_t>();
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t rt = std::min(kRowTile, n - r0);
+    const at::Tensor xr = xa.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < n; c0 += kColTile) {
+      const int64_t ct = std::min(kColTile, n - c0);
+      const at::Tensor g = at::mm(xr, xa.narrow(0, c0, ct).t()).contiguous();
+      const acc_t* gp = g.data_ptr<acc_t>();
+      at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t ii = begin; ii < end; ++ii) {
+          const int64_t i = r0 + ii;
+          const acc_t ni = np[i];
+          const int64_t li = lab[i];
+          const acc_t* grow = gp + ii * ct;
+          const acc_t* ncol = np + c0;
+          const int64_t* lcol = lab + c0;
+          acc_t in = 0, out = 0;
+          int64_t flagged = 0;
+          for (int64_t jj = 0; jj < ct; ++jj) {
+            bool exact;
+            acc_t dist = gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
+            flagged += exact;
+            dist = exact ? acc_t(0) : dist;
+            const bool same = lcol[jj] == li;
+            in += same ? dist : acc_t(0);
+            out += same ? acc_t(0) : dist;
+          }
+          if (flagged) {  // rare on spread-out data: recompute those pairs exactly
+            for (int64_t jj = 0; jj < ct; ++jj) {
+              const int64_t j = c0 + jj;
+              bool exact;
+              gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
+              if (!exact || j == i) continue;
+              const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
+              (lcol[jj] == li ? in : out) += dist;
+            }
+          }
+          s_in[i] += in;
+          s_out[i] += out;
+        }
+      });
+    }
+  }
+}
+
+template <int64_t M, typename acc_t>
+void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
+                   const acc_t* g_out, at::Tensor& grad) {
+  const int64_t n = xa.size(0), d = xa.size(1);
+  const acc_t* xp = xa.data_ptr<acc_t>();
+  const at::Tensor norms = (xa * xa).sum(1);
+  const acc_t* np = norms.data_ptr<acc_t>();
+  acc_t* gradp = grad.data_ptr<acc_t>();
+  // grad_i = self[i] * x_i + sum_j other[i, j] * x_j  (+ exact pairs, added directly)
+  at::Tensor self_coef = at::zeros({n}, xa.options());
+  acc_t* selfp = self_coef.data_ptr<acc_t>();
+  at::Tensor other = at::empty({std::min(kRowTile, n), std::min(kColTile, n)}, xa.options());
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t rt = std::min(kRowTile, n - r0);
+    const at::Tensor xr = xa.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < n; c0 += kColTile) {
+      const int64_t ct = std::min(kColTile, n - c0);
+      const at::Tensor xc = xa.narrow(0, c0, ct);
+      const at::Tensor g = at::mm(xr, xc.t()).contiguous();
+      const acc_t* gp = g.data_ptr<acc_t>();
+      at::Tensor w = other.narrow(0, 0, rt).narrow(1, 0, ct);  // rows of stride other.size(1)
+      acc_t* wp = w.data_ptr<acc_t>();
+      const int64_t wstride = other.size(1);
+      at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t ii = begin; ii < end; ++ii) {
+          const int64_t i = r0 + ii;
+          const acc_t ni = np[i];
+          const int64_t li = lab[i];
+          const acc_t gi_in = g_in[i], gi_out = g_out[i];
+          const acc_t* grow = gp + ii * ct;
+          acc_t* wrow = wp + ii * wstride;
+          acc_t self_sum = 0;
+          int64_t flagged = 0;
+          for (int64_t jj = 0; jj < ct; ++jj) {
+            const int64_t j = c0 + jj;
+            bool exact;
+            const acc_t nj = np[j], dot = grow[jj];
+            const acc_t dist = gram_distance<acc_t>(M, ni, nj, dot, &exact);
+            flagged += exact;
+            const bool same = lab[j] == li;
+            const acc_t coef =
+                (exact || j == i) ? acc_t(0) : (same ? gi_in + g_in[j] : gi_out + g_out[j]);
+            acc_t sc, oc;
+            gram_grad_coefficients<acc_t>(M, ni, nj, dot, dist, &sc, &oc);
+            self_sum += coef * sc;
+            wrow[jj] = coef * oc;
+          }
+          selfp[i] += self_sum;
+          if (flagged) {
+            acc_t* grow_out = gradp + i * d;
+            for (int64_t jj = 0; jj < ct; ++jj) {
+              const int64_t j = c0 + jj;
+              bool exact;
+              gram_distance<acc_t>(M, ni, np[j], grow[jj], &exact);
+              if (!exact || j == i) continue;
+              const acc_t coef = lab[j] == li ? gi_in + g_in[j] : gi_out + g_out[j];
+              pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, coef,
+                                                       grow_out);
+            }
+          }
+        }
+      });
+      grad.narrow(0, r0, rt).addmm_(w, xc);
+    }
+  }
+  grad.addcmul_(self_coef.unsqueeze(1), xa);
+}
+
+// ---------------------------------------------------------------------------
+// Direct metrics (manhattan, smooth_l1): loops over x^T so that the innermost
+// loop walks contiguous columns.
+// ---------------------------------------------------------------------------
+template <int64_t M, typename acc_t>
+void direct_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
+  const int64_t n = xa.size(0), d = xa.size(1);
+  const acc_t* xp = xa.data_ptr<acc_t>();
+  const at::Tensor xt = xa.t().contiguous();
+  const acc_t* xtp = xt.data_ptr<acc_t>();
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(kDirectColBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t li = lab[i];
+      acc_t in = 0, out = 0;
+      for (int64_t c0 = 0; c0 < n; c0 += kDirectColBlock) {
+        const int64_t ct = std::min(kDirectColBlock, n - c0);
+        std::fill(buf.begin(), buf.begin() + ct, acc_t(0));
+        for (int64_t k = 0; k < d; ++k) {
+          const acc_t xik = xp[i * d + k];
+          const acc_t* col = xtp + k * n + c0;
+          acc_t* b = buf.data();
+#pragma omp simd
+          for (int64_t jj = 0; jj < ct; ++jj) b[jj] += direct_term<acc_t>(M, xik - col[jj]);
+        }
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          const int64_t j = c0 + jj;
+          const acc_t dist = j == i ? acc_t(0) : direct_finalize<acc_t>(M, buf[jj]);
+          (lab[j] == li ? in : out) += dist;
+        }
+      }
+      s_in[i] = in;
+      s_out[i] = out;
+    }
+  });
+}
+
+template <int64_t M, typename acc_t>
+void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
+                     const acc_t* g_out, at::Tensor& grad) {
+  const int64_t n = xa.size(0), d = xa.size(1);
+  const acc_t* xp = xa.data_ptr<acc_t>();
+  const at::Tensor xt = xa.t().contiguous();
+  const acc_t* xtp = xt.data_ptr<acc_t>();
+  acc_t* gradp = grad.data_ptr<acc_t>();
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> coef(kDirectColBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t li = lab[i];
+      for (int64_t c0 = 0; c0 < n; c0 += kDirectColBlock) {
+        const int64_t ct = std::min(kDirectColBlock, n - c0);
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          const int64_t j = c0 + jj;
+          coef[jj] = j == i ? acc_t(0)
+                            : (lab[j] == li ? g_in[i] + g_in[j] : g_out[i] + g_out[j]);
+        }
+        for (int64_t k = 0; k < d; ++k) {
+          const acc_t xik = xp[i * d + k];
+          const acc_t* col = xtp + k * n + c0;
+          const acc_t* c = coef.data();
+          acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t jj = 0; jj < ct; ++jj)
+            acc += c[jj] * direct_grad_term<acc_t>(M, xik - col[jj], acc_t(0));
+          gradp[i * d + k] += acc;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch on metric (compile-time constant in the loops) and dtype.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+void forward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, acc_t* s_in,
+                  acc_t* s_out) {
+  switch (metric) {
+    case kEuclidean: return gram_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out);
+    case kSqEuclidean: return gram_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
+    case kCosine: return gram_forward<kCosine, acc_t>(xa, lab, s_in, s_out);
+    case kManhattan: return direct_forward<kManhattan, acc_t>(xa, lab, s_in, s_out);
+    default: return direct_forward<kSmoothL1, acc_t>(xa, lab, s_in, s_out);
+  }
+}
+
+template <typename acc_t>
+void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
+                   const acc_t* g_out, at::Tensor& grad) {
+  switch (metric) {
+    case kEuclidean: return gram_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
+    case kSqEuclidean: return gram_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
+    case kCosine: return gram_backward<kCosine, acc_t>(xa, lab, g_in, g_out, grad);
+    case kManhattan: return direct_backward<kManhattan, acc_t>(xa, lab, g_in, g_out, grad);
+    default: return direct_backward<kSmoothL1, acc_t>(xa, lab, g_in, g_out, grad);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
+                                                        const at::Tensor& labels,
+                                                        int64_t metric) {
+  check_intra_inter_inputs(x, labels, metric, c10::kCPU);
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc).contiguous();
+  const at::Tensor lab = labels.contiguous();
+  at::Tensor s_in = at::zeros({x.size(0)}, xa.options());
+  at::Tensor s_out = at::zeros({x.size(0)}, xa.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_cpu", [&] {
+    forward_impl<scalar_t>(metric, xa, lab.data_ptr<int64_t>(), s_in.data_ptr<scalar_t>(),
+                           s_out.data_ptr<scalar_t>());
+  });
+  return {s_in, s_out};
+}
+
+at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
+                                         const at::Tensor& x, const at::Tensor& labels,
+                                         int64_t metric) {
+  check_intra_inter_inputs(x, labels, metric, c10::kCPU);
+  check_row_gradient(grad_in, x, "grad_in");
+  check_row_gradient(grad_out, x, "grad_out");
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc).contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor gi = grad_in.to(acc).contiguous();
+  const at::Tensor go = grad_out.to(acc).contiguous();
+  at::Tensor grad = at::zeros_like(xa);
+  AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_backward_cpu", [&] {
+    backward_impl<scalar_t>(metric, xa, lab.data_ptr<int64_t>(), gi.data_ptr<scalar_t>(),
+                            go.data_ptr<scalar_t>(), grad);
+  });
+  return grad.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
+  m.impl("intra_inter_sums", &intra_inter_sums_cpu);
+  m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cpu);
+}
+
+}  // namespace confusion_kernels

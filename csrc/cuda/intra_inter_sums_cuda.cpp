@@ -1,0 +1,76 @@
+// CUDA dispatch of intra_inter_sums: checks inputs, converts to the
+// accumulation dtype (fp32, or fp64 for fp64 input), launches on the current
+// stream of x's device. Kernels: intra_inter_sums_kernels.cu.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "confusion_kernels/checks.h"
+#include "intra_inter_sums_launch.h"
+
+namespace confusion_kernels {
+namespace {
+
+at::Tensor row_norms_if_cosine(const at::Tensor& xa, int64_t metric) {
+  return metric == kCosine ? at::linalg_vector_norm(xa, 2, {1}).contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
+                                                         const at::Tensor& labels,
+                                                         int64_t metric) {
+  check_intra_inter_inputs(x, labels, metric, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xa = x.to(accumulation_type(x.scalar_type())).contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor norms = row_norms_if_cosine(xa, metric);
+  at::Tensor s_in = at::empty({x.size(0)}, xa.options());
+  at::Tensor s_out = at::empty({x.size(0)}, xa.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cuda", [&] {
+    launch_intra_inter_sums_forward<scalar_t>(
+        xa.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
+        xa.size(0), xa.size(1), metric, s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(),
+        stream);
+  });
+  return {s_in, s_out};
+}
+
+at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
+                                          const at::Tensor& x, const at::Tensor& labels,
+                                          int64_t metric) {
+  check_intra_inter_inputs(x, labels, metric, c10::kCUDA);
+  check_row_gradient(grad_in, x, "grad_in");
+  check_row_gradient(grad_out, x, "grad_out");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc).contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor gi = grad_in.to(acc).contiguous();
+  const at::Tensor go = grad_out.to(acc).contiguous();
+  const at::Tensor norms = row_norms_if_cosine(xa, metric);
+  at::Tensor grad = at::empty_like(xa);
+  if (xa.size(1) == 0) return grad.to(x.scalar_type());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_backward_cuda", [&] {
+    launch_intra_inter_sums_backward<scalar_t>(
+        xa.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
+        gi.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), xa.size(0), xa.size(1), metric,
+        grad.data_ptr<scalar_t>(), stream);
+  });
+  return grad.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
+  m.impl("intra_inter_sums", &intra_inter_sums_cuda);
+  m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cuda);
+}
+
+}  // namespace confusion_kernels

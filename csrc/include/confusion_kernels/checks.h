@@ -1,0 +1,45 @@
+// Input checks run by every C++ entry point before any kernel touches memory.
+// The Python layer validates first with friendlier messages; these checks
+// keep direct torch.ops calls from reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+
+// float64 accumulates in float64, everything else (fp16, bf16, fp32) in fp32.
+inline at::ScalarType accumulation_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_intra_inter_inputs(const at::Tensor& x, const at::Tensor& labels,
+                                     int64_t metric, c10::DeviceType device) {
+  TORCH_CHECK(x.dim() == 2, "intra_inter_sums: x must be 2-D [N, D], got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "intra_inter_sums: x must be a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) > 0, "intra_inter_sums: x has no rows (N = 0)");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0),
+              "intra_inter_sums: labels must be 1-D of length N = ", x.size(0), ", got shape ",
+              labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "intra_inter_sums: labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(x.device().type() == device, "intra_inter_sums: x must be on ", device, ", got ",
+              x.device());
+  TORCH_CHECK(labels.device() == x.device(), "intra_inter_sums: labels are on ",
+              labels.device(), " but x is on ", x.device());
+  TORCH_CHECK(metric >= 0 && metric < kNumMetrics, "intra_inter_sums: unknown metric code ",
+              metric);
+}
+
+inline void check_row_gradient(const at::Tensor& g, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(g.dim() == 1 && g.size(0) == x.size(0), "intra_inter_sums_backward: ", name,
+              " must be 1-D of length ", x.size(0), ", got shape ", g.sizes());
+  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "intra_inter_sums_backward: ", name,
+              " must be floating");
+  TORCH_CHECK(g.device() == x.device(), "intra_inter_sums_backward: ", name, " is on ",
+              g.device(), " but x is on ", x.device());
+}
+
+}  // namespace confusion_kernels

@@ -1,0 +1,247 @@
+// Per-pair distance math shared by the C++ CPU kernels and the CUDA kernels.
+//
+// Every function is `inline` and, under nvcc, `__host__ __device__`, so the
+// lines the CPU tests exercise are the lines the GPU runs. The formulas are
+// those of shared/SPEC.md section 1; the readable definition is
+// confusion_kernels/reference/pairwise.py.
+//
+// Two ways to get a distance:
+//   * the Gram form from squared norms and a dot product (fast: the dot
+//     products come from a matrix product), and
+//   * the exact form from per-dimension differences (used for the metrics
+//     with no Gram form and for pairs where the Gram form cancels badly,
+//     which includes duplicated rows: they get distance 0 and gradient 0).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CK_HOST_DEVICE inline
+#endif
+
+namespace confusion_kernels {
+
+// Keep in sync with confusion_kernels/_metrics.py (METRIC_CODES).
+enum Metric : int64_t {
+  kEuclidean = 0,
+  kSqEuclidean = 1,
+  kManhattan = 2,
+  kCosine = 3,
+  kSmoothL1 = 4,
+  kNumMetrics = 5,
+};
+
+// Denominator floor of the cosine distance: 1 - a.b / max(|a||b|, eps).
+constexpr double kCosineEps = 1e-8;
+
+// A Gram-form squared distance below this fraction of |a|^2 + |b|^2 has lost
+// too many digits to cancellation; such pairs are recomputed exactly. For
+// cosine the same bound applies to the Gram-form distance itself.
+constexpr double kGramExactFraction = 1.0 / 16.0;
+
+CK_HOST_DEVICE bool metric_has_gram_form(int64_t metric) {
+  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
+}
+
+template <typename T>
+CK_HOST_DEVICE T ck_sqrt(T v) {
+  return std::sqrt(v);
+}
+
+template <typename T>
+CK_HOST_DEVICE T ck_abs(T v) {
+  return v < T(0) ? -v : v;
+}
+
+// sign(t) with sign(0) = 0.
+template <typename T>
+CK_HOST_DEVICE T ck_sign(T t) {
+  return T(t > T(0)) - T(t < T(0));
+}
+
+// ---------------------------------------------------------------------------
+// Exact form, metrics that sum a term over dimensions (all but cosine).
+// D(a, b) = finalize(sum_k term(a_k - b_k)).
+// ---------------------------------------------------------------------------
+template <typename T>
+CK_HOST_DEVICE T direct_term(int64_t metric, T t) {
+  switch (metric) {
+    case kManhattan:
+      return ck_abs(t);
+    case kSmoothL1: {
+      const T at = ck_abs(t);
+      return at < T(1) ? T(0.5) * t * t : at - T(0.5);
+    }
+    default:  // kEuclidean, kSqEuclidean
+      return t * t;
+  }
+}
+
+template <typename T>
+CK_HOST_DEVICE T direct_finalize(int64_t metric, T acc) {
+  return metric == kEuclidean ? ck_sqrt(acc) : acc;
+}
+
+// dD/da_k for t = a_k - b_k, given the pair's distance `dist`.
+template <typename T>
+CK_HOST_DEVICE T direct_grad_term(int64_t metric, T t, T dist) {
+  switch (metric) {
+    case kEuclidean:
+      return dist > T(0) ? t / dist : T(0);
+    case kSqEuclidean:
+      return T(2) * t;
+    case kManhattan:
+      return ck_sign(t);
+    case kSmoothL1:
+      return t > T(1) ? T(1) : (t < T(-1) ? T(-1) : t);
+    default:
+      return T(0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Exact form of the cosine distance, from normalised differences:
+//   1 - cos(a, b) = |a/|a| - b/|b||^2 / 2                  if |a||b| > eps
+//   dD/da = -(1/|a|) * ((b/|b| - a/|a|) + D * a/|a|)
+// which is the quotient rule -b/(|a||b|) + (a.b) a/(|a|^3 |b|) rearranged so
+// that identical rows give exactly 0 and near-parallel rows keep their digits.
+// When |a||b| <= eps the denominator is the constant eps: D = 1 - a.b/eps,
+// dD/da = -b/eps.
+// ---------------------------------------------------------------------------
+template <typename T>
+CK_HOST_DEVICE bool cosine_norms_regular(T norm_a, T norm_b) {
+  return norm_a * norm_b > T(kCosineEps);
+}
+
+// ---------------------------------------------------------------------------
+// Exact distance and gradient of one pair of rows of length d.
+// `scalar_t` is the storage type, `acc_t` the accumulation type.
+// ---------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+CK_HOST_DEVICE acc_t pair_distance_exact(int64_t metric, const scalar_t* a, const scalar_t* b,
+                                         int64_t d) {
+  acc_t acc = acc_t(0);
+  if (metric == kCosine) {
+    acc_t na2 = acc_t(0), nb2 = acc_t(0), dot = acc_t(0);
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t ak = acc_t(a[k]), bk = acc_t(b[k]);
+      na2 += ak * ak;
+      nb2 += bk * bk;
+      dot += ak * bk;
+    }
+    const acc_t na = ck_sqrt(na2), nb = ck_sqrt(nb2);
+    if (!cosine_norms_regular(na, nb)) return acc_t(1) - dot / acc_t(kCosineEps);
+    const acc_t ia = acc_t(1) / na, ib = acc_t(1) / nb;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t t = acc_t(a[k]) * ia - acc_t(b[k]) * ib;
+      acc += t * t;
+    }
+    return acc_t(0.5) * acc;
+  }
+  for (int64_t k = 0; k < d; ++k) acc += direct_term<acc_t>(metric, acc_t(a[k]) - acc_t(b[k]));
+  return direct_finalize(metric, acc);
+}
+
+// grad[k] += coef * dD(a, b)/da_k for every k.
+template <typename scalar_t, typename acc_t>
+CK_HOST_DEVICE void pair_grad_exact_accumulate(int64_t metric, const scalar_t* a,
+                                               const scalar_t* b, int64_t d, acc_t coef,
+                                               acc_t* grad) {
+  if (coef == acc_t(0)) return;
+  if (metric == kCosine) {
+    acc_t na2 = acc_t(0), nb2 = acc_t(0);
+    for (int64_t k = 0; k < d; ++k) {
+      na2 += acc_t(a[k]) * acc_t(a[k]);
+      nb2 += acc_t(b[k]) * acc_t(b[k]);
+    }
+    const acc_t na = ck_sqrt(na2), nb = ck_sqrt(nb2);
+    if (!cosine_norms_regular(na, nb)) {
+      const acc_t s = -coef / acc_t(kCosineEps);
+      for (int64_t k = 0; k < d; ++k) grad[k] += s * acc_t(b[k]);
+      return;
+    }
+    const acc_t ia = acc_t(1) / na, ib = acc_t(1) / nb;
+    acc_t dist = acc_t(0);
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t t = acc_t(a[k]) * ia - acc_t(b[k]) * ib;
+      dist += t * t;
+    }
+    dist *= acc_t(0.5);
+    const acc_t s = -coef * ia;
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t ua = acc_t(a[k]) * ia;
+      grad[k] += s * ((acc_t(b[k]) * ib - ua) + dist * ua);
+    }
+    return;
+  }
+  acc_t dist = acc_t(0);
+  if (metric == kEuclidean) dist = pair_distance_exact<scalar_t, acc_t>(metric, a, b, d);
+  for (int64_t k = 0; k < d; ++k)
+    grad[k] += coef * direct_grad_term<acc_t>(metric, acc_t(a[k]) - acc_t(b[k]), dist);
+}
+
+// ---------------------------------------------------------------------------
+// Gram form: squared norms na2, nb2 and the dot product of the pair.
+// ---------------------------------------------------------------------------
+template <typename T>
+CK_HOST_DEVICE T gram_sq_distance(T na2, T nb2, T dot) {
+  const T d2 = na2 + nb2 - T(2) * dot;
+  return d2 > T(0) ? d2 : T(0);
+}
+
+template <typename T>
+CK_HOST_DEVICE T gram_cosine_distance(T na2, T nb2, T dot) {
+  const T prod = ck_sqrt(na2) * ck_sqrt(nb2);
+  return T(1) - dot / (prod > T(kCosineEps) ? prod : T(kCosineEps));
+}
+
+// Distance of the pair from the Gram form; sets `needs_exact` when the value
+// has lost too many digits and must be recomputed by pair_distance_exact.
+template <typename T>
+CK_HOST_DEVICE T gram_distance(int64_t metric, T na2, T nb2, T dot, bool* needs_exact) {
+  if (metric == kCosine) {
+    const T dist = gram_cosine_distance(na2, nb2, dot);
+    *needs_exact = dist <= T(kGramExactFraction);
+    return dist;
+  }
+  const T d2 = gram_sq_distance(na2, nb2, dot);
+  *needs_exact = d2 <= T(kGramExactFraction) * (na2 + nb2);
+  return metric == kEuclidean ? ck_sqrt(d2) : d2;
+}
+
+// Gradient of a Gram-form pair as a linear combination:
+//   dD(a, b)/da = self_coef * a + other_coef * b.
+// Only valid for pairs where gram_distance did not ask for the exact form.
+template <typename T>
+CK_HOST_DEVICE void gram_grad_coefficients(int64_t metric, T na2, T nb2, T dot, T dist,
+                                           T* self_coef, T* other_coef) {
+  switch (metric) {
+    case kEuclidean: {
+      const T w = dist > T(0) ? T(1) / dist : T(0);
+      *self_coef = w;
+      *other_coef = -w;
+      return;
+    }
+    case kSqEuclidean:
+      *self_coef = T(2);
+      *other_coef = T(-2);
+      return;
+    default: {  // kCosine
+      const T na = ck_sqrt(na2), nb = ck_sqrt(nb2);
+      if (!cosine_norms_regular(na, nb)) {
+        *self_coef = T(0);
+        *other_coef = T(-1) / T(kCosineEps);
+        return;
+      }
+      const T inv = T(1) / (na * nb);
+      *self_coef = dot * inv / na2;
+      *other_coef = -inv;
+      return;
+    }
+  }
+}
+
+}  // namespace confusion_kernels

@@ -1,0 +1,23 @@
+// Operator schemas of confusion_kernels._C. Backends register their kernels
+// with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); autograd and fake-tensor
+// rules are registered from Python (confusion_kernels/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing confusion_kernels._C loads this library (and runs the static
+// registrations below); the module itself is empty, so no pybind11 is needed.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(confusion_kernels, m) {
+  // S_in[i] = sum_{j != i, y_j == y_i} D(x_i, x_j); S_out[i] = sum_{y_j != y_i} D(x_i, x_j).
+  m.def("intra_inter_sums(Tensor x, Tensor labels, int metric) -> (Tensor, Tensor)");
+  // dL/dx from per-row upstream gradients of S_in and S_out.
+  m.def(
+      "intra_inter_sums_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
+      "int metric) -> Tensor");
+}
