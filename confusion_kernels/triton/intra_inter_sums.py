@@ -44,7 +44,7 @@ def _safe_inverse(v):
 
 
 @triton.jit
-def _direct_sums(X, stride, rows, cols, rmask, cmask, inv_i, inv_j, D,
+def _direct_sums(X, stride, rows, cols, rmask, cmask, norm_i, norm_j, D,
                  METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per-pair sums over all of D from differences: (acc, dot) of [BLOCK_M, BLOCK_N]."""
@@ -60,7 +60,8 @@ def _direct_sums(X, stride, rows, cols, rmask, cmask, inv_i, inv_j, D,
         a = xi[:, None, :]
         b = xj[None, :, :]
         if METRIC == COSINE:
-            t = a * inv_i[:, None, None] - b * inv_j[None, :, None]
+            # a_k / |a| as a division: exact +-1 in one dimension (pair_math.h)
+            t = a / norm_i[:, None, None] - b / norm_j[None, :, None]
             acc += tl.sum(t * t, axis=2)
             dot += tl.sum(a * b, axis=2)
         else:
@@ -83,8 +84,10 @@ def _direct_distance(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, D,
     """Exact distances of a [BLOCK_M, BLOCK_N] tile."""
     norm_i = tl.sqrt(n2_i)
     norm_j = tl.sqrt(n2_j)
-    acc, dot = _direct_sums(X, stride, rows, cols, rmask, cmask, _safe_inverse(norm_i),
-                            _safe_inverse(norm_j), D, METRIC, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+    # zero norms only occur on the degenerate branch, whose value ignores acc
+    acc, dot = _direct_sums(X, stride, rows, cols, rmask, cmask, tl.where(norm_i > 0, norm_i, 1.0),
+                            tl.where(norm_j > 0, norm_j, 1.0), D, METRIC, ACC, BLOCK_M,
+                            BLOCK_N, BLOCK_K)
     if METRIC == COSINE:
         regular = norm_i[:, None] * norm_j[None, :] > COSINE_EPS
         dist = tl.where(regular, 0.5 * acc, 1.0 - dot / COSINE_EPS)
@@ -112,11 +115,12 @@ def _gram_dot(X, stride, rows, cols, rmask, cmask, D, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _gram_distance(dot, n2_i, n2_j, METRIC: tl.constexpr):
-    """Gram-form distances and the mask of pairs that need the exact form."""
-    if METRIC == COSINE:
-        prod = tl.sqrt(n2_i)[:, None] * tl.sqrt(n2_j)[None, :]
-        dist = 1.0 - dot / tl.maximum(prod, COSINE_EPS)
-        exact = dist <= GRAM_EXACT_FRACTION
+    """Gram-form distances and the mask of pairs that need the exact form
+    (pair_math.h: gram_distance)."""
+    if METRIC == COSINE:  # dot is the cosine of the unit rows
+        dist = 1.0 - dot
+        regular = n2_i[:, None] * n2_j[None, :] > COSINE_EPS * COSINE_EPS
+        exact = (dist <= GRAM_EXACT_FRACTION) | (regular == 0)
     else:
         nsum = n2_i[:, None] + n2_j[None, :]
         d2 = tl.maximum(nsum - 2.0 * dot, 0.0)
@@ -132,7 +136,7 @@ def _gram_distance(dot, n2_i, n2_j, METRIC: tl.constexpr):
 # Forward
 # ---------------------------------------------------------------------------
 @triton.jit
-def _forward_kernel(X, LAB, NORM2, S_IN, S_OUT, N, D, stride,
+def _forward_kernel(XG, XA, LAB, NORM2, S_IN, S_OUT, N, D, stride,
                     METRIC: tl.constexpr, USE_GRAM: tl.constexpr, ACC: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -149,16 +153,16 @@ def _forward_kernel(X, LAB, NORM2, S_IN, S_OUT, N, D, stride,
         n2_j = tl.load(NORM2 + cols, mask=cmask, other=0.0)
         valid = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
         if USE_GRAM:
-            dot = _gram_dot(X, stride, rows, cols, rmask, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
+            dot = _gram_dot(XG, stride, rows, cols, rmask, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
                             DOT_PRECISION)
             dist, exact = _gram_distance(dot, n2_i, n2_j, METRIC)
             exact = exact & valid
             if tl.max(exact.to(tl.int32)) > 0:
-                exact_dist = _direct_distance(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, D,
-                                              METRIC, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+                exact_dist = _direct_distance(XA, stride, rows, cols, rmask, cmask, n2_i, n2_j,
+                                              D, METRIC, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
                 dist = tl.where(exact, exact_dist, dist)
         else:
-            dist = _direct_distance(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, D, METRIC,
+            dist = _direct_distance(XA, stride, rows, cols, rmask, cmask, n2_i, n2_j, D, METRIC,
                                     ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         dist = tl.where(valid, dist, 0.0).to(ACC)
         same = lab_i[:, None] == lab_j[None, :]
@@ -195,19 +199,19 @@ def _exact_grad(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, coef, xi, xj, D
                                 BLOCK_M, BLOCK_N, BLOCK_K)
         norm_i = tl.sqrt(n2_i)
         norm_j = tl.sqrt(n2_j)
-        inv_i = _safe_inverse(norm_i)
-        inv_j = _safe_inverse(norm_j)
         regular = (norm_i[:, None] * norm_j[None, :]) > COSINE_EPS
-        ua = a * inv_i[:, None, None]
-        reg = (-coef * inv_i[:, None])[:, :, None] * ((b * inv_j[None, :, None] - ua)
-                                                      + dist[:, :, None] * ua)
+        safe_i = tl.where(norm_i > 0, norm_i, 1.0)
+        safe_j = tl.where(norm_j > 0, norm_j, 1.0)
+        ua = a / safe_i[:, None, None]
+        reg = (-coef / safe_i[:, None])[:, :, None] * ((b / safe_j[None, :, None] - ua)
+                                                       + dist[:, :, None] * ua)
         deg = (-coef / COSINE_EPS)[:, :, None] * b
         contrib = tl.where(regular[:, :, None], reg, deg)
     return tl.sum(contrib, axis=1)
 
 
 @triton.jit
-def _backward_kernel(X, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
+def _backward_kernel(XG, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
                      METRIC: tl.constexpr, USE_GRAM: tl.constexpr, ACC: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
@@ -237,11 +241,12 @@ def _backward_kernel(X, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
         xj = tl.load(XA + cols[:, None] * stride + ko[None, :],
                      mask=cmask[:, None] & komask[None, :], other=0.0)
         if USE_GRAM:
-            dot = _gram_dot(X, stride, rows, cols, rmask, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
+            dot = _gram_dot(XG, stride, rows, cols, rmask, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
                             DOT_PRECISION)
             dist, exact = _gram_distance(dot, n2_i, n2_j, METRIC)
             exact = exact & valid
-            # dD/dx_i = self * x_i + other * x_j on pairs that keep the Gram form.
+            # dD/dx_i = self * op(x_i) + other * op(x_j) on pairs that keep the Gram form
+            # (op: the row, or the unit row for cosine; pair_math.h: gram_grad_coefficients).
             if METRIC == EUCLIDEAN:
                 s = _safe_inverse(dist)
                 o = -s
@@ -249,15 +254,14 @@ def _backward_kernel(X, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
                 s = tl.full((BLOCK_M, BLOCK_N), 2.0, tl.float32)
                 o = -s
             else:
-                prod = tl.sqrt(n2_i)[:, None] * tl.sqrt(n2_j)[None, :]
-                regular = prod > COSINE_EPS
-                inv = 1.0 / tl.where(regular, prod, 1.0)
-                s = tl.where(regular, dot * inv / tl.where(regular, n2_i[:, None], 1.0), 0.0)
-                o = tl.where(regular, -inv, -1.0 / COSINE_EPS)
+                inv_norm = _safe_inverse(tl.sqrt(n2_i))[:, None]
+                s = dot * inv_norm
+                o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) - inv_norm
             w = tl.where(exact, 0.0, coef)
             self_coef += tl.sum(w * s, axis=1)
-            grad += tl.dot((w * o).to(tl.float32), xj.to(tl.float32),
-                           input_precision=DOT_PRECISION)
+            xj_g = tl.load(XG + cols[:, None] * stride + ko[None, :],
+                           mask=cmask[:, None] & komask[None, :], other=0.0).to(tl.float32)
+            grad += tl.dot((w * o).to(tl.float32), xj_g, input_precision=DOT_PRECISION)
             if tl.max(exact.to(tl.int32)) > 0:
                 grad += _exact_grad(XA, stride, rows, cols, rmask, cmask, n2_i, n2_j,
                                     tl.where(exact, coef, 0.0), xi, xj, D, METRIC, ACC,
@@ -265,7 +269,10 @@ def _backward_kernel(X, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
         else:
             grad += _exact_grad(XA, stride, rows, cols, rmask, cmask, n2_i, n2_j, coef, xi, xj,
                                 D, METRIC, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
-    grad += self_coef[:, None] * xi
+    if USE_GRAM:
+        xi_g = tl.load(XG + rows[:, None] * stride + ko[None, :],
+                       mask=rmask[:, None] & komask[None, :], other=0.0).to(ACC)
+        grad += self_coef[:, None] * xi_g
     tl.store(GRAD + rows[:, None] * stride + ko[None, :], grad,
              mask=rmask[:, None] & komask[None, :])
 
@@ -301,6 +308,16 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "ieee"
 
 
+def _gram_operands(x: torch.Tensor, xa: torch.Tensor, norm2: torch.Tensor,
+                   metric: int) -> torch.Tensor:
+    """Rows the Gram form multiplies: x itself (fp16/bf16 stay so for the tensor
+    cores), or the unit rows for cosine (zero rows stay zero)."""
+    if metric != _metrics.COSINE:
+        return x.contiguous()
+    norms = norm2.sqrt()[:, None]
+    return torch.where(norms > 0, xa / norms, torch.zeros_like(xa)).contiguous()
+
+
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -310,14 +327,14 @@ def forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.T
     acc = _accumulation(x)
     cfg = _config(x, metric)
     xa = x.to(acc).contiguous()
-    xk = x.contiguous() if cfg["USE_GRAM"] else xa
     norm2 = (xa * xa).sum(1).contiguous()
+    xg = _gram_operands(x, xa, norm2, metric) if cfg["USE_GRAM"] else xa
     n, d = xa.shape
     s_in = torch.empty(n, dtype=acc, device=x.device)
     s_out = torch.empty(n, dtype=acc, device=x.device)
     block_m = cfg["BLOCK_M"]
     _forward_kernel[(triton.cdiv(n, block_m),)](
-        xk, labels.contiguous(), norm2, s_in, s_out, n, d, d,
+        xg, xa, labels.contiguous(), norm2, s_in, s_out, n, d, d,
         METRIC=metric, USE_GRAM=cfg["USE_GRAM"], ACC=_tl_dtype(acc),
         DOT_PRECISION=_dot_precision(x), BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
@@ -334,11 +351,11 @@ def backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
     grad = torch.empty_like(xa)
     if d == 0:
         return grad.to(x.dtype)
-    xk = x.contiguous() if cfg["USE_GRAM"] else xa
     norm2 = (xa * xa).sum(1).contiguous()
+    xg = _gram_operands(x, xa, norm2, metric) if cfg["USE_GRAM"] else xa
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
     _backward_kernel[grid](
-        xk, xa, labels.contiguous(), norm2, grad_in.to(acc).contiguous(),
+        xg, xa, labels.contiguous(), norm2, grad_in.to(acc).contiguous(),
         grad_out.to(acc).contiguous(), grad, n, d, d,
         METRIC=metric, USE_GRAM=cfg["USE_GRAM"], ACC=_tl_dtype(acc),
         DOT_PRECISION=_dot_precision(x), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

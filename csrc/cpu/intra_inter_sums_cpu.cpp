@@ -28,18 +28,27 @@ constexpr int64_t kDirectColBlock = 256;
 // ---------------------------------------------------------------------------
 // Gram-form metrics
 // ---------------------------------------------------------------------------
+// Operands of the Gram form (see pair_math.h): the rows, or the unit rows for
+// cosine (zero rows stay zero; their pairs take the exact path).
+at::Tensor gram_operands(const at::Tensor& xa, const at::Tensor& norms2, int64_t metric) {
+  if (metric != kCosine) return xa;
+  const at::Tensor norms = norms2.sqrt().unsqueeze(1);
+  return at::where(norms > 0, xa / norms, at::zeros_like(xa)).contiguous();
+}
+
 template <int64_t M, typename acc_t>
 void gram_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
   const int64_t n = xa.size(0), d = xa.size(1);
   const acc_t* xp = xa.data_ptr<acc_t>();
   const at::Tensor norms = (xa * xa).sum(1);
   const acc_t* np = norms.data_ptr<acc_t>();
+  const at::Tensor xg = gram_operands(xa, norms, M);
   for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
     const int64_t rt = std::min(kRowTile, n - r0);
-    const at::Tensor xr = xa.narrow(0, r0, rt);
+    const at::Tensor xr = xg.narrow(0, r0, rt);
     for (int64_t c0 = 0; c0 < n; c0 += kColTile) {
       const int64_t ct = std::min(kColTile, n - c0);
-      const at::Tensor g = at::mm(xr, xa.narrow(0, c0, ct).t()).contiguous();
+      const at::Tensor g = at::mm(xr, xg.narrow(0, c0, ct).t()).contiguous();
       const acc_t* gp = g.data_ptr<acc_t>();
       at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) {
@@ -85,17 +94,18 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
   const acc_t* xp = xa.data_ptr<acc_t>();
   const at::Tensor norms = (xa * xa).sum(1);
   const acc_t* np = norms.data_ptr<acc_t>();
+  const at::Tensor xg = gram_operands(xa, norms, M);
   acc_t* gradp = grad.data_ptr<acc_t>();
-  // grad_i = self[i] * x_i + sum_j other[i, j] * x_j  (+ exact pairs, added directly)
+  // grad_i = self[i] * op(x_i) + sum_j other[i, j] * op(x_j)  (+ exact pairs, added directly)
   at::Tensor self_coef = at::zeros({n}, xa.options());
   acc_t* selfp = self_coef.data_ptr<acc_t>();
   at::Tensor other = at::empty({std::min(kRowTile, n), std::min(kColTile, n)}, xa.options());
   for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
     const int64_t rt = std::min(kRowTile, n - r0);
-    const at::Tensor xr = xa.narrow(0, r0, rt);
+    const at::Tensor xr = xg.narrow(0, r0, rt);
     for (int64_t c0 = 0; c0 < n; c0 += kColTile) {
       const int64_t ct = std::min(kColTile, n - c0);
-      const at::Tensor xc = xa.narrow(0, c0, ct);
+      const at::Tensor xc = xg.narrow(0, c0, ct);
       const at::Tensor g = at::mm(xr, xc.t()).contiguous();
       const acc_t* gp = g.data_ptr<acc_t>();
       at::Tensor w = other.narrow(0, 0, rt).narrow(1, 0, ct);  // rows of stride other.size(1)
@@ -107,6 +117,7 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
           const acc_t ni = np[i];
           const int64_t li = lab[i];
           const acc_t gi_in = g_in[i], gi_out = g_out[i];
+          const acc_t inv_norm = M == kCosine && ni > 0 ? acc_t(1) / std::sqrt(ni) : acc_t(0);
           const acc_t* grow = gp + ii * ct;
           acc_t* wrow = wp + ii * wstride;
           acc_t self_sum = 0;
@@ -114,14 +125,14 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
           for (int64_t jj = 0; jj < ct; ++jj) {
             const int64_t j = c0 + jj;
             bool exact;
-            const acc_t nj = np[j], dot = grow[jj];
+            const acc_t nj = np[j], dot = grow[jj];  // dot: a.b, or cos for cosine
             const acc_t dist = gram_distance<acc_t>(M, ni, nj, dot, &exact);
             flagged += exact;
             const bool same = lab[j] == li;
             const acc_t coef =
                 (exact || j == i) ? acc_t(0) : (same ? gi_in + g_in[j] : gi_out + g_out[j]);
             acc_t sc, oc;
-            gram_grad_coefficients<acc_t>(M, ni, nj, dot, dist, &sc, &oc);
+            gram_grad_coefficients<acc_t>(M, dot, dist, inv_norm, &sc, &oc);
             self_sum += coef * sc;
             wrow[jj] = coef * oc;
           }
@@ -143,7 +154,7 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
       grad.narrow(0, r0, rt).addmm_(w, xc);
     }
   }
-  grad.addcmul_(self_coef.unsqueeze(1), xa);
+  grad.addcmul_(self_coef.unsqueeze(1), xg);
 }
 
 // ---------------------------------------------------------------------------

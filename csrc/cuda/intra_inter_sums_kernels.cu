@@ -39,8 +39,8 @@ __device__ __forceinline__ void load_tile(T (*tile)[kDims + 1], const T* __restr
 template <typename T, int64_t M>
 __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDims + 1],
                                                  const T* __restrict__ x, int64_t n, int64_t d,
-                                                 int64_t r0, int64_t c0, T inv_a,
-                                                 const T* inv_b, T* acc, T* dot) {
+                                                 int64_t r0, int64_t c0, T norm_a,
+                                                 const T* norm_b, T* acc, T* dot) {
 #pragma unroll
   for (int j = 0; j < kCols; ++j) acc[j] = dot[j] = T(0);
   for (int64_t k0 = 0; k0 < d; k0 += kDims) {
@@ -54,7 +54,8 @@ __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDi
       for (int j = 0; j < kCols; ++j) {
         const T b = bs[j][k];
         if (M == kCosine) {
-          const T t = a * inv_a - b * inv_b[j];
+          // a_k / |a| as a division: exact +-1 in one dimension (pair_math.h)
+          const T t = a / norm_a - b / norm_b[j];
           acc[j] += t * t;
           dot[j] += a * b;
         } else {
@@ -77,6 +78,13 @@ __device__ __forceinline__ T safe_inverse(T v) {
   return v > T(0) ? T(1) / v : T(0);
 }
 
+// A norm to divide by: zero norms only occur on the degenerate cosine branch,
+// whose value does not use the normalised sums.
+template <typename T>
+__device__ __forceinline__ T safe_norm(T v) {
+  return v > T(0) ? v : T(1);
+}
+
 template <typename T, int64_t M>
 __global__ void __launch_bounds__(kRows)
     forward_kernel(const T* __restrict__ x, const int64_t* __restrict__ labels,
@@ -89,14 +97,14 @@ __global__ void __launch_bounds__(kRows)
   const bool row_ok = i < n;
   const int64_t li = row_ok ? labels[i] : 0;
   const T na = (M == kCosine && row_ok) ? norms[i] : T(0);
-  const T inv_a = safe_inverse(na);
+  const T safe_na = safe_norm(na);
   T in = 0, out = 0;
-  T acc[kCols], dot[kCols], inv_b[kCols];
+  T acc[kCols], dot[kCols], safe_nb[kCols];
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
 #pragma unroll
     for (int j = 0; j < kCols; ++j)
-      inv_b[j] = (M == kCosine && c0 + j < n) ? safe_inverse(norms[c0 + j]) : T(0);
-    accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, inv_a, inv_b, acc, dot);
+      safe_nb[j] = (M == kCosine && c0 + j < n) ? safe_norm(norms[c0 + j]) : T(1);
+    accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, safe_na, safe_nb, acc, dot);
     if (!row_ok) continue;
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
@@ -127,17 +135,18 @@ __global__ void __launch_bounds__(kRows)
   const int64_t li = row_ok ? labels[i] : 0;
   const T gi_in = row_ok ? g_in[i] : T(0), gi_out = row_ok ? g_out[i] : T(0);
   const T na = (M == kCosine && row_ok) ? norms[i] : T(0);
-  const T inv_a = safe_inverse(na);
+  const T safe_na = safe_norm(na);
   constexpr bool kNeedsDistance = M == kEuclidean || M == kCosine;
   T g[kDims];
 #pragma unroll
   for (int k = 0; k < kDims; ++k) g[k] = T(0);
-  T acc[kCols], dot[kCols], inv_b[kCols], scale[kCols];
+  T acc[kCols], dot[kCols], safe_nb[kCols], scale[kCols];
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
 #pragma unroll
     for (int j = 0; j < kCols; ++j)
-      inv_b[j] = (M == kCosine && c0 + j < n) ? safe_inverse(norms[c0 + j]) : T(0);
-    if (kNeedsDistance) accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, inv_a, inv_b, acc, dot);
+      safe_nb[j] = (M == kCosine && c0 + j < n) ? safe_norm(norms[c0 + j]) : T(1);
+    if (kNeedsDistance)
+      accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, safe_na, safe_nb, acc, dot);
     // scale[j]: the pair's upstream coefficient, times 1/dist for euclidean.
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
@@ -168,8 +177,8 @@ __global__ void __launch_bounds__(kRows)
       for (int j = 0; j < kCols; ++j) {
         const T b = bs[j][k];
         if (M == kCosine) {
-          const T ua = a * inv_a;
-          const T regular = -scale[j] * inv_a * ((b * inv_b[j] - ua) + acc[j] * ua);
+          const T ua = a / safe_na;
+          const T regular = -scale[j] / safe_na * ((b / safe_nb[j] - ua) + acc[j] * ua);
           const T degenerate = -scale[j] * b / T(kCosineEps);
           g[k] += dot[j] != T(0) ? regular : degenerate;
         } else if (M == kEuclidean) {

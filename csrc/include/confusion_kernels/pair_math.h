@@ -134,9 +134,9 @@ CK_HOST_DEVICE acc_t pair_distance_exact(int64_t metric, const scalar_t* a, cons
     }
     const acc_t na = ck_sqrt(na2), nb = ck_sqrt(nb2);
     if (!cosine_norms_regular(na, nb)) return acc_t(1) - dot / acc_t(kCosineEps);
-    const acc_t ia = acc_t(1) / na, ib = acc_t(1) / nb;
+    // a_k / |a| (a division, not a product with 1/|a|): exact +-1 in one dimension.
     for (int64_t k = 0; k < d; ++k) {
-      const acc_t t = acc_t(a[k]) * ia - acc_t(b[k]) * ib;
+      const acc_t t = acc_t(a[k]) / na - acc_t(b[k]) / nb;
       acc += t * t;
     }
     return acc_t(0.5) * acc;
@@ -163,17 +163,16 @@ CK_HOST_DEVICE void pair_grad_exact_accumulate(int64_t metric, const scalar_t* a
       for (int64_t k = 0; k < d; ++k) grad[k] += s * acc_t(b[k]);
       return;
     }
-    const acc_t ia = acc_t(1) / na, ib = acc_t(1) / nb;
     acc_t dist = acc_t(0);
     for (int64_t k = 0; k < d; ++k) {
-      const acc_t t = acc_t(a[k]) * ia - acc_t(b[k]) * ib;
+      const acc_t t = acc_t(a[k]) / na - acc_t(b[k]) / nb;
       dist += t * t;
     }
     dist *= acc_t(0.5);
-    const acc_t s = -coef * ia;
+    const acc_t s = -coef / na;
     for (int64_t k = 0; k < d; ++k) {
-      const acc_t ua = acc_t(a[k]) * ia;
-      grad[k] += s * ((acc_t(b[k]) * ib - ua) + dist * ua);
+      const acc_t ua = acc_t(a[k]) / na;
+      grad[k] += s * ((acc_t(b[k]) / nb - ua) + dist * ua);
     }
     return;
   }
@@ -184,7 +183,12 @@ CK_HOST_DEVICE void pair_grad_exact_accumulate(int64_t metric, const scalar_t* a
 }
 
 // ---------------------------------------------------------------------------
-// Gram form: squared norms na2, nb2 and the dot product of the pair.
+// Gram form. For euclidean / sqeuclidean the operands are the rows themselves:
+// `dot` = a.b and na2, nb2 their squared norms. For cosine the operands are
+// the unit rows a/|a|, b/|b|: `dot` = cos(a, b), and na2, nb2 are still the
+// squared norms of the original rows (for the eps test and 1/|a|). Working on
+// unit rows keeps the cosine gradient free of the 1/|b| cancellation of the
+// quotient-rule form.
 // ---------------------------------------------------------------------------
 template <typename T>
 CK_HOST_DEVICE T gram_sq_distance(T na2, T nb2, T dot) {
@@ -192,19 +196,20 @@ CK_HOST_DEVICE T gram_sq_distance(T na2, T nb2, T dot) {
   return d2 > T(0) ? d2 : T(0);
 }
 
+// |a||b| > eps without square roots.
 template <typename T>
-CK_HOST_DEVICE T gram_cosine_distance(T na2, T nb2, T dot) {
-  const T prod = ck_sqrt(na2) * ck_sqrt(nb2);
-  return T(1) - dot / (prod > T(kCosineEps) ? prod : T(kCosineEps));
+CK_HOST_DEVICE bool cosine_norms_regular_sq(T na2, T nb2) {
+  return na2 * nb2 > T(kCosineEps) * T(kCosineEps);
 }
 
 // Distance of the pair from the Gram form; sets `needs_exact` when the value
-// has lost too many digits and must be recomputed by pair_distance_exact.
+// has lost too many digits (or, for cosine, |a||b| <= eps) and the pair must
+// go through pair_distance_exact / pair_grad_exact_accumulate instead.
 template <typename T>
 CK_HOST_DEVICE T gram_distance(int64_t metric, T na2, T nb2, T dot, bool* needs_exact) {
   if (metric == kCosine) {
-    const T dist = gram_cosine_distance(na2, nb2, dot);
-    *needs_exact = dist <= T(kGramExactFraction);
+    const T dist = T(1) - dot;
+    *needs_exact = dist <= T(kGramExactFraction) || !cosine_norms_regular_sq(na2, nb2);
     return dist;
   }
   const T d2 = gram_sq_distance(na2, nb2, dot);
@@ -212,11 +217,13 @@ CK_HOST_DEVICE T gram_distance(int64_t metric, T na2, T nb2, T dot, bool* needs_
   return metric == kEuclidean ? ck_sqrt(d2) : d2;
 }
 
-// Gradient of a Gram-form pair as a linear combination:
-//   dD(a, b)/da = self_coef * a + other_coef * b.
+// Gradient of a Gram-form pair as a combination of the Gram operands:
+//   dD(a, b)/da = self_coef * op(a) + other_coef * op(b)
+// with op the rows (euclidean, sqeuclidean) or unit rows (cosine:
+// dD/da = (cos * a/|a| - b/|b|) / |a|; `inv_norm_a` = 1/|a|, unused otherwise).
 // Only valid for pairs where gram_distance did not ask for the exact form.
 template <typename T>
-CK_HOST_DEVICE void gram_grad_coefficients(int64_t metric, T na2, T nb2, T dot, T dist,
+CK_HOST_DEVICE void gram_grad_coefficients(int64_t metric, T dot, T dist, T inv_norm_a,
                                            T* self_coef, T* other_coef) {
   switch (metric) {
     case kEuclidean: {
@@ -229,18 +236,10 @@ CK_HOST_DEVICE void gram_grad_coefficients(int64_t metric, T na2, T nb2, T dot, 
       *self_coef = T(2);
       *other_coef = T(-2);
       return;
-    default: {  // kCosine
-      const T na = ck_sqrt(na2), nb = ck_sqrt(nb2);
-      if (!cosine_norms_regular(na, nb)) {
-        *self_coef = T(0);
-        *other_coef = T(-1) / T(kCosineEps);
-        return;
-      }
-      const T inv = T(1) / (na * nb);
-      *self_coef = dot * inv / na2;
-      *other_coef = -inv;
+    default:  // kCosine
+      *self_coef = dot * inv_norm_a;
+      *other_coef = -inv_norm_a;
       return;
-    }
   }
 }
 

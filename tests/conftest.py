@@ -1,0 +1,82 @@
+"""Shared test setup.
+
+Without a CUDA device, Triton kernels run through Triton's CPU interpreter:
+TRITON_INTERPRET must be set before triton (and so the package) is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import confusion_kernels as ck  # noqa: E402
+from confusion_kernels import _backend  # noqa: E402
+
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's tensors live in these tests."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend == "triton" and not torch.cuda.is_available():
+        return torch.device("cpu")  # interpreter
+    return torch.device("cuda")
+
+
+def require_backend(backend: str) -> torch.device:
+    """The backend's device, or skip the test saying why the backend cannot run."""
+    device = backend_device(backend)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"backend {backend!r} needs CUDA: no CUDA device is available")
+    reason = _backend.unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {reason}")
+    return device
+
+
+def interpreted(backend: str) -> bool:
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """|actual - expected|_2 / |expected|_2 (absolute when expected is 0)."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "",
+               atol: float | None = None) -> None:
+    """|actual - expected|_2 <= tol * |expected|_2 + atol (atol defaults to tol: an
+    absolute floor for results that are 0 up to the reference's rounding)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    atol = tol if atol is None else atol
+    diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).norm().item()
+    bound = tol * expected.detach().double().norm().item() + atol
+    assert diff <= bound, (f"{what}: error {diff:.3e} > bound {bound:.3e} "
+                           f"(relative {rel_error(actual, expected):.3e}, tol {tol:.1e})")
+
+
+def make_batch(n: int, d: int, num_classes: int, *, seed: int, dtype=torch.float64,
+               device="cpu", duplicates: bool = True, scale: float = 1.0):
+    """Random embeddings and labels; with duplicates, a few rows repeat others
+    (in the same class and across classes) so zero distances occur."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    if duplicates and n >= 4:
+        x[n // 2] = x[0]  # duplicate, label possibly different
+        x[n - 1] = x[1]
+        labels[n - 1] = labels[1]  # a same-class duplicate
+    return x.to(device=device, dtype=dtype), labels.to(device)
+
+
+ALL_METRICS = ("euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1")
