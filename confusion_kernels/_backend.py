@@ -23,8 +23,7 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def unavailable_reason(backend: str, device: torch.device | None = None,
@@ -44,7 +43,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
             return f"it runs on CPU tensors, got a tensor on {device}"
         return None
     if backend == "triton":
-        if not _triton_installed():
+        if not TRITON_INSTALLED:
             return "triton is not installed"
         if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
             return None

@@ -27,8 +27,21 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
+OPS = ("intra_inter_sums", "intra_inter_sums_backward")
+
+
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    if not HAS_C:
+        return frozenset()
+    return frozenset(
+        (op, key) for op in OPS for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"confusion_kernels::{op}", key))
+
+
+# Read once at import: a plain lookup keeps backend selection traceable by torch.compile.
+_KERNELS = _registered_kernels()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``confusion_kernels::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
-    if not HAS_C:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"confusion_kernels::{op}", dispatch_key)
+    return (op, dispatch_key) in _KERNELS

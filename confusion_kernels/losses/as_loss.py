@@ -25,7 +25,15 @@ REDUCTIONS = ("pair_mean", "class_mean")
 
 def _safe_ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count, 0 where count == 0."""
-    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+    return torch.where(count > 0, total / torch.where(count > 0, count, 1), 0.0)
+
+
+def class_sizes(labels: torch.Tensor) -> torch.Tensor:
+    """n_{y_i} for every row i: how many rows share row i's label. Static
+    shapes (no torch.unique), so the loss stays one graph under torch.compile."""
+    ordered = torch.sort(labels).values
+    return (torch.searchsorted(ordered, labels, right=True)
+            - torch.searchsorted(ordered, labels, right=False))
 
 
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
@@ -44,32 +52,21 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     s_in, s_out = intra_inter_sums(x, labels, metric, dim_mean=dim_mean, backend=backend,
                                    check_finite=False)
     n = x.shape[0]
-    _, class_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    counts = counts.to(s_in.dtype)
-    self_pairs = 1.0 if include_self else 0.0
+    size = class_sizes(labels).to(s_in.dtype)  # n_c of each row's class
+    # ordered pairs of row i's class: intra n_c (n_c - 1) (+ n_c with include_self), inter n_c (N - n_c)
+    pairs_in = size * (size - 1) + (size if include_self else 0.0)
+    pairs_out = size * (n - size)
     if reduction == "pair_mean":
-        n_in = (counts * (counts - 1)).sum() + self_pairs * n
-        n_out = n * n - counts.square().sum()
-        inner = _safe_ratio(s_in.sum(), n_in)
-        outer = _safe_ratio(s_out.sum(), n_out)
+        # each class c appears n_c times among the rows: divide by n_c
+        inner = _safe_ratio(s_in.sum(), (pairs_in / size).sum())
+        outer = _safe_ratio(s_out.sum(), (pairs_out / size).sum())
     else:
-        num_classes = counts.shape[0]
-        class_in = s_in.new_zeros(num_classes).index_add(0, class_index, s_in)
-        class_out = s_out.new_zeros(num_classes).index_add(0, class_index, s_out)
-        pairs_in = counts * (counts - 1) + self_pairs * counts
-        pairs_out = counts * (n - counts)
-        inner = _class_mean(class_in, pairs_in)
-        outer = _class_mean(class_out, pairs_out)
+        # mean over classes of (sum_{i in c} S[i]) / pairs_c, written per row
+        inner = _safe_ratio(_safe_ratio(s_in, pairs_in).sum(), ((pairs_in > 0) / size).sum())
+        outer = _safe_ratio(_safe_ratio(s_out, pairs_out).sum(), ((pairs_out > 0) / size).sum())
     xf = x.to(output_dtype(x.dtype))
     boundary = (torch.linalg.vector_norm(xf, dim=1) - constraint).square().mean()
     return ASLossTerms(inner, outer, boundary)
-
-
-def _class_mean(class_sums: torch.Tensor, class_pairs: torch.Tensor) -> torch.Tensor:
-    """Mean over classes with at least one pair of (class sum / class pairs)."""
-    has_pairs = class_pairs > 0
-    per_class = _safe_ratio(class_sums, class_pairs)
-    return _safe_ratio(per_class.sum(), has_pairs.sum().to(per_class.dtype))
 
 
 def as_loss(x: torch.Tensor, labels: torch.Tensor, *, lambda_inner: float = 1e-3,

@@ -1,0 +1,46 @@
+"""Backend discovery and selection."""
+
+import pytest
+import torch
+
+import confusion_kernels as ck
+from confusion_kernels import _backend, _extension
+
+
+def test_available_backends_tell_the_truth():
+    backends = ck.available_backends()
+    assert backends[0] == "reference"
+    assert set(backends) <= set(ck.BACKENDS)
+    x = torch.randn(5, 2, device="cuda" if torch.cuda.is_available() else "cpu")
+    y = torch.tensor([0, 0, 1, 1, 2], device=x.device)
+    for backend in ck.available_backends(x.device):
+        s_in, s_out = ck.intra_inter_sums(x, y, backend=backend)
+        assert s_in.shape == (5,)
+    assert ("cpu" in backends) == _extension.HAS_C
+
+
+def test_auto_picks_the_fastest_for_the_device(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x = torch.randn(4, 2)
+    expected = "cpu" if _extension.HAS_C else "reference"
+    assert ck.select_backend(x) == expected
+    if torch.cuda.is_available():
+        cuda_choice = ck.select_backend(x.cuda())
+        assert cuda_choice == ("cuda" if _extension.has_kernel("intra_inter_sums", "CUDA") else "triton")
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    x = torch.randn(4, 2)
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    assert ck.select_backend(x) == "reference"
+    assert ck.select_backend(x, "cpu" if _extension.HAS_C else "reference") in ("cpu", "reference")
+    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    with pytest.raises(RuntimeError, match="CONFUSION_KERNELS_BACKEND='bogus'"):
+        ck.select_backend(x)
+
+
+def test_build_without_cuda_is_reported():
+    if _extension.has_kernel("intra_inter_sums", "CUDA"):
+        pytest.skip("this build has CUDA kernels")
+    reason = _backend.unavailable_reason("cuda", torch.device("cpu"))
+    assert "without CUDA kernels" in reason or "not built" in reason
