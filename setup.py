@@ -7,6 +7,10 @@ Environment:
   TORCH_CUDA_ARCH_LIST         GPU architectures; defaults to the visible GPU,
                                or "8.0;9.0" when none is visible
   MAX_JOBS                     parallel compile jobs (ninja)
+  CONFUSION_KERNELS_CPU_FLAGS  extra flags for the C++ CPU kernels; default
+                               "-mavx2 -mfma" when the building x86-64 CPU
+                               has them (the extension is built where it
+                               runs), "" to build for baseline x86-64
   CUDA_HOME                    CUDA toolkit root; found from nvcc when unset
 Install with `pip install --no-build-isolation -e .` (build isolation would
 pull a second torch).
@@ -67,6 +71,19 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def cpu_vector_flags() -> list[str]:
+    """SIMD flags for the CPU kernels: CONFUSION_KERNELS_CPU_FLAGS, else AVX2+FMA
+    when this x86-64 machine has them."""
+    if "CONFUSION_KERNELS_CPU_FLAGS" in os.environ:
+        return os.environ["CONFUSION_KERNELS_CPU_FLAGS"].split()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.findall(r"\b(avx2|fma)\b", f.read()))
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if flags == {"avx2", "fma"} else []
+
+
 def cuda_build_plan() -> tuple[bool, str]:
     """(build CUDA?, why) decided from torch's build and nvcc, never from a GPU."""
     import torch
@@ -98,7 +115,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch picks the C++ standard
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", *cpu_vector_flags()]  # torch picks -std
     kwargs = dict(
         name="confusion_kernels._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],

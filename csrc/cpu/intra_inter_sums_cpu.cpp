@@ -60,14 +60,15 @@ void gram_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* 
           const int64_t* lcol = lab + c0;
           acc_t in = 0, out = 0;
           int64_t flagged = 0;
+#pragma omp simd reduction(+ : in, out, flagged)
           for (int64_t jj = 0; jj < ct; ++jj) {
             bool exact;
-            acc_t dist = gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
-            flagged += exact;
-            dist = exact ? acc_t(0) : dist;
-            const bool same = lcol[jj] == li;
-            in += same ? dist : acc_t(0);
-            out += same ? acc_t(0) : dist;
+            const acc_t dist = gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
+            const acc_t kept = exact ? acc_t(0) : dist;
+            const acc_t same_kept = lcol[jj] == li ? kept : acc_t(0);
+            flagged += exact ? 1 : 0;
+            in += same_kept;
+            out += kept - same_kept;
           }
           if (flagged) {  // rare on spread-out data: recompute those pairs exactly
             for (int64_t jj = 0; jj < ct; ++jj) {
@@ -122,15 +123,16 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
           acc_t* wrow = wp + ii * wstride;
           acc_t self_sum = 0;
           int64_t flagged = 0;
+#pragma omp simd reduction(+ : self_sum, flagged)
           for (int64_t jj = 0; jj < ct; ++jj) {
             const int64_t j = c0 + jj;
             bool exact;
             const acc_t nj = np[j], dot = grow[jj];  // dot: a.b, or cos for cosine
             const acc_t dist = gram_distance<acc_t>(M, ni, nj, dot, &exact);
-            flagged += exact;
-            const bool same = lab[j] == li;
-            const acc_t coef =
-                (exact || j == i) ? acc_t(0) : (same ? gi_in + g_in[j] : gi_out + g_out[j]);
+            flagged += exact ? 1 : 0;
+            const acc_t pair_grad = lab[j] == li ? gi_in + g_in[j] : gi_out + g_out[j];
+            // exact pairs (the diagonal among them) are added below
+            const acc_t coef = (exact || j == i) ? acc_t(0) : pair_grad;
             acc_t sc, oc;
             gram_grad_coefficients<acc_t>(M, dot, dist, inv_norm, &sc, &oc);
             self_sum += coef * sc;
