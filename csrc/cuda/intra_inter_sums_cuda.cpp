@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "confusion_kernels/checks.h"
 #include "intra_inter_sums_launch.h"
 
@@ -16,9 +18,29 @@ at::Tensor row_norms_if_cosine(const at::Tensor& xa, int64_t metric) {
   return metric == kCosine ? at::linalg_vector_norm(xa, 2, {1}).contiguous() : at::Tensor();
 }
 
+// The rows the kernels read: x itself, or for cosine the unit rows x/|x|
+// (a division: exactly +-1 in one dimension; zero rows stay zero).
+at::Tensor kernel_rows(const at::Tensor& xa, const at::Tensor& norms, int64_t metric) {
+  if (metric != kCosine) return xa;
+  const at::Tensor col = norms.unsqueeze(1);
+  return at::where(col > 0, xa / col, at::zeros_like(xa)).contiguous();
+}
+
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Calls F<kMetric>() for the runtime metric code.
+template <typename F>
+void dispatch_metric(int64_t metric, F&& f) {
+  switch (metric) {
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    default: return f(std::integral_constant<int64_t, kSmoothL1>{});
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
@@ -29,14 +51,16 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
   const at::Tensor xa = x.to(accumulation_type(x.scalar_type())).contiguous();
   const at::Tensor lab = labels.contiguous();
   const at::Tensor norms = row_norms_if_cosine(xa, metric);
+  const at::Tensor rows = kernel_rows(xa, norms, metric);
   at::Tensor s_in = at::empty({x.size(0)}, xa.options());
   at::Tensor s_out = at::empty({x.size(0)}, xa.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cuda", [&] {
-    launch_intra_inter_sums_forward<scalar_t>(
-        xa.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
-        xa.size(0), xa.size(1), metric, s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(),
-        stream);
+    dispatch_metric(metric, [&](auto m) {
+      launch_forward_for_metric<scalar_t, decltype(m)::value>(
+          rows.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
+          xa.size(0), xa.size(1), s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), stream);
+    });
   });
   return {s_in, s_out};
 }
@@ -54,14 +78,17 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
   const at::Tensor gi = grad_in.to(acc).contiguous();
   const at::Tensor go = grad_out.to(acc).contiguous();
   const at::Tensor norms = row_norms_if_cosine(xa, metric);
+  const at::Tensor rows = kernel_rows(xa, norms, metric);
   at::Tensor grad = at::empty_like(xa);
   if (xa.size(1) == 0) return grad.to(x.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_backward_cuda", [&] {
-    launch_intra_inter_sums_backward<scalar_t>(
-        xa.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
-        gi.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), xa.size(0), xa.size(1), metric,
-        grad.data_ptr<scalar_t>(), stream);
+    dispatch_metric(metric, [&](auto m) {
+      launch_backward_for_metric<scalar_t, decltype(m)::value>(
+          rows.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
+          gi.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), xa.size(0), xa.size(1),
+          grad.data_ptr<scalar_t>(), stream);
+    });
   });
   return grad.to(x.scalar_type());
 }

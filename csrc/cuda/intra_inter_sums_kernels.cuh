@@ -1,4 +1,7 @@
+#pragma once
 // CUDA kernels of intra_inter_sums (SPEC section 2), exact per-pair form.
+// Included by one translation unit per metric (intra_inter_sums_<metric>.cu)
+// so that nvcc compiles them in parallel.
 //
 // Forward: a block owns 128 rows (one per thread) and streams tiles of 32
 // columns through shared memory in chunks of 32 dimensions; each thread keeps
@@ -17,7 +20,7 @@
 #include "intra_inter_sums_launch.h"
 
 namespace confusion_kernels {
-namespace {
+namespace detail {
 
 constexpr int kRows = 128;  // rows per block = threads per block
 constexpr int kCols = 32;   // columns per shared-memory tile
@@ -35,12 +38,12 @@ __device__ __forceinline__ void load_tile(T (*tile)[kDims + 1], const T* __restr
 }
 
 // Per-pair accumulators of one row against one column tile, over all of D.
-// acc[j] ends as the sum of per-dimension terms; dot[j] as a.b (cosine only).
+// acc[j] ends as the sum of per-dimension terms; for cosine, where x holds the
+// unit rows, acc[j] = |a/|a| - b/|b||^2 and dot[j] = cos(a, b).
 template <typename T, int64_t M>
 __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDims + 1],
                                                  const T* __restrict__ x, int64_t n, int64_t d,
-                                                 int64_t r0, int64_t c0, T norm_a,
-                                                 const T* norm_b, T* acc, T* dot) {
+                                                 int64_t r0, int64_t c0, T* acc, T* dot) {
 #pragma unroll
   for (int j = 0; j < kCols; ++j) acc[j] = dot[j] = T(0);
   for (int64_t k0 = 0; k0 < d; k0 += kDims) {
@@ -54,8 +57,7 @@ __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDi
       for (int j = 0; j < kCols; ++j) {
         const T b = bs[j][k];
         if (M == kCosine) {
-          // a_k / |a| as a division: exact +-1 in one dimension (pair_math.h)
-          const T t = a / norm_a - b / norm_b[j];
+          const T t = a - b;
           acc[j] += t * t;
           dot[j] += a * b;
         } else {
@@ -66,10 +68,12 @@ __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDi
   }
 }
 
+// For cosine `dot` is cos(a, b); a.b = |a||b| cos(a, b) on the eps branch.
 template <typename T, int64_t M>
 __device__ __forceinline__ T finish_distance(T acc, T dot, T norm_a, T norm_b) {
   if (M == kCosine)
-    return cosine_norms_regular(norm_a, norm_b) ? T(0.5) * acc : T(1) - dot / T(kCosineEps);
+    return cosine_norms_regular(norm_a, norm_b) ? T(0.5) * acc
+                                                : T(1) - norm_a * norm_b * dot / T(kCosineEps);
   return direct_finalize<T>(M, acc);
 }
 
@@ -78,12 +82,7 @@ __device__ __forceinline__ T safe_inverse(T v) {
   return v > T(0) ? T(1) / v : T(0);
 }
 
-// A norm to divide by: zero norms only occur on the degenerate cosine branch,
-// whose value does not use the normalised sums.
-template <typename T>
-__device__ __forceinline__ T safe_norm(T v) {
-  return v > T(0) ? v : T(1);
-}
+
 
 template <typename T, int64_t M>
 __global__ void __launch_bounds__(kRows)
@@ -97,14 +96,10 @@ __global__ void __launch_bounds__(kRows)
   const bool row_ok = i < n;
   const int64_t li = row_ok ? labels[i] : 0;
   const T na = (M == kCosine && row_ok) ? norms[i] : T(0);
-  const T safe_na = safe_norm(na);
   T in = 0, out = 0;
-  T acc[kCols], dot[kCols], safe_nb[kCols];
+  T acc[kCols], dot[kCols];
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
-#pragma unroll
-    for (int j = 0; j < kCols; ++j)
-      safe_nb[j] = (M == kCosine && c0 + j < n) ? safe_norm(norms[c0 + j]) : T(1);
-    accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, safe_na, safe_nb, acc, dot);
+    accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, acc, dot);
     if (!row_ok) continue;
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
@@ -135,18 +130,14 @@ __global__ void __launch_bounds__(kRows)
   const int64_t li = row_ok ? labels[i] : 0;
   const T gi_in = row_ok ? g_in[i] : T(0), gi_out = row_ok ? g_out[i] : T(0);
   const T na = (M == kCosine && row_ok) ? norms[i] : T(0);
-  const T safe_na = safe_norm(na);
+  const T inv_na = safe_inverse(na);
   constexpr bool kNeedsDistance = M == kEuclidean || M == kCosine;
   T g[kDims];
 #pragma unroll
   for (int k = 0; k < kDims; ++k) g[k] = T(0);
-  T acc[kCols], dot[kCols], safe_nb[kCols], scale[kCols];
+  T acc[kCols], dot[kCols], scale[kCols], nb[kCols];
   for (int64_t c0 = 0; c0 < n; c0 += kCols) {
-#pragma unroll
-    for (int j = 0; j < kCols; ++j)
-      safe_nb[j] = (M == kCosine && c0 + j < n) ? safe_norm(norms[c0 + j]) : T(1);
-    if (kNeedsDistance)
-      accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, safe_na, safe_nb, acc, dot);
+    if (kNeedsDistance) accumulate_pairs<T, M>(as, bs, x, n, d, r0, c0, acc, dot);
     // scale[j]: the pair's upstream coefficient, times 1/dist for euclidean.
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
@@ -157,10 +148,10 @@ __global__ void __launch_bounds__(kRows)
       if (M == kEuclidean) {
         scale[j] = coef * safe_inverse(direct_finalize<T>(M, acc[j]));
       } else if (M == kCosine) {
-        const T nb = col < n ? norms[col] : T(0);
+        nb[j] = col < n ? norms[col] : T(0);
         // acc[j] becomes the distance, dot[j] flags the degenerate branch.
-        acc[j] = finish_distance<T, M>(acc[j], dot[j], na, nb);
-        dot[j] = cosine_norms_regular(na, nb) ? T(1) : T(0);
+        acc[j] = finish_distance<T, M>(acc[j], dot[j], na, nb[j]);
+        dot[j] = cosine_norms_regular(na, nb[j]) ? T(1) : T(0);
         scale[j] = coef;
       } else {
         scale[j] = coef;
@@ -176,10 +167,9 @@ __global__ void __launch_bounds__(kRows)
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const T b = bs[j][k];
-        if (M == kCosine) {
-          const T ua = a / safe_na;
-          const T regular = -scale[j] / safe_na * ((b / safe_nb[j] - ua) + acc[j] * ua);
-          const T degenerate = -scale[j] * b / T(kCosineEps);
+        if (M == kCosine) {  // a, b are unit rows (pair_math.h: exact cosine gradient)
+          const T regular = -scale[j] * inv_na * ((b - a) + acc[j] * a);
+          const T degenerate = -scale[j] * nb[j] * b / T(kCosineEps);
           g[k] += dot[j] != T(0) ? regular : degenerate;
         } else if (M == kEuclidean) {
           g[k] += scale[j] * (a - b);
@@ -195,56 +185,43 @@ __global__ void __launch_bounds__(kRows)
     if (k0 + k < d) grad[i * d + k0 + k] = g[k];
 }
 
-void check_launch(const char* what) {
+inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-}  // namespace
+}  // namespace detail
 
-template <typename T>
-void launch_intra_inter_sums_forward(const T* x, const int64_t* labels, const T* norms,
-                                     int64_t n, int64_t d, int64_t metric, T* s_in, T* s_out,
-                                     cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows));
-  switch (metric) {
-    case kEuclidean: forward_kernel<T, kEuclidean><<<grid, kRows, 0, stream>>>(x, labels, norms, n, d, s_in, s_out); break;
-    case kSqEuclidean: forward_kernel<T, kSqEuclidean><<<grid, kRows, 0, stream>>>(x, labels, norms, n, d, s_in, s_out); break;
-    case kManhattan: forward_kernel<T, kManhattan><<<grid, kRows, 0, stream>>>(x, labels, norms, n, d, s_in, s_out); break;
-    case kCosine: forward_kernel<T, kCosine><<<grid, kRows, 0, stream>>>(x, labels, norms, n, d, s_in, s_out); break;
-    default: forward_kernel<T, kSmoothL1><<<grid, kRows, 0, stream>>>(x, labels, norms, n, d, s_in, s_out); break;
-  }
-  check_launch("intra_inter_sums forward kernel");
+template <typename T, int64_t M>
+void launch_forward_for_metric(const T* x, const int64_t* labels, const T* norms, int64_t n,
+                               int64_t d, T* s_in, T* s_out, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n + detail::kRows - 1) / detail::kRows));
+  detail::forward_kernel<T, M><<<grid, detail::kRows, 0, stream>>>(x, labels, norms, n, d, s_in, s_out);
+  detail::check_launch("intra_inter_sums forward kernel");
 }
 
-template <typename T>
-void launch_intra_inter_sums_backward(const T* x, const int64_t* labels, const T* norms,
-                                      const T* g_in, const T* g_out, int64_t n, int64_t d,
-                                      int64_t metric, T* grad, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows),
-                  static_cast<unsigned>((d + kDims - 1) / kDims));
-  switch (metric) {
-    case kEuclidean: backward_kernel<T, kEuclidean><<<grid, kRows, 0, stream>>>(x, labels, norms, g_in, g_out, n, d, grad); break;
-    case kSqEuclidean: backward_kernel<T, kSqEuclidean><<<grid, kRows, 0, stream>>>(x, labels, norms, g_in, g_out, n, d, grad); break;
-    case kManhattan: backward_kernel<T, kManhattan><<<grid, kRows, 0, stream>>>(x, labels, norms, g_in, g_out, n, d, grad); break;
-    case kCosine: backward_kernel<T, kCosine><<<grid, kRows, 0, stream>>>(x, labels, norms, g_in, g_out, n, d, grad); break;
-    default: backward_kernel<T, kSmoothL1><<<grid, kRows, 0, stream>>>(x, labels, norms, g_in, g_out, n, d, grad); break;
-  }
-  check_launch("intra_inter_sums backward kernel");
+template <typename T, int64_t M>
+void launch_backward_for_metric(const T* x, const int64_t* labels, const T* norms, const T* g_in,
+                                const T* g_out, int64_t n, int64_t d, T* grad,
+                                cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((n + detail::kRows - 1) / detail::kRows),
+                  static_cast<unsigned>((d + detail::kDims - 1) / detail::kDims));
+  detail::backward_kernel<T, M><<<grid, detail::kRows, 0, stream>>>(x, labels, norms, g_in, g_out, n, d, grad);
+  detail::check_launch("intra_inter_sums backward kernel");
 }
 
-template void launch_intra_inter_sums_forward<float>(const float*, const int64_t*, const float*,
-                                                     int64_t, int64_t, int64_t, float*, float*,
-                                                     cudaStream_t);
-template void launch_intra_inter_sums_forward<double>(const double*, const int64_t*,
-                                                      const double*, int64_t, int64_t, int64_t,
-                                                      double*, double*, cudaStream_t);
-template void launch_intra_inter_sums_backward<float>(const float*, const int64_t*, const float*,
-                                                      const float*, const float*, int64_t,
-                                                      int64_t, int64_t, float*, cudaStream_t);
-template void launch_intra_inter_sums_backward<double>(const double*, const int64_t*,
-                                                       const double*, const double*,
-                                                       const double*, int64_t, int64_t, int64_t,
-                                                       double*, cudaStream_t);
+#define CK_INSTANTIATE_INTRA_INTER_SUMS(METRIC)                                                \
+  template void launch_forward_for_metric<float, METRIC>(const float*, const int64_t*,          \
+                                                         const float*, int64_t, int64_t, float*, \
+                                                         float*, cudaStream_t);                 \
+  template void launch_forward_for_metric<double, METRIC>(                                     \
+      const double*, const int64_t*, const double*, int64_t, int64_t, double*, double*,         \
+      cudaStream_t);                                                                            \
+  template void launch_backward_for_metric<float, METRIC>(                                     \
+      const float*, const int64_t*, const float*, const float*, const float*, int64_t, int64_t, \
+      float*, cudaStream_t);                                                                    \
+  template void launch_backward_for_metric<double, METRIC>(                                    \
+      const double*, const int64_t*, const double*, const double*, const double*, int64_t,      \
+      int64_t, double*, cudaStream_t);
 
 }  // namespace confusion_kernels

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The whole GPU routine in one call: build the extension, run the test suite on
+# the GPU, run compute-sanitizer (memcheck, racecheck) on the CUDA tests, run
+# the GPU benchmark. Results land in $OUT (default benchmarks/out/gpu), packed
+# into results.tar.gz plus the benchmark table and a summary.
+#
+#   bash benchmarks/gpu_routine.sh [build] [test] [sanitize] [bench] [bench-large]
+#   (no stage: build test sanitize bench)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT/logs"
+stages=${*:-build test sanitize bench}
+summary="$OUT/summary.txt"
+note() { echo "== $*" | tee -a "$summary"; }
+has() { [[ " $stages " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1
+
+note "start $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) stages: $stages"
+nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" | tee -a "$summary"
+nvcc --version | tail -1 | tee -a "$summary"
+
+if has build; then
+  start=$SECONDS
+  if MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/logs/build.log" 2>&1; then
+    note "build ok in $((SECONDS - start)) s"
+  else
+    note "build FAILED"; tail -40 "$OUT/logs/build.log"; exit 1
+  fi
+  $PY -c "import confusion_kernels as ck, torch; print('backends on cuda:', ck.available_backends('cuda'))" | tee -a "$summary"
+fi
+
+if has test; then
+  start=$SECONDS
+  $PY -m pytest tests -q -p no:cacheprovider > "$OUT/logs/pytest.log" 2>&1
+  rc=$?
+  note "pytest rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/logs/pytest.log" | head -20
+fi
+
+if has sanitize; then
+  # the caching allocator hides out-of-bounds accesses inside its blocks
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  selection='cuda and (singleton or identical or arbitrary or only_one or dim_mean or cosine_in_one)'
+  for tool in memcheck racecheck; do
+    start=$SECONDS
+    compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_intra_inter_sums.py \
+      -q -p no:cacheprovider -k "$selection" > "$OUT/logs/sanitizer-$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool rc=$rc in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-$tool.log" | tail -1)"
+  done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+fi
+
+if has bench; then
+  start=$SECONDS
+  $PY benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 262144 \
+    --dims 2 64 128 --metrics euclidean --modes full --reps 20 --max-seconds 6 \
+    --out "$OUT" --stem intra_inter_sums-cuda > "$OUT/logs/bench.log" 2>&1
+  note "benchmark rc=$? in $((SECONDS - start)) s"
+  cat "$OUT/logs/bench.log" | grep -v "^wrote"
+fi
+
+if has bench-large; then
+  start=$SECONDS
+  $PY benchmarks/run_intra_inter_sums.py --device cuda --impls cuda triton \
+    --sizes 1048576 --dims 2 --metrics euclidean --modes fwd bwd full --reps 20 --max-seconds 6 \
+    --out "$OUT" --stem intra_inter_sums-cuda-large > "$OUT/logs/bench-large.log" 2>&1
+  note "large benchmark rc=$? in $((SECONDS - start)) s"
+  cat "$OUT/logs/bench-large.log" | grep -v "^wrote"
+fi
+
+note "end $(date -u +%FT%TZ)"
+# at most 8 files come back: pack logs and plots
+tar czf "$OUT/results.tar.gz" -C "$OUT" --exclude results.tar.gz . && \
+  find "$OUT" -mindepth 1 ! -name results.tar.gz ! -name summary.txt ! -name '*.md' -delete 2>/dev/null
+ls -la "$OUT"

@@ -1,0 +1,345 @@
+"""Side-by-side benchmark of intra_inter_sums / ASLoss implementations.
+
+One run compares, for every (N, D, metric, mode):
+  fused backends ("cpu", "cuda", "triton"), the eager PyTorch reference
+  ("eager"), and torch.compile of the reference ("compile"),
+and writes CSV + Markdown + PNG plots (time and peak memory vs N; out of
+memory is recorded, never crashed on).
+
+CPU: every case runs in a fresh subprocess whose address space is capped
+(--mem-limit-gib), so an eager N x N allocation that does not fit fails inside
+that process; its peak RSS is the process's own. CUDA: one process, peak
+memory from torch.cuda.max_memory_allocated, CUDA-event timing.
+
+Examples:
+  python benchmarks/run_intra_inter_sums.py --device cpu
+  python benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 262144
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OOM = "out of memory"
+
+
+# ---------------------------------------------------------------------------
+# One case (runs in the worker)
+# ---------------------------------------------------------------------------
+def make_fn(impl: str, metric: str, x, labels):
+    import torch
+
+    import confusion_kernels as ck
+
+    if impl in ("eager", "compile"):
+        def ref(inp):
+            return ck.reference.intra_inter_sums(inp, labels, metric)
+
+        fn = torch.compile(ref) if impl == "compile" else ref
+    else:
+        def fn(inp):
+            return ck.intra_inter_sums(inp, labels, metric, backend=impl, check_finite=False)
+    return fn
+
+
+def run_case(impl: str, device: str, n: int, d: int, metric: str, mode: str, reps: int,
+             max_seconds: float) -> dict:
+    """Median time (ms) and peak memory (MiB) of one case, or an OOM / error record."""
+    import torch
+
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g).to(device)
+    labels = torch.randint(0, 100, (n,), generator=g).to(device)
+    g_in = torch.randn(n, generator=g).to(device)
+    g_out = torch.randn(n, generator=g).to(device)
+    fn = make_fn(impl, metric, x, labels)
+    cuda = device == "cuda"
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(x)
+            return
+        xr = x.detach().requires_grad_(True)
+        s_in, s_out = fn(xr)
+        if mode == "bwd":
+            return s_in, s_out, xr
+        torch.autograd.backward((s_in, s_out), (g_in, g_out))
+
+    def timed() -> float:
+        if mode == "bwd":
+            s_in, s_out, xr = step()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.autograd.backward((s_in, s_out), (g_in, g_out))
+                end.record()
+                torch.cuda.synchronize()
+                return start.elapsed_time(end)
+            t0 = time.perf_counter()
+            torch.autograd.backward((s_in, s_out), (g_in, g_out))
+            return (time.perf_counter() - t0) * 1e3
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        step()
+        return (time.perf_counter() - t0) * 1e3
+
+    record = dict(impl=impl, device=device, n=n, d=d, metric=metric, mode=mode)
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        first = timed()  # warm-up (compilation, autotuning, caches)
+        times = []
+        budget_start = time.perf_counter()
+        while len(times) < reps and (time.perf_counter() - budget_start < max_seconds or len(times) < 3):
+            times.append(timed())
+        record["median_ms"] = statistics.median(times)
+        record["p20_ms"] = sorted(times)[int(0.2 * (len(times) - 1))]
+        record["p80_ms"] = sorted(times)[int(0.8 * (len(times) - 1))]
+        record["runs"] = len(times)
+        record["warmup_ms"] = first
+        if cuda:
+            record["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        record["status"] = OOM
+        record["error"] = str(exc).splitlines()[0][:200]
+    except RuntimeError as exc:
+        text = str(exc)
+        if "alloc" in text.lower() or "out of memory" in text.lower():
+            record["status"] = OOM
+        else:
+            record["status"] = "error"
+        record["error"] = text.splitlines()[0][:200] if text else type(exc).__name__
+    record.setdefault("status", "ok")
+    return record
+
+
+def worker_main(args) -> None:
+    """Entry point of the per-case CPU subprocess: prints one JSON record."""
+    import resource
+
+    if args.mem_limit_gib > 0:
+        limit = int(args.mem_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    rec = run_case(args.impl, "cpu", args.n, args.d, args.metric, args.mode, args.reps,
+                   args.max_seconds)
+    rec["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    print("RESULT " + json.dumps(rec))
+
+
+def run_cpu_case(args, impl, n, d, metric, mode) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--n", str(n),
+           "--d", str(d), "--metric", metric, "--mode", mode, "--reps", str(args.reps),
+           "--max-seconds", str(args.max_seconds), "--mem-limit-gib", str(args.mem_limit_gib)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    status = OOM if proc.returncode in (-9, 137) or "alloc" in tail[0].lower() else "error"
+    return dict(impl=impl, device="cpu", n=n, d=d, metric=metric, mode=mode, status=status,
+                error=f"exit {proc.returncode}: {tail[0][:200]}")
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+FIELDS = ["impl", "device", "metric", "mode", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
+          "runs", "peak_mib", "speedup_vs_eager", "error"]
+
+
+def add_speedups(records: list[dict]) -> None:
+    eager = {(r["metric"], r["mode"], r["n"], r["d"]): r.get("median_ms")
+             for r in records if r["impl"] == "eager" and r["status"] == "ok"}
+    for r in records:
+        base = eager.get((r["metric"], r["mode"], r["n"], r["d"]))
+        if base and r["status"] == "ok":
+            r["speedup_vs_eager"] = base / r["median_ms"]
+
+
+def fmt(value, digits=1):
+    return "" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def write_reports(records: list[dict], meta: dict, out_dir: str, stem: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    add_speedups(records)
+    csv_path = os.path.join(out_dir, f"{stem}.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    md_path = os.path.join(out_dir, f"{stem}.md")
+    with open(md_path, "w") as f:
+        f.write(f"# intra_inter_sums benchmark ({meta['device_name']})\n\n")
+        for key in ("date", "commit", "device_name", "torch", "triton", "cuda", "python", "host",
+                    "threads", "command"):
+            f.write(f"- {key}: {meta.get(key)}\n")
+        f.write("\nMedian time in ms (p20-p80), peak memory in MiB (CPU: peak RSS of a fresh "
+                "process, including the framework; CUDA: max_memory_allocated above the inputs). "
+                "Speedup is eager time / this time.\n\n")
+        f.write("| metric | mode | N | D | impl | median ms | p20-p80 ms | peak MiB | speedup vs eager |\n")
+        f.write("|---|---|---:|---:|---|---:|---:|---:|---:|\n")
+        for r in sorted(records, key=lambda r: (r["metric"], r["mode"], r["d"], r["n"], r["impl"])):
+            if r["status"] == "ok":
+                f.write(f"| {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
+                        f"{fmt(r['median_ms'], 2)} | {fmt(r['p20_ms'], 2)}-{fmt(r['p80_ms'], 2)} | "
+                        f"{fmt(r.get('peak_mib'), 0)} | {fmt(r.get('speedup_vs_eager'), 2)} |\n")
+            else:
+                f.write(f"| {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
+                        f"{r['status']} | | | |\n")
+    paths = [csv_path, md_path]
+    paths += plot(records, out_dir, stem)
+    return paths
+
+
+def plot(records: list[dict], out_dir: str, stem: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    groups = sorted({(r["metric"], r["mode"], r["d"]) for r in records})
+    for metric, mode, d in groups:
+        sel = [r for r in records if (r["metric"], r["mode"], r["d"]) == (metric, mode, d)]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for impl in sorted({r["impl"] for r in sel}):
+            rows = sorted((r for r in sel if r["impl"] == impl), key=lambda r: r["n"])
+            ok = [r for r in rows if r["status"] == "ok"]
+            for ax, key in zip(axes, ("median_ms", "peak_mib")):
+                line, = ax.plot([r["n"] for r in ok], [r.get(key) for r in ok], marker="o", label=impl)
+                for r in rows:
+                    if r["status"] == OOM:
+                        y = ok[-1].get(key) if ok else 1.0
+                        ax.scatter([r["n"]], [y], marker="x", s=80, color=line.get_color())
+                        ax.annotate("out of memory", (r["n"], y), fontsize=7,
+                                    textcoords="offset points", xytext=(4, 4))
+        for ax, label in zip(axes, ("median time (ms)", "peak memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"intra_inter_sums {metric} {mode}, D={d} ({records[0]['device']})")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{stem}-{metric}-{mode}-D{d}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def metadata(device: str, argv: list[str]) -> dict:
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    if device == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name}, {os.cpu_count()} cores"
+    return dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
+                device_name=name, torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda, python=platform.python_version(), host=platform.node(),
+                threads=torch.get_num_threads(), command="python " + " ".join(argv))
+
+
+# ---------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--impls", nargs="+", help="default: cpu eager compile (CPU); cuda triton eager compile (CUDA)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
+    p.add_argument("--dims", nargs="+", type=int, default=[2, 64])
+    p.add_argument("--metrics", nargs="+", default=["euclidean"])
+    p.add_argument("--modes", nargs="+", default=["full"], choices=["fwd", "bwd", "full"])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a case after this")
+    p.add_argument("--skip-eager-above", type=int, default=0,
+                   help="record eager/compile as not run above this N (0: always try)")
+    p.add_argument("--mem-limit-gib", type=float, default=20.0, help="CPU: address-space cap per case")
+    p.add_argument("--case-timeout", type=float, default=1800.0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
+    p.add_argument("--stem", default=None)
+    # worker mode
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--d", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--metric", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+
+    impls = args.impls or (["cpu", "eager", "compile"] if args.device == "cpu"
+                           else ["cuda", "triton", "eager", "compile"])
+    meta = metadata(args.device, sys.argv)
+    records = []
+    for metric in args.metrics:
+        for mode in args.modes:
+            for d in args.dims:
+                for n in args.sizes:
+                    for impl in impls:
+                        if impl in ("eager", "compile") and args.skip_eager_above and n > args.skip_eager_above:
+                            rec = dict(impl=impl, device=args.device, n=n, d=d, metric=metric, mode=mode,
+                                       status="not run", error="--skip-eager-above")
+                        elif args.device == "cpu":
+                            rec = run_cpu_case(args, impl, n, d, metric, mode)
+                        else:
+                            rec = run_case(impl, "cuda", n, d, metric, mode, args.reps, args.max_seconds)
+                            import torch
+                            torch.cuda.empty_cache()
+                        records.append(rec)
+                        shown = (f"{rec['median_ms']:.2f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB"
+                                 if rec["status"] == "ok" else f"{rec['status']} ({rec.get('error', '')[:80]})")
+                        print(f"{metric:10} {mode:4} N={n:<8} D={d:<4} {impl:8} {shown}", flush=True)
+    stem = args.stem or f"intra_inter_sums-{args.device}"
+    for path in write_reports(records, meta, args.out, stem):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
