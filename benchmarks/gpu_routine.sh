@@ -57,7 +57,7 @@ fi
 if has bench; then
   start=$SECONDS
   $PY benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 262144 \
-    --dims 2 64 128 --metrics euclidean --modes full --reps 20 --max-seconds 6 \
+    --dims 2 64 --metrics euclidean --modes full --reps 20 --max-seconds 3 --min-runs 1 \
     --out "$OUT" --stem intra_inter_sums-cuda > "$OUT/logs/bench.log" 2>&1
   note "benchmark rc=$? in $((SECONDS - start)) s"
   cat "$OUT/logs/bench.log" | grep -v "^wrote"

@@ -53,7 +53,7 @@ def make_fn(impl: str, metric: str, x, labels):
 
 
 def run_case(impl: str, device: str, n: int, d: int, metric: str, mode: str, reps: int,
-             max_seconds: float) -> dict:
+             max_seconds: float, min_runs: int = 3) -> dict:
     """Median time (ms) and peak memory (MiB) of one case, or an OOM / error record."""
     import torch
 
@@ -109,7 +109,7 @@ def run_case(impl: str, device: str, n: int, d: int, metric: str, mode: str, rep
         first = timed()  # warm-up (compilation, autotuning, caches)
         times = []
         budget_start = time.perf_counter()
-        while len(times) < reps and (time.perf_counter() - budget_start < max_seconds or len(times) < 3):
+        while len(times) < reps and (time.perf_counter() - budget_start < max_seconds or len(times) < min_runs):
             times.append(timed())
         record["median_ms"] = statistics.median(times)
         record["p20_ms"] = sorted(times)[int(0.2 * (len(times) - 1))]
@@ -143,7 +143,7 @@ def worker_main(args) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rec = run_case(args.impl, "cpu", args.n, args.d, args.metric, args.mode, args.reps,
-                   args.max_seconds)
+                   args.max_seconds, args.min_runs)
     rec["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     print("RESULT " + json.dumps(rec))
 
@@ -151,7 +151,8 @@ def worker_main(args) -> None:
 def run_cpu_case(args, impl, n, d, metric, mode) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--n", str(n),
            "--d", str(d), "--metric", metric, "--mode", mode, "--reps", str(args.reps),
-           "--max-seconds", str(args.max_seconds), "--mem-limit-gib", str(args.mem_limit_gib)]
+           "--max-seconds", str(args.max_seconds), "--min-runs", str(args.min_runs),
+           "--mem-limit-gib", str(args.mem_limit_gib)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
@@ -295,6 +296,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["full"], choices=["fwd", "bwd", "full"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a case after this")
+    p.add_argument("--min-runs", type=int, default=3, help="timed runs per case even past --max-seconds")
     p.add_argument("--skip-eager-above", type=int, default=0,
                    help="record eager/compile as not run above this N (0: always try)")
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="CPU: address-space cap per case")
@@ -302,6 +304,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
     p.add_argument("--stem", default=None)
+    p.add_argument("--report-only", metavar="JSONL",
+                   help="write the CSV/Markdown/plots from a records file of an earlier run")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -314,9 +318,21 @@ def main() -> None:
         worker_main(args)
         return
 
+    stem = args.stem or f"intra_inter_sums-{args.device}"
+    if args.report_only:
+        with open(args.report_only) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        meta, records = lines[0], lines[1:]
+        for path in write_reports(records, meta, args.out, stem):
+            print("wrote", path)
+        return
     impls = args.impls or (["cpu", "eager", "compile"] if args.device == "cpu"
                            else ["cuda", "triton", "eager", "compile"])
     meta = metadata(args.device, sys.argv)
+    os.makedirs(args.out, exist_ok=True)
+    # one JSON line per finished case: a run cut short still leaves its records
+    jsonl = open(os.path.join(args.out, f"{stem}.jsonl"), "w")
+    jsonl.write(json.dumps(meta) + "\n")
     records = []
     for metric in args.metrics:
         for mode in args.modes:
@@ -329,14 +345,17 @@ def main() -> None:
                         elif args.device == "cpu":
                             rec = run_cpu_case(args, impl, n, d, metric, mode)
                         else:
-                            rec = run_case(impl, "cuda", n, d, metric, mode, args.reps, args.max_seconds)
+                            rec = run_case(impl, "cuda", n, d, metric, mode, args.reps, args.max_seconds,
+                                           args.min_runs)
                             import torch
                             torch.cuda.empty_cache()
                         records.append(rec)
+                        jsonl.write(json.dumps(rec) + "\n")
+                        jsonl.flush()
                         shown = (f"{rec['median_ms']:.2f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB"
                                  if rec["status"] == "ok" else f"{rec['status']} ({rec.get('error', '')[:80]})")
                         print(f"{metric:10} {mode:4} N={n:<8} D={d:<4} {impl:8} {shown}", flush=True)
-    stem = args.stem or f"intra_inter_sums-{args.device}"
+    jsonl.close()
     for path in write_reports(records, meta, args.out, stem):
         print("wrote", path)
 

@@ -29,22 +29,38 @@ def test_bitwise_deterministic(backend, metric):
         assert torch.equal(a, b)
 
 
+def low_precision_reference(x: torch.Tensor, labels: torch.Tensor, metric: str):
+    """The reference computed in x's own dtype (fp16/bf16): torch.cdist has no
+    such CUDA kernel, so the distances are written out from differences."""
+    if metric == "cosine":
+        dist = ck.reference.pairwise_distances(x, metric=metric)
+    else:
+        diff = x[:, None, :] - x[None, :, :]
+        if metric == "manhattan":
+            dist = diff.abs().sum(-1)
+        else:
+            dist = diff.square().sum(-1)
+            dist = dist.sqrt() if metric == "euclidean" else dist
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    return torch.where(same & ~eye, dist, 0).sum(1), torch.where(same, 0, dist).sum(1)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "manhattan", "cosine"])
 def test_low_precision_within_twice_reference_error(backend, dtype, metric):
-    """Error vs float64 at most 2x that of the reference computed in the same dtype."""
+    """Error vs float64 at most 2x that of the reference computed in the same dtype
+    (sizes kept small enough that the fp16 reference's sums do not overflow)."""
     device = require_backend(backend)
-    x64, labels = make_batch(2048, 64, 10, seed=2, device=device)
+    x64, labels = make_batch(512, 16, 8, seed=2, device=device)
     x = x64.to(dtype)
     exact = ck.reference.intra_inter_sums(x64, labels, metric)
-    dist = ck.reference.pairwise_distances(x, metric=metric)  # computed in fp16/bf16
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(x.shape[0], dtype=torch.bool, device=device)
-    ref_low = (torch.where(same & ~eye, dist, 0).sum(1), torch.where(same, 0, dist).sum(1))
+    ref_low = low_precision_reference(x, labels, metric)
     ours = ck.intra_inter_sums(x, labels, metric, backend=backend)
     for o, r, e in zip(ours, ref_low, exact):
-        assert rel_error(o, e) <= 2 * rel_error(r, e) + 1e-6
+        assert torch.isfinite(r).all()
+        assert rel_error(o, e) <= 2 * rel_error(r, e)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -44,10 +44,11 @@ def _safe_inverse(v):
 
 
 @triton.jit
-def _direct_sums(X, stride, rows, cols, rmask, cmask, norm_i, norm_j, D,
+def _direct_sums(X, stride, rows, cols, rmask, cmask, D,
                  METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-pair sums over all of D from differences: (acc, dot) of [BLOCK_M, BLOCK_N]."""
+    """Per-pair sums over all of D from differences: (acc, dot) of [BLOCK_M, BLOCK_N].
+    For cosine X holds the unit rows: acc = |a_hat - b_hat|^2, dot = cos(a, b)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
@@ -60,8 +61,9 @@ def _direct_sums(X, stride, rows, cols, rmask, cmask, norm_i, norm_j, D,
         a = xi[:, None, :]
         b = xj[None, :, :]
         if METRIC == COSINE:
-            # a_k / |a| as a division: exact +-1 in one dimension (pair_math.h)
-            t = a / norm_i[:, None, None] - b / norm_j[None, :, None]
+            # unit rows come from memory: no product here that the compiler
+            # could fuse into an FMA, so identical rows give exactly 0
+            t = a - b
             acc += tl.sum(t * t, axis=2)
             dot += tl.sum(a * b, axis=2)
         else:
@@ -81,16 +83,13 @@ def _direct_sums(X, stride, rows, cols, rmask, cmask, norm_i, norm_j, D,
 def _direct_distance(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, D,
                      METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Exact distances of a [BLOCK_M, BLOCK_N] tile."""
-    norm_i = tl.sqrt(n2_i)
-    norm_j = tl.sqrt(n2_j)
-    # zero norms only occur on the degenerate branch, whose value ignores acc
-    acc, dot = _direct_sums(X, stride, rows, cols, rmask, cmask, tl.where(norm_i > 0, norm_i, 1.0),
-                            tl.where(norm_j > 0, norm_j, 1.0), D, METRIC, ACC, BLOCK_M,
+    """Exact distances of a [BLOCK_M, BLOCK_N] tile (X: unit rows for cosine)."""
+    acc, dot = _direct_sums(X, stride, rows, cols, rmask, cmask, D, METRIC, ACC, BLOCK_M,
                             BLOCK_N, BLOCK_K)
     if METRIC == COSINE:
-        regular = norm_i[:, None] * norm_j[None, :] > COSINE_EPS
-        dist = tl.where(regular, 0.5 * acc, 1.0 - dot / COSINE_EPS)
+        norm_ij = tl.sqrt(n2_i)[:, None] * tl.sqrt(n2_j)[None, :]
+        # a.b = |a||b| cos(a, b) on the eps branch
+        dist = tl.where(norm_ij > COSINE_EPS, 0.5 * acc, 1.0 - norm_ij * dot / COSINE_EPS)
     elif METRIC == EUCLIDEAN:
         dist = tl.sqrt(acc)
     else:
@@ -179,7 +178,8 @@ def _forward_kernel(XG, XA, LAB, NORM2, S_IN, S_OUT, N, D, stride,
 def _exact_grad(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, coef, xi, xj, D,
                 METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_j coef[i, j] * dD(x_i, x_j)/dx_i over the output dims held in xi / xj."""
+    """sum_j coef[i, j] * dD(x_i, x_j)/dx_i over the output dims held in xi / xj
+    (X, xi, xj: unit rows for cosine)."""
     a = xi[:, None, :]
     b = xj[None, :, :]
     if METRIC == EUCLIDEAN:
@@ -200,12 +200,9 @@ def _exact_grad(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, coef, xi, xj, D
         norm_i = tl.sqrt(n2_i)
         norm_j = tl.sqrt(n2_j)
         regular = (norm_i[:, None] * norm_j[None, :]) > COSINE_EPS
-        safe_i = tl.where(norm_i > 0, norm_i, 1.0)
-        safe_j = tl.where(norm_j > 0, norm_j, 1.0)
-        ua = a / safe_i[:, None, None]
-        reg = (-coef / safe_i[:, None])[:, :, None] * ((b / safe_j[None, :, None] - ua)
-                                                       + dist[:, :, None] * ua)
-        deg = (-coef / COSINE_EPS)[:, :, None] * b
+        # dD/da = -(1/|a|) ((b_hat - a_hat) + D a_hat); eps branch: -b/eps = -|b| b_hat/eps
+        reg = (-coef * _safe_inverse(norm_i)[:, None])[:, :, None] * ((b - a) + dist[:, :, None] * a)
+        deg = (-coef * norm_j[None, :] / COSINE_EPS)[:, :, None] * b
         contrib = tl.where(regular[:, :, None], reg, deg)
     return tl.sum(contrib, axis=1)
 
@@ -308,14 +305,19 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "ieee"
 
 
-def _gram_operands(x: torch.Tensor, xa: torch.Tensor, norm2: torch.Tensor,
-                   metric: int) -> torch.Tensor:
-    """Rows the Gram form multiplies: x itself (fp16/bf16 stay so for the tensor
-    cores), or the unit rows for cosine (zero rows stay zero)."""
+def _exact_operands(xa: torch.Tensor, norm2: torch.Tensor, metric: int) -> torch.Tensor:
+    """Rows the difference form reads: x (accumulation dtype), or for cosine the
+    unit rows x/|x| (a division: exactly +-1 in one dimension; zero rows stay 0)."""
     if metric != _metrics.COSINE:
-        return x.contiguous()
+        return xa
     norms = norm2.sqrt()[:, None]
     return torch.where(norms > 0, xa / norms, torch.zeros_like(xa)).contiguous()
+
+
+def _gram_operands(x: torch.Tensor, xa: torch.Tensor, metric: int) -> torch.Tensor:
+    """Rows the Gram form multiplies: x itself (fp16/bf16 stay so for the tensor
+    cores), or the unit rows for cosine."""
+    return xa if metric == _metrics.COSINE else x.contiguous()
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -328,7 +330,8 @@ def forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.T
     cfg = _config(x, metric)
     xa = x.to(acc).contiguous()
     norm2 = (xa * xa).sum(1).contiguous()
-    xg = _gram_operands(x, xa, norm2, metric) if cfg["USE_GRAM"] else xa
+    xa = _exact_operands(xa, norm2, metric)
+    xg = _gram_operands(x, xa, metric) if cfg["USE_GRAM"] else xa
     n, d = xa.shape
     s_in = torch.empty(n, dtype=acc, device=x.device)
     s_out = torch.empty(n, dtype=acc, device=x.device)
@@ -352,7 +355,8 @@ def backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
     if d == 0:
         return grad.to(x.dtype)
     norm2 = (xa * xa).sum(1).contiguous()
-    xg = _gram_operands(x, xa, norm2, metric) if cfg["USE_GRAM"] else xa
+    xa = _exact_operands(xa, norm2, metric)
+    xg = _gram_operands(x, xa, metric) if cfg["USE_GRAM"] else xa
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
     _backward_kernel[grid](
         xg, xa, labels.contiguous(), norm2, grad_in.to(acc).contiguous(),
