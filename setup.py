@@ -84,6 +84,38 @@ def cpu_vector_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if flags == {"avx2", "fma"} else []
 
 
+def shared_libstdcxx_link_args() -> list[str]:
+    """Link the shared C++ runtime even where the compiler would take the static one.
+
+    On some images the compiler's search path has libstdc++.a but no
+    libstdc++.so, so `-lstdc++` pulls a static copy into the extension. That
+    copy carries its own locale ids; with -Bsymbolic-functions (Ubuntu's
+    Python) the extension's stream code then looks up the wrong facet and
+    crashes the first time a TORCH_CHECK message formats an integer. Naming the
+    libstdc++ this process (and torch) already uses keeps one runtime."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []  # the compiler links the shared runtime by itself
+    import torch  # noqa: F401  (maps the C++ runtime torch runs with)
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    for path in sorted(paths):
+        if os.path.exists(path):
+            print(f"confusion_kernels: {cxx} has no shared libstdc++; linking {path}",
+                  file=sys.stderr)
+            return [path]
+    return []
+
+
 def cuda_build_plan() -> tuple[bool, str]:
     """(build CUDA?, why) decided from torch's build and nvcc, never from a GPU."""
     import torch
@@ -119,7 +151,7 @@ def extensions():
     kwargs = dict(
         name="confusion_kernels._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *shared_libstdcxx_link_args()],
     )
     if not build_cuda:
         return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
