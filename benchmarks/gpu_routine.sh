@@ -6,6 +6,8 @@
 #
 #   bash benchmarks/gpu_routine.sh [build] [test] [sanitize] [bench] [bench-large]
 #   (no stage: build test sanitize bench)
+# The device machine gets no .git: pass the commit as CK_COMMIT=<sha> so the
+# results name it, e.g. `CK_COMMIT=abc1234 bash benchmarks/gpu_routine.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
@@ -17,7 +19,8 @@ note() { echo "== $*" | tee -a "$summary"; }
 has() { [[ " $stages " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 
-note "start $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown) stages: $stages"
+export CK_COMMIT=${CK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+note "start $(date -u +%FT%TZ) commit $CK_COMMIT stages: $stages"
 nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1
 $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" | tee -a "$summary"
 nvcc --version | tail -1 | tee -a "$summary"

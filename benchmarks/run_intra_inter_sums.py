@@ -231,17 +231,20 @@ def plot(records: list[dict], out_dir: str, stem: str) -> list[str]:
     for metric, mode, d in groups:
         sel = [r for r in records if (r["metric"], r["mode"], r["d"]) == (metric, mode, d)]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        markers = iter("osD^vP*X")
         for impl in sorted({r["impl"] for r in sel}):
             rows = sorted((r for r in sel if r["impl"] == impl), key=lambda r: r["n"])
             ok = [r for r in rows if r["status"] == "ok"]
+            marker = next(markers, "o")
             for ax, key in zip(axes, ("median_ms", "peak_mib")):
-                line, = ax.plot([r["n"] for r in ok], [r.get(key) for r in ok], marker="o", label=impl)
-                for r in rows:
-                    if r["status"] == OOM:
+                line, = ax.plot([r["n"] for r in ok], [r.get(key) for r in ok], marker=marker,
+                                fillstyle="none", label=impl)
+                for r in rows:  # failures: a cross at the last good value, with the reason
+                    if r["status"] in (OOM, "error"):
                         y = ok[-1].get(key) if ok else 1.0
                         ax.scatter([r["n"]], [y], marker="x", s=80, color=line.get_color())
-                        ax.annotate("out of memory", (r["n"], y), fontsize=7,
-                                    textcoords="offset points", xytext=(4, 4))
+                        ax.annotate(OOM if r["status"] == OOM else "failed", (r["n"], y),
+                                    fontsize=7, textcoords="offset points", xytext=(4, 4))
         for ax, label in zip(axes, ("median time (ms)", "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -266,11 +269,14 @@ def metadata(device: str, argv: list[str]) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    # CK_COMMIT: set by the caller where the checkout has no .git (the GPU machine)
+    commit = os.environ.get("CK_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip() or "unknown"
+        except OSError:
+            commit = "unknown"
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     if device == "cpu":
         try:

@@ -13,7 +13,6 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 extras=$(IFS=,; echo "$*")
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch first: the extension builds against the installed torch (no build isolation).
 "$VENV/bin/python" -m pip install --quiet "torch>=2.4" numpy ninja "setuptools>=64" wheel
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
