@@ -131,6 +131,18 @@ def _gram_distance(dot, n2_i, n2_j, METRIC: tl.constexpr):
     return dist, exact
 
 
+@triton.jit
+def _column_tile(LAB, NORM2, c0, rows, rmask, N, BLOCK_N: tl.constexpr):
+    """Columns [c0, c0 + BLOCK_N): indices, mask, labels, squared norms, and the
+    mask of valid (row, column) pairs (both in range, not the diagonal)."""
+    cols = c0 + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    lab_j = tl.load(LAB + cols, mask=cmask, other=0)
+    n2_j = tl.load(NORM2 + cols, mask=cmask, other=0.0)
+    valid = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
+    return cols, cmask, lab_j, n2_j, valid
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -146,11 +158,7 @@ def _forward_kernel(XG, XA, LAB, NORM2, S_IN, S_OUT, N, D, stride,
     s_in = tl.zeros((BLOCK_M,), dtype=ACC)
     s_out = tl.zeros((BLOCK_M,), dtype=ACC)
     for c0 in range(0, N, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        lab_j = tl.load(LAB + cols, mask=cmask, other=0)
-        n2_j = tl.load(NORM2 + cols, mask=cmask, other=0.0)
-        valid = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
+        cols, cmask, lab_j, n2_j, valid = _column_tile(LAB, NORM2, c0, rows, rmask, N, BLOCK_N)
         if USE_GRAM:
             dot = _gram_dot(XG, stride, rows, cols, rmask, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
                             DOT_PRECISION)
@@ -225,13 +233,9 @@ def _backward_kernel(XG, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
     grad = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     self_coef = tl.zeros((BLOCK_M,), dtype=ACC)
     for c0 in range(0, N, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        lab_j = tl.load(LAB + cols, mask=cmask, other=0)
-        n2_j = tl.load(NORM2 + cols, mask=cmask, other=0.0)
+        cols, cmask, lab_j, n2_j, valid = _column_tile(LAB, NORM2, c0, rows, rmask, N, BLOCK_N)
         gj_in = tl.load(G_IN + cols, mask=cmask, other=0.0)
         gj_out = tl.load(G_OUT + cols, mask=cmask, other=0.0)
-        valid = rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
         same = lab_i[:, None] == lab_j[None, :]
         coef = tl.where(same, gi_in[:, None] + gj_in[None, :], gi_out[:, None] + gj_out[None, :])
         coef = tl.where(valid, coef, 0.0)

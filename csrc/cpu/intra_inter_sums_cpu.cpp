@@ -260,15 +260,12 @@ void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, con
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         const at::Tensor& labels,
                                                         int64_t metric) {
-  check_intra_inter_inputs(x, labels, metric, c10::kCPU);
-  const at::ScalarType acc = accumulation_type(x.scalar_type());
-  const at::Tensor xa = x.to(acc).contiguous();
-  const at::Tensor lab = labels.contiguous();
-  at::Tensor s_in = at::zeros({x.size(0)}, xa.options());
-  at::Tensor s_out = at::zeros({x.size(0)}, xa.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_cpu", [&] {
-    forward_impl<scalar_t>(metric, xa, lab.data_ptr<int64_t>(), s_in.data_ptr<scalar_t>(),
-                           s_out.data_ptr<scalar_t>());
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, c10::kCPU);
+  at::Tensor s_in = at::zeros({x.size(0)}, in.x.options());
+  at::Tensor s_out = at::zeros({x.size(0)}, in.x.options());
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cpu", [&] {
+    forward_impl<scalar_t>(metric, in.x, in.labels.data_ptr<int64_t>(),
+                           s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>());
   });
   return {s_in, s_out};
 }
@@ -276,18 +273,13 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
 at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                          const at::Tensor& x, const at::Tensor& labels,
                                          int64_t metric) {
-  check_intra_inter_inputs(x, labels, metric, c10::kCPU);
-  check_row_gradient(grad_in, x, "grad_in");
-  check_row_gradient(grad_out, x, "grad_out");
-  const at::ScalarType acc = accumulation_type(x.scalar_type());
-  const at::Tensor xa = x.to(acc).contiguous();
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor gi = grad_in.to(acc).contiguous();
-  const at::Tensor go = grad_out.to(acc).contiguous();
-  at::Tensor grad = at::zeros_like(xa);
-  AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_backward_cpu", [&] {
-    backward_impl<scalar_t>(metric, xa, lab.data_ptr<int64_t>(), gi.data_ptr<scalar_t>(),
-                            go.data_ptr<scalar_t>(), grad);
+  const RowSumsInputs in =
+      prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric, c10::kCPU);
+  at::Tensor grad = at::zeros_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cpu", [&] {
+    backward_impl<scalar_t>(metric, in.x, in.labels.data_ptr<int64_t>(),
+                            in.grad_in.data_ptr<scalar_t>(), in.grad_out.data_ptr<scalar_t>(),
+                            grad);
   });
   return grad.to(x.scalar_type());
 }

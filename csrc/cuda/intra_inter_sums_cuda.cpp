@@ -46,20 +46,19 @@ void dispatch_metric(int64_t metric, F&& f) {
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
                                                          int64_t metric) {
-  check_intra_inter_inputs(x, labels, metric, c10::kCUDA);
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xa = x.to(accumulation_type(x.scalar_type())).contiguous();
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor norms = row_norms_if_cosine(xa, metric);
-  const at::Tensor rows = kernel_rows(xa, norms, metric);
-  at::Tensor s_in = at::empty({x.size(0)}, xa.options());
-  at::Tensor s_out = at::empty({x.size(0)}, xa.options());
+  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
+  const at::Tensor rows = kernel_rows(in.x, norms, metric);
+  at::Tensor s_in = at::empty({x.size(0)}, in.x.options());
+  at::Tensor s_out = at::empty({x.size(0)}, in.x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cuda", [&] {
     dispatch_metric(metric, [&](auto m) {
       launch_forward_for_metric<scalar_t, decltype(m)::value>(
-          rows.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
-          xa.size(0), xa.size(1), s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), stream);
+          rows.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(),
+          data_or_null<scalar_t>(norms), in.x.size(0), in.x.size(1), s_in.data_ptr<scalar_t>(),
+          s_out.data_ptr<scalar_t>(), stream);
     });
   });
   return {s_in, s_out};
@@ -68,25 +67,20 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
 at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                           const at::Tensor& x, const at::Tensor& labels,
                                           int64_t metric) {
-  check_intra_inter_inputs(x, labels, metric, c10::kCUDA);
-  check_row_gradient(grad_in, x, "grad_in");
-  check_row_gradient(grad_out, x, "grad_out");
+  const RowSumsInputs in =
+      prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::ScalarType acc = accumulation_type(x.scalar_type());
-  const at::Tensor xa = x.to(acc).contiguous();
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor gi = grad_in.to(acc).contiguous();
-  const at::Tensor go = grad_out.to(acc).contiguous();
-  const at::Tensor norms = row_norms_if_cosine(xa, metric);
-  const at::Tensor rows = kernel_rows(xa, norms, metric);
-  at::Tensor grad = at::empty_like(xa);
-  if (xa.size(1) == 0) return grad.to(x.scalar_type());
+  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
+  const at::Tensor rows = kernel_rows(in.x, norms, metric);
+  at::Tensor grad = at::empty_like(in.x);
+  if (in.x.size(1) == 0) return grad.to(x.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES(acc, "intra_inter_sums_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cuda", [&] {
     dispatch_metric(metric, [&](auto m) {
       launch_backward_for_metric<scalar_t, decltype(m)::value>(
-          rows.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), data_or_null<scalar_t>(norms),
-          gi.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), xa.size(0), xa.size(1),
+          rows.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(),
+          data_or_null<scalar_t>(norms), in.grad_in.data_ptr<scalar_t>(),
+          in.grad_out.data_ptr<scalar_t>(), in.x.size(0), in.x.size(1),
           grad.data_ptr<scalar_t>(), stream);
     });
   });

@@ -42,4 +42,32 @@ inline void check_row_gradient(const at::Tensor& g, const at::Tensor& x, const c
               g.device(), " but x is on ", x.device());
 }
 
+// Inputs of a kernel after the checks: the rows in the accumulation dtype and
+// the labels, both contiguous, plus (backward) the per-row upstream gradients.
+struct RowSumsInputs {
+  at::Tensor x;
+  at::Tensor labels;
+  at::Tensor grad_in;   // undefined in forward
+  at::Tensor grad_out;  // undefined in forward
+};
+
+inline RowSumsInputs prepare_row_sums_inputs(const at::Tensor& x, const at::Tensor& labels,
+                                             int64_t metric, c10::DeviceType device) {
+  check_intra_inter_inputs(x, labels, metric, device);
+  return {x.to(accumulation_type(x.scalar_type())).contiguous(), labels.contiguous(), {}, {}};
+}
+
+inline RowSumsInputs prepare_row_sums_backward_inputs(const at::Tensor& grad_in,
+                                                      const at::Tensor& grad_out,
+                                                      const at::Tensor& x,
+                                                      const at::Tensor& labels, int64_t metric,
+                                                      c10::DeviceType device) {
+  RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, device);
+  check_row_gradient(grad_in, x, "grad_in");
+  check_row_gradient(grad_out, x, "grad_out");
+  in.grad_in = grad_in.to(in.x.scalar_type()).contiguous();
+  in.grad_out = grad_out.to(in.x.scalar_type()).contiguous();
+  return in;
+}
+
 }  // namespace confusion_kernels
