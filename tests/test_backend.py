@@ -44,3 +44,37 @@ def test_build_without_cuda_is_reported():
         pytest.skip("this build has CUDA kernels")
     reason = _backend.unavailable_reason("cuda", torch.device("cpu"))
     assert "without CUDA kernels" in reason or "not built" in reason
+
+
+def test_import_without_the_extension_warns_once_and_runs_the_reference():
+    """With confusion_kernels._C unavailable the package still imports (one
+    warning), reports the truth and runs on the reference backend."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["confusion_kernels._C"] = None  # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            import confusion_kernels as ck
+        ours = [w for w in caught if "confusion_kernels._C" in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in caught]
+        assert "cpu" not in ck.available_backends() and "cuda" not in ck.available_backends()
+        x = torch.randn(6, 3); y = torch.tensor([0, 0, 1, 1, 2, 2])
+        assert ck.select_backend(x) == "reference"
+        s_in, _ = ck.intra_inter_sums(x, y)
+        try:
+            ck.intra_inter_sums(x, y, backend="cpu")
+        except RuntimeError as e:
+            assert "not built" in str(e)
+        else:
+            raise AssertionError("backend='cpu' ran without the extension")
+        print("ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != _backend.ENV_VAR}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
