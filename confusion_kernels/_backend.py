@@ -19,7 +19,8 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "CONFUSION_KERNELS_BACKEND"
 
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -47,7 +48,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
             return "triton is not installed"
         if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
             return None
-        if device_type in (None, "cpu") and _triton_interpreting():
+        if device_type in (None, "cpu") and triton_interpreting():
             return None
         return (f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
                 f"got a tensor on {device if device is not None else 'cpu'}")

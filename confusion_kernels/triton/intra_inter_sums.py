@@ -16,13 +16,12 @@ difference form. The per-pair formulas are those of
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _metrics
+from .._backend import triton_interpreting
 
 # Globals read inside @triton.jit functions must be constexpr.
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -281,14 +280,9 @@ def _backward_kernel(XG, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(x: torch.Tensor, metric: int) -> dict:
     use_gram = metric in _metrics.GRAM_METRICS and x.dtype != torch.float64
-    if interpreting():
+    if triton_interpreting():
         # numpy does the work: large tiles mean fewer interpreted steps.
         return dict(USE_GRAM=use_gram, BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, BLOCK_K=32,
                     BLOCK_DO=32, num_warps=4)

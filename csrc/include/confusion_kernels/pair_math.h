@@ -42,10 +42,6 @@ constexpr double kCosineEps = 1e-8;
 // cosine the same bound applies to the Gram-form distance itself.
 constexpr double kGramExactFraction = 1.0 / 16.0;
 
-CK_HOST_DEVICE bool metric_has_gram_form(int64_t metric) {
-  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
-}
-
 template <typename T>
 CK_HOST_DEVICE T ck_sqrt(T v) {
   return std::sqrt(v);
