@@ -190,3 +190,17 @@ def test_cosine_in_one_dimension(backend):
     assert_rel(s_out, ref[1], F64_TOL, "S_out")
     summand_scale = 4 * n / x.abs().min().item()
     assert grad.abs().max().item() <= 1e-13 * summand_scale
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cosine_eps_branch_zero_and_tiny_rows(backend):
+    """|a||b| <= 1e-8 switches the cosine distance to 1 - a.b/1e-8 (gradient -b/1e-8):
+    a zero row, and tiny rows whose dot product is not zero."""
+    device = require_backend(backend)
+    x, labels = make_batch(24, 6, 3, seed=12, duplicates=False)
+    x[0] = 0.0
+    x[1] = 1e-9 * x[1] / x[1].norm()
+    x[2] = 2e-9 * x[2] / x[2].norm()
+    for dtype, tol in ((torch.float64, F64_TOL), (torch.float32, F32_TOL)):
+        check_against_reference(x.to(device=device, dtype=dtype), labels.to(device), "cosine",
+                                backend, tol)
