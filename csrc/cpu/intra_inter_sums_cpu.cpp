@@ -6,8 +6,9 @@
 // euclidean / sqeuclidean / cosine: distances of a (row tile x column tile)
 // block come from one matrix product (the Gram form); pairs where the Gram
 // form cancels (duplicates, near neighbours) are recomputed exactly with the
-// shared per-pair math. manhattan / smooth_l1: direct loops over a transposed
-// copy so the inner loop runs over contiguous columns and vectorises.
+// shared per-pair math. manhattan / smooth_l1, and euclidean / sqeuclidean at
+// small D: direct loops over a transposed copy so the inner loop runs over
+// contiguous columns and vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,6 +25,10 @@ namespace {
 constexpr int64_t kRowTile = 256;
 constexpr int64_t kColTile = 1024;
 constexpr int64_t kDirectColBlock = 256;
+// euclidean / sqeuclidean with at most this many dimensions use the direct
+// (difference) loops: a K <= kDirectMaxDim matrix product does too little work
+// per output to pay for writing and re-reading the tile.
+constexpr int64_t kDirectMaxDim = 8;  // measured: direct wins up to D = 8 at N = 4096
 
 // ---------------------------------------------------------------------------
 // Gram-form metrics
@@ -160,8 +165,8 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
 }
 
 // ---------------------------------------------------------------------------
-// Direct metrics (manhattan, smooth_l1): loops over x^T so that the innermost
-// loop walks contiguous columns.
+// Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D) over
+// x^T so that the innermost loop walks contiguous columns.
 // ---------------------------------------------------------------------------
 template <int64_t M, typename acc_t>
 void direct_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
@@ -205,7 +210,7 @@ void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in
   const acc_t* xtp = xt.data_ptr<acc_t>();
   acc_t* gradp = grad.data_ptr<acc_t>();
   at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> coef(kDirectColBlock);
+    std::vector<acc_t> coef(kDirectColBlock), dist2(kDirectColBlock);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t li = lab[i];
       for (int64_t c0 = 0; c0 < n; c0 += kDirectColBlock) {
@@ -215,6 +220,22 @@ void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in
           coef[jj] = j == i ? acc_t(0)
                             : (lab[j] == li ? g_in[i] + g_in[j] : g_out[i] + g_out[j]);
         }
+        if (M == kEuclidean) {  // fold 1/|x_i - x_j| into the coefficients (0 at distance 0)
+          std::fill(dist2.begin(), dist2.begin() + ct, acc_t(0));
+          for (int64_t k = 0; k < d; ++k) {
+            const acc_t xik = xp[i * d + k];
+            const acc_t* col = xtp + k * n + c0;
+            acc_t* b = dist2.data();
+#pragma omp simd
+            for (int64_t jj = 0; jj < ct; ++jj) b[jj] += direct_term<acc_t>(M, xik - col[jj]);
+          }
+          for (int64_t jj = 0; jj < ct; ++jj) {
+            const acc_t dist = std::sqrt(dist2[jj]);
+            coef[jj] = dist > acc_t(0) ? coef[jj] / dist : acc_t(0);
+          }
+        }
+        // euclidean: the folded coefficient times (x_ik - x_jk), i.e. the term at dist 1
+        const acc_t dist_arg = M == kEuclidean ? acc_t(1) : acc_t(0);
         for (int64_t k = 0; k < d; ++k) {
           const acc_t xik = xp[i * d + k];
           const acc_t* col = xtp + k * n + c0;
@@ -222,7 +243,7 @@ void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in
           acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
           for (int64_t jj = 0; jj < ct; ++jj)
-            acc += c[jj] * direct_grad_term<acc_t>(M, xik - col[jj], acc_t(0));
+            acc += c[jj] * direct_grad_term<acc_t>(M, xik - col[jj], dist_arg);
           gradp[i * d + k] += acc;
         }
       }
@@ -237,8 +258,13 @@ template <typename acc_t>
 void forward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, acc_t* s_in,
                   acc_t* s_out) {
   switch (metric) {
-    case kEuclidean: return gram_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out);
-    case kSqEuclidean: return gram_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
+    case kEuclidean:
+      return xa.size(1) <= kDirectMaxDim ? direct_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out)
+                                         : gram_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out);
+    case kSqEuclidean:
+      return xa.size(1) <= kDirectMaxDim
+                 ? direct_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out)
+                 : gram_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
     case kCosine: return gram_forward<kCosine, acc_t>(xa, lab, s_in, s_out);
     case kManhattan: return direct_forward<kManhattan, acc_t>(xa, lab, s_in, s_out);
     default: return direct_forward<kSmoothL1, acc_t>(xa, lab, s_in, s_out);
@@ -249,8 +275,14 @@ template <typename acc_t>
 void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
                    const acc_t* g_out, at::Tensor& grad) {
   switch (metric) {
-    case kEuclidean: return gram_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
-    case kSqEuclidean: return gram_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
+    case kEuclidean:
+      return xa.size(1) <= kDirectMaxDim
+                 ? direct_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad)
+                 : gram_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
+    case kSqEuclidean:
+      return xa.size(1) <= kDirectMaxDim
+                 ? direct_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad)
+                 : gram_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
     case kCosine: return gram_backward<kCosine, acc_t>(xa, lab, g_in, g_out, grad);
     case kManhattan: return direct_backward<kManhattan, acc_t>(xa, lab, g_in, g_out, grad);
     default: return direct_backward<kSmoothL1, acc_t>(xa, lab, g_in, g_out, grad);
