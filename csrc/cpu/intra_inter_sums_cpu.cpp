@@ -168,6 +168,19 @@ void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
 // Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D) over
 // x^T so that the innermost loop walks contiguous columns.
 // ---------------------------------------------------------------------------
+// sums[jj] = sum_k term(x_ik - x_(c0+jj),k) for the ct columns from c0 (xt = x^T, n columns).
+template <int64_t M, typename acc_t>
+inline void direct_block_sums(const acc_t* xi, const acc_t* xt, int64_t n, int64_t d, int64_t c0,
+                              int64_t ct, acc_t* sums) {
+  std::fill(sums, sums + ct, acc_t(0));
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t xik = xi[k];
+    const acc_t* col = xt + k * n + c0;
+#pragma omp simd
+    for (int64_t jj = 0; jj < ct; ++jj) sums[jj] += direct_term<acc_t>(M, xik - col[jj]);
+  }
+}
+
 template <int64_t M, typename acc_t>
 void direct_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
   const int64_t n = xa.size(0), d = xa.size(1);
@@ -181,14 +194,7 @@ void direct_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t
       acc_t in = 0, out = 0;
       for (int64_t c0 = 0; c0 < n; c0 += kDirectColBlock) {
         const int64_t ct = std::min(kDirectColBlock, n - c0);
-        std::fill(buf.begin(), buf.begin() + ct, acc_t(0));
-        for (int64_t k = 0; k < d; ++k) {
-          const acc_t xik = xp[i * d + k];
-          const acc_t* col = xtp + k * n + c0;
-          acc_t* b = buf.data();
-#pragma omp simd
-          for (int64_t jj = 0; jj < ct; ++jj) b[jj] += direct_term<acc_t>(M, xik - col[jj]);
-        }
+        direct_block_sums<M, acc_t>(xp + i * d, xtp, n, d, c0, ct, buf.data());
         for (int64_t jj = 0; jj < ct; ++jj) {
           const int64_t j = c0 + jj;
           const acc_t dist = j == i ? acc_t(0) : direct_finalize<acc_t>(M, buf[jj]);
@@ -221,16 +227,9 @@ void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in
                             : (lab[j] == li ? g_in[i] + g_in[j] : g_out[i] + g_out[j]);
         }
         if (M == kEuclidean) {  // fold 1/|x_i - x_j| into the coefficients (0 at distance 0)
-          std::fill(dist2.begin(), dist2.begin() + ct, acc_t(0));
-          for (int64_t k = 0; k < d; ++k) {
-            const acc_t xik = xp[i * d + k];
-            const acc_t* col = xtp + k * n + c0;
-            acc_t* b = dist2.data();
-#pragma omp simd
-            for (int64_t jj = 0; jj < ct; ++jj) b[jj] += direct_term<acc_t>(M, xik - col[jj]);
-          }
+          direct_block_sums<M, acc_t>(xp + i * d, xtp, n, d, c0, ct, dist2.data());
           for (int64_t jj = 0; jj < ct; ++jj) {
-            const acc_t dist = std::sqrt(dist2[jj]);
+            const acc_t dist = direct_finalize<acc_t>(M, dist2[jj]);
             coef[jj] = dist > acc_t(0) ? coef[jj] / dist : acc_t(0);
           }
         }
