@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/pair_math.h"
 
 namespace confusion_kernels {
@@ -33,21 +34,15 @@ constexpr int64_t kDirectMaxDim = 8;  // measured: direct wins up to D = 8 at N 
 // ---------------------------------------------------------------------------
 // Gram-form metrics
 // ---------------------------------------------------------------------------
-// Operands of the Gram form (see pair_math.h): the rows, or the unit rows for
-// cosine (zero rows stay zero; their pairs take the exact path).
-at::Tensor gram_operands(const at::Tensor& xa, const at::Tensor& norms2, int64_t metric) {
-  if (metric != kCosine) return xa;
-  const at::Tensor norms = norms2.sqrt().unsqueeze(1);
-  return at::where(norms > 0, xa / norms, at::zeros_like(xa)).contiguous();
-}
-
 template <int64_t M, typename acc_t>
-void gram_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
+void gram_forward(const at::Tensor& x_in, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
+  const at::Tensor& xa = x_in;  // exact pairs: the input rows
+  const at::Tensor centred = center_for_gram(xa, M);  // Gram pairs
   const int64_t n = xa.size(0), d = xa.size(1);
   const acc_t* xp = xa.data_ptr<acc_t>();
-  const at::Tensor norms = (xa * xa).sum(1);
+  const at::Tensor norms = (centred * centred).sum(1);
   const acc_t* np = norms.data_ptr<acc_t>();
-  const at::Tensor xg = gram_operands(xa, norms, M);
+  const at::Tensor xg = gram_operands(centred, norms, M);
   for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
     const int64_t rt = std::min(kRowTile, n - r0);
     const at::Tensor xr = xg.narrow(0, r0, rt);
@@ -94,13 +89,15 @@ void gram_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* 
 }
 
 template <int64_t M, typename acc_t>
-void gram_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
+void gram_backward(const at::Tensor& x_in, const int64_t* lab, const acc_t* g_in,
                    const acc_t* g_out, at::Tensor& grad) {
+  const at::Tensor& xa = x_in;  // exact pairs: the input rows
+  const at::Tensor centred = center_for_gram(xa, M);  // Gram pairs
   const int64_t n = xa.size(0), d = xa.size(1);
   const acc_t* xp = xa.data_ptr<acc_t>();
-  const at::Tensor norms = (xa * xa).sum(1);
+  const at::Tensor norms = (centred * centred).sum(1);
   const acc_t* np = norms.data_ptr<acc_t>();
-  const at::Tensor xg = gram_operands(xa, norms, M);
+  const at::Tensor xg = gram_operands(centred, norms, M);
   acc_t* gradp = grad.data_ptr<acc_t>();
   // grad_i = self[i] * op(x_i) + sum_j other[i, j] * op(x_j)  (+ exact pairs, added directly)
   at::Tensor self_coef = at::zeros({n}, xa.options());

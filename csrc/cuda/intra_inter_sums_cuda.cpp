@@ -1,14 +1,24 @@
-// CUDA dispatch of intra_inter_sums: checks inputs, converts to the
-// accumulation dtype (fp32, or fp64 for fp64 input), launches on the current
-// stream of x's device. Kernels: intra_inter_sums_kernels.cu.
+// CUDA dispatch of intra_inter_sums: checks inputs, picks a kernel, launches
+// on the current stream of x's device.
+//   * euclidean / sqeuclidean / cosine with D >= kGramMinDim and fp32, fp16 or
+//     bf16 input: the Gram-form tiled kernels (gram_tile_kernels.cuh) on
+//     tensor cores (fp16, bf16; tf32 for fp32 only when
+//     torch.backends.cuda.matmul.allow_tf32 is on) or in exact fp32;
+//   * everything else (manhattan, smooth_l1, fp64, small D), or every case when
+//     CONFUSION_KERNELS_CUDA_EXACT=1: the difference-form kernels
+//     (intra_inter_sums_kernels.cuh) in the accumulation dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <optional>
 #include <type_traits>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_operands.h"
 #include "intra_inter_sums_launch.h"
 
 namespace confusion_kernels {
@@ -43,16 +53,85 @@ void dispatch_metric(int64_t metric, F&& f) {
   }
 }
 
+bool exact_kernels_forced() {
+  const char* v = std::getenv("CONFUSION_KERNELS_CUDA_EXACT");
+  return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
+}
+
+// The Gram operand kind for this input, or nullopt for the difference form.
+std::optional<GramOperands> gram_operands_for(const at::Tensor& x, int64_t metric) {
+  if (metric != kEuclidean && metric != kSqEuclidean && metric != kCosine) return std::nullopt;
+  if (x.size(1) < kGramMinDim || exact_kernels_forced()) return std::nullopt;
+  int major = 0;
+  const cudaError_t err =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
+  TORCH_CHECK(err == cudaSuccess, "intra_inter_sums: cannot read the compute capability: ",
+              cudaGetErrorString(err));
+  const bool sm80 = major >= 8;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return (sm80 && at::globalContext().allowTF32CuBLAS()) ? GramOperands::kTf32
+                                                              : GramOperands::kFp32Exact;
+    case at::kHalf:
+      return sm80 ? GramOperands::kFp16 : GramOperands::kFp32Exact;
+    case at::kBFloat16:
+      return sm80 ? GramOperands::kBf16 : GramOperands::kFp32Exact;
+    default:
+      return std::nullopt;  // fp64 stays in fp64
+  }
+}
+
+// What the Gram kernels read: the operands op(x) in the operand dtype (the
+// centred rows, or the unit rows x/|x| for cosine; gram_operands.h), their
+// squared norms before normalisation in fp32, and the input rows in fp32 for
+// the pairs computed exactly.
+struct GramInputs {
+  at::Tensor rows;
+  at::Tensor exact_rows;
+  at::Tensor sq_norms;
+};
+
+GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
+  GramInputs g;
+  g.exact_rows = xa;
+  const at::Tensor centred = center_for_gram(xa, metric);
+  g.sq_norms = (centred * centred).sum(1).contiguous();
+  at::Tensor op = gram_operands(centred, g.sq_norms, metric);
+  if (ops == GramOperands::kFp16) op = op.to(at::kHalf);
+  if (ops == GramOperands::kBf16) op = op.to(at::kBFloat16);
+  g.rows = op.contiguous();
+  return g;
+}
+
+template <typename F>
+void dispatch_gram_metric(int64_t metric, F&& f) {
+  switch (metric) {
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    default: return f(std::integral_constant<int64_t, kCosine>{});
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
                                                          int64_t metric) {
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
-  const at::Tensor rows = kernel_rows(in.x, norms, metric);
   at::Tensor s_in = at::empty({x.size(0)}, in.x.options());
   at::Tensor s_out = at::empty({x.size(0)}, in.x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (const auto ops = gram_operands_for(x, metric)) {
+    const GramInputs g = gram_inputs(in.x, metric, *ops);
+    dispatch_gram_metric(metric, [&](auto m) {
+      launch_gram_forward<decltype(m)::value>(
+          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(),
+          in.labels.data_ptr<int64_t>(), g.sq_norms.data_ptr<float>(), in.x.size(0),
+          in.x.size(1), s_in.data_ptr<float>(), s_out.data_ptr<float>(), stream);
+    });
+    return {s_in, s_out};
+  }
+  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
+  const at::Tensor rows = kernel_rows(in.x, norms, metric);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cuda", [&] {
     dispatch_metric(metric, [&](auto m) {
       launch_forward_for_metric<scalar_t, decltype(m)::value>(
@@ -70,11 +149,22 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
-  const at::Tensor rows = kernel_rows(in.x, norms, metric);
   at::Tensor grad = at::empty_like(in.x);
   if (in.x.size(1) == 0) return grad.to(x.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (const auto ops = gram_operands_for(x, metric)) {
+    const GramInputs g = gram_inputs(in.x, metric, *ops);
+    dispatch_gram_metric(metric, [&](auto m) {
+      launch_gram_backward<decltype(m)::value>(
+          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(),
+          in.labels.data_ptr<int64_t>(), g.sq_norms.data_ptr<float>(),
+          in.grad_in.data_ptr<float>(), in.grad_out.data_ptr<float>(), in.x.size(0),
+          in.x.size(1), grad.data_ptr<float>(), stream);
+    });
+    return grad.to(x.scalar_type());
+  }
+  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
+  const at::Tensor rows = kernel_rows(in.x, norms, metric);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cuda", [&] {
     dispatch_metric(metric, [&](auto m) {
       launch_backward_for_metric<scalar_t, decltype(m)::value>(

@@ -51,7 +51,9 @@ __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDi
     load_tile<T, kRows>(as, x, n, d, r0, k0);
     load_tile<T, kCols>(bs, x, n, d, c0, k0);
     __syncthreads();
-    for (int k = 0; k < kDims; ++k) {
+    // Only the dimensions that exist (D = 2 must not pay for 32).
+    const int kmax = d - k0 < kDims ? int(d - k0) : kDims;
+    for (int k = 0; k < kmax; ++k) {
       const T a = as[threadIdx.x][k];
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
@@ -161,8 +163,10 @@ __global__ void __launch_bounds__(kRows)
     load_tile<T, kRows>(as, x, n, d, r0, k0);
     load_tile<T, kCols>(bs, x, n, d, c0, k0);
     __syncthreads();
+    const int kmax = d - k0 < kDims ? int(d - k0) : kDims;
 #pragma unroll
     for (int k = 0; k < kDims; ++k) {
+      if (k >= kmax) break;  // block-uniform; keeps g[k] in registers
       const T a = as[threadIdx.x][k];
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {

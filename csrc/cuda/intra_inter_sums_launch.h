@@ -20,4 +20,29 @@ void launch_backward_for_metric(const T* x, const int64_t* labels, const T* norm
                                 const T* g_out, int64_t n, int64_t d, T* grad,
                                 cudaStream_t stream);
 
+// Gram-form kernels (gram_tile_kernels.cuh) for euclidean, sqeuclidean and
+// cosine: fp32 accumulation, operands `rows` of the given type (for cosine the
+// unit rows), `exact_rows` = x in fp32 for the pairs recomputed exactly,
+// sq_norms[i] = |x_i|^2 in fp32. One instantiation per metric in gram_<metric>.cu.
+enum class GramOperands : int {
+  kFp32Exact = 0,  // float rows, fp32 FMA on CUDA cores
+  kTf32 = 1,       // float rows, tf32 tensor cores (torch's allow_tf32 is on)
+  kFp16 = 2,       // __half rows, fp16 tensor cores
+  kBf16 = 3,       // __nv_bfloat16 rows, bf16 tensor cores
+};
+
+// Below this many dimensions the difference-form kernels are used instead.
+constexpr int64_t kGramMinDim = 9;
+
+template <int64_t M>
+void launch_gram_forward(GramOperands ops, const void* rows, const float* exact_rows,
+                         const int64_t* labels, const float* sq_norms, int64_t n, int64_t d,
+                         float* s_in, float* s_out, cudaStream_t stream);
+
+template <int64_t M>
+void launch_gram_backward(GramOperands ops, const void* rows, const float* exact_rows,
+                          const int64_t* labels, const float* sq_norms, const float* g_in,
+                          const float* g_out, int64_t n, int64_t d, float* grad,
+                          cudaStream_t stream);
+
 }  // namespace confusion_kernels

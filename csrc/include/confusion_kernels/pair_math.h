@@ -239,4 +239,46 @@ CK_HOST_DEVICE void gram_grad_coefficients(int64_t metric, T dot, T dist, T inv_
   }
 }
 
+// The exact-form gradient of one pair written on the Gram operands op(.)
+// (the rows for euclidean / sqeuclidean, the unit rows for cosine):
+//   coef * dD(a, b)/da = self * op(a) + other * op(b) + diff * (op(a) - op(b))
+// A tiled kernel adds self and other to the same accumulators as the Gram
+// pairs and forms op(a) - op(b) per dimension, so near-identical rows keep
+// their digits. Equals pair_grad_exact_accumulate (see the CPU tests).
+template <typename scalar_t, typename acc_t>
+CK_HOST_DEVICE void pair_grad_exact_coefficients(int64_t metric, const scalar_t* a,
+                                                 const scalar_t* b, int64_t d, acc_t coef,
+                                                 acc_t* self, acc_t* other, acc_t* diff) {
+  *self = *other = *diff = acc_t(0);
+  if (coef == acc_t(0)) return;
+  switch (metric) {
+    case kSqEuclidean:
+      *diff = acc_t(2) * coef;
+      return;
+    case kEuclidean: {
+      const acc_t dist = pair_distance_exact<scalar_t, acc_t>(metric, a, b, d);
+      *diff = dist > acc_t(0) ? coef / dist : acc_t(0);
+      return;
+    }
+    case kCosine: {
+      acc_t na2 = acc_t(0), nb2 = acc_t(0);
+      for (int64_t k = 0; k < d; ++k) {
+        na2 += acc_t(a[k]) * acc_t(a[k]);
+        nb2 += acc_t(b[k]) * acc_t(b[k]);
+      }
+      const acc_t na = ck_sqrt(na2), nb = ck_sqrt(nb2);
+      if (!cosine_norms_regular(na, nb)) {  // -coef * b / eps = -coef * |b| / eps * op(b)
+        *other = -coef * nb / acc_t(kCosineEps);
+        return;
+      }
+      const acc_t dist = pair_distance_exact<scalar_t, acc_t>(metric, a, b, d);
+      *diff = coef / na;
+      *self = -coef * dist / na;
+      return;
+    }
+    default:
+      return;  // manhattan / smooth_l1 have no Gram form
+  }
+}
+
 }  // namespace confusion_kernels

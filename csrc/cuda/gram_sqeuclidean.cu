@@ -1,0 +1,6 @@
+// Gram-form intra_inter_sums kernels for the sqeuclidean metric (see gram_tile_kernels.cuh).
+#include "gram_tile_launch.cuh"
+
+namespace confusion_kernels {
+CK_INSTANTIATE_GRAM(kSqEuclidean)
+}  // namespace confusion_kernels
