@@ -4,6 +4,10 @@ The CPU-side suites (test_intra_inter_sums.py, test_as_loss.py, ...) already
 run every backend, cuda and triton on the GPU included, when a GPU is present.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -64,7 +68,7 @@ def test_low_precision_within_twice_reference_error(backend, dtype, metric):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("n,d", [(65536, 128), (1048576, 2)])
+@pytest.mark.parametrize("n,d", [(65536, 128), (1048576, 2), (1048576, 128)])
 def test_memory_linear_in_n(backend, n, d):
     """Peak memory of forward + backward stays within a bound linear in N*D."""
     device = require_backend(backend)
@@ -91,3 +95,59 @@ def test_cuda_gradcheck_on_device():
         assert torch.autograd.gradcheck(
             lambda inp: ck.intra_inter_sums(inp, labels, metric, backend="cuda"), (x,),
             eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# The Gram-form kernels (csrc/cuda/gram_tile_kernels.cuh) serve euclidean,
+# sqeuclidean and cosine for fp32 / fp16 / bf16 input with D >= 9; fp64 input
+# takes the difference-form kernel, so the float64 suites do not reach them.
+GRAM_CASES = {  # name: (input dtype, allow_tf32, relative tolerance vs float64)
+    "fp32": (torch.float32, False, 2e-5),
+    "tf32": (torch.float32, True, 2e-2),
+    "fp16": (torch.float16, False, 5e-3),
+    "bf16": (torch.bfloat16, False, 3e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAM_CASES))
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("n,d", [(1, 9), (65, 24), (130, 33), (70, 129), (40, 300), (3000, 64)])
+def test_gram_kernels_match_reference(case, metric, n, d):
+    require_backend("cuda")
+    dtype, tf32, tol = GRAM_CASES[case]
+    x64, labels = make_batch(n, d, 5, seed=n + d, device="cuda")
+    x = x64.to(dtype)
+    xs = x.double().requires_grad_(True)  # the reference sees the stored input
+    g_in = torch.randn(n, device="cuda", dtype=torch.float64)
+    g_out = torch.randn(n, device="cuda", dtype=torch.float64)
+    want = ck.reference.intra_inter_sums(xs, labels, metric)
+    (want_grad,) = torch.autograd.grad((want[0] * g_in + want[1] * g_out).sum(), xs)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        xr = x.clone().requires_grad_(True)
+        s_in, s_out = ck.intra_inter_sums(xr, labels, metric, backend="cuda")
+        (grad,) = torch.autograd.grad((s_in * g_in.to(s_in.dtype) + s_out * g_out.to(s_out.dtype)).sum(), xr)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    for got, ref, what in ((s_in, want[0], "S_in"), (s_out, want[1], "S_out"), (grad, want_grad, "grad")):
+        assert torch.isfinite(got).all(), what
+        assert rel_error(got, ref) <= tol, f"{what} {case} {metric}: {rel_error(got, ref):.2e} > {tol}"
+
+
+def test_exact_kernel_switch_gives_the_difference_form():
+    """CONFUSION_KERNELS_CUDA_EXACT=1 routes every case to the difference-form
+    kernel; both paths agree with each other to fp32 accuracy."""
+    require_backend("cuda")
+    code = (
+        "import torch, confusion_kernels as ck;"
+        "g = torch.Generator().manual_seed(0);"
+        "x = torch.randn(700, 40, generator=g).cuda(); y = torch.randint(0, 4, (700,), generator=g).cuda();"
+        "print(repr(ck.intra_inter_sums(x, y, 'euclidean', backend='cuda')[0].sum().item()))"
+    )
+    values = []
+    for flag in ("0", "1"):
+        env = dict(os.environ, CONFUSION_KERNELS_CUDA_EXACT=flag)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        values.append(float(out.stdout.strip().splitlines()[-1]))
+    assert values[0] != 0.0 and abs(values[0] - values[1]) <= 1e-5 * abs(values[1])

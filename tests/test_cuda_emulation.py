@@ -1,0 +1,234 @@
+"""The Gram-form CUDA kernels (csrc/cuda/gram_tile_kernels.cuh) run on the CPU.
+
+tests/cuda_emulation/cuda_host_shim.h compiles the kernel bodies unchanged as
+C++ with one thread per CUDA thread, so the tiling, ragged edges, shared-memory
+staging, barriers, WMMA operand layouts and the exact-pair fallback are checked
+against the float64 reference here, on machines without a GPU. It cannot check
+speed, registers or hardware limits: tests/test_cuda.py does on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from confusion_kernels.reference import intra_inter_sums as reference_sums
+
+from conftest import assert_rel, make_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "tests/cuda_emulation/gram_kernels_on_host.cpp",
+           ROOT / "tests/cuda_emulation/cuda_host_shim.h",
+           ROOT / "csrc/cuda/gram_tile_kernels.cuh",
+           ROOT / "csrc/include/confusion_kernels/pair_math.h"]
+
+POLICIES = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3}
+METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 3}
+# Relative error bounds against the float64 reference evaluated on the
+# operands as stored (fp16 / bf16 inputs are rounded first).
+TOLERANCE = {"fp32": 2e-5, "tf32": 2e-2, "fp16": 5e-3, "bf16": 3e-2}
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_90 (sm_80: 163 KiB)
+
+
+def _compiler() -> str:
+    for cxx in ("g++", "c++", "clang++"):
+        if shutil.which(cxx):
+            return cxx
+    pytest.skip("needs a C++20 compiler (g++ / clang++) to build the emulated CUDA kernels")
+
+
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory) -> ctypes.CDLL:
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    lib = tmp_path_factory.mktemp("cuda_emulation") / f"gram_kernels_{digest}.so"
+    cmd = [_compiler(), "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC",
+           f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cuda'}",
+           f"-I{ROOT / 'tests/cuda_emulation'}", str(SOURCES[0]), "-o", str(lib)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"emulated kernels do not compile:\n{result.stderr[-4000:]}"
+    dll = ctypes.CDLL(str(lib))
+    dll.ck_gram_smem_bytes.restype = ctypes.c_int64
+    return dll
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _operands(x: torch.Tensor, metric: str, policy: str):
+    """What the host side (intra_inter_sums_cuda.cpp, gram_inputs) hands the kernels."""
+    xa = x.float()
+    if policy == "fp16":  # the input itself is fp16 / bf16; exact rows are its fp32 copy
+        xa = x.half().float()
+    elif policy == "bf16":
+        xa = x.bfloat16().float()
+    xa = xa.contiguous()
+    centred = xa - xa.mean(0, keepdim=True) if metric != "cosine" else xa  # center_for_gram
+    sq = (centred * centred).sum(1).contiguous()
+    op = centred
+    if metric == "cosine":
+        norms = sq.sqrt().unsqueeze(1)
+        op = torch.where(norms > 0, xa / norms, torch.zeros_like(xa))
+    if policy == "fp16":
+        op = op.half()
+    elif policy == "bf16":
+        op = op.bfloat16()
+    return op.contiguous(), xa, sq
+
+
+def emulated_forward(kernels, x, labels, metric, policy):
+    rows, xa, sq = _operands(x, metric, policy)
+    n, d = x.shape
+    s_in, s_out = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    labels = labels.contiguous()
+    rc = kernels.ck_gram_forward(POLICIES[policy], METRICS[metric], _ptr(rows), _ptr(xa),
+                                 _ptr(labels), _ptr(sq), ctypes.c_int64(n), ctypes.c_int64(d),
+                                 _ptr(s_in), _ptr(s_out))
+    assert rc == 0
+    return s_in, s_out
+
+
+def emulated_backward(kernels, x, labels, g_in, g_out, metric, policy):
+    rows, xa, sq = _operands(x, metric, policy)
+    n, d = x.shape
+    grad = torch.full((n, d), float("nan"))
+    g_in, g_out = g_in.float().contiguous(), g_out.float().contiguous()
+    labels = labels.contiguous()
+    rc = kernels.ck_gram_backward(POLICIES[policy], METRICS[metric], _ptr(rows), _ptr(xa),
+                                  _ptr(labels), _ptr(sq), _ptr(g_in), _ptr(g_out),
+                                  ctypes.c_int64(n), ctypes.c_int64(d), _ptr(grad))
+    assert rc == 0
+    return grad
+
+
+def reference(x, labels, g_in, g_out, metric, policy):
+    """float64 reference on the input as the kernel stores it."""
+    xs = x.double()
+    if policy == "fp16":
+        xs = x.half().double()
+    elif policy == "bf16":
+        xs = x.bfloat16().double()
+    xs = xs.clone().requires_grad_(True)
+    s_in, s_out = reference_sums(xs, labels, metric)
+    (grad,) = torch.autograd.grad((s_in * g_in.double() + s_out * g_out.double()).sum(), xs)
+    return s_in.detach(), s_out.detach(), grad
+
+
+def _check(kernels, x, labels, metric, policy, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    n = x.shape[0]
+    g_in, g_out = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    want_in, want_out, want_grad = reference(x, labels, g_in, g_out, metric, policy)
+    s_in, s_out = emulated_forward(kernels, x, labels, metric, policy)
+    grad = emulated_backward(kernels, x, labels, g_in, g_out, metric, policy)
+    tol = TOLERANCE[policy]
+    what = f"{metric} {policy} N={n} D={x.shape[1]}"
+    assert_rel(s_in, want_in, tol, f"S_in {what}")
+    assert_rel(s_out, want_out, tol, f"S_out {what}")
+    assert_rel(grad, want_grad, tol, f"grad {what}")
+
+
+# (N, D): ragged row and column tiles (64), ragged 32-dim chunks, two and
+# three 128-dim gradient blocks (grid.y), a single row.
+SHAPES = [(1, 9), (5, 16), (64, 32), (65, 9), (130, 33), (70, 129), (40, 300)]
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_fp32_exact_kernel_matches_reference(kernels, metric, n, d):
+    x, labels = make_batch(n, d, 3, seed=n * 1000 + d)
+    _check(kernels, x, labels, metric, "fp32", seed=n + d)
+
+
+@pytest.mark.parametrize("policy", ["tf32", "fp16", "bf16"])
+@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("n,d", [(65, 24), (70, 129)])
+def test_tensor_core_kernels_match_reference(kernels, policy, metric, n, d):
+    x, labels = make_batch(n, d, 4, seed=7 * n + d)
+    _check(kernels, x, labels, metric, policy, seed=n)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_duplicate_rows_give_exact_zero(kernels, policy, metric):
+    """Identical rows: distance 0 (not a Gram-form residue) and no gradient."""
+    row = torch.randn(1, 20, generator=torch.Generator().manual_seed(3)) * 5
+    x = row.repeat(70, 1)  # 70 > 64: two row tiles, all pairs identical
+    labels = torch.zeros(70, dtype=torch.long)
+    labels[::2] = 1
+    s_in, s_out = emulated_forward(kernels, x, labels, metric, policy)
+    assert torch.equal(s_in, torch.zeros(70)) and torch.equal(s_out, torch.zeros(70))
+    grad = emulated_backward(kernels, x, labels, torch.ones(70), torch.ones(70), metric, policy)
+    assert torch.equal(grad, torch.zeros(70, 20))
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_tight_clusters_use_the_exact_pairs(kernels, metric):
+    """Clusters of radius 1e-3 at distance 10 from the origin: every intra-class
+    pair fails the Gram-form test and goes through the exact path."""
+    g = torch.Generator().manual_seed(11)
+    centers = torch.randn(3, 17, generator=g) * 10
+    labels = torch.randint(0, 3, (90,), generator=g)
+    x = centers[labels] + 1e-3 * torch.randn(90, 17, generator=g)
+    _check(kernels, x.double(), labels, metric, "fp32", seed=5)
+
+
+def test_single_class_and_singletons(kernels):
+    x, _ = make_batch(67, 12, 1, seed=2)
+    _check(kernels, x, torch.zeros(67, dtype=torch.long), "euclidean", "fp32")
+    _check(kernels, x, torch.arange(67), "cosine", "fp32")
+
+
+def test_cosine_zero_and_tiny_rows(kernels):
+    """|a||b| <= eps takes the constant-denominator branch (SPEC section 1)."""
+    x, labels = make_batch(20, 10, 2, seed=4)
+    x[3] = 0.0
+    x[7] = 1e-9
+    _check(kernels, x, labels, "cosine", "fp32")
+
+
+def test_shared_memory_fits_the_gpu(kernels):
+    for policy, code in POLICIES.items():
+        for backward in (0, 1):
+            size = kernels.ck_gram_smem_bytes(code, backward)
+            assert 0 < size <= SHARED_MEMORY_LIMIT, (policy, backward, size)
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_exact_pair_coefficients_equal_the_exact_gradient(kernels, metric):
+    """pair_grad_exact_coefficients (used by the tiled backward) equals
+    pair_grad_exact_accumulate (used by the CPU kernel), in float64."""
+    rng = np.random.default_rng(0)
+    fn = kernels.ck_pair_grad_both
+    dbl = ctypes.POINTER(ctypes.c_double)
+    for case in range(6):
+        d = int(rng.integers(1, 12))
+        a = rng.standard_normal(d)
+        b = a + 1e-6 * rng.standard_normal(d) if case == 1 else rng.standard_normal(d)
+        if case == 2:
+            b = a.copy()
+        if case == 3:
+            b = np.zeros(d)
+        out1, out2 = np.zeros(d), np.zeros(d)
+        fn(METRICS[metric], a.ctypes.data_as(dbl), b.ctypes.data_as(dbl), ctypes.c_int64(d),
+           ctypes.c_double(0.7), out1.ctypes.data_as(dbl), out2.ctypes.data_as(dbl))
+        np.testing.assert_allclose(out2, out1, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_rows_far_from_the_origin(kernels, policy, metric):
+    """Rows at distance 50 from the origin with spread 1 (centring keeps
+    euclidean / sqeuclidean on the Gram path; cosine pairs are near-parallel
+    and go exact)."""
+    g = torch.Generator().manual_seed(9)
+    x = 50.0 + torch.randn(96, 40, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (96,), generator=g)
+    _check(kernels, x, labels, metric, policy, seed=3)
