@@ -4,8 +4,14 @@
 # the GPU benchmark. Results land in $OUT (default benchmarks/out/gpu), packed
 # into results.tar.gz plus the benchmark table and a summary.
 #
-#   bash benchmarks/gpu_routine.sh [build] [test] [sanitize] [bench] [bench-large]
-#   (no stage: build test sanitize bench)
+#   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid] [bench-large]
+#   (no stage: build test-fast sanitize bench)
+# test: the whole suite (longer than one 10-minute device call: split it);
+# test-fast: the CUDA-specific files; bench: the headline cases (N up to
+# 65536, D 2 and 128, euclidean, fwd/bwd/full, every implementation);
+# bench-grid: the full issue-3 grid with cases predicted over 20 s skipped.
+# KeOps: run benchmarks/fetch_wheels.sh where there is network and carry
+# benchmarks/wheels; the build stage installs them.
 # The device machine gets no .git: pass the commit as CK_COMMIT=<sha> so the
 # results name it, e.g. `CK_COMMIT=abc1234 bash benchmarks/gpu_routine.sh`.
 set -uo pipefail
@@ -13,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs"
-stages=${*:-build test sanitize bench}
+stages=${*:-build test-fast sanitize bench}
 summary="$OUT/summary.txt"
 note() { echo "== $*" | tee -a "$summary"; }
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -33,6 +39,14 @@ if has build; then
     note "build FAILED"; tail -40 "$OUT/logs/build.log"; exit 1
   fi
   $PY -c "import confusion_kernels as ck, torch; print('backends on cuda:', ck.available_backends('cuda'))" | tee -a "$summary"
+  if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
+    for w in pybind11 keopscore pykeops; do
+      $PY -c "import $w" 2> /dev/null || $PY -m pip install --no-index --no-deps benchmarks/wheels/$w-*.whl >> "$OUT/logs/build.log" 2>&1
+    done
+    $PY -c "import pykeops; print('pykeops', pykeops.__version__)" 2>&1 | tail -1 | tee -a "$summary"
+  else
+    note "no benchmarks/wheels: the KeOps column will read 'not run'"
+  fi
 fi
 
 if has test; then
@@ -41,6 +55,15 @@ if has test; then
   rc=$?
   note "pytest rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/logs/pytest.log" | head -20
+fi
+
+if has test-fast; then
+  start=$SECONDS
+  $PY -m pytest tests/test_cuda.py tests/test_cuda_emulation.py tests/test_validation.py -q \
+    -p no:cacheprovider > "$OUT/logs/pytest-fast.log" 2>&1
+  rc=$?
+  note "pytest (cuda files) rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest-fast.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/logs/pytest-fast.log" | head -20
 fi
 
 if has sanitize; then
@@ -54,16 +77,32 @@ if has sanitize; then
     rc=$?
     note "compute-sanitizer $tool rc=$rc in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-$tool.log" | tail -1)"
   done
+  # the Gram-form (tensor-core and fp32) kernels, small shapes
+  for tool in memcheck racecheck; do
+    start=$SECONDS
+    compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_cuda.py \
+      -q -p no:cacheprovider -k "gram_kernels and not 3000" > "$OUT/logs/sanitizer-gram-$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool (Gram kernels) rc=$rc in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer-gram-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-gram-$tool.log" | tail -1)"
+  done
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 
 if has bench; then
   start=$SECONDS
-  $PY benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 262144 \
-    --dims 2 64 --metrics euclidean --modes full --reps 20 --max-seconds 3 --min-runs 1 \
-    --out "$OUT" --stem intra_inter_sums-cuda > "$OUT/logs/bench.log" 2>&1
+  $PY benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 \
+    --dims 2 128 --metrics euclidean --modes fwd bwd full --reps 20 --max-seconds 4 --min-runs 3 \
+    --max-predicted-seconds 20 --out "$OUT" --stem intra_inter_sums-cuda > "$OUT/logs/bench.log" 2>&1
   note "benchmark rc=$? in $((SECONDS - start)) s"
   cat "$OUT/logs/bench.log" | grep -v "^wrote"
+fi
+
+if has bench-grid; then
+  start=$SECONDS
+  $PY benchmarks/run_intra_inter_sums.py --device cuda --reps 20 --max-seconds 2 --min-runs 1 \
+    --max-predicted-seconds 20 --out "$OUT" --stem intra_inter_sums-cuda-grid > "$OUT/logs/bench-grid.log" 2>&1
+  note "grid benchmark rc=$? in $((SECONDS - start)) s"
+  grep -v "^wrote" "$OUT/logs/bench-grid.log" | tail -60
 fi
 
 if has bench-large; then

@@ -2,9 +2,12 @@
 
 One run compares, for every (N, D, metric, mode):
   fused backends ("cpu", "cuda", "triton"), the eager PyTorch reference
-  ("eager"), and torch.compile of the reference ("compile"),
+  ("eager"), torch.compile of the reference ("compile") and KeOps ("keops",
+  benchmarks/keops_peer.py, when pykeops is installed),
 and writes CSV + Markdown + PNG plots (time and peak memory vs N; out of
-memory is recorded, never crashed on).
+memory is recorded, never crashed on). Each case also gets its roofline floor
+(benchmarks/roofline.py: ceilings measured once on the same device) and the
+fraction of it achieved.
 
 CPU: every case runs in a fresh subprocess whose address space is capped
 (--mem-limit-gib), so an eager N x N allocation that does not fit fails inside
@@ -13,7 +16,10 @@ memory from torch.cuda.max_memory_allocated, CUDA-event timing.
 
 Examples:
   python benchmarks/run_intra_inter_sums.py --device cpu
-  python benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 262144
+  python benchmarks/run_intra_inter_sums.py --device cuda   # the issue-3 grid:
+      N = 4096 ... 1048576 (powers of 4), D in {2, 128, 512}, every metric,
+      fwd / bwd / full, cuda triton eager compile keops; cases predicted to
+      take longer than --max-predicted-seconds per run are recorded as skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 OOM = "out of memory"
+ALL_METRICS = ["euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1"]
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 # ---------------------------------------------------------------------------
@@ -46,6 +55,11 @@ def make_fn(impl: str, metric: str, x, labels):
             return ck.reference.intra_inter_sums(inp, labels, metric)
 
         fn = torch.compile(ref) if impl == "compile" else ref
+    elif impl == "keops":
+        import keops_peer
+
+        def fn(inp):
+            return keops_peer.intra_inter_sums(inp, labels, metric)
     else:
         def fn(inp):
             return ck.intra_inter_sums(inp, labels, metric, backend=impl, check_finite=False)
@@ -53,12 +67,19 @@ def make_fn(impl: str, metric: str, x, labels):
 
 
 def run_case(impl: str, device: str, n: int, d: int, metric: str, mode: str, reps: int,
-             max_seconds: float, min_runs: int = 3) -> dict:
+             max_seconds: float, min_runs: int = 3, dtype: str = "float32") -> dict:
     """Median time (ms) and peak memory (MiB) of one case, or an OOM / error record."""
     import torch
 
+    record = dict(impl=impl, device=device, n=n, d=d, metric=metric, mode=mode, dtype=dtype)
+    if impl == "keops":
+        import keops_peer
+
+        reason = keops_peer.available()
+        if reason is not None:
+            return dict(record, status="not run", error=reason)
     g = torch.Generator().manual_seed(n + d)
-    x = torch.randn(n, d, generator=g).to(device)
+    x = torch.randn(n, d, generator=g).to(device=device, dtype=getattr(torch, dtype))
     labels = torch.randint(0, 100, (n,), generator=g).to(device)
     g_in = torch.randn(n, generator=g).to(device)
     g_out = torch.randn(n, generator=g).to(device)
@@ -100,7 +121,6 @@ def run_case(impl: str, device: str, n: int, d: int, metric: str, mode: str, rep
         step()
         return (time.perf_counter() - t0) * 1e3
 
-    record = dict(impl=impl, device=device, n=n, d=d, metric=metric, mode=mode)
     try:
         if cuda:
             torch.cuda.synchronize()
@@ -143,7 +163,7 @@ def worker_main(args) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rec = run_case(args.impl, "cpu", args.n, args.d, args.metric, args.mode, args.reps,
-                   args.max_seconds, args.min_runs)
+                   args.max_seconds, args.min_runs, args.dtype)
     rec["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     print("RESULT " + json.dumps(rec))
 
@@ -152,7 +172,7 @@ def run_cpu_case(args, impl, n, d, metric, mode) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--n", str(n),
            "--d", str(d), "--metric", metric, "--mode", mode, "--reps", str(args.reps),
            "--max-seconds", str(args.max_seconds), "--min-runs", str(args.min_runs),
-           "--mem-limit-gib", str(args.mem_limit_gib)]
+           "--mem-limit-gib", str(args.mem_limit_gib), "--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
@@ -168,8 +188,25 @@ def run_cpu_case(args, impl, n, d, metric, mode) -> dict:
 # ---------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------
-FIELDS = ["impl", "device", "metric", "mode", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
-          "runs", "peak_mib", "speedup_vs_eager", "error"]
+FIELDS = ["impl", "device", "dtype", "metric", "mode", "n", "d", "status", "median_ms", "p20_ms",
+          "p80_ms", "runs", "peak_mib", "speedup_vs_eager", "floor_ms", "of_floor", "error"]
+
+
+def add_floors(records: list[dict], meta: dict) -> None:
+    """floor_ms (roofline.py) and of_floor = floor / median for every timed case."""
+    import torch
+
+    import roofline
+
+    ceilings = meta.get("ceilings") or {}
+    for r in records:
+        floor = roofline.floor_ms(ceilings, r["metric"], r["mode"], r["n"], r["d"],
+                                  getattr(torch, r.get("dtype", "float32")),
+                                  bool(meta.get("allow_tf32")))
+        if floor is not None:
+            r["floor_ms"] = floor
+            if r["status"] == "ok":
+                r["of_floor"] = floor / r["median_ms"]
 
 
 def add_speedups(records: list[dict]) -> None:
@@ -188,6 +225,7 @@ def fmt(value, digits=1):
 def write_reports(records: list[dict], meta: dict, out_dir: str, stem: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     add_speedups(records)
+    add_floors(records, meta)
     csv_path = os.path.join(out_dir, f"{stem}.csv")
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
@@ -196,22 +234,29 @@ def write_reports(records: list[dict], meta: dict, out_dir: str, stem: str) -> l
     md_path = os.path.join(out_dir, f"{stem}.md")
     with open(md_path, "w") as f:
         f.write(f"# intra_inter_sums benchmark ({meta['device_name']})\n\n")
-        for key in ("date", "commit", "device_name", "torch", "triton", "cuda", "python", "host",
-                    "threads", "command"):
+        for key in ("date", "commit", "device_name", "torch", "triton", "cuda", "pykeops", "python",
+                    "host", "threads", "dtype", "allow_tf32", "ceilings", "command"):
             f.write(f"- {key}: {meta.get(key)}\n")
-        f.write("\nMedian time in ms (p20-p80), peak memory in MiB (CPU: peak RSS of a fresh "
-                "process, including the framework; CUDA: max_memory_allocated above the inputs). "
-                "Speedup is eager time / this time.\n\n")
-        f.write("| metric | mode | N | D | impl | median ms | p20-p80 ms | peak MiB | speedup vs eager |\n")
-        f.write("|---|---|---:|---:|---|---:|---:|---:|---:|\n")
+        f.write("\nMedian time in ms (p20-p80) over `runs` timed runs after a warm-up, peak "
+                "memory in MiB (CPU: peak RSS of a fresh process, including the framework; CUDA: "
+                "max_memory_allocated above the inputs). Speedup is eager time / this time. "
+                "Floor: the roofline floor of the case (benchmarks/roofline.py, from the ceilings "
+                "above); of floor = floor / median.\n\n")
+        f.write("| metric | mode | N | D | impl | median ms | p20-p80 ms | runs | peak MiB | "
+                "speedup vs eager | floor ms | of floor |\n")
+        f.write("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
         for r in sorted(records, key=lambda r: (r["metric"], r["mode"], r["d"], r["n"], r["impl"])):
             if r["status"] == "ok":
                 f.write(f"| {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
                         f"{fmt(r['median_ms'], 2)} | {fmt(r['p20_ms'], 2)}-{fmt(r['p80_ms'], 2)} | "
-                        f"{fmt(r.get('peak_mib'), 0)} | {fmt(r.get('speedup_vs_eager'), 2)} |\n")
+                        f"{fmt(r.get('runs'))} | {fmt(r.get('peak_mib'), 0)} | "
+                        f"{fmt(r.get('speedup_vs_eager'), 2)} | {fmt(r.get('floor_ms'), 3)} | "
+                        f"{fmt(r.get('of_floor'), 3)} |\n")
             else:
+                why = r.get("error", "")
+                why = f" ({why[:60]})" if why and r["status"] != OOM else ""
                 f.write(f"| {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
-                        f"{r['status']} | | | |\n")
+                        f"{r['status']}{why} | | | | | {fmt(r.get('floor_ms'), 3)} | |\n")
     paths = [csv_path, md_path]
     paths += plot(records, out_dir, stem)
     return paths
@@ -261,8 +306,11 @@ def plot(records: list[dict], out_dir: str, stem: str) -> list[str]:
     return paths
 
 
-def metadata(device: str, argv: list[str]) -> dict:
+def metadata(device: str, argv: list[str], dtype: str = "float32", roofline_ceilings: bool = True) -> dict:
     import torch
+
+    import keops_peer
+    import roofline
 
     try:
         import triton
@@ -285,22 +333,57 @@ def metadata(device: str, argv: list[str]) -> dict:
         except (OSError, StopIteration):
             pass
         name = f"{name}, {os.cpu_count()} cores"
+    if keops_peer.available() is None:
+        import pykeops
+        keops_version = pykeops.__version__
+    else:
+        keops_version = "not installed"
+    ceilings = roofline.measure_ceilings(device) if roofline_ceilings else {}
     return dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
                 device_name=name, torch=torch.__version__, triton=triton_version,
-                cuda=torch.version.cuda, python=platform.python_version(), host=platform.node(),
-                threads=torch.get_num_threads(), command="python " + " ".join(argv))
+                cuda=torch.version.cuda, pykeops=keops_version, python=platform.python_version(),
+                host=platform.node(), threads=torch.get_num_threads(), dtype=dtype,
+                allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                ceilings={k: round(v, 1) for k, v in ceilings.items()},
+                command="python " + " ".join(argv))
+
+
+def predict_seconds(records: list[dict], case: dict) -> float:
+    """Seconds per run predicted for `case` from the same series at a smaller N
+    (time grows as N^2); 0 when there is none. A series that failed (out of
+    memory, skipped) at a smaller N predicts infinity only for skips."""
+    same = [r for r in records if all(r[k] == case[k] for k in ("impl", "d", "metric", "mode"))
+            and r["n"] < case["n"]]
+    if not same:
+        return 0.0
+    last = max(same, key=lambda r: r["n"])
+    if last["status"] == "skipped":
+        return float("inf")
+    if last["status"] != "ok":
+        return 0.0
+    return last["median_ms"] / 1e3 * (case["n"] / last["n"]) ** 2
 
 
 # ---------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--impls", nargs="+", help="default: cpu eager compile (CPU); cuda triton eager compile (CUDA)")
-    p.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
-    p.add_argument("--dims", nargs="+", type=int, default=[2, 64])
-    p.add_argument("--metrics", nargs="+", default=["euclidean"])
-    p.add_argument("--modes", nargs="+", default=["full"], choices=["fwd", "bwd", "full"])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--impls", nargs="+",
+                   help="default: cpu eager compile (CPU); cuda triton eager compile keops (CUDA)")
+    p.add_argument("--sizes", nargs="+", type=int,
+                   help="default: 1024 4096 16384 65536 (CPU); 4096 ... 1048576, powers of 4 (CUDA)")
+    p.add_argument("--dims", nargs="+", type=int, help="default: 2 64 (CPU); 2 128 512 (CUDA)")
+    p.add_argument("--metrics", nargs="+", help="default: euclidean (CPU); all five (CUDA)")
+    p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "full"],
+                   help="default: full (CPU); fwd bwd full (CUDA)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--tf32", action="store_true",
+                   help="set torch.backends.cuda.matmul.allow_tf32 (our fp32 kernels then use tf32)")
+    p.add_argument("--no-roofline", action="store_true", help="do not measure the ceilings")
+    p.add_argument("--max-predicted-seconds", type=float, default=0.0,
+                   help="skip a case whose run is predicted (from the same series at N/4, "
+                        "times 16) to take longer than this; 0: never skip")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 5 CPU, 20 CUDA)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a case after this")
     p.add_argument("--min-runs", type=int, default=3, help="timed runs per case even past --max-seconds")
     p.add_argument("--skip-eager-above", type=int, default=0,
@@ -320,10 +403,21 @@ def main() -> None:
     p.add_argument("--metric", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker and args.reps is None:
+        args.reps = 5
     if args.worker:
         worker_main(args)
         return
 
+    cuda = args.device == "cuda"
+    args.sizes = args.sizes or ([4096, 16384, 65536, 262144, 1048576] if cuda else [1024, 4096, 16384, 65536])
+    args.dims = args.dims or ([2, 128, 512] if cuda else [2, 64])
+    args.metrics = args.metrics or (ALL_METRICS if cuda else ["euclidean"])
+    args.modes = args.modes or (["fwd", "bwd", "full"] if cuda else ["full"])
+    args.reps = args.reps or (20 if cuda else 5)
+    if args.tf32:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = True
     stem = args.stem or f"intra_inter_sums-{args.device}"
     if args.report_only:
         with open(args.report_only) as f:
@@ -333,8 +427,9 @@ def main() -> None:
             print("wrote", path)
         return
     impls = args.impls or (["cpu", "eager", "compile"] if args.device == "cpu"
-                           else ["cuda", "triton", "eager", "compile"])
-    meta = metadata(args.device, sys.argv)
+                           else ["cuda", "triton", "eager", "compile", "keops"])
+    meta = metadata(args.device, sys.argv, args.dtype, not args.no_roofline)
+    print("ceilings:", meta["ceilings"], flush=True)
     os.makedirs(args.out, exist_ok=True)
     # one JSON line per finished case: a run cut short still leaves its records
     jsonl = open(os.path.join(args.out, f"{stem}.jsonl"), "w")
@@ -345,14 +440,19 @@ def main() -> None:
             for d in args.dims:
                 for n in args.sizes:
                     for impl in impls:
+                        base = dict(impl=impl, device=args.device, n=n, d=d, metric=metric,
+                                    mode=mode, dtype=args.dtype)
+                        predicted = predict_seconds(records, base)
                         if impl in ("eager", "compile") and args.skip_eager_above and n > args.skip_eager_above:
-                            rec = dict(impl=impl, device=args.device, n=n, d=d, metric=metric, mode=mode,
-                                       status="not run", error="--skip-eager-above")
+                            rec = dict(base, status="not run", error="--skip-eager-above")
+                        elif args.max_predicted_seconds and predicted > args.max_predicted_seconds:
+                            rec = dict(base, status="skipped",
+                                       error=f"predicted {predicted:.0f} s per run (16 x N/4)")
                         elif args.device == "cpu":
                             rec = run_cpu_case(args, impl, n, d, metric, mode)
                         else:
                             rec = run_case(impl, "cuda", n, d, metric, mode, args.reps, args.max_seconds,
-                                           args.min_runs)
+                                           args.min_runs, args.dtype)
                             import torch
                             torch.cuda.empty_cache()
                         records.append(rec)
