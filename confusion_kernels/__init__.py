@@ -1,5 +1,5 @@
 """confusion-kernels: fused GPU/CPU kernels for losses that clarify confusion
-between classes (ASLoss, ...), each checked against a plain PyTorch reference.
+between classes (ASLoss, Affinity loss, ...), each checked against a plain PyTorch reference.
 
 Backends: "reference" (PyTorch), "cpu" (C++/OpenMP), "triton", "cuda" (CUDA
 C++); ``backend="auto"`` picks the fastest one for the tensor's device.
@@ -8,6 +8,13 @@ C++); ``backend="auto"`` picks the fastest one for the tensor's device.
 from . import reference
 from ._backend import BACKENDS, available_backends, select_backend
 from ._metrics import resolve_metric
+from .losses.affinity import (
+    AffinityLoss,
+    affinity_loss,
+    class_affinity,
+    diversity_moments,
+    diversity_regularizer,
+)
 from .losses.as_loss import ASLoss, as_loss, as_loss_terms
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.as_loss import ASLossTerms
@@ -16,6 +23,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASLoss",
+    "AffinityLoss",
+    "affinity_loss",
+    "class_affinity",
+    "diversity_moments",
+    "diversity_regularizer",
     "ASLossTerms",
     "BACKENDS",
     "as_loss",

@@ -56,6 +56,8 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
     if not _extension.HAS_C:
         return f"the C++ extension confusion_kernels._C is not built ({_extension.IMPORT_ERROR})"
     if not _extension.has_kernel(op, "CUDA"):
+        if _extension.has_kernel("intra_inter_sums", "CUDA"):
+            return f"confusion_kernels has no CUDA C++ kernel for {op} yet (use 'triton')"
         return ("confusion_kernels._C was built without CUDA kernels (torch without CUDA, "
                 "no nvcc, or CONFUSION_KERNELS_NO_CUDA=1 at build time)")
     if not torch.cuda.is_available():

@@ -27,7 +27,7 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
-OPS = ("intra_inter_sums", "intra_inter_sums_backward")
+OPS = ("intra_inter_sums", "intra_inter_sums_backward", "affinity_hinge", "affinity_hinge_backward")
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:

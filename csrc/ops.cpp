@@ -20,4 +20,15 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "intra_inter_sums_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
       "int metric) -> Tensor");
+  // Affinity loss rows (SPEC section 3): prototypes [C, m, D];
+  // returns (L [N], d_true [N], active [N]) with L_i = sum_{j != y_i} relu(margin + d_ij - d_iy)
+  // and active_i the number of classes whose hinge is active.
+  m.def(
+      "affinity_hinge(Tensor f, Tensor prototypes, Tensor labels, float sigma, float margin, "
+      "int similarity) -> (Tensor, Tensor, Tensor)");
+  // (dL/df, dL/dprototypes) from the per-row upstream gradient of L and the forward's counts.
+  m.def(
+      "affinity_hinge_backward(Tensor grad_rows, Tensor f, Tensor prototypes, Tensor labels, "
+      "Tensor d_true, Tensor active, float sigma, float margin, int similarity) -> "
+      "(Tensor, Tensor)");
 }

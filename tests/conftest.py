@@ -28,12 +28,12 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cuda")
 
 
-def require_backend(backend: str) -> torch.device:
-    """The backend's device, or skip the test saying why the backend cannot run."""
+def require_backend(backend: str, op: str = "intra_inter_sums") -> torch.device:
+    """The backend's device, or skip the test saying why the backend cannot run ``op``."""
     device = backend_device(backend)
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"backend {backend!r} needs CUDA: no CUDA device is available")
-    reason = _backend.unavailable_reason(backend, device)
+    reason = _backend.unavailable_reason(backend, device, op)
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable: {reason}")
     return device

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/pair_math.h"
 
 namespace confusion_kernels {
@@ -67,6 +68,50 @@ inline RowSumsInputs prepare_row_sums_backward_inputs(const at::Tensor& grad_in,
   check_row_gradient(grad_out, x, "grad_out");
   in.grad_in = grad_in.to(in.x.scalar_type()).contiguous();
   in.grad_out = grad_out.to(in.x.scalar_type()).contiguous();
+  return in;
+}
+
+// ---------------------------------------------------------------------------
+// Affinity loss inputs.
+// ---------------------------------------------------------------------------
+struct AffinityInputs {
+  at::Tensor f;           // [N, D] in the accumulation dtype, contiguous
+  at::Tensor prototypes;  // [C * m, D] in the accumulation dtype, contiguous
+  at::Tensor labels;      // [N] int64, contiguous, every value in [0, C)
+  int64_t num_classes = 0;
+  int64_t num_centers = 0;
+};
+
+inline AffinityInputs prepare_affinity_inputs(const at::Tensor& f, const at::Tensor& prototypes,
+                                              const at::Tensor& labels, double sigma,
+                                              int64_t similarity, c10::DeviceType device) {
+  TORCH_CHECK(f.dim() == 2, "affinity_hinge: f must be 2-D [N, D], got ", f.dim(), "-D");
+  TORCH_CHECK(f.size(0) > 0, "affinity_hinge: f has no rows (N = 0)");
+  TORCH_CHECK(at::isFloatingType(f.scalar_type()) && at::isFloatingType(prototypes.scalar_type()),
+              "affinity_hinge: f and prototypes must be floating");
+  TORCH_CHECK(prototypes.dim() == 3 && prototypes.size(2) == f.size(1) && prototypes.size(0) > 0 &&
+                  prototypes.size(1) > 0,
+              "affinity_hinge: prototypes must be [C, m, D] with C, m > 0 and D = ", f.size(1),
+              ", got shape ", prototypes.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == f.size(0) && labels.scalar_type() == at::kLong,
+              "affinity_hinge: labels must be int64 [N] with N = ", f.size(0));
+  TORCH_CHECK(f.device().type() == device && prototypes.device() == f.device() &&
+                  labels.device() == f.device(),
+              "affinity_hinge: f, prototypes and labels must all be on one ", device, " device");
+  TORCH_CHECK(sigma > 0, "affinity_hinge: sigma must be > 0, got ", sigma);
+  TORCH_CHECK(similarity == kGaussian || similarity == kInverse,
+              "affinity_hinge: unknown similarity code ", similarity);
+  const int64_t c = prototypes.size(0);
+  const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < c, "affinity_hinge: labels must lie in [0, ", c, "), got [", lo,
+              ", ", hi, "]");
+  const at::ScalarType acc = accumulation_type(f.scalar_type());
+  AffinityInputs in;
+  in.f = f.to(acc).contiguous();
+  in.prototypes = prototypes.to(acc).reshape({c * prototypes.size(1), f.size(1)}).contiguous();
+  in.labels = labels.contiguous();
+  in.num_classes = c;
+  in.num_centers = prototypes.size(1);
   return in;
 }
 

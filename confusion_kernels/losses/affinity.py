@@ -1,0 +1,174 @@
+"""Affinity loss (max-margin Gaussian affinity to class prototypes; SPEC section 3).
+
+    d_ij = exp(-min_t |f_i - w_jt|^2 / sigma)                 (or 1 / (1 + s / sigma))
+    loss = (1/N) sum_i sum_{j != y_i} relu(margin + d_ij - d_{i y_i}) + lambda_div R(W)
+    R(W) = variance of |w_p - w_q|^2 over the pairs p < q of all P = C m prototypes
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._backend import select_backend
+from .._validation import check_embeddings, check_labels, output_dtype
+from ..ops.affinity_hinge import affinity_hinge_rows
+from ..reference import affinity as _reference
+
+# Above this many prototypes (and P > D) R(W) uses the O(P D^2) moment form.
+_PAIRWISE_MAX_PROTOTYPES = 2048
+
+
+def _check_prototypes(prototypes: torch.Tensor, embedding_dim: int | None = None,
+                      device: torch.device | None = None) -> None:
+    if not isinstance(prototypes, torch.Tensor):
+        raise TypeError(f"prototypes must be a torch.Tensor, got {type(prototypes).__name__}")
+    if not prototypes.dtype.is_floating_point:
+        raise TypeError(f"prototypes must be floating, got {prototypes.dtype}")
+    if prototypes.dim() != 3 or 0 in prototypes.shape[:2]:
+        raise ValueError("prototypes must be [C, m, D] with C >= 1 classes and m >= 1 centres, "
+                         f"got shape {tuple(prototypes.shape)}")
+    if embedding_dim is not None and prototypes.shape[2] != embedding_dim:
+        raise ValueError(f"prototypes have D = {prototypes.shape[2]} but the embeddings have "
+                         f"D = {embedding_dim}")
+    if device is not None and prototypes.device != device:
+        raise ValueError(f"prototypes are on {prototypes.device} but the embeddings are on {device}")
+
+
+def _check_similarity(sigma: float, similarity: str) -> None:
+    if similarity not in _reference.SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; expected one of "
+                         f"{list(_reference.SIMILARITIES)}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+
+
+def diversity_moments(prototypes: torch.Tensor) -> torch.Tensor:
+    """R(W) in closed form from moments of the centred prototypes, O(P D^2).
+
+    With a_p = |w_p|^2 after centring (sum_p w_p = 0), s_pq = a_p + a_q - 2 w_p.w_q:
+        S1 = sum_{p<q} s_pq   = P A1,                       A1 = sum_p a_p
+        S2 = sum_{p<q} s_pq^2 = P A2 + A1^2 + 2 |W^T W|_F^2, A2 = sum_p a_p^2
+        R  = S2 / M - (S1 / M)^2,  M = P (P - 1) / 2
+    Centring removes the |sum_p w_p|^2 and (sum_p a_p w_p).(sum_p w_p) terms
+    (R is shift invariant); everything is accumulated in float64.
+    """
+    w = prototypes.reshape(-1, prototypes.shape[-1]).double()
+    p = w.shape[0]
+    if p < 2:
+        return (w.sum() * 0.0).to(output_dtype(prototypes.dtype))
+    w = w - w.mean(0, keepdim=True)
+    a = w.square().sum(1)
+    a1, a2 = a.sum(), a.square().sum()
+    gram = w.T @ w
+    pairs = p * (p - 1) / 2.0
+    s1 = p * a1
+    s2 = p * a2 + a1 * a1 + 2.0 * gram.square().sum()
+    mu = s1 / pairs
+    return (s2 / pairs - mu * mu).to(output_dtype(prototypes.dtype))
+
+
+def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
+    """R(W): the variance of the squared distances between all pairs of the
+    P = C m prototypes [C, m, D] (0 when P < 2).
+
+    method: "pairwise" (the definition, O(P^2 D) memory and time), "moments"
+    (closed form, O(P D^2); diversity_moments), or "auto" (moments when
+    P > 2048 and P > D).
+    """
+    _check_prototypes(prototypes)
+    if method not in ("auto", "pairwise", "moments"):
+        raise ValueError(f"method must be 'auto', 'pairwise' or 'moments', got {method!r}")
+    p, d = prototypes.shape[0] * prototypes.shape[1], prototypes.shape[2]
+    if method == "moments" or (method == "auto" and p > _PAIRWISE_MAX_PROTOTYPES and p > d):
+        return diversity_moments(prototypes)
+    return _reference.diversity_regularizer(prototypes)
+
+
+def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 10.0,
+                   similarity: str = "gaussian", chunk_rows: int = 4096) -> torch.Tensor:
+    """d [N, C] in (0, 1]: the affinity of each row to its closest prototype of
+    every class. Computed in row chunks (memory O(chunk_rows C m + N C));
+    differentiable."""
+    check_embeddings(f, "f")
+    _check_prototypes(prototypes, f.shape[1], f.device)
+    _check_similarity(sigma, similarity)
+    parts = [_reference.class_affinity(f[s:s + chunk_rows], prototypes, sigma=sigma,
+                                       similarity_kind=similarity)
+             for s in range(0, f.shape[0], chunk_rows)]
+    return torch.cat(parts)
+
+
+def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
+                  sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
+                  similarity: str = "gaussian", backend: str = "auto",
+                  check_finite: bool = True) -> torch.Tensor:
+    """Affinity loss of embeddings f [N, D] with labels in [0, C) against
+    prototypes [C, m, D]: mean_i L_i + lambda_diversity R(W).
+
+    The hinge part runs fused on the chosen backend (no N x C m buffer on
+    cpu / triton); gradients flow to f and to the prototypes. Returns a scalar,
+    float32 for fp16/bf16 inputs.
+    """
+    check_embeddings(f, "f", check_finite=check_finite)
+    _check_prototypes(prototypes, f.shape[1], f.device)
+    if check_finite and not bool(torch.isfinite(prototypes).all()):
+        raise ValueError("prototypes contain NaN or Inf (pass check_finite=False to skip this scan)")
+    labels = check_labels(labels, f.shape[0], f.device)
+    num_classes = prototypes.shape[0]
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) (one prototype set per class), "
+                         f"got values in [{lo}, {hi}]")
+    _check_similarity(sigma, similarity)
+    if not (0 <= margin < 1):
+        raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
+    chosen = select_backend(f, backend, op="affinity_hinge")
+    rows = affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
+                               similarity=similarity, backend=chosen)
+    loss = rows.mean()
+    if lambda_diversity:
+        loss = loss + lambda_diversity * diversity_regularizer(prototypes).to(loss.dtype)
+    return loss
+
+
+class AffinityLoss(nn.Module):
+    """Affinity loss with learned prototypes [num_classes, num_centers, embedding_dim],
+    initialised N(0, 1/embedding_dim).
+
+    forward(f, labels) -> scalar loss; affinity(f) -> [N, C]; predict(f) -> [N] class ids.
+    """
+
+    def __init__(self, num_classes: int, embedding_dim: int, num_centers: int = 1,
+                 sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
+                 similarity: str = "gaussian", backend: str = "auto"):
+        super().__init__()
+        if num_classes < 1 or embedding_dim < 1 or num_centers < 1:
+            raise ValueError("num_classes, embedding_dim and num_centers must be >= 1")
+        _check_similarity(sigma, similarity)
+        if not (0 <= margin < 1):
+            raise ValueError(f"margin must satisfy 0 <= margin < 1, got {margin}")
+        self.sigma, self.margin, self.lambda_diversity = sigma, margin, lambda_diversity
+        self.similarity, self.backend = similarity, backend
+        self.prototypes = nn.Parameter(
+            torch.randn(num_classes, num_centers, embedding_dim) / math.sqrt(embedding_dim))
+
+    def forward(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return affinity_loss(f, labels, self.prototypes, sigma=self.sigma, margin=self.margin,
+                             lambda_diversity=self.lambda_diversity, similarity=self.similarity,
+                             backend=self.backend)
+
+    def affinity(self, f: torch.Tensor) -> torch.Tensor:
+        return class_affinity(f, self.prototypes, sigma=self.sigma, similarity=self.similarity)
+
+    @torch.no_grad()
+    def predict(self, f: torch.Tensor) -> torch.Tensor:
+        return self.affinity(f).argmax(dim=1)
+
+    def extra_repr(self) -> str:
+        c, m, d = self.prototypes.shape
+        return (f"num_classes={c}, num_centers={m}, embedding_dim={d}, sigma={self.sigma}, "
+                f"margin={self.margin}, lambda_diversity={self.lambda_diversity}, "
+                f"similarity={self.similarity!r}")

@@ -1,0 +1,95 @@
+"""``affinity_hinge``: the fused, differentiable per-row hinge of the affinity loss.
+
+    d_ij = sim(min_t |f_i - w_jt|^2),  L_i = sum_{j != y_i} relu(margin + d_ij - d_{i y_i})
+
+Backends: ``reference`` (N x C m PyTorch), ``cpu`` (C++, torch.ops),
+``triton`` (Python custom op). Every kernel backend streams prototype tiles
+and never holds N x (C m); backward recomputes the tiles from f, W and the
+forward's per-row d_true and active-hinge counts (O(N) saved state).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ..reference import affinity as _reference
+
+CPP_OP = "confusion_kernels::affinity_hinge"
+CPP_BACKWARD_OP = "confusion_kernels::affinity_hinge_backward"
+TRITON_OP = "confusion_kernels::affinity_hinge_triton"
+TRITON_BACKWARD_OP = "confusion_kernels::affinity_hinge_triton_backward"
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(f, prototypes, labels, sigma, margin, similarity):
+    rows = f.new_empty(f.shape[0], dtype=_accumulation(f.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+def _fake_backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, similarity):
+    return (torch.empty_like(f, memory_format=torch.contiguous_format),
+            torch.empty_like(prototypes, memory_format=torch.contiguous_format))
+
+
+def _register_autograd(op_name: str, backward_op) -> None:
+    def setup_context(ctx, inputs, output):
+        f, prototypes, labels, sigma, margin, similarity = inputs
+        _, d_true, active = output
+        ctx.save_for_backward(f, prototypes, labels, d_true, active)
+        ctx.params = (sigma, margin, similarity)
+        ctx.mark_non_differentiable(d_true, active)
+
+    def backward(ctx, grad_rows, _grad_d_true, _grad_active):
+        f, prototypes, labels, d_true, active = ctx.saved_tensors
+        if grad_rows is None:
+            return None, None, None, None, None, None
+        grad_f, grad_w = backward_op(grad_rows, f, prototypes, labels, d_true, active, *ctx.params)
+        return grad_f, grad_w, None, None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+if _extension.HAS_C and _extension.has_kernel("affinity_hinge", "CPU"):
+    torch.library.register_fake(CPP_OP)(_fake_forward)
+    torch.library.register_fake(CPP_BACKWARD_OP)(_fake_backward)
+    _register_autograd(CPP_OP, lambda *a: torch.ops.confusion_kernels.affinity_hinge_backward(*a))
+
+
+@torch.library.custom_op(TRITON_OP, mutates_args=())
+def _triton_forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sigma: float,
+                    margin: float, similarity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import affinity as kernels
+
+    return kernels.forward(f, prototypes, labels, sigma, margin, similarity)
+
+
+@torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
+def _triton_backward(grad_rows: torch.Tensor, f: torch.Tensor, prototypes: torch.Tensor,
+                     labels: torch.Tensor, d_true: torch.Tensor, active: torch.Tensor, sigma: float,
+                     margin: float, similarity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import affinity as kernels
+
+    return kernels.backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin,
+                            similarity)
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_register_autograd(TRITON_OP, _triton_backward)
+
+
+def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
+                        sigma: float, margin: float, similarity: str, backend: str) -> torch.Tensor:
+    """L [N] on an already selected backend (inputs validated by the caller)."""
+    code = _reference.SIMILARITIES[similarity]
+    if backend == "reference":
+        return _reference.affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
+                                              similarity_kind=similarity)
+    if backend == "triton":
+        return _triton_forward(f, prototypes, labels, float(sigma), float(margin), code)[0]
+    return torch.ops.confusion_kernels.affinity_hinge(f, prototypes, labels, float(sigma),
+                                                      float(margin), code)[0]

@@ -1,0 +1,50 @@
+// Per-pair math of the affinity loss (SPEC section 3), shared by the C++ CPU
+// kernel and the CUDA kernel (host + device). Readable definition:
+// confusion_kernels/reference/affinity.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+
+// Keep in sync with confusion_kernels/reference/affinity.py (SIMILARITIES).
+enum Similarity : int64_t { kGaussian = 0, kInverse = 1 };
+
+template <typename T>
+CK_HOST_DEVICE T ck_exp(T v) {
+  return std::exp(v);
+}
+
+// s = |f|^2 + |w|^2 - 2 f.w, clamped at 0 (the Gram form of |f - w|^2).
+template <typename T>
+CK_HOST_DEVICE T affinity_sq_distance(T f_norm2, T w_norm2, T dot) {
+  const T s = f_norm2 + w_norm2 - T(2) * dot;
+  return s > T(0) ? s : T(0);
+}
+
+// d = exp(-s / sigma) (gaussian) or 1 / (1 + s / sigma) (inverse). exp
+// underflows to exactly 0 for far points, and so does its derivative.
+template <typename T>
+CK_HOST_DEVICE T affinity_similarity(int64_t kind, T s, T sigma) {
+  return kind == kInverse ? T(1) / (T(1) + s / sigma) : ck_exp(-s / sigma);
+}
+
+// dd/ds given d: -d / sigma (gaussian), -d^2 / sigma (inverse).
+template <typename T>
+CK_HOST_DEVICE T affinity_similarity_grad(int64_t kind, T d, T sigma) {
+  return kind == kInverse ? -d * d / sigma : -d / sigma;
+}
+
+// The hinge of one other class: relu(margin + d - d_true), active when > 0
+// (the relu convention: no gradient at the kink).
+template <typename T>
+CK_HOST_DEVICE T affinity_hinge(T margin, T d, T d_true, bool* active) {
+  const T h = margin + d - d_true;
+  *active = h > T(0);
+  return *active ? h : T(0);
+}
+
+}  // namespace confusion_kernels
