@@ -27,7 +27,8 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
-OPS = ("intra_inter_sums", "intra_inter_sums_backward", "affinity_hinge", "affinity_hinge_backward")
+OPS = ("intra_inter_sums", "intra_inter_sums_backward", "affinity_hinge", "affinity_hinge_backward",
+       "affinity_hinge_sum_with_grad")
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:

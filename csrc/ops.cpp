@@ -31,4 +31,9 @@ TORCH_LIBRARY(confusion_kernels, m) {
       "affinity_hinge_backward(Tensor grad_rows, Tensor f, Tensor prototypes, Tensor labels, "
       "Tensor d_true, Tensor active, float sigma, float margin, int similarity) -> "
       "(Tensor, Tensor)");
+  // sum_i L_i together with its gradients for f and the prototypes (one pass, no
+  // recomputation): the training path of affinity_loss, whose upstream gradient is a scalar.
+  m.def(
+      "affinity_hinge_sum_with_grad(Tensor f, Tensor prototypes, Tensor labels, float sigma, "
+      "float margin, int similarity) -> (Tensor, Tensor, Tensor)");
 }

@@ -318,3 +318,35 @@ def test_opcheck(backend):
     op = (torch.ops.confusion_kernels.affinity_hinge_triton if backend == "triton"
           else torch.ops.confusion_kernels.affinity_hinge)
     torch.library.opcheck(op, (f, w, labels, 3.0, 0.5, 0))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_loss_gradients_match_reference(backend, m):
+    """affinity_loss end to end (the cpu backend computes the gradient in the
+    forward pass): loss and gradients for f and W against the reference."""
+    device = require_backend(backend, OP)
+    f, labels, w = make_problem(90, 11, m, 9, seed=13 + m, device=device)
+    f[5] = w[labels[5], m - 1]  # s = 0 on the own class
+    grads = []
+    for b in ("reference", backend):
+        fr, wr = f.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ck.affinity_loss(fr, labels, wr, sigma=4.0, margin=0.5, lambda_diversity=0.3,
+                                backend=b)
+        loss.backward()
+        grads.append((loss.detach(), fr.grad, wr.grad))
+    for a, b_, what in zip(grads[1], grads[0], ("loss", "grad f", "grad W")):
+        assert_rel(a, b_, 1e-10, f"{backend} {what}")
+    with torch.no_grad():  # inference path
+        loss = ck.affinity_loss(f, labels, w, sigma=4.0, margin=0.5, lambda_diversity=0.3,
+                                backend=backend)
+    assert_rel(loss, grads[0][0], 1e-10, "no-grad loss")
+
+
+def test_fused_loss_refuses_double_backward():
+    require_backend("cpu", OP)
+    f, labels, w = make_problem(10, 3, 1, 4, seed=14)
+    f.requires_grad_(True)
+    loss = ck.affinity_loss(f, labels, w, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):  # rather than a silent 0
+        torch.autograd.grad(loss, f, create_graph=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._backend import select_backend
 from .._validation import check_embeddings, check_labels, output_dtype
-from ..ops.affinity_hinge import affinity_hinge_rows
+from ..ops.affinity_hinge import affinity_hinge_sum
 from ..reference import affinity as _reference
 
 # Above this many prototypes (and P > D) R(W) uses the O(P D^2) moment form.
@@ -126,9 +126,8 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     if not (0 <= margin < 1):
         raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
     chosen = select_backend(f, backend, op="affinity_hinge")
-    rows = affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
-                               similarity=similarity, backend=chosen)
-    loss = rows.mean()
+    loss = affinity_hinge_sum(f, labels, prototypes, sigma=sigma, margin=margin,
+                              similarity=similarity, backend=chosen) / f.shape[0]
     if lambda_diversity:
         loss = loss + lambda_diversity * diversity_regularizer(prototypes).to(loss.dtype)
     return loss

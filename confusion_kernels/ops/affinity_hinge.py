@@ -53,10 +53,41 @@ def _register_autograd(op_name: str, backward_op) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
+CPP_SUM_OP = "confusion_kernels::affinity_hinge_sum_with_grad"
+
+
+def _fake_sum_with_grad(f, prototypes, labels, sigma, margin, similarity):
+    total = f.new_empty((), dtype=_accumulation(f.dtype))
+    return (total, torch.empty_like(f, memory_format=torch.contiguous_format),
+            torch.empty_like(prototypes, memory_format=torch.contiguous_format))
+
+
+def _register_sum_autograd(op_name: str) -> None:
+    """The op returns sum_i L_i and its gradients, computed in the forward pass;
+    backward scales them by the (scalar) upstream gradient."""
+
+    def setup_context(ctx, inputs, output):
+        _, grad_f, grad_w = output
+        ctx.save_for_backward(grad_f, grad_w)
+        ctx.mark_non_differentiable(grad_f, grad_w)
+
+    def backward(ctx, grad_total, _grad_f, _grad_w):
+        if torch.is_grad_enabled():
+            raise RuntimeError("affinity_loss: double backward is not supported by the fused "
+                               "kernel; use backend='reference' for higher-order gradients")
+        grad_f, grad_w = ctx.saved_tensors
+        return grad_total * grad_f, grad_total * grad_w, None, None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
 if _extension.HAS_C and _extension.has_kernel("affinity_hinge", "CPU"):
     torch.library.register_fake(CPP_OP)(_fake_forward)
     torch.library.register_fake(CPP_BACKWARD_OP)(_fake_backward)
     _register_autograd(CPP_OP, lambda *a: torch.ops.confusion_kernels.affinity_hinge_backward(*a))
+if _extension.HAS_C and _extension.has_kernel("affinity_hinge_sum_with_grad", "CPU"):
+    torch.library.register_fake(CPP_SUM_OP)(_fake_sum_with_grad)
+    _register_sum_autograd(CPP_SUM_OP)
 
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())
@@ -93,3 +124,17 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
         return _triton_forward(f, prototypes, labels, float(sigma), float(margin), code)[0]
     return torch.ops.confusion_kernels.affinity_hinge(f, prototypes, labels, float(sigma),
                                                       float(margin), code)[0]
+
+
+def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
+                       sigma: float, margin: float, similarity: str, backend: str) -> torch.Tensor:
+    """sum_i L_i (a scalar). On the cpu backend, when a gradient will be needed,
+    the forward pass computes the gradients as well (one pass over the tiles
+    instead of a forward and a recomputing backward)."""
+    needs_grad = torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
+    if backend == "cpu" and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", "CPU"):
+        code = _reference.SIMILARITIES[similarity]
+        return torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
+            f, prototypes, labels, float(sigma), float(margin), code)[0]
+    return affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
+                               similarity=similarity, backend=backend).sum()
