@@ -1,0 +1,163 @@
+// The tile loops of the affinity loss (SPEC section 3), shared by the CPU and
+// CUDA kernels (host code, ATen). A (row tile x class tile) block gets its
+// squared distances from one matrix product in the Gram form (BLAS / cuBLAS:
+// tensor cores where torch allows them); a tile holds whole classes, so the
+// min over the m prototypes stays inside it. The per-pair epilogues are the
+// device's own kernels (`Tiles`), written with affinity_math.h:
+//   Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg)
+//       d_true_i and the arg-min prototype of the own class (direct dots)
+//   Tiles::similarity(g, fn_r, wn_t, m, sigma, kind, d_tile, arg_tile)
+//       per row and class: d = sim(min_t s), and the first arg-min
+//   Tiles::hinge(d_tile, arg_tile, m, c0, lab_r, d_true_r, sigma, margin, kind,
+//                rows_r, active_r, g_r, own_active_r, a, a_row_sums)
+//       hinge sums into rows_r / active_r (when defined) and the coefficient
+//       tile a = dL/ds at each class's arg-min slot (when defined), with the
+//       own class weighted -own_active_r (when defined, else 0)
+// Gradients: dL/df = 2 rowsum(A) f - 2 A W, dL/dW = 2 colsum(A) W - 2 A^T f,
+// accumulated tile by tile in a fixed order (deterministic). Memory
+// O((N + P) D + tile); nothing of size N x P.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "confusion_kernels/affinity_math.h"
+#include "confusion_kernels/checks.h"
+
+namespace confusion_kernels {
+namespace affinity {
+
+constexpr int64_t kRowTile = 1024;
+constexpr int64_t kProtoTile = 1024;  // prototypes per tile, rounded down to whole classes
+
+inline int64_t classes_per_tile(int64_t m) { return std::max<int64_t>(1, kProtoTile / m); }
+
+// grad_f -= 2 A W_t and grad_w -= 2 A^T f_r for a coefficient tile A [rt, ct m]
+// (ds/df = 2 (f - w), ds/dw = -2 (f - w)); the column sums of A for the
+// 2 colsum(A) W term added at the end.
+inline void add_tile_gradient(const at::Tensor& a, const at::Tensor& fr, const at::Tensor& wt,
+                              int64_t r0, int64_t p0, at::Tensor& grad_f, at::Tensor& grad_w,
+                              at::Tensor& col_coef) {
+  const int64_t rt = a.size(0), pt = a.size(1);
+  grad_f.narrow(0, r0, rt).addmm_(a, wt, 1, -2);
+  grad_w.narrow(0, p0, pt).addmm_(a.t(), fr, 1, -2);
+  col_coef.narrow(0, p0, pt).add_(a.sum(0));
+}
+
+// Scratch tiles reused across the loop.
+struct TileBuffers {
+  at::Tensor d, arg, a;
+  TileBuffers(const AffinityInputs& in, bool with_a) {
+    const int64_t rt = std::min(kRowTile, in.f.size(0));
+    const int64_t ct = std::min(classes_per_tile(in.num_centers), in.num_classes);
+    d = at::empty({rt * ct}, in.f.options());
+    arg = at::empty({rt * ct}, in.labels.options());
+    if (with_a) a = at::empty({rt * ct * in.num_centers}, in.f.options());
+  }
+};
+
+// Forward rows, d_true and active counts; with grad_f / grad_w given, also the
+// gradient of sum_i L_i (upstream gradient 1 for every row) in the same pass.
+// The own-class coefficient -active_i d'(s_iy) is known only after the last
+// tile, so that term is added after the loop from the direct arg-min.
+template <class Tiles>
+void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_t kind,
+                   at::Tensor& rows, at::Tensor& d_true, at::Tensor& active,
+                   at::Tensor* grad_f = nullptr, at::Tensor* grad_w = nullptr) {
+  const at::Tensor& f = in.f;
+  const at::Tensor& w = in.prototypes;
+  const int64_t n = f.size(0), c = in.num_classes, m = in.num_centers;
+  const at::Tensor f_norms = (f * f).sum(1), w_norms = (w * w).sum(1);
+  at::Tensor true_arg = at::empty({n}, in.labels.options());
+  Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg);
+  rows.zero_();
+  active.zero_();
+  const bool with_grad = grad_f != nullptr;
+  at::Tensor row_coef = at::zeros({n}, f.options());
+  at::Tensor col_coef = at::zeros({w.size(0)}, f.options());
+  TileBuffers buf(in, with_grad);
+  const int64_t ct_max = classes_per_tile(m);
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t rt = std::min(kRowTile, n - r0);
+    const at::Tensor fr = f.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < c; c0 += ct_max) {
+      const int64_t ct = std::min(ct_max, c - c0);
+      const at::Tensor wt = w.narrow(0, c0 * m, ct * m);
+      at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
+      at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
+      Tiles::similarity(at::mm(fr, wt.t()), f_norms.narrow(0, r0, rt),
+                        w_norms.narrow(0, c0 * m, ct * m), m, sigma, kind, d_tile, arg_tile);
+      at::Tensor a;
+      if (with_grad) {
+        a = buf.a.narrow(0, 0, rt * ct * m).view({rt, ct * m});
+        if (m > 1) a.zero_();
+      }
+      Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt),
+                   d_true.narrow(0, r0, rt), sigma, margin, kind, rows.narrow(0, r0, rt),
+                   active.narrow(0, r0, rt), at::Tensor(), at::Tensor(), a,
+                   with_grad ? row_coef.narrow(0, r0, rt) : at::Tensor());
+      if (with_grad) add_tile_gradient(a, fr, wt, r0, c0 * m, *grad_f, *grad_w, col_coef);
+    }
+  }
+  if (!with_grad) return;
+  // the own class: coefficient -active_i d'(s_iy) at the direct arg-min prototype
+  const at::Tensor dds = kind == kInverse ? d_true.square().div(-sigma) : d_true.div(-sigma);
+  const at::Tensor own_coef = active.neg().mul(dds);
+  const at::Tensor own_proto = in.labels * m + true_arg;
+  grad_f->addcmul_(own_coef.unsqueeze(1), w.index_select(0, own_proto), -2);
+  row_coef.add_(own_coef);
+  // Per prototype, the sum over its rows in a fixed order (index_add_ on CUDA
+  // would use atomics): stable sort by prototype, then segment sums.
+  const at::Tensor order = std::get<1>(own_proto.sort(/*stable=*/true, 0, false));
+  const auto segments = at::unique_consecutive(own_proto.index_select(0, order), false, true);
+  const at::Tensor& protos = std::get<0>(segments);
+  const at::Tensor& lengths = std::get<2>(segments);
+  const at::Tensor sum_f = at::segment_reduce(
+      (f * own_coef.unsqueeze(1)).index_select(0, order), "sum", lengths, {}, {}, 0, false);
+  const at::Tensor sum_c =
+      at::segment_reduce(own_coef.index_select(0, order), "sum", lengths, {}, {}, 0, false);
+  grad_w->index_add_(0, protos, sum_f, -2);  // distinct prototypes: one add each
+  col_coef.index_add_(0, protos, sum_c);
+  grad_f->addcmul_(row_coef.unsqueeze(1), f, 2);
+  grad_w->addcmul_(col_coef.unsqueeze(1), w, 2);
+}
+
+// Gradients from per-row upstream gradients g_rows, recomputing every tile.
+template <class Tiles>
+void backward_tiles(const AffinityInputs& in, const at::Tensor& g_rows, const at::Tensor& d_true,
+                    const at::Tensor& active, double sigma, double margin, int64_t kind,
+                    at::Tensor& grad_f, at::Tensor& grad_w) {
+  const at::Tensor& f = in.f;
+  const at::Tensor& w = in.prototypes;
+  const int64_t n = f.size(0), c = in.num_classes, m = in.num_centers;
+  const at::Tensor f_norms = (f * f).sum(1), w_norms = (w * w).sum(1);
+  at::Tensor row_coef = at::zeros({n}, f.options());
+  at::Tensor col_coef = at::zeros({w.size(0)}, f.options());
+  TileBuffers buf(in, true);
+  const int64_t ct_max = classes_per_tile(m);
+  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
+    const int64_t rt = std::min(kRowTile, n - r0);
+    const at::Tensor fr = f.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < c; c0 += ct_max) {
+      const int64_t ct = std::min(ct_max, c - c0);
+      const at::Tensor wt = w.narrow(0, c0 * m, ct * m);
+      at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
+      at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
+      Tiles::similarity(at::mm(fr, wt.t()), f_norms.narrow(0, r0, rt),
+                        w_norms.narrow(0, c0 * m, ct * m), m, sigma, kind, d_tile, arg_tile);
+      at::Tensor a = buf.a.narrow(0, 0, rt * ct * m).view({rt, ct * m});
+      if (m > 1) a.zero_();
+      Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt),
+                   d_true.narrow(0, r0, rt), sigma, margin, kind, at::Tensor(), at::Tensor(),
+                   g_rows.narrow(0, r0, rt), active.narrow(0, r0, rt), a,
+                   row_coef.narrow(0, r0, rt));
+      add_tile_gradient(a, fr, wt, r0, c0 * m, grad_f, grad_w, col_coef);
+    }
+  }
+  grad_f.addcmul_(row_coef.unsqueeze(1), f, 2);
+  grad_w.addcmul_(col_coef.unsqueeze(1), w, 2);
+}
+
+}  // namespace affinity
+}  // namespace confusion_kernels
