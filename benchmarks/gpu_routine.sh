@@ -4,7 +4,8 @@
 # the GPU benchmark. Results land in $OUT (default benchmarks/out/gpu), packed
 # into results.tar.gz plus the benchmark table and a summary.
 #
-#   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid] [bench-large]
+#   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid]
+#                                  [bench-affinity] [bench-large]
 #   (no stage: build test-fast sanitize bench)
 # test: the whole suite (longer than one 10-minute device call: split it);
 # test-fast: the CUDA-specific files; bench: the headline cases (N up to
@@ -59,7 +60,8 @@ fi
 
 if has test-fast; then
   start=$SECONDS
-  $PY -m pytest tests/test_cuda.py tests/test_cuda_emulation.py tests/test_validation.py -q \
+  $PY -m pytest tests/test_cuda.py tests/test_cuda_emulation.py tests/test_validation.py \
+    tests/test_affinity.py -q \
     -p no:cacheprovider > "$OUT/logs/pytest-fast.log" 2>&1
   rc=$?
   note "pytest (cuda files) rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest-fast.log")"
@@ -81,7 +83,9 @@ if has sanitize; then
   for tool in memcheck racecheck; do
     start=$SECONDS
     compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_cuda.py \
-      -q -p no:cacheprovider -k "gram_kernels and not 3000" > "$OUT/logs/sanitizer-gram-$tool.log" 2>&1
+      tests/test_affinity.py -q -p no:cacheprovider \
+      -k "(gram_kernels and not 3000) or (cuda and (match_reference or tied or far_points))" \
+      > "$OUT/logs/sanitizer-gram-$tool.log" 2>&1
     rc=$?
     note "compute-sanitizer $tool (Gram kernels) rc=$rc in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer-gram-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-gram-$tool.log" | tail -1)"
   done
@@ -103,6 +107,14 @@ if has bench-grid; then
     --max-predicted-seconds 20 --out "$OUT" --stem intra_inter_sums-cuda-grid > "$OUT/logs/bench-grid.log" 2>&1
   note "grid benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^wrote" "$OUT/logs/bench-grid.log" | tail -60
+fi
+
+if has bench-affinity; then
+  start=$SECONDS
+  $PY benchmarks/run_affinity.py --device cuda --reps 5 --max-seconds 20 --out "$OUT" \
+    > "$OUT/logs/bench-affinity.log" 2>&1
+  note "affinity benchmark rc=$? in $((SECONDS - start)) s"
+  grep -v "^wrote" "$OUT/logs/bench-affinity.log" | tail -30
 fi
 
 if has bench-large; then

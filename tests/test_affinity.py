@@ -320,11 +320,11 @@ def test_opcheck(backend):
     torch.library.opcheck(op, (f, w, labels, 3.0, 0.5, 0))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m", [1, 5])
 def test_loss_gradients_match_reference(backend, m):
-    """affinity_loss end to end (the cpu backend computes the gradient in the
-    forward pass): loss and gradients for f and W against the reference."""
+    """affinity_loss end to end (the cpu and cuda backends compute the gradient
+    in the forward pass): loss and gradients for f and W against the reference."""
     device = require_backend(backend, OP)
     f, labels, w = make_problem(90, 11, m, 9, seed=13 + m, device=device)
     f[5] = w[labels[5], m - 1]  # s = 0 on the own class
@@ -350,3 +350,40 @@ def test_fused_loss_refuses_double_backward():
     loss = ck.affinity_loss(f, labels, w, backend="cpu")
     with pytest.raises(RuntimeError, match="double backward"):  # rather than a silent 0
         torch.autograd.grad(loss, f, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bitwise_deterministic(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: no CUDA device")
+    device = require_backend(backend, OP)
+    f, labels, w = make_problem(3000, 300, 3, 40, seed=15, device=device, dtype=torch.float32)
+    out = []
+    for _ in range(2):
+        fr, wr = f.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ck.affinity_loss(fr, labels, wr, backend=backend)
+        loss.backward()
+        out.append((loss, fr.grad, wr.grad))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_gpu_memory_does_not_grow_with_n_times_p():
+    """N = 65536 rows against P = 20000 prototypes: an N x P buffer would take
+    5 GiB; the fused loss stays within a bound linear in (N + P) D plus tiles."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: no CUDA device")
+    require_backend("cuda", OP)
+    n, c, m, d = 65536, 10000, 2, 64
+    f = torch.randn(n, d, device="cuda", requires_grad=True)
+    w = (torch.randn(c, m, d, device="cuda") / 8).requires_grad_(True)
+    labels = torch.randint(0, c, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ck.affinity_loss(f, labels, w, backend="cuda", lambda_diversity=0.0).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    tiles = 8 * 1024 * 1024 * 4 * 4  # a few 1024 x 1024 tiles
+    bound = 8 * (n + c * m) * d * 4 + tiles
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"

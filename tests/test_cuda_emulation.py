@@ -1,4 +1,4 @@
-"""The Gram-form CUDA kernels (csrc/cuda/gram_tile_kernels.cuh) run on the CPU.
+"""The CUDA kernels (csrc/cuda/gram_tile_kernels.cuh, affinity_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/cuda_host_shim.h compiles the kernel bodies unchanged as
 C++ with one thread per CUDA thread, so the tiling, ragged edges, shared-memory
@@ -44,18 +44,29 @@ def _compiler() -> str:
     pytest.skip("needs a C++20 compiler (g++ / clang++) to build the emulated CUDA kernels")
 
 
-@pytest.fixture(scope="session")
-def kernels(tmp_path_factory) -> ctypes.CDLL:
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    lib = tmp_path_factory.mktemp("cuda_emulation") / f"gram_kernels_{digest}.so"
+def _build(tmp_path_factory, source: Path, headers: list[Path]) -> ctypes.CDLL:
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [source] + headers)).hexdigest()[:16]
+    lib = tmp_path_factory.mktemp("cuda_emulation") / f"{source.stem}_{digest}.so"
     cmd = [_compiler(), "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC",
            f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cuda'}",
-           f"-I{ROOT / 'tests/cuda_emulation'}", str(SOURCES[0]), "-o", str(lib)]
+           f"-I{ROOT / 'tests/cuda_emulation'}", str(source), "-o", str(lib)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, f"emulated kernels do not compile:\n{result.stderr[-4000:]}"
-    dll = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="session")
+def kernels(tmp_path_factory) -> ctypes.CDLL:
+    dll = _build(tmp_path_factory, SOURCES[0], SOURCES[1:])
     dll.ck_gram_smem_bytes.restype = ctypes.c_int64
     return dll
+
+
+@pytest.fixture(scope="session")
+def affinity_kernels(tmp_path_factory) -> ctypes.CDLL:
+    return _build(tmp_path_factory, ROOT / "tests/cuda_emulation/affinity_kernels_on_host.cpp",
+                  [ROOT / "csrc/cuda/affinity_kernels.cuh", SOURCES[1],
+                   ROOT / "csrc/include/confusion_kernels/affinity_math.h"])
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
@@ -232,3 +243,72 @@ def test_rows_far_from_the_origin(kernels, policy, metric):
     x = 50.0 + torch.randn(96, 40, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 3, (96,), generator=g)
     _check(kernels, x, labels, metric, policy, seed=3)
+
+
+# ---------------------------------------------------------------------------
+# Affinity epilogue kernels, driven the way affinity_tiles.h drives them
+# (one tile: the problems below fit in a single row and class tile).
+# ---------------------------------------------------------------------------
+def _i64(t):
+    return ctypes.c_int64(t)
+
+
+def _dbl(v):
+    return ctypes.c_double(v)
+
+
+def emulated_affinity(lib, f, labels, w, g_rows, sigma, margin, kind):
+    """(rows, grad_f, grad_w) of the hinge part through the emulated CUDA
+    epilogues, with the host steps of affinity_tiles.h in torch."""
+    n, d = f.shape
+    c, m, _ = w.shape
+    wf = w.reshape(c * m, d).contiguous()
+    fn, wn = (f * f).sum(1).contiguous(), (wf * wf).sum(1).contiguous()
+    labels = labels.contiguous()
+    d_true, true_arg = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.int64)
+    lib.ck_affinity_true_class(_ptr(f), _ptr(wf), _ptr(fn), _ptr(wn), _ptr(labels), _i64(n),
+                               _i64(d), _i64(m), _dbl(sigma), _i64(kind), _ptr(d_true), _ptr(true_arg))
+    g = (f @ wf.T).contiguous()
+    d_tile, arg = torch.empty(n, c, dtype=torch.float64), torch.empty(n, c, dtype=torch.int64)
+    lib.ck_affinity_similarity(_ptr(g), _ptr(fn), _ptr(wn), _i64(n), _i64(c), _i64(m), _dbl(sigma),
+                               _i64(kind), _ptr(d_tile), _ptr(arg))
+    h, on = torch.empty(n, c, dtype=torch.float64), torch.empty(n, c, dtype=torch.float64)
+    null = ctypes.c_void_p(None)
+    lib.ck_affinity_hinge(_ptr(d_tile), _ptr(arg), _i64(n), _i64(c), _i64(m), _i64(0),
+                          _ptr(labels), _ptr(d_true), _dbl(sigma), _dbl(margin), _i64(kind), null,
+                          null, _ptr(h), _ptr(on), null)
+    rows, active = h.sum(1), on.sum(1)
+    # backward_tiles: coefficients with the upstream gradient and own-class weight
+    a = torch.zeros(n, c * m, dtype=torch.float64)
+    g_rows = g_rows.contiguous()
+    lib.ck_affinity_hinge(_ptr(d_tile), _ptr(arg), _i64(n), _i64(c), _i64(m), _i64(0),
+                          _ptr(labels), _ptr(d_true), _dbl(sigma), _dbl(margin), _i64(kind),
+                          _ptr(g_rows), _ptr(active), null, null, _ptr(a))
+    grad_f = 2 * a.sum(1, keepdim=True) * f - 2 * a @ wf
+    grad_w = 2 * a.sum(0)[:, None] * wf - 2 * a.T @ f
+    return rows, grad_f, grad_w.reshape(c, m, d), d_true, true_arg
+
+
+@pytest.mark.parametrize("n,c,m,d", [(1, 3, 1, 4), (70, 9, 3, 5), (300, 5, 5, 17), (40, 1, 2, 3)])
+@pytest.mark.parametrize("kind", [0, 1])
+def test_affinity_epilogue_kernels_match_reference(affinity_kernels, n, c, m, d, kind):
+    from confusion_kernels.reference import affinity as ref
+
+    g = torch.Generator().manual_seed(n + c + m + d)
+    f = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c, m, d, generator=g, dtype=torch.float64) * 0.7
+    if m > 1:
+        w[:, m - 1] = w[:, 0]  # ties: the first prototype takes the gradient
+    labels = torch.randint(0, c, (n,), generator=g)
+    f[0] = w[labels[0], 0]
+    g_rows = torch.randn(n, generator=g, dtype=torch.float64)
+    sim = "inverse" if kind else "gaussian"
+    rows, gf, gw, d_true, _ = emulated_affinity(affinity_kernels, f, labels, w, g_rows, 3.0, 0.5, kind)
+    fr, wr = f.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    want = ref.affinity_hinge_rows(fr, labels, wr, sigma=3.0, margin=0.5, similarity_kind=sim)
+    (want * g_rows).sum().backward()
+    assert_rel(rows, want.detach(), 1e-12, "rows")
+    assert_rel(gf, fr.grad, 1e-10, "grad f")
+    assert_rel(gw, wr.grad, 1e-10, "grad W")
+    d_ref = ref.class_affinity(f, w, sigma=3.0, similarity_kind=sim).gather(1, labels[:, None])[:, 0]
+    assert_rel(d_true, d_ref, 1e-12, "d_true")

@@ -2,8 +2,9 @@
 
     d_ij = sim(min_t |f_i - w_jt|^2),  L_i = sum_{j != y_i} relu(margin + d_ij - d_{i y_i})
 
-Backends: ``reference`` (N x C m PyTorch), ``cpu`` (C++, torch.ops),
-``triton`` (Python custom op). Every kernel backend streams prototype tiles
+Backends: ``reference`` (N x C m PyTorch), ``cpu`` and ``cuda`` (C++,
+torch.ops; csrc/include/confusion_kernels/affinity_tiles.h), ``triton``
+(Python custom op). Every kernel backend streams prototype tiles
 and never holds N x (C m); backward recomputes the tiles from f, W and the
 forward's per-row d_true and active-hinge counts (O(N) saved state).
 """
@@ -81,11 +82,13 @@ def _register_sum_autograd(op_name: str) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-if _extension.HAS_C and _extension.has_kernel("affinity_hinge", "CPU"):
+if _extension.HAS_C and (_extension.has_kernel("affinity_hinge", "CPU")
+                         or _extension.has_kernel("affinity_hinge", "CUDA")):
     torch.library.register_fake(CPP_OP)(_fake_forward)
     torch.library.register_fake(CPP_BACKWARD_OP)(_fake_backward)
     _register_autograd(CPP_OP, lambda *a: torch.ops.confusion_kernels.affinity_hinge_backward(*a))
-if _extension.HAS_C and _extension.has_kernel("affinity_hinge_sum_with_grad", "CPU"):
+if _extension.HAS_C and (_extension.has_kernel("affinity_hinge_sum_with_grad", "CPU")
+                         or _extension.has_kernel("affinity_hinge_sum_with_grad", "CUDA")):
     torch.library.register_fake(CPP_SUM_OP)(_fake_sum_with_grad)
     _register_sum_autograd(CPP_SUM_OP)
 
@@ -128,11 +131,12 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
 
 def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
                        sigma: float, margin: float, similarity: str, backend: str) -> torch.Tensor:
-    """sum_i L_i (a scalar). On the cpu backend, when a gradient will be needed,
+    """sum_i L_i (a scalar). On the cpu and cuda backends, when a gradient will be needed,
     the forward pass computes the gradients as well (one pass over the tiles
     instead of a forward and a recomputing backward)."""
     needs_grad = torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
-    if backend == "cpu" and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", "CPU"):
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
+    if key is not None and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", key):
         code = _reference.SIMILARITIES[similarity]
         return torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
             f, prototypes, labels, float(sigma), float(margin), code)[0]

@@ -1,0 +1,134 @@
+// CUDA dispatch of the affinity loss ops: the tile loops of affinity_tiles.h
+// with cuBLAS Gram tiles (tf32 / tensor cores as torch's matmul settings
+// allow) and the epilogue kernels of affinity_kernels.cuh on the current
+// stream. Row sums of a tile are ATen reductions (no atomics: deterministic).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "affinity_launch.h"
+#include "confusion_kernels/affinity_tiles.h"
+#include "confusion_kernels/checks.h"
+
+namespace confusion_kernels {
+namespace {
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+struct CudaTiles {
+  static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,
+                         const at::Tensor& w_norms, double sigma, int64_t kind,
+                         at::Tensor& d_true, at::Tensor& true_arg) {
+    AT_DISPATCH_FLOATING_TYPES(in.f.scalar_type(), "affinity_true_class_cuda", [&] {
+      affinity::launch_true_class<scalar_t>(
+          in.f.data_ptr<scalar_t>(), in.prototypes.data_ptr<scalar_t>(),
+          f_norms.data_ptr<scalar_t>(), w_norms.data_ptr<scalar_t>(),
+          in.labels.data_ptr<int64_t>(), in.f.size(0), in.f.size(1), in.num_centers,
+          scalar_t(sigma), kind, d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>(),
+          current_stream());
+    });
+  }
+  static void similarity(const at::Tensor& g_in, const at::Tensor& fn_r, const at::Tensor& wn_t,
+                         int64_t m, double sigma, int64_t kind, at::Tensor& d_tile,
+                         at::Tensor& arg_tile) {
+    const at::Tensor g = g_in.contiguous();
+    const at::Tensor fn = fn_r.contiguous(), wn = wn_t.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "affinity_similarity_cuda", [&] {
+      affinity::launch_similarity<scalar_t>(
+          g.data_ptr<scalar_t>(), fn.data_ptr<scalar_t>(), wn.data_ptr<scalar_t>(),
+          d_tile.size(0), d_tile.size(1), m, scalar_t(sigma), kind, d_tile.data_ptr<scalar_t>(),
+          arg_tile.data_ptr<int64_t>(), current_stream());
+    });
+  }
+  static void hinge(const at::Tensor& d_tile, const at::Tensor& arg_tile, int64_t m, int64_t c0,
+                    const at::Tensor& lab_r, const at::Tensor& d_true_r, double sigma,
+                    double margin, int64_t kind, const at::Tensor& rows_r,
+                    const at::Tensor& active_r, const at::Tensor& g_r,
+                    const at::Tensor& own_active_r, const at::Tensor& a,
+                    const at::Tensor& a_row_sums) {
+    const bool sums = rows_r.defined();
+    at::Tensor h_tile, on_tile;
+    if (sums) {
+      h_tile = at::empty_like(d_tile);
+      on_tile = at::empty_like(d_tile);
+    }
+    AT_DISPATCH_FLOATING_TYPES(d_tile.scalar_type(), "affinity_hinge_tile_cuda", [&] {
+      affinity::launch_hinge<scalar_t>(
+          d_tile.data_ptr<scalar_t>(), arg_tile.data_ptr<int64_t>(), d_tile.size(0),
+          d_tile.size(1), m, c0, lab_r.data_ptr<int64_t>(), d_true_r.data_ptr<scalar_t>(),
+          scalar_t(sigma), scalar_t(margin), kind, ptr_or_null<scalar_t>(g_r),
+          ptr_or_null<scalar_t>(own_active_r), ptr_or_null<scalar_t>(h_tile),
+          ptr_or_null<scalar_t>(on_tile), ptr_or_null<scalar_t>(a), current_stream());
+    });
+    if (sums) {
+      at::Tensor(rows_r).add_(h_tile.sum(1));
+      at::Tensor(active_r).add_(on_tile.sum(1));
+    }
+    if (a_row_sums.defined()) at::Tensor(a_row_sums).add_(a.sum(1));
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cuda(const at::Tensor& f,
+                                                                   const at::Tensor& prototypes,
+                                                                   const at::Tensor& labels,
+                                                                   double sigma, double margin,
+                                                                   int64_t similarity) {
+  const c10::cuda::CUDAGuard guard(f.device());
+  const AffinityInputs in =
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCUDA);
+  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
+  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
+  affinity::forward_tiles<CudaTiles>(in, sigma, margin, similarity, rows, d_true, active);
+  return {rows, d_true, active};
+}
+
+std::tuple<at::Tensor, at::Tensor> affinity_hinge_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
+    const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
+    double margin, int64_t similarity) {
+  const c10::cuda::CUDAGuard guard(f.device());
+  const AffinityInputs in =
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCUDA);
+  const int64_t n = f.size(0);
+  for (const at::Tensor* t : {&grad_rows, &d_true, &active})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == f.device(),
+                "affinity_hinge_backward: per-row tensors must be [N] on f's device");
+  const at::Tensor g = grad_rows.to(in.f.scalar_type()).contiguous();
+  const at::Tensor dt = d_true.to(in.f.scalar_type()).contiguous();
+  const at::Tensor ac = active.to(in.f.scalar_type()).contiguous();
+  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
+  affinity::backward_tiles<CudaTiles>(in, g, dt, ac, sigma, margin, similarity, grad_f, grad_w);
+  return {grad_f.to(f.scalar_type()),
+          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_sum_with_grad_cuda(
+    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
+    double margin, int64_t similarity) {
+  const c10::cuda::CUDAGuard guard(f.device());
+  const AffinityInputs in =
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCUDA);
+  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
+  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
+  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
+  affinity::forward_tiles<CudaTiles>(in, sigma, margin, similarity, rows, d_true, active,
+                                     &grad_f, &grad_w);
+  return {rows.sum(), grad_f.to(f.scalar_type()),
+          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
+  m.impl("affinity_hinge", &affinity_hinge_cuda);
+  m.impl("affinity_hinge_backward", &affinity_hinge_backward_cuda);
+  m.impl("affinity_hinge_sum_with_grad", &affinity_hinge_sum_with_grad_cuda);
+}
+
+}  // namespace confusion_kernels
