@@ -31,23 +31,6 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-// Smallest squared distance of row i to the m prototypes of one class, and the
-// first prototype reaching it; `dots` holds f_i . w for those m prototypes.
-template <typename acc_t>
-inline acc_t class_min(const acc_t* dots, const acc_t* w_norms, acc_t f_norm, int64_t m,
-                       int64_t* arg) {
-  acc_t best = std::numeric_limits<acc_t>::infinity();
-  *arg = 0;
-  for (int64_t t = 0; t < m; ++t) {
-    const acc_t s = affinity_sq_distance(f_norm, w_norms[t], dots[t]);
-    if (s < best) {
-      best = s;
-      *arg = t;
-    }
-  }
-  return best;
-}
-
 // Affinities of one (row tile x class tile) block from its Gram tile g
 // [rt, ct m]: per row and class the min over the m prototypes
 // (affinity_sq_distance, class_min), the first arg-min, and the similarity
@@ -177,51 +160,26 @@ struct CpuTiles {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cpu(const at::Tensor& f,
-                                                                  const at::Tensor& prototypes,
-                                                                  const at::Tensor& labels,
-                                                                  double sigma, double margin,
-                                                                  int64_t similarity) {
-  const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCPU);
-  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
-  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
-  affinity::forward_tiles<CpuTiles>(in, sigma, margin, similarity, rows, d_true, active);
-  return {rows, d_true, active};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cpu(
+    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
+    double margin, int64_t similarity) {
+  return affinity::hinge_op<CpuTiles>(f, prototypes, labels, sigma, margin, similarity,
+                                      c10::kCPU);
 }
 
 std::tuple<at::Tensor, at::Tensor> affinity_hinge_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
     double margin, int64_t similarity) {
-  const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCPU);
-  const int64_t n = f.size(0);
-  for (const at::Tensor* t : {&grad_rows, &d_true, &active})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == f.device(),
-                "affinity_hinge_backward: per-row tensors must be [N] on f's device");
-  const at::Tensor g = grad_rows.to(in.f.scalar_type()).contiguous();
-  const at::Tensor dt = d_true.to(in.f.scalar_type()).contiguous();
-  const at::Tensor ac = active.to(in.f.scalar_type()).contiguous();
-  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
-  affinity::backward_tiles<CpuTiles>(in, g, dt, ac, sigma, margin, similarity, grad_f, grad_w);
-  return {grad_f.to(f.scalar_type()),
-          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+  return affinity::hinge_backward_op<CpuTiles>(grad_rows, f, prototypes, labels, d_true, active,
+                                               sigma, margin, similarity, c10::kCPU);
 }
 
-// sum_i L_i and its gradients (for f and the prototypes) in one pass.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_sum_with_grad_cpu(
     const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
     double margin, int64_t similarity) {
-  const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCPU);
-  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
-  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
-  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
-  affinity::forward_tiles<CpuTiles>(in, sigma, margin, similarity, rows, d_true, active, &grad_f,
-                                    &grad_w);
-  return {rows.sum(), grad_f.to(f.scalar_type()),
-          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+  return affinity::hinge_sum_with_grad_op<CpuTiles>(f, prototypes, labels, sigma, margin,
+                                                    similarity, c10::kCPU);
 }
 
 }  // namespace

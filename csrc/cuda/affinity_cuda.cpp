@@ -74,18 +74,12 @@ struct CudaTiles {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cuda(const at::Tensor& f,
-                                                                   const at::Tensor& prototypes,
-                                                                   const at::Tensor& labels,
-                                                                   double sigma, double margin,
-                                                                   int64_t similarity) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cuda(
+    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
+    double margin, int64_t similarity) {
   const c10::cuda::CUDAGuard guard(f.device());
-  const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCUDA);
-  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
-  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
-  affinity::forward_tiles<CudaTiles>(in, sigma, margin, similarity, rows, d_true, active);
-  return {rows, d_true, active};
+  return affinity::hinge_op<CudaTiles>(f, prototypes, labels, sigma, margin, similarity,
+                                       c10::kCUDA);
 }
 
 std::tuple<at::Tensor, at::Tensor> affinity_hinge_backward_cuda(
@@ -93,34 +87,16 @@ std::tuple<at::Tensor, at::Tensor> affinity_hinge_backward_cuda(
     const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
     double margin, int64_t similarity) {
   const c10::cuda::CUDAGuard guard(f.device());
-  const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCUDA);
-  const int64_t n = f.size(0);
-  for (const at::Tensor* t : {&grad_rows, &d_true, &active})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == f.device(),
-                "affinity_hinge_backward: per-row tensors must be [N] on f's device");
-  const at::Tensor g = grad_rows.to(in.f.scalar_type()).contiguous();
-  const at::Tensor dt = d_true.to(in.f.scalar_type()).contiguous();
-  const at::Tensor ac = active.to(in.f.scalar_type()).contiguous();
-  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
-  affinity::backward_tiles<CudaTiles>(in, g, dt, ac, sigma, margin, similarity, grad_f, grad_w);
-  return {grad_f.to(f.scalar_type()),
-          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+  return affinity::hinge_backward_op<CudaTiles>(grad_rows, f, prototypes, labels, d_true, active,
+                                                sigma, margin, similarity, c10::kCUDA);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_sum_with_grad_cuda(
     const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
     double margin, int64_t similarity) {
   const c10::cuda::CUDAGuard guard(f.device());
-  const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, c10::kCUDA);
-  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
-  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
-  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
-  affinity::forward_tiles<CudaTiles>(in, sigma, margin, similarity, rows, d_true, active,
-                                     &grad_f, &grad_w);
-  return {rows.sum(), grad_f.to(f.scalar_type()),
-          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+  return affinity::hinge_sum_with_grad_op<CudaTiles>(f, prototypes, labels, sigma, margin,
+                                                     similarity, c10::kCUDA);
 }
 
 }  // namespace

@@ -35,11 +35,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     const T* fi = f + i * d;
     T dot = T(0);
     for (int64_t k = 0; k < d; ++k) dot += fi[k] * wt[k];
-    const T s = affinity_sq_distance(f_norms[i], w_norms[base + t], dot);
-    if (t == 0 || s < best) {
-      best = s;
-      best_t = t;
-    }
+    keep_first_min(affinity_sq_distance(f_norms[i], w_norms[base + t], dot), t, &best, &best_t);
   }
   d_true[i] = affinity_similarity(kind, best, sigma);
   arg[i] = best_t;
@@ -55,16 +51,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   const int64_t e = int64_t(blockIdx.x) * kEpilogueThreads + threadIdx.x;
   if (e >= rt * ct) return;
   const int64_t ii = e / ct, jj = e % ct;
-  const T* gp = g + e * m;
-  T best = T(0);
-  int64_t best_t = 0;
-  for (int64_t t = 0; t < m; ++t) {
-    const T s = affinity_sq_distance(fn_r[ii], wn_t[jj * m + t], gp[t]);
-    if (t == 0 || s < best) {
-      best = s;
-      best_t = t;
-    }
-  }
+  int64_t best_t;
+  const T best = class_min(g + e * m, wn_t + jj * m, fn_r[ii], m, &best_t);
   d_tile[e] = affinity_similarity(kind, best, sigma);
   arg_tile[e] = best_t;
 }

@@ -25,6 +25,27 @@ CK_HOST_DEVICE T affinity_sq_distance(T f_norm2, T w_norm2, T dot) {
   return s > T(0) ? s : T(0);
 }
 
+// Running minimum over a class's prototypes t = 0, 1, ...: keeps the first
+// arg-min (as torch.min does), so ties send the gradient to the first prototype.
+template <typename T>
+CK_HOST_DEVICE void keep_first_min(T s, int64_t t, T* best, int64_t* best_t) {
+  if (t == 0 || s < *best) {
+    *best = s;
+    *best_t = t;
+  }
+}
+
+// Smallest squared distance of a row to the m prototypes of one class, and
+// the first prototype reaching it; dots[t] = f . w_t, w_norms[t] = |w_t|^2.
+template <typename T>
+CK_HOST_DEVICE T class_min(const T* dots, const T* w_norms, T f_norm, int64_t m, int64_t* arg) {
+  T best = T(0);
+  *arg = 0;
+  for (int64_t t = 0; t < m; ++t)
+    keep_first_min(affinity_sq_distance(f_norm, w_norms[t], dots[t]), t, &best, arg);
+  return best;
+}
+
 // d = exp(-s / sigma) (gaussian) or 1 / (1 + s / sigma) (inverse). exp
 // underflows to exactly 0 for far points, and so does its derivative.
 template <typename T>

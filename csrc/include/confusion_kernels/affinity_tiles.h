@@ -57,27 +57,27 @@ struct TileBuffers {
   }
 };
 
-// Forward rows, d_true and active counts; with grad_f / grad_w given, also the
-// gradient of sum_i L_i (upstream gradient 1 for every row) in the same pass.
-// The own-class coefficient -active_i d'(s_iy) is known only after the last
-// tile, so that term is added after the loop from the direct arg-min.
+// One pass over all (row tile x class tile) blocks. Outputs that are
+// undefined are not computed:
+//   rows / active: hinge sums (forward);
+//   grad_f / grad_w with row_coef / col_coef: the gradient contributions of
+//   every tile for upstream gradients g_rows (undefined: 1 for every row),
+//   with the own class weighted -own_active (undefined: 0, the caller adds it).
 template <class Tiles>
-void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_t kind,
-                   at::Tensor& rows, at::Tensor& d_true, at::Tensor& active,
-                   at::Tensor* grad_f = nullptr, at::Tensor* grad_w = nullptr) {
+void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Tensor& w_norms,
+               double sigma, double margin, int64_t kind, const at::Tensor& d_true,
+               const at::Tensor& rows, const at::Tensor& active, const at::Tensor& g_rows,
+               const at::Tensor& own_active, at::Tensor grad_f, at::Tensor grad_w,
+               const at::Tensor& row_coef, at::Tensor col_coef) {
   const at::Tensor& f = in.f;
   const at::Tensor& w = in.prototypes;
   const int64_t n = f.size(0), c = in.num_classes, m = in.num_centers;
-  const at::Tensor f_norms = (f * f).sum(1), w_norms = (w * w).sum(1);
-  at::Tensor true_arg = at::empty({n}, in.labels.options());
-  Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg);
-  rows.zero_();
-  active.zero_();
-  const bool with_grad = grad_f != nullptr;
-  at::Tensor row_coef = at::zeros({n}, f.options());
-  at::Tensor col_coef = at::zeros({w.size(0)}, f.options());
+  const bool with_grad = grad_f.defined();
   TileBuffers buf(in, with_grad);
   const int64_t ct_max = classes_per_tile(m);
+  const auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t rt) {
+    return t.defined() ? t.narrow(0, r0, rt) : at::Tensor();
+  };
   for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
     const int64_t rt = std::min(kRowTile, n - r0);
     const at::Tensor fr = f.narrow(0, r0, rt);
@@ -93,13 +93,40 @@ void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_
         a = buf.a.narrow(0, 0, rt * ct * m).view({rt, ct * m});
         if (m > 1) a.zero_();
       }
-      Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt),
-                   d_true.narrow(0, r0, rt), sigma, margin, kind, rows.narrow(0, r0, rt),
-                   active.narrow(0, r0, rt), at::Tensor(), at::Tensor(), a,
-                   with_grad ? row_coef.narrow(0, r0, rt) : at::Tensor());
-      if (with_grad) add_tile_gradient(a, fr, wt, r0, c0 * m, *grad_f, *grad_w, col_coef);
+      Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt), d_true.narrow(0, r0, rt),
+                   sigma, margin, kind, rows_of(rows, r0, rt), rows_of(active, r0, rt),
+                   rows_of(g_rows, r0, rt), rows_of(own_active, r0, rt), a,
+                   rows_of(row_coef, r0, rt));
+      if (with_grad) add_tile_gradient(a, fr, wt, r0, c0 * m, grad_f, grad_w, col_coef);
     }
   }
+}
+
+// Forward rows, d_true and active counts; with grad_f / grad_w given, also the
+// gradient of sum_i L_i (upstream gradient 1 for every row) in the same pass.
+// The own-class coefficient -active_i d'(s_iy) is known only after the last
+// tile, so that term is added after the loop from the direct arg-min.
+template <class Tiles>
+void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_t kind,
+                   at::Tensor& rows, at::Tensor& d_true, at::Tensor& active,
+                   at::Tensor* grad_f = nullptr, at::Tensor* grad_w = nullptr) {
+  const at::Tensor& f = in.f;
+  const at::Tensor& w = in.prototypes;
+  const int64_t n = f.size(0), m = in.num_centers;
+  const at::Tensor f_norms = (f * f).sum(1), w_norms = (w * w).sum(1);
+  at::Tensor true_arg = at::empty({n}, in.labels.options());
+  Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg);
+  rows.zero_();
+  active.zero_();
+  const bool with_grad = grad_f != nullptr;
+  at::Tensor row_coef, col_coef;
+  if (with_grad) {
+    row_coef = at::zeros({n}, f.options());
+    col_coef = at::zeros({w.size(0)}, f.options());
+  }
+  tile_pass<Tiles>(in, f_norms, w_norms, sigma, margin, kind, d_true, rows, active, at::Tensor(),
+                   at::Tensor(), with_grad ? *grad_f : at::Tensor(),
+                   with_grad ? *grad_w : at::Tensor(), row_coef, col_coef);
   if (!with_grad) return;
   // the own class: coefficient -active_i d'(s_iy) at the direct arg-min prototype
   const at::Tensor dds = kind == kInverse ? d_true.square().div(-sigma) : d_true.div(-sigma);
@@ -130,33 +157,63 @@ void backward_tiles(const AffinityInputs& in, const at::Tensor& g_rows, const at
                     at::Tensor& grad_f, at::Tensor& grad_w) {
   const at::Tensor& f = in.f;
   const at::Tensor& w = in.prototypes;
-  const int64_t n = f.size(0), c = in.num_classes, m = in.num_centers;
   const at::Tensor f_norms = (f * f).sum(1), w_norms = (w * w).sum(1);
-  at::Tensor row_coef = at::zeros({n}, f.options());
+  at::Tensor row_coef = at::zeros({f.size(0)}, f.options());
   at::Tensor col_coef = at::zeros({w.size(0)}, f.options());
-  TileBuffers buf(in, true);
-  const int64_t ct_max = classes_per_tile(m);
-  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-    const int64_t rt = std::min(kRowTile, n - r0);
-    const at::Tensor fr = f.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < c; c0 += ct_max) {
-      const int64_t ct = std::min(ct_max, c - c0);
-      const at::Tensor wt = w.narrow(0, c0 * m, ct * m);
-      at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
-      at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
-      Tiles::similarity(at::mm(fr, wt.t()), f_norms.narrow(0, r0, rt),
-                        w_norms.narrow(0, c0 * m, ct * m), m, sigma, kind, d_tile, arg_tile);
-      at::Tensor a = buf.a.narrow(0, 0, rt * ct * m).view({rt, ct * m});
-      if (m > 1) a.zero_();
-      Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt),
-                   d_true.narrow(0, r0, rt), sigma, margin, kind, at::Tensor(), at::Tensor(),
-                   g_rows.narrow(0, r0, rt), active.narrow(0, r0, rt), a,
-                   row_coef.narrow(0, r0, rt));
-      add_tile_gradient(a, fr, wt, r0, c0 * m, grad_f, grad_w, col_coef);
-    }
-  }
+  tile_pass<Tiles>(in, f_norms, w_norms, sigma, margin, kind, d_true, at::Tensor(), at::Tensor(),
+                   g_rows, active, grad_f, grad_w, row_coef, col_coef);
   grad_f.addcmul_(row_coef.unsqueeze(1), f, 2);
   grad_w.addcmul_(col_coef.unsqueeze(1), w, 2);
+}
+
+// The three ops for one device, on top of the loops above.
+template <class Tiles>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_op(const at::Tensor& f,
+                                                        const at::Tensor& prototypes,
+                                                        const at::Tensor& labels, double sigma,
+                                                        double margin, int64_t similarity,
+                                                        c10::DeviceType device) {
+  const AffinityInputs in =
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, device);
+  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
+  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
+  forward_tiles<Tiles>(in, sigma, margin, similarity, rows, d_true, active);
+  return {rows, d_true, active};
+}
+
+template <class Tiles>
+std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
+    const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
+    const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
+    double margin, int64_t similarity, c10::DeviceType device) {
+  const AffinityInputs in =
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, device);
+  const int64_t n = f.size(0);
+  for (const at::Tensor* t : {&grad_rows, &d_true, &active})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == f.device(),
+                "affinity_hinge_backward: per-row tensors must be [N] on f's device");
+  const at::Tensor g = grad_rows.to(in.f.scalar_type()).contiguous();
+  const at::Tensor dt = d_true.to(in.f.scalar_type()).contiguous();
+  const at::Tensor ac = active.to(in.f.scalar_type()).contiguous();
+  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
+  backward_tiles<Tiles>(in, g, dt, ac, sigma, margin, similarity, grad_f, grad_w);
+  return {grad_f.to(f.scalar_type()),
+          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+}
+
+// sum_i L_i and its gradients (for f and the prototypes) in one pass.
+template <class Tiles>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_sum_with_grad_op(
+    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
+    double margin, int64_t similarity, c10::DeviceType device) {
+  const AffinityInputs in =
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, device);
+  at::Tensor rows = at::empty({f.size(0)}, in.f.options());
+  at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
+  at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
+  forward_tiles<Tiles>(in, sigma, margin, similarity, rows, d_true, active, &grad_f, &grad_w);
+  return {rows.sum(), grad_f.to(f.scalar_type()),
+          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
 }
 
 }  // namespace affinity
