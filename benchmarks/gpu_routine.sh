@@ -5,7 +5,7 @@
 # into results.tar.gz plus the benchmark table and a summary.
 #
 #   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid]
-#                                  [bench-affinity] [bench-large]
+#                                  [bench-affinity] [bench-stats] [bench-large]
 #   (no stage: build test-fast sanitize bench)
 # test: the whole suite (longer than one 10-minute device call: split it);
 # test-fast: the CUDA-specific files; bench: the headline cases (N up to
@@ -61,7 +61,7 @@ fi
 if has test-fast; then
   start=$SECONDS
   $PY -m pytest tests/test_cuda.py tests/test_cuda_emulation.py tests/test_validation.py \
-    tests/test_affinity.py -q \
+    tests/test_affinity.py tests/test_similar_labels.py -q \
     -p no:cacheprovider > "$OUT/logs/pytest-fast.log" 2>&1
   rc=$?
   note "pytest (cuda files) rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest-fast.log")"
@@ -115,6 +115,13 @@ if has bench-affinity; then
     > "$OUT/logs/bench-affinity.log" 2>&1
   note "affinity benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^wrote" "$OUT/logs/bench-affinity.log" | tail -30
+fi
+
+if has bench-stats; then
+  $PY benchmarks/run_class_stats.py --device cuda --out "$OUT/class-stats-cuda.md" \
+    > "$OUT/logs/bench-stats.log" 2>&1
+  note "class-statistics benchmark rc=$?"
+  cat "$OUT/logs/bench-stats.log"
 fi
 
 if has bench-large; then

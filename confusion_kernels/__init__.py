@@ -5,9 +5,10 @@ Backends: "reference" (PyTorch), "cpu" (C++/OpenMP), "triton", "cuda" (CUDA
 C++); ``backend="auto"`` picks the fastest one for the tensor's device.
 """
 
-from . import reference
+from . import analysis, reference
 from ._backend import BACKENDS, available_backends, select_backend
 from ._metrics import resolve_metric
+from .analysis import ClassStatistics, GAPRecorder, similar_labels, welch_t_test
 from .losses.affinity import (
     AffinityLoss,
     affinity_loss,
@@ -23,6 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASLoss",
+    "ClassStatistics",
+    "GAPRecorder",
+    "analysis",
+    "similar_labels",
+    "welch_t_test",
     "AffinityLoss",
     "affinity_loss",
     "class_affinity",

@@ -28,7 +28,7 @@ except ImportError as exc:  # not built, or built against another torch
 
 
 OPS = ("intra_inter_sums", "intra_inter_sums_backward", "affinity_hinge", "affinity_hinge_backward",
-       "affinity_hinge_sum_with_grad")
+       "affinity_hinge_sum_with_grad", "class_shifted_sums")
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:

@@ -36,4 +36,8 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "affinity_hinge_sum_with_grad(Tensor f, Tensor prototypes, Tensor labels, float sigma, "
       "float margin, int similarity) -> (Tensor, Tensor, Tensor)");
+  // Per-class float64 sums of (x - shift_y) and (x - shift_y)^2, and counts (ClassStatistics).
+  m.def(
+      "class_shifted_sums(Tensor features, Tensor labels, Tensor shift, int num_classes) -> "
+      "(Tensor, Tensor, Tensor)");
 }

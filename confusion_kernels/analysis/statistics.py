@@ -1,0 +1,242 @@
+"""Streaming per-class feature statistics and Welch's t-test (SPEC section 5).
+
+ClassStatistics keeps, per class c and feature k, the count n_c, the mean
+m_ck and M2_ck = sum (x - m_ck)^2 in float64, and merges batches with Chan's
+parallel update:
+    n = n_a + n_b,  delta = m_b - m_a,  m = m_a + delta n_b / n,
+    M2 = M2_a + M2_b + delta^2 n_a n_b / n
+so statistics of different loaders or ranks combine with ``merge``. A batch's
+own statistics are taken around a shift (the running mean), which keeps the
+one-pass sums free of cancellation; the features are never stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _extension
+from .._validation import check_labels
+
+
+def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,
+                num_classes: int, backend: str):
+    """(count [C], sum(x - shift_y) [C, K], sum((x - shift_y)^2) [C, K]) in float64."""
+    if backend == "auto":
+        if features.is_cuda:
+            backend = "triton"
+        elif _extension.has_kernel("class_shifted_sums", "CPU"):
+            backend = "cpu"
+        else:
+            backend = "torch"
+    if backend == "cpu":
+        if not _extension.has_kernel("class_shifted_sums", "CPU") or features.is_cuda:
+            raise RuntimeError("ClassStatistics: backend='cpu' needs the C++ extension and CPU tensors")
+        return torch.ops.confusion_kernels.class_shifted_sums(features, labels, shift, num_classes)
+    if backend == "triton":
+        from .._backend import unavailable_reason
+
+        reason = unavailable_reason("triton", features.device)
+        if reason is not None:
+            raise RuntimeError(f"ClassStatistics: backend='triton' cannot run: {reason}")
+        from ..triton import class_stats
+
+        return class_stats.shifted_sums(features, labels, shift, num_classes)
+    x = features.to(torch.float64) - shift.index_select(0, labels)
+    count = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    s1 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
+    s2 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x * x)
+    return count, s1, s2
+
+
+class ClassStatistics:
+    """Per-class count, mean and unbiased variance of K features, streamed in float64.
+
+    update(features [B, K], labels [B]) adds a batch (any device; one pass over
+    the features: a fused Triton kernel on CUDA, a C++ kernel on CPU); merge(other) adds another
+    ClassStatistics; counts [C], mean [C, K], var [C, K] (unbiased; NaN where
+    a class has fewer than 2 samples) read the result.
+    """
+
+    def __init__(self, num_classes: int, num_features: int, device: torch.device | str = "cpu"):
+        if num_classes < 1 or num_features < 1:
+            raise ValueError("num_classes and num_features must be >= 1")
+        self.num_classes, self.num_features = num_classes, num_features
+        self.device = torch.device(device)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+        self.mean = torch.zeros(num_classes, num_features, dtype=torch.float64, device=self.device)
+        self.m2 = torch.zeros(num_classes, num_features, dtype=torch.float64, device=self.device)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance [C, K] (NaN for classes with fewer than 2 samples)."""
+        denom = (self.counts - 1).unsqueeze(1)
+        return torch.where(denom > 0, self.m2 / denom.clamp_min(1), torch.full_like(self.m2, math.nan))
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor, *,
+               backend: str = "auto") -> "ClassStatistics":
+        """Adds a batch. backend: "auto" (Triton on CUDA tensors, the C++ kernel on
+        CPU tensors), "cpu", "triton", or "torch" (vectorised PyTorch)."""
+        if backend not in ("auto", "cpu", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'cpu', 'torch' or 'triton', got {backend!r}")
+        if not isinstance(features, torch.Tensor) or features.dim() != 2:
+            raise ValueError(f"features must be a 2-D tensor [B, K], got {getattr(features, 'shape', None)}")
+        if features.shape[1] != self.num_features:
+            raise ValueError(f"features have K = {features.shape[1]}, expected {self.num_features}")
+        if not features.dtype.is_floating_point:
+            raise TypeError(f"features must be floating, got {features.dtype}")
+        if features.shape[0] == 0:
+            return self
+        labels = check_labels(labels, features.shape[0], features.device)
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{lo}, {hi}]")
+        shift = self._shift(features, labels)
+        count, s1, s2 = _batch_sums(features, labels, shift, self.num_classes, backend)
+        count, s1, s2 = (t.to(self.device) for t in (count, s1, s2))
+        # a NaN / Inf feature makes its class's sums non-finite: checked on the
+        # [C, K] sums instead of a second pass over the features
+        if not bool(torch.isfinite(s2).all()):
+            raise ValueError("features contain NaN or Inf (the statistics are left unchanged)")
+        safe = count.clamp_min(1).unsqueeze(1)
+        delta = s1 / safe  # batch mean - shift
+        m2_b = s2 - s1 * delta  # sum (x - mean_b)^2 = s2 - s1^2 / n
+        self._merge(count, shift.to(self.device) + delta, m2_b.clamp_min(0))
+        return self
+
+    def _shift(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per class, the point the batch sums are taken around: the running mean,
+        or, for a class not seen before, its first row in this batch (so the
+        one-pass sums never carry |mean|^2 / variance of cancellation)."""
+        shift = self.mean.to(features.device).clone()
+        empty = (self.counts == 0).to(features.device)
+        if bool(empty.any()):
+            order = torch.arange(labels.shape[0], device=features.device)
+            first = torch.full((self.num_classes,), labels.shape[0], device=features.device,
+                               dtype=torch.int64).scatter_reduce_(0, labels, order, "amin")
+            fresh = empty & (first < labels.shape[0])
+            rows = features.index_select(0, first.clamp_max(labels.shape[0] - 1)).to(torch.float64)
+            shift = torch.where(fresh.unsqueeze(1), rows, shift)
+        return shift
+
+    def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        n_a = self.counts
+        n = n_a + n_b
+        has = (n_b > 0).unsqueeze(1)
+        safe = n.clamp_min(1).unsqueeze(1)
+        delta = mean_b - self.mean
+        mean = self.mean + delta * (n_b.unsqueeze(1) / safe)
+        m2 = self.m2 + m2_b + delta * delta * (n_a * n_b).unsqueeze(1) / safe
+        self.mean = torch.where(has, mean, self.mean)
+        self.m2 = torch.where(has, m2, self.m2)
+        self.counts = n
+
+    def merge(self, other: "ClassStatistics") -> "ClassStatistics":
+        """Adds another ClassStatistics of the same shape (Chan's parallel merge)."""
+        if (other.num_classes, other.num_features) != (self.num_classes, self.num_features):
+            raise ValueError("cannot merge statistics of different shapes")
+        self._merge(other.counts.to(self.device), other.mean.to(self.device), other.m2.to(self.device))
+        return self
+
+    def rest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, mean, M2) of "every class but c", per class c (totals minus class c,
+        taken around the grand mean to limit cancellation)."""
+        n_total = self.counts.sum()
+        grand = (self.counts.unsqueeze(1) * self.mean).sum(0) / n_total.clamp_min(1)
+        dev = self.mean - grand
+        within = self.m2 + self.counts.unsqueeze(1) * dev * dev  # per class, around grand mean
+        total = within.sum(0)
+        n_rest = n_total - self.counts
+        safe = n_rest.clamp_min(1).unsqueeze(1)
+        rest_dev = -(self.counts.unsqueeze(1) * dev) / safe  # mean_rest - grand
+        mean_rest = grand + rest_dev
+        m2_rest = (total - within - n_rest.unsqueeze(1) * rest_dev * rest_dev).clamp_min(0)
+        return n_rest, mean_rest, m2_rest
+
+    def __repr__(self) -> str:
+        return (f"ClassStatistics(num_classes={self.num_classes}, num_features={self.num_features}, "
+                f"samples={int(self.counts.sum())})")
+
+
+def _welch(n1, m1, v1, n2, m2, v2):
+    """t and Welch-Satterthwaite df; t = 0 where both variances are 0 (see SPEC)."""
+    a, b = v1 / n1, v2 / n2
+    se2 = a + b
+    zero = se2 == 0
+    t = torch.where(zero, torch.zeros_like(se2), (m1 - m2) / se2.sqrt().masked_fill(zero, 1.0))
+    df = se2 * se2 / (a * a / (n1 - 1) + b * b / (n2 - 1))
+    return t, df
+
+
+def _p_values(t: torch.Tensor, df: torch.Tensor, alternative: str) -> torch.Tensor:
+    from scipy import stats as st
+
+    tt, dd = t.detach().cpu().numpy(), df.detach().cpu().numpy()
+    if alternative == "greater":
+        p = st.t.sf(tt, dd)
+    elif alternative == "less":
+        p = st.t.cdf(tt, dd)
+    else:
+        p = 2 * st.t.sf(abs(tt), dd)
+    import numpy as np
+
+    p = np.where(np.isnan(dd) & (tt == 0), 0.5 if alternative != "two-sided" else 1.0, p)
+    return torch.from_numpy(p).to(t.device)
+
+
+def welch_t_test(stats: ClassStatistics, *, alternative: str = "greater", pairwise: bool = False):
+    """Welch's t-test per class and feature.
+
+    One-vs-rest (default): class c against all other samples; returns
+    (t [C, K], df [C, K], p [C, K]). pairwise=True: class c against class c',
+    (t, df, p) of shape [C, C, K]. Equal to scipy.stats.ttest_ind(a, b,
+    equal_var=False, alternative=...). t and df are computed on the statistics'
+    device; p uses scipy on the CPU. Where both variances are 0: t = 0 and
+    p = 0.5 (one-sided) or 1 (two-sided). Classes with fewer than 2 samples
+    (or no rest) give NaN.
+    """
+    if alternative not in ("greater", "less", "two-sided"):
+        raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
+    n, mean, var = stats.counts.unsqueeze(1), stats.mean, stats.var
+    if pairwise:
+        t, df = _welch(n[:, None], mean[:, None], var[:, None], n[None], mean[None], var[None])
+    else:
+        n_rest, mean_rest, m2_rest = stats.rest()
+        denom = (n_rest - 1).unsqueeze(1)
+        var_rest = torch.where(denom > 0, m2_rest / denom.clamp_min(1), torch.full_like(m2_rest, math.nan))
+        t, df = _welch(n, mean, var, n_rest.unsqueeze(1), mean_rest, var_rest)
+    return t, df, _p_values(t, df, alternative)
+
+
+def _cosine_rows(v: torch.Tensor) -> torch.Tensor:
+    v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return unit @ unit.T
+
+
+def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
+                   statistic: str = "t", alternative: str = "greater"):
+    """The k most similar other classes of every class: (indices [C, k], scores [C, k]).
+
+    method="welch": Sim(c, c') = cos(s^c, s^c') of the significance vectors
+    s^c = (t_ck)_k, or (p_ck)_k / (-log10 p_ck)_k with statistic="p" / "neglogp";
+    method="prototype": Sim = cos(m_c, m_c') of the class means.
+    """
+    if method not in ("welch", "prototype"):
+        raise ValueError(f"method must be 'welch' or 'prototype', got {method!r}")
+    if statistic not in ("t", "p", "neglogp"):
+        raise ValueError(f"statistic must be 't', 'p' or 'neglogp', got {statistic!r}")
+    c = stats.num_classes
+    if not 1 <= k <= c - 1:
+        raise ValueError(f"k must lie in [1, {c - 1}] for {c} classes, got {k}")
+    if method == "prototype":
+        vectors = stats.mean
+    else:
+        t, _, p = welch_t_test(stats, alternative=alternative)
+        vectors = {"t": t, "p": p, "neglogp": -torch.log10(p.clamp_min(1e-300))}[statistic]
+    sim = _cosine_rows(vectors.to(torch.float64))
+    sim.fill_diagonal_(-math.inf)
+    scores, indices = sim.topk(k, dim=1)
+    return indices, scores

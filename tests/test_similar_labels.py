@@ -1,0 +1,248 @@
+"""Similar labels and confusion analysis (SPEC section 5): streaming class
+statistics against numpy, Welch's t-test against scipy, planted similar pairs
+recovered, GAP features of a small CNN, and the plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as st
+from torch import nn
+
+import confusion_kernels as ck
+from confusion_kernels import analysis
+from conftest import require_backend
+
+
+def random_data(n=500, k=7, c=4, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(n, k, generator=g, dtype=torch.float64) * (1 + labels[:, None]) + labels[:, None] + offset
+    return x, labels
+
+
+def numpy_stats(x, labels, c):
+    x, labels = x.numpy(), labels.numpy()
+    counts = np.array([(labels == i).sum() for i in range(c)])
+    mean = np.stack([x[labels == i].mean(0) for i in range(c)])
+    var = np.stack([x[labels == i].var(0, ddof=1) for i in range(c)])
+    return counts, mean, var
+
+
+# ---------------------------------------------------------------------------
+# ClassStatistics
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_statistics_match_numpy_over_arbitrary_splits(backend, offset):
+    if backend in ("triton", "cpu"):
+        require_backend(backend, "class_shifted_sums" if backend == "cpu" else "intra_inter_sums")
+    x, labels = random_data(offset=offset)
+    want = numpy_stats(x, labels, 4)
+    rng = np.random.default_rng(1)
+    cuts = np.sort(rng.choice(np.arange(1, 500), size=9, replace=False))
+    stats = ck.ClassStatistics(4, 7)
+    for part in np.split(np.arange(500), cuts):
+        stats.update(x[part], labels[part], backend=backend)
+    np.testing.assert_array_equal(stats.counts.numpy(), want[0])
+    np.testing.assert_allclose(stats.mean.numpy(), want[1], rtol=1e-12, atol=1e-12 * (1 + offset))
+    np.testing.assert_allclose(stats.var.numpy(), want[2], rtol=1e-9 if offset else 1e-12)
+
+
+def test_merge_order_does_not_matter():
+    x, labels = random_data(n=900, seed=2)
+    parts = [slice(0, 100), slice(100, 450), slice(450, 460), slice(460, 900)]
+    shards = []
+    for p in parts:
+        s = ck.ClassStatistics(4, 7)
+        s.update(x[p], labels[p])
+        shards.append(s)
+    results = []
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        total = ck.ClassStatistics(4, 7)
+        for i in order:
+            total.merge(shards[i])
+        results.append(total)
+    for r in results[1:]:
+        np.testing.assert_allclose(r.mean.numpy(), results[0].mean.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(r.var.numpy(), results[0].var.numpy(), rtol=1e-12)
+    want = numpy_stats(x, labels, 4)
+    np.testing.assert_allclose(results[0].var.numpy(), want[2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_kernel_low_precision_features(dtype):
+    require_backend("cpu", "class_shifted_sums")
+    x, labels = random_data(n=300, seed=6)
+    x = x.to(dtype)
+    a = ck.ClassStatistics(4, 7).update(x, labels, backend="cpu")
+    b = ck.ClassStatistics(4, 7).update(x.double(), labels, backend="torch")
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.var, b.var, rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_input_rules_and_small_classes():
+    stats = ck.ClassStatistics(3, 2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        stats.update(torch.randn(4, 2), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="K = 3"):
+        stats.update(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="NaN"):
+        stats.update(torch.full((2, 2), float("nan")), torch.tensor([0, 1]))
+    stats.update(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.tensor([0, 0, 1]))
+    assert stats.counts.tolist() == [2, 1, 0]
+    assert torch.isnan(stats.var[1]).all() and torch.isnan(stats.var[2]).all()
+    assert stats.var[0].tolist() == [2.0, 2.0]
+
+
+# ---------------------------------------------------------------------------
+# Welch's t-test
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_welch_one_vs_rest_matches_scipy(alternative):
+    x, labels = random_data(n=400, seed=3)
+    stats = ck.ClassStatistics(4, 7).update(x, labels)
+    t, df, p = ck.welch_t_test(stats, alternative=alternative)
+    for c in range(4):
+        a, b = x[labels == c].numpy(), x[labels != c].numpy()
+        res = st.ttest_ind(a, b, equal_var=False, alternative=alternative)
+        np.testing.assert_allclose(t[c].numpy(), res.statistic, rtol=1e-8)
+        np.testing.assert_allclose(p[c].numpy(), res.pvalue, rtol=1e-8, atol=1e-300)
+        np.testing.assert_allclose(df[c].numpy(), res.df, rtol=1e-8)
+
+
+def test_welch_pairwise_matches_scipy():
+    x, labels = random_data(n=300, seed=4)
+    stats = ck.ClassStatistics(4, 7).update(x, labels)
+    t, df, p = ck.welch_t_test(stats, pairwise=True, alternative="two-sided")
+    assert t.shape == (4, 4, 7)
+    for c, d in [(0, 1), (2, 3), (3, 0)]:
+        res = st.ttest_ind(x[labels == c].numpy(), x[labels == d].numpy(), equal_var=False)
+        np.testing.assert_allclose(t[c, d].numpy(), res.statistic, rtol=1e-8)
+        np.testing.assert_allclose(p[c, d].numpy(), res.pvalue, rtol=1e-8)
+
+
+def test_welch_zero_variance_convention():
+    x = torch.tensor([[1.0], [1.0], [1.0], [1.0]], dtype=torch.float64)
+    stats = ck.ClassStatistics(2, 1).update(x, torch.tensor([0, 0, 1, 1]))
+    t, df, p = ck.welch_t_test(stats)
+    assert t.tolist() == [[0.0], [0.0]] and p.tolist() == [[0.5], [0.5]]
+
+
+# ---------------------------------------------------------------------------
+# Similar labels
+# ---------------------------------------------------------------------------
+def planted_features(n_per_class=200, c=6, k=40, seed=5):
+    """Classes (0, 1), (2, 3), (4, 5) share their 'own' channels: each pair
+    activates the same 6 channels, other channels are noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(c).repeat_interleave(n_per_class)
+    x = torch.rand(c * n_per_class, k, generator=g, dtype=torch.float64)
+    for pair in range(c // 2):
+        channels = slice(6 * pair, 6 * pair + 6)
+        for cls in (2 * pair, 2 * pair + 1):
+            x[labels == cls, channels] += 2.0
+        # a channel that tells the two apart, so they are similar, not identical
+        x[labels == 2 * pair, 30 + pair] += 1.0
+    return x, labels
+
+
+@pytest.mark.parametrize("method,statistic", [("welch", "t"), ("welch", "neglogp"),
+                                              ("welch", "p"), ("prototype", "t")])
+def test_similar_labels_recover_planted_pairs(method, statistic):
+    x, labels = planted_features()
+    stats = ck.ClassStatistics(6, 40).update(x, labels)
+    idx, scores = ck.similar_labels(stats, k=2, method=method, statistic=statistic)
+    assert idx.shape == (6, 2) and scores.shape == (6, 2)
+    partner = torch.tensor([1, 0, 3, 2, 5, 4])
+    assert torch.equal(idx[:, 0], partner)
+    assert (scores[:, 0] >= scores[:, 1]).all()
+    assert not (idx == torch.arange(6)[:, None]).any()
+
+
+def test_similar_labels_rejects_bad_arguments():
+    stats = ck.ClassStatistics(3, 2).update(torch.randn(9, 2), torch.arange(3).repeat(3))
+    with pytest.raises(ValueError, match="k must lie"):
+        ck.similar_labels(stats, k=3)
+    with pytest.raises(ValueError, match="method"):
+        ck.similar_labels(stats, k=1, method="cosine")
+
+
+# ---------------------------------------------------------------------------
+# GAPRecorder
+# ---------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2))
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.block(self.conv1(x))
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def test_gap_recorder_features_and_names():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    x = torch.randn(8, 3, 9, 9)
+    with analysis.GAPRecorder(model) as rec:
+        model(x)
+        feats = rec.features
+        names = rec.feature_names
+        assert rec.layer_names == [("conv1", 4), ("block.1", 6)]
+    assert feats.shape == (8, 10) and len(names) == 10 and names[5] == ("block.1", 1)
+    manual1 = torch.relu(model.conv1(x)).mean((2, 3))
+    manual2 = torch.relu(model.block(model.conv1(x))).mean((2, 3))
+    torch.testing.assert_close(feats, torch.cat([manual1, manual2], 1))
+    assert not model.conv1._forward_hooks and not model._forward_pre_hooks  # removed on exit
+
+
+def test_collect_statistics_over_a_loader():
+    torch.manual_seed(1)
+    model = SmallCNN()
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, 8, 8), torch.randint(0, 5, (40,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=7)
+    stats, names = analysis.collect_statistics(model, loader, 5)
+    assert stats.num_features == 10 and int(stats.counts.sum()) == 40 and len(names) == 10
+    with analysis.GAPRecorder(model) as rec:
+        model(data.tensors[0])
+        whole = ck.ClassStatistics(5, 10).update(rec.features, data.tensors[1])
+    torch.testing.assert_close(stats.mean, whole.mean)
+
+
+# ---------------------------------------------------------------------------
+# Confusion analysis and plots
+# ---------------------------------------------------------------------------
+def test_confusion_tools_use_sklearn_and_rank_pairs():
+    from sklearn.metrics import confusion_matrix as sk
+
+    y_true = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    y_pred = torch.tensor([0, 1, 1, 1, 0, 2, 3, 3, 3, 2])
+    conf = analysis.confusion_matrix(y_true, y_pred, 4)
+    np.testing.assert_array_equal(conf, sk(y_true.numpy(), y_pred.numpy(), labels=range(4)))
+    assert analysis.most_confused_pairs(conf, 2) == [(2, 3, 3), (0, 1, 2)]
+    assert analysis.most_confused_pairs(conf, 2, symmetric=True) == [(2, 3, 4), (0, 1, 3)]
+    report = analysis.per_class_report(y_true, y_pred, 4)
+    assert report["support"].tolist() == [3, 2, 4, 1]
+    similar = torch.tensor([[1], [0], [3], [1]])
+    cmp = analysis.similar_vs_confused(similar, conf, k=2)
+    assert cmp["overlap"] == 2 and cmp["fraction"] == 1.0
+
+
+def test_plots_write_png(tmp_path):
+    x, labels = planted_features(n_per_class=30)
+    stats = ck.ClassStatistics(6, 40).update(x, labels)
+    idx, scores = ck.similar_labels(stats, k=2)
+    paths = [tmp_path / n for n in ("rep.png", "rep2d.png", "conf.png", "sim.png")]
+    analysis.plot_representation((x, labels), (x[:50], labels[:50]), prototypes=stats.mean,
+                                 path=paths[0])
+    analysis.plot_representation((x[:, :2], labels), prototypes=stats.mean[:, None, :2], path=paths[1])
+    conf = analysis.confusion_matrix(labels, (labels + 1) % 6, 6)
+    fig = analysis.plot_confusion_matrix(conf, path=paths[2])
+    assert fig is not None
+    analysis.plot_similar_labels(idx, scores, path=paths[3])
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 1000
