@@ -69,7 +69,7 @@ def plot_representation(train, test=None, *, prototypes=None, class_names=None, 
                        edgecolors="black", linewidths=0.8, label="prototypes")
         ax.set_title(f"{title}: {name}")
         ax.set_aspect("equal", adjustable="datalim")
-    axes[0][-1].legend(fontsize=7, markerscale=2, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, path)
 
