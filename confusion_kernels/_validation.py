@@ -38,6 +38,11 @@ def check_labels(labels: torch.Tensor, n: int, device: torch.device,
     return labels.to(torch.int64).contiguous()
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What kernels accumulate in: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for fp16/bf16 inputs, else the input dtype (SPEC section 6)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -11,9 +11,7 @@ from typing import Callable
 
 import torch
 
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._validation import accumulation_dtype as _accumulation
 
 
 def fake_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int):

@@ -14,16 +14,13 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from .._validation import accumulation_dtype as _accumulation
 from ..reference import affinity as _reference
 
 CPP_OP = "confusion_kernels::affinity_hinge"
 CPP_BACKWARD_OP = "confusion_kernels::affinity_hinge_backward"
 TRITON_OP = "confusion_kernels::affinity_hinge_triton"
 TRITON_BACKWARD_OP = "confusion_kernels::affinity_hinge_triton_backward"
-
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fake_forward(f, prototypes, labels, sigma, margin, similarity):

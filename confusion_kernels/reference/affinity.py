@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from .pairwise import _upcast
+
 SIMILARITIES = {"gaussian": 0, "inverse": 1}
-
-
-def _accumulation(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def squared_distances(f: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """s [N, C, m] = |f_i - w_jt|^2 in the Gram form, clamped at 0."""
-    f, w = _accumulation(f), _accumulation(prototypes)
+    f, w = _upcast(f), _upcast(prototypes)
     c, m, d = w.shape
     flat = w.reshape(c * m, d)
     s = (f * f).sum(1, keepdim=True) + (flat * flat).sum(1) - 2.0 * f @ flat.T
@@ -61,7 +59,7 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
 def diversity_regularizer(prototypes: torch.Tensor) -> torch.Tensor:
     """R(W) from its definition: the variance of the squared distances over all
     pairs p < q of the P = C m prototypes (0 when P < 2)."""
-    w = _accumulation(prototypes).reshape(-1, prototypes.shape[-1])
+    w = _upcast(prototypes).reshape(-1, prototypes.shape[-1])
     p = w.shape[0]
     if p < 2:
         return w.sum() * 0.0

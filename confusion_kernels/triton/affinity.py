@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._validation import accumulation_dtype
+from .intra_inter_sums import _tl_dtype
 
 INVERSE = tl.constexpr(1)
 
@@ -224,10 +226,6 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _config(f: torch.Tensor, m: int) -> dict:
     mp = triton.next_power_of_2(m)
     use_dot = f.dtype != torch.float64 and not triton_interpreting()
@@ -238,7 +236,7 @@ def _config(f: torch.Tensor, m: int) -> dict:
 
 
 def _prepare(f, prototypes):
-    acc = _accumulation(f.dtype)
+    acc = accumulation_dtype(f.dtype)
     c, m, d = prototypes.shape
     # tl.dot operands: fp16 / bf16 stay so (tensor cores), else the accumulation dtype
     op_dtype = f.dtype if f.dtype in (torch.float16, torch.bfloat16) else acc
@@ -247,10 +245,6 @@ def _prepare(f, prototypes):
     fn = fo.to(acc).square().sum(1).contiguous()
     wn = wo.to(acc).square().sum(1).contiguous()
     return acc, fo, wo, fn, wn, c, m, d
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sigma: float,
@@ -263,7 +257,7 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
     d_true, active = torch.empty_like(rows), torch.empty_like(rows)
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
         fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d, float(sigma),
-        float(margin), KIND=similarity, ACC=_tl(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
+        float(margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"])
     return rows, d_true, active
 
@@ -278,7 +272,7 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
     lab = labels.contiguous()
     grad_f = torch.empty(n, d, dtype=acc, device=f.device)
     grad_w = torch.empty(c * m, d, dtype=acc, device=f.device)
-    common = dict(KIND=similarity, ACC=_tl(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
+    common = dict(KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
                   BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"],
                   BLOCK_DO=cfg["BLOCK_DO"])

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import _metrics
 from .._backend import triton_interpreting
+from .._validation import accumulation_dtype
 
 # Globals read inside @triton.jit functions must be constexpr.
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -293,10 +294,6 @@ def _config(x: torch.Tensor, metric: int) -> dict:
                 num_warps=4)
 
 
-def _accumulation(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _dot_precision(x: torch.Tensor) -> str:
     if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -324,7 +321,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 def forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
     """S_in, S_out of ``x`` [N, D] (any float dtype) and int64 ``labels`` [N]."""
-    acc = _accumulation(x)
+    acc = accumulation_dtype(x.dtype)
     cfg = _config(x, metric)
     xa = x.to(acc).contiguous()
     norm2 = (xa * xa).sum(1).contiguous()
@@ -345,7 +342,7 @@ def forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.T
 def backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
              labels: torch.Tensor, metric: int) -> torch.Tensor:
     """dL/dx from per-row upstream gradients of S_in and S_out."""
-    acc = _accumulation(x)
+    acc = accumulation_dtype(x.dtype)
     cfg = _config(x, metric)
     xa = x.to(acc).contiguous()
     n, d = xa.shape
