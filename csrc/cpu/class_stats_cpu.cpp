@@ -9,6 +9,8 @@
 
 #include <algorithm>
 
+#include "confusion_kernels/checks.h"
+
 namespace confusion_kernels {
 namespace {
 
@@ -52,11 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_shifted_sums_cpu(const at::
   TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu() && shift.device().is_cpu(),
               "class_shifted_sums: CPU tensors expected");
   const int64_t b = features.size(0), k = features.size(1);
-  if (b > 0) {
-    const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < num_classes, "class_shifted_sums: labels must lie in [0, ",
-                num_classes, "), got [", lo, ", ", hi, "]");
-  }
+  check_label_range(labels, num_classes, "class_shifted_sums");
   const at::Tensor x = features.contiguous(), lab = labels.contiguous(), sh = shift.contiguous();
   at::Tensor s1 = at::zeros({num_classes, k}, sh.options());
   at::Tensor s2 = at::zeros({num_classes, k}, sh.options());

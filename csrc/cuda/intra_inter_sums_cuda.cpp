@@ -28,12 +28,9 @@ at::Tensor row_norms_if_cosine(const at::Tensor& xa, int64_t metric) {
   return metric == kCosine ? at::linalg_vector_norm(xa, 2, {1}).contiguous() : at::Tensor();
 }
 
-// The rows the kernels read: x itself, or for cosine the unit rows x/|x|
-// (a division: exactly +-1 in one dimension; zero rows stay zero).
+// The rows the difference-form kernels read: x, or the unit rows for cosine.
 at::Tensor kernel_rows(const at::Tensor& xa, const at::Tensor& norms, int64_t metric) {
-  if (metric != kCosine) return xa;
-  const at::Tensor col = norms.unsqueeze(1);
-  return at::where(col > 0, xa / col, at::zeros_like(xa)).contiguous();
+  return metric == kCosine ? unit_rows(xa, norms) : xa;
 }
 
 template <typename T>

@@ -15,6 +15,15 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Every label in [0, num_classes): kernels index per-class data with them.
+inline void check_label_range(const at::Tensor& labels, int64_t num_classes, const char* op) {
+  if (labels.numel() == 0) return;
+  const at::Tensor bounds = at::stack({labels.min(), labels.max()}).cpu();  // one sync
+  const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < num_classes, op, ": labels must lie in [0, ", num_classes,
+              "), got [", lo, ", ", hi, "]");
+}
+
 inline void check_intra_inter_inputs(const at::Tensor& x, const at::Tensor& labels,
                                      int64_t metric, c10::DeviceType device) {
   TORCH_CHECK(x.dim() == 2, "intra_inter_sums: x must be 2-D [N, D], got ", x.dim(), "-D");
@@ -102,9 +111,7 @@ inline AffinityInputs prepare_affinity_inputs(const at::Tensor& f, const at::Ten
   TORCH_CHECK(similarity == kGaussian || similarity == kInverse,
               "affinity_hinge: unknown similarity code ", similarity);
   const int64_t c = prototypes.size(0);
-  const auto lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < c, "affinity_hinge: labels must lie in [0, ", c, "), got [", lo,
-              ", ", hi, "]");
+  check_label_range(labels, c, "affinity_hinge");
   const at::ScalarType acc = accumulation_type(f.scalar_type());
   AffinityInputs in;
   in.f = f.to(acc).contiguous();

@@ -19,14 +19,18 @@ inline at::Tensor center_for_gram(const at::Tensor& xa, int64_t metric) {
   return (xa - xa.mean(0, /*keepdim=*/true)).contiguous();
 }
 
-// Operands of the Gram form (see pair_math.h): the rows, or the unit rows
-// x / |x| for cosine (a division, so exactly +-1 in one dimension; zero rows
-// stay zero and their pairs take the exact path). sq_norms = |x_i|^2.
+// The unit rows x / |x| for the cosine metric, given norms = |x_i| (a
+// division, so exactly +-1 in one dimension; zero rows stay zero).
+inline at::Tensor unit_rows(const at::Tensor& xa, const at::Tensor& norms) {
+  const at::Tensor col = norms.unsqueeze(1);
+  return at::where(col > 0, xa / col, at::zeros_like(xa)).contiguous();
+}
+
+// Operands of the Gram form (see pair_math.h): the rows, or the unit rows for
+// cosine (zero rows take the exact path). sq_norms = |x_i|^2.
 inline at::Tensor gram_operands(const at::Tensor& xa, const at::Tensor& sq_norms,
                                 int64_t metric) {
-  if (metric != kCosine) return xa;
-  const at::Tensor norms = sq_norms.sqrt().unsqueeze(1);
-  return at::where(norms > 0, xa / norms, at::zeros_like(xa)).contiguous();
+  return metric == kCosine ? unit_rows(xa, sq_norms.sqrt()) : xa;
 }
 
 }  // namespace confusion_kernels
