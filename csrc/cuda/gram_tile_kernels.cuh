@@ -95,20 +95,16 @@ struct Tf32Gram {  // fp32 input, tf32 tensor cores (only when torch allows tf32
   static constexpr int kPad = 4;
   static constexpr int kK = 8;
 };
-struct HalfGram {  // fp16 input, fp32 accumulation
-  using in_t = __half;
-  using frag_t = __half;
+template <typename T>
+struct Wmma16Gram {  // 16-bit input (m16n16k16), fp32 accumulation
+  using in_t = T;
+  using frag_t = T;
   static constexpr bool kTensorCores = true;
   static constexpr int kPad = 8;
   static constexpr int kK = 16;
 };
-struct Bf16Gram {  // bf16 input, fp32 accumulation
-  using in_t = __nv_bfloat16;
-  using frag_t = __nv_bfloat16;
-  static constexpr bool kTensorCores = true;
-  static constexpr int kPad = 8;
-  static constexpr int kK = 16;
-};
+using HalfGram = Wmma16Gram<__half>;
+using Bf16Gram = Wmma16Gram<__nv_bfloat16>;
 
 // fp32 -> tf32 for the WMMA fragments and the values multiplied with them;
 // the identity for fp16 / bf16 values, which tf32 holds exactly.
@@ -178,6 +174,18 @@ __device__ __forceinline__ void load_chunk(typename P::in_t (*tile)[kChunk + P::
   }
 }
 
+// Stages dimensions [k0, k0 + kChunk) of the block's rows and columns, between
+// barriers (the previous chunk's readers are done before it is overwritten).
+template <class P>
+__device__ __forceinline__ void stage_chunk(ChunkTiles<P>& t,
+                                            const typename P::in_t* __restrict__ rows, int64_t n,
+                                            int64_t d, int64_t r0, int64_t c0, int64_t k0) {
+  __syncthreads();
+  load_chunk<P, kRows>(t.a, rows, n, d, r0, k0);
+  load_chunk<P, kCols>(t.b, rows, n, d, c0, k0);
+  __syncthreads();
+}
+
 // g[r][c] = <rows[r0 + r], rows[c0 + c]> for the 64 x 64 block (zero rows
 // outside the matrix). Starts and ends with __syncthreads().
 template <class P>
@@ -193,10 +201,7 @@ __device__ __forceinline__ void gram_tile(ChunkTiles<P>& t, float (*g)[kGPitch],
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[p][q] = 0.f;
     for (int64_t k0 = 0; k0 < d; k0 += kChunk) {
-      __syncthreads();
-      load_chunk<P, kRows>(t.a, rows, n, d, r0, k0);
-      load_chunk<P, kCols>(t.b, rows, n, d, c0, k0);
-      __syncthreads();
+      stage_chunk<P>(t, rows, n, d, r0, c0, k0);
 #pragma unroll 8
       for (int k = 0; k < kChunk; ++k) {
         float av[4], bv[4];
@@ -225,10 +230,7 @@ __device__ __forceinline__ void gram_tile(ChunkTiles<P>& t, float (*g)[kGPitch],
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
     for (int64_t k0 = 0; k0 < d; k0 += kChunk) {
-      __syncthreads();
-      load_chunk<P, kRows>(t.a, rows, n, d, r0, k0);
-      load_chunk<P, kCols>(t.b, rows, n, d, c0, k0);
-      __syncthreads();
+      stage_chunk<P>(t, rows, n, d, r0, c0, k0);
 #pragma unroll
       for (int kk = 0; kk < kChunk; kk += P::kK) {
         wmma::fragment<wmma::matrix_a, 16, 16, P::kK, typename P::frag_t, wmma::row_major> fa;
