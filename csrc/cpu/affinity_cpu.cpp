@@ -126,6 +126,10 @@ void true_class_affinity(const AffinityInputs& in, const at::Tensor& f_norms,
 
 // The CPU epilogues of affinity_tiles.h.
 struct CpuTiles {
+  static constexpr c10::DeviceType kDevice = c10::kCPU;
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
   static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,
                          const at::Tensor& w_norms, double sigma, int64_t kind,
                          at::Tensor& d_true, at::Tensor& true_arg) {
@@ -160,34 +164,12 @@ struct CpuTiles {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cpu(
-    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, int64_t similarity) {
-  return affinity::hinge_op<CpuTiles>(f, prototypes, labels, sigma, margin, similarity,
-                                      c10::kCPU);
-}
-
-std::tuple<at::Tensor, at::Tensor> affinity_hinge_backward_cpu(
-    const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
-    const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
-    double margin, int64_t similarity) {
-  return affinity::hinge_backward_op<CpuTiles>(grad_rows, f, prototypes, labels, d_true, active,
-                                               sigma, margin, similarity, c10::kCPU);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_sum_with_grad_cpu(
-    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, int64_t similarity) {
-  return affinity::hinge_sum_with_grad_op<CpuTiles>(f, prototypes, labels, sigma, margin,
-                                                    similarity, c10::kCPU);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
-  m.impl("affinity_hinge_sum_with_grad", &affinity_hinge_sum_with_grad_cpu);
-  m.impl("affinity_hinge", &affinity_hinge_cpu);
-  m.impl("affinity_hinge_backward", &affinity_hinge_backward_cpu);
+  m.impl("affinity_hinge", &affinity::hinge_op<CpuTiles>);
+  m.impl("affinity_hinge_backward", &affinity::hinge_backward_op<CpuTiles>);
+  m.impl("affinity_hinge_sum_with_grad", &affinity::hinge_sum_with_grad_op<CpuTiles>);
 }
 
 }  // namespace confusion_kernels

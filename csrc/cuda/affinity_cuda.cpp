@@ -22,6 +22,8 @@ T* ptr_or_null(const at::Tensor& t) {
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaTiles {
+  static constexpr c10::DeviceType kDevice = c10::kCUDA;
+  using Guard = c10::cuda::CUDAGuard;
   static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,
                          const at::Tensor& w_norms, double sigma, int64_t kind,
                          at::Tensor& d_true, at::Tensor& true_arg) {
@@ -74,37 +76,12 @@ struct CudaTiles {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_cuda(
-    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, int64_t similarity) {
-  const c10::cuda::CUDAGuard guard(f.device());
-  return affinity::hinge_op<CudaTiles>(f, prototypes, labels, sigma, margin, similarity,
-                                       c10::kCUDA);
-}
-
-std::tuple<at::Tensor, at::Tensor> affinity_hinge_backward_cuda(
-    const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
-    const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
-    double margin, int64_t similarity) {
-  const c10::cuda::CUDAGuard guard(f.device());
-  return affinity::hinge_backward_op<CudaTiles>(grad_rows, f, prototypes, labels, d_true, active,
-                                                sigma, margin, similarity, c10::kCUDA);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_hinge_sum_with_grad_cuda(
-    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, int64_t similarity) {
-  const c10::cuda::CUDAGuard guard(f.device());
-  return affinity::hinge_sum_with_grad_op<CudaTiles>(f, prototypes, labels, sigma, margin,
-                                                     similarity, c10::kCUDA);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
-  m.impl("affinity_hinge", &affinity_hinge_cuda);
-  m.impl("affinity_hinge_backward", &affinity_hinge_backward_cuda);
-  m.impl("affinity_hinge_sum_with_grad", &affinity_hinge_sum_with_grad_cuda);
+  m.impl("affinity_hinge", &affinity::hinge_op<CudaTiles>);
+  m.impl("affinity_hinge_backward", &affinity::hinge_backward_op<CudaTiles>);
+  m.impl("affinity_hinge_sum_with_grad", &affinity::hinge_sum_with_grad_op<CudaTiles>);
 }
 
 }  // namespace confusion_kernels

@@ -4,6 +4,7 @@
 // tensor cores where torch allows them); a tile holds whole classes, so the
 // min over the m prototypes stays inside it. The per-pair epilogues are the
 // device's own kernels (`Tiles`), written with affinity_math.h:
+//   Tiles::kDevice, Tiles::Guard (constructed from a c10::Device)
 //   Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg)
 //       d_true_i and the arg-min prototype of the own class (direct dots)
 //   Tiles::similarity(g, fn_r, wn_t, m, sigma, kind, d_tile, arg_tile)
@@ -166,15 +167,16 @@ void backward_tiles(const AffinityInputs& in, const at::Tensor& g_rows, const at
   grad_w.addcmul_(col_coef.unsqueeze(1), w, 2);
 }
 
-// The three ops for one device, on top of the loops above.
+// The three ops for one device, on top of the loops above; Tiles::kDevice is
+// the device type the inputs must be on, Tiles::Guard makes f's device current.
 template <class Tiles>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_op(const at::Tensor& f,
                                                         const at::Tensor& prototypes,
                                                         const at::Tensor& labels, double sigma,
-                                                        double margin, int64_t similarity,
-                                                        c10::DeviceType device) {
+                                                        double margin, int64_t similarity) {
+  const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, device);
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);
   at::Tensor rows = at::empty({f.size(0)}, in.f.options());
   at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
   forward_tiles<Tiles>(in, sigma, margin, similarity, rows, d_true, active);
@@ -185,9 +187,10 @@ template <class Tiles>
 std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
     const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
-    double margin, int64_t similarity, c10::DeviceType device) {
+    double margin, int64_t similarity) {
+  const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, device);
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);
   const int64_t n = f.size(0);
   for (const at::Tensor* t : {&grad_rows, &d_true, &active})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == f.device(),
@@ -205,9 +208,10 @@ std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
 template <class Tiles>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_sum_with_grad_op(
     const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, int64_t similarity, c10::DeviceType device) {
+    double margin, int64_t similarity) {
+  const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
-      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, device);
+      prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);
   at::Tensor rows = at::empty({f.size(0)}, in.f.options());
   at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
   at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
