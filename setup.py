@@ -116,6 +116,17 @@ def shared_libstdcxx_link_args() -> list[str]:
     return []
 
 
+def nvcc_version(cuda_home: str) -> str | None:
+    """The release nvcc under ``cuda_home`` reports, e.g. "13.0" (None if it cannot say)."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
 def cuda_build_plan() -> tuple[bool, str]:
     """(build CUDA?, why) decided from torch's build and nvcc, never from a GPU."""
     import torch
@@ -127,6 +138,11 @@ def cuda_build_plan() -> tuple[bool, str]:
     cuda_home = find_cuda_home()
     if cuda_home is None:
         return False, "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    toolkit = nvcc_version(cuda_home)
+    if toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+        # torch's cpp_extension refuses to mix CUDA major versions.
+        return False, (f"nvcc {toolkit} in {cuda_home} and torch's CUDA {torch.version.cuda} "
+                       "differ in their major version")
     os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if torch.cuda.is_available():  # only to pick the arch of the GPU in use

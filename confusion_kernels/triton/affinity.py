@@ -16,8 +16,6 @@ order: no atomics, deterministic. The per-pair formulas are those of
 ``csrc/include/confusion_kernels/affinity_math.h``.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

@@ -1,11 +1,9 @@
 """Triton kernel of ClassStatistics.update on CUDA tensors: one pass over the
 features [B, K] adds, per row, (x - shift_y) and (x - shift_y)^2 into the
-float64 per-class sums [C, K] and 1 into the counts. One program owns BLOCK_B
-rows x BLOCK_K features; the adds are atomic (the order of float64 additions
-may vary between runs, by the last bits only).
+float64 per-class sums [C, K]. One program owns BLOCK_B rows x BLOCK_K
+features; the adds are atomic (the order of float64 additions may vary between
+runs, by the last bits only). The class counts are an exact bincount.
 """
-
-from __future__ import annotations
 
 import torch
 import triton
@@ -13,10 +11,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _shifted_sums_kernel(X, LAB, SHIFT, COUNT, S1, S2, B, K, stride_x,
+def _shifted_sums_kernel(X, LAB, SHIFT, S1, S2, B, K, stride_x,
                          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # int64 offsets: rows * stride_x and lab * K can pass 2**31 for large batches.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < B
     cmask = cols < K
     mask = rmask[:, None] & cmask[None, :]
@@ -26,20 +25,19 @@ def _shifted_sums_kernel(X, LAB, SHIFT, COUNT, S1, S2, B, K, stride_x,
     d = x - shift
     tl.atomic_add(S1 + lab[:, None] * K + cols[None, :], d, mask=mask)
     tl.atomic_add(S2 + lab[:, None] * K + cols[None, :], d * d, mask=mask)
-    first = rmask & (tl.program_id(1) == 0)
-    tl.atomic_add(COUNT + lab, tl.where(first, 1.0, 0.0).to(tl.float64), mask=first)
 
 
 def shifted_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,
                  num_classes: int):
     """(count [C], sum(x - shift_y) [C, K], sum((x - shift_y)^2) [C, K]), float64."""
     b, k = features.shape
+    labels = labels.contiguous()
     x = features if features.stride(1) == 1 else features.contiguous()
-    count = torch.zeros(num_classes, dtype=torch.float64, device=features.device)
     s1 = torch.zeros(num_classes, k, dtype=torch.float64, device=features.device)
     s2 = torch.zeros_like(s1)
     block_b, block_k = 32, 64
     _shifted_sums_kernel[(triton.cdiv(b, block_b), triton.cdiv(k, block_k))](
-        x, labels.contiguous(), shift.contiguous(), count, s1, s2, b, k, x.stride(0),
+        x, labels, shift.contiguous(), s1, s2, b, k, x.stride(0),
         BLOCK_B=block_b, BLOCK_K=block_k)
+    count = torch.bincount(labels, minlength=num_classes).to(torch.float64)
     return count, s1, s2

@@ -14,8 +14,6 @@ difference form. The per-pair formulas are those of
 ``csrc/include/confusion_kernels/pair_math.h``.
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
