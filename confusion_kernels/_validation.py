@@ -8,6 +8,37 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def require(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the 0-d bool tensor ``condition`` holds.
+
+    Eager: one host sync and a ValueError. Under torch.compile the check is
+    traced as a device-side assert (``torch._assert_async``), so the graph has
+    no data-dependent branch (fullgraph=True works) and bad input still fails
+    with the same message at run time (as a RuntimeError).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise ValueError(message)
+
+
+def check_all_finite(t: torch.Tensor, name: str) -> None:
+    """NaN/Inf scan of ``t`` (ValueError; see ``require``)."""
+    require(torch.isfinite(t).all(),
+            f"{name} contains NaN or Inf (pass check_finite=False to skip this scan)")
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "") -> None:
+    """Every label in [0, num_classes) (ValueError; see ``require``)."""
+    if torch.compiler.is_compiling():
+        require((labels.min() >= 0) & (labels.max() < num_classes),
+                f"labels must lie in [0, {num_classes}){what}")
+        return
+    lo, hi = torch.stack([labels.min(), labels.max()]).tolist()  # one sync
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}){what}, got values in [{lo}, {hi}]")
+
+
 def check_embeddings(x: torch.Tensor, name: str = "x", *, check_finite: bool = True) -> None:
     """x: floating 2-D [N, D] with N > 0, finite unless ``check_finite=False``."""
     if not isinstance(x, torch.Tensor):
@@ -18,8 +49,8 @@ def check_embeddings(x: torch.Tensor, name: str = "x", *, check_finite: bool = T
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} has no rows (N = 0)")
-    if check_finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf (pass check_finite=False to skip this scan)")
+    if check_finite:
+        check_all_finite(x, name)
 
 
 def check_labels(labels: torch.Tensor, n: int, device: torch.device,

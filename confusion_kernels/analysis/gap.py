@@ -106,7 +106,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, num_classes: int, *,
             if stats is None:
                 stats = ClassStatistics(num_classes, feats.shape[1], device=feats.device)
             rec.update_statistics(stats, labels)
+        if stats is None:
+            raise ValueError("collect_statistics: the loader yielded no batches")
         names = rec.feature_names
-    if stats is None:
-        raise ValueError("collect_statistics: no batches")
     return stats, names

@@ -13,6 +13,7 @@ one-pass sums free of cancellation; the features are never stored.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -231,6 +232,13 @@ def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
     c = stats.num_classes
     if not 1 <= k <= c - 1:
         raise ValueError(f"k must lie in [1, {c - 1}] for {c} classes, got {k}")
+    empty = (stats.counts == 0).nonzero().flatten().tolist()
+    if len(empty) == c:
+        raise ValueError("similar_labels: the statistics hold no samples (call update first)")
+    if empty:
+        warnings.warn(f"similar_labels: classes {empty} have no samples; their similarities are "
+                      "undefined and their rows and columns carry no information", RuntimeWarning,
+                      stacklevel=2)
     if method == "prototype":
         vectors = stats.mean
     else:

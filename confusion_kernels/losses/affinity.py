@@ -8,12 +8,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from .._backend import select_backend
-from .._validation import check_embeddings, check_labels, output_dtype
+from .._validation import (
+    accumulation_dtype,
+    check_all_finite,
+    check_embeddings,
+    check_label_range,
+    check_labels,
+    output_dtype,
+)
 from ..ops.affinity_hinge import affinity_hinge_sum
 from ..reference import affinity as _reference
 
@@ -27,9 +35,9 @@ def _check_prototypes(prototypes: torch.Tensor, embedding_dim: int | None = None
         raise TypeError(f"prototypes must be a torch.Tensor, got {type(prototypes).__name__}")
     if not prototypes.dtype.is_floating_point:
         raise TypeError(f"prototypes must be floating, got {prototypes.dtype}")
-    if prototypes.dim() != 3 or 0 in prototypes.shape[:2]:
-        raise ValueError("prototypes must be [C, m, D] with C >= 1 classes and m >= 1 centres, "
-                         f"got shape {tuple(prototypes.shape)}")
+    if prototypes.dim() != 3 or 0 in prototypes.shape:
+        raise ValueError("prototypes must be [C, m, D] with C >= 1 classes, m >= 1 centres and "
+                         f"D >= 1 dimensions, got shape {tuple(prototypes.shape)}")
     if embedding_dim is not None and prototypes.shape[2] != embedding_dim:
         raise ValueError(f"prototypes have D = {prototypes.shape[2]} but the embeddings have "
                          f"D = {embedding_dim}")
@@ -37,12 +45,20 @@ def _check_prototypes(prototypes: torch.Tensor, embedding_dim: int | None = None
         raise ValueError(f"prototypes are on {prototypes.device} but the embeddings are on {device}")
 
 
-def _check_similarity(sigma: float, similarity: str) -> None:
+def _check_similarity(sigma, similarity: str) -> float:
+    """sigma as a float (Python and numpy numbers, 0-d tensors) after the checks."""
     if similarity not in _reference.SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; expected one of "
                          f"{list(_reference.SIMILARITIES)}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+    if isinstance(sigma, torch.Tensor) and sigma.numel() == 1 and sigma.dim() == 0:
+        sigma = sigma.item()
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be a real number (int, float, numpy scalar or 0-d tensor), "
+                        f"got {type(sigma).__name__}")
+    sigma = float(sigma)
+    if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return sigma
 
 
 def diversity_moments(prototypes: torch.Tensor) -> torch.Tensor:
@@ -70,13 +86,37 @@ def diversity_moments(prototypes: torch.Tensor) -> torch.Tensor:
     return (s2 / pairs - mu * mu).to(output_dtype(prototypes.dtype))
 
 
+def diversity_pairwise(prototypes: torch.Tensor) -> torch.Tensor:
+    """R(W) over the dense P x P matrix of squared distances, O(P^2) memory.
+
+    s_pq = a_p + a_q - 2 w_p.w_q of the centred prototypes in float64 (a_p = |w_p|^2),
+    averaged over the off-diagonal entries (each pair twice). Dense products and
+    masked sums only, so its gradient is bitwise reproducible (the index-based
+    definition in ``reference`` accumulates its gradient with scatter-adds)
+    and differentiable twice.
+    """
+    w = prototypes.reshape(-1, prototypes.shape[-1]).double()
+    p = w.shape[0]
+    if p < 2:
+        return (w.sum() * 0.0).to(output_dtype(prototypes.dtype))
+    w = w - w.mean(0, keepdim=True)
+    a = w.square().sum(1)
+    sq = a[:, None] + a[None, :] - 2.0 * (w @ w.T)
+    off_diagonal = ~torch.eye(p, dtype=torch.bool, device=w.device)
+    pairs = p * (p - 1)
+    mu = torch.where(off_diagonal, sq, 0.0).sum() / pairs
+    r = torch.where(off_diagonal, (sq - mu).square(), 0.0).sum() / pairs
+    return r.to(output_dtype(prototypes.dtype))
+
+
 def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
     """R(W): the variance of the squared distances between all pairs of the
     P = C m prototypes [C, m, D] (0 when P < 2).
 
-    method: "pairwise" (the definition, O(P^2 D) memory and time), "moments"
-    (closed form, O(P D^2); diversity_moments), or "auto" (moments when
-    P > 2048 and P > D).
+    method: "pairwise" (dense P x P squared distances, O(P^2 D) time, O(P^2)
+    memory; diversity_pairwise), "moments" (closed form, O(P D^2);
+    diversity_moments), or "auto" (moments when P > 2048 and P > D). Both are
+    deterministic and twice differentiable.
     """
     _check_prototypes(prototypes)
     if method not in ("auto", "pairwise", "moments"):
@@ -84,7 +124,7 @@ def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> 
     p, d = prototypes.shape[0] * prototypes.shape[1], prototypes.shape[2]
     if method == "moments" or (method == "auto" and p > _PAIRWISE_MAX_PROTOTYPES and p > d):
         return diversity_moments(prototypes)
-    return _reference.diversity_regularizer(prototypes)
+    return diversity_pairwise(prototypes)
 
 
 def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 10.0,
@@ -94,7 +134,10 @@ def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 
     differentiable."""
     check_embeddings(f, "f")
     _check_prototypes(prototypes, f.shape[1], f.device)
-    _check_similarity(sigma, similarity)
+    sigma = _check_similarity(sigma, similarity)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    prototypes = prototypes.to(accumulation_dtype(f.dtype))
     parts = [_reference.class_affinity(f[s:s + chunk_rows], prototypes, sigma=sigma,
                                        similarity_kind=similarity)
              for s in range(0, f.shape[0], chunk_rows)]
@@ -114,20 +157,17 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     """
     check_embeddings(f, "f", check_finite=check_finite)
     _check_prototypes(prototypes, f.shape[1], f.device)
-    if check_finite and not bool(torch.isfinite(prototypes).all()):
-        raise ValueError("prototypes contain NaN or Inf (pass check_finite=False to skip this scan)")
+    if check_finite:
+        check_all_finite(prototypes, "prototypes")
     labels = check_labels(labels, f.shape[0], f.device)
-    num_classes = prototypes.shape[0]
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) (one prototype set per class), "
-                         f"got values in [{lo}, {hi}]")
-    _check_similarity(sigma, similarity)
+    check_label_range(labels, prototypes.shape[0], " (one prototype set per class)")
+    sigma = _check_similarity(sigma, similarity)
     if not (0 <= margin < 1):
         raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
     chosen = select_backend(f, backend, op="affinity_hinge")
     loss = affinity_hinge_sum(f, labels, prototypes, sigma=sigma, margin=margin,
-                              similarity=similarity, backend=chosen) / f.shape[0]
+                              similarity=similarity, backend=chosen,
+                              inputs_finite=check_finite) / f.shape[0]
     if lambda_diversity:
         loss = loss + lambda_diversity * diversity_regularizer(prototypes).to(loss.dtype)
     return loss
@@ -146,7 +186,7 @@ class AffinityLoss(nn.Module):
         super().__init__()
         if num_classes < 1 or embedding_dim < 1 or num_centers < 1:
             raise ValueError("num_classes, embedding_dim and num_centers must be >= 1")
-        _check_similarity(sigma, similarity)
+        sigma = _check_similarity(sigma, similarity)
         if not (0 <= margin < 1):
             raise ValueError(f"margin must satisfy 0 <= margin < 1, got {margin}")
         self.sigma, self.margin, self.lambda_diversity = sigma, margin, lambda_diversity

@@ -23,6 +23,18 @@ def fake_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, metric: i
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def refuse_double_backward(op: str) -> None:
+    """The kernels' backward ops have no derivative of their own. Under
+    ``create_graph=True`` (grad mode on inside backward) their result would
+    enter the graph as a constant and a second derivative would be silently
+    wrong, so every kernel backend raises instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True: gradient penalties, Hessian-vector "
+            "products) is not supported by the fused kernels; use backend='reference' for "
+            "higher-order gradients")
+
+
 def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
     """Autograd of ``fwd_name``: save x and labels (O(N*D)), recompute in backward."""
 
@@ -32,6 +44,7 @@ def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
         ctx.metric = metric
 
     def backward(ctx, grad_in, grad_out):
+        refuse_double_backward("intra_inter_sums")
         x, labels = ctx.saved_tensors
         acc = _accumulation(x.dtype)
         if grad_in is None:

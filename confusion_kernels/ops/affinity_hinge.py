@@ -16,6 +16,8 @@ import torch
 from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
 from ..reference import affinity as _reference
+from ._op_checks import check_affinity
+from ._registration import refuse_double_backward
 
 CPP_OP = "confusion_kernels::affinity_hinge"
 CPP_BACKWARD_OP = "confusion_kernels::affinity_hinge_backward"
@@ -42,6 +44,7 @@ def _register_autograd(op_name: str, backward_op) -> None:
         ctx.mark_non_differentiable(d_true, active)
 
     def backward(ctx, grad_rows, _grad_d_true, _grad_active):
+        refuse_double_backward("affinity_hinge")
         f, prototypes, labels, d_true, active = ctx.saved_tensors
         if grad_rows is None:
             return None, None, None, None, None, None
@@ -70,9 +73,7 @@ def _register_sum_autograd(op_name: str) -> None:
         ctx.mark_non_differentiable(grad_f, grad_w)
 
     def backward(ctx, grad_total, _grad_f, _grad_w):
-        if torch.is_grad_enabled():
-            raise RuntimeError("affinity_loss: double backward is not supported by the fused "
-                               "kernel; use backend='reference' for higher-order gradients")
+        refuse_double_backward("affinity_loss")
         grad_f, grad_w = ctx.saved_tensors
         return grad_total * grad_f, grad_total * grad_w, None, None, None, None
 
@@ -95,6 +96,7 @@ def _triton_forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Ten
                     margin: float, similarity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import affinity as kernels
 
+    check_affinity(f, prototypes, labels, sigma, similarity)
     return kernels.forward(f, prototypes, labels, sigma, margin, similarity)
 
 
@@ -104,6 +106,7 @@ def _triton_backward(grad_rows: torch.Tensor, f: torch.Tensor, prototypes: torch
                      margin: float, similarity: int) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import affinity as kernels
 
+    check_affinity(f, prototypes, labels, sigma, similarity, (grad_rows, d_true, active))
     return kernels.backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin,
                             similarity)
 
@@ -113,21 +116,36 @@ _triton_backward.register_fake(_fake_backward)
 _register_autograd(TRITON_OP, _triton_backward)
 
 
+def _nonfinite_rows(f: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """[N]: 0 where row f_i and every prototype are finite, NaN elsewhere (no host
+    sync). The kernels' min over prototypes and hinge would turn NaN into a
+    plausible number; adding this keeps the NaN policy: non-finite in, NaN out."""
+    ok = torch.isfinite(f).all(1) & torch.isfinite(prototypes).all()
+    return torch.where(ok, 0.0, float("nan")).to(_accumulation(f.dtype))
+
+
 def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
-                        sigma: float, margin: float, similarity: str, backend: str) -> torch.Tensor:
-    """L [N] on an already selected backend (inputs validated by the caller)."""
+                        sigma: float, margin: float, similarity: str, backend: str,
+                        inputs_finite: bool = False) -> torch.Tensor:
+    """L [N] on an already selected backend (inputs validated by the caller;
+    ``inputs_finite``: the caller has scanned f and the prototypes)."""
     code = _reference.SIMILARITIES[similarity]
     if backend == "reference":
-        return _reference.affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
+        # one dtype policy for every backend: the prototypes join f's accumulation dtype
+        return _reference.affinity_hinge_rows(f, labels, prototypes.to(_accumulation(f.dtype)),
+                                              sigma=sigma, margin=margin,
                                               similarity_kind=similarity)
     if backend == "triton":
-        return _triton_forward(f, prototypes, labels, float(sigma), float(margin), code)[0]
-    return torch.ops.confusion_kernels.affinity_hinge(f, prototypes, labels, float(sigma),
-                                                      float(margin), code)[0]
+        rows = _triton_forward(f, prototypes, labels, float(sigma), float(margin), code)[0]
+    else:
+        rows = torch.ops.confusion_kernels.affinity_hinge(f, prototypes, labels, float(sigma),
+                                                          float(margin), code)[0]
+    return rows if inputs_finite else rows + _nonfinite_rows(f, prototypes)
 
 
 def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
-                       sigma: float, margin: float, similarity: str, backend: str) -> torch.Tensor:
+                       sigma: float, margin: float, similarity: str, backend: str,
+                       inputs_finite: bool = False) -> torch.Tensor:
     """sum_i L_i (a scalar). On the cpu and cuda backends, when a gradient will be needed,
     the forward pass computes the gradients as well (one pass over the tiles
     instead of a forward and a recomputing backward)."""
@@ -135,7 +153,9 @@ def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
     if key is not None and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", key):
         code = _reference.SIMILARITIES[similarity]
-        return torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
+        total = torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
             f, prototypes, labels, float(sigma), float(margin), code)[0]
+        return total if inputs_finite else total + _nonfinite_rows(f, prototypes).sum()
     return affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
-                               similarity=similarity, backend=backend).sum()
+                               similarity=similarity, backend=backend,
+                               inputs_finite=inputs_finite).sum()

@@ -18,6 +18,7 @@ from .. import reference as _reference
 from .._backend import select_backend
 from .._metrics import resolve_metric
 from .._validation import check_embeddings, check_labels
+from ._op_checks import check_row_sums
 from ._registration import (
     fake_row_sums,
     fake_row_sums_backward,
@@ -40,6 +41,7 @@ if _extension.HAS_C:
 def _triton_forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import intra_inter_sums as kernels
 
+    check_row_sums(x, labels, metric)
     return kernels.forward(x, labels, metric)
 
 
@@ -48,12 +50,34 @@ def _triton_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Ten
                      labels: torch.Tensor, metric: int) -> torch.Tensor:
     from ..triton import intra_inter_sums as kernels
 
+    check_row_sums(x, labels, metric, (grad_in, grad_out))
     return kernels.backward(grad_in, grad_out, x, labels, metric)
 
 
 _triton_forward.register_fake(fake_row_sums)
 _triton_backward.register_fake(fake_row_sums_backward)
 register_row_sums_autograd(TRITON_OP, _triton_backward)
+
+
+# Cosine rows whose largest |x_ik| exceeds this are rescaled first (see _rescale_large_rows).
+COSINE_RESCALE_ABOVE = 2.0 ** 60
+
+
+def _rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with every row whose largest |x_ik| exceeds 2^60 divided by a power of two
+    (exact) that brings that entry into [0.5, 1); other rows unchanged.
+
+    The cosine distance does not depend on the rows' scale, but the kernels square
+    the norms: in fp32 |x|^2 overflows above |x| = 1.8e19 and every distance came
+    out as 1. Autograd carries the scale back (dD/dx = c dD/d(c x)). The eps floor
+    max(|a||b|, eps) then applies to the rescaled norms (it matters only for a
+    pair of a rescaled row with a row of norm below 1e-26).
+    """
+    top = x.detach().abs().amax(1, keepdim=True)
+    _, exponent = torch.frexp(top)
+    scale = torch.where(top > COSINE_RESCALE_ABOVE, torch.ldexp(torch.ones_like(top), -exponent),
+                        torch.ones_like(top))
+    return x * scale
 
 
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
@@ -79,6 +103,8 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     labels = check_labels(labels, x.shape[0], x.device)
     name, code, dim_mean = resolve_metric(metric, dim_mean)
     chosen = select_backend(x, backend)
+    if name == "cosine":
+        x = _rescale_large_rows(x)
     if chosen == "reference":
         s_in, s_out = _reference.intra_inter_sums(x, labels, name)
     elif chosen == "triton":

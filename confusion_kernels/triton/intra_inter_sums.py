@@ -120,7 +120,8 @@ def _gram_distance(dot, n2_i, n2_j, METRIC: tl.constexpr):
         exact = (dist <= GRAM_EXACT_FRACTION) | (regular == 0)
     else:
         nsum = n2_i[:, None] + n2_j[None, :]
-        d2 = tl.maximum(nsum - 2.0 * dot, 0.0)
+        d2 = nsum - 2.0 * dot
+        d2 = tl.where(d2 < 0.0, 0.0, d2)  # not tl.maximum: NaN must pass through
         exact = d2 <= nsum * GRAM_EXACT_FRACTION
         if METRIC == EUCLIDEAN:
             dist = tl.sqrt(d2)
@@ -199,7 +200,8 @@ def _exact_grad(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, coef, xi, xj, D
         t = a - b
         contrib = coef[:, :, None] * tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))
     elif METRIC == SMOOTH_L1:
-        contrib = coef[:, :, None] * tl.minimum(tl.maximum(a - b, -1.0), 1.0)
+        t = a - b  # clipped to [-1, 1] by comparisons, which keep NaN (tl.maximum drops it)
+        contrib = coef[:, :, None] * tl.where(t < -1.0, -1.0, tl.where(t > 1.0, 1.0, t))
     else:  # COSINE
         dist = _direct_distance(X, stride, rows, cols, rmask, cmask, n2_i, n2_j, D, METRIC, ACC,
                                 BLOCK_M, BLOCK_N, BLOCK_K)

@@ -189,7 +189,7 @@ CK_HOST_DEVICE void pair_grad_exact_accumulate(int64_t metric, const scalar_t* a
 template <typename T>
 CK_HOST_DEVICE T gram_sq_distance(T na2, T nb2, T dot) {
   const T d2 = na2 + nb2 - T(2) * dot;
-  return d2 > T(0) ? d2 : T(0);
+  return d2 < T(0) ? T(0) : d2;  // NaN passes through (NaN policy: never a plausible number)
 }
 
 // |a||b| > eps without square roots.

@@ -1,0 +1,88 @@
+"""Input checks run inside every Triton op, the Python twin of
+``csrc/include/confusion_kernels/checks.h`` (which the C++ ops run).
+
+The public functions validate first with friendlier messages; these checks
+keep direct ``torch.ops.confusion_kernels.*_triton`` calls from reading out of
+bounds or returning garbage: shapes, dtypes, devices, label range, codes.
+"""
+
+import torch
+
+from .._metrics import METRIC_CODES
+from ..reference.affinity import SIMILARITIES
+
+# Widest prototype tile a Triton program holds: BLOCK_M x (classes x next_pow2(m))
+# x BLOCK_K stays under Triton's 2**20-element tensor limit for m <= 1024.
+TRITON_MAX_CENTERS = 1024
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def _check_rows(op: str, name: str, x: torch.Tensor) -> None:
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        _fail(op, f"{name} must be a floating 2-D [N, D] tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        _fail(op, f"{name} has no rows (N = 0)")
+
+
+def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor, *,
+                  dtype: torch.dtype | None = None) -> None:
+    """v: 1-D of length N on x's device (int64 when ``dtype`` says so, else floating)."""
+    if v.dim() != 1 or v.shape[0] != x.shape[0]:
+        _fail(op, f"{name} must be 1-D of length N = {x.shape[0]}, got shape {tuple(v.shape)}")
+    if dtype is not None and v.dtype != dtype:
+        _fail(op, f"{name} must be {dtype}, got {v.dtype}")
+    if dtype is None and not v.dtype.is_floating_point:
+        _fail(op, f"{name} must be floating, got {v.dtype}")
+    if v.device != x.device:
+        _fail(op, f"{name} is on {v.device} but the rows are on {x.device}")
+
+
+def check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
+    """Every label in [0, num_classes): kernels index per-class data with them (one sync)."""
+    lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
+    if lo < 0 or hi >= num_classes:
+        _fail(op, f"labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
+
+
+def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int,
+                   grads: tuple[torch.Tensor, ...] = ()) -> None:
+    """intra_inter_sums_triton(x, labels, metric) and its backward (grads = dL/dS_in, dL/dS_out)."""
+    op = "intra_inter_sums_triton"
+    _check_rows(op, "x", x)
+    _check_vector(op, "labels", labels, x, dtype=torch.int64)
+    if metric not in METRIC_CODES.values():
+        _fail(op, f"unknown metric code {metric}; expected one of {sorted(METRIC_CODES.values())}")
+    for name, g in zip(("grad_s_in", "grad_s_out"), grads):
+        _check_vector(op, name, g, x)
+
+
+def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
+                   sigma: float, similarity: int, per_row: tuple[torch.Tensor, ...] = ()) -> None:
+    """affinity_hinge_triton(f, prototypes, labels, ...) and its backward
+    (per_row = grad_rows, d_true, active)."""
+    op = "affinity_hinge_triton"
+    _check_rows(op, "f", f)
+    if not prototypes.dtype.is_floating_point or prototypes.dim() != 3:
+        _fail(op, f"prototypes must be a floating [C, m, D] tensor, got {prototypes.dtype} "
+                  f"{tuple(prototypes.shape)}")
+    c, m, d = prototypes.shape
+    if c == 0 or m == 0 or d != f.shape[1]:
+        _fail(op, f"prototypes must be [C, m, D] with C, m > 0 and D = {f.shape[1]}, got "
+                  f"{tuple(prototypes.shape)}")
+    if m > TRITON_MAX_CENTERS:
+        _fail(op, f"the triton backend takes at most {TRITON_MAX_CENTERS} prototypes per class, "
+                  f"got m = {m}; use backend='cpu' or 'cuda'")
+    if prototypes.device != f.device:
+        _fail(op, f"prototypes are on {prototypes.device} but f is on {f.device}")
+    _check_vector(op, "labels", labels, f, dtype=torch.int64)
+    if not sigma > 0:
+        _fail(op, f"sigma must be > 0, got {sigma}")
+    if similarity not in SIMILARITIES.values():
+        _fail(op, f"unknown similarity code {similarity}; expected one of "
+                  f"{sorted(SIMILARITIES.values())}")
+    for name, v in zip(("grad_rows", "d_true", "active"), per_row):
+        _check_vector(op, name, v, f)
+    check_label_range(op, labels, c)
