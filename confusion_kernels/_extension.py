@@ -27,13 +27,21 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
-OPS = ("intra_inter_sums", "intra_inter_sums_backward", "affinity_hinge", "affinity_hinge_backward",
-       "affinity_hinge_sum_with_grad", "class_shifted_sums")
+def _library_ops() -> tuple[str, ...]:
+    """The ops confusion_kernels._C defined (read from the dispatcher, not a list
+    kept by hand). Called at import, before the Python (Triton) ops register."""
+    if not HAS_C:
+        return ()
+    prefix = "confusion_kernels::"
+    return tuple(sorted(name[len(prefix):].split(".")[0]
+                        for name in torch._C._dispatch_get_all_op_names()
+                        if name.startswith(prefix)))
+
+
+OPS = _library_ops()
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:
-    if not HAS_C:
-        return frozenset()
     return frozenset(
         (op, key) for op in OPS for key in ("CPU", "CUDA")
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"confusion_kernels::{op}", key))

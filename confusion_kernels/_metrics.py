@@ -1,6 +1,10 @@
-"""Metric names, aliases and the integer codes the kernels use.
+"""Metric names, aliases, and the integer codes of the Triton kernels.
 
-Keep the codes in sync with ``csrc/include/confusion_kernels/pair_math.h``.
+Every registered op takes the metric's *name*; the C++ kernels map names to
+their own codes (``csrc/include/confusion_kernels/checks.h``), the Triton
+kernels to these. The numeric constants below (COSINE_EPS,
+GRAM_EXACT_FRACTION) also live in ``pair_math.h``; tests/test_guarantees.py
+fails if the two differ.
 """
 
 from __future__ import annotations

@@ -15,27 +15,27 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(confusion_kernels, m) {
   // S_in[i] = sum_{j != i, y_j == y_i} D(x_i, x_j); S_out[i] = sum_{y_j != y_i} D(x_i, x_j).
-  m.def("intra_inter_sums(Tensor x, Tensor labels, int metric) -> (Tensor, Tensor)");
+  m.def("intra_inter_sums(Tensor x, Tensor labels, str metric) -> (Tensor, Tensor)");
   // dL/dx from per-row upstream gradients of S_in and S_out.
   m.def(
       "intra_inter_sums_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
-      "int metric) -> Tensor");
+      "str metric) -> Tensor");
   // Affinity loss rows (SPEC section 3): prototypes [C, m, D];
   // returns (L [N], d_true [N], active [N]) with L_i = sum_{j != y_i} relu(margin + d_ij - d_iy)
   // and active_i the number of classes whose hinge is active.
   m.def(
       "affinity_hinge(Tensor f, Tensor prototypes, Tensor labels, float sigma, float margin, "
-      "int similarity) -> (Tensor, Tensor, Tensor)");
+      "str similarity) -> (Tensor, Tensor, Tensor)");
   // (dL/df, dL/dprototypes) from the per-row upstream gradient of L and the forward's counts.
   m.def(
       "affinity_hinge_backward(Tensor grad_rows, Tensor f, Tensor prototypes, Tensor labels, "
-      "Tensor d_true, Tensor active, float sigma, float margin, int similarity) -> "
+      "Tensor d_true, Tensor active, float sigma, float margin, str similarity) -> "
       "(Tensor, Tensor)");
   // sum_i L_i together with its gradients for f and the prototypes (one pass, no
   // recomputation): the training path of affinity_loss, whose upstream gradient is a scalar.
   m.def(
       "affinity_hinge_sum_with_grad(Tensor f, Tensor prototypes, Tensor labels, float sigma, "
-      "float margin, int similarity) -> (Tensor, Tensor, Tensor)");
+      "float margin, str similarity) -> (Tensor, Tensor, Tensor)");
   // Per-class float64 sums of (x - shift_y) and (x - shift_y)^2, and counts (ClassStatistics).
   m.def(
       "class_shifted_sums(Tensor features, Tensor labels, Tensor shift, int num_classes) -> "

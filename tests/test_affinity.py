@@ -306,7 +306,7 @@ def test_cpp_op_checks_labels_itself():
     require_backend("cpu", OP)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
         torch.ops.confusion_kernels.affinity_hinge(torch.randn(2, 4), torch.randn(3, 1, 4),
-                                                   torch.tensor([0, 7]), 1.0, 0.5, 0)
+                                                   torch.tensor([0, 7]), 1.0, 0.5, "gaussian")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -317,7 +317,7 @@ def test_opcheck(backend):
     w.requires_grad_(True)
     op = (torch.ops.confusion_kernels.affinity_hinge_triton if backend == "triton"
           else torch.ops.confusion_kernels.affinity_hinge)
-    torch.library.opcheck(op, (f, w, labels, 3.0, 0.5, 0))
+    torch.library.opcheck(op, (f, w, labels, 3.0, 0.5, "gaussian"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -85,10 +85,10 @@ def test_cpp_op_checks_inputs_itself():
         pytest.skip("the C++ extension is not built")
     op = torch.ops.confusion_kernels.intra_inter_sums
     with pytest.raises(RuntimeError, match="labels must be 1-D of length N = 6"):
-        op(X, Y[:4], 0)
+        op(X, Y[:4], "euclidean")
     with pytest.raises(RuntimeError, match="labels must be int64"):
-        op(X, Y.int(), 0)
-    with pytest.raises(RuntimeError, match="unknown metric code 9"):
-        op(X, Y, 9)
+        op(X, Y.int(), "euclidean")
+    with pytest.raises(RuntimeError, match="unknown metric 'chebyshev'"):
+        op(X, Y, "chebyshev")
     with pytest.raises(RuntimeError, match="x must be 2-D"):
-        op(X[0], Y, 0)
+        op(X[0], Y, "euclidean")

@@ -3,7 +3,8 @@
 
 The public functions validate first with friendlier messages; these checks
 keep direct ``torch.ops.confusion_kernels.*_triton`` calls from reading out of
-bounds or returning garbage: shapes, dtypes, devices, label range, codes.
+bounds or returning garbage: shapes, dtypes, devices, label range, names of
+the metric and the similarity.
 """
 
 import torch
@@ -47,20 +48,20 @@ def check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
         _fail(op, f"labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
 
 
-def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int,
+def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str,
                    grads: tuple[torch.Tensor, ...] = ()) -> None:
     """intra_inter_sums_triton(x, labels, metric) and its backward (grads = dL/dS_in, dL/dS_out)."""
     op = "intra_inter_sums_triton"
     _check_rows(op, "x", x)
     _check_vector(op, "labels", labels, x, dtype=torch.int64)
-    if metric not in METRIC_CODES.values():
-        _fail(op, f"unknown metric code {metric}; expected one of {sorted(METRIC_CODES.values())}")
+    if metric not in METRIC_CODES:
+        _fail(op, f"unknown metric {metric!r}; expected one of {sorted(METRIC_CODES)}")
     for name, g in zip(("grad_s_in", "grad_s_out"), grads):
         _check_vector(op, name, g, x)
 
 
 def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
-                   sigma: float, similarity: int, per_row: tuple[torch.Tensor, ...] = ()) -> None:
+                   sigma: float, similarity: str, per_row: tuple[torch.Tensor, ...] = ()) -> None:
     """affinity_hinge_triton(f, prototypes, labels, ...) and its backward
     (per_row = grad_rows, d_true, active)."""
     op = "affinity_hinge_triton"
@@ -80,9 +81,8 @@ def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tens
     _check_vector(op, "labels", labels, f, dtype=torch.int64)
     if not sigma > 0:
         _fail(op, f"sigma must be > 0, got {sigma}")
-    if similarity not in SIMILARITIES.values():
-        _fail(op, f"unknown similarity code {similarity}; expected one of "
-                  f"{sorted(SIMILARITIES.values())}")
+    if similarity not in SIMILARITIES:
+        _fail(op, f"unknown similarity {similarity!r}; expected one of {sorted(SIMILARITIES)}")
     for name, v in zip(("grad_rows", "d_true", "active"), per_row):
         _check_vector(op, name, v, f)
     check_label_range(op, labels, c)

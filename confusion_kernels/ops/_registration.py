@@ -1,6 +1,6 @@
 """Fake-tensor and autograd rules shared by the kernel-backed ops.
 
-An op ``fwd(x, labels, metric) -> (S_in, S_out)`` with a backward op
+An op ``fwd(x, labels, metric_name) -> (S_in, S_out)`` with a backward op
 ``bwd(grad_in, grad_out, x, labels, metric) -> grad_x`` gets the same rules
 whichever backend (C++ or Triton) implements it.
 """
@@ -14,12 +14,12 @@ import torch
 from .._validation import accumulation_dtype as _accumulation
 
 
-def fake_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int):
+def fake_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str):
     acc = _accumulation(x.dtype)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
-def fake_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, metric: int):
+def fake_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, metric: str):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -93,22 +93,23 @@ if _extension.HAS_C and (_extension.has_kernel("affinity_hinge_sum_with_grad", "
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())
 def _triton_forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sigma: float,
-                    margin: float, similarity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    margin: float, similarity: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import affinity as kernels
 
     check_affinity(f, prototypes, labels, sigma, similarity)
-    return kernels.forward(f, prototypes, labels, sigma, margin, similarity)
+    return kernels.forward(f, prototypes, labels, sigma, margin,
+                           _reference.SIMILARITIES[similarity])
 
 
 @torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
 def _triton_backward(grad_rows: torch.Tensor, f: torch.Tensor, prototypes: torch.Tensor,
                      labels: torch.Tensor, d_true: torch.Tensor, active: torch.Tensor, sigma: float,
-                     margin: float, similarity: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     margin: float, similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import affinity as kernels
 
     check_affinity(f, prototypes, labels, sigma, similarity, (grad_rows, d_true, active))
     return kernels.backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin,
-                            similarity)
+                            _reference.SIMILARITIES[similarity])
 
 
 _triton_forward.register_fake(_fake_forward)
@@ -129,17 +130,16 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
                         inputs_finite: bool = False) -> torch.Tensor:
     """L [N] on an already selected backend (inputs validated by the caller;
     ``inputs_finite``: the caller has scanned f and the prototypes)."""
-    code = _reference.SIMILARITIES[similarity]
     if backend == "reference":
         # one dtype policy for every backend: the prototypes join f's accumulation dtype
         return _reference.affinity_hinge_rows(f, labels, prototypes.to(_accumulation(f.dtype)),
                                               sigma=sigma, margin=margin,
                                               similarity_kind=similarity)
     if backend == "triton":
-        rows = _triton_forward(f, prototypes, labels, float(sigma), float(margin), code)[0]
+        rows = _triton_forward(f, prototypes, labels, float(sigma), float(margin), similarity)[0]
     else:
         rows = torch.ops.confusion_kernels.affinity_hinge(f, prototypes, labels, float(sigma),
-                                                          float(margin), code)[0]
+                                                          float(margin), similarity)[0]
     return rows if inputs_finite else rows + _nonfinite_rows(f, prototypes)
 
 
@@ -152,9 +152,8 @@ def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.
     needs_grad = torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
     if key is not None and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", key):
-        code = _reference.SIMILARITIES[similarity]
         total = torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
-            f, prototypes, labels, float(sigma), float(margin), code)[0]
+            f, prototypes, labels, float(sigma), float(margin), similarity)[0]
         return total if inputs_finite else total + _nonfinite_rows(f, prototypes).sum()
     return affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
                                similarity=similarity, backend=backend,

@@ -16,7 +16,7 @@ import torch
 from .. import _extension
 from .. import reference as _reference
 from .._backend import select_backend
-from .._metrics import resolve_metric
+from .._metrics import METRIC_CODES, resolve_metric
 from .._validation import check_embeddings, check_labels
 from ._op_checks import check_row_sums
 from ._registration import (
@@ -38,20 +38,20 @@ if _extension.HAS_C:
 
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())
-def _triton_forward(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_forward(x: torch.Tensor, labels: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import intra_inter_sums as kernels
 
     check_row_sums(x, labels, metric)
-    return kernels.forward(x, labels, metric)
+    return kernels.forward(x, labels, METRIC_CODES[metric])
 
 
 @torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
 def _triton_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
-                     labels: torch.Tensor, metric: int) -> torch.Tensor:
+                     labels: torch.Tensor, metric: str) -> torch.Tensor:
     from ..triton import intra_inter_sums as kernels
 
     check_row_sums(x, labels, metric, (grad_in, grad_out))
-    return kernels.backward(grad_in, grad_out, x, labels, metric)
+    return kernels.backward(grad_in, grad_out, x, labels, METRIC_CODES[metric])
 
 
 _triton_forward.register_fake(fake_row_sums)
@@ -101,16 +101,16 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     """
     check_embeddings(x, "x", check_finite=check_finite)
     labels = check_labels(labels, x.shape[0], x.device)
-    name, code, dim_mean = resolve_metric(metric, dim_mean)
+    name, _, dim_mean = resolve_metric(metric, dim_mean)
     chosen = select_backend(x, backend)
     if name == "cosine":
         x = _rescale_large_rows(x)
     if chosen == "reference":
         s_in, s_out = _reference.intra_inter_sums(x, labels, name)
     elif chosen == "triton":
-        s_in, s_out = _triton_forward(x, labels, code)
+        s_in, s_out = _triton_forward(x, labels, name)
     else:
-        s_in, s_out = torch.ops.confusion_kernels.intra_inter_sums(x, labels, code)
+        s_in, s_out = torch.ops.confusion_kernels.intra_inter_sums(x, labels, name)
     if dim_mean and x.shape[1] > 0:
         s_in, s_out = s_in / x.shape[1], s_out / x.shape[1]
     return s_in, s_out

@@ -16,6 +16,8 @@ import torch
 
 from .pairwise import _upcast
 
+# Similarity names, and the codes the Triton kernels use for them (the C++ ops
+# take the name and map it themselves).
 SIMILARITIES = {"gaussian": 0, "inverse": 1}
 
 

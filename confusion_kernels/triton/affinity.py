@@ -81,7 +81,9 @@ def _class_tile(F, W, WN, FN_rows, rows, rmask, c0, C, M, D,
         g += _dot_nt(f, w, USE_DOT, ACC, PREC)
     wn = tl.load(WN + proto, mask=smask, other=0.0)
     s = FN_rows[:, None] + wn[None, :] - 2.0 * g
-    s = tl.where(s < 0.0, 0.0, s)  # not tl.maximum: NaN must pass through
+    # NaN (from a non-finite f or prototype) becomes 0 here, so that the min /
+    # arg-min never sees it; the op layer makes such rows NaN (NaN policy).
+    s = tl.where(s > 0.0, s, 0.0)
     s = tl.where(smask[None, :], s, float("inf"))
     s3 = tl.reshape(s, (BLOCK_M, BLOCK_C, MP))
     smin = tl.min(s3, axis=2)
@@ -137,7 +139,7 @@ def _forward_kernel(F, W, WN, FN, LAB, ROWS, DTRUE, ACTIVE, N, C, M, D, sigma, m
             dot += tl.sum(f * w, axis=1)
         wn = tl.load(WN + lab * M + t, mask=rmask, other=0.0)
         s_t = fn + wn - 2.0 * dot
-        s_true = tl.minimum(s_true, tl.where(s_t < 0.0, 0.0, s_t))
+        s_true = tl.minimum(s_true, tl.where(s_t > 0.0, s_t, 0.0))
     d_true = _similarity(s_true, sigma, KIND)
     total = tl.zeros((BLOCK_M,), dtype=ACC)
     count = tl.zeros((BLOCK_M,), dtype=ACC)

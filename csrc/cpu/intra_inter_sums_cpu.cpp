@@ -65,10 +65,10 @@ void gram_forward(const at::Tensor& x_in, const int64_t* lab, acc_t* s_in, acc_t
             bool exact;
             const acc_t dist = gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
             const acc_t kept = exact ? acc_t(0) : dist;
-            const acc_t same_kept = lcol[jj] == li ? kept : acc_t(0);
+            const bool same = lcol[jj] == li;
             flagged += exact ? 1 : 0;
-            in += same_kept;
-            out += kept - same_kept;
+            in += same ? kept : acc_t(0);
+            out += same ? acc_t(0) : kept;  // not kept - in-part: NaN - NaN would leak NaN
           }
           if (flagged) {  // rare on spread-out data: recompute those pairs exactly
             for (int64_t jj = 0; jj < ct; ++jj) {
@@ -263,7 +263,8 @@ void forward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, acc_
                  : gram_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
     case kCosine: return gram_forward<kCosine, acc_t>(xa, lab, s_in, s_out);
     case kManhattan: return direct_forward<kManhattan, acc_t>(xa, lab, s_in, s_out);
-    default: return direct_forward<kSmoothL1, acc_t>(xa, lab, s_in, s_out);
+    case kSmoothL1: return direct_forward<kSmoothL1, acc_t>(xa, lab, s_in, s_out);
+    default: TORCH_CHECK(false, "intra_inter_sums: unknown metric code ", metric);
   }
 }
 
@@ -281,14 +282,16 @@ void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, con
                  : gram_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
     case kCosine: return gram_backward<kCosine, acc_t>(xa, lab, g_in, g_out, grad);
     case kManhattan: return direct_backward<kManhattan, acc_t>(xa, lab, g_in, g_out, grad);
-    default: return direct_backward<kSmoothL1, acc_t>(xa, lab, g_in, g_out, grad);
+    case kSmoothL1: return direct_backward<kSmoothL1, acc_t>(xa, lab, g_in, g_out, grad);
+    default: TORCH_CHECK(false, "intra_inter_sums_backward: unknown metric code ", metric);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         const at::Tensor& labels,
-                                                        int64_t metric) {
-  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, c10::kCPU);
+                                                        c10::string_view metric_name) {
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
+  const int64_t metric = in.metric;
   at::Tensor s_in = at::zeros({x.size(0)}, in.x.options());
   at::Tensor s_out = at::zeros({x.size(0)}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cpu", [&] {
@@ -300,9 +303,10 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
 
 at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                          const at::Tensor& x, const at::Tensor& labels,
-                                         int64_t metric) {
+                                         c10::string_view metric_name) {
   const RowSumsInputs in =
-      prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric, c10::kCPU);
+      prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCPU);
+  const int64_t metric = in.metric;
   at::Tensor grad = at::zeros_like(in.x);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cpu", [&] {
     backward_impl<scalar_t>(metric, in.x, in.labels.data_ptr<int64_t>(),

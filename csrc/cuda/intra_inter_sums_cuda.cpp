@@ -46,7 +46,8 @@ void dispatch_metric(int64_t metric, F&& f) {
     case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
     case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
     case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    default: return f(std::integral_constant<int64_t, kSmoothL1>{});
+    case kSmoothL1: return f(std::integral_constant<int64_t, kSmoothL1>{});
+    default: TORCH_CHECK(false, "intra_inter_sums: unknown metric code ", metric);
   }
 }
 
@@ -105,14 +106,16 @@ void dispatch_gram_metric(int64_t metric, F&& f) {
   switch (metric) {
     case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
     case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    default: return f(std::integral_constant<int64_t, kCosine>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    default: TORCH_CHECK(false, "intra_inter_sums: no Gram form for metric code ", metric);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
-                                                         int64_t metric) {
-  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, c10::kCUDA);
+                                                         c10::string_view metric_name) {
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCUDA);
+  const int64_t metric = in.metric;
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor s_in = at::empty({x.size(0)}, in.x.options());
   at::Tensor s_out = at::empty({x.size(0)}, in.x.options());
@@ -142,9 +145,10 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
 
 at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                           const at::Tensor& x, const at::Tensor& labels,
-                                          int64_t metric) {
+                                          c10::string_view metric_name) {
   const RowSumsInputs in =
-      prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric, c10::kCUDA);
+      prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCUDA);
+  const int64_t metric = in.metric;
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad = at::empty_like(in.x);
   if (in.x.size(1) == 0) return grad.to(x.scalar_type());

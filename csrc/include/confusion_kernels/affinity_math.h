@@ -10,7 +10,8 @@
 
 namespace confusion_kernels {
 
-// Keep in sync with confusion_kernels/reference/affinity.py (SIMILARITIES).
+// C++'s own similarity codes, mapped from the op's similarity name once
+// (checks.h: similarity_code).
 enum Similarity : int64_t { kGaussian = 0, kInverse = 1 };
 
 template <typename T>

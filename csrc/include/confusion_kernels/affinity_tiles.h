@@ -173,13 +173,14 @@ template <class Tiles>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_op(const at::Tensor& f,
                                                         const at::Tensor& prototypes,
                                                         const at::Tensor& labels, double sigma,
-                                                        double margin, int64_t similarity) {
+                                                        double margin,
+                                                        c10::string_view similarity) {
   const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
       prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);
   at::Tensor rows = at::empty({f.size(0)}, in.f.options());
   at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
-  forward_tiles<Tiles>(in, sigma, margin, similarity, rows, d_true, active);
+  forward_tiles<Tiles>(in, sigma, margin, in.similarity, rows, d_true, active);
   return {rows, d_true, active};
 }
 
@@ -187,7 +188,7 @@ template <class Tiles>
 std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
     const at::Tensor& grad_rows, const at::Tensor& f, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& d_true, const at::Tensor& active, double sigma,
-    double margin, int64_t similarity) {
+    double margin, c10::string_view similarity) {
   const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
       prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);
@@ -199,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
   const at::Tensor dt = d_true.to(in.f.scalar_type()).contiguous();
   const at::Tensor ac = active.to(in.f.scalar_type()).contiguous();
   at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
-  backward_tiles<Tiles>(in, g, dt, ac, sigma, margin, similarity, grad_f, grad_w);
+  backward_tiles<Tiles>(in, g, dt, ac, sigma, margin, in.similarity, grad_f, grad_w);
   return {grad_f.to(f.scalar_type()),
           grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
 }
@@ -208,14 +209,14 @@ std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
 template <class Tiles>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_sum_with_grad_op(
     const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, int64_t similarity) {
+    double margin, c10::string_view similarity) {
   const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
       prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);
   at::Tensor rows = at::empty({f.size(0)}, in.f.options());
   at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
   at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
-  forward_tiles<Tiles>(in, sigma, margin, similarity, rows, d_true, active, &grad_f, &grad_w);
+  forward_tiles<Tiles>(in, sigma, margin, in.similarity, rows, d_true, active, &grad_f, &grad_w);
   return {rows.sum(), grad_f.to(f.scalar_type()),
           grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
 }

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/pair_math.h"
 
@@ -13,6 +15,27 @@ namespace confusion_kernels {
 // float64 accumulates in float64, everything else (fp16, bf16, fp32) in fp32.
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The ops take the metric's and the similarity's *name*; these two tables are
+// the only place where C++ maps names to its own codes (Metric, Similarity).
+// Python never sends a code, so nothing has to be kept in step across languages.
+inline int64_t metric_code(c10::string_view name, const char* op) {
+  static const std::pair<const char*, Metric> kNames[] = {
+      {"euclidean", kEuclidean}, {"sqeuclidean", kSqEuclidean}, {"manhattan", kManhattan},
+      {"cosine", kCosine},       {"smooth_l1", kSmoothL1}};
+  const std::string key(name.data(), name.size());
+  for (const auto& entry : kNames)
+    if (key == entry.first) return entry.second;
+  TORCH_CHECK(false, op, ": unknown metric '", key,
+              "'; expected euclidean, sqeuclidean, manhattan, cosine or smooth_l1");
+}
+
+inline int64_t similarity_code(c10::string_view name, const char* op) {
+  const std::string key(name.data(), name.size());
+  if (key == "gaussian") return kGaussian;
+  if (key == "inverse") return kInverse;
+  TORCH_CHECK(false, op, ": unknown similarity '", key, "'; expected gaussian or inverse");
 }
 
 // Every label in [0, num_classes): kernels index per-class data with them.
@@ -59,18 +82,23 @@ struct RowSumsInputs {
   at::Tensor labels;
   at::Tensor grad_in;   // undefined in forward
   at::Tensor grad_out;  // undefined in forward
+  int64_t metric = 0;   // the Metric code of the op's metric name
 };
 
 inline RowSumsInputs prepare_row_sums_inputs(const at::Tensor& x, const at::Tensor& labels,
-                                             int64_t metric, c10::DeviceType device) {
+                                             c10::string_view metric_name,
+                                             c10::DeviceType device) {
+  const int64_t metric = metric_code(metric_name, "intra_inter_sums");
   check_intra_inter_inputs(x, labels, metric, device);
-  return {x.to(accumulation_type(x.scalar_type())).contiguous(), labels.contiguous(), {}, {}};
+  return {x.to(accumulation_type(x.scalar_type())).contiguous(), labels.contiguous(), {}, {},
+          metric};
 }
 
 inline RowSumsInputs prepare_row_sums_backward_inputs(const at::Tensor& grad_in,
                                                       const at::Tensor& grad_out,
                                                       const at::Tensor& x,
-                                                      const at::Tensor& labels, int64_t metric,
+                                                      const at::Tensor& labels,
+                                                      c10::string_view metric,
                                                       c10::DeviceType device) {
   RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, device);
   check_row_gradient(grad_in, x, "grad_in");
@@ -89,11 +117,14 @@ struct AffinityInputs {
   at::Tensor labels;      // [N] int64, contiguous, every value in [0, C)
   int64_t num_classes = 0;
   int64_t num_centers = 0;
+  int64_t similarity = 0;  // the Similarity code of the op's similarity name
 };
 
 inline AffinityInputs prepare_affinity_inputs(const at::Tensor& f, const at::Tensor& prototypes,
                                               const at::Tensor& labels, double sigma,
-                                              int64_t similarity, c10::DeviceType device) {
+                                              c10::string_view similarity_name,
+                                              c10::DeviceType device) {
+  const int64_t similarity = similarity_code(similarity_name, "affinity_hinge");
   TORCH_CHECK(f.dim() == 2, "affinity_hinge: f must be 2-D [N, D], got ", f.dim(), "-D");
   TORCH_CHECK(f.size(0) > 0, "affinity_hinge: f has no rows (N = 0)");
   TORCH_CHECK(at::isFloatingType(f.scalar_type()) && at::isFloatingType(prototypes.scalar_type()),
@@ -108,8 +139,6 @@ inline AffinityInputs prepare_affinity_inputs(const at::Tensor& f, const at::Ten
                   labels.device() == f.device(),
               "affinity_hinge: f, prototypes and labels must all be on one ", device, " device");
   TORCH_CHECK(sigma > 0, "affinity_hinge: sigma must be > 0, got ", sigma);
-  TORCH_CHECK(similarity == kGaussian || similarity == kInverse,
-              "affinity_hinge: unknown similarity code ", similarity);
   const int64_t c = prototypes.size(0);
   check_label_range(labels, c, "affinity_hinge");
   const at::ScalarType acc = accumulation_type(f.scalar_type());
@@ -119,6 +148,7 @@ inline AffinityInputs prepare_affinity_inputs(const at::Tensor& f, const at::Ten
   in.labels = labels.contiguous();
   in.num_classes = c;
   in.num_centers = prototypes.size(1);
+  in.similarity = similarity;
   return in;
 }
 

@@ -16,7 +16,12 @@ namespace confusion_kernels {
 // does not depend on m). Cosine is not shift invariant and is left alone.
 inline at::Tensor center_for_gram(const at::Tensor& xa, int64_t metric) {
   if (metric != kEuclidean && metric != kSqEuclidean) return xa;
-  return (xa - xa.mean(0, /*keepdim=*/true)).contiguous();
+  // The mean of the finite rows: a row holding NaN/Inf stays non-finite itself
+  // (and so do the sums it enters) but must not spread to every other row.
+  const at::Tensor finite = at::isfinite(xa).all(/*dim=*/1, /*keepdim=*/true);
+  const at::Tensor kept = at::where(finite, xa, at::zeros_like(xa));
+  const at::Tensor count = finite.sum().clamp_min(1).to(xa.scalar_type());
+  return (xa - kept.sum(0, /*keepdim=*/true) / count).contiguous();
 }
 
 // The unit rows x / |x| for the cosine metric, given norms = |x_i| (a

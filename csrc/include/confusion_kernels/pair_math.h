@@ -24,7 +24,8 @@
 
 namespace confusion_kernels {
 
-// Keep in sync with confusion_kernels/_metrics.py (METRIC_CODES).
+// C++'s own metric codes. The ops receive the metric's name and map it here
+// once (checks.h: metric_code); no code crosses into Python.
 enum Metric : int64_t {
   kEuclidean = 0,
   kSqEuclidean = 1,

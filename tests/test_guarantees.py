@@ -1,0 +1,350 @@
+"""The package's promises, each tested on every backend CI can run (README, "Guarantees"):
+double backward, validation inside every registered op, the NaN policy, cosine at any
+scale, torch.compile with default arguments, bitwise determinism, one dtype policy."""
+
+import numpy as np
+import pytest
+import torch
+
+import confusion_kernels as ck
+from confusion_kernels import analysis
+from confusion_kernels.ops.affinity_hinge import affinity_hinge_rows
+from conftest import require_backend
+
+KERNELS = ["cpu", "triton", "cuda"]
+ALL = ["reference", "cpu", "triton", "cuda"]
+METRICS = ["euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1"]
+
+
+def _batch(n=11, d=5, seed=0, device="cpu", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 3, 2][:n], device=device)
+    return x, labels
+
+
+def _prototypes(c=4, m=2, d=5, seed=1, device="cpu", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(c, m, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+# --- double backward --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("what", ["intra_inter_sums", "as_loss", "affinity_rows", "affinity_loss"])
+def test_double_backward_raises_on_kernel_backends(backend, what):
+    op = "affinity_hinge" if what.startswith("affinity") else "intra_inter_sums"
+    device = require_backend(backend, op)
+    x, labels = _batch(device=device)
+    x.requires_grad_(True)
+    w = _prototypes(device=device).requires_grad_(True)
+    if what == "intra_inter_sums":
+        out = ck.intra_inter_sums(x, labels, "sqeuclidean", backend=backend)[0].sum()
+    elif what == "as_loss":
+        out = ck.as_loss(x, labels, metric="sqeuclidean", backend=backend)
+    elif what == "affinity_rows":
+        out = affinity_hinge_rows(x, labels, w, sigma=2.0, margin=0.5, similarity="gaussian",
+                                  backend=backend).sum()
+    else:
+        out = ck.affinity_loss(x, labels, w, sigma=2.0, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, (x, w) if what.startswith("affinity") else x, create_graph=True,
+                            allow_unused=True)
+    # first-order gradients still work
+    out = ck.as_loss(x, labels, metric="sqeuclidean", backend=backend) if op == "intra_inter_sums" \
+        else ck.affinity_loss(x, labels, w, sigma=2.0, backend=backend)
+    torch.autograd.grad(out, x)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_reference_backend_gives_true_second_derivatives(metric):
+    x, labels = _batch(n=7, d=3, seed=3)
+    x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda t: ck.as_loss(t, labels, metric=metric, backend="reference"), (x,))
+
+
+def test_regularizer_and_affinity_reference_are_twice_differentiable():
+    x, labels = _batch(n=6, d=3, seed=4)
+    w = _prototypes(c=4, m=2, d=3).requires_grad_(True)
+    x.requires_grad_(True)
+    for method in ("pairwise", "moments"):
+        assert torch.autograd.gradgradcheck(lambda t: ck.diversity_regularizer(t, method=method), (w,))
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: ck.affinity_loss(a, labels, b, sigma=2.0, backend="reference"), (x, w))
+
+
+# --- every registered op validates its own inputs ---------------------------------------
+def _raw_affinity(backend):
+    if backend == "triton":
+        return torch.ops.confusion_kernels.affinity_hinge_triton
+    return torch.ops.confusion_kernels.affinity_hinge
+
+
+def _raw_sums(backend):
+    if backend == "triton":
+        return (torch.ops.confusion_kernels.intra_inter_sums_triton,
+                torch.ops.confusion_kernels.intra_inter_sums_triton_backward)
+    return (torch.ops.confusion_kernels.intra_inter_sums,
+            torch.ops.confusion_kernels.intra_inter_sums_backward)
+
+
+BAD_AFFINITY = {
+    "label 2**40": dict(labels=[0, 1, 2, 0, 1, 2 ** 40]),
+    "label -1": dict(labels=[0, 1, 2, 0, 1, -1]),
+    "label 1000": dict(labels=[0, 1, 2, 0, 1, 1000]),
+    "prototypes of another D": dict(w_shape=(3, 2, 5)),
+    "labels shorter than N": dict(labels=[0, 1, 2, 0, 1]),
+    "similarity 'laplace'": dict(similarity="laplace"),
+    "sigma 0": dict(sigma=0.0),
+}
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("case", sorted(BAD_AFFINITY))
+def test_raw_affinity_op_rejects_bad_input(backend, case):
+    device = require_backend(backend, "affinity_hinge")
+    spec = dict(labels=[0, 1, 2, 0, 1, 2], w_shape=(3, 2, 4), similarity="gaussian", sigma=10.0)
+    spec.update(BAD_AFFINITY[case])
+    f = torch.randn(6, 4, device=device)
+    w = torch.randn(*spec["w_shape"], device=device)
+    labels = torch.tensor(spec["labels"], device=device)
+    with pytest.raises((ValueError, RuntimeError)):
+        _raw_affinity(backend)(f, w, labels, spec["sigma"], 0.5, spec["similarity"])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_raw_affinity_backward_rejects_short_per_row_tensors(backend):
+    device = require_backend(backend, "affinity_hinge")
+    f, w = torch.randn(6, 4, device=device), torch.randn(3, 2, 4, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    backward = (torch.ops.confusion_kernels.affinity_hinge_triton_backward if backend == "triton"
+                else torch.ops.confusion_kernels.affinity_hinge_backward)
+    short = torch.ones(5, device=device)
+    with pytest.raises((ValueError, RuntimeError)):
+        backward(short, f, w, labels, torch.ones(6, device=device), torch.ones(6, device=device),
+                 10.0, 0.5, "gaussian")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_raw_row_sums_ops_reject_bad_input(backend):
+    device = require_backend(backend)
+    fwd, bwd = _raw_sums(backend)
+    x = torch.randn(6, 4, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 1], device=device)
+    e = "euclidean"
+    for call in (lambda: fwd(x, labels, "chebyshev"), lambda: fwd(x, labels, ""),
+                 lambda: fwd(x, labels[:5], e), lambda: fwd(x, labels.float(), e),
+                 lambda: fwd(x[:0], labels[:0], e), lambda: fwd(x.int(), labels, e),
+                 lambda: bwd(torch.randn(5, device=device), torch.randn(6, device=device), x,
+                             labels, e),
+                 lambda: bwd(torch.randn(6, device=device), torch.randn(7, device=device), x,
+                             labels, e),
+                 lambda: bwd(torch.randn(6, device=device), torch.randn(6, device=device), x,
+                             labels, "L2")):
+        with pytest.raises((ValueError, RuntimeError)):
+            call()
+
+
+def test_triton_affinity_says_how_many_centres_it_takes():
+    device = require_backend("triton", "affinity_hinge")
+    f, labels = torch.randn(4, 3, device=device), torch.tensor([0, 1, 0, 1], device=device)
+    with pytest.raises(ValueError, match="at most 1024 prototypes per class"):
+        ck.affinity_loss(f, labels, torch.randn(2, 1025, 3, device=device), backend="triton")
+
+
+# --- NaN policy: with the scan off, non-finite in means non-finite out ------------------
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rows_give_the_references_non_finite_pattern(backend, metric, bad):
+    device = require_backend(backend)
+    x, labels = _batch(n=11, d=40, seed=5, device=device, dtype=torch.float32)
+    x[4, 7] = bad
+    s_in, s_out = ck.intra_inter_sums(x, labels, metric, backend=backend, check_finite=False)
+    r_in, r_out = ck.intra_inter_sums(x.cpu().double(), labels.cpu(), metric, backend="reference",
+                                      check_finite=False)
+    # Inf can give Inf or NaN depending on the order of operations: compare finiteness
+    assert torch.equal(torch.isfinite(s_in).cpu(), torch.isfinite(r_in))
+    assert torch.equal(torch.isfinite(s_out).cpu(), torch.isfinite(r_out))
+    assert not torch.isfinite(s_in).all()
+    loss = ck.as_loss(x, labels, metric=metric, backend=backend, check_finite=False)
+    assert not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("where", ["f nan", "f inf", "prototype nan", "prototype inf"])
+def test_affinity_loss_with_non_finite_input_is_not_finite(backend, where):
+    device = require_backend(backend, "affinity_hinge") if backend != "reference" else "cpu"
+    f, labels = _batch(n=9, d=5, seed=6, device=device, dtype=torch.float32)
+    w = _prototypes(c=4, m=2, d=5, device=device, dtype=torch.float32)
+    value = float("nan") if where.endswith("nan") else float("inf")
+    if where.startswith("f"):
+        f[3, 0] = value
+    else:
+        w[1, 0, 0] = value
+    f.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = ck.affinity_loss(f, labels, w, sigma=2.0, lambda_diversity=0.0, backend=backend,
+                            check_finite=False)
+    assert not torch.isfinite(loss)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ck.affinity_loss(f, labels, w, sigma=2.0, backend=backend)
+
+
+# --- cosine is scale invariant at any scale ---------------------------------------------
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("scale", [1e-3, 1e19, 3e19, 1e30, 1e38])
+def test_cosine_at_any_row_norm(backend, scale):
+    device = require_backend(backend) if backend != "reference" else "cpu"
+    x, labels = _batch(n=11, d=16, seed=7, dtype=torch.float32)
+    unit = x / x.norm(dim=1, keepdim=True)
+    big = (unit * torch.linspace(0.5, 1.0, 11)[:, None] * scale).to(device).requires_grad_(True)
+    s_in, s_out = ck.intra_inter_sums(big, labels.to(device), "cosine", backend=backend)
+    (s_in + 2 * s_out).sum().backward()
+    want = unit.double().requires_grad_(True)
+    r_in, r_out = ck.reference.intra_inter_sums(want, labels, "cosine")
+    (r_in + 2 * r_out).sum().backward()
+    torch.testing.assert_close(s_in.double().cpu(), r_in.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_out.double().cpu(), r_out.detach(), rtol=1e-5, atol=1e-5)
+    # dD/dx scales as 1/|x|: compare in units of the row norm
+    norms = (torch.linspace(0.5, 1.0, 11)[:, None] * scale).double()
+    got = big.grad.double().cpu() * norms
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want.grad, rtol=1e-4, atol=1e-4)
+
+
+# --- torch.compile(fullgraph=True) with default arguments -------------------------------
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_compile_fullgraph_with_default_arguments(backend):
+    device = require_backend(backend, "affinity_hinge")
+    x, labels = _batch(n=11, d=5, seed=8, device=device, dtype=torch.float32)
+    w = _prototypes(c=4, m=2, d=5, device=device, dtype=torch.float32)
+
+    def step(a, b):
+        return ck.as_loss(a, labels, backend=backend) + ck.affinity_loss(a, labels, b,
+                                                                         backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xa, wa = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    eager, got = step(xa, wa), compiled(xb, wb)
+    eager.backward()
+    got.backward()
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(wb.grad, wa.grad)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        compiled(bad, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+# --- bitwise determinism ----------------------------------------------------------------
+@pytest.mark.parametrize("method", ["pairwise", "moments"])
+def test_diversity_regularizer_gradient_is_bitwise_reproducible(method):
+    w = torch.randn(300, 3, 64, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    g1, = torch.autograd.grad(ck.diversity_regularizer(w, method=method), w)
+    g2, = torch.autograd.grad(ck.diversity_regularizer(w, method=method), w)
+    assert torch.equal(g1, g2)
+    want = ck.reference.affinity.diversity_regularizer(w.detach().double())
+    torch.testing.assert_close(ck.diversity_regularizer(w.double(), method=method), want,
+                               rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_fused_losses_are_bitwise_reproducible(backend):
+    device = require_backend(backend, "affinity_hinge")
+    x, labels = _batch(n=11, d=40, seed=10, device=device, dtype=torch.float32)
+    w = _prototypes(c=4, m=3, d=40, device=device, dtype=torch.float32)
+    results = []
+    for _ in range(2):
+        a, b = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ck.as_loss(a, labels, backend=backend) + ck.affinity_loss(a, labels, b,
+                                                                         backend=backend)
+        loss.backward()
+        results.append((loss.detach(), a.grad, b.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+# --- one dtype policy -------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ALL)
+def test_mixed_embedding_and_prototype_dtypes(backend):
+    device = require_backend(backend, "affinity_hinge") if backend != "reference" else "cpu"
+    f, labels = _batch(n=9, d=5, seed=11, device=device, dtype=torch.float32)
+    w = _prototypes(c=4, m=2, d=5, device=device, dtype=torch.float64).requires_grad_(True)
+    loss = ck.affinity_loss(f, labels, w, sigma=2.0, backend=backend)
+    loss.backward()
+    assert w.grad.dtype == torch.float64
+    want = ck.reference.affinity.affinity_loss(f.double().cpu(), labels.cpu(), w.detach().float().double().cpu(),
+                                      sigma=2.0)
+    torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+# --- small input rules ------------------------------------------------------------------
+@pytest.mark.parametrize("sigma", [np.float32(2.0), np.float64(2.0), torch.tensor(2.0), 2])
+def test_sigma_accepts_numbers_numpy_scalars_and_0d_tensors(sigma):
+    f, labels = _batch(n=9, d=5, seed=12)
+    w = _prototypes(c=4, m=2, d=5)
+    want = ck.affinity_loss(f, labels, w, sigma=2.0, backend="reference")
+    torch.testing.assert_close(ck.affinity_loss(f, labels, w, sigma=sigma, backend="reference"), want)
+
+
+def test_small_input_rules_raise_clear_errors():
+    f, labels = _batch(n=9, d=5, seed=13)
+    w = _prototypes(c=4, m=2, d=5)
+    with pytest.raises(TypeError, match="sigma must be a real number"):
+        ck.affinity_loss(f, labels, w, sigma="2")
+    with pytest.raises(ValueError, match="D >= 1"):
+        ck.diversity_regularizer(torch.zeros(3, 2, 0))
+    with pytest.raises(ValueError, match="D >= 1"):
+        ck.affinity_loss(torch.zeros(9, 0, dtype=torch.float64), labels, torch.zeros(4, 2, 0))
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
+        ck.class_affinity(f, w, chunk_rows=0)
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        analysis.collect_statistics(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)), [], 3)
+    with pytest.raises(ValueError, match=r"y_true must lie in \[0, 3\)"):
+        analysis.confusion_matrix([0, 1, 3], [0, 1, 2], 3)
+    with pytest.raises(ValueError, match=r"y_pred must lie in \[0, 3\)"):
+        analysis.confusion_matrix([0, 1, 2], [0, -1, 2], 3)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        analysis.most_confused_pairs(np.eye(3), -1)
+    conf = np.array([[5, 1, 0], [2, 5, 3], [0, 0, 4]])
+    with pytest.raises(ValueError, match="similar_indices must be"):
+        analysis.similar_vs_confused(np.array([[1], [0]]), conf)
+    with pytest.raises(ValueError, match=r"similar_indices must lie in \[0, 3\)"):
+        analysis.similar_vs_confused(np.array([[1], [7], [0]]), conf)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        analysis.similar_vs_confused(np.array([[1], [2], [0]]), conf, k=0)
+    with pytest.raises(ValueError, match="hold no samples"):
+        ck.similar_labels(ck.ClassStatistics(4, 3), k=2)
+    stats = ck.ClassStatistics(4, 3).update(torch.randn(20, 3), torch.randint(0, 3, (20,)))
+    with pytest.warns(RuntimeWarning, match=r"classes \[3\] have no samples"):
+        ck.similar_labels(stats, k=2)
+
+
+def test_numeric_constants_agree_with_the_shared_header():
+    """COSINE_EPS and GRAM_EXACT_FRACTION are written in _metrics.py and pair_math.h."""
+    import re
+    from pathlib import Path
+
+    from confusion_kernels import _metrics
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "confusion_kernels"
+              / "pair_math.h").read_text()
+    eps = float(re.search(r"kCosineEps = ([0-9.e+-]+);", header).group(1))
+    fraction = re.search(r"kGramExactFraction = ([0-9.]+) / ([0-9.]+);", header)
+    assert eps == _metrics.COSINE_EPS
+    assert float(fraction.group(1)) / float(fraction.group(2)) == _metrics.GRAM_EXACT_FRACTION
+
+
+def test_extension_lists_every_op_of_the_library():
+    from confusion_kernels import _extension
+
+    if not _extension.HAS_C:
+        pytest.skip("the C++ extension is not built")
+    assert set(_extension.OPS) == {"intra_inter_sums", "intra_inter_sums_backward",
+                                   "affinity_hinge", "affinity_hinge_backward",
+                                   "affinity_hinge_sum_with_grad", "class_shifted_sums"}
