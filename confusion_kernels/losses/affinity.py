@@ -61,6 +61,13 @@ def _check_similarity(sigma, similarity: str) -> float:
     return sigma
 
 
+def _centred_prototypes(prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [P, D] centred on its mean row, a = |w_p|^2 [P]), both float64."""
+    w = prototypes.reshape(-1, prototypes.shape[-1]).double()
+    w = w - w.mean(0, keepdim=True)
+    return w, w.square().sum(1)
+
+
 def diversity_moments(prototypes: torch.Tensor) -> torch.Tensor:
     """R(W) in closed form from moments of the centred prototypes, O(P D^2).
 
@@ -71,12 +78,10 @@ def diversity_moments(prototypes: torch.Tensor) -> torch.Tensor:
     Centring removes the |sum_p w_p|^2 and (sum_p a_p w_p).(sum_p w_p) terms
     (R is shift invariant); everything is accumulated in float64.
     """
-    w = prototypes.reshape(-1, prototypes.shape[-1]).double()
+    if prototypes.shape[0] * prototypes.shape[1] < 2:
+        return (prototypes.sum() * 0.0).to(output_dtype(prototypes.dtype))
+    w, a = _centred_prototypes(prototypes)
     p = w.shape[0]
-    if p < 2:
-        return (w.sum() * 0.0).to(output_dtype(prototypes.dtype))
-    w = w - w.mean(0, keepdim=True)
-    a = w.square().sum(1)
     a1, a2 = a.sum(), a.square().sum()
     gram = w.T @ w
     pairs = p * (p - 1) / 2.0
@@ -95,12 +100,10 @@ def diversity_pairwise(prototypes: torch.Tensor) -> torch.Tensor:
     definition in ``reference`` accumulates its gradient with scatter-adds)
     and differentiable twice.
     """
-    w = prototypes.reshape(-1, prototypes.shape[-1]).double()
+    if prototypes.shape[0] * prototypes.shape[1] < 2:
+        return (prototypes.sum() * 0.0).to(output_dtype(prototypes.dtype))
+    w, a = _centred_prototypes(prototypes)
     p = w.shape[0]
-    if p < 2:
-        return (w.sum() * 0.0).to(output_dtype(prototypes.dtype))
-    w = w - w.mean(0, keepdim=True)
-    a = w.square().sum(1)
     sq = a[:, None] + a[None, :] - 2.0 * (w @ w.T)
     off_diagonal = ~torch.eye(p, dtype=torch.bool, device=w.device)
     pairs = p * (p - 1)
