@@ -20,6 +20,11 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "intra_inter_sums_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
       "str metric) -> Tensor");
+  // The one-pass ASLoss core: t_in = sum_i w_in[i] S_in[i], t_out = sum_i w_out[i] S_out[i]
+  // (0-d) and their gradients dt_in/dx, dt_out/dx [N, D], each unordered pair computed once.
+  m.def(
+      "weighted_pair_sums_with_grad(Tensor x, Tensor labels, Tensor w_in, Tensor w_out, "
+      "str metric) -> (Tensor, Tensor, Tensor, Tensor)");
   // Affinity loss rows (SPEC section 3): prototypes [C, m, D];
   // returns (L [N], d_true [N], active [N]) with L_i = sum_{j != y_i} relu(margin + d_ij - d_iy)
   // and active_i the number of classes whose hinge is active.

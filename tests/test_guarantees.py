@@ -347,4 +347,5 @@ def test_extension_lists_every_op_of_the_library():
         pytest.skip("the C++ extension is not built")
     assert set(_extension.OPS) == {"intra_inter_sums", "intra_inter_sums_backward",
                                    "affinity_hinge", "affinity_hinge_backward",
-                                   "affinity_hinge_sum_with_grad", "class_shifted_sums"}
+                                   "affinity_hinge_sum_with_grad", "class_shifted_sums",
+                                   "weighted_pair_sums_with_grad"}

@@ -16,9 +16,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops.intra_inter_sums import intra_inter_sums
-from ..reference.as_loss import ASLossTerms
+from .._backend import select_backend
+from .._metrics import resolve_metric
 from .._validation import check_embeddings, check_labels, output_dtype
+from ..ops.intra_inter_sums import intra_inter_sums, rescale_cosine_rows
+from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
+from ..reference.as_loss import ASLossTerms
 
 REDUCTIONS = ("pair_mean", "class_mean")
 
@@ -36,6 +39,32 @@ def class_sizes(labels: torch.Tensor) -> torch.Tensor:
             - torch.searchsorted(ordered, labels, right=False))
 
 
+def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_scale: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_in, w_out) [N] with inner = sum_i w_in[i] S_in[i], outer = sum_i w_out[i] S_out[i].
+
+    pair_mean: 1 / (number of ordered intra / inter pairs) for every row.
+    class_mean: 1 / (pairs of row i's class x number of classes with such pairs).
+    Weights are 0 where there is no pair to average (the term is then 0).
+    ``dim_scale`` multiplies them (1/D for ``dim_mean``).
+    """
+    n = labels.shape[0]
+    size = class_sizes(labels).to(dtype)  # n_c of each row's class
+    # ordered pairs of row i's class: intra n_c (n_c - 1) (+ n_c with include_self), inter n_c (N - n_c)
+    pairs_in = size * (size - 1) + (size if include_self else 0.0)
+    pairs_out = size * (n - size)
+    weights = []
+    for pairs in (pairs_in, pairs_out):
+        if reduction == "pair_mean":
+            # each class c appears n_c times among the rows: divide by n_c
+            w = _safe_ratio(torch.ones_like(size), (pairs / size).sum())
+        else:
+            classes = ((pairs > 0) / size).sum()
+            w = _safe_ratio(_safe_ratio(torch.ones_like(size), pairs), classes)
+        weights.append(w * dim_scale)
+    return weights[0], weights[1]
+
+
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
                   constraint: float = 10.0, include_self: bool = False,
                   reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",
@@ -44,27 +73,28 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
 
     Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype).
     ``inner`` is 0 when no class has two samples, ``outer`` 0 for a single class.
+    When a gradient is needed and the backend has it (cpu; euclidean and
+    sqeuclidean with D > 8, cosine), inner and outer and their gradients come
+    from one triangular pass (``weighted_pair_sums``); otherwise from
+    ``intra_inter_sums``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     check_embeddings(x, "x", check_finite=check_finite)
     labels = check_labels(labels, x.shape[0], x.device)
-    s_in, s_out = intra_inter_sums(x, labels, metric, dim_mean=dim_mean, backend=backend,
-                                   check_finite=False)
-    n = x.shape[0]
-    size = class_sizes(labels).to(s_in.dtype)  # n_c of each row's class
-    # ordered pairs of row i's class: intra n_c (n_c - 1) (+ n_c with include_self), inter n_c (N - n_c)
-    pairs_in = size * (size - 1) + (size if include_self else 0.0)
-    pairs_out = size * (n - size)
-    if reduction == "pair_mean":
-        # each class c appears n_c times among the rows: divide by n_c
-        inner = _safe_ratio(s_in.sum(), (pairs_in / size).sum())
-        outer = _safe_ratio(s_out.sum(), (pairs_out / size).sum())
+    name, _, dim_mean = resolve_metric(metric, dim_mean)
+    chosen = select_backend(x, backend)
+    acc = output_dtype(x.dtype)
+    w_in, w_out = term_weights(labels, reduction, include_self,
+                               1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0, acc)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if needs_grad and has_one_pass(chosen, name, x.shape[1]):
+        xk = rescale_cosine_rows(x) if name == "cosine" else x
+        inner, outer = weighted_pair_sums(xk, labels, w_in, w_out, name)
     else:
-        # mean over classes of (sum_{i in c} S[i]) / pairs_c, written per row
-        inner = _safe_ratio(_safe_ratio(s_in, pairs_in).sum(), ((pairs_in > 0) / size).sum())
-        outer = _safe_ratio(_safe_ratio(s_out, pairs_out).sum(), ((pairs_out > 0) / size).sum())
-    xf = x.to(output_dtype(x.dtype))
+        s_in, s_out = intra_inter_sums(x, labels, name, backend=chosen, check_finite=False)
+        inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
+    xf = x.to(acc)
     boundary = (torch.linalg.vector_norm(xf, dim=1) - constraint).square().mean()
     return ASLossTerms(inner, outer, boundary)
 

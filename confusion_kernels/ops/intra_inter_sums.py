@@ -59,11 +59,11 @@ _triton_backward.register_fake(fake_row_sums_backward)
 register_row_sums_autograd(TRITON_OP, _triton_backward)
 
 
-# Cosine rows whose largest |x_ik| exceeds this are rescaled first (see _rescale_large_rows).
+# Cosine rows whose largest |x_ik| exceeds this are rescaled first (see rescale_cosine_rows).
 COSINE_RESCALE_ABOVE = 2.0 ** 60
 
 
-def _rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
+def rescale_cosine_rows(x: torch.Tensor) -> torch.Tensor:
     """x with every row whose largest |x_ik| exceeds 2^60 divided by a power of two
     (exact) that brings that entry into [0.5, 1); other rows unchanged.
 
@@ -104,7 +104,7 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     name, _, dim_mean = resolve_metric(metric, dim_mean)
     chosen = select_backend(x, backend)
     if name == "cosine":
-        x = _rescale_large_rows(x)
+        x = rescale_cosine_rows(x)
     if chosen == "reference":
         s_in, s_out = _reference.intra_inter_sums(x, labels, name)
     elif chosen == "triton":

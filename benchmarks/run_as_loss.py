@@ -1,0 +1,230 @@
+"""ASLoss forward + backward, side by side in one run, on random and clustered data.
+
+Providers (CPU):
+  fused      as_loss(..., backend="cpu"): the one-pass op when it applies
+             (weighted_pair_sums: loss and gradient in one triangular pass)
+  two-pass   the same loss from intra_inter_sums (forward, then a recomputing backward)
+  eager      the PyTorch reference (torch.cdist + masks, N x N memory)
+  compile    torch.compile of the reference
+Data:
+  random     randn(N, D), 10 labels
+  clustered  10 class centres at radius 10, each row its centre + N(0, 0.3^2) per
+             dimension: what a trained embedding looks like
+Floor: 3 N^2 D flops (one Gram product over the unordered pairs, two products for
+the gradient) at the fp32 matrix-product rate measured in the same run
+(benchmarks/roofline.py); "x floor" = median / floor.
+
+Every case runs in a fresh process (peak RSS is that process's own, about 580 MiB
+of it the framework). Writes CSV, Markdown and a PNG to --out.
+
+  python benchmarks/run_as_loss.py --sizes 4096 --dims 64 --metrics euclidean
+"""
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+PROVIDERS = ["fused", "two-pass", "eager", "compile"]
+
+
+def make_data(n: int, d: int, data: str, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    if data == "random":
+        return torch.randn(n, d, generator=g), labels
+    centres = torch.randn(10, d, generator=g)
+    centres = 10.0 * centres / centres.norm(dim=1, keepdim=True)
+    return centres[labels] + 0.3 * torch.randn(n, d, generator=g), labels
+
+
+def make_loss(provider: str, metric: str, labels):
+    import torch
+
+    import confusion_kernels as ck
+    from confusion_kernels.losses.as_loss import term_weights
+
+    if provider == "fused":
+        return lambda x: ck.as_loss(x, labels, metric=metric, backend="cpu", check_finite=False)
+    if provider == "two-pass":
+        def two_pass(x):
+            w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
+            s_in, s_out = ck.intra_inter_sums(x, labels, metric, backend="cpu", check_finite=False)
+            boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
+            return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
+        return two_pass
+
+    def reference(x):
+        return ck.reference.as_loss(x, labels, metric=metric)
+
+    return torch.compile(reference) if provider == "compile" else reference
+
+
+def worker(args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x, labels = make_data(args.n, args.d, args.data)
+    loss = make_loss(args.provider, args.metric, labels)
+
+    def step() -> float:
+        xr = x.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        loss(xr).backward()
+        return (time.perf_counter() - t0) * 1e3
+
+    rec = dict(provider=args.provider, metric=args.metric, data=args.data, n=args.n, d=args.d)
+    try:
+        step()  # warm-up (compilation, caches)
+        times, start = [], time.perf_counter()
+        while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds
+                                          or len(times) < 3):
+            times.append(step())
+        times.sort()
+        rec.update(status="ok", median_ms=statistics.median(times),
+                   p20_ms=times[int(0.2 * (len(times) - 1))],
+                   p80_ms=times[int(0.8 * (len(times) - 1))], runs=len(times))
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        rec.update(status="out of memory" if "alloc" in text.lower() or isinstance(exc, MemoryError)
+                   else "error", error=text.splitlines()[0][:160] if text else type(exc).__name__)
+    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rec
+
+
+def run_case(args, provider, metric, data, n, d) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--provider", provider,
+           "--metric", metric, "--data", data, "--n", str(n), "--d", str(d),
+           "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
+           "--threads", str(args.threads)]
+    limit = int(args.mem_limit_gib * 2**30)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap,
+                          timeout=args.case_timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    status = "out of memory" if "alloc" in tail.lower() or "memory" in tail.lower() else "error"
+    return dict(provider=provider, metric=metric, data=data, n=n, d=d, status=status, error=tail)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=int, default=[4096])
+    p.add_argument("--dims", nargs="+", type=int, default=[64])
+    p.add_argument("--metrics", nargs="+", default=["euclidean", "cosine"])
+    p.add_argument("--data", nargs="+", default=["random", "clustered"], choices=["random", "clustered"])
+    p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--skip-eager-above", type=int, default=16384,
+                   help="eager / compile only up to this N (they need N x N memory)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--max-seconds", type=float, default=30.0)
+    p.add_argument("--mem-limit-gib", type=float, default=20.0)
+    p.add_argument("--case-timeout", type=float, default=1800.0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--provider", help=argparse.SUPPRESS)
+    p.add_argument("--metric", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--d", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.data = args.data[0] if isinstance(args.data, list) else args.data
+        print(json.dumps(worker(args)))
+        return
+
+    import torch
+
+    from roofline import measure_ceilings
+
+    rate = measure_ceilings("cpu")["fp32_tflops"] * 1e12
+    records = []
+    for n in args.sizes:
+        for d in args.dims:
+            for metric in args.metrics:
+                for data in args.data:
+                    floor_ms = 3.0 * n * n * d / rate * 1e3
+                    for provider in args.providers:
+                        if provider in ("eager", "compile") and n > args.skip_eager_above:
+                            continue
+                        rec = run_case(args, provider, metric, data, n, d)
+                        rec["floor_ms"] = floor_ms
+                        if rec.get("status") == "ok":
+                            rec["x_floor"] = rec["median_ms"] / floor_ms
+                        records.append(rec)
+                        print(json.dumps(rec), flush=True)
+    write_reports(records, args, rate, torch.__version__)
+
+
+def write_reports(records, args, rate, torch_version) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    stem = os.path.join(args.out, "as_loss_cpu")
+    keys = ["provider", "metric", "data", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
+            "runs", "floor_ms", "x_floor", "peak_rss_mib", "error"]
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(records)
+    eager = {(r["metric"], r["data"], r["n"], r["d"]): r.get("median_ms") for r in records
+             if r["provider"] == "eager" and r.get("status") == "ok"}
+    lines = [f"# ASLoss forward + backward, CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+             "", f"{dt.date.today()}, commit {commit}, torch {torch_version}, fp32 matrix-product rate "
+             f"{rate / 1e9:.0f} GFLOP/s (measured in this run); floor = 3 N^2 D flops at that rate.",
+             f"Command: `python benchmarks/run_as_loss.py {' '.join(sys.argv[1:])}`", "",
+             "| metric | data | N | D | provider | median ms | x floor | vs eager | peak RSS MiB |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in records:
+        key = (r["metric"], r["data"], r["n"], r["d"])
+        if r.get("status") != "ok":
+            lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
+                         f"{r.get('status')} | | | {r.get('peak_rss_mib', 0):.0f} |")
+            continue
+        speedup = f"{eager[key] / r['median_ms']:.1f}x" if eager.get(key) else "-"
+        lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
+                     f"{r['median_ms']:.1f} | {r['x_floor']:.2f} | {speedup} | {r['peak_rss_mib']:.0f} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in records if r.get("status") == "ok"]
+    cases = sorted({(r["metric"], r["n"], r["d"]) for r in ok})
+    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(5 * max(1, len(cases)), 4), squeeze=False)
+    for ax, (metric, n, d) in zip(axes[0], cases):
+        sub = [r for r in ok if (r["metric"], r["n"], r["d"]) == (metric, n, d)]
+        labels = [f"{r['provider']}\n{r['data']}" for r in sub]
+        ax.bar(range(len(sub)), [r["x_floor"] for r in sub],
+               color=["tab:blue" if r["data"] == "random" else "tab:orange" for r in sub])
+        ax.set_xticks(range(len(sub)), labels, fontsize=7)
+        ax.axhline(2.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_ylabel("median / compute floor (lower is better)")
+        ax.set_title(f"{metric}, N={n}, D={d}")
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

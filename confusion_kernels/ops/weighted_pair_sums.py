@@ -1,0 +1,71 @@
+"""``weighted_pair_sums``: the one-pass core of the ASLoss.
+
+    t_in  = sum_i w_in[i]  S_in[i]  = sum_{i<j, y_i = y_j}  (w_in[i]  + w_in[j])  D(x_i, x_j)
+    t_out = sum_i w_out[i] S_out[i] = sum_{i<j, y_i != y_j} (w_out[i] + w_out[j]) D(x_i, x_j)
+
+The ASLoss terms are such weighted sums, with weights that depend on the
+labels only (1 / pair count, or per class for ``class_mean``). Because the
+weights are known before the kernel runs, the kernel computes t_in, t_out and
+their gradients together, each unordered pair once (a triangular pass), and
+the backward only scales the two stored gradients by the upstream scalars:
+about half the work of a forward plus a recomputing backward.
+"""
+
+import torch
+
+from .. import _extension
+from .._metrics import resolve_metric
+from .._validation import accumulation_dtype as _accumulation
+from ._registration import refuse_double_backward
+
+CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
+# euclidean / sqeuclidean with at most this many dimensions stay on the two-pass
+# difference loops of intra_inter_sums (a K <= 8 matrix product does too little work).
+_DIRECT_MAX_DIM = 8
+
+
+def _fake(x, labels, w_in, w_out, metric):
+    acc = _accumulation(x.dtype)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), grad, torch.empty_like(grad)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, grad_in, grad_out = output
+    ctx.save_for_backward(grad_in, grad_out)
+    ctx.mark_non_differentiable(grad_in, grad_out)
+
+
+def _backward(ctx, g_in, g_out, _grad_in, _grad_out):
+    refuse_double_backward("as_loss")
+    grad_in, grad_out = ctx.saved_tensors
+    grad = None
+    if g_in is not None:
+        grad = g_in.to(grad_in.dtype) * grad_in
+    if g_out is not None:
+        term = g_out.to(grad_out.dtype) * grad_out
+        grad = term if grad is None else grad + term
+    return grad, None, None, None, None
+
+
+if _extension.HAS_C and _extension.has_kernel("weighted_pair_sums_with_grad", "CPU"):
+    torch.library.register_fake(CPP_OP)(_fake)
+    torch.library.register_autograd(CPP_OP, _backward, setup_context=_setup_context)
+
+
+def has_one_pass(backend: str, metric: str, dim: int) -> bool:
+    """True when ``backend`` has the one-pass kernel for this metric and dimension."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
+    if key is None or not _extension.has_kernel("weighted_pair_sums_with_grad", key):
+        return False
+    name = resolve_metric(metric).name
+    return name == "cosine" or (name in ("euclidean", "sqeuclidean") and dim > _DIRECT_MAX_DIM)
+
+
+def weighted_pair_sums(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
+                       w_out: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_in, t_out), differentiable in x; inputs validated by the caller, ``metric``
+    a canonical name, the weights non-differentiable [N] tensors."""
+    t_in, t_out, _, _ = torch.ops.confusion_kernels.weighted_pair_sums_with_grad(
+        x, labels, w_in, w_out, metric)
+    return t_in, t_out

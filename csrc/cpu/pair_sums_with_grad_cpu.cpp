@@ -1,0 +1,234 @@
+// C++ CPU kernel of the one-pass ASLoss core, weighted_pair_sums_with_grad:
+//   t_in  = sum_i w_in[i]  S_in[i]  = sum_{i<j, y_i == y_j} (w_in[i]  + w_in[j])  D(x_i, x_j)
+//   t_out = sum_i w_out[i] S_out[i] = sum_{i<j, y_i != y_j} (w_out[i] + w_out[j]) D(x_i, x_j)
+// and their gradients dt_in/dx, dt_out/dx, in one pass over the upper triangle
+// of row tiles: each unordered pair's distance is computed once and updates
+// both of its rows. The weights are the loss's dL/dS (known before the pass).
+//
+// Gram metrics (euclidean, sqeuclidean, cosine). Cosine is half the squared
+// euclidean distance of the unit rows, so all three use one Gram form
+// |a - b|^2 = |a|^2 + |b|^2 - 2 a.b. Its rounding error grows with |a|^2 + |b|^2,
+// so the rows are sorted by label and every tile pair is shifted by the mean of
+// its row tile: within a class tile the operands are then as small as the
+// class's spread and close pairs of a clustered (trained) embedding stay on the
+// fast path. Pairs the Gram form still cannot resolve (d^2 <= (|a|^2+|b|^2)/16
+// after the shift, duplicates among them, and cosine's eps branch) are
+// recomputed exactly with the shared per-pair math.
+//
+// Deterministic: tiles are visited in a fixed order, every row's partial sums
+// are owned by one thread, the exact pairs are added serially, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "confusion_kernels/checks.h"
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+namespace {
+
+constexpr int64_t kTile = 256;
+
+struct TileGrads {
+  at::Tensor same;   // [N, D] gradient of t_in in operand space
+  at::Tensor other;  // [N, D] gradient of t_out in operand space
+};
+
+// grad_R += rowsum(W) * A - W B and grad_C += colsum(W) * B - W^T A for one
+// tile's coefficients W [rt, ct] (A: centred row operands, B: centred columns).
+void add_tile_gradient(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                       at::Tensor& grad, int64_t r0, int64_t c0) {
+  at::Tensor gr = grad.narrow(0, r0, a.size(0));
+  gr.addcmul_(w.sum(1).unsqueeze(1), a).addmm_(w, b, 1, -1);
+  at::Tensor gc = grad.narrow(0, c0, b.size(0));
+  gc.addcmul_(w.sum(0).unsqueeze(1), b).addmm_(w.t(), a, 1, -1);
+}
+
+template <int64_t M, typename acc_t>
+void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const int64_t* lab,
+              const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows,
+              TileGrads& g, at::Tensor& gx_in, at::Tensor& gx_out) {
+  const int64_t n = xs.size(0), d = xs.size(1);
+  const acc_t* xp = xs.data_ptr<acc_t>();
+  acc_t* gxi = gx_in.data_ptr<acc_t>();
+  acc_t* gxo = gx_out.data_ptr<acc_t>();
+  const int64_t tile = std::min(kTile, n);
+  at::Tensor w_same = at::empty({tile, tile}, xs.options());
+  at::Tensor w_other = at::empty({tile, tile}, xs.options());
+  std::vector<int64_t> flagged(tile), n_same(tile), n_other(tile);
+  // which pairs of the tile take the exact form: decided once, in the vector loop
+  std::vector<uint8_t> exact_pairs(tile * tile);
+  uint8_t* ep = exact_pairs.data();
+  for (int64_t r0 = 0; r0 < n; r0 += kTile) {
+    const int64_t rt = std::min(kTile, n - r0);
+    const at::Tensor zr = zs.narrow(0, r0, rt);
+    const at::Tensor shift = zr.mean(0, /*keepdim=*/true);
+    const at::Tensor a = (zr - shift).contiguous();
+    const at::Tensor na = (a * a).sum(1);
+    const acc_t* nap = na.data_ptr<acc_t>();
+    for (int64_t c0 = r0; c0 < n; c0 += kTile) {
+      const int64_t ct = std::min(kTile, n - c0);
+      const bool diagonal = c0 == r0;
+      const at::Tensor b = diagonal ? a : (zs.narrow(0, c0, ct) - shift).contiguous();
+      const at::Tensor nb = diagonal ? na : (b * b).sum(1);
+      const acc_t* nbp = nb.data_ptr<acc_t>();
+      const at::Tensor gram = at::mm(a, b.t()).contiguous();
+      const acc_t* gp = gram.data_ptr<acc_t>();
+      at::Tensor ws = w_same.narrow(0, 0, rt).narrow(1, 0, ct);
+      at::Tensor wo_t = w_other.narrow(0, 0, rt).narrow(1, 0, ct);
+      acc_t* wsp = w_same.data_ptr<acc_t>();
+      acc_t* wop = w_other.data_ptr<acc_t>();
+      at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t ii = begin; ii < end; ++ii) {
+          const int64_t i = r0 + ii, li = lab[i];
+          const acc_t ni = nap[ii], wii = wi[i], woi = wo[i], sqi = sq[i];
+          const acc_t* grow = gp + ii * ct;
+          acc_t* srow = wsp + ii * tile;
+          acc_t* orow = wop + ii * tile;
+          uint8_t* erow = ep + ii * tile;
+          acc_t tin = 0, tout = 0;
+          int64_t nflag = 0, nsame = 0, nother = 0;
+#pragma omp simd reduction(+ : tin, tout, nflag, nsame, nother)
+          for (int64_t jj = 0; jj < ct; ++jj) {
+            const int64_t j = c0 + jj;
+            const bool valid = j > i;  // upper triangle (only the diagonal tile has j <= i)
+            const acc_t nsum = ni + nbp[jj];
+            acc_t d2 = nsum - acc_t(2) * grow[jj];
+            d2 = d2 < acc_t(0) ? acc_t(0) : d2;  // NaN passes through
+            bool exact = d2 <= acc_t(kGramExactFraction) * nsum;
+            if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sq[j]);
+            const bool same = lab[j] == li;
+            const bool use = valid && !exact;
+            const acc_t dist = M == kEuclidean ? std::sqrt(d2)
+                               : M == kSqEuclidean ? d2
+                                                   : acc_t(0.5) * d2;
+            const acc_t w = same ? wii + wi[j] : woi + wo[j];
+            // dD/d(operand of row i) = coef * (a_i - b_j)
+            const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? w / dist : acc_t(0))
+                               : M == kSqEuclidean ? acc_t(2) * w
+                                                   : w;
+            const acc_t c = use ? coef : acc_t(0);
+            srow[jj] = same ? c : acc_t(0);
+            orow[jj] = same ? acc_t(0) : c;
+            const acc_t wd = use ? w * dist : acc_t(0);
+            tin += same ? wd : acc_t(0);
+            tout += same ? acc_t(0) : wd;
+            erow[jj] = (valid && exact) ? 1 : 0;
+            nflag += (valid && exact) ? 1 : 0;
+            nsame += (use && same) ? 1 : 0;
+            nother += (use && !same) ? 1 : 0;
+          }
+          t_in_rows[i] += tin;
+          t_out_rows[i] += tout;
+          flagged[ii] = nflag;
+          n_same[ii] = nsame;
+          n_other[ii] = nother;
+        }
+      });
+      // The pairs the Gram form cannot resolve, exactly and serially (they update two rows).
+      for (int64_t ii = 0; ii < rt; ++ii) {
+        if (!flagged[ii]) continue;
+        const int64_t i = r0 + ii;
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          if (!ep[ii * tile + jj]) continue;
+          const int64_t j = c0 + jj;
+          const bool same = lab[j] == lab[i];
+          const acc_t w = same ? wi[i] + wi[j] : wo[i] + wo[j];
+          const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
+          (same ? t_in_rows : t_out_rows)[i] += w * dist;
+          acc_t* gx = same ? gxi : gxo;
+          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, w, gx + i * d);
+          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + j * d, xp + i * d, d, w, gx + j * d);
+        }
+      }
+      int64_t any_same = 0, any_other = 0;
+      for (int64_t ii = 0; ii < rt; ++ii) {
+        any_same += n_same[ii];
+        any_other += n_other[ii];
+      }
+      if (any_same) add_tile_gradient(ws, a, b, g.same, r0, c0);
+      if (any_other) add_tile_gradient(wo_t, a, b, g.other, r0, c0);
+    }
+  }
+}
+
+// Cosine: the operand-space gradient g (w.r.t. the unit rows u) becomes the
+// gradient w.r.t. x: (g - u (u.g)) / |x|.
+at::Tensor unit_to_row_gradient(const at::Tensor& g, const at::Tensor& u, const at::Tensor& sq) {
+  const at::Tensor radial = (g * u).sum(1, /*keepdim=*/true);
+  const at::Tensor norms = sq.sqrt().unsqueeze(1);
+  const at::Tensor inv = at::where(norms > 0, 1 / norms, at::zeros_like(norms));
+  return (g - u * radial) * inv;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
+    const at::Tensor& w_out, c10::string_view metric_name) {
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
+  const int64_t metric = in.metric;
+  TORCH_CHECK(metric == kEuclidean || metric == kSqEuclidean || metric == kCosine,
+              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
+              "sqeuclidean, cosine)");
+  const int64_t n = in.x.size(0);
+  for (const at::Tensor* w : {&w_in, &w_out})
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
+                    w->device().is_cpu(),
+                "weighted_pair_sums_with_grad: the weights must be floating [N] CPU tensors "
+                "with N = ", n);
+  const at::Tensor perm = at::argsort(in.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor xs = in.x.index_select(0, perm).contiguous();
+  const at::Tensor lab = in.labels.index_select(0, perm).contiguous();
+  const at::Tensor wis = w_in.to(xs.scalar_type()).index_select(0, perm).contiguous();
+  const at::Tensor wos = w_out.to(xs.scalar_type()).index_select(0, perm).contiguous();
+  // squared norms in float64, clamped to the dtype's largest value (cosine's eps test)
+  const double top = xs.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                     : std::numeric_limits<float>::max();
+  const at::Tensor x64 = xs.to(at::kDouble);
+  const at::Tensor sq64 = (x64 * x64).sum(1);
+  const at::Tensor sq = sq64.clamp_max(top).to(xs.scalar_type()).contiguous();
+  at::Tensor zs = xs;
+  if (metric == kCosine) {
+    const at::Tensor norms = sq64.sqrt().unsqueeze(1);
+    zs = at::where(norms > 0, x64 / norms, at::zeros_like(x64)).to(xs.scalar_type()).contiguous();
+  }
+  at::Tensor t_in_rows = at::zeros({n}, xs.options()), t_out_rows = at::zeros({n}, xs.options());
+  TileGrads g{at::zeros_like(xs), at::zeros_like(xs)};
+  at::Tensor gx_in = at::zeros_like(xs), gx_out = at::zeros_like(xs);
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "weighted_pair_sums_with_grad_cpu", [&] {
+    const auto run = [&](auto m) {
+      one_pass<decltype(m)::value, scalar_t>(
+          xs, zs, sq.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), wis.data_ptr<scalar_t>(),
+          wos.data_ptr<scalar_t>(), t_in_rows.data_ptr<scalar_t>(),
+          t_out_rows.data_ptr<scalar_t>(), g, gx_in, gx_out);
+    };
+    switch (metric) {
+      case kEuclidean: return run(std::integral_constant<int64_t, kEuclidean>{});
+      case kSqEuclidean: return run(std::integral_constant<int64_t, kSqEuclidean>{});
+      case kCosine: return run(std::integral_constant<int64_t, kCosine>{});
+      default: TORCH_CHECK(false, "weighted_pair_sums_with_grad: unknown metric code ", metric);
+    }
+  });
+  if (metric == kCosine) {
+    g.same = unit_to_row_gradient(g.same, zs, sq);
+    g.other = unit_to_row_gradient(g.other, zs, sq);
+  }
+  at::Tensor grad_in = at::empty_like(xs), grad_out = at::empty_like(xs);
+  grad_in.index_copy_(0, perm, g.same + gx_in);
+  grad_out.index_copy_(0, perm, g.other + gx_out);
+  return {t_in_rows.sum(), t_out_rows.sum(), grad_in.to(x.scalar_type()),
+          grad_out.to(x.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
+  m.impl("weighted_pair_sums_with_grad", &weighted_pair_sums_with_grad_cpu);
+}
+
+}  // namespace confusion_kernels

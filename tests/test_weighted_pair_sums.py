@@ -1,0 +1,153 @@
+"""The one-pass ASLoss core (weighted_pair_sums): loss terms and gradients from one
+triangular pass, against the float64 reference on shapes that stress the tiling."""
+
+import importlib
+
+import pytest
+import torch
+
+import confusion_kernels as ck
+from confusion_kernels.ops.weighted_pair_sums import has_one_pass
+from conftest import require_backend
+
+# the module (confusion_kernels.losses re-exports the function of the same name)
+as_loss_module = importlib.import_module("confusion_kernels.losses.as_loss")
+OP = "weighted_pair_sums_with_grad"
+METRICS = ["euclidean", "sqeuclidean", "cosine"]
+
+
+def _data(n, d, classes, seed, kind="random", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    if kind == "random":
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:  # tight clusters far from the origin: the Gram form's hard case
+        centres = 50.0 + torch.randn(classes, d, generator=g, dtype=torch.float64)
+        x = centres[labels] + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x.to(dtype), labels
+
+
+def _terms_and_grad(x, labels, backend, **kw):
+    xr = x.clone().requires_grad_(True)
+    t = ck.as_loss_terms(xr, labels, backend=backend, **kw)
+    (0.3 * t.inner - 0.7 * t.outer + 0.1 * t.boundary).backward()
+    return t, xr.grad
+
+
+@pytest.fixture
+def count_one_pass(monkeypatch):
+    calls = []
+    original = as_loss_module.weighted_pair_sums
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(as_loss_module, "weighted_pair_sums", counted)
+    return calls
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,d,classes,kind", [
+    (300, 16, 5, "random"),      # ragged: 300 = 256 + 44
+    (513, 33, 7, "random"),      # three row tiles, the last with one row
+    (257, 12, 200, "random"),    # many singleton classes
+    (260, 20, 1, "random"),      # a single class: outer = 0
+    (300, 24, 4, "clustered"),   # tight clusters at distance ~50 from the origin
+])
+@pytest.mark.parametrize("reduction", ["pair_mean", "class_mean"])
+def test_one_pass_matches_reference_float64(metric, n, d, classes, kind, reduction,
+                                            count_one_pass):
+    require_backend("cpu", OP)
+    x, labels = _data(n, d, classes, seed=n + d, kind=kind)
+    x[3] = x[10]  # a duplicated pair: distance 0
+    got, got_grad = _terms_and_grad(x, labels, "cpu", metric=metric, reduction=reduction)
+    want, want_grad = _terms_and_grad(x, labels, "reference", metric=metric, reduction=reduction)
+    assert count_one_pass, "the one-pass op was not used"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9,
+                               atol=1e-10 * float(want_grad.abs().max()))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kw", [dict(include_self=True), dict(dim_mean=True),
+                                dict(reduction="class_mean", include_self=True)])
+def test_one_pass_variants(metric, kw, count_one_pass):
+    require_backend("cpu", OP)
+    x, labels = _data(70, 10, 4, seed=5)
+    labels[0] = 9  # a singleton class
+    got, got_grad = _terms_and_grad(x, labels, "cpu", metric=metric, **kw)
+    want, want_grad = _terms_and_grad(x, labels, "reference", metric=metric, **kw)
+    assert count_one_pass
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradcheck(metric):
+    require_backend("cpu", OP)
+    x, labels = _data(23, 11, 3, seed=6)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda t: ck.as_loss(t, labels, metric=metric, backend="cpu"), (x,))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_duplicates_get_zero_distance_and_gradient(metric):
+    require_backend("cpu", OP)
+    row = torch.randn(1, 12, dtype=torch.float64)
+    x = torch.cat([row, row, row + 1.0, row + 1.0]).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 1])
+    t = ck.as_loss_terms(x, labels, metric=metric, backend="cpu")
+    assert t.inner.item() == 0.0
+    t.inner.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("metric", METRICS)
+def test_low_precision_inputs(dtype, metric):
+    require_backend("cpu", OP)
+    x, labels = _data(300, 16, 5, seed=7, dtype=dtype)
+    got, got_grad = _terms_and_grad(x, labels, "cpu", metric=metric)
+    want, want_grad = _terms_and_grad(x.double(), labels, "reference", metric=metric)
+    assert got.inner.dtype == torch.float32 and got_grad.dtype == dtype
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=2e-2,
+                               atol=2e-2 * float(want_grad.abs().max()))
+
+
+def test_bitwise_reproducible_and_opcheck():
+    require_backend("cpu", OP)
+    x, labels = _data(300, 16, 5, seed=8, dtype=torch.float32)
+    first = _terms_and_grad(x, labels, "cpu")
+    second = _terms_and_grad(x, labels, "cpu")
+    assert torch.equal(first[1], second[1])
+    assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
+    w = torch.rand(300)
+    torch.library.opcheck(torch.ops.confusion_kernels.weighted_pair_sums_with_grad,
+                          (x.clone().requires_grad_(True), labels, w, w.flip(0), "euclidean"))
+
+
+def test_raw_op_rejects_bad_input():
+    require_backend("cpu", OP)
+    x, labels = _data(10, 12, 3, seed=9, dtype=torch.float32)
+    op = torch.ops.confusion_kernels.weighted_pair_sums_with_grad
+    w = torch.ones(10)
+    with pytest.raises(RuntimeError, match="Gram form only"):
+        op(x, labels, w, w, "manhattan")
+    with pytest.raises(RuntimeError, match="weights must be floating"):
+        op(x, labels, w[:9], w, "euclidean")
+    with pytest.raises(RuntimeError, match="unknown metric"):
+        op(x, labels, w, w, "chebyshev")
+
+
+def test_when_the_one_pass_applies():
+    require_backend("cpu", OP)
+    assert has_one_pass("cpu", "euclidean", 64) and has_one_pass("cpu", "cosine", 2)
+    assert not has_one_pass("cpu", "euclidean", 8)  # small D: the difference loops
+    assert not has_one_pass("cpu", "manhattan", 64)
+    assert not has_one_pass("triton", "euclidean", 64)
