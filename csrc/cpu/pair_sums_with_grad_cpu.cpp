@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -33,15 +34,21 @@
 namespace confusion_kernels {
 namespace {
 
-constexpr int64_t kTile = 256;
+constexpr int64_t kTile = 512;
+
+// Diagonal tiles with more same-class blocks than this build masked copies of W
+// instead of one small product per block.
+constexpr int64_t kMaxBlocks = 8;
+// Classes with at least this many rows get tiles of their own.
+constexpr int64_t kMinClassTile = 32;
 
 struct TileGrads {
   at::Tensor same;   // [N, D] gradient of t_in in operand space
   at::Tensor other;  // [N, D] gradient of t_out in operand space
 };
 
-// grad_R += rowsum(W) * A - W B and grad_C += colsum(W) * B - W^T A for one
-// tile's coefficients W [rt, ct] (A: centred row operands, B: centred columns).
+// grad_R += rowsum(W) * A - W B and grad_C += colsum(W) * B - W^T A for the
+// coefficients W [rt, ct] of rows A (centred row operands) and columns B.
 void add_tile_gradient(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
                        at::Tensor& grad, int64_t r0, int64_t c0) {
   at::Tensor gr = grad.narrow(0, r0, a.size(0));
@@ -50,8 +57,84 @@ void add_tile_gradient(const at::Tensor& w, const at::Tensor& a, const at::Tenso
   gc.addcmul_(w.sum(0).unsqueeze(1), b).addmm_(w.t(), a, 1, -1);
 }
 
+// [begin, end) offsets of the runs of equal class ids in cls[0, len) (sorted).
+std::vector<std::pair<int64_t, int64_t>> class_runs(const int32_t* cls, int64_t len) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t s = 0; s < len;) {
+    int64_t e = s + 1;
+    while (e < len && cls[e] == cls[s]) ++e;
+    runs.emplace_back(s, e);
+    s = e;
+  }
+  return runs;
+}
+
+// Splits one tile's coefficients W (all pairs) into the same-class and the
+// other-class gradients. Rows are sorted by class, so the same-class pairs of
+// an off-diagonal tile form at most one rectangle (the last class of the row
+// tile meeting the first class of the column tile) and those of a diagonal
+// tile a chain of diagonal blocks: small products on those blocks, then W with
+// the blocks zeroed for the other-class pairs.
+void split_tile_gradient(at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                         const int32_t* cls, int64_t r0, int64_t c0, TileGrads& g) {
+  const int64_t rt = a.size(0), ct = b.size(0);
+  std::vector<std::array<int64_t, 4>> blocks;  // row begin, row end, column begin, column end
+  if (r0 == c0) {
+    for (const auto& run : class_runs(cls + r0, rt))
+      if (run.second - run.first > 1) blocks.push_back({run.first, run.second, run.first, run.second});
+  } else if (cls[r0 + rt - 1] == cls[c0]) {
+    int64_t rs = rt - 1, ce = 1;
+    while (rs > 0 && cls[r0 + rs - 1] == cls[c0]) --rs;
+    while (ce < ct && cls[c0 + ce] == cls[c0]) ++ce;
+    blocks.push_back({rs, rt, 0, ce});
+  }
+  const bool all_same = cls[r0] == cls[c0 + ct - 1];  // one class covers both tiles
+  if (static_cast<int64_t>(blocks.size()) > kMaxBlocks) {  // many small classes on the diagonal
+    const at::Tensor ids = at::from_blob(const_cast<int32_t*>(cls + r0), {rt},
+                                         at::TensorOptions().dtype(at::kInt));
+    const at::Tensor same = ids.unsqueeze(1) == ids.unsqueeze(0);
+    add_tile_gradient(at::where(same, w, at::zeros_like(w)), a, b, g.same, r0, c0);
+    add_tile_gradient(at::where(same, at::zeros_like(w), w), a, b, g.other, r0, c0);
+    return;
+  }
+  for (const auto& blk : blocks) {
+    at::Tensor sub = w.narrow(0, blk[0], blk[1] - blk[0]).narrow(1, blk[2], blk[3] - blk[2]);
+    add_tile_gradient(sub, a.narrow(0, blk[0], blk[1] - blk[0]),
+                      b.narrow(0, blk[2], blk[3] - blk[2]), g.same, r0 + blk[0], c0 + blk[2]);
+    sub.zero_();
+  }
+  if (!all_same) add_tile_gradient(w, a, b, g.other, r0, c0);
+}
+
+// Row tiles of the label-sorted rows, as boundaries 0 = b_0 < b_1 < ... = n.
+// A class of at least kMinClassTile rows is cut into tiles of its own (near-equal,
+// at most kTile rows), so that the shift by the tile mean is the class mean and a
+// clustered class's close pairs keep their digits; smaller classes are packed
+// together (their few same-class pairs may take the exact form).
+std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
+  std::vector<int64_t> bounds{0};
+  int64_t packed = 0;  // rows of small classes in the open tile
+  for (const auto& run : class_runs(cls, n)) {
+    const int64_t len = run.second - run.first;
+    if (len >= kMinClassTile) {
+      if (packed) bounds.push_back(run.first);
+      packed = 0;
+      const int64_t pieces = (len + kTile - 1) / kTile;
+      for (int64_t k = 1; k <= pieces; ++k) bounds.push_back(run.first + len * k / pieces);
+    } else {
+      if (packed + len > kTile) {
+        bounds.push_back(run.first);
+        packed = 0;
+      }
+      packed += len;
+    }
+  }
+  if (bounds.back() != n) bounds.push_back(n);
+  return bounds;
+}
+
 template <int64_t M, typename acc_t>
-void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const int64_t* lab,
+void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const int32_t* cls,
               const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows,
               TileGrads& g, at::Tensor& gx_in, at::Tensor& gx_out) {
   const int64_t n = xs.size(0), d = xs.size(1);
@@ -59,76 +142,73 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
   acc_t* gxi = gx_in.data_ptr<acc_t>();
   acc_t* gxo = gx_out.data_ptr<acc_t>();
   const int64_t tile = std::min(kTile, n);
-  at::Tensor w_same = at::empty({tile, tile}, xs.options());
-  at::Tensor w_other = at::empty({tile, tile}, xs.options());
-  std::vector<int64_t> flagged(tile), n_same(tile), n_other(tile);
+  at::Tensor w_all = at::empty({tile, tile}, xs.options());
+  std::vector<int32_t> flagged(tile);
   // which pairs of the tile take the exact form: decided once, in the vector loop
   std::vector<uint8_t> exact_pairs(tile * tile);
   uint8_t* ep = exact_pairs.data();
-  for (int64_t r0 = 0; r0 < n; r0 += kTile) {
-    const int64_t rt = std::min(kTile, n - r0);
+  const std::vector<int64_t> bounds = tile_bounds(cls, n);
+  const int64_t tiles = static_cast<int64_t>(bounds.size()) - 1;
+  for (int64_t rtile = 0; rtile < tiles; ++rtile) {
+    const int64_t r0 = bounds[rtile], rt = bounds[rtile + 1] - r0;
     const at::Tensor zr = zs.narrow(0, r0, rt);
     const at::Tensor shift = zr.mean(0, /*keepdim=*/true);
     const at::Tensor a = (zr - shift).contiguous();
     const at::Tensor na = (a * a).sum(1);
     const acc_t* nap = na.data_ptr<acc_t>();
-    for (int64_t c0 = r0; c0 < n; c0 += kTile) {
-      const int64_t ct = std::min(kTile, n - c0);
+    for (int64_t ctile = rtile; ctile < tiles; ++ctile) {
+      const int64_t c0 = bounds[ctile], ct = bounds[ctile + 1] - c0;
       const bool diagonal = c0 == r0;
       const at::Tensor b = diagonal ? a : (zs.narrow(0, c0, ct) - shift).contiguous();
       const at::Tensor nb = diagonal ? na : (b * b).sum(1);
       const acc_t* nbp = nb.data_ptr<acc_t>();
       const at::Tensor gram = at::mm(a, b.t()).contiguous();
       const acc_t* gp = gram.data_ptr<acc_t>();
-      at::Tensor ws = w_same.narrow(0, 0, rt).narrow(1, 0, ct);
-      at::Tensor wo_t = w_other.narrow(0, 0, rt).narrow(1, 0, ct);
-      acc_t* wsp = w_same.data_ptr<acc_t>();
-      acc_t* wop = w_other.data_ptr<acc_t>();
+      at::Tensor w = w_all.narrow(0, 0, rt).narrow(1, 0, ct);
+      acc_t* wp = w_all.data_ptr<acc_t>();
       at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) {
-          const int64_t i = r0 + ii, li = lab[i];
+          const int64_t i = r0 + ii;
+          const int32_t ci = cls[i];
           const acc_t ni = nap[ii], wii = wi[i], woi = wo[i], sqi = sq[i];
           const acc_t* grow = gp + ii * ct;
-          acc_t* srow = wsp + ii * tile;
-          acc_t* orow = wop + ii * tile;
+          const int32_t* ccol = cls + c0;
+          const acc_t *wicol = wi + c0, *wocol = wo + c0, *sqcol = sq + c0;
+          acc_t* wrow = wp + ii * tile;
           uint8_t* erow = ep + ii * tile;
+          // only the diagonal tile has pairs j <= i, which are left out
+          const int64_t first = diagonal ? ii + 1 : 0;
           acc_t tin = 0, tout = 0;
-          int64_t nflag = 0, nsame = 0, nother = 0;
-#pragma omp simd reduction(+ : tin, tout, nflag, nsame, nother)
+          int32_t nflag = 0;
+#pragma omp simd reduction(+ : tin, tout, nflag)
           for (int64_t jj = 0; jj < ct; ++jj) {
-            const int64_t j = c0 + jj;
-            const bool valid = j > i;  // upper triangle (only the diagonal tile has j <= i)
+            const bool valid = jj >= first;
             const acc_t nsum = ni + nbp[jj];
             acc_t d2 = nsum - acc_t(2) * grow[jj];
             d2 = d2 < acc_t(0) ? acc_t(0) : d2;  // NaN passes through
             bool exact = d2 <= acc_t(kGramExactFraction) * nsum;
-            if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sq[j]);
-            const bool same = lab[j] == li;
+            if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sqcol[jj]);
+            const bool same = ccol[jj] == ci;
             const bool use = valid && !exact;
             const acc_t dist = M == kEuclidean ? std::sqrt(d2)
                                : M == kSqEuclidean ? d2
                                                    : acc_t(0.5) * d2;
-            const acc_t w = same ? wii + wi[j] : woi + wo[j];
+            const acc_t pw = same ? wii + wicol[jj] : woi + wocol[jj];
             // dD/d(operand of row i) = coef * (a_i - b_j)
-            const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? w / dist : acc_t(0))
-                               : M == kSqEuclidean ? acc_t(2) * w
-                                                   : w;
-            const acc_t c = use ? coef : acc_t(0);
-            srow[jj] = same ? c : acc_t(0);
-            orow[jj] = same ? acc_t(0) : c;
-            const acc_t wd = use ? w * dist : acc_t(0);
+            const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? pw / dist : acc_t(0))
+                               : M == kSqEuclidean ? acc_t(2) * pw
+                                                   : pw;
+            wrow[jj] = use ? coef : acc_t(0);
+            const acc_t wd = use ? pw * dist : acc_t(0);
             tin += same ? wd : acc_t(0);
             tout += same ? acc_t(0) : wd;
-            erow[jj] = (valid && exact) ? 1 : 0;
-            nflag += (valid && exact) ? 1 : 0;
-            nsame += (use && same) ? 1 : 0;
-            nother += (use && !same) ? 1 : 0;
+            const bool flag = valid && exact;
+            erow[jj] = flag ? 1 : 0;
+            nflag += flag ? 1 : 0;
           }
           t_in_rows[i] += tin;
           t_out_rows[i] += tout;
           flagged[ii] = nflag;
-          n_same[ii] = nsame;
-          n_other[ii] = nother;
         }
       });
       // The pairs the Gram form cannot resolve, exactly and serially (they update two rows).
@@ -138,22 +218,16 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         for (int64_t jj = 0; jj < ct; ++jj) {
           if (!ep[ii * tile + jj]) continue;
           const int64_t j = c0 + jj;
-          const bool same = lab[j] == lab[i];
-          const acc_t w = same ? wi[i] + wi[j] : wo[i] + wo[j];
+          const bool same = cls[j] == cls[i];
+          const acc_t pw = same ? wi[i] + wi[j] : wo[i] + wo[j];
           const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
-          (same ? t_in_rows : t_out_rows)[i] += w * dist;
+          (same ? t_in_rows : t_out_rows)[i] += pw * dist;
           acc_t* gx = same ? gxi : gxo;
-          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, w, gx + i * d);
-          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + j * d, xp + i * d, d, w, gx + j * d);
+          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, pw, gx + i * d);
+          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + j * d, xp + i * d, d, pw, gx + j * d);
         }
       }
-      int64_t any_same = 0, any_other = 0;
-      for (int64_t ii = 0; ii < rt; ++ii) {
-        any_same += n_same[ii];
-        any_other += n_other[ii];
-      }
-      if (any_same) add_tile_gradient(ws, a, b, g.same, r0, c0);
-      if (any_other) add_tile_gradient(wo_t, a, b, g.other, r0, c0);
+      split_tile_gradient(w, a, b, cls, r0, c0, g);
     }
   }
 }
@@ -183,7 +257,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
                 "with N = ", n);
   const at::Tensor perm = at::argsort(in.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor xs = in.x.index_select(0, perm).contiguous();
-  const at::Tensor lab = in.labels.index_select(0, perm).contiguous();
+  // dense int32 class ids of the sorted rows (0, 1, ...): only equality matters
+  const at::Tensor sorted_labels = in.labels.index_select(0, perm);
+  const at::Tensor cls = n > 1 ? at::cat({at::zeros({1}, sorted_labels.options()),
+                                          (sorted_labels.diff() != 0).to(at::kLong)})
+                                     .cumsum(0)
+                                     .to(at::kInt)
+                                     .contiguous()
+                               : at::zeros({n}, sorted_labels.options().dtype(at::kInt));
   const at::Tensor wis = w_in.to(xs.scalar_type()).index_select(0, perm).contiguous();
   const at::Tensor wos = w_out.to(xs.scalar_type()).index_select(0, perm).contiguous();
   // squared norms in float64, clamped to the dtype's largest value (cosine's eps test)
@@ -203,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "weighted_pair_sums_with_grad_cpu", [&] {
     const auto run = [&](auto m) {
       one_pass<decltype(m)::value, scalar_t>(
-          xs, zs, sq.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), wis.data_ptr<scalar_t>(),
+          xs, zs, sq.data_ptr<scalar_t>(), cls.data_ptr<int32_t>(), wis.data_ptr<scalar_t>(),
           wos.data_ptr<scalar_t>(), t_in_rows.data_ptr<scalar_t>(),
           t_out_rows.data_ptr<scalar_t>(), g, gx_in, gx_out);
     };
