@@ -65,7 +65,7 @@ def _class_tile(F, W, WN, FN_rows, rows, rmask, c0, C, M, D,
     """(smin [BM, BC], arg [BM, BC], cmask [BC]) of the rows against classes
     c0 .. c0 + BC: the smallest squared distance over each class's m
     prototypes, and the first prototype reaching it."""
-    slots = tl.arange(0, BLOCK_C * MP)
+    slots = tl.arange(0, BLOCK_C * MP).to(tl.int64)  # int64: prototype * D
     cls = c0 + slots // MP
     t = slots % MP
     smask = (cls < C) & (t < M)
@@ -122,8 +122,7 @@ def _forward_kernel(F, W, WN, FN, LAB, ROWS, DTRUE, ACTIVE, N, C, M, D, sigma, m
                     KIND: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * D
     rmask = rows < N
     lab = tl.load(LAB + rows, mask=rmask, other=0)
     fn = tl.load(FN + rows, mask=rmask, other=0.0)
@@ -162,15 +161,14 @@ def _backward_f_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_F, N, C, M, D, 
                        KIND: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * D
     rmask = rows < N
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dims < D
     fn = tl.load(FN + rows, mask=rmask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
     row_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    slots = tl.arange(0, BLOCK_C * MP)
+    slots = tl.arange(0, BLOCK_C * MP).to(tl.int64)  # int64: prototype * D
     for c0 in range(0, C, BLOCK_C):
         smin, arg, cmask = _class_tile(F, W, WN, fn, rows, rmask, c0, C, M, D, ACC, USE_DOT, PREC,
                                        BLOCK_M, BLOCK_C, MP, BLOCK_K)
@@ -201,7 +199,7 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
     acc = tl.zeros((BLOCK_C * MP, BLOCK_DO), dtype=ACC)
     col_sum = tl.zeros((BLOCK_C * MP,), dtype=ACC)
     for r0 in range(0, N, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M).to(tl.int64) + r0
         rmask = rows < N
         fn = tl.load(FN + rows, mask=rmask, other=0.0)
         smin, arg, cmask = _class_tile(F, W, WN, fn, rows, rmask, c0, C, M, D, ACC, USE_DOT, PREC,
@@ -213,7 +211,7 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
         f = tl.load(F + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0).to(ACC)
         acc += _dot_nn(tl.trans(a), f, USE_DOT, ACC, PREC)
-    slots = tl.arange(0, BLOCK_C * MP)
+    slots = tl.arange(0, BLOCK_C * MP).to(tl.int64)  # int64: prototype * D
     cls = c0 + slots // MP
     t = slots % MP
     smask = (cls < C) & (t < M)

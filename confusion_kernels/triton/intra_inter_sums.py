@@ -134,7 +134,7 @@ def _gram_distance(dot, n2_i, n2_j, METRIC: tl.constexpr):
 def _column_tile(LAB, NORM2, c0, rows, rmask, N, BLOCK_N: tl.constexpr):
     """Columns [c0, c0 + BLOCK_N): indices, mask, labels, squared norms, and the
     mask of valid (row, column) pairs (both in range, not the diagonal)."""
-    cols = c0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N).to(tl.int64) + c0  # int64: cols * stride can pass 2**31
     cmask = cols < N
     lab_j = tl.load(LAB + cols, mask=cmask, other=0)
     n2_j = tl.load(NORM2 + cols, mask=cmask, other=0.0)
@@ -150,7 +150,7 @@ def _forward_kernel(XG, XA, LAB, NORM2, S_IN, S_OUT, N, D, stride,
                     METRIC: tl.constexpr, USE_GRAM: tl.constexpr, ACC: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * stride
     rmask = rows < N
     lab_i = tl.load(LAB + rows, mask=rmask, other=0)
     n2_i = tl.load(NORM2 + rows, mask=rmask, other=0.0)
@@ -220,7 +220,7 @@ def _backward_kernel(XG, XA, LAB, NORM2, G_IN, G_OUT, GRAD, N, D, stride,
                      METRIC: tl.constexpr, USE_GRAM: tl.constexpr, ACC: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * stride
     rmask = rows < N
     ko = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     komask = ko < D
