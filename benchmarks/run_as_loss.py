@@ -3,7 +3,9 @@
 Providers (CPU):
   fused      as_loss(..., backend="cpu"): the one-pass op when it applies
              (weighted_pair_sums: loss and gradient in one triangular pass)
-  two-pass   the same loss from intra_inter_sums (forward, then a recomputing backward)
+  two-pass   the same loss from intra_inter_sums: a forward over all pairs, then its
+             backward (a recomputing backward up to commit f1cbff6; since then, for the
+             Gram metrics, the one-pass kernel with the upstream gradients as weights)
   eager      the PyTorch reference (torch.cdist + masks, N x N memory)
   compile    torch.compile of the reference
 Data:

@@ -8,7 +8,8 @@
 // form cancels (duplicates, near neighbours) are recomputed exactly with the
 // shared per-pair math. manhattan / smooth_l1, and euclidean / sqeuclidean at
 // small D: direct loops over a transposed copy so the inner loop runs over
-// contiguous columns and vectorises.
+// contiguous columns and vectorises. The backward of the Gram metrics is the
+// one-pass kernel of pair_sums_with_grad_cpu.cpp (each unordered pair once).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/pair_math.h"
+#include "pair_sums_with_grad.h"
 
 namespace confusion_kernels {
 namespace {
@@ -86,79 +88,6 @@ void gram_forward(const at::Tensor& x_in, const int64_t* lab, acc_t* s_in, acc_t
       });
     }
   }
-}
-
-template <int64_t M, typename acc_t>
-void gram_backward(const at::Tensor& x_in, const int64_t* lab, const acc_t* g_in,
-                   const acc_t* g_out, at::Tensor& grad) {
-  const at::Tensor& xa = x_in;  // exact pairs: the input rows
-  const at::Tensor centred = center_for_gram(xa, M);  // Gram pairs
-  const int64_t n = xa.size(0), d = xa.size(1);
-  const acc_t* xp = xa.data_ptr<acc_t>();
-  const at::Tensor norms = (centred * centred).sum(1);
-  const acc_t* np = norms.data_ptr<acc_t>();
-  const at::Tensor xg = gram_operands(centred, norms, M);
-  acc_t* gradp = grad.data_ptr<acc_t>();
-  // grad_i = self[i] * op(x_i) + sum_j other[i, j] * op(x_j)  (+ exact pairs, added directly)
-  at::Tensor self_coef = at::zeros({n}, xa.options());
-  acc_t* selfp = self_coef.data_ptr<acc_t>();
-  at::Tensor other = at::empty({std::min(kRowTile, n), std::min(kColTile, n)}, xa.options());
-  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-    const int64_t rt = std::min(kRowTile, n - r0);
-    const at::Tensor xr = xg.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < n; c0 += kColTile) {
-      const int64_t ct = std::min(kColTile, n - c0);
-      const at::Tensor xc = xg.narrow(0, c0, ct);
-      const at::Tensor g = at::mm(xr, xc.t()).contiguous();
-      const acc_t* gp = g.data_ptr<acc_t>();
-      at::Tensor w = other.narrow(0, 0, rt).narrow(1, 0, ct);  // rows of stride other.size(1)
-      acc_t* wp = w.data_ptr<acc_t>();
-      const int64_t wstride = other.size(1);
-      at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) {
-          const int64_t i = r0 + ii;
-          const acc_t ni = np[i];
-          const int64_t li = lab[i];
-          const acc_t gi_in = g_in[i], gi_out = g_out[i];
-          const acc_t inv_norm = M == kCosine && ni > 0 ? acc_t(1) / std::sqrt(ni) : acc_t(0);
-          const acc_t* grow = gp + ii * ct;
-          acc_t* wrow = wp + ii * wstride;
-          acc_t self_sum = 0;
-          int64_t flagged = 0;
-#pragma omp simd reduction(+ : self_sum, flagged)
-          for (int64_t jj = 0; jj < ct; ++jj) {
-            const int64_t j = c0 + jj;
-            bool exact;
-            const acc_t nj = np[j], dot = grow[jj];  // dot: a.b, or cos for cosine
-            const acc_t dist = gram_distance<acc_t>(M, ni, nj, dot, &exact);
-            flagged += exact ? 1 : 0;
-            const acc_t pair_grad = lab[j] == li ? gi_in + g_in[j] : gi_out + g_out[j];
-            // exact pairs (the diagonal among them) are added below
-            const acc_t coef = (exact || j == i) ? acc_t(0) : pair_grad;
-            acc_t sc, oc;
-            gram_grad_coefficients<acc_t>(M, dot, dist, inv_norm, &sc, &oc);
-            self_sum += coef * sc;
-            wrow[jj] = coef * oc;
-          }
-          selfp[i] += self_sum;
-          if (flagged) {
-            acc_t* grow_out = gradp + i * d;
-            for (int64_t jj = 0; jj < ct; ++jj) {
-              const int64_t j = c0 + jj;
-              bool exact;
-              gram_distance<acc_t>(M, ni, np[j], grow[jj], &exact);
-              if (!exact || j == i) continue;
-              const acc_t coef = lab[j] == li ? gi_in + g_in[j] : gi_out + g_out[j];
-              pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, coef,
-                                                       grow_out);
-            }
-          }
-        }
-      });
-      grad.narrow(0, r0, rt).addmm_(w, xc);
-    }
-  }
-  grad.addcmul_(self_coef.unsqueeze(1), xg);
 }
 
 // ---------------------------------------------------------------------------
@@ -268,19 +197,14 @@ void forward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, acc_
   }
 }
 
+// The difference-form metrics (and euclidean / sqeuclidean at small D); the
+// Gram metrics go through pair_sums_with_grad.
 template <typename acc_t>
 void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
                    const acc_t* g_out, at::Tensor& grad) {
   switch (metric) {
-    case kEuclidean:
-      return xa.size(1) <= kDirectMaxDim
-                 ? direct_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad)
-                 : gram_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
-    case kSqEuclidean:
-      return xa.size(1) <= kDirectMaxDim
-                 ? direct_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad)
-                 : gram_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
-    case kCosine: return gram_backward<kCosine, acc_t>(xa, lab, g_in, g_out, grad);
+    case kEuclidean: return direct_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
+    case kSqEuclidean: return direct_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
     case kManhattan: return direct_backward<kManhattan, acc_t>(xa, lab, g_in, g_out, grad);
     case kSmoothL1: return direct_backward<kSmoothL1, acc_t>(xa, lab, g_in, g_out, grad);
     default: TORCH_CHECK(false, "intra_inter_sums_backward: unknown metric code ", metric);
@@ -307,6 +231,13 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCPU);
   const int64_t metric = in.metric;
+  if (metric == kCosine ||
+      ((metric == kEuclidean || metric == kSqEuclidean) && in.x.size(1) > kDirectMaxDim)) {
+    // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the one-pass
+    // kernel with the upstream gradients as weights, each unordered pair once.
+    const PairSums r = pair_sums_with_grad(in.x, in.labels, in.grad_in, in.grad_out, metric);
+    return (r.grad_in + r.grad_out).to(x.scalar_type());
+  }
   at::Tensor grad = at::zeros_like(in.x);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cpu", [&] {
     backward_impl<scalar_t>(metric, in.x, in.labels.data_ptr<int64_t>(),

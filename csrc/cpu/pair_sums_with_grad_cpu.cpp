@@ -30,6 +30,7 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/pair_math.h"
+#include "pair_sums_with_grad.h"
 
 namespace confusion_kernels {
 namespace {
@@ -241,24 +242,15 @@ at::Tensor unit_to_row_gradient(const at::Tensor& g, const at::Tensor& u, const 
   return (g - u * radial) * inv;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cpu(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
-    const at::Tensor& w_out, c10::string_view metric_name) {
-  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
-  const int64_t metric = in.metric;
-  TORCH_CHECK(metric == kEuclidean || metric == kSqEuclidean || metric == kCosine,
-              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
-              "sqeuclidean, cosine)");
-  const int64_t n = in.x.size(0);
-  for (const at::Tensor* w : {&w_in, &w_out})
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
-                    w->device().is_cpu(),
-                "weighted_pair_sums_with_grad: the weights must be floating [N] CPU tensors "
-                "with N = ", n);
-  const at::Tensor perm = at::argsort(in.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor xs = in.x.index_select(0, perm).contiguous();
+}  // namespace
+
+PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
+                             const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
+  const int64_t n = xa.size(0);
+  const at::Tensor perm = at::argsort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor xs = xa.index_select(0, perm).contiguous();
   // dense int32 class ids of the sorted rows (0, 1, ...): only equality matters
-  const at::Tensor sorted_labels = in.labels.index_select(0, perm);
+  const at::Tensor sorted_labels = labels.index_select(0, perm);
   const at::Tensor cls = n > 1 ? at::cat({at::zeros({1}, sorted_labels.options()),
                                           (sorted_labels.diff() != 0).to(at::kLong)})
                                      .cumsum(0)
@@ -281,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
   at::Tensor t_in_rows = at::zeros({n}, xs.options()), t_out_rows = at::zeros({n}, xs.options());
   TileGrads g{at::zeros_like(xs), at::zeros_like(xs)};
   at::Tensor gx_in = at::zeros_like(xs), gx_out = at::zeros_like(xs);
-  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "weighted_pair_sums_with_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "pair_sums_with_grad", [&] {
     const auto run = [&](auto m) {
       one_pass<decltype(m)::value, scalar_t>(
           xs, zs, sq.data_ptr<scalar_t>(), cls.data_ptr<int32_t>(), wis.data_ptr<scalar_t>(),
@@ -292,18 +284,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
       case kEuclidean: return run(std::integral_constant<int64_t, kEuclidean>{});
       case kSqEuclidean: return run(std::integral_constant<int64_t, kSqEuclidean>{});
       case kCosine: return run(std::integral_constant<int64_t, kCosine>{});
-      default: TORCH_CHECK(false, "weighted_pair_sums_with_grad: unknown metric code ", metric);
+      default: TORCH_CHECK(false, "pair_sums_with_grad: no Gram form for metric code ", metric);
     }
   });
   if (metric == kCosine) {
     g.same = unit_to_row_gradient(g.same, zs, sq);
     g.other = unit_to_row_gradient(g.other, zs, sq);
   }
-  at::Tensor grad_in = at::empty_like(xs), grad_out = at::empty_like(xs);
-  grad_in.index_copy_(0, perm, g.same + gx_in);
-  grad_out.index_copy_(0, perm, g.other + gx_out);
-  return {t_in_rows.sum(), t_out_rows.sum(), grad_in.to(x.scalar_type()),
-          grad_out.to(x.scalar_type())};
+  PairSums out{t_in_rows.sum(), t_out_rows.sum(), at::empty_like(xs), at::empty_like(xs)};
+  out.grad_in.index_copy_(0, perm, g.same + gx_in);
+  out.grad_out.index_copy_(0, perm, g.other + gx_out);
+  return out;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
+    const at::Tensor& w_out, c10::string_view metric_name) {
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
+  TORCH_CHECK(in.metric == kEuclidean || in.metric == kSqEuclidean || in.metric == kCosine,
+              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
+              "sqeuclidean, cosine)");
+  const int64_t n = in.x.size(0);
+  for (const at::Tensor* w : {&w_in, &w_out})
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
+                    w->device().is_cpu(),
+                "weighted_pair_sums_with_grad: the weights must be floating [N] CPU tensors "
+                "with N = ", n);
+  const PairSums r = pair_sums_with_grad(in.x, in.labels, w_in, w_out, in.metric);
+  return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};
 }
 
 }  // namespace
