@@ -339,7 +339,8 @@ def test_small_input_rules_raise_clear_errors():
 
 
 def test_numeric_constants_agree_with_the_shared_header():
-    """COSINE_EPS and GRAM_EXACT_FRACTION are written in _metrics.py and pair_math.h."""
+    """COSINE_EPS and GRAM_EXACT_FRACTION are written in _metrics.py and pair_math.h, the
+    difference-loop threshold in weighted_pair_sums.py and intra_inter_sums_cpu.cpp."""
     import re
     from pathlib import Path
 
@@ -351,6 +352,11 @@ def test_numeric_constants_agree_with_the_shared_header():
     fraction = re.search(r"kGramExactFraction = ([0-9.]+) / ([0-9.]+);", header)
     assert eps == _metrics.COSINE_EPS
     assert float(fraction.group(1)) / float(fraction.group(2)) == _metrics.GRAM_EXACT_FRACTION
+    # Python's route to the one-pass kernel and the C++ backward's use of it share a threshold
+    from confusion_kernels.ops import weighted_pair_sums
+
+    cpu = (Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "intra_inter_sums_cpu.cpp").read_text()
+    assert int(re.search(r"kDirectMaxDim = (\d+);", cpu).group(1)) == weighted_pair_sums._DIRECT_MAX_DIM
 
 
 def test_extension_lists_every_op_of_the_library():

@@ -19,7 +19,7 @@ from torch import nn
 from .._backend import select_backend
 from .._metrics import resolve_metric
 from .._validation import check_embeddings, check_labels, output_dtype
-from ..ops.intra_inter_sums import intra_inter_sums, rescale_cosine_rows
+from ..ops.intra_inter_sums import intra_inter_sums
 from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
 
@@ -89,8 +89,7 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
                                1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0, acc)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if needs_grad and has_one_pass(chosen, name, x.shape[1]):
-        xk = rescale_cosine_rows(x) if name == "cosine" else x
-        inner, outer = weighted_pair_sums(xk, labels, w_in, w_out, name)
+        inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name)
     else:
         s_in, s_out = intra_inter_sums(x, labels, name, backend=chosen, check_finite=False)
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()

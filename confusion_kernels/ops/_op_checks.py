@@ -10,6 +10,7 @@ the metric and the similarity.
 import torch
 
 from .._metrics import METRIC_CODES
+from .._validation import check_label_range
 from ..reference.affinity import SIMILARITIES
 
 # Widest prototype tile a Triton program holds: BLOCK_M x (classes x next_pow2(m))
@@ -39,13 +40,6 @@ def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor, *,
         _fail(op, f"{name} must be floating, got {v.dtype}")
     if v.device != x.device:
         _fail(op, f"{name} is on {v.device} but the rows are on {x.device}")
-
-
-def check_label_range(op: str, labels: torch.Tensor, num_classes: int) -> None:
-    """Every label in [0, num_classes): kernels index per-class data with them (one sync)."""
-    lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
-    if lo < 0 or hi >= num_classes:
-        _fail(op, f"labels must lie in [0, {num_classes}), got [{lo}, {hi}]")
 
 
 def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str,
@@ -85,4 +79,5 @@ def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tens
         _fail(op, f"unknown similarity {similarity!r}; expected one of {sorted(SIMILARITIES)}")
     for name, v in zip(("grad_rows", "d_true", "active"), per_row):
         _check_vector(op, name, v, f)
-    check_label_range(op, labels, c)
+    # kernels index per-class data with the labels
+    check_label_range(labels, c, f" ({op})")

@@ -17,6 +17,7 @@ from .. import _extension
 from .._metrics import resolve_metric
 from .._validation import accumulation_dtype as _accumulation
 from ._registration import refuse_double_backward
+from .intra_inter_sums import rescale_cosine_rows
 
 CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
 # euclidean / sqeuclidean with at most this many dimensions stay on the two-pass
@@ -66,6 +67,8 @@ def weighted_pair_sums(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor
                        w_out: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(t_in, t_out), differentiable in x; inputs validated by the caller, ``metric``
     a canonical name, the weights non-differentiable [N] tensors."""
+    if metric == "cosine":
+        x = rescale_cosine_rows(x)
     t_in, t_out, _, _ = torch.ops.confusion_kernels.weighted_pair_sums_with_grad(
         x, labels, w_in, w_out, metric)
     return t_in, t_out

@@ -259,14 +259,17 @@ PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
                                : at::zeros({n}, sorted_labels.options().dtype(at::kInt));
   const at::Tensor wis = w_in.to(xs.scalar_type()).index_select(0, perm).contiguous();
   const at::Tensor wos = w_out.to(xs.scalar_type()).index_select(0, perm).contiguous();
-  // squared norms in float64, clamped to the dtype's largest value (cosine's eps test)
-  const double top = xs.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
-                                                     : std::numeric_limits<float>::max();
-  const at::Tensor x64 = xs.to(at::kDouble);
-  const at::Tensor sq64 = (x64 * x64).sum(1);
-  const at::Tensor sq = sq64.clamp_max(top).to(xs.scalar_type()).contiguous();
+  // Cosine: the squared norms (its eps test and the projection back from the unit
+  // rows) in float64, clamped to the dtype's largest value, and the unit rows.
+  // The other metrics read neither: zeros, and the rows themselves.
+  at::Tensor sq = at::zeros({n}, xs.options());
   at::Tensor zs = xs;
   if (metric == kCosine) {
+    const double top = xs.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                       : std::numeric_limits<float>::max();
+    const at::Tensor x64 = xs.to(at::kDouble);
+    const at::Tensor sq64 = (x64 * x64).sum(1);
+    sq = sq64.clamp_max(top).to(xs.scalar_type()).contiguous();
     const at::Tensor norms = sq64.sqrt().unsqueeze(1);
     zs = at::where(norms > 0, x64 / norms, at::zeros_like(x64)).to(xs.scalar_type()).contiguous();
   }
