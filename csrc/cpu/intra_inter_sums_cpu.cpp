@@ -3,13 +3,12 @@
 //   S_out[i] = sum_{j : y_j != y_i}     D(x_i, x_j)
 // and its backward, in O(N*D + tile) memory.
 //
-// euclidean / sqeuclidean / cosine: distances of a (row tile x column tile)
-// block come from one matrix product (the Gram form); pairs where the Gram
-// form cancels (duplicates, near neighbours) are recomputed exactly with the
-// shared per-pair math. manhattan / smooth_l1, and euclidean / sqeuclidean at
-// small D: direct loops over a transposed copy so the inner loop runs over
-// contiguous columns and vectorises. The backward of the Gram metrics is the
-// one-pass kernel of pair_sums_with_grad_cpu.cpp (each unordered pair once).
+// euclidean / sqeuclidean (D > 8) / cosine: forward and backward are the
+// triangular Gram-form pass of pair_sums_with_grad_cpu.cpp (each unordered
+// pair once, class-aligned tiles shifted by their mean, exact recomputation
+// of the pairs the Gram form cannot resolve). manhattan / smooth_l1, and
+// euclidean / sqeuclidean at small D: direct loops over a transposed copy so
+// the inner loop runs over contiguous columns and vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,76 +17,21 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
-#include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/pair_math.h"
 #include "pair_sums_with_grad.h"
 
 namespace confusion_kernels {
 namespace {
 
-constexpr int64_t kRowTile = 256;
-constexpr int64_t kColTile = 1024;
 constexpr int64_t kDirectColBlock = 256;
 // euclidean / sqeuclidean with at most this many dimensions use the direct
 // (difference) loops: a K <= kDirectMaxDim matrix product does too little work
 // per output to pay for writing and re-reading the tile.
 constexpr int64_t kDirectMaxDim = 8;  // measured: direct wins up to D = 8 at N = 4096
 
-// ---------------------------------------------------------------------------
-// Gram-form metrics
-// ---------------------------------------------------------------------------
-template <int64_t M, typename acc_t>
-void gram_forward(const at::Tensor& x_in, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
-  const at::Tensor& xa = x_in;  // exact pairs: the input rows
-  const at::Tensor centred = center_for_gram(xa, M);  // Gram pairs
-  const int64_t n = xa.size(0), d = xa.size(1);
-  const acc_t* xp = xa.data_ptr<acc_t>();
-  const at::Tensor norms = (centred * centred).sum(1);
-  const acc_t* np = norms.data_ptr<acc_t>();
-  const at::Tensor xg = gram_operands(centred, norms, M);
-  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-    const int64_t rt = std::min(kRowTile, n - r0);
-    const at::Tensor xr = xg.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < n; c0 += kColTile) {
-      const int64_t ct = std::min(kColTile, n - c0);
-      const at::Tensor g = at::mm(xr, xg.narrow(0, c0, ct).t()).contiguous();
-      const acc_t* gp = g.data_ptr<acc_t>();
-      at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) {
-          const int64_t i = r0 + ii;
-          const acc_t ni = np[i];
-          const int64_t li = lab[i];
-          const acc_t* grow = gp + ii * ct;
-          const acc_t* ncol = np + c0;
-          const int64_t* lcol = lab + c0;
-          acc_t in = 0, out = 0;
-          int64_t flagged = 0;
-#pragma omp simd reduction(+ : in, out, flagged)
-          for (int64_t jj = 0; jj < ct; ++jj) {
-            bool exact;
-            const acc_t dist = gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
-            const acc_t kept = exact ? acc_t(0) : dist;
-            const bool same = lcol[jj] == li;
-            flagged += exact ? 1 : 0;
-            in += same ? kept : acc_t(0);
-            out += same ? acc_t(0) : kept;  // not kept - in-part: NaN - NaN would leak NaN
-          }
-          if (flagged) {  // rare on spread-out data: recompute those pairs exactly
-            for (int64_t jj = 0; jj < ct; ++jj) {
-              const int64_t j = c0 + jj;
-              bool exact;
-              gram_distance<acc_t>(M, ni, ncol[jj], grow[jj], &exact);
-              if (!exact || j == i) continue;
-              const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
-              (lcol[jj] == li ? in : out) += dist;
-            }
-          }
-          s_in[i] += in;
-          s_out[i] += out;
-        }
-      });
-    }
-  }
+bool uses_gram_pass(int64_t metric, int64_t dim) {
+  return metric == kCosine ||
+         ((metric == kEuclidean || metric == kSqEuclidean) && dim > kDirectMaxDim);
 }
 
 // ---------------------------------------------------------------------------
@@ -179,18 +123,14 @@ void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in
 // ---------------------------------------------------------------------------
 // Dispatch on metric (compile-time constant in the loops) and dtype.
 // ---------------------------------------------------------------------------
+// The difference-form metrics (and euclidean / sqeuclidean at small D); the
+// Gram metrics go through pair_row_sums.
 template <typename acc_t>
 void forward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, acc_t* s_in,
                   acc_t* s_out) {
   switch (metric) {
-    case kEuclidean:
-      return xa.size(1) <= kDirectMaxDim ? direct_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out)
-                                         : gram_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out);
-    case kSqEuclidean:
-      return xa.size(1) <= kDirectMaxDim
-                 ? direct_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out)
-                 : gram_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
-    case kCosine: return gram_forward<kCosine, acc_t>(xa, lab, s_in, s_out);
+    case kEuclidean: return direct_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out);
+    case kSqEuclidean: return direct_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
     case kManhattan: return direct_forward<kManhattan, acc_t>(xa, lab, s_in, s_out);
     case kSmoothL1: return direct_forward<kSmoothL1, acc_t>(xa, lab, s_in, s_out);
     default: TORCH_CHECK(false, "intra_inter_sums: unknown metric code ", metric);
@@ -216,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         c10::string_view metric_name) {
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
   const int64_t metric = in.metric;
+  if (uses_gram_pass(metric, in.x.size(1))) return pair_row_sums(in.x, in.labels, metric);
   at::Tensor s_in = at::zeros({x.size(0)}, in.x.options());
   at::Tensor s_out = at::zeros({x.size(0)}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cpu", [&] {
@@ -231,8 +172,7 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCPU);
   const int64_t metric = in.metric;
-  if (metric == kCosine ||
-      ((metric == kEuclidean || metric == kSqEuclidean) && in.x.size(1) > kDirectMaxDim)) {
+  if (uses_gram_pass(metric, in.x.size(1))) {
     // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the one-pass
     // kernel with the upstream gradients as weights, each unordered pair once.
     const PairSums r = pair_sums_with_grad(in.x, in.labels, in.grad_in, in.grad_out, metric);

@@ -1,4 +1,4 @@
-// The one-pass weighted pair sums of the CPU backend (pair_sums_with_grad_cpu.cpp):
+// The one-pass pair sums of the CPU backend (pair_sums_with_grad_cpu.cpp):
 //   t_in  = sum_i w_in[i]  S_in[i],   t_out = sum_i w_out[i] S_out[i]
 // and their gradients, each unordered pair computed once. Serves the ASLoss op
 // (weights = the loss's dL/dS) and the backward of intra_inter_sums (weights =
@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <tuple>
 
 namespace confusion_kernels {
 
@@ -21,5 +23,10 @@ struct PairSums {
 // w_in, w_out: floating [N]; metric: kEuclidean, kSqEuclidean or kCosine.
 PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
                              const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric);
+
+// The forward of intra_inter_sums by the same pass: (S_in, S_out) [N] in xa's
+// dtype, each unordered pair's distance computed once and added to both rows.
+std::tuple<at::Tensor, at::Tensor> pair_row_sums(const at::Tensor& xa, const at::Tensor& labels,
+                                                 int64_t metric);
 
 }  // namespace confusion_kernels

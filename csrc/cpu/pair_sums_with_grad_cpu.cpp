@@ -4,6 +4,8 @@
 // and their gradients dt_in/dx, dt_out/dx, in one pass over the upper triangle
 // of row tiles: each unordered pair's distance is computed once and updates
 // both of its rows. The weights are the loss's dL/dS (known before the pass).
+// The same pass without weights and gradients is the forward of
+// intra_inter_sums (pair_row_sums: each distance added to both rows' sums).
 //
 // Gram metrics (euclidean, sqeuclidean, cosine). Cosine is half the squared
 // euclidean distance of the unit rows, so all three use one Gram form
@@ -134,14 +136,45 @@ std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
   return bounds;
 }
 
-template <int64_t M, typename acc_t>
+// The mean of the finite rows of z [rt, D] (zeros if none): a row holding
+// NaN/Inf stays non-finite itself but must not spread to its tile's shift.
+inline at::Tensor finite_row_mean(const at::Tensor& z) {
+  const at::Tensor finite = at::isfinite(z).all(/*dim=*/1, /*keepdim=*/true);
+  const at::Tensor count = finite.sum().clamp_min(1).to(z.scalar_type());
+  return at::where(finite, z, at::zeros_like(z)).sum(0, /*keepdim=*/true) / count;
+}
+
+// Column sums of one tile's distances W (zero where a pair is not counted),
+// split by class: col_in[jj] / col_out[jj] += the same-class / other-class part
+// of column jj. Each thread owns a block of columns and walks the rows in order
+// (deterministic, contiguous inner loop).
+template <typename acc_t>
+void add_column_sums(const acc_t* wp, int64_t ld, int64_t rt, int64_t ct, const int32_t* rcls,
+                     const int32_t* ccls, acc_t* col_in, acc_t* col_out) {
+  at::parallel_for(0, ct, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t ii = 0; ii < rt; ++ii) {
+      const int32_t ci = rcls[ii];
+      const acc_t* wrow = wp + ii * ld;
+#pragma omp simd
+      for (int64_t jj = begin; jj < end; ++jj) {
+        const bool same = ccls[jj] == ci;
+        col_in[jj] += same ? wrow[jj] : acc_t(0);
+        col_out[jj] += same ? acc_t(0) : wrow[jj];
+      }
+    }
+  });
+}
+
+// The pass over the upper triangle of tile pairs. With Grad, the pair (i, j)
+// adds w * D(x_i, x_j) to row i's total (w = w_i + w_j of its kind) and
+// w * dD/dx to both rows' gradients; without Grad it adds D(x_i, x_j) to the
+// row sums of both i and j (S_in / S_out in t_in_rows / t_out_rows).
+template <int64_t M, bool Grad, typename acc_t>
 void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const int32_t* cls,
               const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows,
-              TileGrads& g, at::Tensor& gx_in, at::Tensor& gx_out) {
+              TileGrads* g, acc_t* gxi, acc_t* gxo) {
   const int64_t n = xs.size(0), d = xs.size(1);
   const acc_t* xp = xs.data_ptr<acc_t>();
-  acc_t* gxi = gx_in.data_ptr<acc_t>();
-  acc_t* gxo = gx_out.data_ptr<acc_t>();
   const int64_t tile = std::min(kTile, n);
   at::Tensor w_all = at::empty({tile, tile}, xs.options());
   std::vector<int32_t> flagged(tile);
@@ -153,7 +186,7 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
   for (int64_t rtile = 0; rtile < tiles; ++rtile) {
     const int64_t r0 = bounds[rtile], rt = bounds[rtile + 1] - r0;
     const at::Tensor zr = zs.narrow(0, r0, rt);
-    const at::Tensor shift = zr.mean(0, /*keepdim=*/true);
+    const at::Tensor shift = finite_row_mean(zr);
     const at::Tensor a = (zr - shift).contiguous();
     const at::Tensor na = (a * a).sum(1);
     const acc_t* nap = na.data_ptr<acc_t>();
@@ -171,10 +204,12 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         for (int64_t ii = begin; ii < end; ++ii) {
           const int64_t i = r0 + ii;
           const int32_t ci = cls[i];
-          const acc_t ni = nap[ii], wii = wi[i], woi = wo[i], sqi = sq[i];
+          const acc_t ni = nap[ii], sqi = sq[i];
+          const acc_t wii = Grad ? wi[i] : acc_t(0), woi = Grad ? wo[i] : acc_t(0);
           const acc_t* grow = gp + ii * ct;
           const int32_t* ccol = cls + c0;
-          const acc_t *wicol = wi + c0, *wocol = wo + c0, *sqcol = sq + c0;
+          const acc_t *wicol = Grad ? wi + c0 : nullptr, *wocol = Grad ? wo + c0 : nullptr;
+          const acc_t* sqcol = sq + c0;
           acc_t* wrow = wp + ii * tile;
           uint8_t* erow = ep + ii * tile;
           // only the diagonal tile has pairs j <= i, which are left out
@@ -194,13 +229,19 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
             const acc_t dist = M == kEuclidean ? std::sqrt(d2)
                                : M == kSqEuclidean ? d2
                                                    : acc_t(0.5) * d2;
-            const acc_t pw = same ? wii + wicol[jj] : woi + wocol[jj];
-            // dD/d(operand of row i) = coef * (a_i - b_j)
-            const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? pw / dist : acc_t(0))
-                               : M == kSqEuclidean ? acc_t(2) * pw
-                                                   : pw;
-            wrow[jj] = use ? coef : acc_t(0);
-            const acc_t wd = use ? pw * dist : acc_t(0);
+            acc_t wd;
+            if constexpr (Grad) {
+              const acc_t pw = same ? wii + wicol[jj] : woi + wocol[jj];
+              // dD/d(operand of row i) = coef * (a_i - b_j)
+              const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? pw / dist : acc_t(0))
+                                 : M == kSqEuclidean ? acc_t(2) * pw
+                                                     : pw;
+              wrow[jj] = use ? coef : acc_t(0);
+              wd = use ? pw * dist : acc_t(0);
+            } else {
+              wd = use ? dist : acc_t(0);
+              wrow[jj] = wd;  // the column sums read it back
+            }
             tin += same ? wd : acc_t(0);
             tout += same ? acc_t(0) : wd;
             const bool flag = valid && exact;
@@ -220,15 +261,26 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
           if (!ep[ii * tile + jj]) continue;
           const int64_t j = c0 + jj;
           const bool same = cls[j] == cls[i];
-          const acc_t pw = same ? wi[i] + wi[j] : wo[i] + wo[j];
           const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
-          (same ? t_in_rows : t_out_rows)[i] += pw * dist;
-          acc_t* gx = same ? gxi : gxo;
-          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, pw, gx + i * d);
-          pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + j * d, xp + i * d, d, pw, gx + j * d);
+          acc_t* rows = same ? t_in_rows : t_out_rows;
+          if constexpr (Grad) {
+            const acc_t pw = same ? wi[i] + wi[j] : wo[i] + wo[j];
+            rows[i] += pw * dist;
+            acc_t* gx = same ? gxi : gxo;
+            pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, pw, gx + i * d);
+            pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + j * d, xp + i * d, d, pw, gx + j * d);
+          } else {
+            rows[i] += dist;
+            rows[j] += dist;
+          }
         }
       }
-      split_tile_gradient(w, a, b, cls, r0, c0, g);
+      if constexpr (Grad) {
+        split_tile_gradient(w, a, b, cls, r0, c0, *g);
+      } else {
+        add_column_sums<acc_t>(wp, tile, rt, ct, cls + r0, cls + c0, t_in_rows + c0,
+                               t_out_rows + c0);
+      }
     }
   }
 }
@@ -244,60 +296,112 @@ at::Tensor unit_to_row_gradient(const at::Tensor& g, const at::Tensor& u, const 
 
 }  // namespace
 
-PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
-                             const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
+namespace {
+
+// The rows sorted by label and what the pass reads of them.
+struct SortedRows {
+  at::Tensor perm;  // sorted position -> input row
+  at::Tensor xs;    // [N, D] sorted rows (exact pairs)
+  at::Tensor zs;    // [N, D] Gram operands: the rows, or the unit rows for cosine
+  at::Tensor sq;    // [N] cosine: |x_i|^2 (float64, clamped to the dtype); else zeros
+  at::Tensor cls;   // [N] int32 dense class ids 0, 1, ... (nondecreasing)
+};
+
+SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int64_t metric) {
   const int64_t n = xa.size(0);
-  const at::Tensor perm = at::argsort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor xs = xa.index_select(0, perm).contiguous();
-  // dense int32 class ids of the sorted rows (0, 1, ...): only equality matters
-  const at::Tensor sorted_labels = labels.index_select(0, perm);
-  const at::Tensor cls = n > 1 ? at::cat({at::zeros({1}, sorted_labels.options()),
-                                          (sorted_labels.diff() != 0).to(at::kLong)})
-                                     .cumsum(0)
-                                     .to(at::kInt)
-                                     .contiguous()
-                               : at::zeros({n}, sorted_labels.options().dtype(at::kInt));
-  const at::Tensor wis = w_in.to(xs.scalar_type()).index_select(0, perm).contiguous();
-  const at::Tensor wos = w_out.to(xs.scalar_type()).index_select(0, perm).contiguous();
+  SortedRows r;
+  // Classes ordered by first appearance, not by label value: relabelling that
+  // keeps equality (the only thing that matters) gives the same order of rows,
+  // tiles and additions, so bit-identical results.
+  const auto uniq = at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true);
+  const at::Tensor inverse = std::get<1>(uniq);
+  const int64_t classes = std::get<0>(uniq).size(0);
+  const at::Tensor first = at::full({classes}, n, labels.options())
+                               .scatter_reduce(0, inverse, at::arange(n, labels.options()),
+                                               "amin", /*include_self=*/true);
+  const at::Tensor rank = at::empty_like(first).index_copy_(
+      0, at::argsort(first), at::arange(classes, labels.options()));
+  const at::Tensor key = rank.index_select(0, inverse);
+  r.perm = at::argsort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  r.xs = xa.index_select(0, r.perm).contiguous();
+  // dense int32 class ids of the sorted rows: 0, 1, ... in order
+  r.cls = key.index_select(0, r.perm).to(at::kInt).contiguous();
   // Cosine: the squared norms (its eps test and the projection back from the unit
   // rows) in float64, clamped to the dtype's largest value, and the unit rows.
   // The other metrics read neither: zeros, and the rows themselves.
-  at::Tensor sq = at::zeros({n}, xs.options());
-  at::Tensor zs = xs;
+  r.sq = at::zeros({n}, r.xs.options());
+  r.zs = r.xs;
   if (metric == kCosine) {
-    const double top = xs.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
-                                                       : std::numeric_limits<float>::max();
-    const at::Tensor x64 = xs.to(at::kDouble);
+    const double top = r.xs.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                         : std::numeric_limits<float>::max();
+    const at::Tensor x64 = r.xs.to(at::kDouble);
     const at::Tensor sq64 = (x64 * x64).sum(1);
-    sq = sq64.clamp_max(top).to(xs.scalar_type()).contiguous();
+    r.sq = sq64.clamp_max(top).to(r.xs.scalar_type()).contiguous();
     const at::Tensor norms = sq64.sqrt().unsqueeze(1);
-    zs = at::where(norms > 0, x64 / norms, at::zeros_like(x64)).to(xs.scalar_type()).contiguous();
+    r.zs = at::where(norms > 0, x64 / norms, at::zeros_like(x64))
+               .to(r.xs.scalar_type())
+               .contiguous();
   }
-  at::Tensor t_in_rows = at::zeros({n}, xs.options()), t_out_rows = at::zeros({n}, xs.options());
-  TileGrads g{at::zeros_like(xs), at::zeros_like(xs)};
-  at::Tensor gx_in = at::zeros_like(xs), gx_out = at::zeros_like(xs);
-  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "pair_sums_with_grad", [&] {
-    const auto run = [&](auto m) {
-      one_pass<decltype(m)::value, scalar_t>(
-          xs, zs, sq.data_ptr<scalar_t>(), cls.data_ptr<int32_t>(), wis.data_ptr<scalar_t>(),
-          wos.data_ptr<scalar_t>(), t_in_rows.data_ptr<scalar_t>(),
-          t_out_rows.data_ptr<scalar_t>(), g, gx_in, gx_out);
-    };
-    switch (metric) {
-      case kEuclidean: return run(std::integral_constant<int64_t, kEuclidean>{});
-      case kSqEuclidean: return run(std::integral_constant<int64_t, kSqEuclidean>{});
-      case kCosine: return run(std::integral_constant<int64_t, kCosine>{});
-      default: TORCH_CHECK(false, "pair_sums_with_grad: no Gram form for metric code ", metric);
-    }
+  return r;
+}
+
+// Calls f(std::integral_constant<int64_t, M>{}) for a Gram metric code.
+template <typename F>
+void dispatch_gram_metric(int64_t metric, const F& f) {
+  switch (metric) {
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    default: TORCH_CHECK(false, "pair sums: no Gram form for metric code ", metric);
+  }
+}
+
+}  // namespace
+
+PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
+                             const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
+  const int64_t n = xa.size(0);
+  const SortedRows r = sort_rows(xa, labels, metric);
+  const at::Tensor wis = w_in.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
+  const at::Tensor wos = w_out.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
+  at::Tensor t_in_rows = at::zeros({n}, r.xs.options()), t_out_rows = at::zeros({n}, r.xs.options());
+  TileGrads g{at::zeros_like(r.xs), at::zeros_like(r.xs)};
+  at::Tensor gx_in = at::zeros_like(r.xs), gx_out = at::zeros_like(r.xs);
+  AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_sums_with_grad", [&] {
+    dispatch_gram_metric(metric, [&](auto m) {
+      one_pass<decltype(m)::value, true, scalar_t>(
+          r.xs, r.zs, r.sq.data_ptr<scalar_t>(), r.cls.data_ptr<int32_t>(),
+          wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(), t_in_rows.data_ptr<scalar_t>(),
+          t_out_rows.data_ptr<scalar_t>(), &g, gx_in.data_ptr<scalar_t>(),
+          gx_out.data_ptr<scalar_t>());
+    });
   });
   if (metric == kCosine) {
-    g.same = unit_to_row_gradient(g.same, zs, sq);
-    g.other = unit_to_row_gradient(g.other, zs, sq);
+    g.same = unit_to_row_gradient(g.same, r.zs, r.sq);
+    g.other = unit_to_row_gradient(g.other, r.zs, r.sq);
   }
-  PairSums out{t_in_rows.sum(), t_out_rows.sum(), at::empty_like(xs), at::empty_like(xs)};
-  out.grad_in.index_copy_(0, perm, g.same + gx_in);
-  out.grad_out.index_copy_(0, perm, g.other + gx_out);
+  PairSums out{t_in_rows.sum(), t_out_rows.sum(), at::empty_like(r.xs), at::empty_like(r.xs)};
+  out.grad_in.index_copy_(0, r.perm, g.same + gx_in);
+  out.grad_out.index_copy_(0, r.perm, g.other + gx_out);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_row_sums(const at::Tensor& xa, const at::Tensor& labels,
+                                                 int64_t metric) {
+  const int64_t n = xa.size(0);
+  const SortedRows r = sort_rows(xa, labels, metric);
+  at::Tensor s_in = at::zeros({n}, r.xs.options()), s_out = at::zeros({n}, r.xs.options());
+  AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_row_sums", [&] {
+    dispatch_gram_metric(metric, [&](auto m) {
+      one_pass<decltype(m)::value, false, scalar_t>(
+          r.xs, r.zs, r.sq.data_ptr<scalar_t>(), r.cls.data_ptr<int32_t>(), nullptr, nullptr,
+          s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), nullptr, nullptr, nullptr);
+    });
+  });
+  at::Tensor in_rows = at::empty_like(s_in), out_rows = at::empty_like(s_out);
+  in_rows.index_copy_(0, r.perm, s_in);
+  out_rows.index_copy_(0, r.perm, s_out);
+  return {in_rows, out_rows};
 }
 
 namespace {
