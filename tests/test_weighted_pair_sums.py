@@ -1,5 +1,7 @@
-"""The one-pass ASLoss core (weighted_pair_sums): loss terms and gradients from one
-triangular pass, against the float64 reference on shapes that stress the tiling."""
+"""The one-pass ASLoss core (weighted_pair_sums) and intra_inter_sums on the same
+triangular pass: loss terms, row sums and gradients, against the float64
+reference on shapes that stress the tiling (CPU kernel; Triton through its
+interpreter without a GPU)."""
 
 import importlib
 
@@ -8,7 +10,9 @@ import torch
 
 import confusion_kernels as ck
 from confusion_kernels.ops.weighted_pair_sums import has_one_pass
-from conftest import require_backend
+from conftest import interpreted, require_backend
+
+ONE_PASS_BACKENDS = ("cpu", "triton")
 
 # the module (confusion_kernels.losses re-exports the function of the same name)
 as_loss_module = importlib.import_module("confusion_kernels.losses.as_loss")
@@ -56,80 +60,96 @@ def count_one_pass(monkeypatch):
     (300, 24, 4, "clustered"),   # tight clusters at distance ~50 from the origin
 ])
 @pytest.mark.parametrize("reduction", ["pair_mean", "class_mean"])
-def test_one_pass_matches_reference_float64(metric, n, d, classes, kind, reduction,
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
+def test_one_pass_matches_reference_float64(backend, metric, n, d, classes, kind, reduction,
                                             count_one_pass):
-    require_backend("cpu", OP)
+    device = require_backend(backend, OP)
     x, labels = _data(n, d, classes, seed=n + d, kind=kind)
     x[3] = x[10]  # a duplicated pair: distance 0
-    got, got_grad = _terms_and_grad(x, labels, "cpu", metric=metric, reduction=reduction)
+    got, got_grad = _terms_and_grad(x.to(device), labels.to(device), backend, metric=metric,
+                                    reduction=reduction)
     want, want_grad = _terms_and_grad(x, labels, "reference", metric=metric, reduction=reduction)
     assert count_one_pass, "the one-pass op was not used"
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9,
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=1e-9,
                                atol=1e-10 * float(want_grad.abs().max()))
 
 
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("kw", [dict(include_self=True), dict(dim_mean=True),
                                 dict(reduction="class_mean", include_self=True)])
-def test_one_pass_variants(metric, kw, count_one_pass):
-    require_backend("cpu", OP)
+def test_one_pass_variants(backend, metric, kw, count_one_pass):
+    device = require_backend(backend, OP)
     x, labels = _data(70, 10, 4, seed=5)
     labels[0] = 9  # a singleton class
-    got, got_grad = _terms_and_grad(x, labels, "cpu", metric=metric, **kw)
+    got, got_grad = _terms_and_grad(x.to(device), labels.to(device), backend, metric=metric, **kw)
     want, want_grad = _terms_and_grad(x, labels, "reference", metric=metric, **kw)
     assert count_one_pass
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_gradcheck(metric):
-    require_backend("cpu", OP)
-    x, labels = _data(23, 11, 3, seed=6)
-    x.requires_grad_(True)
+def test_gradcheck(backend, metric):
+    device = require_backend(backend, OP)
+    x, labels = _data(13, 6, 3, seed=6) if interpreted(backend) else _data(23, 11, 3, seed=6)
+    x, labels = x.to(device).requires_grad_(True), labels.to(device)
     assert torch.autograd.gradcheck(
-        lambda t: ck.as_loss(t, labels, metric=metric, backend="cpu"), (x,))
+        lambda t: ck.as_loss(t, labels, metric=metric, backend=backend), (x,))
 
 
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_duplicates_get_zero_distance_and_gradient(metric):
-    require_backend("cpu", OP)
+def test_duplicates_get_zero_distance_and_gradient(backend, metric):
+    device = require_backend(backend, OP)
     row = torch.randn(1, 12, dtype=torch.float64)
-    x = torch.cat([row, row, row + 1.0, row + 1.0]).requires_grad_(True)
-    labels = torch.tensor([0, 0, 1, 1])
-    t = ck.as_loss_terms(x, labels, metric=metric, backend="cpu")
+    x = torch.cat([row, row, row + 1.0, row + 1.0]).to(device).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 1], device=device)
+    t = ck.as_loss_terms(x, labels, metric=metric, backend=backend)
     assert t.inner.item() == 0.0
     t.inner.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("metric", METRICS)
-def test_low_precision_inputs(dtype, metric):
-    require_backend("cpu", OP)
+def test_low_precision_inputs(backend, dtype, metric):
+    device = require_backend(backend, OP)
     x, labels = _data(300, 16, 5, seed=7, dtype=dtype)
-    got, got_grad = _terms_and_grad(x, labels, "cpu", metric=metric)
+    got, got_grad = _terms_and_grad(x.to(device), labels.to(device), backend, metric=metric)
     want, want_grad = _terms_and_grad(x.double(), labels, "reference", metric=metric)
     assert got.inner.dtype == torch.float32 and got_grad.dtype == dtype
     for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_grad.double(), want_grad, rtol=2e-2,
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad.double().cpu(), want_grad, rtol=2e-2,
                                atol=2e-2 * float(want_grad.abs().max()))
 
 
-def test_bitwise_reproducible_and_opcheck():
-    require_backend("cpu", OP)
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
+def test_bitwise_reproducible(backend):
+    device = require_backend(backend, OP)
     x, labels = _data(300, 16, 5, seed=8, dtype=torch.float32)
-    first = _terms_and_grad(x, labels, "cpu")
-    second = _terms_and_grad(x, labels, "cpu")
+    x, labels = x.to(device), labels.to(device)
+    first = _terms_and_grad(x, labels, backend)
+    second = _terms_and_grad(x, labels, backend)
     assert torch.equal(first[1], second[1])
     assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
-    w = torch.rand(300)
-    torch.library.opcheck(torch.ops.confusion_kernels.weighted_pair_sums_with_grad,
-                          (x.clone().requires_grad_(True), labels, w, w.flip(0), "euclidean"))
+
+
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
+def test_opcheck(backend):
+    device = require_backend(backend, OP)
+    x, labels = _data(300, 16, 5, seed=8, dtype=torch.float32)
+    x, labels = x.to(device), labels.to(device)
+    w = torch.rand(300, device=device)
+    op = (torch.ops.confusion_kernels.weighted_pair_sums_with_grad_triton if backend == "triton"
+          else torch.ops.confusion_kernels.weighted_pair_sums_with_grad)
+    torch.library.opcheck(op, (x.clone().requires_grad_(True), labels, w, w.flip(0), "euclidean"))
 
 
 def test_raw_op_rejects_bad_input():
@@ -150,7 +170,9 @@ def test_when_the_one_pass_applies():
     assert has_one_pass("cpu", "euclidean", 64) and has_one_pass("cpu", "cosine", 2)
     assert not has_one_pass("cpu", "euclidean", 8)  # small D: the difference loops
     assert not has_one_pass("cpu", "manhattan", 64)
-    assert not has_one_pass("triton", "euclidean", 64)
+    assert has_one_pass("triton", "euclidean", 4) and has_one_pass("triton", "cosine", 64)
+    assert not has_one_pass("triton", "manhattan", 64)
+    assert not has_one_pass("reference", "euclidean", 64)
 
 
 # ---------------------------------------------------------------------------
@@ -166,42 +188,48 @@ TILE_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,d,classes,kind", TILE_SHAPES)
-def test_row_sums_and_vjp_match_reference_float64(metric, n, d, classes, kind):
-    require_backend("cpu")
+def test_row_sums_and_vjp_match_reference_float64(backend, metric, n, d, classes, kind):
+    device = require_backend(backend)
+    if interpreted(backend) and n > 512:  # interpreter time; its blocks are 32 rows
+        n = 160
     x, labels = _data(n, d, classes, seed=3 * n + d, kind=kind)
     x[5] = x[17]  # a duplicated pair
     x.requires_grad_(True)
-    got = ck.intra_inter_sums(x, labels, metric, backend="cpu")
+    xd = x.detach().to(device).requires_grad_(True)
+    got = ck.intra_inter_sums(xd, labels.to(device), metric, backend=backend)
     want = ck.intra_inter_sums(x, labels, metric, backend="reference")
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
     g_in, g_out = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    got_grad = torch.autograd.grad(got, x, (g_in, g_out))[0]
+    got_grad = torch.autograd.grad(got, xd, (g_in.to(device), g_out.to(device)))[0].cpu()
     want_grad = torch.autograd.grad(want, x, (g_in, g_out))[0]
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-9,
                                atol=1e-10 * float(want_grad.abs().max()))
 
 
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_float32_accuracy_does_not_depend_on_clustering(metric):
+def test_float32_accuracy_does_not_depend_on_clustering(backend, metric):
     """Tight classes far from the origin keep the float32 row sums as accurate as
     spread-out data: the tile shift, not the exact fallback, carries them."""
-    require_backend("cpu")
+    device = require_backend(backend)
     errors = {}
+    n = 300 if interpreted(backend) else 1100  # interpreter time
     for kind in ("random", "clustered"):
-        x, labels = _data(1100, 32, 4, seed=11, kind=kind)
+        x, labels = _data(n, 32, 4, seed=11, kind=kind)
         if metric == "cosine" and kind == "clustered":
             # cosine sees directions: classes as narrow cones (angular spread ~1e-3)
             # around random directions; tighter cones are limited by float32 unit rows
             g = torch.Generator().manual_seed(12)
             axes = torch.nn.functional.normalize(torch.randn(4, 32, generator=g, dtype=torch.float64), dim=1)
-            x = 50.0 * axes[labels] + 0.05 * torch.randn(1100, 32, generator=g, dtype=torch.float64)
+            x = 50.0 * axes[labels] + 0.05 * torch.randn(n, 32, generator=g, dtype=torch.float64)
         x = x.float()  # the reference sees the float32 operands as stored
         want = ck.intra_inter_sums(x.double(), labels, metric, backend="reference")
-        got = ck.intra_inter_sums(x, labels, metric, backend="cpu")
-        errors[kind] = max(float(((a.double() - b).abs() / b.abs().clamp_min(1e-300)).max())
+        got = ck.intra_inter_sums(x.to(device), labels.to(device), metric, backend=backend)
+        errors[kind] = max(float(((a.double().cpu() - b).abs() / b.abs().clamp_min(1e-300)).max())
                            for a, b in zip(got, want) if b.abs().max() > 0)
     bound = 2e-5 if metric == "cosine" else 1e-5
     assert errors["random"] < bound and errors["clustered"] < bound, errors

@@ -73,8 +73,9 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
 
     Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype).
     ``inner`` is 0 when no class has two samples, ``outer`` 0 for a single class.
-    When a gradient is needed and the backend has it (cpu; euclidean and
-    sqeuclidean with D > 8, cosine), inner and outer and their gradients come
+    When a gradient is needed and the backend has it (cpu: euclidean and
+    sqeuclidean with D > 8, cosine; triton: euclidean, sqeuclidean, cosine),
+    inner and outer and their gradients come
     from one triangular pass (``weighted_pair_sums``); otherwise from
     ``intra_inter_sums``.
     """
@@ -89,7 +90,7 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
                                1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0, acc)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if needs_grad and has_one_pass(chosen, name, x.shape[1]):
-        inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name)
+        inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen)
     else:
         s_in, s_out = intra_inter_sums(x, labels, name, backend=chosen, check_finite=False)
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()

@@ -16,7 +16,7 @@ import torch
 from .. import _extension
 from .. import reference as _reference
 from .._backend import select_backend
-from .._metrics import METRIC_CODES, resolve_metric
+from .._metrics import GRAM_METRICS, METRIC_CODES, resolve_metric
 from .._validation import check_embeddings, check_labels
 from ._op_checks import check_row_sums
 from ._registration import (
@@ -42,7 +42,12 @@ def _triton_forward(x: torch.Tensor, labels: torch.Tensor, metric: str) -> tuple
     from ..triton import intra_inter_sums as kernels
 
     check_row_sums(x, labels, metric)
-    return kernels.forward(x, labels, METRIC_CODES[metric])
+    code = METRIC_CODES[metric]
+    if code in GRAM_METRICS:  # the triangular pass: each unordered pair once
+        from ..triton import pair_sums
+
+        return pair_sums.row_sums(x, labels, code)
+    return kernels.forward(x, labels, code)
 
 
 @torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
@@ -51,7 +56,15 @@ def _triton_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Ten
     from ..triton import intra_inter_sums as kernels
 
     check_row_sums(x, labels, metric, (grad_in, grad_out))
-    return kernels.backward(grad_in, grad_out, x, labels, METRIC_CODES[metric])
+    code = METRIC_CODES[metric]
+    if code in GRAM_METRICS:  # dL/dx = d(sum g_in S_in + g_out S_out)/dx, one triangular pass
+        from ..triton import pair_sums
+
+        _, _, g_same, g_other = pair_sums.weighted_with_grad(
+            x, labels, grad_in, grad_out, code, grad_dtype=torch.float64 if x.dtype ==
+            torch.float64 else torch.float32)
+        return (g_same + g_other).to(x.dtype)
+    return kernels.backward(grad_in, grad_out, x, labels, code)
 
 
 _triton_forward.register_fake(fake_row_sums)

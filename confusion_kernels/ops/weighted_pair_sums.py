@@ -16,10 +16,13 @@ import torch
 from .. import _extension
 from .._metrics import resolve_metric
 from .._validation import accumulation_dtype as _accumulation
+from .._metrics import GRAM_METRICS, METRIC_CODES
+from ._op_checks import check_row_sums
 from ._registration import refuse_double_backward
 from .intra_inter_sums import rescale_cosine_rows
 
 CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
+TRITON_OP = "confusion_kernels::weighted_pair_sums_with_grad_triton"
 # euclidean / sqeuclidean with at most this many dimensions stay on the two-pass
 # difference loops of intra_inter_sums (a K <= 8 matrix product does too little work).
 _DIRECT_MAX_DIM = 8
@@ -54,21 +57,43 @@ if _extension.HAS_C and _extension.has_kernel("weighted_pair_sums_with_grad", "C
     torch.library.register_autograd(CPP_OP, _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op(TRITON_OP, mutates_args=())
+def _triton_one_pass(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
+                     w_out: torch.Tensor, metric: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import pair_sums
+
+    check_row_sums(x, labels, metric, (w_in, w_out))
+    if METRIC_CODES[metric] not in GRAM_METRICS:
+        raise ValueError("weighted_pair_sums_with_grad_triton: metrics with a Gram form only "
+                         "(euclidean, sqeuclidean, cosine)")
+    return pair_sums.weighted_with_grad(x, labels, w_in, w_out, METRIC_CODES[metric])
+
+
+_triton_one_pass.register_fake(_fake)
+_triton_one_pass.register_autograd(_backward, setup_context=_setup_context)
+
+
 def has_one_pass(backend: str, metric: str, dim: int) -> bool:
     """True when ``backend`` has the one-pass kernel for this metric and dimension."""
+    name = resolve_metric(metric).name
+    if backend == "triton":
+        return name in ("euclidean", "sqeuclidean", "cosine")
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
     if key is None or not _extension.has_kernel("weighted_pair_sums_with_grad", key):
         return False
-    name = resolve_metric(metric).name
     return name == "cosine" or (name in ("euclidean", "sqeuclidean") and dim > _DIRECT_MAX_DIM)
 
 
 def weighted_pair_sums(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
-                       w_out: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       w_out: torch.Tensor, metric: str, backend: str = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t_in, t_out), differentiable in x; inputs validated by the caller, ``metric``
-    a canonical name, the weights non-differentiable [N] tensors."""
+    a canonical name, the weights non-differentiable [N] tensors, ``backend`` one
+    for which ``has_one_pass`` holds."""
     if metric == "cosine":
         x = rescale_cosine_rows(x)
-    t_in, t_out, _, _ = torch.ops.confusion_kernels.weighted_pair_sums_with_grad(
-        x, labels, w_in, w_out, metric)
+    op = _triton_one_pass if backend == "triton" else \
+        torch.ops.confusion_kernels.weighted_pair_sums_with_grad
+    t_in, t_out, _, _ = op(x, labels, w_in, w_out, metric)
     return t_in, t_out
