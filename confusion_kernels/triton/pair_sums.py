@@ -42,6 +42,16 @@ GRAM_EXACT_FRACTION = tl.constexpr(_metrics.GRAM_EXACT_FRACTION)
 
 
 @triton.jit
+def _mm(x, y, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """x @ y: tl.dot, or for fp64 (which tl.dot does not take on every Triton) a
+    broadcast product summed in ACC."""
+    if USE_DOT:
+        return tl.dot(x, y, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
+
+
+@triton.jit
 def _safe_inverse(v):
     ok = v > 0
     return tl.where(ok, 1.0 / tl.where(ok, v, 1.0), 0.0)
@@ -73,8 +83,8 @@ def _block_pair(ROUND, T, T_EVEN, DIAGONAL: tl.constexpr):
 def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, GX_IN, GX_OUT,
                  N, D, ROUND, T, T_EVEN,
                  METRIC: tl.constexpr, GRAD: tl.constexpr, DIAGONAL: tl.constexpr,
-                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                 ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 GRAD_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     p, q = _block_pair(ROUND, T, T_EVEN, DIAGONAL)
     if q < T:
         rows = p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: rows * D can pass 2**31
@@ -103,7 +113,7 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
                         other=0.0) - m[None, :]
             na += tl.sum(a * a, axis=1)
             nb += tl.sum(b * b, axis=1)
-            dot += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION, out_dtype=ACC)
+            dot += _mm(a, tl.trans(b), USE_DOT, DOT_PRECISION, ACC)
         nsum = na[:, None] + nb[None, :]
         d2 = nsum - 2.0 * dot
         d2 = tl.where(d2 < 0.0, 0.0, d2)  # not tl.maximum: NaN must pass through
@@ -155,7 +165,7 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
                     w_eps = tl.where(irregular, -pw / COSINE_EPS, 0.0)
                     _add_linear_grads(XR, GX_IN, GX_OUT, tl.where(same, w_eps, 0.0),
                                       tl.where(same, 0.0, w_eps), rows, cols, rmask, cmask,
-                                      D, DIAGONAL, ACC, GRAD_PRECISION, BLOCK, BLOCK_D)
+                                      D, DIAGONAL, ACC, USE_DOT, GRAD_PRECISION, BLOCK, BLOCK_D)
             if tl.max(exact.to(tl.int32)) > 0:  # their gradients from differences too
                 w_exact = tl.where(exact, coef, 0.0)
                 coef = tl.where(exact, 0.0, coef)
@@ -166,7 +176,8 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
             w_same = tl.where(same, coef, 0.0)
             w_other = tl.where(same, 0.0, coef)
             _add_difference_grads(Z, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols, rmask,
-                                  cmask, D, DIAGONAL, ACC, GRAD_PRECISION, BLOCK, BLOCK_D)
+                                  cmask, D, DIAGONAL, ACC, USE_DOT, GRAD_PRECISION, BLOCK,
+                                  BLOCK_D)
         else:
             d_same = tl.where(same, dist, 0.0)
             d_other = tl.where(same, 0.0, dist)
@@ -190,7 +201,7 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
 
 @triton.jit
 def _add_difference_grads(Z, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols, rmask, cmask,
-                          D, DIAGONAL: tl.constexpr, ACC: tl.constexpr,
+                          D, DIAGONAL: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     """G[i] += sum_j W_ij (a_i - b_j) and G[j] += sum_i W_ij (b_j - a_i) for both
@@ -214,18 +225,15 @@ def _add_difference_grads(Z, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols
         b = tl.where(ck, b, 0.0)
         g_rows = G_IN + rows[:, None] * D + ks[None, :]
         o_rows = G_OUT + rows[:, None] * D + ks[None, :]
-        gi = rs_same[:, None] * a - tl.dot(w_same, b, input_precision=DOT_PRECISION, out_dtype=ACC)
-        oi = rs_other[:, None] * a - tl.dot(w_other, b, input_precision=DOT_PRECISION,
-                                            out_dtype=ACC)
+        gi = rs_same[:, None] * a - _mm(w_same, b, USE_DOT, DOT_PRECISION, ACC)
+        oi = rs_other[:, None] * a - _mm(w_other, b, USE_DOT, DOT_PRECISION, ACC)
         tl.store(g_rows, tl.load(g_rows, mask=rk, other=0.0) + gi, mask=rk)
         tl.store(o_rows, tl.load(o_rows, mask=rk, other=0.0) + oi, mask=rk)
         if not DIAGONAL:
             g_cols = G_IN + cols[:, None] * D + ks[None, :]
             o_cols = G_OUT + cols[:, None] * D + ks[None, :]
-            gj = cs_same[:, None] * b - tl.dot(tl.trans(w_same), a,
-                                               input_precision=DOT_PRECISION, out_dtype=ACC)
-            oj = cs_other[:, None] * b - tl.dot(tl.trans(w_other), a,
-                                                input_precision=DOT_PRECISION, out_dtype=ACC)
+            gj = cs_same[:, None] * b - _mm(tl.trans(w_same), a, USE_DOT, DOT_PRECISION, ACC)
+            oj = cs_other[:, None] * b - _mm(tl.trans(w_other), a, USE_DOT, DOT_PRECISION, ACC)
             tl.store(g_cols, tl.load(g_cols, mask=ck, other=0.0) + gj, mask=ck)
             tl.store(o_cols, tl.load(o_cols, mask=ck, other=0.0) + oj, mask=ck)
 
@@ -264,7 +272,8 @@ def _add_exact_grads(Z, G_IN, G_OUT, w_same, w_other, rows, cols, rmask, cmask, 
 
 @triton.jit
 def _add_linear_grads(XR, GX_IN, GX_OUT, w_same, w_other, rows, cols, rmask, cmask, D,
-                      DIAGONAL: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      DIAGONAL: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """GX[i] += sum_j W_ij x_j and GX[j] += sum_i W_ij x_i (the cosine eps branch)."""
     if DIAGONAL:
@@ -280,18 +289,16 @@ def _add_linear_grads(XR, GX_IN, GX_OUT, w_same, w_other, rows, cols, rmask, cma
         g_rows = GX_IN + rows[:, None] * D + ks[None, :]
         o_rows = GX_OUT + rows[:, None] * D + ks[None, :]
         tl.store(g_rows, tl.load(g_rows, mask=rk, other=0.0)
-                 + tl.dot(w_same, xj, input_precision=DOT_PRECISION, out_dtype=ACC), mask=rk)
+                 + _mm(w_same, xj, USE_DOT, DOT_PRECISION, ACC), mask=rk)
         tl.store(o_rows, tl.load(o_rows, mask=rk, other=0.0)
-                 + tl.dot(w_other, xj, input_precision=DOT_PRECISION, out_dtype=ACC), mask=rk)
+                 + _mm(w_other, xj, USE_DOT, DOT_PRECISION, ACC), mask=rk)
         if not DIAGONAL:
             g_cols = GX_IN + cols[:, None] * D + ks[None, :]
             o_cols = GX_OUT + cols[:, None] * D + ks[None, :]
             tl.store(g_cols, tl.load(g_cols, mask=ck, other=0.0)
-                     + tl.dot(tl.trans(w_same), xi, input_precision=DOT_PRECISION,
-                              out_dtype=ACC), mask=ck)
+                     + _mm(tl.trans(w_same), xi, USE_DOT, DOT_PRECISION, ACC), mask=ck)
             tl.store(o_cols, tl.load(o_cols, mask=ck, other=0.0)
-                     + tl.dot(tl.trans(w_other), xi, input_precision=DOT_PRECISION,
-                              out_dtype=ACC), mask=ck)
+                     + _mm(tl.trans(w_other), xi, USE_DOT, DOT_PRECISION, ACC), mask=ck)
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +308,11 @@ def _config() -> dict:
     if triton_interpreting():  # numpy does the work: few, large steps
         return dict(BLOCK=32, BLOCK_D=32, BLOCK_K=32, num_warps=4)
     return dict(BLOCK=64, BLOCK_D=32, BLOCK_K=4, num_warps=4)
+
+
+def _block_d(cfg: dict, dtype: torch.dtype) -> int:
+    """fp64 multiplies by broadcast products (BLOCK x BLOCK x BLOCK_D in registers)."""
+    return cfg["BLOCK_D"] if dtype != torch.float64 or triton_interpreting() else 4
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -375,8 +387,10 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
     t = s.blocks
     t_even = t + (t % 2)
     dot_precision, grad_precision = _precisions(x)
-    common = dict(METRIC=metric, GRAD=grad, ACC=_tl_dtype(s.z.dtype), DOT_PRECISION=dot_precision,
-                  GRAD_PRECISION=grad_precision, BLOCK=cfg["BLOCK"], BLOCK_D=cfg["BLOCK_D"],
+    common = dict(METRIC=metric, GRAD=grad, ACC=_tl_dtype(s.z.dtype),
+                  USE_DOT=s.z.dtype != torch.float64, DOT_PRECISION=dot_precision,
+                  GRAD_PRECISION=grad_precision, BLOCK=cfg["BLOCK"],
+                  BLOCK_D=_block_d(cfg, s.z.dtype),
                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     args = (s.z, s.shift, s.labels, s.sq, bufs["w_in"], bufs["w_out"], bufs["t_in"],
             bufs["t_out"], bufs["g_in"], bufs["g_out"], s.xr, bufs["gx_in"], bufs["gx_out"])
