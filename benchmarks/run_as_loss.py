@@ -36,19 +36,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_data  # noqa: E402
 PROVIDERS = ["fused", "two-pass", "eager", "compile"]
 
 
 def make_data(n: int, d: int, data: str, seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    if data == "random":
-        return torch.randn(n, d, generator=g), labels
-    centres = torch.randn(10, d, generator=g)
-    centres = 10.0 * centres / centres.norm(dim=1, keepdim=True)
-    return centres[labels] + 0.3 * torch.randn(n, d, generator=g), labels
+    return bench_data.make_data(n, d, data, classes=10, seed=seed)
 
 
 def make_loss(provider: str, metric: str, labels):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_data  # noqa: E402
 OOM = "out of memory"
 ALL_METRICS = ["euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1"]
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -67,20 +69,22 @@ def make_fn(impl: str, metric: str, x, labels):
 
 
 def run_case(impl: str, device: str, n: int, d: int, metric: str, mode: str, reps: int,
-             max_seconds: float, min_runs: int = 3, dtype: str = "float32") -> dict:
+             max_seconds: float, min_runs: int = 3, dtype: str = "float32",
+             data: str = "random") -> dict:
     """Median time (ms) and peak memory (MiB) of one case, or an OOM / error record."""
     import torch
 
-    record = dict(impl=impl, device=device, n=n, d=d, metric=metric, mode=mode, dtype=dtype)
+    record = dict(impl=impl, device=device, n=n, d=d, metric=metric, mode=mode, dtype=dtype,
+                  data=data)
     if impl == "keops":
         import keops_peer
 
         reason = keops_peer.available()
         if reason is not None:
             return dict(record, status="not run", error=reason)
-    g = torch.Generator().manual_seed(n + d)
-    x = torch.randn(n, d, generator=g).to(device=device, dtype=getattr(torch, dtype))
-    labels = torch.randint(0, 100, (n,), generator=g).to(device)
+    x, labels = bench_data.make_data(n, d, data, classes=100, seed=n + d)
+    x, labels = x.to(device=device, dtype=getattr(torch, dtype)), labels.to(device)
+    g = torch.Generator().manual_seed(n + d + 1)
     g_in = torch.randn(n, generator=g).to(device)
     g_out = torch.randn(n, generator=g).to(device)
     fn = make_fn(impl, metric, x, labels)
@@ -163,14 +167,15 @@ def worker_main(args) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rec = run_case(args.impl, "cpu", args.n, args.d, args.metric, args.mode, args.reps,
-                   args.max_seconds, args.min_runs, args.dtype)
+                   args.max_seconds, args.min_runs, args.dtype, args.case_data)
     rec["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     print("RESULT " + json.dumps(rec))
 
 
-def run_cpu_case(args, impl, n, d, metric, mode) -> dict:
+def run_cpu_case(args, impl, n, d, metric, mode, data) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--n", str(n),
-           "--d", str(d), "--metric", metric, "--mode", mode, "--reps", str(args.reps),
+           "--d", str(d), "--metric", metric, "--mode", mode, "--case-data", data,
+           "--reps", str(args.reps),
            "--max-seconds", str(args.max_seconds), "--min-runs", str(args.min_runs),
            "--mem-limit-gib", str(args.mem_limit_gib), "--dtype", args.dtype]
     if args.threads:
@@ -181,14 +186,15 @@ def run_cpu_case(args, impl, n, d, metric, mode) -> dict:
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
     status = OOM if proc.returncode in (-9, 137) or "alloc" in tail[0].lower() else "error"
-    return dict(impl=impl, device="cpu", n=n, d=d, metric=metric, mode=mode, status=status,
+    return dict(impl=impl, device="cpu", n=n, d=d, metric=metric, mode=mode, data=data,
+                status=status,
                 error=f"exit {proc.returncode}: {tail[0][:200]}")
 
 
 # ---------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------
-FIELDS = ["impl", "device", "dtype", "metric", "mode", "n", "d", "status", "median_ms", "p20_ms",
+FIELDS = ["impl", "device", "dtype", "data", "metric", "mode", "n", "d", "status", "median_ms", "p20_ms",
           "p80_ms", "runs", "peak_mib", "speedup_vs_eager", "floor_ms", "of_floor", "error"]
 
 
@@ -210,10 +216,12 @@ def add_floors(records: list[dict], meta: dict) -> None:
 
 
 def add_speedups(records: list[dict]) -> None:
-    eager = {(r["metric"], r["mode"], r["n"], r["d"]): r.get("median_ms")
-             for r in records if r["impl"] == "eager" and r["status"] == "ok"}
+    def key(r):
+        return r.get("data", "random"), r["metric"], r["mode"], r["n"], r["d"]
+
+    eager = {key(r): r.get("median_ms") for r in records if r["impl"] == "eager" and r["status"] == "ok"}
     for r in records:
-        base = eager.get((r["metric"], r["mode"], r["n"], r["d"]))
+        base = eager.get(key(r))
         if base and r["status"] == "ok":
             r["speedup_vs_eager"] = base / r["median_ms"]
 
@@ -242,12 +250,16 @@ def write_reports(records: list[dict], meta: dict, out_dir: str, stem: str) -> l
                 "max_memory_allocated above the inputs). Speedup is eager time / this time. "
                 "Floor: the roofline floor of the case (benchmarks/roofline.py, from the ceilings "
                 "above); of floor = floor / median.\n\n")
-        f.write("| metric | mode | N | D | impl | median ms | p20-p80 ms | runs | peak MiB | "
+        f.write("Data (benchmarks/bench_data.py): random = N(0, 1) entries; clustered = 100 "
+                "class centres at radius 10, rows spread N(0, 0.3^2) per dimension around them.\n\n")
+        f.write("| data | metric | mode | N | D | impl | median ms | p20-p80 ms | runs | peak MiB | "
                 "speedup vs eager | floor ms | of floor |\n")
-        f.write("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
-        for r in sorted(records, key=lambda r: (r["metric"], r["mode"], r["d"], r["n"], r["impl"])):
+        f.write("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        for r in sorted(records, key=lambda r: (r["metric"], r["mode"], r["d"], r["n"],
+                                                r.get("data", "random"), r["impl"])):
+            data = r.get("data", "random")
             if r["status"] == "ok":
-                f.write(f"| {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
+                f.write(f"| {data} | {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
                         f"{fmt(r['median_ms'], 2)} | {fmt(r['p20_ms'], 2)}-{fmt(r['p80_ms'], 2)} | "
                         f"{fmt(r.get('runs'))} | {fmt(r.get('peak_mib'), 0)} | "
                         f"{fmt(r.get('speedup_vs_eager'), 2)} | {fmt(r.get('floor_ms'), 3)} | "
@@ -255,7 +267,7 @@ def write_reports(records: list[dict], meta: dict, out_dir: str, stem: str) -> l
             else:
                 why = r.get("error", "")
                 why = f" ({why[:60]})" if why and r["status"] != OOM else ""
-                f.write(f"| {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
+                f.write(f"| {data} | {r['metric']} | {r['mode']} | {r['n']} | {r['d']} | {r['impl']} | "
                         f"{r['status']}{why} | | | | | {fmt(r.get('floor_ms'), 3)} | |\n")
     paths = [csv_path, md_path]
     paths += plot(records, out_dir, stem)
@@ -277,13 +289,15 @@ def plot(records: list[dict], out_dir: str, stem: str) -> list[str]:
         sel = [r for r in records if (r["metric"], r["mode"], r["d"]) == (metric, mode, d)]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         markers = iter("osD^vP*X")
-        for impl in sorted({r["impl"] for r in sel}):
-            rows = sorted((r for r in sel if r["impl"] == impl), key=lambda r: r["n"])
+        for impl, data in sorted({(r["impl"], r.get("data", "random")) for r in sel}):
+            rows = sorted((r for r in sel if (r["impl"], r.get("data", "random")) == (impl, data)),
+                          key=lambda r: r["n"])
             ok = [r for r in rows if r["status"] == "ok"]
             marker = next(markers, "o")
             for ax, key in zip(axes, ("median_ms", "peak_mib")):
                 line, = ax.plot([r["n"] for r in ok], [r.get(key) for r in ok], marker=marker,
-                                fillstyle="none", label=impl)
+                                fillstyle="none", label=f"{impl} ({data})",
+                                linestyle="--" if data == "clustered" else "-")
                 for r in rows:  # failures: a cross at the last good value, with the reason
                     if r["status"] in (OOM, "error"):
                         y = ok[-1].get(key) if ok else 1.0
@@ -352,7 +366,7 @@ def predict_seconds(records: list[dict], case: dict) -> float:
     """Seconds per run predicted for `case` from the same series at a smaller N
     (time grows as N^2); 0 when there is none. A series that failed (out of
     memory, skipped) at a smaller N predicts infinity only for skips."""
-    same = [r for r in records if all(r[k] == case[k] for k in ("impl", "d", "metric", "mode"))
+    same = [r for r in records if all(r.get(k) == case.get(k) for k in ("impl", "d", "metric", "mode", "data"))
             and r["n"] < case["n"]]
     if not same:
         return 0.0
@@ -377,6 +391,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "full"],
                    help="default: full (CPU); fwd bwd full (CUDA)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--data", nargs="+", choices=list(bench_data.DATA_KINDS),
+                   default=list(bench_data.DATA_KINDS), help="input kinds (default: both)")
     p.add_argument("--tf32", action="store_true",
                    help="set torch.backends.cuda.matmul.allow_tf32 (our fp32 kernels then use tf32)")
     p.add_argument("--no-roofline", action="store_true", help="do not measure the ceilings")
@@ -402,6 +418,7 @@ def main() -> None:
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
     p.add_argument("--metric", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--case-data", default="random", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker and args.reps is None:
         args.reps = 5
@@ -435,32 +452,28 @@ def main() -> None:
     jsonl = open(os.path.join(args.out, f"{stem}.jsonl"), "w")
     jsonl.write(json.dumps(meta) + "\n")
     records = []
-    for metric in args.metrics:
-        for mode in args.modes:
-            for d in args.dims:
-                for n in args.sizes:
-                    for impl in impls:
-                        base = dict(impl=impl, device=args.device, n=n, d=d, metric=metric,
-                                    mode=mode, dtype=args.dtype)
-                        predicted = predict_seconds(records, base)
-                        if impl in ("eager", "compile") and args.skip_eager_above and n > args.skip_eager_above:
-                            rec = dict(base, status="not run", error="--skip-eager-above")
-                        elif args.max_predicted_seconds and predicted > args.max_predicted_seconds:
-                            rec = dict(base, status="skipped",
-                                       error=f"predicted {predicted:.0f} s per run (16 x N/4)")
-                        elif args.device == "cpu":
-                            rec = run_cpu_case(args, impl, n, d, metric, mode)
-                        else:
-                            rec = run_case(impl, "cuda", n, d, metric, mode, args.reps, args.max_seconds,
-                                           args.min_runs, args.dtype)
-                            import torch
-                            torch.cuda.empty_cache()
-                        records.append(rec)
-                        jsonl.write(json.dumps(rec) + "\n")
-                        jsonl.flush()
-                        shown = (f"{rec['median_ms']:.2f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB"
-                                 if rec["status"] == "ok" else f"{rec['status']} ({rec.get('error', '')[:80]})")
-                        print(f"{metric:10} {mode:4} N={n:<8} D={d:<4} {impl:8} {shown}", flush=True)
+    cases = itertools.product(args.metrics, args.modes, args.dims, args.sizes, args.data, impls)
+    for metric, mode, d, n, data, impl in cases:
+        base = dict(impl=impl, device=args.device, n=n, d=d, metric=metric, mode=mode,
+                    dtype=args.dtype, data=data)
+        predicted = predict_seconds(records, base)
+        if impl in ("eager", "compile") and args.skip_eager_above and n > args.skip_eager_above:
+            rec = dict(base, status="not run", error="--skip-eager-above")
+        elif args.max_predicted_seconds and predicted > args.max_predicted_seconds:
+            rec = dict(base, status="skipped", error=f"predicted {predicted:.0f} s per run (16 x N/4)")
+        elif args.device == "cpu":
+            rec = run_cpu_case(args, impl, n, d, metric, mode, data)
+        else:
+            rec = run_case(impl, "cuda", n, d, metric, mode, args.reps, args.max_seconds,
+                           args.min_runs, args.dtype, data)
+            import torch
+            torch.cuda.empty_cache()
+        records.append(rec)
+        jsonl.write(json.dumps(rec) + "\n")
+        jsonl.flush()
+        shown = (f"{rec['median_ms']:.2f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB"
+                 if rec["status"] == "ok" else f"{rec['status']} ({rec.get('error', '')[:80]})")
+        print(f"{metric:10} {mode:4} N={n:<8} D={d:<4} {data:9} {impl:8} {shown}", flush=True)
     jsonl.close()
     for path in write_reports(records, meta, args.out, stem):
         print("wrote", path)
