@@ -79,10 +79,18 @@ std::optional<GramOperands> gram_operands_for(const at::Tensor& x, int64_t metri
   }
 }
 
-// What the Gram kernels read: the operands op(x) in the operand dtype (the
-// centred rows, or the unit rows x/|x| for cosine; gram_operands.h), their
-// squared norms before normalisation in fp32, and the input rows in fp32 for
-// the pairs computed exactly.
+// What the Gram kernels read: the operands op(x) in the operand dtype, their
+// squared norms in fp32, and the input rows in fp32 for the pairs computed
+// exactly (the cosine exact path normalises those itself).
+//   * euclidean / sqeuclidean, fp32 / tf32: the rows centred on their mean
+//     (gram_operands.h), norms of the centred rows;
+//   * euclidean / sqeuclidean, fp16 / bf16: the input's own values (the fp32
+//     copy holds them exactly), never centred: centring and casting back would
+//     round every entry a second time. Norms come from the same values, so
+//     |a|^2 + |b|^2 - 2 a.b is the squared distance of the stored rows up to
+//     fp32 accumulation (the tensor cores multiply 16-bit values exactly);
+//   * cosine: the unit rows x/|x| (rounded once to the operand dtype) and the
+//     squared norms |x|^2 of the input rows (eps test, 1/|x|).
 struct GramInputs {
   at::Tensor rows;
   at::Tensor exact_rows;
@@ -92,12 +100,20 @@ struct GramInputs {
 GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
   GramInputs g;
   g.exact_rows = xa;
-  const at::Tensor centred = center_for_gram(xa, metric);
-  g.sq_norms = (centred * centred).sum(1).contiguous();
-  at::Tensor op = gram_operands(centred, g.sq_norms, metric);
-  if (ops == GramOperands::kFp16) op = op.to(at::kHalf);
-  if (ops == GramOperands::kBf16) op = op.to(at::kBFloat16);
-  g.rows = op.contiguous();
+  const bool half = ops == GramOperands::kFp16 || ops == GramOperands::kBf16;
+  const auto to_operand = [&](const at::Tensor& t) {
+    if (ops == GramOperands::kFp16) return t.to(at::kHalf).contiguous();
+    if (ops == GramOperands::kBf16) return t.to(at::kBFloat16).contiguous();
+    return t.contiguous();
+  };
+  if (metric == kCosine) {
+    g.sq_norms = (xa * xa).sum(1).contiguous();
+    g.rows = to_operand(gram_operands(xa, g.sq_norms, metric));
+  } else {
+    g.rows = to_operand(half ? xa : center_for_gram(xa, metric));
+    const at::Tensor values = g.rows.to(at::kFloat);
+    g.sq_norms = (values * values).sum(1).contiguous();
+  }
   return g;
 }
 
