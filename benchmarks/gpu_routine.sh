@@ -5,12 +5,13 @@
 # into results.tar.gz plus the benchmark table and a summary.
 #
 #   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid]
-#                                  [bench-affinity] [bench-stats] [bench-large]
-#   (no stage: build test-fast sanitize bench)
+#                                  [bench-asloss] [bench-affinity] [bench-stats] [bench-large]
+#   (no stage: build test-fast sanitize bench bench-asloss)
 # test: the whole suite (longer than one 10-minute device call: split it);
 # test-fast: the CUDA-specific files; bench: the headline cases (N up to
 # 65536, D 2 and 128, euclidean, fwd/bwd/full, every implementation);
 # bench-grid: the full issue-3 grid with cases predicted over 20 s skipped.
+# bench-asloss: the one-pass ASLoss (Triton) at N = 16384, 65536, D = 128 (tf32).
 # KeOps: run benchmarks/fetch_wheels.sh where there is network and carry
 # benchmarks/wheels; the build stage installs them.
 # The device machine gets no .git: pass the commit as CK_COMMIT=<sha> so the
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs"
-stages=${*:-build test-fast sanitize bench}
+stages=${*:-build test-fast sanitize bench bench-asloss}
 summary="$OUT/summary.txt"
 note() { echo "== $*" | tee -a "$summary"; }
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -61,7 +62,7 @@ fi
 if has test-fast; then
   start=$SECONDS
   $PY -m pytest tests/test_cuda.py tests/test_cuda_emulation.py tests/test_validation.py \
-    tests/test_affinity.py tests/test_similar_labels.py -q \
+    tests/test_affinity.py tests/test_similar_labels.py tests/test_weighted_pair_sums.py -q \
     -p no:cacheprovider > "$OUT/logs/pytest-fast.log" 2>&1
   rc=$?
   note "pytest (cuda files) rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest-fast.log")"
@@ -107,6 +108,17 @@ if has bench-grid; then
     --max-predicted-seconds 20 --out "$OUT" --stem intra_inter_sums-cuda-grid > "$OUT/logs/bench-grid.log" 2>&1
   note "grid benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^wrote" "$OUT/logs/bench-grid.log" | tail -60
+fi
+
+if has bench-asloss; then
+  # the one-pass ASLoss (Triton) against the two-pass kernels, eager and torch.compile
+  start=$SECONDS
+  $PY benchmarks/run_as_loss.py --device cuda --backends triton cuda --tf32 --sizes 16384 65536 \
+    --dims 128 --metrics euclidean --skip-eager-above 16384 --reps 10 --max-seconds 10 \
+    --out "$OUT/asloss" > "$OUT/logs/bench-asloss.log" 2>&1
+  note "ASLoss benchmark rc=$? in $((SECONDS - start)) s"
+  grep -v "^{" "$OUT/logs/bench-asloss.log" | tail -10
+  cat "$OUT/asloss/as_loss_cuda.md" 2>/dev/null | tail -20
 fi
 
 if has bench-affinity; then

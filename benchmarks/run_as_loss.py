@@ -1,11 +1,12 @@
 """ASLoss forward + backward, side by side in one run, on random and clustered data.
 
-Providers (CPU):
-  fused      as_loss(..., backend="cpu"): the one-pass op when it applies
+Providers (fused and two-pass once per --backends entry, named "<provider>-<backend>"
+except for the cpu backend):
+  fused      as_loss(..., backend=B): the one-pass op when it applies
              (weighted_pair_sums: loss and gradient in one triangular pass)
-  two-pass   the same loss from intra_inter_sums: a forward over all pairs, then its
-             backward (a recomputing backward up to commit f1cbff6; since then, for the
-             Gram metrics, the one-pass kernel with the upstream gradients as weights)
+  two-pass   the same loss from intra_inter_sums(backend=B): its forward, then its
+             backward (on cpu and triton both halves are triangular passes for the
+             Gram metrics; the CUDA C++ kernels still visit every ordered pair)
   eager      the PyTorch reference (torch.cdist + masks, N x N memory)
   compile    torch.compile of the reference
 Data:
@@ -14,12 +15,14 @@ Data:
              dimension: what a trained embedding looks like
 Floor: 3 N^2 D flops (one Gram product over the unordered pairs, two products for
 the gradient) at the fp32 matrix-product rate measured in the same run
-(benchmarks/roofline.py); "x floor" = median / floor.
+(benchmarks/roofline.py; on CUDA the tf32 rate when --tf32); "x floor" = median / floor.
 
-Every case runs in a fresh process (peak RSS is that process's own, about 580 MiB
-of it the framework). Writes CSV, Markdown and a PNG to --out.
+Every case runs in a fresh process: on CPU peak memory is that process's peak RSS
+(about 580 MiB of it the framework), on CUDA torch.cuda.max_memory_allocated.
+Writes CSV, Markdown and a PNG to --out.
 
   python benchmarks/run_as_loss.py --sizes 4096 --dims 64 --metrics euclidean
+  python benchmarks/run_as_loss.py --device cuda --backends triton cuda --sizes 65536 --dims 128 --tf32
 """
 
 import argparse
@@ -44,18 +47,30 @@ def make_data(n: int, d: int, data: str, seed: int = 0):
     return bench_data.make_data(n, d, data, classes=10, seed=seed)
 
 
+def split_provider(provider: str) -> tuple[str, str]:
+    """"fused-triton" -> ("fused", "triton"); "fused" -> ("fused", "cpu")."""
+    kind, _, backend = provider.partition("-pass")
+    if kind == "two":
+        kind, backend = "two-pass", backend.lstrip("-")
+    else:
+        kind, _, backend = provider.partition("-")
+    return kind, backend or "cpu"
+
+
 def make_loss(provider: str, metric: str, labels):
     import torch
 
     import confusion_kernels as ck
     from confusion_kernels.losses.as_loss import term_weights
 
-    if provider == "fused":
-        return lambda x: ck.as_loss(x, labels, metric=metric, backend="cpu", check_finite=False)
-    if provider == "two-pass":
+    kind, backend = split_provider(provider)
+    if kind == "fused":
+        return lambda x: ck.as_loss(x, labels, metric=metric, backend=backend, check_finite=False)
+    if kind == "two-pass":
         def two_pass(x):
             w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
-            s_in, s_out = ck.intra_inter_sums(x, labels, metric, backend="cpu", check_finite=False)
+            s_in, s_out = ck.intra_inter_sums(x, labels, metric, backend=backend,
+                                              check_finite=False)
             boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
             return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
         return two_pass
@@ -71,11 +86,21 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     x, labels = make_data(args.n, args.d, args.data)
+    x, labels = x.to(args.device), labels.to(args.device)
     loss = make_loss(args.provider, args.metric, labels)
 
     def step() -> float:
         xr = x.clone().requires_grad_(True)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss(xr).backward()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
         t0 = time.perf_counter()
         loss(xr).backward()
         return (time.perf_counter() - t0) * 1e3
@@ -91,11 +116,13 @@ def worker(args) -> dict:
         rec.update(status="ok", median_ms=statistics.median(times),
                    p20_ms=times[int(0.2 * (len(times) - 1))],
                    p80_ms=times[int(0.8 * (len(times) - 1))], runs=len(times))
-    except (MemoryError, RuntimeError) as exc:
+    except (MemoryError, RuntimeError, torch.cuda.OutOfMemoryError) as exc:
         text = str(exc)
         rec.update(status="out of memory" if "alloc" in text.lower() or isinstance(exc, MemoryError)
                    else "error", error=text.splitlines()[0][:160] if text else type(exc).__name__)
     rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        rec["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return rec
 
 
@@ -103,13 +130,14 @@ def run_case(args, provider, metric, data, n, d) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--provider", provider,
            "--metric", metric, "--data", data, "--n", str(n), "--d", str(d),
            "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--device", args.device] + (["--tf32"] if args.tf32 else [])
     limit = int(args.mem_limit_gib * 2**30)
 
-    def cap():
+    def cap():  # CPU only: CUDA reserves far more address space than it uses
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap,
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          preexec_fn=cap if args.device == "cpu" else None,
                           timeout=args.case_timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if lines:
@@ -126,11 +154,15 @@ def main() -> None:
     p.add_argument("--metrics", nargs="+", default=["euclidean", "cosine"])
     p.add_argument("--data", nargs="+", default=["random", "clustered"], choices=["random", "clustered"])
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="kernel backends of fused / two-pass (default: cpu; on cuda: triton cuda)")
+    p.add_argument("--tf32", action="store_true", help="CUDA: allow tf32 (and use its floor)")
     p.add_argument("--skip-eager-above", type=int, default=16384,
                    help="eager / compile only up to this N (they need N x N memory)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--max-seconds", type=float, default=30.0)
-    p.add_argument("--mem-limit-gib", type=float, default=20.0)
+    p.add_argument("--mem-limit-gib", type=float, default=20.0, help="CPU: address-space cap per case")
     p.add_argument("--case-timeout", type=float, default=1800.0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out"))
@@ -149,14 +181,22 @@ def main() -> None:
 
     from roofline import measure_ceilings
 
-    rate = measure_ceilings("cpu")["fp32_tflops"] * 1e12
+    ceilings = measure_ceilings(args.device)
+    rate = ceilings["tf32_tflops" if args.device == "cuda" and args.tf32 else "fp32_tflops"] * 1e12
+    backends = args.backends or (["triton", "cuda"] if args.device == "cuda" else ["cpu"])
+    providers = []
+    for provider in args.providers:
+        if provider in ("fused", "two-pass"):
+            providers += [provider if b == "cpu" else f"{provider}-{b}" for b in backends]
+        else:
+            providers.append(provider)
     records = []
     for n in args.sizes:
         for d in args.dims:
             for metric in args.metrics:
                 for data in args.data:
                     floor_ms = 3.0 * n * n * d / rate * 1e3
-                    for provider in args.providers:
+                    for provider in providers:
                         if provider in ("eager", "compile") and n > args.skip_eager_above:
                             continue
                         rec = run_case(args, provider, metric, data, n, d)
@@ -172,30 +212,40 @@ def write_reports(records, args, rate, torch_version) -> None:
     os.makedirs(args.out, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    stem = os.path.join(args.out, "as_loss_cpu")
+    cuda = args.device == "cuda"
+    stem = os.path.join(args.out, f"as_loss_{args.device}")
+    peak = "peak_cuda_mib" if cuda else "peak_rss_mib"
     keys = ["provider", "metric", "data", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
-            "runs", "floor_ms", "x_floor", "peak_rss_mib", "error"]
+            "runs", "floor_ms", "x_floor", peak, "error"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(records)
     eager = {(r["metric"], r["data"], r["n"], r["d"]): r.get("median_ms") for r in records
              if r["provider"] == "eager" and r.get("status") == "ok"}
-    lines = [f"# ASLoss forward + backward, CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-             "", f"{dt.date.today()}, commit {commit}, torch {torch_version}, fp32 matrix-product rate "
-             f"{rate / 1e9:.0f} GFLOP/s (measured in this run); floor = 3 N^2 D flops at that rate.",
+    if cuda:
+        import torch
+
+        where = f"CUDA ({torch.cuda.get_device_name()})"
+    else:
+        where = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    precision = "tf32" if cuda and args.tf32 else "fp32"
+    lines = [f"# ASLoss forward + backward, {where}",
+             "", f"{dt.date.today()}, commit {commit}, torch {torch_version}, {precision} matrix-product "
+             f"rate {rate / 1e9:.0f} GFLOP/s (measured in this run); floor = 3 N^2 D flops at that rate.",
              f"Command: `python benchmarks/run_as_loss.py {' '.join(sys.argv[1:])}`", "",
-             "| metric | data | N | D | provider | median ms | x floor | vs eager | peak RSS MiB |",
+             f"| metric | data | N | D | provider | median ms | x floor | vs eager | "
+             f"peak {'CUDA' if cuda else 'RSS'} MiB |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in records:
         key = (r["metric"], r["data"], r["n"], r["d"])
         if r.get("status") != "ok":
             lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
-                         f"{r.get('status')} | | | {r.get('peak_rss_mib', 0):.0f} |")
+                         f"{r.get('status')} | | | {r.get(peak) or 0:.0f} |")
             continue
         speedup = f"{eager[key] / r['median_ms']:.1f}x" if eager.get(key) else "-"
         lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
-                     f"{r['median_ms']:.1f} | {r['x_floor']:.2f} | {speedup} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['median_ms']:.1f} | {r['x_floor']:.2f} | {speedup} | {r.get(peak) or 0:.0f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     try:

@@ -184,6 +184,7 @@ TILE_SHAPES = [
     (1100, 20, 2, "random"),     # classes of ~550 rows: cut into two tiles each
     (700, 16, 40, "random"),     # small classes packed into shared tiles, ragged last tile
     (600, 24, 3, "clustered"),   # tight clusters at distance ~50 from the origin
+    (1500, 16, 50, "clustered"),  # ~30-row classes packed into shared tiles
     (90, 12, 1, "clustered"),    # one class: S_out = 0
 ]
 
@@ -212,19 +213,21 @@ def test_row_sums_and_vjp_match_reference_float64(backend, metric, n, d, classes
 
 @pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_float32_accuracy_does_not_depend_on_clustering(backend, metric):
+@pytest.mark.parametrize("classes", [4, 40])  # a class per tile; many classes per tile
+def test_float32_accuracy_does_not_depend_on_clustering(backend, metric, classes):
     """Tight classes far from the origin keep the float32 row sums as accurate as
     spread-out data: the tile shift, not the exact fallback, carries them."""
     device = require_backend(backend)
     errors = {}
     n = 300 if interpreted(backend) else 1100  # interpreter time
     for kind in ("random", "clustered"):
-        x, labels = _data(n, 32, 4, seed=11, kind=kind)
+        x, labels = _data(n, 32, classes, seed=11, kind=kind)
         if metric == "cosine" and kind == "clustered":
             # cosine sees directions: classes as narrow cones (angular spread ~1e-3)
             # around random directions; tighter cones are limited by float32 unit rows
             g = torch.Generator().manual_seed(12)
-            axes = torch.nn.functional.normalize(torch.randn(4, 32, generator=g, dtype=torch.float64), dim=1)
+            axes = torch.nn.functional.normalize(
+                torch.randn(classes, 32, generator=g, dtype=torch.float64), dim=1)
             x = 50.0 * axes[labels] + 0.05 * torch.randn(n, 32, generator=g, dtype=torch.float64)
         x = x.float()  # the reference sees the float32 operands as stored
         want = ck.intra_inter_sums(x.double(), labels, metric, backend="reference")

@@ -39,19 +39,14 @@ namespace {
 
 constexpr int64_t kTile = 512;
 
-// Diagonal tiles with more same-class blocks than this build masked copies of W
-// instead of one small product per block.
-constexpr int64_t kMaxBlocks = 8;
-// Classes with at least this many rows get tiles of their own.
-constexpr int64_t kMinClassTile = 32;
-
 struct TileGrads {
   at::Tensor same;   // [N, D] gradient of t_in in operand space
   at::Tensor other;  // [N, D] gradient of t_out in operand space
 };
 
 // grad_R += rowsum(W) * A - W B and grad_C += colsum(W) * B - W^T A for the
-// coefficients W [rt, ct] of rows A (centred row operands) and columns B.
+// coefficients W [rt, ct] of rows A (shifted row operands) and columns B. Any
+// common shift of A and B gives the same result in exact arithmetic.
 void add_tile_gradient(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
                        at::Tensor& grad, int64_t r0, int64_t c0) {
   at::Tensor gr = grad.narrow(0, r0, a.size(0));
@@ -72,54 +67,41 @@ std::vector<std::pair<int64_t, int64_t>> class_runs(const int32_t* cls, int64_t 
   return runs;
 }
 
-// Splits one tile's coefficients W (all pairs) into the same-class and the
-// other-class gradients. Rows are sorted by class, so the same-class pairs of
-// an off-diagonal tile form at most one rectangle (the last class of the row
-// tile meeting the first class of the column tile) and those of a diagonal
-// tile a chain of diagonal blocks: small products on those blocks, then W with
-// the blocks zeroed for the other-class pairs.
-void split_tile_gradient(at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
-                         const int32_t* cls, int64_t r0, int64_t c0, TileGrads& g) {
-  const int64_t rt = a.size(0), ct = b.size(0);
-  std::vector<std::array<int64_t, 4>> blocks;  // row begin, row end, column begin, column end
+// The same-class pairs of a tile pair, as blocks of the tile (row begin, row end,
+// column begin, column end; tile-local offsets). Rows are sorted by class, so an
+// off-diagonal tile pair has at most one (the last class of the row tile meeting
+// the first class of the column tile) and a diagonal one a chain of diagonal
+// blocks (classes with at least two rows).
+struct SameClassBlock {
+  int64_t r0, r1, c0, c1;
+  int32_t cls;
+};
+
+std::vector<SameClassBlock> same_class_blocks(const int32_t* cls, int64_t r0, int64_t rt,
+                                              int64_t c0, int64_t ct) {
+  std::vector<SameClassBlock> blocks;
   if (r0 == c0) {
     for (const auto& run : class_runs(cls + r0, rt))
-      if (run.second - run.first > 1) blocks.push_back({run.first, run.second, run.first, run.second});
+      if (run.second - run.first > 1)
+        blocks.push_back({run.first, run.second, run.first, run.second, cls[r0 + run.first]});
   } else if (cls[r0 + rt - 1] == cls[c0]) {
     int64_t rs = rt - 1, ce = 1;
     while (rs > 0 && cls[r0 + rs - 1] == cls[c0]) --rs;
     while (ce < ct && cls[c0 + ce] == cls[c0]) ++ce;
-    blocks.push_back({rs, rt, 0, ce});
+    blocks.push_back({rs, rt, 0, ce, cls[c0]});
   }
-  const bool all_same = cls[r0] == cls[c0 + ct - 1];  // one class covers both tiles
-  if (static_cast<int64_t>(blocks.size()) > kMaxBlocks) {  // many small classes on the diagonal
-    const at::Tensor ids = at::from_blob(const_cast<int32_t*>(cls + r0), {rt},
-                                         at::TensorOptions().dtype(at::kInt));
-    const at::Tensor same = ids.unsqueeze(1) == ids.unsqueeze(0);
-    add_tile_gradient(at::where(same, w, at::zeros_like(w)), a, b, g.same, r0, c0);
-    add_tile_gradient(at::where(same, at::zeros_like(w), w), a, b, g.other, r0, c0);
-    return;
-  }
-  for (const auto& blk : blocks) {
-    at::Tensor sub = w.narrow(0, blk[0], blk[1] - blk[0]).narrow(1, blk[2], blk[3] - blk[2]);
-    add_tile_gradient(sub, a.narrow(0, blk[0], blk[1] - blk[0]),
-                      b.narrow(0, blk[2], blk[3] - blk[2]), g.same, r0 + blk[0], c0 + blk[2]);
-    sub.zero_();
-  }
-  if (!all_same) add_tile_gradient(w, a, b, g.other, r0, c0);
+  return blocks;
 }
 
 // Row tiles of the label-sorted rows, as boundaries 0 = b_0 < b_1 < ... = n.
-// A class of at least kMinClassTile rows is cut into tiles of its own (near-equal,
-// at most kTile rows), so that the shift by the tile mean is the class mean and a
-// clustered class's close pairs keep their digits; smaller classes are packed
-// together (their few same-class pairs may take the exact form).
+// A class of more than kTile rows is cut into near-equal tiles of its own; the
+// other classes are packed whole into tiles of at most kTile rows.
 std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
   std::vector<int64_t> bounds{0};
-  int64_t packed = 0;  // rows of small classes in the open tile
+  int64_t packed = 0;  // rows in the open tile
   for (const auto& run : class_runs(cls, n)) {
     const int64_t len = run.second - run.first;
-    if (len >= kMinClassTile) {
+    if (len > kTile) {
       if (packed) bounds.push_back(run.first);
       packed = 0;
       const int64_t pieces = (len + kTile - 1) / kTile;
@@ -183,10 +165,26 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
   uint8_t* ep = exact_pairs.data();
   const std::vector<int64_t> bounds = tile_bounds(cls, n);
   const int64_t tiles = static_cast<int64_t>(bounds.size()) - 1;
+  // Class means (of the finite rows) and every row's squared distance to its
+  // class mean: same-class pairs take their Gram form around the class mean.
+  const at::Tensor cls_ids = at::from_blob(const_cast<int32_t*>(cls), {n},
+                                           at::TensorOptions().dtype(at::kInt)).to(at::kLong);
+  const int64_t classes = n ? int64_t(cls[n - 1]) + 1 : 0;
+  const at::Tensor finite = at::isfinite(zs).all(/*dim=*/1, /*keepdim=*/true);
+  const at::Tensor counts = at::zeros({classes, 1}, zs.options())
+                                .index_add_(0, cls_ids, finite.to(zs.scalar_type()));
+  const at::Tensor means = at::zeros({classes, d}, zs.options())
+                               .index_add_(0, cls_ids, at::where(finite, zs, at::zeros_like(zs)))
+                               .div_(counts.clamp_min(1));
+  const at::Tensor class_centred = zs - means.index_select(0, cls_ids);
+  const at::Tensor nc = (class_centred * class_centred).sum(1);
+  const acc_t* ncp = nc.data_ptr<acc_t>();
   for (int64_t rtile = 0; rtile < tiles; ++rtile) {
     const int64_t r0 = bounds[rtile], rt = bounds[rtile + 1] - r0;
     const at::Tensor zr = zs.narrow(0, r0, rt);
-    const at::Tensor shift = finite_row_mean(zr);
+    // one class: its mean (then the tile's same-class pairs need nothing more)
+    const bool one_class = cls[r0] == cls[r0 + rt - 1];
+    const at::Tensor shift = one_class ? means.narrow(0, cls[r0], 1) : finite_row_mean(zr);
     const at::Tensor a = (zr - shift).contiguous();
     const at::Tensor na = (a * a).sum(1);
     const acc_t* nap = na.data_ptr<acc_t>();
@@ -196,7 +194,24 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
       const at::Tensor b = diagonal ? a : (zs.narrow(0, c0, ct) - shift).contiguous();
       const at::Tensor nb = diagonal ? na : (b * b).sum(1);
       const acc_t* nbp = nb.data_ptr<acc_t>();
-      const at::Tensor gram = at::mm(a, b.t()).contiguous();
+      at::Tensor gram = at::mm(a, b.t()).contiguous();
+      // Same-class blocks of a tile holding several classes: their Gram entries
+      // again, around the class mean (a small product per block), so that a tight
+      // class far from its tile's mean keeps its digits.
+      const std::vector<SameClassBlock> blocks = same_class_blocks(cls, r0, rt, c0, ct);
+      std::vector<std::pair<at::Tensor, at::Tensor>> block_ops;  // class-centred rows, columns
+      for (const SameClassBlock& blk : blocks) {
+        if (one_class) {
+          block_ops.emplace_back(a.narrow(0, blk.r0, blk.r1 - blk.r0),
+                                 b.narrow(0, blk.c0, blk.c1 - blk.c0));
+          continue;
+        }
+        const at::Tensor sa = class_centred.narrow(0, r0 + blk.r0, blk.r1 - blk.r0);
+        const at::Tensor sb = class_centred.narrow(0, c0 + blk.c0, blk.c1 - blk.c0);
+        gram.narrow(0, blk.r0, blk.r1 - blk.r0).narrow(1, blk.c0, blk.c1 - blk.c0)
+            .copy_(at::mm(sa, sb.t()));
+        block_ops.emplace_back(sa, sb);
+      }
       const acc_t* gp = gram.data_ptr<acc_t>();
       at::Tensor w = w_all.narrow(0, 0, rt).narrow(1, 0, ct);
       acc_t* wp = w_all.data_ptr<acc_t>();
@@ -204,12 +219,12 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         for (int64_t ii = begin; ii < end; ++ii) {
           const int64_t i = r0 + ii;
           const int32_t ci = cls[i];
-          const acc_t ni = nap[ii], sqi = sq[i];
+          const acc_t ni = nap[ii], nci = ncp[i], sqi = sq[i];
           const acc_t wii = Grad ? wi[i] : acc_t(0), woi = Grad ? wo[i] : acc_t(0);
           const acc_t* grow = gp + ii * ct;
           const int32_t* ccol = cls + c0;
           const acc_t *wicol = Grad ? wi + c0 : nullptr, *wocol = Grad ? wo + c0 : nullptr;
-          const acc_t* sqcol = sq + c0;
+          const acc_t *sqcol = sq + c0, *nccol = ncp + c0;
           acc_t* wrow = wp + ii * tile;
           uint8_t* erow = ep + ii * tile;
           // only the diagonal tile has pairs j <= i, which are left out
@@ -219,12 +234,13 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
 #pragma omp simd reduction(+ : tin, tout, nflag)
           for (int64_t jj = 0; jj < ct; ++jj) {
             const bool valid = jj >= first;
-            const acc_t nsum = ni + nbp[jj];
+            const bool same = ccol[jj] == ci;
+            // same-class entries of the Gram tile are around the class mean
+            const acc_t nsum = same ? nci + nccol[jj] : ni + nbp[jj];
             acc_t d2 = nsum - acc_t(2) * grow[jj];
             d2 = d2 < acc_t(0) ? acc_t(0) : d2;  // NaN passes through
             bool exact = d2 <= acc_t(kGramExactFraction) * nsum;
             if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sqcol[jj]);
-            const bool same = ccol[jj] == ci;
             const bool use = valid && !exact;
             const acc_t dist = M == kEuclidean ? std::sqrt(d2)
                                : M == kSqEuclidean ? d2
@@ -276,7 +292,16 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         }
       }
       if constexpr (Grad) {
-        split_tile_gradient(w, a, b, cls, r0, c0, *g);
+        // same-class blocks on their class-centred operands, then the rest of W
+        for (size_t k = 0; k < blocks.size(); ++k) {
+          const SameClassBlock& blk = blocks[k];
+          at::Tensor sub = w.narrow(0, blk.r0, blk.r1 - blk.r0).narrow(1, blk.c0, blk.c1 - blk.c0);
+          add_tile_gradient(sub, block_ops[k].first, block_ops[k].second, g->same,
+                            r0 + blk.r0, c0 + blk.c0);
+          sub.zero_();
+        }
+        const bool all_same = cls[r0] == cls[c0 + ct - 1];  // one class covers both tiles
+        if (!all_same) add_tile_gradient(w, a, b, g->other, r0, c0);
       } else {
         add_column_sums<acc_t>(wp, tile, rt, ct, cls + r0, cls + c0, t_in_rows + c0,
                                t_out_rows + c0);
