@@ -16,10 +16,12 @@ update disjoint rows with plain loads and stores. A last round takes the
 diagonal blocks. Rounds are separate launches on one stream, so the order of
 every addition is fixed: deterministic, no atomics, O(N * D) memory.
 
-Accuracy. Each block pair is shifted by the mean of its row block before the
-Gram form |a - b|^2 = |a|^2 + |b|^2 - 2 a.b. With label-sorted rows a block is
-mostly one class, so the operands are as small as the class's spread and the
-close pairs of a trained (clustered) embedding keep their digits. Pairs the
+Accuracy. Each block pair is shifted before the Gram form
+|a - b|^2 = |a|^2 + |b|^2 - 2 a.b: by the class mean when its row block holds one
+class, else by the block's mean, and then the same-class pairs of the tile are
+formed again around their class mean. So the operands of a close pair are as
+small as its class's spread, and the close pairs of a trained (clustered)
+embedding keep their digits. Pairs the
 Gram form still cannot resolve (d^2 <= (|a|^2 + |b|^2) / 16, duplicates, and
 cosine pairs on the eps branch) take the difference form. fp16/bf16 inputs are
 read as stored and shifted in fp32, never rounded again (see ``_precisions``).
@@ -80,11 +82,12 @@ def _block_pair(ROUND, T, T_EVEN, DIAGONAL: tl.constexpr):
 
 
 @triton.jit
-def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, GX_IN, GX_OUT,
-                 N, D, ROUND, T, T_EVEN,
+def _pair_kernel(Z, SHIFT, ONE_CLASS, U, NC, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT,
+                 XR, GX_IN, GX_OUT, N, D, ROUND, T, T_EVEN,
                  METRIC: tl.constexpr, GRAD: tl.constexpr, DIAGONAL: tl.constexpr,
                  ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 GRAD_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GRAD_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     p, q = _block_pair(ROUND, T, T_EVEN, DIAGONAL)
     if q < T:
         rows = p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: rows * D can pass 2**31
@@ -116,6 +119,24 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
             dot += _mm(a, tl.trans(b), USE_DOT, DOT_PRECISION, ACC)
         nsum = na[:, None] + nb[None, :]
         d2 = nsum - 2.0 * dot
+        # A row block holding several classes: its same-class pairs again, around
+        # their class mean (U = z - mean of its class), so that a tight class far
+        # from the block mean keeps its digits. A one-class block is shifted by
+        # its class mean already.
+        if (tl.load(ONE_CLASS + p) == 0) & (tl.max((same & valid).to(tl.int32)) > 0):
+            dot_c = tl.zeros((BLOCK, BLOCK), dtype=ACC)
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                kmask = ks < D
+                u_i = tl.load(U + rows[:, None] * D + ks[None, :],
+                              mask=rmask[:, None] & kmask[None, :], other=0.0)
+                u_j = tl.load(U + cols[:, None] * D + ks[None, :],
+                              mask=cmask[:, None] & kmask[None, :], other=0.0)
+                dot_c += _mm(u_i, tl.trans(u_j), USE_DOT, DOT_PRECISION, ACC)
+            nc_i = tl.load(NC + rows, mask=rmask, other=0.0)
+            nc_j = tl.load(NC + cols, mask=cmask, other=0.0)
+            nsum = tl.where(same, nc_i[:, None] + nc_j[None, :], nsum)
+            d2 = tl.where(same, nsum - 2.0 * dot_c, d2)
         d2 = tl.where(d2 < 0.0, 0.0, d2)  # not tl.maximum: NaN must pass through
         exact = d2 <= nsum * GRAM_EXACT_FRACTION
         if METRIC == COSINE:
@@ -175,7 +196,7 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
                 tl.debug_barrier()  # the next update reads what this one stored
             w_same = tl.where(same, coef, 0.0)
             w_other = tl.where(same, 0.0, coef)
-            _add_difference_grads(Z, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols, rmask,
+            _add_difference_grads(Z, U, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols, rmask,
                                   cmask, D, DIAGONAL, ACC, USE_DOT, GRAD_PRECISION, BLOCK,
                                   BLOCK_D)
         else:
@@ -200,12 +221,14 @@ def _pair_kernel(Z, SHIFT, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT, XR, G
 
 
 @triton.jit
-def _add_difference_grads(Z, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols, rmask, cmask,
+def _add_difference_grads(Z, U, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols, rmask, cmask,
                           D, DIAGONAL: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     """G[i] += sum_j W_ij (a_i - b_j) and G[j] += sum_i W_ij (b_j - a_i) for both
-    coefficient matrices (same class into G_IN, other class into G_OUT)."""
+    coefficient matrices (same class into G_IN, other class into G_OUT). Any common
+    shift of a pair's operands gives the same sums: the same-class pairs use the
+    class-centred rows U, the other pairs the block-shifted rows."""
     if DIAGONAL:  # one block: the symmetric coefficients, one update per row
         w_same = w_same + tl.trans(w_same)
         w_other = w_other + tl.trans(w_other)
@@ -223,16 +246,18 @@ def _add_difference_grads(Z, shift_row, G_IN, G_OUT, w_same, w_other, rows, cols
         b = tl.load(Z + cols[:, None] * D + ks[None, :], mask=ck, other=0.0) - m[None, :]
         a = tl.where(rk, a, 0.0)
         b = tl.where(ck, b, 0.0)
+        u_i = tl.load(U + rows[:, None] * D + ks[None, :], mask=rk, other=0.0)
+        u_j = tl.load(U + cols[:, None] * D + ks[None, :], mask=ck, other=0.0)
         g_rows = G_IN + rows[:, None] * D + ks[None, :]
         o_rows = G_OUT + rows[:, None] * D + ks[None, :]
-        gi = rs_same[:, None] * a - _mm(w_same, b, USE_DOT, DOT_PRECISION, ACC)
+        gi = rs_same[:, None] * u_i - _mm(w_same, u_j, USE_DOT, DOT_PRECISION, ACC)
         oi = rs_other[:, None] * a - _mm(w_other, b, USE_DOT, DOT_PRECISION, ACC)
         tl.store(g_rows, tl.load(g_rows, mask=rk, other=0.0) + gi, mask=rk)
         tl.store(o_rows, tl.load(o_rows, mask=rk, other=0.0) + oi, mask=rk)
         if not DIAGONAL:
             g_cols = G_IN + cols[:, None] * D + ks[None, :]
             o_cols = G_OUT + cols[:, None] * D + ks[None, :]
-            gj = cs_same[:, None] * b - _mm(tl.trans(w_same), a, USE_DOT, DOT_PRECISION, ACC)
+            gj = cs_same[:, None] * u_j - _mm(tl.trans(w_same), u_i, USE_DOT, DOT_PRECISION, ACC)
             oj = cs_other[:, None] * b - _mm(tl.trans(w_other), a, USE_DOT, DOT_PRECISION, ACC)
             tl.store(g_cols, tl.load(g_cols, mask=ck, other=0.0) + gj, mask=ck)
             tl.store(o_cols, tl.load(o_cols, mask=ck, other=0.0) + oj, mask=ck)
@@ -365,15 +390,28 @@ class _SortedRows:
             self.sq = torch.zeros(n, dtype=acc, device=x.device)
             self.z = self.xr
         self.blocks = triton.cdiv(n, block)
-        # per-block mean of the finite rows: the shift of every block pair
-        padded = torch.zeros(self.blocks * block, d, dtype=acc, device=x.device)
-        padded[:n] = self.z
-        rows = padded.view(self.blocks, block, d)
-        finite = torch.isfinite(rows).all(2, keepdim=True)
-        finite[:, :, :] &= (torch.arange(self.blocks * block, device=x.device) < n).view(
-            self.blocks, block, 1)
-        count = finite.sum(1).clamp_min(1).to(acc)
-        self.shift = (torch.where(finite, rows, 0.0).sum(1) / count).contiguous()
+        # class means of the finite rows; U = every row minus its class mean, NC = |U|^2
+        finite = torch.isfinite(self.z).all(1, keepdim=True)
+        kept = torch.where(finite, self.z, 0.0)
+        counts = torch.zeros(n, 1, dtype=acc, device=x.device).index_add_(
+            0, self.labels, finite.to(acc))
+        means = torch.zeros(n, d, dtype=acc, device=x.device).index_add_(
+            0, self.labels, kept) / counts.clamp_min(1)
+        self.u = (self.z - means[self.labels]).contiguous()
+        self.nc = (self.u * self.u).sum(1).contiguous()
+        # the shift of every block pair: the class mean of a one-class row block,
+        # else the mean of the block's finite rows
+        pad = self.blocks * block - n
+        in_range = torch.arange(self.blocks * block, device=x.device) < n
+        rows = torch.cat([kept, kept.new_zeros(pad, d)]).view(self.blocks, block, d)
+        count = (torch.cat([finite, finite.new_zeros(pad, 1)]).view(self.blocks, block, 1)
+                 & in_range.view(self.blocks, block, 1)).sum(1).clamp_min(1).to(acc)
+        first = self.labels[::block] if n else self.labels
+        last = self.labels[torch.clamp(torch.arange(1, self.blocks + 1, device=x.device) * block,
+                                       max=n) - 1] if n else self.labels
+        self.one_class = (first == last).to(torch.int32).contiguous()
+        block_mean = rows.sum(1) / count
+        self.shift = torch.where(self.one_class[:, None].bool(), means[first], block_mean).contiguous()
 
     def unsort(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(v)
@@ -392,8 +430,9 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
                   GRAD_PRECISION=grad_precision, BLOCK=cfg["BLOCK"],
                   BLOCK_D=_block_d(cfg, s.z.dtype),
                   BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
-    args = (s.z, s.shift, s.labels, s.sq, bufs["w_in"], bufs["w_out"], bufs["t_in"],
-            bufs["t_out"], bufs["g_in"], bufs["g_out"], s.xr, bufs["gx_in"], bufs["gx_out"])
+    args = (s.z, s.shift, s.one_class, s.u, s.nc, s.labels, s.sq, bufs["w_in"], bufs["w_out"],
+            bufs["t_in"], bufs["t_out"], bufs["g_in"], bufs["g_out"], s.xr, bufs["gx_in"],
+            bufs["gx_out"])
     for r in range(t_even - 1):
         _pair_kernel[(t_even // 2,)](*args, n, d, r, t, t_even, DIAGONAL=False, **common)
     _pair_kernel[(t,)](*args, n, d, 0, t, t_even, DIAGONAL=True, **common)
