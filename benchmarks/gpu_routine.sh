@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid]
 #                                  [bench-asloss] [bench-affinity] [bench-stats] [bench-large]
-#   (no stage: build test-fast sanitize bench bench-asloss)
+#   (no stage: build test-fast sanitize bench; run bench-asloss in a call of its own)
 # test: the whole suite (longer than one 10-minute device call: split it);
 # test-fast: the CUDA-specific files; bench: the headline cases (N up to
 # 65536, D 2 and 128, euclidean, fwd/bwd/full, every implementation);
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs"
-stages=${*:-build test-fast sanitize bench bench-asloss}
+stages=${*:-build test-fast sanitize bench}
 summary="$OUT/summary.txt"
 note() { echo "== $*" | tee -a "$summary"; }
 has() { [[ " $stages " == *" $1 "* ]]; }
