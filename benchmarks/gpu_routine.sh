@@ -90,6 +90,14 @@ if has sanitize; then
     rc=$?
     note "compute-sanitizer $tool (Gram kernels) rc=$rc in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer-gram-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-gram-$tool.log" | tail -1)"
   done
+  for tool in memcheck racecheck synccheck initcheck; do  # the one-pass kernel (pair_pass_kernels.cuh)
+    start=$SECONDS
+    compute-sanitizer --tool $tool --error-exitcode 99 $PY -m pytest tests/test_weighted_pair_sums.py \
+      -q -p no:cacheprovider -k "cuda and (variants or duplicates or bitwise)" \
+      > "$OUT/logs/sanitizer-pair-pass-$tool.log" 2>&1
+    rc=$?
+    note "compute-sanitizer $tool (pair pass) rc=$rc in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer-pair-pass-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-pair-pass-$tool.log" | tail -1)"
+  done
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 

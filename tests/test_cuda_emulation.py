@@ -332,3 +332,122 @@ def test_affinity_epilogue_kernels_match_reference(affinity_kernels, n, c, m, d,
     assert_rel(gw, wr.grad, 1e-10, "grad W")
     d_ref = ref.class_affinity(f, w, sigma=3.0, similarity_kind=sim).gather(1, labels[:, None])[:, 0]
     assert_rel(d_true, d_ref, 1e-12, "d_true")
+
+
+# ---------------------------------------------------------------------------
+# The triangular pair pass (csrc/cuda/pair_pass_kernels.cuh): the one-pass
+# ASLoss core on CUDA, every round and the diagonal launch as the host runs them.
+# ---------------------------------------------------------------------------
+PAIR_PASS_BLOCK = 32  # pair_pass::kBlock
+
+
+@pytest.fixture(scope="session")
+def pair_pass(tmp_path_factory) -> ctypes.CDLL:
+    dll = _build(tmp_path_factory, ROOT / "tests/cuda_emulation/pair_pass_on_host.cpp",
+                 [ROOT / "csrc/cuda/pair_pass_kernels.cuh", SOURCES[1], SOURCES[3]])
+    dll.ck_pair_pass_smem_bytes.restype = ctypes.c_int64
+    return dll
+
+
+def _pair_pass_inputs(x, labels, metric):
+    """What csrc/cuda/pair_pass_cuda.cu (sorted_rows.h, block_shifts) hands the kernel."""
+    n, d = x.shape
+    perm = torch.argsort(labels, stable=True)
+    xs = x[perm].contiguous()
+    cls = torch.unique_consecutive(labels[perm], return_inverse=True)[1].to(torch.int32).contiguous()
+    if metric == "cosine":
+        sq64 = (xs.double() ** 2).sum(1)
+        norms = sq64.sqrt()[:, None]
+        z = torch.where(norms > 0, xs.double() / norms, torch.zeros_like(xs.double())).to(x.dtype)
+        sq = sq64.to(x.dtype)
+    else:
+        z, sq = xs, torch.zeros(n, dtype=x.dtype)
+    blocks = -(-n // PAIR_PASS_BLOCK)
+    padded = torch.zeros(blocks * PAIR_PASS_BLOCK, d, dtype=x.dtype)
+    padded[:n] = z
+    count = torch.zeros(blocks * PAIR_PASS_BLOCK, 1, dtype=x.dtype)
+    count[:n] = 1
+    shift = (padded.view(blocks, PAIR_PASS_BLOCK, d).sum(1)
+             / count.view(blocks, PAIR_PASS_BLOCK, 1).sum(1).clamp_min(1)).contiguous()
+    return perm, xs, z.contiguous(), sq.contiguous(), cls, shift
+
+
+def emulated_pair_pass(dll, x, labels, metric, w_in=None, w_out=None):
+    """grad: (t_in, t_out, dt_in/dx, dt_out/dx); without weights: (S_in, S_out)."""
+    perm, xs, z, sq, cls, shift = _pair_pass_inputs(x, labels, metric)
+    n, d = x.shape
+    grad = w_in is not None
+    wi = (w_in if grad else torch.zeros(n)).to(x.dtype)[perm].contiguous()
+    wo = (w_out if grad else torch.zeros(n)).to(x.dtype)[perm].contiguous()
+    t_in, t_out = torch.zeros(n, dtype=x.dtype), torch.zeros(n, dtype=x.dtype)
+    g_in, g_out = torch.zeros_like(xs), torch.zeros_like(xs)
+    gx_in, gx_out = torch.zeros_like(xs), torch.zeros_like(xs)
+    rc = dll.ck_pair_pass(int(x.dtype == torch.float64), METRICS[metric], int(grad), _ptr(z),
+                          _ptr(xs), _ptr(shift), _ptr(cls), _ptr(sq), _ptr(wi), _ptr(wo),
+                          _ptr(t_in), _ptr(t_out), _ptr(g_in), _ptr(g_out), _ptr(gx_in),
+                          _ptr(gx_out), ctypes.c_int64(n), ctypes.c_int64(d))
+    assert rc == 0
+
+    def unsort(v):
+        out = torch.empty_like(v)
+        out[perm] = v
+        return out
+
+    if not grad:
+        return unsort(t_in), unsort(t_out)
+    if metric == "cosine":  # unit-row gradients to x (unit_to_row_gradient), plus the eps terms
+        inv = torch.where(sq > 0, 1 / sq.sqrt(), torch.zeros_like(sq))[:, None]
+        g_in = (g_in - z * (g_in * z).sum(1, keepdim=True)) * inv + gx_in
+        g_out = (g_out - z * (g_out * z).sum(1, keepdim=True)) * inv + gx_out
+    return t_in.sum(), t_out.sum(), unsort(g_in), unsort(g_out)
+
+
+def _weighted_reference(x, labels, metric, w_in, w_out):
+    xs = x.double().clone().requires_grad_(True)
+    s_in, s_out = reference_sums(xs, labels, metric)
+    t_in, t_out = (w_in.double() * s_in).sum(), (w_out.double() * s_out).sum()
+    g_in, = torch.autograd.grad(t_in, xs, retain_graph=True)
+    g_out, = torch.autograd.grad(t_out, xs)
+    return t_in.detach(), t_out.detach(), g_in, g_out, s_in.detach(), s_out.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("metric", list(METRICS))
+@pytest.mark.parametrize("n,d,classes,kind", [
+    (5, 16, 2, "random"),       # one block
+    (70, 33, 3, "random"),      # three blocks (an odd count: a padding block in every round)
+    (100, 40, 1, "random"),     # one class: t_out = 0
+    (97, 12, 40, "random"),     # many small classes, ragged last block
+    (90, 17, 3, "clustered"),   # tight clusters far from the origin: exact pairs
+])
+def test_pair_pass_kernel_matches_reference(pair_pass, dtype, metric, n, d, classes, kind):
+    g = torch.Generator().manual_seed(n * 31 + d)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    if kind == "random":
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:
+        centres = 10 * torch.randn(classes, d, generator=g, dtype=torch.float64)
+        x = centres[labels] + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[n // 2] = x[0]  # a duplicate: distance 0, gradient 0
+    if metric == "cosine" and n > 3:
+        x[3] = 0.0  # a zero row: the eps branch
+    x = x.to(dtype)
+    w_in, w_out = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    want = _weighted_reference(x, labels, metric, w_in, w_out)
+    got = emulated_pair_pass(pair_pass, x, labels, metric, w_in, w_out)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    what = f"{metric} {dtype} N={n} D={d} {kind}"
+    for a, b, name in zip(got, want[:4], ("t_in", "t_out", "grad_in", "grad_out")):
+        assert_rel(a, b, tol, f"{name} {what}")
+    s_in, s_out = emulated_pair_pass(pair_pass, x, labels, metric)
+    assert_rel(s_in, want[4], tol, f"S_in {what}")
+    assert_rel(s_out, want[5], tol, f"S_out {what}")
+
+
+def test_pair_pass_is_deterministic_and_fits_shared_memory(pair_pass):
+    x, labels = make_batch(75, 20, 4, seed=8, dtype=torch.float32)
+    w = torch.rand(75)
+    first = emulated_pair_pass(pair_pass, x, labels, "euclidean", w, w.flip(0))
+    second = emulated_pair_pass(pair_pass, x, labels, "euclidean", w, w.flip(0))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert pair_pass.ck_pair_pass_smem_bytes(1) <= 48 * 1024  # no opt-in needed, even in fp64

@@ -1,7 +1,8 @@
 """The one-pass ASLoss core (weighted_pair_sums) and intra_inter_sums on the same
 triangular pass: loss terms, row sums and gradients, against the float64
 reference on shapes that stress the tiling (CPU kernel; Triton through its
-interpreter without a GPU)."""
+interpreter without a GPU; the CUDA kernel on a GPU, and on the CPU through
+tests/test_cuda_emulation.py)."""
 
 import importlib
 
@@ -12,7 +13,7 @@ import confusion_kernels as ck
 from confusion_kernels.ops.weighted_pair_sums import has_one_pass
 from conftest import interpreted, require_backend
 
-ONE_PASS_BACKENDS = ("cpu", "triton")
+ONE_PASS_BACKENDS = ("cpu", "triton", "cuda")
 
 # the module (confusion_kernels.losses re-exports the function of the same name)
 as_loss_module = importlib.import_module("confusion_kernels.losses.as_loss")

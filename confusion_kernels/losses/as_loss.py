@@ -73,8 +73,8 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
 
     Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype).
     ``inner`` is 0 when no class has two samples, ``outer`` 0 for a single class.
-    When a gradient is needed and the backend has it (cpu: euclidean and
-    sqeuclidean with D > 8, cosine; triton: euclidean, sqeuclidean, cosine),
+    When a gradient is needed and the backend has it (cpu and cuda: euclidean
+    and sqeuclidean with D > 8, cosine; triton: euclidean, sqeuclidean, cosine),
     inner and outer and their gradients come
     from one triangular pass (``weighted_pair_sums``); otherwise from
     ``intra_inter_sums``.

@@ -1,0 +1,129 @@
+// CUDA dispatch of weighted_pair_sums_with_grad, the one-pass ASLoss core
+// (pair_pass_kernels.cuh): label-sorted rows, one launch per round of the
+// block schedule, then the diagonal blocks, all on the current stream of x's
+// device. fp16/bf16 inputs run in fp32 (their values exactly: rounded once, at
+// the input), fp32 in fp32, fp64 in fp64.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "confusion_kernels/checks.h"
+#include "confusion_kernels/sorted_rows.h"
+#include "pair_pass_kernels.cuh"
+
+namespace confusion_kernels {
+namespace {
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "weighted_pair_sums_with_grad: ", what, ": ",
+              cudaGetErrorString(err));
+}
+
+// The mean of the finite rows of every block of pair_pass::kBlock rows: [T, D].
+at::Tensor block_shifts(const at::Tensor& z, int64_t blocks) {
+  const int64_t n = z.size(0), d = z.size(1), b = pair_pass::kBlock;
+  const at::Tensor finite = at::isfinite(z).all(/*dim=*/1, /*keepdim=*/true);
+  at::Tensor kept = at::zeros({blocks * b, d}, z.options());
+  kept.narrow(0, 0, n).copy_(at::where(finite, z, at::zeros_like(z)));
+  at::Tensor count = at::zeros({blocks * b, 1}, z.options());
+  count.narrow(0, 0, n).copy_(finite.to(z.scalar_type()));
+  return (kept.view({blocks, b, d}).sum(1) / count.view({blocks, b, 1}).sum(1).clamp_min(1))
+      .contiguous();
+}
+
+template <typename T, int64_t M, bool Grad>
+void launch_rounds(const SortedRows& r, const at::Tensor& shift, const T* w_in, const T* w_out,
+                   T* t_in, T* t_out, T* g_in, T* g_out, T* gx_in, T* gx_out,
+                   cudaStream_t stream) {
+  const int64_t n = r.xs.size(0), d = r.xs.size(1);
+  const int64_t t = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
+  const int64_t t_even = t + (t % 2);
+  const int smem = static_cast<int>(sizeof(pair_pass::Smem<T>));
+  const T* z = r.zs.data_ptr<T>();
+  const T* xr = r.xs.data_ptr<T>();
+  const T* sh = shift.data_ptr<T>();
+  const int32_t* lab = r.cls.data_ptr<int32_t>();
+  const T* sq = r.sq.data_ptr<T>();
+  for (int64_t round = 0; round + 1 < t_even; ++round) {
+    pair_pass::pair_pass_kernel<T, M, Grad, false>
+        <<<static_cast<unsigned>(t_even / 2), pair_pass::kThreads, smem, stream>>>(
+            z, xr, sh, lab, sq, w_in, w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d,
+            round, t, t_even);
+    check_launch("round kernel");
+  }
+  pair_pass::pair_pass_kernel<T, M, Grad, true>
+      <<<static_cast<unsigned>(t), pair_pass::kThreads, smem, stream>>>(
+          z, xr, sh, lab, sq, w_in, w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d, 0, t,
+          t_even);
+  check_launch("diagonal kernel");
+}
+
+template <typename F>
+void dispatch_gram_metric(int64_t metric, F&& f) {
+  switch (metric) {
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    default: TORCH_CHECK(false, "weighted_pair_sums_with_grad: no Gram form for metric code ", metric);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
+    const at::Tensor& w_out, c10::string_view metric_name) {
+  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCUDA);
+  const int64_t metric = in.metric;
+  TORCH_CHECK(metric == kEuclidean || metric == kSqEuclidean || metric == kCosine,
+              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
+              "sqeuclidean, cosine)");
+  const int64_t n = in.x.size(0);
+  for (const at::Tensor* w : {&w_in, &w_out})
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
+                    w->device() == x.device(),
+                "weighted_pair_sums_with_grad: the weights must be floating [N] tensors on ",
+                x.device(), " with N = ", n);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const SortedRows r = sort_rows(in.x, in.labels, metric);
+  const at::Tensor wis = w_in.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
+  const at::Tensor wos = w_out.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
+  at::Tensor t_in = at::zeros({n}, r.xs.options()), t_out = at::zeros({n}, r.xs.options());
+  at::Tensor g_in = at::zeros_like(r.xs), g_out = at::zeros_like(r.xs);
+  at::Tensor gx_in = metric == kCosine ? at::zeros_like(r.xs) : g_in;
+  at::Tensor gx_out = metric == kCosine ? at::zeros_like(r.xs) : g_out;
+  const int64_t blocks = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
+  if (n > 0 && in.x.size(1) > 0) {
+    const at::Tensor shift = block_shifts(r.zs, blocks);
+    AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "weighted_pair_sums_with_grad_cuda", [&] {
+      dispatch_gram_metric(metric, [&](auto m) {
+        launch_rounds<scalar_t, decltype(m)::value, true>(
+            r, shift, wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(),
+            t_in.data_ptr<scalar_t>(), t_out.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),
+            g_out.data_ptr<scalar_t>(), gx_in.data_ptr<scalar_t>(), gx_out.data_ptr<scalar_t>(),
+            stream);
+      });
+    });
+  }
+  if (metric == kCosine) {
+    g_in = unit_to_row_gradient(g_in, r.zs, r.sq) + gx_in;
+    g_out = unit_to_row_gradient(g_out, r.zs, r.sq) + gx_out;
+  }
+  at::Tensor grad_in = at::empty_like(r.xs), grad_out = at::empty_like(r.xs);
+  grad_in.index_copy_(0, r.perm, g_in);
+  grad_out.index_copy_(0, r.perm, g_out);
+  return {t_in.sum(), t_out.sum(), grad_in.to(x.scalar_type()), grad_out.to(x.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
+  m.impl("weighted_pair_sums_with_grad", &weighted_pair_sums_with_grad_cuda);
+}
+
+}  // namespace confusion_kernels

@@ -1,0 +1,71 @@
+// The rows of a batch sorted by label, and what the triangular pair passes
+// (CPU: csrc/cpu/pair_sums_with_grad_cpu.cpp, CUDA: csrc/cuda/pair_pass_cuda.cu)
+// read of them. Host-side ATen code, device-agnostic.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <tuple>
+
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+
+// The rows sorted by label and what the pass reads of them.
+struct SortedRows {
+  at::Tensor perm;  // sorted position -> input row
+  at::Tensor xs;    // [N, D] sorted rows (exact pairs)
+  at::Tensor zs;    // [N, D] Gram operands: the rows, or the unit rows for cosine
+  at::Tensor sq;    // [N] cosine: |x_i|^2 (float64, clamped to the dtype); else zeros
+  at::Tensor cls;   // [N] int32 dense class ids 0, 1, ... (nondecreasing)
+};
+
+inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int64_t metric) {
+  const int64_t n = xa.size(0);
+  SortedRows r;
+  // Classes ordered by first appearance, not by label value: relabelling that
+  // keeps equality (the only thing that matters) gives the same order of rows,
+  // tiles and additions, so bit-identical results.
+  const auto uniq = at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true);
+  const at::Tensor inverse = std::get<1>(uniq);
+  const int64_t classes = std::get<0>(uniq).size(0);
+  const at::Tensor first = at::full({classes}, n, labels.options())
+                               .scatter_reduce(0, inverse, at::arange(n, labels.options()),
+                                               "amin", /*include_self=*/true);
+  const at::Tensor rank = at::empty_like(first).index_copy_(
+      0, at::argsort(first), at::arange(classes, labels.options()));
+  const at::Tensor key = rank.index_select(0, inverse);
+  r.perm = at::argsort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  r.xs = xa.index_select(0, r.perm).contiguous();
+  // dense int32 class ids of the sorted rows: 0, 1, ... in order
+  r.cls = key.index_select(0, r.perm).to(at::kInt).contiguous();
+  // Cosine: the squared norms (its eps test and the projection back from the unit
+  // rows) in float64, clamped to the dtype's largest value, and the unit rows.
+  // The other metrics read neither: zeros, and the rows themselves.
+  r.sq = at::zeros({n}, r.xs.options());
+  r.zs = r.xs;
+  if (metric == kCosine) {
+    const double top = r.xs.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                         : std::numeric_limits<float>::max();
+    const at::Tensor x64 = r.xs.to(at::kDouble);
+    const at::Tensor sq64 = (x64 * x64).sum(1);
+    r.sq = sq64.clamp_max(top).to(r.xs.scalar_type()).contiguous();
+    const at::Tensor norms = sq64.sqrt().unsqueeze(1);
+    r.zs = at::where(norms > 0, x64 / norms, at::zeros_like(x64))
+               .to(r.xs.scalar_type())
+               .contiguous();
+  }
+  return r;
+}
+
+// Cosine: the operand-space gradient g (w.r.t. the unit rows u) becomes the
+// gradient w.r.t. x: (g - u (u.g)) / |x|.
+inline at::Tensor unit_to_row_gradient(const at::Tensor& g, const at::Tensor& u, const at::Tensor& sq) {
+  const at::Tensor radial = (g * u).sum(1, /*keepdim=*/true);
+  const at::Tensor norms = sq.sqrt().unsqueeze(1);
+  const at::Tensor inv = at::where(norms > 0, 1 / norms, at::zeros_like(norms));
+  return (g - u * radial) * inv;
+}
+
+}  // namespace confusion_kernels
