@@ -48,13 +48,11 @@ def make_data(n: int, d: int, data: str, seed: int = 0):
 
 
 def split_provider(provider: str) -> tuple[str, str]:
-    """"fused-triton" -> ("fused", "triton"); "fused" -> ("fused", "cpu")."""
-    kind, _, backend = provider.partition("-pass")
-    if kind == "two":
-        kind, backend = "two-pass", backend.lstrip("-")
-    else:
-        kind, _, backend = provider.partition("-")
-    return kind, backend or "cpu"
+    """"fused-triton" -> ("fused", "triton"); "fused" -> ("fused", "cpu"); "eager" -> ("eager", "cpu")."""
+    for kind in ("fused", "two-pass"):
+        if provider == kind or provider.startswith(kind + "-"):
+            return kind, provider[len(kind) + 1:] or "cpu"
+    return provider, "cpu"
 
 
 def make_loss(provider: str, metric: str, labels):

@@ -60,9 +60,7 @@ def _triton_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Ten
     if code in GRAM_METRICS:  # dL/dx = d(sum g_in S_in + g_out S_out)/dx, one triangular pass
         from ..triton import pair_sums
 
-        _, _, g_same, g_other = pair_sums.weighted_with_grad(
-            x, labels, grad_in, grad_out, code, grad_dtype=torch.float64 if x.dtype ==
-            torch.float64 else torch.float32)
+        _, _, g_same, g_other = pair_sums.weighted_with_grad(x, labels, grad_in, grad_out, code)
         return (g_same + g_other).to(x.dtype)
     return kernels.backward(grad_in, grad_out, x, labels, code)
 

@@ -67,7 +67,9 @@ def _triton_one_pass(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
     if METRIC_CODES[metric] not in GRAM_METRICS:
         raise ValueError("weighted_pair_sums_with_grad_triton: metrics with a Gram form only "
                          "(euclidean, sqeuclidean, cosine)")
-    return pair_sums.weighted_with_grad(x, labels, w_in, w_out, METRIC_CODES[metric])
+    t_in, t_out, g_in, g_out = pair_sums.weighted_with_grad(x, labels, w_in, w_out,
+                                                            METRIC_CODES[metric])
+    return t_in, t_out, g_in.to(x.dtype), g_out.to(x.dtype)
 
 
 _triton_one_pass.register_fake(_fake)

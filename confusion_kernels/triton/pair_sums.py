@@ -60,7 +60,7 @@ def _safe_inverse(v):
 
 
 @triton.jit
-def _block_pair(ROUND, T, T_EVEN, DIAGONAL: tl.constexpr):
+def _block_pair(ROUND, T_EVEN, DIAGONAL: tl.constexpr):
     """(P, Q) of this program: round ROUND of the circle method over T_EVEN
     blocks (block T_EVEN - 1 fixed, the others rotating), or (p, p) in the
     diagonal round. Blocks >= T are padding (the program has no work)."""
@@ -88,7 +88,7 @@ def _pair_kernel(Z, SHIFT, ONE_CLASS, U, NC, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, 
                  ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  GRAD_PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    p, q = _block_pair(ROUND, T, T_EVEN, DIAGONAL)
+    p, q = _block_pair(ROUND, T_EVEN, DIAGONAL)
     if q < T:
         rows = p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: rows * D can pass 2**31
         cols = q.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -453,9 +453,8 @@ def row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.
 
 
 def weighted_with_grad(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
-                       w_out: torch.Tensor, metric: int, grad_dtype: torch.dtype | None = None):
-    """(t_in, t_out, dt_in/dx, dt_out/dx); the gradients in ``grad_dtype``
-    (default x's dtype)."""
+                       w_out: torch.Tensor, metric: int):
+    """(t_in, t_out, dt_in/dx, dt_out/dx), all in the accumulation dtype."""
     cfg = _config()
     s = _SortedRows(x, labels, metric, cfg["BLOCK"])
     acc = s.z.dtype
@@ -475,8 +474,7 @@ def weighted_with_grad(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor
         inv = _safe_inv_norm(s.sq)
         g_in = (g_in - s.z * (g_in * s.z).sum(1, keepdim=True)) * inv + gx_in
         g_out = (g_out - s.z * (g_out * s.z).sum(1, keepdim=True)) * inv + gx_out
-    out = grad_dtype or x.dtype
-    return t_in.sum(), t_out.sum(), s.unsort(g_in).to(out), s.unsort(g_out).to(out)
+    return t_in.sum(), t_out.sum(), s.unsort(g_in), s.unsort(g_out)
 
 
 def _safe_inv_norm(sq: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/sorted_rows.h"
 #include "pair_sums_with_grad.h"
@@ -119,14 +120,6 @@ std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
   return bounds;
 }
 
-// The mean of the finite rows of z [rt, D] (zeros if none): a row holding
-// NaN/Inf stays non-finite itself but must not spread to its tile's shift.
-inline at::Tensor finite_row_mean(const at::Tensor& z) {
-  const at::Tensor finite = at::isfinite(z).all(/*dim=*/1, /*keepdim=*/true);
-  const at::Tensor count = finite.sum().clamp_min(1).to(z.scalar_type());
-  return at::where(finite, z, at::zeros_like(z)).sum(0, /*keepdim=*/true) / count;
-}
-
 // Column sums of one tile's distances W (zero where a pair is not counted),
 // split by class: col_in[jj] / col_out[jj] += the same-class / other-class part
 // of column jj. Each thread owns a block of columns and walks the rows in order
@@ -185,7 +178,7 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
     const at::Tensor zr = zs.narrow(0, r0, rt);
     // one class: its mean (then the tile's same-class pairs need nothing more)
     const bool one_class = cls[r0] == cls[r0 + rt - 1];
-    const at::Tensor shift = one_class ? means.narrow(0, cls[r0], 1) : finite_row_mean(zr);
+    const at::Tensor shift = one_class ? means.narrow(0, cls[r0], 1) : finite_row_mean(zr, 0);
     const at::Tensor a = (zr - shift).contiguous();
     const at::Tensor na = (a * a).sum(1);
     const acc_t* nap = na.data_ptr<acc_t>();
@@ -314,21 +307,6 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
 
 }  // namespace
 
-namespace {
-
-// Calls f(std::integral_constant<int64_t, M>{}) for a Gram metric code.
-template <typename F>
-void dispatch_gram_metric(int64_t metric, const F& f) {
-  switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    default: TORCH_CHECK(false, "pair sums: no Gram form for metric code ", metric);
-  }
-}
-
-}  // namespace
-
 PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
                              const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
   const int64_t n = xa.size(0);
@@ -339,7 +317,7 @@ PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
   TileGrads g{at::zeros_like(r.xs), at::zeros_like(r.xs)};
   at::Tensor gx_in = at::zeros_like(r.xs), gx_out = at::zeros_like(r.xs);
   AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_sums_with_grad", [&] {
-    dispatch_gram_metric(metric, [&](auto m) {
+    dispatch_gram_metric(metric, "pair_sums_with_grad", [&](auto m) {
       one_pass<decltype(m)::value, true, scalar_t>(
           r.xs, r.zs, r.sq.data_ptr<scalar_t>(), r.cls.data_ptr<int32_t>(),
           wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(), t_in_rows.data_ptr<scalar_t>(),
@@ -363,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> pair_row_sums(const at::Tensor& xa, const at:
   const SortedRows r = sort_rows(xa, labels, metric);
   at::Tensor s_in = at::zeros({n}, r.xs.options()), s_out = at::zeros({n}, r.xs.options());
   AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_row_sums", [&] {
-    dispatch_gram_metric(metric, [&](auto m) {
+    dispatch_gram_metric(metric, "pair_row_sums", [&](auto m) {
       one_pass<decltype(m)::value, false, scalar_t>(
           r.xs, r.zs, r.sq.data_ptr<scalar_t>(), r.cls.data_ptr<int32_t>(), nullptr, nullptr,
           s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), nullptr, nullptr, nullptr);
@@ -380,16 +358,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
     const at::Tensor& w_out, c10::string_view metric_name) {
-  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
-  TORCH_CHECK(in.metric == kEuclidean || in.metric == kSqEuclidean || in.metric == kCosine,
-              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
-              "sqeuclidean, cosine)");
-  const int64_t n = in.x.size(0);
-  for (const at::Tensor* w : {&w_in, &w_out})
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
-                    w->device().is_cpu(),
-                "weighted_pair_sums_with_grad: the weights must be floating [N] CPU tensors "
-                "with N = ", n);
+  const RowSumsInputs in =
+      prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
   const PairSums r = pair_sums_with_grad(in.x, in.labels, w_in, w_out, in.metric);
   return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};
 }

@@ -117,16 +117,6 @@ GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
   return g;
 }
 
-template <typename F>
-void dispatch_gram_metric(int64_t metric, F&& f) {
-  switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    default: TORCH_CHECK(false, "intra_inter_sums: no Gram form for metric code ", metric);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
                                                          c10::string_view metric_name) {
@@ -138,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const auto ops = gram_operands_for(x, metric)) {
     const GramInputs g = gram_inputs(in.x, metric, *ops);
-    dispatch_gram_metric(metric, [&](auto m) {
+    dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_forward<decltype(m)::value>(
           *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(),
           in.labels.data_ptr<int64_t>(), g.sq_norms.data_ptr<float>(), in.x.size(0),
@@ -171,7 +161,7 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (const auto ops = gram_operands_for(x, metric)) {
     const GramInputs g = gram_inputs(in.x, metric, *ops);
-    dispatch_gram_metric(metric, [&](auto m) {
+    dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_backward<decltype(m)::value>(
           *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(),
           in.labels.data_ptr<int64_t>(), g.sq_norms.data_ptr<float>(),

@@ -8,11 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/sorted_rows.h"
 #include "pair_pass_kernels.cuh"
 
@@ -25,16 +27,14 @@ void check_launch(const char* what) {
               cudaGetErrorString(err));
 }
 
-// The mean of the finite rows of every block of pair_pass::kBlock rows: [T, D].
+// The mean of the finite rows of every block of pair_pass::kBlock rows: [T, D]
+// (the last block padded with NaN rows, which the mean leaves out).
 at::Tensor block_shifts(const at::Tensor& z, int64_t blocks) {
   const int64_t n = z.size(0), d = z.size(1), b = pair_pass::kBlock;
-  const at::Tensor finite = at::isfinite(z).all(/*dim=*/1, /*keepdim=*/true);
-  at::Tensor kept = at::zeros({blocks * b, d}, z.options());
-  kept.narrow(0, 0, n).copy_(at::where(finite, z, at::zeros_like(z)));
-  at::Tensor count = at::zeros({blocks * b, 1}, z.options());
-  count.narrow(0, 0, n).copy_(finite.to(z.scalar_type()));
-  return (kept.view({blocks, b, d}).sum(1) / count.view({blocks, b, 1}).sum(1).clamp_min(1))
-      .contiguous();
+  at::Tensor padded = at::full({blocks * b, d}, std::numeric_limits<double>::quiet_NaN(),
+                               z.options());
+  padded.narrow(0, 0, n).copy_(z);
+  return finite_row_mean(padded.view({blocks, b, d}), 1).squeeze(1).contiguous();
 }
 
 template <typename T, int64_t M, bool Grad>
@@ -64,30 +64,13 @@ void launch_rounds(const SortedRows& r, const at::Tensor& shift, const T* w_in, 
   check_launch("diagonal kernel");
 }
 
-template <typename F>
-void dispatch_gram_metric(int64_t metric, F&& f) {
-  switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    default: TORCH_CHECK(false, "weighted_pair_sums_with_grad: no Gram form for metric code ", metric);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
     const at::Tensor& w_out, c10::string_view metric_name) {
-  const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCUDA);
+  const RowSumsInputs in =
+      prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCUDA);
   const int64_t metric = in.metric;
-  TORCH_CHECK(metric == kEuclidean || metric == kSqEuclidean || metric == kCosine,
-              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
-              "sqeuclidean, cosine)");
   const int64_t n = in.x.size(0);
-  for (const at::Tensor* w : {&w_in, &w_out})
-    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
-                    w->device() == x.device(),
-                "weighted_pair_sums_with_grad: the weights must be floating [N] tensors on ",
-                x.device(), " with N = ", n);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const SortedRows r = sort_rows(in.x, in.labels, metric);
@@ -101,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
   if (n > 0 && in.x.size(1) > 0) {
     const at::Tensor shift = block_shifts(r.zs, blocks);
     AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "weighted_pair_sums_with_grad_cuda", [&] {
-      dispatch_gram_metric(metric, [&](auto m) {
+      dispatch_gram_metric(metric, "weighted_pair_sums_with_grad", [&](auto m) {
         launch_rounds<scalar_t, decltype(m)::value, true>(
             r, shift, wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(),
             t_in.data_ptr<scalar_t>(), t_out.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <type_traits>
 
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/pair_math.h"
@@ -92,6 +93,37 @@ inline RowSumsInputs prepare_row_sums_inputs(const at::Tensor& x, const at::Tens
   check_intra_inter_inputs(x, labels, metric, device);
   return {x.to(accumulation_type(x.scalar_type())).contiguous(), labels.contiguous(), {}, {},
           metric};
+}
+
+// weighted_pair_sums_with_grad(x, labels, w_in, w_out, metric): the row-sum
+// checks, a metric with a Gram form, and floating [N] weights on x's device.
+inline RowSumsInputs prepare_pair_sums_inputs(const at::Tensor& x, const at::Tensor& labels,
+                                              const at::Tensor& w_in, const at::Tensor& w_out,
+                                              c10::string_view metric_name,
+                                              c10::DeviceType device) {
+  RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, device);
+  TORCH_CHECK(in.metric == kEuclidean || in.metric == kSqEuclidean || in.metric == kCosine,
+              "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
+              "sqeuclidean, cosine)");
+  const int64_t n = in.x.size(0);
+  for (const at::Tensor* w : {&w_in, &w_out})
+    TORCH_CHECK(w->dim() == 1 && w->size(0) == n && at::isFloatingType(w->scalar_type()) &&
+                    w->device() == x.device(),
+                "weighted_pair_sums_with_grad: the weights must be floating [N] tensors on ",
+                x.device(), " with N = ", n);
+  return in;
+}
+
+// Calls f(std::integral_constant<int64_t, M>{}) for a metric code M with a Gram
+// form (euclidean, sqeuclidean, cosine); any other code is an error of `op`.
+template <typename F>
+void dispatch_gram_metric(int64_t metric, const char* op, F&& f) {
+  switch (metric) {
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    default: TORCH_CHECK(false, op, ": no Gram form for metric code ", metric);
+  }
 }
 
 inline RowSumsInputs prepare_row_sums_backward_inputs(const at::Tensor& grad_in,

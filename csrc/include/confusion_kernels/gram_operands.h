@@ -1,5 +1,5 @@
-// Host-side preparation of the Gram-form operands, shared by the CPU kernel
-// and the CUDA dispatch (ATen, host only).
+// Host-side preparation of the Gram-form operands (ATen, host only): the shifts
+// of the CPU and CUDA pair passes and the CUDA intra_inter_sums dispatch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,6 +7,16 @@
 #include "confusion_kernels/pair_math.h"
 
 namespace confusion_kernels {
+
+// The mean over `dim` of the rows of z (its last dimension holds the features)
+// that contain no NaN/Inf, keeping `dim`; zeros where there is none. A row
+// holding NaN/Inf stays non-finite itself (and so do the sums it enters) but
+// must not spread to every other row through a shift.
+inline at::Tensor finite_row_mean(const at::Tensor& z, int64_t dim) {
+  const at::Tensor finite = at::isfinite(z).all(/*dim=*/-1, /*keepdim=*/true);
+  const at::Tensor count = finite.sum(dim, /*keepdim=*/true).clamp_min(1).to(z.scalar_type());
+  return at::where(finite, z, at::zeros_like(z)).sum(dim, /*keepdim=*/true) / count;
+}
 
 // euclidean / sqeuclidean distances do not change under a common shift, but
 // the Gram form |a|^2 + |b|^2 - 2 a.b loses digits in proportion to |a|^2:
@@ -16,12 +26,7 @@ namespace confusion_kernels {
 // does not depend on m). Cosine is not shift invariant and is left alone.
 inline at::Tensor center_for_gram(const at::Tensor& xa, int64_t metric) {
   if (metric != kEuclidean && metric != kSqEuclidean) return xa;
-  // The mean of the finite rows: a row holding NaN/Inf stays non-finite itself
-  // (and so do the sums it enters) but must not spread to every other row.
-  const at::Tensor finite = at::isfinite(xa).all(/*dim=*/1, /*keepdim=*/true);
-  const at::Tensor kept = at::where(finite, xa, at::zeros_like(xa));
-  const at::Tensor count = finite.sum().clamp_min(1).to(xa.scalar_type());
-  return (xa - kept.sum(0, /*keepdim=*/true) / count).contiguous();
+  return (xa - finite_row_mean(xa, 0)).contiguous();
 }
 
 // The unit rows x / |x| for the cosine metric, given norms = |x_i| (a
