@@ -97,10 +97,13 @@ def test_cuda_gradcheck_on_device():
             eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-# The Gram-form kernels (csrc/cuda/gram_tile_kernels.cuh) serve euclidean,
-# sqeuclidean and cosine for fp32 / fp16 / bf16 input with D >= 9; fp64 input
-# takes the difference-form kernel, so the float64 suites do not reach them.
+# Euclidean, sqeuclidean and cosine with D >= 9 take a Gram-form kernel: the
+# triangular pair pass (csrc/cuda/pair_pass_kernels.cuh, every dtype, exact FMA
+# arithmetic), or under CONFUSION_KERNELS_CUDA_FULL_TILES=1 the full-tile kernels
+# (csrc/cuda/gram_tile_kernels.cuh: fp32 / fp16 / bf16 on tensor cores or in
+# fp32; fp64 stays on the pair pass). Tolerances are those of the tensor cores.
 GRAM_CASES = {  # name: (input dtype, allow_tf32, relative tolerance vs float64)
+    "fp64": (torch.float64, False, 1e-10),
     "fp32": (torch.float32, False, 2e-5),
     "tf32": (torch.float32, True, 2e-2),
     "fp16": (torch.float16, False, 5e-3),
@@ -108,11 +111,13 @@ GRAM_CASES = {  # name: (input dtype, allow_tf32, relative tolerance vs float64)
 }
 
 
+@pytest.mark.parametrize("path", ["pair_pass", "full_tiles"])
 @pytest.mark.parametrize("case", list(GRAM_CASES))
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("n,d", [(1, 9), (65, 24), (130, 33), (70, 129), (40, 300), (3000, 64)])
-def test_gram_kernels_match_reference(case, metric, n, d):
+def test_gram_kernels_match_reference(path, case, metric, n, d, monkeypatch):
     require_backend("cuda")
+    monkeypatch.setenv("CONFUSION_KERNELS_CUDA_FULL_TILES", "1" if path == "full_tiles" else "0")
     dtype, tf32, tol = GRAM_CASES[case]
     x64, labels = make_batch(n, d, 5, seed=n + d, device="cuda")
     x = x64.to(dtype)
@@ -134,20 +139,30 @@ def test_gram_kernels_match_reference(case, metric, n, d):
         assert rel_error(got, ref) <= tol, f"{what} {case} {metric}: {rel_error(got, ref):.2e} > {tol}"
 
 
-def test_exact_kernel_switch_gives_the_difference_form():
-    """CONFUSION_KERNELS_CUDA_EXACT=1 routes every case to the difference-form
-    kernel; both paths agree with each other to fp32 accuracy."""
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kernel_switches_agree(metric):
+    """The default Gram path (the triangular pair pass),
+    CONFUSION_KERNELS_CUDA_EXACT=1 (every case to the difference-form kernel) and
+    CONFUSION_KERNELS_CUDA_FULL_TILES=1 (the full-tile Gram kernels) agree to fp32
+    accuracy, forward and backward."""
     require_backend("cuda")
     code = (
         "import torch, confusion_kernels as ck;"
         "g = torch.Generator().manual_seed(0);"
-        "x = torch.randn(700, 40, generator=g).cuda(); y = torch.randint(0, 4, (700,), generator=g).cuda();"
-        "print(repr(ck.intra_inter_sums(x, y, 'euclidean', backend='cuda')[0].sum().item()))"
+        "x = torch.randn(700, 40, generator=g).cuda().requires_grad_(True);"
+        "y = torch.randint(0, 4, (700,), generator=g).cuda();"
+        "w = torch.rand(700, generator=g).cuda();"
+        f"s_in, s_out = ck.intra_inter_sums(x, y, {metric!r}, backend='cuda');"
+        "(grad,) = torch.autograd.grad((s_in * w + s_out).sum(), x);"
+        "print(repr(s_in.sum().item()), repr(s_out.sum().item()), repr(grad.pow(2).sum().item()))"
     )
     values = []
-    for flag in ("0", "1"):
-        env = dict(os.environ, CONFUSION_KERNELS_CUDA_EXACT=flag)
+    for env_flags in ({}, {"CONFUSION_KERNELS_CUDA_EXACT": "1"}, {"CONFUSION_KERNELS_CUDA_FULL_TILES": "1"}):
+        env = dict(os.environ, CONFUSION_KERNELS_CUDA_EXACT="0", CONFUSION_KERNELS_CUDA_FULL_TILES="0")
+        env.update(env_flags)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
-        values.append(float(out.stdout.strip().splitlines()[-1]))
-    assert values[0] != 0.0 and abs(values[0] - values[1]) <= 1e-5 * abs(values[1])
+        values.append([float(v) for v in out.stdout.strip().splitlines()[-1].split()])
+    for other in values[1:]:
+        for got, want in zip(values[0], other):
+            assert got != 0.0 and abs(got - want) <= 1e-4 * abs(want), (values, metric)

@@ -1,10 +1,16 @@
 // CUDA dispatch of intra_inter_sums: checks inputs, picks a kernel, launches
 // on the current stream of x's device.
-//   * euclidean / sqeuclidean / cosine with D >= kGramMinDim and fp32, fp16 or
-//     bf16 input: the Gram-form tiled kernels (gram_tile_kernels.cuh) on
-//     tensor cores (fp16, bf16; tf32 for fp32 only when
-//     torch.backends.cuda.matmul.allow_tf32 is on) or in exact fp32;
-//   * everything else (manhattan, smooth_l1, fp64, small D), or every case when
+//   * euclidean / sqeuclidean / cosine with D >= kGramMinDim: the triangular
+//     pair pass (pair_pass.h), each unordered pair once, exact FMA arithmetic
+//     in the accumulation dtype; the backward is the same pass with the
+//     upstream gradients as weights;
+//   * the same cases under CONFUSION_KERNELS_CUDA_FULL_TILES=1 and fp32, fp16
+//     or bf16 input: the first-generation Gram tile kernels
+//     (gram_tile_kernels.cuh), which compute every tile twice (once per row
+//     block) on tensor cores (fp16, bf16; tf32 for fp32 only when
+//     torch.backends.cuda.matmul.allow_tf32 is on) or in exact fp32; kept for
+//     comparison on GPU;
+//   * everything else (manhattan, smooth_l1, small D), or every case when
 //     CONFUSION_KERNELS_CUDA_EXACT=1: the difference-form kernels
 //     (intra_inter_sums_kernels.cuh) in the accumulation dtype.
 #include <ATen/ATen.h>
@@ -20,6 +26,7 @@
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/gram_operands.h"
 #include "intra_inter_sums_launch.h"
+#include "pair_pass.h"
 
 namespace confusion_kernels {
 namespace {
@@ -51,15 +58,26 @@ void dispatch_metric(int64_t metric, F&& f) {
   }
 }
 
-bool exact_kernels_forced() {
-  const char* v = std::getenv("CONFUSION_KERNELS_CUDA_EXACT");
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
 }
 
-// The Gram operand kind for this input, or nullopt for the difference form.
-std::optional<GramOperands> gram_operands_for(const at::Tensor& x, int64_t metric) {
-  if (metric != kEuclidean && metric != kSqEuclidean && metric != kCosine) return std::nullopt;
-  if (x.size(1) < kGramMinDim || exact_kernels_forced()) return std::nullopt;
+bool exact_kernels_forced() { return env_flag("CONFUSION_KERNELS_CUDA_EXACT"); }
+
+// Euclidean, sqeuclidean and cosine with enough dimensions take a Gram-form
+// kernel (the pair pass or the full tiles); the rest the difference form.
+bool uses_gram_form(const at::Tensor& x, int64_t metric) {
+  return (metric == kEuclidean || metric == kSqEuclidean || metric == kCosine) &&
+         x.size(1) >= kGramMinDim && !exact_kernels_forced();
+}
+
+// The operand kind of the full-tile Gram kernels when they are asked for
+// (CONFUSION_KERNELS_CUDA_FULL_TILES=1) and take this input, else nullopt (the
+// pair pass).
+std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t metric) {
+  if (!uses_gram_form(x, metric) || !env_flag("CONFUSION_KERNELS_CUDA_FULL_TILES"))
+    return std::nullopt;
   int major = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
@@ -75,7 +93,7 @@ std::optional<GramOperands> gram_operands_for(const at::Tensor& x, int64_t metri
     case at::kBFloat16:
       return sm80 ? GramOperands::kBf16 : GramOperands::kFp32Exact;
     default:
-      return std::nullopt;  // fp64 stays in fp64
+      return std::nullopt;  // fp64: the pair pass, in fp64
   }
 }
 
@@ -126,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
   at::Tensor s_in = at::empty({x.size(0)}, in.x.options());
   at::Tensor s_out = at::empty({x.size(0)}, in.x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (const auto ops = gram_operands_for(x, metric)) {
+  if (const auto ops = full_tile_operands_for(x, metric)) {
     const GramInputs g = gram_inputs(in.x, metric, *ops);
     dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_forward<decltype(m)::value>(
@@ -136,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
     });
     return {s_in, s_out};
   }
+  if (uses_gram_form(x, metric)) return pair_row_sums_cuda(in.x, in.labels, metric);
   const at::Tensor norms = row_norms_if_cosine(in.x, metric);
   const at::Tensor rows = kernel_rows(in.x, norms, metric);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cuda", [&] {
@@ -159,7 +178,7 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
   at::Tensor grad = at::empty_like(in.x);
   if (in.x.size(1) == 0) return grad.to(x.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (const auto ops = gram_operands_for(x, metric)) {
+  if (const auto ops = full_tile_operands_for(x, metric)) {
     const GramInputs g = gram_inputs(in.x, metric, *ops);
     dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_backward<decltype(m)::value>(
@@ -169,6 +188,12 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
           in.x.size(1), grad.data_ptr<float>(), stream);
     });
     return grad.to(x.scalar_type());
+  }
+  if (uses_gram_form(x, metric)) {
+    // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the pair
+    // pass with the upstream gradients as weights, each unordered pair once.
+    const PairSums r = pair_sums_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
+    return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
   const at::Tensor norms = row_norms_if_cosine(in.x, metric);
   const at::Tensor rows = kernel_rows(in.x, norms, metric);

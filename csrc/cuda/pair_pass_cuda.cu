@@ -1,7 +1,8 @@
-// CUDA dispatch of weighted_pair_sums_with_grad, the one-pass ASLoss core
-// (pair_pass_kernels.cuh): label-sorted rows, one launch per round of the
-// block schedule, then the diagonal blocks, all on the current stream of x's
-// device. fp16/bf16 inputs run in fp32 (their values exactly: rounded once, at
+// The triangular pair pass on CUDA (pair_pass.h, kernels in
+// pair_pass_kernels.cuh): label-sorted rows, one launch per round of the block
+// schedule, then the diagonal blocks, all on the current stream of x's device.
+// Registered as weighted_pair_sums_with_grad (the one-pass ASLoss core) and
+// called by intra_inter_sums_cuda.cpp for both directions of the Gram metrics. fp16/bf16 inputs run in fp32 (their values exactly: rounded once, at
 // the input), fp32 in fp32, fp64 in fp64.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +17,7 @@
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/sorted_rows.h"
+#include "pair_pass.h"
 #include "pair_pass_kernels.cuh"
 
 namespace confusion_kernels {
@@ -64,16 +66,15 @@ void launch_rounds(const SortedRows& r, const at::Tensor& shift, const T* w_in, 
   check_launch("diagonal kernel");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cuda(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
-    const at::Tensor& w_out, c10::string_view metric_name) {
-  const RowSumsInputs in =
-      prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCUDA);
-  const int64_t metric = in.metric;
-  const int64_t n = in.x.size(0);
-  const c10::cuda::CUDAGuard guard(x.device());
+}  // namespace
+
+PairSums pair_sums_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels,
+                                  const at::Tensor& w_in, const at::Tensor& w_out,
+                                  int64_t metric) {
+  const int64_t n = xa.size(0);
+  const c10::cuda::CUDAGuard guard(xa.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const SortedRows r = sort_rows(in.x, in.labels, metric);
+  const SortedRows r = sort_rows(xa, labels, metric);
   const at::Tensor wis = w_in.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
   const at::Tensor wos = w_out.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
   at::Tensor t_in = at::zeros({n}, r.xs.options()), t_out = at::zeros({n}, r.xs.options());
@@ -81,10 +82,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
   at::Tensor gx_in = metric == kCosine ? at::zeros_like(r.xs) : g_in;
   at::Tensor gx_out = metric == kCosine ? at::zeros_like(r.xs) : g_out;
   const int64_t blocks = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
-  if (n > 0 && in.x.size(1) > 0) {
+  if (n > 0 && xa.size(1) > 0) {
     const at::Tensor shift = block_shifts(r.zs, blocks);
-    AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "weighted_pair_sums_with_grad_cuda", [&] {
-      dispatch_gram_metric(metric, "weighted_pair_sums_with_grad", [&](auto m) {
+    AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_sums_with_grad_cuda", [&] {
+      dispatch_gram_metric(metric, "pair_sums_with_grad_cuda", [&](auto m) {
         launch_rounds<scalar_t, decltype(m)::value, true>(
             r, shift, wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(),
             t_in.data_ptr<scalar_t>(), t_out.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),
@@ -97,10 +98,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
     g_in = unit_to_row_gradient(g_in, r.zs, r.sq) + gx_in;
     g_out = unit_to_row_gradient(g_out, r.zs, r.sq) + gx_out;
   }
-  at::Tensor grad_in = at::empty_like(r.xs), grad_out = at::empty_like(r.xs);
-  grad_in.index_copy_(0, r.perm, g_in);
-  grad_out.index_copy_(0, r.perm, g_out);
-  return {t_in.sum(), t_out.sum(), grad_in.to(x.scalar_type()), grad_out.to(x.scalar_type())};
+  PairSums out{t_in.sum(), t_out.sum(), at::empty_like(r.xs), at::empty_like(r.xs)};
+  out.grad_in.index_copy_(0, r.perm, g_in);
+  out.grad_out.index_copy_(0, r.perm, g_out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_row_sums_cuda(const at::Tensor& xa,
+                                                      const at::Tensor& labels, int64_t metric) {
+  const int64_t n = xa.size(0);
+  const c10::cuda::CUDAGuard guard(xa.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const SortedRows r = sort_rows(xa, labels, metric);
+  at::Tensor s_in = at::zeros({n}, r.xs.options()), s_out = at::zeros({n}, r.xs.options());
+  const int64_t blocks = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
+  if (n > 0 && xa.size(1) > 0) {
+    const at::Tensor shift = block_shifts(r.zs, blocks);
+    AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_row_sums_cuda", [&] {
+      dispatch_gram_metric(metric, "pair_row_sums_cuda", [&](auto m) {
+        launch_rounds<scalar_t, decltype(m)::value, false>(
+            r, shift, nullptr, nullptr, s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(),
+            nullptr, nullptr, nullptr, nullptr, stream);
+      });
+    });
+  }
+  at::Tensor in_rows = at::empty_like(s_in), out_rows = at::empty_like(s_out);
+  in_rows.index_copy_(0, r.perm, s_in);
+  out_rows.index_copy_(0, r.perm, s_out);
+  return {in_rows, out_rows};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
+    const at::Tensor& w_out, c10::string_view metric_name) {
+  const RowSumsInputs in =
+      prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCUDA);
+  const PairSums r = pair_sums_with_grad_cuda(in.x, in.labels, w_in, w_out, in.metric);
+  return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};
 }
 
 }  // namespace
