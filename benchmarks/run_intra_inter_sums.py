@@ -1,7 +1,8 @@
 """Side-by-side benchmark of intra_inter_sums / ASLoss implementations.
 
 One run compares, for every (N, D, metric, mode):
-  fused backends ("cpu", "cuda", "triton"), the eager PyTorch reference
+  fused backends ("cpu", "cuda", "triton"; "cuda-full-tiles" is the cuda backend
+  under CONFUSION_KERNELS_CUDA_FULL_TILES=1), the eager PyTorch reference
   ("eager"), torch.compile of the reference ("compile") and KeOps ("keops",
   benchmarks/keops_peer.py, when pykeops is installed),
 and writes CSV + Markdown + PNG plots (time and peak memory vs N; out of
@@ -18,7 +19,7 @@ Examples:
   python benchmarks/run_intra_inter_sums.py --device cpu
   python benchmarks/run_intra_inter_sums.py --device cuda   # the issue-3 grid:
       N = 4096 ... 1048576 (powers of 4), D in {2, 128, 512}, every metric,
-      fwd / bwd / full, cuda triton eager compile keops; cases predicted to
+      fwd / bwd / full, cuda cuda-full-tiles triton eager compile keops; cases predicted to
       take longer than --max-predicted-seconds per run are recorded as skipped.
 """
 
@@ -42,6 +43,7 @@ import bench_data  # noqa: E402
 OOM = "out of memory"
 ALL_METRICS = ["euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1"]
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+FULL_TILES = "CONFUSION_KERNELS_CUDA_FULL_TILES"
 
 
 # ---------------------------------------------------------------------------
@@ -63,8 +65,13 @@ def make_fn(impl: str, metric: str, x, labels):
         def fn(inp):
             return keops_peer.intra_inter_sums(inp, labels, metric)
     else:
+        # "cuda-full-tiles": the cuda backend with its first-generation full-tile Gram
+        # kernels (read by the extension at every call, so set for the whole case).
+        os.environ[FULL_TILES] = "1" if impl == "cuda-full-tiles" else "0"
+        backend = "cuda" if impl == "cuda-full-tiles" else impl
+
         def fn(inp):
-            return ck.intra_inter_sums(inp, labels, metric, backend=impl, check_finite=False)
+            return ck.intra_inter_sums(inp, labels, metric, backend=backend, check_finite=False)
     return fn
 
 
@@ -383,7 +390,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--impls", nargs="+",
-                   help="default: cpu eager compile (CPU); cuda triton eager compile keops (CUDA)")
+                   help="default: cpu eager compile (CPU); cuda cuda-full-tiles triton eager "
+                        "compile keops (CUDA; cuda-full-tiles: CONFUSION_KERNELS_CUDA_FULL_TILES=1)")
     p.add_argument("--sizes", nargs="+", type=int,
                    help="default: 1024 4096 16384 65536 (CPU); 4096 ... 1048576, powers of 4 (CUDA)")
     p.add_argument("--dims", nargs="+", type=int, help="default: 2 64 (CPU); 2 128 512 (CUDA)")
@@ -444,7 +452,7 @@ def main() -> None:
             print("wrote", path)
         return
     impls = args.impls or (["cpu", "eager", "compile"] if args.device == "cpu"
-                           else ["cuda", "triton", "eager", "compile", "keops"])
+                           else ["cuda", "cuda-full-tiles", "triton", "eager", "compile", "keops"])
     meta = metadata(args.device, sys.argv, args.dtype, not args.no_roofline)
     print("ceilings:", meta["ceilings"], flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -473,7 +481,7 @@ def main() -> None:
         jsonl.flush()
         shown = (f"{rec['median_ms']:.2f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB"
                  if rec["status"] == "ok" else f"{rec['status']} ({rec.get('error', '')[:80]})")
-        print(f"{metric:10} {mode:4} N={n:<8} D={d:<4} {data:9} {impl:8} {shown}", flush=True)
+        print(f"{metric:10} {mode:4} N={n:<8} D={d:<4} {data:9} {impl:15} {shown}", flush=True)
     jsonl.close()
     for path in write_reports(records, meta, args.out, stem):
         print("wrote", path)
