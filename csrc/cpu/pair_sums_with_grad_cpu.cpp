@@ -124,21 +124,115 @@ std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
 // split by class: col_in[jj] / col_out[jj] += the same-class / other-class part
 // of column jj. Each thread owns a block of columns and walks the rows in order
 // (deterministic, contiguous inner loop).
+// Columns [begin, end) of add_column_sums (not inlined: see tile_row).
+template <typename acc_t>
+__attribute__((noinline)) void column_block_sums(const acc_t* wp, int64_t ld, int64_t rt,
+                                                 const int32_t* rcls, const int32_t* ccls,
+                                                 int64_t begin, int64_t end,
+                                                 acc_t* __restrict__ col_in,
+                                                 acc_t* __restrict__ col_out) {
+  for (int64_t ii = 0; ii < rt; ++ii) {
+    const int32_t ci = rcls[ii];
+    const acc_t* __restrict__ wrow = wp + ii * ld;
+#pragma omp simd
+    for (int64_t jj = begin; jj < end; ++jj) {
+      const bool same = ccls[jj] == ci;
+      col_in[jj] += same ? wrow[jj] : acc_t(0);
+      col_out[jj] += same ? acc_t(0) : wrow[jj];
+    }
+  }
+}
+
 template <typename acc_t>
 void add_column_sums(const acc_t* wp, int64_t ld, int64_t rt, int64_t ct, const int32_t* rcls,
                      const int32_t* ccls, acc_t* col_in, acc_t* col_out) {
   at::parallel_for(0, ct, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t ii = 0; ii < rt; ++ii) {
-      const int32_t ci = rcls[ii];
-      const acc_t* wrow = wp + ii * ld;
-#pragma omp simd
-      for (int64_t jj = begin; jj < end; ++jj) {
-        const bool same = ccls[jj] == ci;
-        col_in[jj] += same ? wrow[jj] : acc_t(0);
-        col_out[jj] += same ? acc_t(0) : wrow[jj];
-      }
-    }
+    column_block_sums(wp, ld, rt, rcls, ccls, begin, end, col_in, col_out);
   });
+}
+
+// What the vector loop of one tile pair reads and writes (see one_pass).
+template <typename acc_t>
+struct TileView {
+  const acc_t* gram;  // [rt, ct] Gram tile (same-class entries around the class mean)
+  int64_t ct, r0, c0;
+  bool diagonal;
+  const int32_t* cls;  // class ids of all rows
+  const acc_t *na, *nb;  // squared norms of the tile's shifted rows / columns
+  const acc_t* nc;       // every row's squared distance to its class mean
+  const acc_t* sq;       // cosine: |x|^2 of every row
+  const acc_t *wi, *wo;  // Grad: the weights of every row
+  acc_t* w;              // [rt, ld] out: coefficients (Grad) or distances
+  int64_t ld;
+  uint8_t* exact;  // [rt, ld] out: 1 where the pair takes the exact form
+  acc_t *t_in, *t_out;
+};
+
+// Row ii of a tile pair: the Gram-form distance of each pair (i, j) (j > i on
+// the diagonal tile), its weighted distance added to row i's total, its
+// gradient coefficient (Grad) or distance (not Grad) stored in w, and the pairs
+// the Gram form cannot resolve flagged in `exact`; returns their number.
+// Not inlined on purpose: inlined into the OpenMP region of at::parallel_for,
+// GCC 12 left this `omp simd` loop scalar (seen in the disassembly). On its own,
+// with -fno-trapping-math, the forward (not Grad) rows become AVX2 code; the
+// Grad rows are still scalar (GCC 12 does not vectorise them: a known gap).
+template <int64_t M, bool Grad, typename acc_t>
+__attribute__((noinline)) int32_t tile_row(const TileView<acc_t>& v, int64_t ii) {
+  const int64_t i = v.r0 + ii, ct = v.ct, c0 = v.c0;
+  const int32_t ci = v.cls[i];
+  const acc_t ni = v.na[ii], nci = v.nc[i], sqi = v.sq[i];
+  const acc_t wii = Grad ? v.wi[i] : acc_t(0), woi = Grad ? v.wo[i] : acc_t(0);
+  const acc_t* __restrict__ grow = v.gram + ii * ct;
+  const int32_t* __restrict__ ccol = v.cls + c0;
+  const acc_t* __restrict__ wicol = Grad ? v.wi + c0 : nullptr;
+  const acc_t* __restrict__ wocol = Grad ? v.wo + c0 : nullptr;
+  const acc_t* __restrict__ sqcol = v.sq + c0;
+  const acc_t* __restrict__ nccol = v.nc + c0;
+  const acc_t* __restrict__ nbp = v.nb;
+  acc_t* __restrict__ wrow = v.w + ii * v.ld;
+  uint8_t* __restrict__ erow = v.exact + ii * v.ld;
+  // only the diagonal tile has pairs j <= i, which are left out
+  const int64_t first = v.diagonal ? ii + 1 : 0;
+  acc_t tin = 0, tout = 0, nflag = 0;
+#pragma omp simd reduction(+ : tin, tout, nflag)
+  for (int64_t jj = 0; jj < ct; ++jj) {
+    const acc_t ncj = nccol[jj], nbj = nbp[jj], gj = grow[jj];
+    const bool valid = jj >= first;
+    const bool same = ccol[jj] == ci;
+    // same-class entries of the Gram tile are around the class mean
+    const acc_t nsum = same ? nci + ncj : ni + nbj;
+    acc_t d2 = nsum - acc_t(2) * gj;
+    d2 = d2 < acc_t(0) ? acc_t(0) : d2;  // NaN passes through
+    const acc_t sqj = sqcol[jj];
+    bool exact = d2 <= acc_t(kGramExactFraction) * nsum;
+    if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sqj);
+    const bool flag = valid && exact;
+    const bool use = valid && !exact;
+    const acc_t dist = M == kEuclidean ? std::sqrt(d2)
+                       : M == kSqEuclidean ? d2
+                                           : acc_t(0.5) * d2;
+    acc_t wd;
+    if constexpr (Grad) {
+      const acc_t wij = wicol[jj], woj = wocol[jj];
+      const acc_t pw = same ? wii + wij : woi + woj;
+      // dD/d(operand of row i) = coef * (a_i - b_j)
+      const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? pw / dist : acc_t(0))
+                         : M == kSqEuclidean ? acc_t(2) * pw
+                                             : pw;
+      wrow[jj] = use ? coef : acc_t(0);
+      wd = use ? pw * dist : acc_t(0);
+    } else {
+      wd = use ? dist : acc_t(0);
+      wrow[jj] = wd;  // the column sums read it back
+    }
+    tin += same ? wd : acc_t(0);
+    tout += same ? acc_t(0) : wd;
+    erow[jj] = flag ? 1 : 0;
+    nflag += flag ? acc_t(1) : acc_t(0);
+  }
+  v.t_in[i] += tin;
+  v.t_out[i] += tout;
+  return nflag > acc_t(0) ? 1 : 0;
 }
 
 // The pass over the upper triangle of tile pairs. With Grad, the pair (i, j)
@@ -209,59 +303,10 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
       const acc_t* gp = gram.data_ptr<acc_t>();
       at::Tensor w = w_all.narrow(0, 0, rt).narrow(1, 0, ct);
       acc_t* wp = w_all.data_ptr<acc_t>();
+      const TileView<acc_t> view{gp, ct, r0, c0, diagonal, cls, nap, nbp, ncp, sq,
+                                 wi, wo, wp, tile, ep, t_in_rows, t_out_rows};
       at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) {
-          const int64_t i = r0 + ii;
-          const int32_t ci = cls[i];
-          const acc_t ni = nap[ii], nci = ncp[i], sqi = sq[i];
-          const acc_t wii = Grad ? wi[i] : acc_t(0), woi = Grad ? wo[i] : acc_t(0);
-          const acc_t* grow = gp + ii * ct;
-          const int32_t* ccol = cls + c0;
-          const acc_t *wicol = Grad ? wi + c0 : nullptr, *wocol = Grad ? wo + c0 : nullptr;
-          const acc_t *sqcol = sq + c0, *nccol = ncp + c0;
-          acc_t* wrow = wp + ii * tile;
-          uint8_t* erow = ep + ii * tile;
-          // only the diagonal tile has pairs j <= i, which are left out
-          const int64_t first = diagonal ? ii + 1 : 0;
-          acc_t tin = 0, tout = 0;
-          int32_t nflag = 0;
-#pragma omp simd reduction(+ : tin, tout, nflag)
-          for (int64_t jj = 0; jj < ct; ++jj) {
-            const bool valid = jj >= first;
-            const bool same = ccol[jj] == ci;
-            // same-class entries of the Gram tile are around the class mean
-            const acc_t nsum = same ? nci + nccol[jj] : ni + nbp[jj];
-            acc_t d2 = nsum - acc_t(2) * grow[jj];
-            d2 = d2 < acc_t(0) ? acc_t(0) : d2;  // NaN passes through
-            bool exact = d2 <= acc_t(kGramExactFraction) * nsum;
-            if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sqcol[jj]);
-            const bool use = valid && !exact;
-            const acc_t dist = M == kEuclidean ? std::sqrt(d2)
-                               : M == kSqEuclidean ? d2
-                                                   : acc_t(0.5) * d2;
-            acc_t wd;
-            if constexpr (Grad) {
-              const acc_t pw = same ? wii + wicol[jj] : woi + wocol[jj];
-              // dD/d(operand of row i) = coef * (a_i - b_j)
-              const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? pw / dist : acc_t(0))
-                                 : M == kSqEuclidean ? acc_t(2) * pw
-                                                     : pw;
-              wrow[jj] = use ? coef : acc_t(0);
-              wd = use ? pw * dist : acc_t(0);
-            } else {
-              wd = use ? dist : acc_t(0);
-              wrow[jj] = wd;  // the column sums read it back
-            }
-            tin += same ? wd : acc_t(0);
-            tout += same ? acc_t(0) : wd;
-            const bool flag = valid && exact;
-            erow[jj] = flag ? 1 : 0;
-            nflag += flag ? 1 : 0;
-          }
-          t_in_rows[i] += tin;
-          t_out_rows[i] += tout;
-          flagged[ii] = nflag;
-        }
+        for (int64_t ii = begin; ii < end; ++ii) flagged[ii] = tile_row<M, Grad, acc_t>(view, ii);
       });
       // The pairs the Gram form cannot resolve, exactly and serially (they update two rows).
       for (int64_t ii = 0; ii < rt; ++ii) {
