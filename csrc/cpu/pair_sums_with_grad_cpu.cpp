@@ -171,7 +171,7 @@ struct TileView {
 // Row ii of a tile pair: the Gram-form distance of each pair (i, j) (j > i on
 // the diagonal tile), its weighted distance added to row i's total, its
 // gradient coefficient (Grad) or distance (not Grad) stored in w, and the pairs
-// the Gram form cannot resolve flagged in `exact`; returns their number.
+// the Gram form cannot resolve flagged in `exact`; returns 1 if it flagged any, else 0.
 // Not inlined on purpose: inlined into the OpenMP region of at::parallel_for,
 // GCC 12 left this `omp simd` loop scalar (seen in the disassembly). On its own,
 // with -fno-trapping-math, the forward (not Grad) rows become AVX2 code; the
@@ -356,9 +356,9 @@ PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
                              const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
   const int64_t n = xa.size(0);
   const SortedRows r = sort_rows(xa, labels, metric);
-  const at::Tensor wis = w_in.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
-  const at::Tensor wos = w_out.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
-  at::Tensor t_in_rows = at::zeros({n}, r.xs.options()), t_out_rows = at::zeros({n}, r.xs.options());
+  const at::Tensor wis = to_sorted(r, w_in), wos = to_sorted(r, w_out);
+  at::Tensor t_in_rows = at::zeros({n}, r.xs.options());
+  at::Tensor t_out_rows = at::zeros({n}, r.xs.options());
   TileGrads g{at::zeros_like(r.xs), at::zeros_like(r.xs)};
   at::Tensor gx_in = at::zeros_like(r.xs), gx_out = at::zeros_like(r.xs);
   AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_sums_with_grad", [&] {
@@ -370,14 +370,8 @@ PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
           gx_out.data_ptr<scalar_t>());
     });
   });
-  if (metric == kCosine) {
-    g.same = unit_to_row_gradient(g.same, r.zs, r.sq);
-    g.other = unit_to_row_gradient(g.other, r.zs, r.sq);
-  }
-  PairSums out{t_in_rows.sum(), t_out_rows.sum(), at::empty_like(r.xs), at::empty_like(r.xs)};
-  out.grad_in.index_copy_(0, r.perm, g.same + gx_in);
-  out.grad_out.index_copy_(0, r.perm, g.other + gx_out);
-  return out;
+  return {t_in_rows.sum(), t_out_rows.sum(), row_gradient(r, metric, g.same, gx_in),
+          row_gradient(r, metric, g.other, gx_out)};
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_row_sums(const at::Tensor& xa, const at::Tensor& labels,
@@ -392,10 +386,7 @@ std::tuple<at::Tensor, at::Tensor> pair_row_sums(const at::Tensor& xa, const at:
           s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), nullptr, nullptr, nullptr);
     });
   });
-  at::Tensor in_rows = at::empty_like(s_in), out_rows = at::empty_like(s_out);
-  in_rows.index_copy_(0, r.perm, s_in);
-  out_rows.index_copy_(0, r.perm, s_out);
-  return {in_rows, out_rows};
+  return {to_input_order(r, s_in), to_input_order(r, s_out)};
 }
 
 namespace {

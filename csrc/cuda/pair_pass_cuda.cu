@@ -2,8 +2,9 @@
 // pair_pass_kernels.cuh): label-sorted rows, one launch per round of the block
 // schedule, then the diagonal blocks, all on the current stream of x's device.
 // Registered as weighted_pair_sums_with_grad (the one-pass ASLoss core) and
-// called by intra_inter_sums_cuda.cpp for both directions of the Gram metrics. fp16/bf16 inputs run in fp32 (their values exactly: rounded once, at
-// the input), fp32 in fp32, fp64 in fp64.
+// called by intra_inter_sums_cuda.cpp for both directions of the Gram metrics.
+// fp16/bf16 inputs run in fp32 (their values exactly: rounded once, at the
+// input), fp32 in fp32, fp64 in fp64.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -66,66 +67,66 @@ void launch_rounds(const SortedRows& r, const at::Tensor& shift, const T* w_in, 
   check_launch("diagonal kernel");
 }
 
+// What a pass reads and writes besides the rows, all per sorted row; the row
+// sums (not Grad) use t_in / t_out only. Undefined tensors pass as null.
+struct PassBuffers {
+  at::Tensor w_in, w_out, t_in, t_out, g_in, g_out, gx_in, gx_out;
+};
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Every round and the diagonal of the pass, on the current stream of the rows'
+// device; nothing to do for N = 0 or D = 0.
+template <bool Grad>
+void run_pass(const SortedRows& r, int64_t metric, const PassBuffers& b) {
+  const int64_t n = r.xs.size(0);
+  if (n == 0 || r.xs.size(1) == 0) return;
+  const c10::cuda::CUDAGuard guard(r.xs.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor shift = block_shifts(r.zs, (n + pair_pass::kBlock - 1) / pair_pass::kBlock);
+  AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_pass_cuda", [&] {
+    dispatch_gram_metric(metric, "pair_pass_cuda", [&](auto m) {
+      launch_rounds<scalar_t, decltype(m)::value, Grad>(
+          r, shift, data_or_null<scalar_t>(b.w_in), data_or_null<scalar_t>(b.w_out),
+          data_or_null<scalar_t>(b.t_in), data_or_null<scalar_t>(b.t_out),
+          data_or_null<scalar_t>(b.g_in), data_or_null<scalar_t>(b.g_out),
+          data_or_null<scalar_t>(b.gx_in), data_or_null<scalar_t>(b.gx_out), stream);
+    });
+  });
+}
+
 }  // namespace
 
 PairSums pair_sums_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels,
                                   const at::Tensor& w_in, const at::Tensor& w_out,
                                   int64_t metric) {
   const int64_t n = xa.size(0);
-  const c10::cuda::CUDAGuard guard(xa.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const SortedRows r = sort_rows(xa, labels, metric);
-  const at::Tensor wis = w_in.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
-  const at::Tensor wos = w_out.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
-  at::Tensor t_in = at::zeros({n}, r.xs.options()), t_out = at::zeros({n}, r.xs.options());
-  at::Tensor g_in = at::zeros_like(r.xs), g_out = at::zeros_like(r.xs);
-  at::Tensor gx_in = metric == kCosine ? at::zeros_like(r.xs) : g_in;
-  at::Tensor gx_out = metric == kCosine ? at::zeros_like(r.xs) : g_out;
-  const int64_t blocks = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
-  if (n > 0 && xa.size(1) > 0) {
-    const at::Tensor shift = block_shifts(r.zs, blocks);
-    AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_sums_with_grad_cuda", [&] {
-      dispatch_gram_metric(metric, "pair_sums_with_grad_cuda", [&](auto m) {
-        launch_rounds<scalar_t, decltype(m)::value, true>(
-            r, shift, wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(),
-            t_in.data_ptr<scalar_t>(), t_out.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),
-            g_out.data_ptr<scalar_t>(), gx_in.data_ptr<scalar_t>(), gx_out.data_ptr<scalar_t>(),
-            stream);
-      });
-    });
-  }
-  if (metric == kCosine) {
-    g_in = unit_to_row_gradient(g_in, r.zs, r.sq) + gx_in;
-    g_out = unit_to_row_gradient(g_out, r.zs, r.sq) + gx_out;
-  }
-  PairSums out{t_in.sum(), t_out.sum(), at::empty_like(r.xs), at::empty_like(r.xs)};
-  out.grad_in.index_copy_(0, r.perm, g_in);
-  out.grad_out.index_copy_(0, r.perm, g_out);
-  return out;
+  PassBuffers b{to_sorted(r, w_in), to_sorted(r, w_out), at::zeros({n}, r.xs.options()),
+                at::zeros({n}, r.xs.options()), at::zeros_like(r.xs), at::zeros_like(r.xs)};
+  // the exact pairs' and the eps branch's gradients are w.r.t. the rows: for
+  // cosine apart from the unit-row gradient, otherwise the same buffers
+  b.gx_in = metric == kCosine ? at::zeros_like(r.xs) : b.g_in;
+  b.gx_out = metric == kCosine ? at::zeros_like(r.xs) : b.g_out;
+  run_pass<true>(r, metric, b);
+  const at::Tensor none;
+  return {b.t_in.sum(), b.t_out.sum(),
+          row_gradient(r, metric, b.g_in, metric == kCosine ? b.gx_in : none),
+          row_gradient(r, metric, b.g_out, metric == kCosine ? b.gx_out : none)};
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_row_sums_cuda(const at::Tensor& xa,
                                                       const at::Tensor& labels, int64_t metric) {
   const int64_t n = xa.size(0);
-  const c10::cuda::CUDAGuard guard(xa.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const SortedRows r = sort_rows(xa, labels, metric);
-  at::Tensor s_in = at::zeros({n}, r.xs.options()), s_out = at::zeros({n}, r.xs.options());
-  const int64_t blocks = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
-  if (n > 0 && xa.size(1) > 0) {
-    const at::Tensor shift = block_shifts(r.zs, blocks);
-    AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_row_sums_cuda", [&] {
-      dispatch_gram_metric(metric, "pair_row_sums_cuda", [&](auto m) {
-        launch_rounds<scalar_t, decltype(m)::value, false>(
-            r, shift, nullptr, nullptr, s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(),
-            nullptr, nullptr, nullptr, nullptr, stream);
-      });
-    });
-  }
-  at::Tensor in_rows = at::empty_like(s_in), out_rows = at::empty_like(s_out);
-  in_rows.index_copy_(0, r.perm, s_in);
-  out_rows.index_copy_(0, r.perm, s_out);
-  return {in_rows, out_rows};
+  PassBuffers b;
+  b.t_in = at::zeros({n}, r.xs.options());
+  b.t_out = at::zeros({n}, r.xs.options());
+  run_pass<false>(r, metric, b);
+  return {to_input_order(r, b.t_in), to_input_order(r, b.t_out)};
 }
 
 namespace {

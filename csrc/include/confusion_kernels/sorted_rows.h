@@ -61,11 +61,33 @@ inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int6
 
 // Cosine: the operand-space gradient g (w.r.t. the unit rows u) becomes the
 // gradient w.r.t. x: (g - u (u.g)) / |x|.
-inline at::Tensor unit_to_row_gradient(const at::Tensor& g, const at::Tensor& u, const at::Tensor& sq) {
+inline at::Tensor unit_to_row_gradient(const at::Tensor& g, const at::Tensor& u,
+                                       const at::Tensor& sq) {
   const at::Tensor radial = (g * u).sum(1, /*keepdim=*/true);
   const at::Tensor norms = sq.sqrt().unsqueeze(1);
   const at::Tensor inv = at::where(norms > 0, 1 / norms, at::zeros_like(norms));
   return (g - u * radial) * inv;
+}
+
+// v [N, ...] given per input row, in sorted order and the rows' dtype (the weights).
+inline at::Tensor to_sorted(const SortedRows& r, const at::Tensor& v) {
+  return v.to(r.xs.scalar_type()).index_select(0, r.perm).contiguous();
+}
+
+// v [N, ...] given per sorted row, back in input order.
+inline at::Tensor to_input_order(const SortedRows& r, const at::Tensor& v) {
+  return at::empty_like(v).index_copy_(0, r.perm, v);
+}
+
+// The gradient w.r.t. the input rows, in input order, from what a pass
+// accumulated per sorted row: g in operand space (for cosine w.r.t. the unit
+// rows, projected back here) plus g_rows, a part already w.r.t. the rows (the
+// exact pairs, the cosine eps branch; undefined: none).
+inline at::Tensor row_gradient(const SortedRows& r, int64_t metric, const at::Tensor& g,
+                               const at::Tensor& g_rows) {
+  at::Tensor grad = metric == kCosine ? unit_to_row_gradient(g, r.zs, r.sq) : g;
+  if (g_rows.defined()) grad = grad + g_rows;
+  return to_input_order(r, grad);
 }
 
 }  // namespace confusion_kernels
