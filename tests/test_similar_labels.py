@@ -36,15 +36,17 @@ def numpy_stats(x, labels, c):
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_statistics_match_numpy_over_arbitrary_splits(backend, offset):
-    if backend in ("triton", "cpu"):
-        require_backend(backend, "class_shifted_sums" if backend == "cpu" else "intra_inter_sums")
+    device = torch.device("cpu")
+    if backend in ("triton", "cpu"):  # triton: CUDA tensors, or CPU ones when interpreted
+        device = require_backend(backend, "class_shifted_sums" if backend == "cpu"
+                                 else "intra_inter_sums")
     x, labels = random_data(offset=offset)
     want = numpy_stats(x, labels, 4)
     rng = np.random.default_rng(1)
     cuts = np.sort(rng.choice(np.arange(1, 500), size=9, replace=False))
     stats = ck.ClassStatistics(4, 7)
     for part in np.split(np.arange(500), cuts):
-        stats.update(x[part], labels[part], backend=backend)
+        stats.update(x[part].to(device), labels[part].to(device), backend=backend)
     np.testing.assert_array_equal(stats.counts.numpy(), want[0])
     np.testing.assert_allclose(stats.mean.numpy(), want[1], rtol=1e-12, atol=1e-12 * (1 + offset))
     np.testing.assert_allclose(stats.var.numpy(), want[2], rtol=1e-9 if offset else 1e-12)

@@ -28,6 +28,13 @@ INVERSE = tl.constexpr(1)
 
 
 @triton.jit
+def _scalar(hi, lo, ACC: tl.constexpr):
+    """A float kernel argument in ACC: Triton passes Python floats as fp32, so the
+    launchers send hi = fp32(v) and lo = v - hi (about 48 bits together)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
 def _similarity(s, sigma, KIND: tl.constexpr):
     if KIND == INVERSE:
         return 1.0 / (1.0 + s / sigma)
@@ -118,10 +125,12 @@ def _expand_slots(coef, arg, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: t
 
 
 @triton.jit
-def _forward_kernel(F, W, WN, FN, LAB, ROWS, DTRUE, ACTIVE, N, C, M, D, sigma, margin,
+def _forward_kernel(F, W, WN, FN, LAB, ROWS, DTRUE, ACTIVE, N, C, M, D, sigma_hi, sigma_lo,
+                    margin_hi, margin_lo,
                     KIND: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: tl.constexpr,
                     BLOCK_K: tl.constexpr):
+    sigma, margin = _scalar(sigma_hi, sigma_lo, ACC), _scalar(margin_hi, margin_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * D
     rmask = rows < N
     lab = tl.load(LAB + rows, mask=rmask, other=0)
@@ -157,10 +166,12 @@ def _forward_kernel(F, W, WN, FN, LAB, ROWS, DTRUE, ACTIVE, N, C, M, D, sigma, m
 
 
 @triton.jit
-def _backward_f_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_F, N, C, M, D, sigma, margin,
+def _backward_f_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_F, N, C, M, D, sigma_hi, sigma_lo,
+                       margin_hi, margin_lo,
                        KIND: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    sigma, margin = _scalar(sigma_hi, sigma_lo, ACC), _scalar(margin_hi, margin_lo, ACC)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * D
     rmask = rows < N
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -189,10 +200,12 @@ def _backward_f_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_F, N, C, M, D, 
 
 
 @triton.jit
-def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, sigma, margin,
+def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, sigma_hi, sigma_lo,
+                       margin_hi, margin_lo,
                        KIND: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    sigma, margin = _scalar(sigma_hi, sigma_lo, ACC), _scalar(margin_hi, margin_lo, ACC)
     c0 = tl.program_id(0) * BLOCK_C
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dims < D
@@ -225,6 +238,12 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
+def _split(v: float) -> tuple[float, float]:
+    """(hi, lo) with hi exactly an fp32 and hi + lo = v to about 2^-48 (see ``_scalar``)."""
+    hi = float(torch.tensor(float(v), dtype=torch.float32))
+    return hi, float(v) - hi
+
+
 def _config(f: torch.Tensor, m: int) -> dict:
     mp = triton.next_power_of_2(m)
     use_dot = f.dtype != torch.float64 and not triton_interpreting()
@@ -255,8 +274,8 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
     rows = torch.empty(n, dtype=acc, device=f.device)
     d_true, active = torch.empty_like(rows), torch.empty_like(rows)
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-        fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d, float(sigma),
-        float(margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
+        fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d, *_split(sigma),
+        *_split(margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"])
     return rows, d_true, active
 
@@ -277,9 +296,9 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
                   BLOCK_DO=cfg["BLOCK_DO"])
     if d > 0:
         _backward_f_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
-            fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, float(sigma), float(margin),
+            fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, *_split(sigma), *_split(margin),
             **common)
         _backward_w_kernel[(triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
-            fo, wo, wn, fn, lab, g, dt, ac, grad_w, n, c, m, d, float(sigma), float(margin),
+            fo, wo, wn, fn, lab, g, dt, ac, grad_w, n, c, m, d, *_split(sigma), *_split(margin),
             **common)
     return grad_f.to(f.dtype), grad_w.view(c, m, d).to(prototypes.dtype)
