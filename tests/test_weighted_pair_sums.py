@@ -237,3 +237,29 @@ def test_float32_accuracy_does_not_depend_on_clustering(backend, metric, classes
                            for a, b in zip(got, want) if b.abs().max() > 0)
     bound = 2e-5 if metric == "cosine" else 1e-5
     assert errors["random"] < bound and errors["clustered"] < bound, errors
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_triton_class_sums_do_not_depend_on_the_order_of_rows(scale):
+    """The class means that shift the Triton pass are summed in int64 fixed point:
+    index_add_ of floats on CUDA adds in a varying order, which made the Triton
+    results differ between two identical calls on an H100. Here: the same bits for
+    any order of the rows (a float index_add_ fails this on CPU too), and the exact
+    sums to 2^-61 * N * max|v|."""
+    pytest.importorskip("triton")
+    from confusion_kernels.triton.pair_sums import _class_sums
+    g = torch.Generator().manual_seed(3)
+    n, d = 5000, 7
+    values = (torch.randn(n, d, generator=g, dtype=torch.float64) * 10 + 50) * scale
+    values[:40] = values[0] * 1.5  # duplicates
+    labels = torch.randint(0, 6, (n,), generator=g)
+    sums = _class_sums(values, labels)
+    exact = torch.zeros(n, d, dtype=torch.float64).index_add_(0, labels, values)
+    bound = 2.0 ** -61 * n * values.abs().max().item()
+    assert (sums - exact).abs().max().item() <= 2 * n * bound
+    for seed in range(3):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(_class_sums(values[perm], labels[perm]), sums)
+    assert torch.equal(_class_sums(values[:0], labels[:0]), values[:0])
+    zeros = _class_sums(torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 1, 0, 3]))
+    assert torch.equal(zeros, torch.zeros(4, 2, dtype=torch.float64))

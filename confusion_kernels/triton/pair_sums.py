@@ -81,7 +81,7 @@ def _block_pair(ROUND, T_EVEN, DIAGONAL: tl.constexpr):
     return lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROUND", "T", "T_EVEN"])  # one compile for every round
 def _pair_kernel(Z, SHIFT, ONE_CLASS, U, NC, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, G_IN, G_OUT,
                  XR, GX_IN, GX_OUT, N, D, ROUND, T, T_EVEN,
                  METRIC: tl.constexpr, GRAD: tl.constexpr, DIAGONAL: tl.constexpr,
@@ -332,7 +332,9 @@ def _add_linear_grads(XR, GX_IN, GX_OUT, w_same, w_other, rows, cols, rmask, cma
 def _config() -> dict:
     if triton_interpreting():  # numpy does the work: few, large steps
         return dict(BLOCK=32, BLOCK_D=32, BLOCK_K=32, num_warps=4)
-    return dict(BLOCK=64, BLOCK_D=32, BLOCK_K=4, num_warps=4)
+    # 8 warps and BLOCK_K = 1: at 4 warps / BLOCK_K = 4 the sm_90 build spilled 2.4 KB
+    # per thread in the gradient mode (benchmarks/triton_resources.py), now 0-456 B
+    return dict(BLOCK=64, BLOCK_D=32, BLOCK_K=1, num_warps=8)
 
 
 def _block_d(cfg: dict, dtype: torch.dtype) -> int:
@@ -359,6 +361,27 @@ def _precisions(x: torch.Tensor) -> tuple[str, str]:
     if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32", "tf32"
     return "ieee", "ieee"
+
+
+def _class_sums(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``values`` [N, D] (finite) per label, [N, D] float64, the same bits on
+    every run.
+
+    ``index_add_`` on CUDA adds floats with atomics in a varying order, which made the
+    shifts, and so the last bits of every distance, change between runs (seen on an
+    H100). The sums are formed in int64 fixed point instead: integer adds are exact in
+    any order. The scale is a power of two with N * max|v| < 2^61, so no sum overflows
+    and each is within N * max|v| * 2^-61 of the exact one (the shifts only need to be
+    near the class means).
+    """
+    n, d = values.shape
+    v = values.double()
+    bound = (v.abs().amax() if v.numel() else v.new_zeros(())) * max(n, 1)
+    _, exponent = torch.frexp(bound.clamp_max(torch.finfo(torch.float64).max))  # bound < 2^e
+    scale = torch.ldexp(v.new_ones(()), (61 - exponent).clamp_max(1000))
+    fixed = torch.round(v * scale).to(torch.int64)
+    sums = torch.zeros(n, d, dtype=torch.int64, device=values.device).index_add_(0, labels, fixed)
+    return sums.double() / scale
 
 
 class _SortedRows:
@@ -393,10 +416,9 @@ class _SortedRows:
         # class means of the finite rows; U = every row minus its class mean, NC = |U|^2
         finite = torch.isfinite(self.z).all(1, keepdim=True)
         kept = torch.where(finite, self.z, 0.0)
-        counts = torch.zeros(n, 1, dtype=acc, device=x.device).index_add_(
-            0, self.labels, finite.to(acc))
-        means = torch.zeros(n, d, dtype=acc, device=x.device).index_add_(
-            0, self.labels, kept) / counts.clamp_min(1)
+        counts = torch.zeros(n, 1, dtype=torch.int64, device=x.device).index_add_(
+            0, self.labels, finite.to(torch.int64))
+        means = (_class_sums(kept, self.labels) / counts.clamp_min(1)).to(acc)
         self.u = (self.z - means[self.labels]).contiguous()
         self.nc = (self.u * self.u).sum(1).contiguous()
         # the shift of every block pair: the class mean of a one-class row block,
