@@ -1,8 +1,8 @@
 """Side-by-side benchmark of intra_inter_sums / ASLoss implementations.
 
 One run compares, for every (N, D, metric, mode):
-  fused backends ("cpu", "cuda", "triton"; "cuda-full-tiles" is the cuda backend
-  under CONFUSION_KERNELS_CUDA_FULL_TILES=1), the eager PyTorch reference
+  fused backends ("cpu", "cuda", "triton"; "cuda-pair-pass" is the cuda backend
+  under CONFUSION_KERNELS_CUDA_PAIR_PASS=1), the eager PyTorch reference
   ("eager"), torch.compile of the reference ("compile") and KeOps ("keops",
   benchmarks/keops_peer.py, when pykeops is installed),
 and writes CSV + Markdown + PNG plots (time and peak memory vs N; out of
@@ -19,7 +19,7 @@ Examples:
   python benchmarks/run_intra_inter_sums.py --device cpu
   python benchmarks/run_intra_inter_sums.py --device cuda   # the issue-3 grid:
       N = 4096 ... 1048576 (powers of 4), D in {2, 128, 512}, every metric,
-      fwd / bwd / full, cuda cuda-full-tiles triton eager compile keops; cases predicted to
+      fwd / bwd / full, cuda cuda-pair-pass triton eager compile keops; cases predicted to
       take longer than --max-predicted-seconds per run are recorded as skipped.
 """
 
@@ -43,7 +43,7 @@ import bench_data  # noqa: E402
 OOM = "out of memory"
 ALL_METRICS = ["euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1"]
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-FULL_TILES = "CONFUSION_KERNELS_CUDA_FULL_TILES"
+PAIR_PASS = "CONFUSION_KERNELS_CUDA_PAIR_PASS"
 
 
 # ---------------------------------------------------------------------------
@@ -65,10 +65,11 @@ def make_fn(impl: str, metric: str, x, labels):
         def fn(inp):
             return keops_peer.intra_inter_sums(inp, labels, metric)
     else:
-        # "cuda-full-tiles": the cuda backend with its first-generation full-tile Gram
-        # kernels (read by the extension at every call, so set for the whole case).
-        os.environ[FULL_TILES] = "1" if impl == "cuda-full-tiles" else "0"
-        backend = "cuda" if impl == "cuda-full-tiles" else impl
+        # "cuda-pair-pass": the cuda backend with its triangular pair pass instead of
+        # the full-tile Gram kernels (read by the extension at every call, so set for
+        # the whole case).
+        os.environ[PAIR_PASS] = "1" if impl == "cuda-pair-pass" else "0"
+        backend = "cuda" if impl == "cuda-pair-pass" else impl
 
         def fn(inp):
             return ck.intra_inter_sums(inp, labels, metric, backend=backend, check_finite=False)
@@ -390,8 +391,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--impls", nargs="+",
-                   help="default: cpu eager compile (CPU); cuda cuda-full-tiles triton eager "
-                        "compile keops (CUDA; cuda-full-tiles: CONFUSION_KERNELS_CUDA_FULL_TILES=1)")
+                   help="default: cpu eager compile (CPU); cuda cuda-pair-pass triton eager "
+                        "compile keops (CUDA; cuda-pair-pass: CONFUSION_KERNELS_CUDA_PAIR_PASS=1)")
     p.add_argument("--sizes", nargs="+", type=int,
                    help="default: 1024 4096 16384 65536 (CPU); 4096 ... 1048576, powers of 4 (CUDA)")
     p.add_argument("--dims", nargs="+", type=int, help="default: 2 64 (CPU); 2 128 512 (CUDA)")
@@ -452,7 +453,7 @@ def main() -> None:
             print("wrote", path)
         return
     impls = args.impls or (["cpu", "eager", "compile"] if args.device == "cpu"
-                           else ["cuda", "cuda-full-tiles", "triton", "eager", "compile", "keops"])
+                           else ["cuda", "cuda-pair-pass", "triton", "eager", "compile", "keops"])
     meta = metadata(args.device, sys.argv, args.dtype, not args.no_roofline)
     print("ceilings:", meta["ceilings"], flush=True)
     os.makedirs(args.out, exist_ok=True)

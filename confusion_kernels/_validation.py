@@ -14,7 +14,8 @@ def require(condition: torch.Tensor, message: str) -> None:
     Eager: one host sync and a ValueError. Under torch.compile the check is
     traced as a device-side assert (``torch._assert_async``), so the graph has
     no data-dependent branch (fullgraph=True works) and bad input still fails
-    with the same message at run time (as a RuntimeError).
+    with the same message at run time: a RuntimeError on CPU; on CUDA a device
+    assert, after which the process's CUDA context is unusable.
     """
     if torch.compiler.is_compiling():
         torch._assert_async(condition, message)

@@ -98,10 +98,11 @@ def test_cuda_gradcheck_on_device():
 
 
 # Euclidean, sqeuclidean and cosine with D >= 9 take a Gram-form kernel: the
-# triangular pair pass (csrc/cuda/pair_pass_kernels.cuh, every dtype, exact FMA
-# arithmetic), or under CONFUSION_KERNELS_CUDA_FULL_TILES=1 the full-tile kernels
-# (csrc/cuda/gram_tile_kernels.cuh: fp32 / fp16 / bf16 on tensor cores or in
-# fp32; fp64 stays on the pair pass). Tolerances are those of the tensor cores.
+# full-tile kernels (csrc/cuda/gram_tile_kernels.cuh: fp32 / fp16 / bf16 on tensor
+# cores or in fp32; fp64 goes to the pair pass), or under
+# CONFUSION_KERNELS_CUDA_PAIR_PASS=1 the triangular pair pass
+# (csrc/cuda/pair_pass_kernels.cuh, every dtype, exact FMA arithmetic).
+# Tolerances are those of the tensor cores.
 GRAM_CASES = {  # name: (input dtype, allow_tf32, relative tolerance vs float64)
     "fp64": (torch.float64, False, 1e-10),
     "fp32": (torch.float32, False, 2e-5),
@@ -117,7 +118,7 @@ GRAM_CASES = {  # name: (input dtype, allow_tf32, relative tolerance vs float64)
 @pytest.mark.parametrize("n,d", [(1, 9), (65, 24), (130, 33), (70, 129), (40, 300), (3000, 64)])
 def test_gram_kernels_match_reference(path, case, metric, n, d, monkeypatch):
     require_backend("cuda")
-    monkeypatch.setenv("CONFUSION_KERNELS_CUDA_FULL_TILES", "1" if path == "full_tiles" else "0")
+    monkeypatch.setenv("CONFUSION_KERNELS_CUDA_PAIR_PASS", "1" if path == "pair_pass" else "0")
     dtype, tf32, tol = GRAM_CASES[case]
     x64, labels = make_batch(n, d, 5, seed=n + d, device="cuda")
     x = x64.to(dtype)
@@ -141,9 +142,9 @@ def test_gram_kernels_match_reference(path, case, metric, n, d, monkeypatch):
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_kernel_switches_agree(metric):
-    """The default Gram path (the triangular pair pass),
+    """The default Gram path (the full-tile kernels),
     CONFUSION_KERNELS_CUDA_EXACT=1 (every case to the difference-form kernel) and
-    CONFUSION_KERNELS_CUDA_FULL_TILES=1 (the full-tile Gram kernels) agree to fp32
+    CONFUSION_KERNELS_CUDA_PAIR_PASS=1 (the triangular pair pass) agree to fp32
     accuracy, forward and backward."""
     require_backend("cuda")
     code = (
@@ -157,8 +158,8 @@ def test_kernel_switches_agree(metric):
         "print(repr(s_in.sum().item()), repr(s_out.sum().item()), repr(grad.pow(2).sum().item()))"
     )
     values = []
-    for env_flags in ({}, {"CONFUSION_KERNELS_CUDA_EXACT": "1"}, {"CONFUSION_KERNELS_CUDA_FULL_TILES": "1"}):
-        env = dict(os.environ, CONFUSION_KERNELS_CUDA_EXACT="0", CONFUSION_KERNELS_CUDA_FULL_TILES="0")
+    for env_flags in ({}, {"CONFUSION_KERNELS_CUDA_EXACT": "1"}, {"CONFUSION_KERNELS_CUDA_PAIR_PASS": "1"}):
+        env = dict(os.environ, CONFUSION_KERNELS_CUDA_EXACT="0", CONFUSION_KERNELS_CUDA_PAIR_PASS="0")
         env.update(env_flags)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]

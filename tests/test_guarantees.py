@@ -2,6 +2,9 @@
 double backward, validation inside every registered op, the NaN policy, cosine at any
 scale, torch.compile with default arguments, bitwise determinism, one dtype policy."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -246,12 +249,31 @@ def test_compile_fullgraph_with_default_arguments(backend):
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(xb.grad, xa.grad)
     torch.testing.assert_close(wb.grad, wa.grad)
-    bad = x.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="NaN or Inf"):
-        compiled(bad, w)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    if device.type == "cpu":
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            compiled(bad, w)
+
+
+def test_compiled_nan_check_on_cuda_is_a_device_assert():
+    """On CUDA the compiled NaN scan is a device-side assert: it ends the process's CUDA
+    context (as every torch device assert does), so it runs in a child process, which
+    must fail with the scan's message (on an H100 it took every later test of the
+    process down with it when run in-process)."""
+    require_backend("cuda", "affinity_hinge")
+    code = (
+        "import torch, confusion_kernels as ck\n"
+        "x = torch.randn(11, 5, device='cuda'); x[0, 0] = float('nan')\n"
+        "y = torch.randint(0, 3, (11,), device='cuda')\n"
+        "f = torch.compile(lambda a: ck.as_loss(a, y, backend='cuda'), fullgraph=True,"
+        " backend='aot_eager')\n"
+        "f(x); torch.cuda.synchronize()\n"
+        "print('no error')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "no error" not in out.stdout, out.stdout[-2000:]
+    assert "NaN or Inf" in out.stderr, out.stderr[-3000:]
 
 
 # --- bitwise determinism ----------------------------------------------------------------

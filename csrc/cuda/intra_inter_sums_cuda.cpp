@@ -1,15 +1,16 @@
 // CUDA dispatch of intra_inter_sums: checks inputs, picks a kernel, launches
 // on the current stream of x's device.
-//   * euclidean / sqeuclidean / cosine with D >= kGramMinDim: the triangular
-//     pair pass (pair_pass.h), each unordered pair once, exact FMA arithmetic
-//     in the accumulation dtype; the backward is the same pass with the
-//     upstream gradients as weights;
-//   * the same cases under CONFUSION_KERNELS_CUDA_FULL_TILES=1 and fp32, fp16
-//     or bf16 input: the first-generation Gram tile kernels
-//     (gram_tile_kernels.cuh), which compute every tile twice (once per row
-//     block) on tensor cores (fp16, bf16; tf32 for fp32 only when
-//     torch.backends.cuda.matmul.allow_tf32 is on) or in exact fp32; kept for
-//     comparison on GPU;
+//   * euclidean / sqeuclidean / cosine with D >= kGramMinDim and fp32, fp16 or
+//     bf16 input: the Gram tile kernels (gram_tile_kernels.cuh), which compute
+//     every tile twice (once per row block) on tensor cores (fp16, bf16; tf32
+//     for fp32 only when torch.backends.cuda.matmul.allow_tf32 is on) or in
+//     exact fp32. On an H100 they ran 2.2-2.5x faster than the pair pass below
+//     at D = 128 (benchmarks/results/2026-11-24-h100);
+//   * the same cases in fp64, or every dtype under
+//     CONFUSION_KERNELS_CUDA_PAIR_PASS=1: the triangular pair pass
+//     (pair_pass.h), each unordered pair once, exact FMA arithmetic in the
+//     accumulation dtype; the backward is the same pass with the upstream
+//     gradients as weights;
 //   * everything else (manhattan, smooth_l1, small D), or every case when
 //     CONFUSION_KERNELS_CUDA_EXACT=1: the difference-form kernels
 //     (intra_inter_sums_kernels.cuh) in the accumulation dtype.
@@ -72,11 +73,11 @@ bool uses_gram_form(const at::Tensor& x, int64_t metric) {
          x.size(1) >= kGramMinDim && !exact_kernels_forced();
 }
 
-// The operand kind of the full-tile Gram kernels when they are asked for
-// (CONFUSION_KERNELS_CUDA_FULL_TILES=1) and take this input, else nullopt (the
-// pair pass).
+// The operand kind of the full-tile Gram kernels when they take this input and
+// the pair pass is not asked for (CONFUSION_KERNELS_CUDA_PAIR_PASS=1), else
+// nullopt (the pair pass).
 std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t metric) {
-  if (!uses_gram_form(x, metric) || !env_flag("CONFUSION_KERNELS_CUDA_FULL_TILES"))
+  if (!uses_gram_form(x, metric) || env_flag("CONFUSION_KERNELS_CUDA_PAIR_PASS"))
     return std::nullopt;
   int major = 0;
   const cudaError_t err =
