@@ -80,3 +80,14 @@ def make_batch(n: int, d: int, num_classes: int, *, seed: int, dtype=torch.float
 
 
 ALL_METRICS = ("euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1")
+
+
+def pytest_runtest_logreport(report):
+    """With CK_FAILURE_LOG=<file>, every failure's traceback is appended to the file
+    as soon as it happens (the GPU routine's calls are cut by time limits before
+    pytest prints its summary)."""
+    path = os.environ.get("CK_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"\n######## {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")
+            f.write(report.longreprtext[-6000:] + "\n")
