@@ -68,7 +68,8 @@ if has test; then
   start=$SECONDS
   workers=()  # pytest-xdist where the machine has it: the suite is mostly CPU-bound
   $PY -c "import xdist" 2> /dev/null && workers=(-n "${TEST_WORKERS:-8}")
-  timeout "${TEST_TIMEOUT:-3000}" $PY -m pytest tests "${workers[@]}" -q -p no:cacheprovider -rs --durations=20 \
+  export CK_FAILURE_LOG="$OUT/logs/failures.log"  # tracebacks as they happen (tests/conftest.py)
+  timeout "${TEST_TIMEOUT:-3000}" $PY -m pytest ${TEST_FILES:-tests} "${workers[@]}" ${TEST_ARGS:--q} -p no:cacheprovider -rs --durations=20 \
     > "$OUT/logs/pytest.log" 2>&1
   rc=$?
   note "pytest rc=$rc in $((SECONDS - start)) s: $(tail -1 "$OUT/logs/pytest.log")"
@@ -119,11 +120,19 @@ fi
 
 if has bench; then
   start=$SECONDS
+  # KeOps in a run of its own: its code generation crashed the whole process on an
+  # H100 (2026-11-24), which must not cost the other columns
   $PY benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 \
+    --impls cuda cuda-pair-pass triton eager compile \
     --dims 2 128 --metrics euclidean --modes fwd bwd full --reps 20 --max-seconds 4 --min-runs 3 \
     --max-predicted-seconds 20 --out "$OUT" --stem intra_inter_sums-cuda > "$OUT/logs/bench.log" 2>&1
   note "benchmark rc=$? in $((SECONDS - start)) s"
   cat "$OUT/logs/bench.log" | grep -v "^wrote"
+  $PY benchmarks/run_intra_inter_sums.py --device cuda --sizes 4096 16384 65536 --impls keops \
+    --dims 2 128 --metrics euclidean --modes full --reps 20 --max-seconds 4 --min-runs 3 \
+    --max-predicted-seconds 20 --out "$OUT" --stem intra_inter_sums-keops > "$OUT/logs/bench-keops.log" 2>&1
+  note "KeOps benchmark rc=$?"
+  grep -v "^wrote" "$OUT/logs/bench-keops.log" | tail -15
 fi
 
 if has bench-grid; then
