@@ -39,7 +39,6 @@ if has build && [ -f "confusion_kernels/$so_name" ] && \
   # a carried build from an earlier call of this session (see the end of the build stage)
   export PYTHONPATH=$PWD
   note "build: using the carried confusion_kernels/$so_name"
-  stages="$stages wheels"
 elif has build; then
   start=$SECONDS
   if MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/logs/build.log" 2>&1; then
@@ -50,9 +49,8 @@ elif has build; then
   # the device machine keeps nothing between cold starts: send the build back so a later
   # call can carry it (gunzip into confusion_kernels/ here, carry that path)
   gzip -c "confusion_kernels/$so_name" > "$OUT/$so_name.gz"
-  stages="$stages wheels"
 fi
-if has wheels; then
+if has build; then  # built or carried: the extension's backends, then the KeOps wheels
   $PY -c "import confusion_kernels as ck, torch; print('backends on cuda:', ck.available_backends('cuda'))" | tee -a "$summary"
   if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
     for w in pybind11 keopscore pykeops; do

@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 
 
 def compile_pair_kernel(metric: int, grad: bool, diagonal: bool, acc: str, cfg: dict, arch: int):
+    import torch
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -34,14 +34,15 @@ def compile_pair_kernel(metric: int, grad: bool, diagonal: bool, acc: str, cfg: 
 
     fn = pair_sums._pair_kernel
     names = fn.arg_names
+    dtype = {"fp32": torch.float32, "fp64": torch.float64}[acc]
     ints = {"N", "D", "ROUND", "T", "T_EVEN"}
     pointer = {"ONE_CLASS": "*i32", "LAB": "*i64"}
     signature, constants = {}, {}
     values = dict(METRIC=metric, GRAD=grad, DIAGONAL=diagonal,
-                  ACC={"fp32": tl.float32, "fp64": tl.float64}[acc], USE_DOT=acc != "fp64",
+                  ACC=pair_sums._tl_dtype(dtype), USE_DOT=acc != "fp64",
                   DOT_PRECISION="tf32" if acc == "fp32" else "ieee",
                   GRAD_PRECISION="tf32" if acc == "fp32" else "ieee", BLOCK=cfg["BLOCK"],
-                  BLOCK_D=cfg["BLOCK_D"] if acc == "fp32" else 4, BLOCK_K=cfg["BLOCK_K"])
+                  BLOCK_D=pair_sums._block_d(cfg, dtype), BLOCK_K=cfg["BLOCK_K"])
     for i, name in enumerate(names):
         if name in values:
             signature[name] = "constexpr"

@@ -244,6 +244,11 @@ def _split(v: float) -> tuple[float, float]:
     return hi, float(v) - hi
 
 
+def _scalars(sigma: float, margin: float) -> tuple[float, float, float, float]:
+    """The kernels' sigma_hi, sigma_lo, margin_hi, margin_lo arguments."""
+    return (*_split(sigma), *_split(margin))
+
+
 def _config(f: torch.Tensor, m: int) -> dict:
     mp = triton.next_power_of_2(m)
     use_dot = f.dtype != torch.float64 and not triton_interpreting()
@@ -274,8 +279,8 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
     rows = torch.empty(n, dtype=acc, device=f.device)
     d_true, active = torch.empty_like(rows), torch.empty_like(rows)
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-        fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d, *_split(sigma),
-        *_split(margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
+        fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d,
+        *_scalars(sigma, margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"])
     return rows, d_true, active
 
@@ -294,11 +299,12 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
                   BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"],
                   BLOCK_DO=cfg["BLOCK_DO"])
+    scalars = _scalars(sigma, margin)
     if d > 0:
         _backward_f_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
-            fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, *_split(sigma), *_split(margin),
+            fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, *scalars,
             **common)
         _backward_w_kernel[(triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
-            fo, wo, wn, fn, lab, g, dt, ac, grad_w, n, c, m, d, *_split(sigma), *_split(margin),
+            fo, wo, wn, fn, lab, g, dt, ac, grad_w, n, c, m, d, *scalars,
             **common)
     return grad_f.to(f.dtype), grad_w.view(c, m, d).to(prototypes.dtype)

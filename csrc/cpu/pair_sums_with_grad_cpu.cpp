@@ -120,10 +120,6 @@ std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
   return bounds;
 }
 
-// Column sums of one tile's distances W (zero where a pair is not counted),
-// split by class: col_in[jj] / col_out[jj] += the same-class / other-class part
-// of column jj. Each thread owns a block of columns and walks the rows in order
-// (deterministic, contiguous inner loop).
 // Columns [begin, end) of add_column_sums (not inlined: see tile_row).
 template <typename acc_t>
 __attribute__((noinline)) void column_block_sums(const acc_t* wp, int64_t ld, int64_t rt,
@@ -143,6 +139,10 @@ __attribute__((noinline)) void column_block_sums(const acc_t* wp, int64_t ld, in
   }
 }
 
+// Column sums of one tile's distances W (zero where a pair is not counted),
+// split by class: col_in[jj] / col_out[jj] += the same-class / other-class part
+// of column jj. Each thread owns a block of columns and walks the rows in order
+// (deterministic, contiguous inner loop).
 template <typename acc_t>
 void add_column_sums(const acc_t* wp, int64_t ld, int64_t rt, int64_t ct, const int32_t* rcls,
                      const int32_t* ccls, acc_t* col_in, acc_t* col_out) {
