@@ -117,6 +117,29 @@ def test_duplicates_get_zero_distance_and_gradient(backend, metric):
 
 
 @pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_copies_of_a_row_in_every_tile_match_reference(backend, metric, dtype):
+    """Copies of one row scattered over several row tiles (within and across classes):
+    their pairs take the exact form in many tile pairs, in vector lanes and in row
+    tails, so a pair marked exact in one tile pair must not stay marked in the next."""
+    device = require_backend(backend, OP)
+    n = 300 if interpreted(backend) else 1100  # > 2 tiles of the CPU (512) and Triton passes
+    x, labels = _data(n, 13, 4, seed=11, dtype=torch.float64)
+    copies = torch.randperm(n, generator=torch.Generator().manual_seed(12))[: n // 10]
+    x[copies] = x[copies[0]].clone()
+    got, got_grad = _terms_and_grad(x.to(dtype).to(device), labels.to(device), backend,
+                                    metric=metric)
+    want, want_grad = _terms_and_grad(x.to(dtype).double(), labels, "reference", metric=metric)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double().cpu(), b, **tol)
+    scale = float(want_grad.abs().max())
+    torch.testing.assert_close(got_grad.double().cpu(), want_grad, rtol=tol["rtol"] * 10,
+                               atol=tol["rtol"] * 10 * scale)
+
+
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("metric", METRICS)
 def test_low_precision_inputs(backend, dtype, metric):

@@ -35,6 +35,7 @@
 #include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/sorted_rows.h"
 #include "pair_sums_with_grad.h"
+#include "simd.h"
 
 namespace confusion_kernels {
 namespace {
@@ -120,7 +121,9 @@ std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
   return bounds;
 }
 
-// Columns [begin, end) of add_column_sums (not inlined: see tile_row).
+// Columns [begin, end) of add_column_sums. Not inlined on purpose: inlined into
+// the OpenMP region of at::parallel_for, GCC 12 left this `omp simd` loop scalar
+// (seen in the disassembly); on its own it becomes AVX2 code.
 template <typename acc_t>
 __attribute__((noinline)) void column_block_sums(const acc_t* wp, int64_t ld, int64_t rt,
                                                  const int32_t* rcls, const int32_t* ccls,
@@ -151,7 +154,7 @@ void add_column_sums(const acc_t* wp, int64_t ld, int64_t rt, int64_t ct, const 
   });
 }
 
-// What the vector loop of one tile pair reads and writes (see one_pass).
+// What the row loop of one tile pair reads and writes (see one_pass).
 template <typename acc_t>
 struct TileView {
   const acc_t* gram;  // [rt, ct] Gram tile (same-class entries around the class mean)
@@ -164,75 +167,98 @@ struct TileView {
   const acc_t *wi, *wo;  // Grad: the weights of every row
   acc_t* w;              // [rt, ld] out: coefficients (Grad) or distances
   int64_t ld;
-  uint8_t* exact;  // [rt, ld] out: 1 where the pair takes the exact form
+  uint8_t* exact;  // [rt, ld] in: all 0; out: 1 where the pair takes the exact form
   acc_t *t_in, *t_out;
 };
 
-// Row ii of a tile pair: the Gram-form distance of each pair (i, j) (j > i on
-// the diagonal tile), its weighted distance added to row i's total, its
-// gradient coefficient (Grad) or distance (not Grad) stored in w, and the pairs
-// the Gram form cannot resolve flagged in `exact`; returns 1 if it flagged any, else 0.
-// Not inlined on purpose: inlined into the OpenMP region of at::parallel_for,
-// GCC 12 left this `omp simd` loop scalar (seen in the disassembly). On its own,
-// with -fno-trapping-math, the forward (not Grad) rows become AVX2 code; the
-// Grad rows are still scalar (GCC 12 does not vectorise them: a known gap).
-template <int64_t M, bool Grad, typename acc_t>
-__attribute__((noinline)) int32_t tile_row(const TileView<acc_t>& v, int64_t ii) {
-  const int64_t i = v.r0 + ii, ct = v.ct, c0 = v.c0;
-  const int32_t ci = v.cls[i];
-  const acc_t ni = v.na[ii], nci = v.nc[i], sqi = v.sq[i];
-  const acc_t wii = Grad ? v.wi[i] : acc_t(0), woi = Grad ? v.wo[i] : acc_t(0);
-  const acc_t* __restrict__ grow = v.gram + ii * ct;
-  const int32_t* __restrict__ ccol = v.cls + c0;
-  const acc_t* __restrict__ wicol = Grad ? v.wi + c0 : nullptr;
-  const acc_t* __restrict__ wocol = Grad ? v.wo + c0 : nullptr;
-  const acc_t* __restrict__ sqcol = v.sq + c0;
-  const acc_t* __restrict__ nccol = v.nc + c0;
-  const acc_t* __restrict__ nbp = v.nb;
-  acc_t* __restrict__ wrow = v.w + ii * v.ld;
-  uint8_t* __restrict__ erow = v.exact + ii * v.ld;
-  // only the diagonal tile has pairs j <= i, which are left out
-  const int64_t first = v.diagonal ? ii + 1 : 0;
-  acc_t tin = 0, tout = 0, nflag = 0;
-#pragma omp simd reduction(+ : tin, tout, nflag)
-  for (int64_t jj = 0; jj < ct; ++jj) {
-    const acc_t ncj = nccol[jj], nbj = nbp[jj], gj = grow[jj];
-    const bool valid = jj >= first;
-    const bool same = ccol[jj] == ci;
-    // same-class entries of the Gram tile are around the class mean
-    const acc_t nsum = same ? nci + ncj : ni + nbj;
-    acc_t d2 = nsum - acc_t(2) * gj;
-    d2 = d2 < acc_t(0) ? acc_t(0) : d2;  // NaN passes through
-    const acc_t sqj = sqcol[jj];
-    bool exact = d2 <= acc_t(kGramExactFraction) * nsum;
-    if (M == kCosine) exact = exact || !cosine_norms_regular_sq(sqi, sqj);
-    const bool flag = valid && exact;
-    const bool use = valid && !exact;
-    const acc_t dist = M == kEuclidean ? std::sqrt(d2)
-                       : M == kSqEuclidean ? d2
-                                           : acc_t(0.5) * d2;
-    acc_t wd;
-    if constexpr (Grad) {
-      const acc_t wij = wicol[jj], woj = wocol[jj];
-      const acc_t pw = same ? wii + wij : woi + woj;
-      // dD/d(operand of row i) = coef * (a_i - b_j)
-      const acc_t coef = M == kEuclidean ? (dist > acc_t(0) ? pw / dist : acc_t(0))
-                         : M == kSqEuclidean ? acc_t(2) * pw
-                                             : pw;
-      wrow[jj] = use ? coef : acc_t(0);
-      wd = use ? pw * dist : acc_t(0);
-    } else {
-      wd = use ? dist : acc_t(0);
-      wrow[jj] = wd;  // the column sums read it back
-    }
-    tin += same ? wd : acc_t(0);
-    tout += same ? acc_t(0) : wd;
-    erow[jj] = flag ? 1 : 0;
-    nflag += flag ? acc_t(1) : acc_t(0);
+// Row i's constants and its slices of a tile pair's columns.
+template <typename acc_t>
+struct RowSlice {
+  int32_t ci;
+  acc_t ni, nci, sqi, wii, woi;
+  const acc_t* gram;  // row i of the Gram tile
+  const int32_t* cls;
+  const acc_t *nb, *nc, *sq, *wi, *wo;  // the columns' values (wi, wo: Grad only)
+  acc_t* w;                             // row i of the coefficients / distances
+};
+
+// Columns [jj, jj + L::kWidth) of row i: the Gram-form distances, their
+// weighted sum added to tin / tout (same class / other class), the gradient
+// coefficient (Grad) or distance (not Grad) of each pair stored in w (0 where
+// the pair is not counted here). Returns the lanes whose pair the Gram form
+// cannot resolve (bit k: column jj + k), which the caller recomputes exactly.
+template <int64_t M, bool Grad, typename L, typename acc_t>
+inline uint32_t row_lanes(const RowSlice<acc_t>& r, int64_t jj, typename L::V& tin,
+                          typename L::V& tout) {
+  using V = typename L::V;
+  const V zero = L::zero();
+  const auto same = L::class_eq(r.cls + jj, r.ci);
+  // same-class entries of the Gram tile are around the class mean
+  const V nsum = L::select(same, L::set1(r.nci) + L::load(r.nc + jj),
+                           L::set1(r.ni) + L::load(r.nb + jj));
+  const V d2 = L::max0(nsum - L::set1(acc_t(2)) * L::load(r.gram + jj));
+  auto exact = L::le(d2, L::set1(acc_t(kGramExactFraction)) * nsum);
+  if constexpr (M == kCosine) {  // !cosine_norms_regular_sq(|x_i|^2, |x_j|^2), per lane
+    const V eps2 = L::set1(acc_t(kCosineEps) * acc_t(kCosineEps));
+    exact = L::m_or(exact, L::m_not(L::gt(L::set1(r.sqi) * L::load(r.sq + jj), eps2)));
   }
-  v.t_in[i] += tin;
-  v.t_out[i] += tout;
-  return nflag > acc_t(0) ? 1 : 0;
+  const auto use = L::m_not(exact);
+  V dist = d2;
+  if constexpr (M == kEuclidean) dist = L::sqrt(d2);
+  if constexpr (M == kCosine) dist = L::set1(acc_t(0.5)) * d2;
+  V wd;
+  if constexpr (Grad) {
+    const V pw = L::select(same, L::set1(r.wii) + L::load(r.wi + jj),
+                           L::set1(r.woi) + L::load(r.wo + jj));
+    // dD/d(operand of row i) = coef * (a_i - b_j)
+    V coef = pw;
+    if constexpr (M == kEuclidean) coef = L::select(L::gt(dist, zero), pw / dist, zero);
+    if constexpr (M == kSqEuclidean) coef = L::set1(acc_t(2)) * pw;
+    L::store(r.w + jj, L::select(use, coef, zero));
+    wd = L::select(use, pw * dist, zero);
+  } else {
+    wd = L::select(use, dist, zero);
+    L::store(r.w + jj, wd);  // the column sums read it back
+  }
+  tin = tin + L::select(same, wd, zero);
+  tout = tout + L::select(same, zero, wd);
+  return L::bits(exact);
+}
+
+// Row ii of a tile pair (pairs j > i only on the diagonal tile): row_lanes over
+// its columns, AVX2 lanes for the body and one lane for the tail (simd.h: GCC
+// 12 left the `omp simd` form of this loop scalar for the gradient rows). The
+// pairs to recompute exactly are marked in v.exact. Returns 1 if it marked any.
+template <int64_t M, bool Grad, typename acc_t>
+int32_t tile_row(const TileView<acc_t>& v, int64_t ii) {
+  using L = simd::Widest<acc_t>;
+  using S = simd::Scalar<acc_t>;
+  const int64_t i = v.r0 + ii, ct = v.ct, c0 = v.c0;
+  const RowSlice<acc_t> r{v.cls[i], v.na[ii], v.nc[i], v.sq[i],
+                          Grad ? v.wi[i] : acc_t(0), Grad ? v.wo[i] : acc_t(0),
+                          v.gram + ii * ct, v.cls + c0, v.nb, v.nc + c0, v.sq + c0,
+                          Grad ? v.wi + c0 : nullptr, Grad ? v.wo + c0 : nullptr,
+                          v.w + ii * v.ld};
+  uint8_t* erow = v.exact + ii * v.ld;
+  const int64_t first = v.diagonal ? ii + 1 : 0;
+  std::fill(r.w, r.w + first, acc_t(0));
+  typename L::V tin = L::zero(), tout = L::zero();
+  acc_t tin_tail = 0, tout_tail = 0;
+  uint32_t any = 0;
+  int64_t jj = first;
+  for (; jj + L::kWidth <= ct; jj += L::kWidth) {
+    uint32_t bits = row_lanes<M, Grad, L>(r, jj, tin, tout);
+    any |= bits;
+    for (; bits; bits &= bits - 1) erow[jj + __builtin_ctz(bits)] = 1;
+  }
+  for (; jj < ct; ++jj) {
+    const uint32_t bit = row_lanes<M, Grad, S>(r, jj, tin_tail, tout_tail);
+    any |= bit;
+    if (bit) erow[jj] = 1;
+  }
+  v.t_in[i] += L::hsum(tin) + tin_tail;
+  v.t_out[i] += L::hsum(tout) + tout_tail;
+  return any ? 1 : 0;
 }
 
 // The pass over the upper triangle of tile pairs. With Grad, the pair (i, j)
@@ -248,8 +274,9 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
   const int64_t tile = std::min(kTile, n);
   at::Tensor w_all = at::empty({tile, tile}, xs.options());
   std::vector<int32_t> flagged(tile);
-  // which pairs of the tile take the exact form: decided once, in the vector loop
-  std::vector<uint8_t> exact_pairs(tile * tile);
+  // which pairs of the tile take the exact form: marked in the row loop,
+  // cleared again as they are recomputed
+  std::vector<uint8_t> exact_pairs(tile * tile, 0);
   uint8_t* ep = exact_pairs.data();
   const std::vector<int64_t> bounds = tile_bounds(cls, n);
   const int64_t tiles = static_cast<int64_t>(bounds.size()) - 1;
@@ -314,6 +341,7 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         const int64_t i = r0 + ii;
         for (int64_t jj = 0; jj < ct; ++jj) {
           if (!ep[ii * tile + jj]) continue;
+          ep[ii * tile + jj] = 0;  // all 0 again for the next tile pair
           const int64_t j = c0 + jj;
           const bool same = cls[j] == cls[i];
           const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
