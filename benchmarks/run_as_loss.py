@@ -16,6 +16,9 @@ Data:
 Floor: 3 N^2 D flops (one Gram product over the unordered pairs, two products for
 the gradient) at the fp32 matrix-product rate measured in the same run
 (benchmarks/roofline.py; on CUDA the tf32 rate when --tf32); "x floor" = median / floor.
+On CPU also "x paired": each timed step against the floor at the rate of a matrix
+product timed right before it (median of the ratios), which a drifting machine
+speed does not skew; the plot shows it.
 
 Every case runs in a fresh process: on CPU peak memory is that process's peak RSS
 (about 580 MiB of it the framework), on CUDA torch.cuda.max_memory_allocated.
@@ -79,6 +82,21 @@ def make_loss(provider: str, metric: str, labels):
     return torch.compile(reference) if provider == "compile" else reference
 
 
+def gemm_rate_probe(size: int = 2048):
+    """A function that times one fp32 size^3 matrix product and returns its rate (flop/s):
+    the roofline.py measurement, one sample at a time."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+
+    def rate() -> float:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        return 2.0 * size ** 3 / (time.perf_counter() - t0)
+    return rate
+
+
 def worker(args) -> dict:
     import torch
 
@@ -104,16 +122,27 @@ def worker(args) -> dict:
         return (time.perf_counter() - t0) * 1e3
 
     rec = dict(provider=args.provider, metric=args.metric, data=args.data, n=args.n, d=args.d)
+    # CPU: the matrix-product rate is measured again right before every timed step
+    # (this VM's speed drifts), and each step is set against the floor at that rate
+    gemm = gemm_rate_probe() if not cuda else None
+    floor_flops = 3.0 * args.n * args.n * args.d
     try:
         step()  # warm-up (compilation, caches)
-        times, start = [], time.perf_counter()
+        times, ratios, rates, start = [], [], [], time.perf_counter()
         while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds
                                           or len(times) < 3):
+            if gemm:
+                rates.append(gemm())
             times.append(step())
+            if gemm:
+                ratios.append(times[-1] / (floor_flops / rates[-1] * 1e3))
         times.sort()
         rec.update(status="ok", median_ms=statistics.median(times),
                    p20_ms=times[int(0.2 * (len(times) - 1))],
                    p80_ms=times[int(0.8 * (len(times) - 1))], runs=len(times))
+        if gemm:
+            rec.update(x_floor_paired=statistics.median(ratios),
+                       paired_gflops=statistics.median(rates) / 1e9)
     except (MemoryError, RuntimeError, torch.cuda.OutOfMemoryError) as exc:
         text = str(exc)
         rec.update(status="out of memory" if "alloc" in text.lower() or isinstance(exc, MemoryError)
@@ -214,7 +243,7 @@ def write_reports(records, args, rate, torch_version) -> None:
     stem = os.path.join(args.out, f"as_loss_{args.device}")
     peak = "peak_cuda_mib" if cuda else "peak_rss_mib"
     keys = ["provider", "metric", "data", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
-            "runs", "floor_ms", "x_floor", peak, "error"]
+            "runs", "floor_ms", "x_floor", "paired_gflops", "x_floor_paired", peak, "error"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -232,18 +261,25 @@ def write_reports(records, args, rate, torch_version) -> None:
              "", f"{dt.date.today()}, commit {commit}, torch {torch_version}, {precision} matrix-product "
              f"rate {rate / 1e9:.0f} GFLOP/s (measured in this run); floor = 3 N^2 D flops at that rate.",
              f"Command: `python benchmarks/run_as_loss.py {' '.join(sys.argv[1:])}`", "",
-             f"| metric | data | N | D | provider | median ms | x floor | vs eager | "
-             f"peak {'CUDA' if cuda else 'RSS'} MiB |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+             *([] if cuda else [
+                 "x paired: the median over the timed steps of step time / floor, the floor "
+                 "at the rate of a 2048^3 product timed right before each step (robust to the "
+                 "machine's speed drifting during the run)."]),
+             "",
+             f"| metric | data | N | D | provider | median ms | x floor | "
+             f"{'' if cuda else 'x paired | '}vs eager | peak {'CUDA' if cuda else 'RSS'} MiB |",
+             "|---|---|---:|---:|---|---:|---:|" + ("" if cuda else "---:|") + "---:|---:|"]
     for r in records:
         key = (r["metric"], r["data"], r["n"], r["d"])
         if r.get("status") != "ok":
             lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
-                         f"{r.get('status')} | | | {r.get(peak) or 0:.0f} |")
+                         f"{r.get('status')} | |{'' if cuda else ' |'} | {r.get(peak) or 0:.0f} |")
             continue
         speedup = f"{eager[key] / r['median_ms']:.1f}x" if eager.get(key) else "-"
+        paired = "" if cuda else f" {r['x_floor_paired']:.2f} |"
         lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
-                     f"{r['median_ms']:.1f} | {r['x_floor']:.2f} | {speedup} | {r.get(peak) or 0:.0f} |")
+                     f"{r['median_ms']:.1f} | {r['x_floor']:.2f} |{paired} {speedup} | "
+                     f"{r.get(peak) or 0:.0f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -259,11 +295,11 @@ def write_reports(records, args, rate, torch_version) -> None:
     for ax, (metric, n, d) in zip(axes[0], cases):
         sub = [r for r in ok if (r["metric"], r["n"], r["d"]) == (metric, n, d)]
         labels = [f"{r['provider']}\n{r['data']}" for r in sub]
-        ax.bar(range(len(sub)), [r["x_floor"] for r in sub],
+        ax.bar(range(len(sub)), [r.get("x_floor_paired", r["x_floor"]) for r in sub],
                color=["tab:blue" if r["data"] == "random" else "tab:orange" for r in sub])
         ax.set_xticks(range(len(sub)), labels, fontsize=7)
         ax.axhline(2.5, color="gray", linestyle="--", linewidth=1)
-        ax.set_ylabel("median / compute floor (lower is better)")
+        ax.set_ylabel(("median" if cuda else "paired") + " / compute floor (lower is better)")
         ax.set_title(f"{metric}, N={n}, D={d}")
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
