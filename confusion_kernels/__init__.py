@@ -17,8 +17,10 @@ from .losses.affinity import (
     diversity_regularizer,
 )
 from .losses.as_loss import ASLoss, as_loss, as_loss_terms
+from .losses.confidence import gaussian_nll, vmf_nll
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.as_loss import ASLossTerms
+from .special import log_bessel_iv
 
 __version__ = "0.1.0"
 
@@ -39,8 +41,11 @@ __all__ = [
     "as_loss",
     "as_loss_terms",
     "available_backends",
+    "gaussian_nll",
+    "log_bessel_iv",
     "intra_inter_sums",
     "reference",
     "resolve_metric",
     "select_backend",
+    "vmf_nll",
 ]
