@@ -1,9 +1,9 @@
-"""Readable PyTorch definitions of every op (the formulas of shared/SPEC.md).
+"""Readable PyTorch definitions of every op: each module's docstring states its formulas.
 
 They may materialise N x N matrices; the kernels must agree with them."""
 
-from . import affinity
+from . import affinity, n_centroids
 from .as_loss import ASLossTerms, as_loss, as_loss_terms
 from .pairwise import intra_inter_sums, pairwise_distances
 
-__all__ = ["ASLossTerms", "affinity", "as_loss", "as_loss_terms", "intra_inter_sums", "pairwise_distances"]
+__all__ = ["ASLossTerms", "affinity", "n_centroids", "as_loss", "as_loss_terms", "intra_inter_sums", "pairwise_distances"]

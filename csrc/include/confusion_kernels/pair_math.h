@@ -1,9 +1,8 @@
 // Per-pair distance math shared by the C++ CPU kernels and the CUDA kernels.
 //
 // Every function is `inline` and, under nvcc, `__host__ __device__`, so the
-// lines the CPU tests exercise are the lines the GPU runs. The formulas are
-// those of shared/SPEC.md section 1; the readable definition is
-// confusion_kernels/reference/pairwise.py.
+// lines the CPU tests exercise are the lines the GPU runs. The readable
+// definition of every formula is confusion_kernels/reference/pairwise.py.
 //
 // Two ways to get a distance:
 //   * the Gram form from squared norms and a dot product (fast: the dot
