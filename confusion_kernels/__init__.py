@@ -18,6 +18,7 @@ from .losses.affinity import (
 )
 from .losses.as_loss import ASLoss, as_loss, as_loss_terms
 from .losses.confidence import gaussian_nll, vmf_nll
+from .losses.n_centroids import NCentroidsLoss, n_centroids_loss
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.as_loss import ASLossTerms
 from .special import log_bessel_iv
@@ -43,6 +44,8 @@ __all__ = [
     "available_backends",
     "gaussian_nll",
     "log_bessel_iv",
+    "NCentroidsLoss",
+    "n_centroids_loss",
     "intra_inter_sums",
     "reference",
     "resolve_metric",

@@ -1,0 +1,211 @@
+"""N-Centroids loss (NCL): unit embeddings pulled to their class centroid and pushed from the
+hardest and the average other centroid; centroids follow the batch class means by an EMA.
+
+    x_i = z_i / max(|z_i|, 1e-12)
+    L_i = d(c_{y_i}, x_i) - g [ min_{k != y_i} d(c_k, x_i) + mean_{k != y_i} d(c_k, x_i) ]
+    loss = mean_i L_i                   (g = 1 with use_negatives, else 0)
+    d: euclidean |u - v|, cosine 1 - u.v, great_circle 2 atan2(|u - v|, |u + v|)
+    EMA (training mode, after the loss): c_k <- normalize(a_t normalize(mean_{y_i=k} x_i)
+                                                          + (1 - a_t) c_k),
+    a_t = alpha0 * decay^(t / 1000) for the t-th update; classes absent from the batch keep
+    their centroid.
+
+The readable definition is confusion_kernels/reference/n_centroids.py. The loss runs on the
+reference backend for now (it forms N x K x D differences for the euclidean and great-circle
+metrics); the fused cpu / triton / cuda kernels are not written yet and asking for them
+raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .._backend import BACKENDS, ENV_VAR
+from .._validation import check_embeddings, check_label_range, check_labels, output_dtype
+from ..reference import n_centroids as _reference
+from .confidence import gaussian_nll, vmf_nll
+
+__all__ = ["Confidence", "NCentroidsLoss", "n_centroids_loss", "ema_class_update"]
+
+
+class Confidence(NamedTuple):
+    """What NCentroidsLoss.confidence reports per sample ([N] each).
+
+    prediction: the nearest centroid's class; distance: d to it (the module's metric);
+    head: the confidence head's value (kappa for "vmf", sigma = exp(log_sigma) averaged over
+    dimensions for "gaussian"; None without a head); log_likelihood: the head's log-density of
+    the unit embedding under the nearest centroid (None without a head). Low likelihood, large
+    distance, small kappa or large sigma flag inputs that look unlike the training classes
+    (out of distribution)."""
+
+    prediction: torch.Tensor
+    distance: torch.Tensor
+    head: torch.Tensor | None
+    log_likelihood: torch.Tensor | None
+
+_OP = "n_centroids_loss"
+
+
+def _resolve_backend(backend: str) -> str:
+    import os
+
+    requested = backend
+    if backend == "auto":
+        requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if requested in ("auto", "reference"):
+        return "reference"
+    if requested not in BACKENDS:
+        raise RuntimeError(f"confusion_kernels: unknown backend {requested!r}; expected 'auto' "
+                           f"or one of {list(BACKENDS)}")
+    raise RuntimeError(f"confusion_kernels: backend={requested!r} cannot run {_OP}: it has no "
+                       f"{requested} kernel yet (use 'reference' or 'auto')")
+
+
+def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                  metric: str) -> torch.Tensor:
+    check_embeddings(z, "z")
+    if metric not in _reference.METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(_reference.METRICS)}")
+    if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
+            or centroids.shape[1] != z.shape[1]:
+        shape = tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids)
+        raise ValueError(f"centroids must be [K, D] with D = {z.shape[1]}, got {shape}")
+    if centroids.device != z.device:
+        raise ValueError(f"centroids are on {centroids.device} but z is on {z.device}")
+    labels = check_labels(labels, z.shape[0], z.device)
+    check_label_range(labels, centroids.shape[0], " (one centroid per class)")
+    return labels
+
+
+def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
+                     metric: str = "great_circle", use_negatives: bool = True,
+                     backend: str = "auto") -> torch.Tensor:
+    """The N-Centroids loss of embeddings z [N, D] (normalised here) against unit centroids
+    [K, D] (no gradient flows into them). Labels must lie in [0, K); K >= 2 with negatives.
+
+    Returns a scalar in z's dtype (float32 for 16-bit inputs).
+    """
+    labels = _check_inputs(z, labels, centroids, metric)
+    if use_negatives and centroids.shape[0] < 2:
+        raise ValueError("negatives need at least 2 centroids (K >= 2)")
+    _resolve_backend(backend)
+    out = output_dtype(z.dtype)
+    work = torch.float64 if out == torch.float64 else torch.float32
+    loss = _reference.n_centroids_loss(z.to(work), labels, centroids.detach().to(work),
+                                       metric=metric, use_negatives=use_negatives)
+    return loss.to(out)
+
+
+@torch.no_grad()
+def ema_class_update(centroids: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
+                     alpha: float) -> torch.Tensor:
+    """The centroids after one EMA step, for all classes at once: per-class sums of the
+    normalised rows in one pass (index_add_), then
+    c_k <- normalize(alpha normalize(mean_k) + (1 - alpha) c_k) where class k is present."""
+    x = _reference.normalize(z.detach().to(centroids.dtype))
+    k = centroids.shape[0]
+    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+    counts = torch.zeros(k, dtype=torch.long, device=z.device).index_add_(
+        0, labels, torch.ones_like(labels))
+    present = (counts > 0)[:, None]
+    means = _reference.normalize(sums / counts.clamp_min(1)[:, None].to(centroids.dtype))
+    mixed = _reference.normalize(alpha * means + (1.0 - alpha) * centroids)
+    return torch.where(present, mixed, centroids)
+
+
+class NCentroidsLoss(nn.Module):
+    """N-Centroids loss with EMA centroids (buffers ``centroids`` [K, D] and ``step``).
+
+    ``forward(z, labels)`` returns the loss against the current centroids and then, in
+    training mode, moves the centroids of the classes in the batch (EMA, no gradient) and
+    increments ``step``. In eval mode the centroids do not move.
+
+    Args:
+        num_classes: K (>= 2 with negatives).
+        embedding_dim: D.
+        metric: "great_circle" (default), "euclidean" or "cosine".
+        alpha0, decay: EMA rate alpha_t = alpha0 * decay^(t / 1000).
+        use_negatives: include the hardest and the mean negative terms.
+        seed: seed of the random unit initial centroids.
+        backend: as for every op ("auto" runs the reference for now).
+    """
+
+    centroids: torch.Tensor
+    step: torch.Tensor
+
+    def __init__(self, num_classes: int, embedding_dim: int, metric: str = "great_circle",
+                 alpha0: float = 0.25, decay: float = 0.65, *, use_negatives: bool = True,
+                 seed: int = 0, backend: str = "auto") -> None:
+        super().__init__()
+        if num_classes < 1 or embedding_dim < 1:
+            raise ValueError("num_classes and embedding_dim must be >= 1")
+        if use_negatives and num_classes < 2:
+            raise ValueError("negatives need at least 2 centroids (num_classes >= 2)")
+        if metric not in _reference.METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {list(_reference.METRICS)}")
+        if not 0.0 < alpha0 <= 1.0 or not 0.0 < decay <= 1.0:
+            raise ValueError("alpha0 and decay must lie in (0, 1]")
+        self.metric, self.alpha0, self.decay = metric, float(alpha0), float(decay)
+        self.use_negatives, self.backend = use_negatives, backend
+        g = torch.Generator().manual_seed(seed)
+        init = _reference.normalize(torch.randn(num_classes, embedding_dim, generator=g))
+        self.register_buffer("centroids", init)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def alpha(self) -> float:
+        """The EMA rate of the next update, alpha0 * decay^(step / 1000)."""
+        return _reference.ema_alpha(int(self.step), self.alpha0, self.decay)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
+                                use_negatives=self.use_negatives, backend=self.backend)
+        if self.training:
+            self.centroids.copy_(ema_class_update(self.centroids, z, labels.to(torch.int64),
+                                                  self.alpha))
+            self.step += 1
+        return loss
+
+    @torch.no_grad()
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """d(c_k, x_i) [N, K] under the module's metric."""
+        check_embeddings(z, "z")
+        work = torch.float64 if z.dtype == torch.float64 else torch.float32
+        c = self.centroids.to(work)
+        return _reference.sphere_distances(_reference.normalize(z.to(work)), c, self.metric)
+
+    @torch.no_grad()
+    def confidence(self, z: torch.Tensor, *, kappa: torch.Tensor | None = None,
+                   log_sigma: torch.Tensor | None = None) -> Confidence:
+        """Inference-time confidence of embeddings z [N, D] (see :class:`Confidence`).
+
+        Pass the model's vMF concentration ``kappa`` ([N] or [N, 1], > 0) or its diagonal
+        Normal ``log_sigma`` (broadcastable to [N, D]), or neither (distance only).
+        """
+        if kappa is not None and log_sigma is not None:
+            raise ValueError("pass kappa (vMF head) or log_sigma (Normal head), not both")
+        d = self.distances(z)
+        distance, prediction = d.min(1)
+        x = _reference.normalize(z.to(d.dtype))
+        nearest = self.centroids.to(d.dtype)[prediction]
+        head = log_likelihood = None
+        if kappa is not None:
+            head = kappa.reshape(-1).to(d.dtype)
+            log_likelihood = -vmf_nll(x, nearest, head)
+        elif log_sigma is not None:
+            head = torch.exp(log_sigma.to(d.dtype)).expand_as(x).mean(1)
+            log_likelihood = -gaussian_nll(x, nearest, log_sigma.to(d.dtype))
+        return Confidence(prediction, distance, head, log_likelihood)
+
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        """The nearest centroid's class [N]."""
+        return self.distances(z).argmin(1)
+
+    def extra_repr(self) -> str:
+        k, d = self.centroids.shape
+        return (f"num_classes={k}, embedding_dim={d}, metric={self.metric!r}, "
+                f"alpha0={self.alpha0}, decay={self.decay}, use_negatives={self.use_negatives}")
