@@ -133,3 +133,18 @@ def test_confidence_reports_the_nearest_centroid_and_the_head_likelihood():
     assert plain.head is None and plain.log_likelihood is None
     with pytest.raises(ValueError, match="not both"):
         module.confidence(z, kappa=kappa, log_sigma=log_sigma)
+
+
+@pytest.mark.parametrize("metric", ncl.METRICS)
+def test_row_chunks_give_the_same_loss_and_gradient(metric, monkeypatch):
+    import confusion_kernels.losses.n_centroids as module
+
+    z, labels, c = _batch(23, 5, 4, seed=7)
+    z.requires_grad_(True)
+    want = ncl.n_centroids_loss(z, labels, c, metric=metric)
+    (g_want,) = torch.autograd.grad(want, z)
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 4 * 5 * 6)  # 6 rows per chunk: 4 chunks, ragged
+    got = ck.n_centroids_loss(z, labels, c, metric=metric)
+    (g_got,) = torch.autograd.grad(got, z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)

@@ -11,9 +11,9 @@ hardest and the average other centroid; centroids follow the batch class means b
     their centroid.
 
 The readable definition is confusion_kernels/reference/n_centroids.py. The loss runs on the
-reference backend for now (it forms N x K x D differences for the euclidean and great-circle
-metrics); the fused cpu / triton / cuda kernels are not written yet and asking for them
-raises RuntimeError.
+reference backend for now, over row chunks recomputed in the backward, so that its N x K x D
+differences (euclidean and great-circle metrics) never exist all at once; the fused cpu /
+triton / cuda kernels are not written yet and asking for them raises RuntimeError.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .._backend import BACKENDS, ENV_VAR
@@ -94,9 +95,34 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     _resolve_backend(backend)
     out = output_dtype(z.dtype)
     work = torch.float64 if out == torch.float64 else torch.float32
-    loss = _reference.n_centroids_loss(z.to(work), labels, centroids.detach().to(work),
-                                       metric=metric, use_negatives=use_negatives)
+    loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),
+                                    metric, use_negatives)
     return loss.to(out)
+
+
+# At most this many N x K x D difference entries are formed at a time (128 MiB in fp64).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _reference_in_row_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                             metric: str, use_negatives: bool) -> torch.Tensor:
+    """The reference loss over row chunks, each recomputed in the backward (activation
+    checkpointing), so memory stays O(chunk x K x D + N D) instead of O(N K D); the loss is a
+    mean of per-row terms, so the chunks' sums give it exactly."""
+    n, k = z.shape[0], centroids.shape[0]
+    rows = max(1, _CHUNK_ELEMENTS // max(1, k * z.shape[1]))
+    if rows >= n:
+        return _reference.n_centroids_loss(z, labels, centroids, metric=metric,
+                                           use_negatives=use_negatives)
+
+    def chunk_sum(zc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        return zc.shape[0] * _reference.n_centroids_loss(zc, yc, centroids, metric=metric,
+                                                         use_negatives=use_negatives)
+
+    total = sum(torch.utils.checkpoint.checkpoint(chunk_sum, z[i:i + rows], labels[i:i + rows],
+                                                  use_reentrant=False)
+                for i in range(0, n, rows))
+    return total / n
 
 
 @torch.no_grad()
