@@ -27,6 +27,8 @@ from functools import lru_cache
 
 import torch
 
+from ._validation import output_dtype
+
 __all__ = ["log_bessel_iv", "bessel_iv_ratio", "DEBYE_MIN_ORDER"]
 
 #: Orders from which the Debye expansion is used directly (below: series or recurrence).
@@ -118,9 +120,14 @@ def _log_iv64(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
                      (middle, _log_iv_recurrence)):
         if mask.any():
             out[mask] = fn(nu[mask], kappa[mask])
-    # kappa = 0 outside the series region cannot happen (0 <= nu + 1); for nu >= 50 it
-    # is log I_nu(0) = -inf, which the Debye form does not reach: set it here.
-    return torch.where((kappa == 0) & debye, torch.full_like(out, -math.inf), out)
+    return out  # kappa = 0: 0 for nu = 0 (series), -inf for nu > 0 (series or Debye)
+
+
+def _iv_ratio64(nu: torch.Tensor, kappa: torch.Tensor, log_iv: torch.Tensor) -> torch.Tensor:
+    """I_{nu+1}(kappa) / I_nu(kappa) from log_iv = log I_nu(kappa) (float64 tensors); 0 at
+    kappa = 0, the limit (the logs give -inf - -inf there for nu > 0)."""
+    ratio = torch.exp(_log_iv64(nu + 1.0, kappa) - log_iv)
+    return torch.where(kappa == 0, torch.zeros_like(ratio), ratio)
 
 
 def _as_float64(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -133,16 +140,8 @@ def bessel_iv_ratio(nu: torch.Tensor | float, kappa: torch.Tensor) -> torch.Tens
     The von Mises-Fisher mean resultant length A_D(kappa) is bessel_iv_ratio(D/2 - 1, kappa).
     """
     kappa64 = _checked_kappa(kappa)
-    nu64 = _checked_nu(nu, kappa64)
-    ratio = torch.exp(_log_iv64(nu64 + 1.0, kappa64) - _log_iv64(nu64, kappa64))
-    # kappa = 0: I_{nu+1}(0) / I_nu(0) = 0 (the limit; the logs give -inf - -inf for nu > 0)
-    ratio = torch.where(torch.broadcast_to(kappa64 == 0, ratio.shape), torch.zeros_like(ratio),
-                        ratio)
-    return ratio.to(_out_dtype(kappa))
-
-
-def _out_dtype(kappa: torch.Tensor) -> torch.dtype:
-    return kappa.dtype if kappa.dtype in (torch.float32, torch.float64) else torch.float32
+    nu64, kappa64 = torch.broadcast_tensors(_checked_nu(nu, kappa64), kappa64)
+    return _iv_ratio64(nu64, kappa64, _log_iv64(nu64, kappa64)).to(output_dtype(kappa.dtype))
 
 
 def _checked_kappa(kappa: torch.Tensor) -> torch.Tensor:
@@ -165,27 +164,25 @@ def _checked_nu(nu: torch.Tensor | float, kappa64: torch.Tensor) -> torch.Tensor
 
 class _LogBesselIv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kappa: torch.Tensor, nu64: torch.Tensor) -> torch.Tensor:
-        kappa64 = kappa.detach().to(torch.float64)
+    def forward(ctx, kappa: torch.Tensor, kappa64: torch.Tensor,
+                nu64: torch.Tensor) -> torch.Tensor:
+        nu64, kappa64 = torch.broadcast_tensors(nu64, kappa64)
         log_iv = _log_iv64(nu64, kappa64)
         ctx.save_for_backward(kappa64, nu64, log_iv)
         ctx.kappa_shape = kappa.shape
         ctx.kappa_dtype = kappa.dtype
-        return log_iv.to(_out_dtype(kappa))
+        return log_iv.to(output_dtype(kappa.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         kappa64, nu64, log_iv = ctx.saved_tensors
         # d/dkappa log I_nu = I_{nu+1}/I_nu + nu/kappa; at kappa = 0 the limit is
-        # 1/2 for nu = 0 and +inf for nu > 0 (log I_nu ~ nu log kappa)
-        ratio = torch.exp(_log_iv64(nu64 + 1.0, kappa64) - log_iv)
-        nu_b, k_b = torch.broadcast_tensors(nu64, kappa64)
-        slope = torch.where(k_b > 0, ratio + nu_b / k_b,
-                            torch.where(nu_b == 0, torch.full_like(k_b, 0.0), torch.full_like(k_b, math.inf)))
-        g = grad.to(torch.float64) * slope
+        # 0 for nu = 0 (I_1(k) ~ k/2) and +inf for nu > 0 (log I_nu ~ nu log kappa)
+        step = torch.where(nu64 == 0, torch.zeros_like(nu64), nu64 / kappa64)
+        g = grad.to(torch.float64) * (_iv_ratio64(nu64, kappa64, log_iv) + step)
         # sum over the dimensions that nu broadcast kappa into
         g = g.sum_to_size(ctx.kappa_shape) if g.shape != ctx.kappa_shape else g
-        return g.to(ctx.kappa_dtype), None
+        return g.to(ctx.kappa_dtype), None, None
 
 
 def log_bessel_iv(nu: torch.Tensor | float, kappa: torch.Tensor) -> torch.Tensor:
@@ -207,5 +204,4 @@ def log_bessel_iv(nu: torch.Tensor | float, kappa: torch.Tensor) -> torch.Tensor
         ValueError: kappa < 0 or NaN, nu < 0 or not finite.
     """
     kappa64 = _checked_kappa(kappa)
-    nu64 = _checked_nu(nu, kappa64)
-    return _LogBesselIv.apply(kappa, nu64)
+    return _LogBesselIv.apply(kappa, kappa64, _checked_nu(nu, kappa64))

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from .._validation import check_embeddings, output_dtype
-from ..special import _checked_kappa, _log_iv64
+from .._validation import accumulation_dtype, check_embeddings, output_dtype
+from ..special import _checked_kappa, _iv_ratio64, _log_iv64
 
 __all__ = ["vmf_nll", "gaussian_nll", "log_vmf_normalizer"]
 
@@ -32,20 +32,18 @@ class _LogIvOverPower(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kappa: torch.Tensor, nu: float) -> torch.Tensor:
-        k64 = kappa.detach().to(torch.float64)
+    def forward(ctx, kappa: torch.Tensor, k64: torch.Tensor, nu: float) -> torch.Tensor:
         nu64 = torch.full_like(k64, nu)
         log_iv = _log_iv64(nu64, k64)
-        ctx.save_for_backward(k64, log_iv)
-        ctx.nu = nu
+        ctx.save_for_backward(k64, nu64, log_iv)
         ctx.dtype = kappa.dtype
         return log_iv - nu * torch.log(k64)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        k64, log_iv = ctx.saved_tensors
-        ratio = torch.exp(_log_iv64(torch.full_like(k64, ctx.nu + 1.0), k64) - log_iv)
-        return (grad.to(torch.float64) * ratio).to(ctx.dtype), None
+        k64, nu64, log_iv = ctx.saved_tensors
+        ratio = _iv_ratio64(nu64, k64, log_iv)
+        return (grad.to(torch.float64) * ratio).to(ctx.dtype), None, None
 
 
 def log_vmf_normalizer(dim: int, kappa: torch.Tensor) -> torch.Tensor:
@@ -56,7 +54,7 @@ def log_vmf_normalizer(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     k64 = _checked_kappa(kappa)
     if (k64 == 0).any():
         raise ValueError("kappa must be > 0 (the vMF density at kappa = 0 is the uniform one)")
-    return -_LogIvOverPower.apply(kappa, dim / 2.0 - 1.0) - (dim / 2.0) * math.log(2.0 * math.pi)
+    return -_LogIvOverPower.apply(kappa, k64, dim / 2.0 - 1.0) - (dim / 2.0) * math.log(2.0 * math.pi)
 
 
 def _per_sample(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
@@ -101,9 +99,8 @@ def vmf_nll(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Ten
     check_embeddings(x, "x")
     mu = _matching_rows("mu", mu, x)
     kappa = _per_sample("kappa", kappa, x.shape[0])
-    out = output_dtype(x.dtype)
+    out, work = output_dtype(x.dtype), accumulation_dtype(x.dtype)
     log_c = log_vmf_normalizer(x.shape[1], kappa)
-    work = torch.float64 if out == torch.float64 else torch.float32
     cos = (x.to(work) * mu.to(work)).sum(1)
     return (-log_c.to(work) - kappa.to(work) * cos).to(out)
 
@@ -132,8 +129,7 @@ def gaussian_nll(x: torch.Tensor, centroids_y: torch.Tensor,
     if not fits:
         raise ValueError(f"log_sigma of shape {tuple(log_sigma.shape)} does not broadcast to "
                          f"x's {tuple(x.shape)}")
-    out = output_dtype(x.dtype)
-    work = torch.float64 if out == torch.float64 else torch.float32
+    out, work = output_dtype(x.dtype), accumulation_dtype(x.dtype)
     ls = log_sigma.to(work).expand(x.shape)
     diff = x.to(work) - c.to(work)
     nll = (ls + 0.5 * diff * diff * torch.exp(-2.0 * ls)).sum(1)
