@@ -24,8 +24,14 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .._backend import BACKENDS, ENV_VAR
-from .._validation import check_embeddings, check_label_range, check_labels, output_dtype
+from .._backend import select_backend
+from .._validation import (
+    accumulation_dtype,
+    check_embeddings,
+    check_label_range,
+    check_labels,
+    output_dtype,
+)
 from ..reference import n_centroids as _reference
 from .confidence import gaussian_nll, vmf_nll
 
@@ -50,26 +56,15 @@ class Confidence(NamedTuple):
 _OP = "n_centroids_loss"
 
 
-def _resolve_backend(backend: str) -> str:
-    import os
-
-    requested = backend
-    if backend == "auto":
-        requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if requested in ("auto", "reference"):
-        return "reference"
-    if requested not in BACKENDS:
-        raise RuntimeError(f"confusion_kernels: unknown backend {requested!r}; expected 'auto' "
-                           f"or one of {list(BACKENDS)}")
-    raise RuntimeError(f"confusion_kernels: backend={requested!r} cannot run {_OP}: it has no "
-                       f"{requested} kernel yet (use 'reference' or 'auto')")
+def _check_metric(metric: str) -> None:
+    if metric not in _reference.METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(_reference.METRICS)}")
 
 
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
                   metric: str) -> torch.Tensor:
     check_embeddings(z, "z")
-    if metric not in _reference.METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {list(_reference.METRICS)}")
+    _check_metric(metric)
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
             or centroids.shape[1] != z.shape[1]:
         shape = tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids)
@@ -92,9 +87,8 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     labels = _check_inputs(z, labels, centroids, metric)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
-    _resolve_backend(backend)
-    out = output_dtype(z.dtype)
-    work = torch.float64 if out == torch.float64 else torch.float32
+    select_backend(z, backend, op=_OP)  # the reference for now; the others raise
+    out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
     loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),
                                     metric, use_negatives)
     return loss.to(out)
@@ -170,8 +164,7 @@ class NCentroidsLoss(nn.Module):
             raise ValueError("num_classes and embedding_dim must be >= 1")
         if use_negatives and num_classes < 2:
             raise ValueError("negatives need at least 2 centroids (num_classes >= 2)")
-        if metric not in _reference.METRICS:
-            raise ValueError(f"unknown metric {metric!r}; expected one of {list(_reference.METRICS)}")
+        _check_metric(metric)
         if not 0.0 < alpha0 <= 1.0 or not 0.0 < decay <= 1.0:
             raise ValueError("alpha0 and decay must lie in (0, 1]")
         self.metric, self.alpha0, self.decay = metric, float(alpha0), float(decay)
@@ -195,13 +188,16 @@ class NCentroidsLoss(nn.Module):
             self.step += 1
         return loss
 
+    def _unit_rows_and_distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = z / |z| and d(c_k, x_i) [N, K], in z's accumulation dtype."""
+        check_embeddings(z, "z")
+        x = _reference.normalize(z.to(accumulation_dtype(z.dtype)))
+        return x, _reference.sphere_distances(x, self.centroids.to(x.dtype), self.metric)
+
     @torch.no_grad()
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """d(c_k, x_i) [N, K] under the module's metric."""
-        check_embeddings(z, "z")
-        work = torch.float64 if z.dtype == torch.float64 else torch.float32
-        c = self.centroids.to(work)
-        return _reference.sphere_distances(_reference.normalize(z.to(work)), c, self.metric)
+        return self._unit_rows_and_distances(z)[1]
 
     @torch.no_grad()
     def confidence(self, z: torch.Tensor, *, kappa: torch.Tensor | None = None,
@@ -213,9 +209,8 @@ class NCentroidsLoss(nn.Module):
         """
         if kappa is not None and log_sigma is not None:
             raise ValueError("pass kappa (vMF head) or log_sigma (Normal head), not both")
-        d = self.distances(z)
+        x, d = self._unit_rows_and_distances(z)
         distance, prediction = d.min(1)
-        x = _reference.normalize(z.to(d.dtype))
         nearest = self.centroids.to(d.dtype)[prediction]
         head = log_likelihood = None
         if kappa is not None:
