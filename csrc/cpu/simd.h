@@ -13,7 +13,7 @@
 //   +, -, *, / (V), sqrt(v), max0(v)          max0: v < 0 -> 0, NaN stays NaN
 //   le(a, b), gt(a, b)                        ordered: false if either is NaN
 //   class_eq(p, c)                            p[k] == c for int32 class ids
-//   m_and, m_or, m_not, select(m, a, b)       select: m ? a : b per lane
+//   m_or, m_not, select(m, a, b)              select: m ? a : b per lane
 //   bits(m)                                   lane k's mask as bit k
 //   hsum(v)                                   sum of the lanes, lane 0 first
 #pragma once
@@ -44,7 +44,6 @@ struct Scalar {
   static M le(V a, V b) { return a <= b; }
   static M gt(V a, V b) { return a > b; }
   static M class_eq(const int32_t* p, int32_t c) { return *p == c; }
-  static M m_and(M a, M b) { return a && b; }
   static M m_or(M a, M b) { return a || b; }
   static M m_not(M a) { return !a; }
   static V select(M m, V a, V b) { return m ? a : b; }
@@ -75,7 +74,6 @@ struct Avx2<float> {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, _mm256_set1_epi32(c)));
   }
-  static M m_and(M a, M b) { return _mm256_and_ps(a, b); }
   static M m_or(M a, M b) { return _mm256_or_ps(a, b); }
   static M m_not(M a) { return _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(-1))); }
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
@@ -107,7 +105,6 @@ struct Avx2<double> {
     // four 32-bit lane masks sign-extended to 64 bits
     return _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_cmpeq_epi32(v, _mm_set1_epi32(c))));
   }
-  static M m_and(M a, M b) { return _mm256_and_pd(a, b); }
   static M m_or(M a, M b) { return _mm256_or_pd(a, b); }
   static M m_not(M a) { return _mm256_xor_pd(a, _mm256_castsi256_pd(_mm256_set1_epi64x(-1))); }
   static V select(M m, V a, V b) { return _mm256_blendv_pd(b, a, m); }
