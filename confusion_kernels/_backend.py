@@ -17,9 +17,6 @@ from . import _extension
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "CONFUSION_KERNELS_BACKEND"
-# Ops that have only their PyTorch reference so far: "auto" picks it, any other backend
-# is unavailable for them.
-REFERENCE_ONLY_OPS = frozenset({"n_centroids_loss"})
 
 
 def triton_interpreting() -> bool:
@@ -38,8 +35,6 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
     device_type = device.type if device is not None else None
     if backend == "reference":
         return None
-    if op in REFERENCE_ONLY_OPS:
-        return f"it has no {backend} kernel yet (use 'reference' or 'auto')"
     if backend == "cpu":
         if not _extension.HAS_C:
             return f"the C++ extension confusion_kernels._C is not built ({_extension.IMPORT_ERROR})"

@@ -41,6 +41,21 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "affinity_hinge_sum_with_grad(Tensor f, Tensor prototypes, Tensor labels, float sigma, "
       "float margin, str similarity) -> (Tensor, Tensor, Tensor)");
+  // N-Centroids loss rows on the unit sphere, x = z / max(|z|, 1e-12), metric euclidean, cosine
+  // or great_circle: L_i = d(x_i, c_{y_i}) - [d(x_i, c_{h_i}) + mean_{k != y_i} d(x_i, c_k)]
+  // (only the first term without negatives); returns (L [N], h [N] the hardest negative, -1
+  // without negatives).
+  m.def(
+      "n_centroids_rows(Tensor z, Tensor centroids, Tensor labels, str metric, "
+      "bool use_negatives) -> (Tensor, Tensor)");
+  // dL/dz from the per-row upstream gradient and the forward's hardest negatives.
+  m.def(
+      "n_centroids_rows_backward(Tensor grad_rows, Tensor z, Tensor centroids, Tensor labels, "
+      "Tensor hardest, str metric, bool use_negatives) -> Tensor");
+  // sum_i L_i and dL/dz in one pass (the training path: a scalar upstream gradient).
+  m.def(
+      "n_centroids_sum_with_grad(Tensor z, Tensor centroids, Tensor labels, str metric, "
+      "bool use_negatives) -> (Tensor, Tensor)");
   // Per-class float64 sums of (x - shift_y) and (x - shift_y)^2, and counts (ClassStatistics).
   m.def(
       "class_shifted_sums(Tensor features, Tensor labels, Tensor shift, int num_classes) -> "

@@ -10,10 +10,10 @@ hardest and the average other centroid; centroids follow the batch class means b
     a_t = alpha0 * decay^(t / 1000) for the t-th update; classes absent from the batch keep
     their centroid.
 
-The readable definition is confusion_kernels/reference/n_centroids.py. The loss runs on the
-reference backend for now, over row chunks recomputed in the backward, so that its N x K x D
-differences (euclidean and great-circle metrics) never exist all at once; the fused cpu /
-triton / cuda kernels are not written yet and asking for them raises RuntimeError.
+The readable definition is confusion_kernels/reference/n_centroids.py. The cpu, triton and
+cuda backends run the fused op ``n_centroids_rows`` (confusion_kernels/ops/n_centroids_rows.py):
+memory O((N + K) D), nothing of size N x K. The reference backend runs the definition over row
+chunks recomputed in the backward, so that its N x K x D differences never exist all at once.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .._validation import (
     check_labels,
     output_dtype,
 )
+from ..ops.n_centroids_rows import n_centroids_sum
 from ..reference import n_centroids as _reference
 from .confidence import gaussian_nll, vmf_nll
 
@@ -53,7 +54,7 @@ class Confidence(NamedTuple):
     head: torch.Tensor | None
     log_likelihood: torch.Tensor | None
 
-_OP = "n_centroids_loss"
+_OP = "n_centroids_rows"
 
 
 def _check_metric(metric: str) -> None:
@@ -69,6 +70,8 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
             or centroids.shape[1] != z.shape[1]:
         shape = tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids)
         raise ValueError(f"centroids must be [K, D] with D = {z.shape[1]}, got {shape}")
+    if not centroids.dtype.is_floating_point:
+        raise TypeError(f"centroids must be floating, got {centroids.dtype}")
     if centroids.device != z.device:
         raise ValueError(f"centroids are on {centroids.device} but z is on {z.device}")
     labels = check_labels(labels, z.shape[0], z.device)
@@ -87,10 +90,14 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     labels = _check_inputs(z, labels, centroids, metric)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
-    select_backend(z, backend, op=_OP)  # the reference for now; the others raise
+    chosen = select_backend(z, backend, op=_OP)
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
-    loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),
-                                    metric, use_negatives)
+    if chosen == "reference":
+        loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),
+                                        metric, use_negatives)
+    else:
+        loss = n_centroids_sum(z, labels, centroids, metric=metric,
+                               use_negatives=use_negatives, backend=chosen) / z.shape[0]
     return loss.to(out)
 
 
@@ -150,7 +157,7 @@ class NCentroidsLoss(nn.Module):
         alpha0, decay: EMA rate alpha_t = alpha0 * decay^(t / 1000).
         use_negatives: include the hardest and the mean negative terms.
         seed: seed of the random unit initial centroids.
-        backend: as for every op ("auto" runs the reference for now).
+        backend: as for every op ("auto": cuda > triton > cpu > reference for the device).
     """
 
     centroids: torch.Tensor

@@ -1,8 +1,8 @@
 // The tile loops of the affinity loss (SPEC section 3), shared by the CPU and
 // CUDA kernels (host code, ATen). A (row tile x class tile) block gets its
-// squared distances from one matrix product in the Gram form (BLAS / cuBLAS:
-// tensor cores where torch allows them); a tile holds whole classes, so the
-// min over the m prototypes stays inside it. The per-pair epilogues are the
+// squared distances from one matrix product in the Gram form (gram_tiles.h;
+// BLAS / cuBLAS: tensor cores where torch allows them); a tile holds whole
+// classes, so the min over the m prototypes stays inside it. The per-pair epilogues are the
 // device's own kernels (`Tiles`), written with affinity_math.h:
 //   Tiles::kDevice, Tiles::Guard (constructed from a c10::Device)
 //   Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg)
@@ -25,6 +25,7 @@
 
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_tiles.h"
 
 namespace confusion_kernels {
 namespace affinity {
@@ -72,35 +73,33 @@ void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Te
                const at::Tensor& row_coef, at::Tensor col_coef) {
   const at::Tensor& f = in.f;
   const at::Tensor& w = in.prototypes;
-  const int64_t n = f.size(0), c = in.num_classes, m = in.num_centers;
+  const int64_t m = in.num_centers;
   const bool with_grad = grad_f.defined();
   TileBuffers buf(in, with_grad);
   const int64_t ct_max = classes_per_tile(m);
   const auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t rt) {
     return t.defined() ? t.narrow(0, r0, rt) : at::Tensor();
   };
-  for (int64_t r0 = 0; r0 < n; r0 += kRowTile) {
-    const int64_t rt = std::min(kRowTile, n - r0);
-    const at::Tensor fr = f.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < c; c0 += ct_max) {
-      const int64_t ct = std::min(ct_max, c - c0);
-      const at::Tensor wt = w.narrow(0, c0 * m, ct * m);
-      at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
-      at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
-      Tiles::similarity(at::mm(fr, wt.t()), f_norms.narrow(0, r0, rt),
-                        w_norms.narrow(0, c0 * m, ct * m), m, sigma, kind, d_tile, arg_tile);
-      at::Tensor a;
-      if (with_grad) {
-        a = buf.a.narrow(0, 0, rt * ct * m).view({rt, ct * m});
-        if (m > 1) a.zero_();
-      }
-      Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt), d_true.narrow(0, r0, rt),
-                   sigma, margin, kind, rows_of(rows, r0, rt), rows_of(active, r0, rt),
-                   rows_of(g_rows, r0, rt), rows_of(own_active, r0, rt), a,
-                   rows_of(row_coef, r0, rt));
-      if (with_grad) add_tile_gradient(a, fr, wt, r0, c0 * m, grad_f, grad_w, col_coef);
+  for_each_gram_tile(f, w, kRowTile, ct_max * m, [&](int64_t r0, int64_t rt, int64_t p0,
+                                                     int64_t pt, const at::Tensor& g) {
+    const int64_t c0 = p0 / m, ct = pt / m;
+    at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
+    at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
+    Tiles::similarity(g, f_norms.narrow(0, r0, rt), w_norms.narrow(0, p0, pt), m, sigma, kind,
+                      d_tile, arg_tile);
+    at::Tensor a;
+    if (with_grad) {
+      a = buf.a.narrow(0, 0, rt * pt).view({rt, pt});
+      if (m > 1) a.zero_();
     }
-  }
+    Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt), d_true.narrow(0, r0, rt),
+                 sigma, margin, kind, rows_of(rows, r0, rt), rows_of(active, r0, rt),
+                 rows_of(g_rows, r0, rt), rows_of(own_active, r0, rt), a,
+                 rows_of(row_coef, r0, rt));
+    if (with_grad)
+      add_tile_gradient(a, f.narrow(0, r0, rt), w.narrow(0, p0, pt), r0, p0, grad_f, grad_w,
+                        col_coef);
+  });
 }
 
 // Forward rows, d_true and active counts; with grad_f / grad_w given, also the

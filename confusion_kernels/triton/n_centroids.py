@@ -1,0 +1,244 @@
+"""Triton kernels of the N-Centroids loss: the pass over every centroid.
+
+The own and the hardest centroid are one pair per row and are computed exactly in PyTorch
+(``direct_distances``). The kernels handle what needs every centroid, per row block and
+centroid block, from one Gram product per dimension chunk:
+
+  negatives_forward   grid (row blocks):            first arg-min over k != y_i, sum of the
+                                                    distances over k != y_i, near-pair count
+  negatives_backward  grid (row blocks, dim blocks): w_i sum_{k != y_i} dd(x_i, c_k)/dx
+                                                    = w_i (sum_k alpha_ik x_i + sum_k beta_ik c_k)
+
+with a = |x - c|, b = |x + c| from the Gram form and the per-pair formulas of
+``csrc/include/confusion_kernels/sphere_math.h``. Where the Gram form cancels (a^2, or b^2 for
+the angle, below 1/16 of |x|^2 + |c|^2) a pair is "near": the kernels count it per row and
+leave it out, and the launcher recomputes those rows exactly in PyTorch (rare: a row close to
+a centroid that is not its own). The angle 2 atan2(a, b) is computed in the kernel by four
+half-angle steps and a short odd series (Triton has no portable atan2). Each output element is
+owned by one program: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreting
+from ..reference import n_centroids as _reference
+from .affinity import _dot_nn, _dot_nt
+from .intra_inter_sums import _tl_dtype
+
+CHORD = tl.constexpr(0)
+COSINE = tl.constexpr(1)
+GREAT_CIRCLE = tl.constexpr(2)
+METRIC_CODES = {"euclidean": 0, "cosine": 1, "great_circle": 2}
+EXACT_FRACTION = 1.0 / 16.0  # sphere_math.h: kGramExactFraction
+
+
+@triton.jit
+def _half_angle_atan2(a, b):
+    """atan2(a, b) for a, b >= 0: four half-angle steps atan2(a, b) = 2 atan2(a, b + |(a, b)|)
+    bring the angle below pi/32, where atan(r) = r - r^3/3 + ... converges to double
+    precision in nine terms."""
+    for _ in tl.static_range(4):
+        b = b + tl.sqrt(a * a + b * b)
+    r = a / tl.where(b > 0.0, b, 1.0)  # a = b = 0 only for two zero vectors: r = 0
+    r2 = r * r
+    p = 1.0 / 17.0
+    p = 1.0 / 15.0 - r2 * p
+    p = 1.0 / 13.0 - r2 * p
+    p = 1.0 / 11.0 - r2 * p
+    p = 1.0 / 9.0 - r2 * p
+    p = 1.0 / 7.0 - r2 * p
+    p = 1.0 / 5.0 - r2 * p
+    p = 1.0 / 3.0 - r2 * p
+    p = 1.0 - r2 * p
+    return 16.0 * r * p
+
+
+@triton.jit
+def _pair_terms(g, xn, cn, METRIC: tl.constexpr):
+    """(d, alpha, beta, near) per pair from the Gram tile (sphere_math.h)."""
+    s = xn[:, None] + cn[None, :]
+    a2 = tl.maximum(s - 2.0 * g, 0.0)
+    b2 = tl.maximum(s + 2.0 * g, 0.0)
+    a = tl.sqrt(a2)
+    b = tl.sqrt(b2)
+    floor = EXACT_FRACTION * s
+    if METRIC == COSINE:
+        d = 1.0 - g
+        alpha = tl.zeros_like(g)
+        beta = tl.zeros_like(g) - 1.0
+        near = a2 < -1.0  # never
+    elif METRIC == CHORD:
+        d = a
+        near = a2 <= floor
+        p = tl.where(near, 0.0, 1.0 / tl.where(near, 1.0, a))
+        alpha = p
+        beta = -p
+    else:
+        d = 2.0 * _half_angle_atan2(a, b)
+        near = (a2 <= floor) | (b2 <= floor)
+        safe_a = tl.where(near, 1.0, a)
+        safe_b = tl.where(near, 1.0, b)
+        ss = safe_a * safe_a + safe_b * safe_b
+        p = 2.0 * safe_b / (safe_a * ss)
+        q = -2.0 * safe_a / (safe_b * ss)
+        alpha = tl.where(near, 0.0, p + q)
+        beta = tl.where(near, 0.0, q - p)
+    return d, alpha, beta, near
+
+
+@triton.jit
+def _gram(X, C, rows, rmask, cols, cmask, D, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+          PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    g = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        x = tl.load(X + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0)
+        c = tl.load(C + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & dmask[None, :],
+                    other=0.0)
+        g += _dot_nt(x, c, USE_DOT, ACC, PREC)
+    return g
+
+
+@triton.jit
+def _forward_kernel(X, C, XN, CN, LAB, BEST_K, SUM, NEAR, N, K, D,
+                    METRIC: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * D
+    rmask = rows < N
+    lab = tl.load(LAB + rows, mask=rmask, other=-1)
+    xn = tl.load(XN + rows, mask=rmask, other=0.0)
+    best = tl.full((BLOCK_M,), float("inf"), dtype=ACC)
+    best_k = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+    total = tl.zeros((BLOCK_M,), dtype=ACC)
+    near_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        cmask = cols < K
+        g = _gram(X, C, rows, rmask, cols, cmask, D, ACC, USE_DOT, PREC, BLOCK_M, BLOCK_K, BLOCK_D)
+        cn = tl.load(CN + cols, mask=cmask, other=0.0)
+        d, alpha, beta, near = _pair_terms(g, xn, cn, METRIC)
+        neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+        total += tl.sum(tl.where(neg, d, 0.0), axis=1)
+        near_count += tl.sum(tl.where(neg & near, 1, 0), axis=1)
+        masked = tl.where(neg, d, float("inf"))
+        tile_best = tl.min(masked, axis=1)
+        tile_k = k0 + tl.argmin(masked, axis=1, tie_break_left=True).to(tl.int64)
+        better = (tile_best < best) | ((best_k < 0) & (tl.sum(tl.where(neg, 1, 0), axis=1) > 0))
+        best = tl.where(better, tile_best, best)
+        best_k = tl.where(better, tile_k, best_k)
+    tl.store(BEST_K + rows, best_k, mask=rmask)
+    tl.store(SUM + rows, total, mask=rmask)
+    tl.store(NEAR + rows, near_count, mask=rmask)
+
+
+@triton.jit
+def _backward_kernel(X, C, XN, CN, LAB, W, GRAD_X, NEAR, N, K, D,
+                     METRIC: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * D
+    rmask = rows < N
+    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dmask = dims < D
+    lab = tl.load(LAB + rows, mask=rmask, other=-1)
+    xn = tl.load(XN + rows, mask=rmask, other=0.0)
+    w = tl.load(W + rows, mask=rmask, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+    x_coef = tl.zeros((BLOCK_M,), dtype=ACC)
+    near_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        cmask = cols < K
+        g = _gram(X, C, rows, rmask, cols, cmask, D, ACC, USE_DOT, PREC, BLOCK_M, BLOCK_K, BLOCK_D)
+        cn = tl.load(CN + cols, mask=cmask, other=0.0)
+        d, alpha, beta, near = _pair_terms(g, xn, cn, METRIC)
+        neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+        near_count += tl.sum(tl.where(neg & near, 1, 0), axis=1)
+        x_coef += tl.sum(tl.where(neg, alpha, 0.0), axis=1)
+        coef = tl.where(neg, beta, 0.0) * w[:, None]
+        c = tl.load(C + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :],
+                    other=0.0).to(ACC)
+        acc += _dot_nn(coef, c, USE_DOT, ACC, PREC)
+    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :],
+                other=0.0).to(ACC)
+    grad = acc + (w * x_coef)[:, None] * x
+    tl.store(GRAD_X + rows[:, None] * D + dims[None, :], grad, mask=rmask[:, None] & dmask[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(NEAR + rows, near_count, mask=rmask)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+def _config(x: torch.Tensor) -> dict:
+    use_dot = x.dtype != torch.float64 and not triton_interpreting()
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    block = 16 if triton_interpreting() else 64
+    return dict(BLOCK_M=block, BLOCK_K=block, BLOCK_D=32, USE_DOT=use_dot,
+                PREC="tf32" if tf32 else "ieee")
+
+
+def _norms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.square().sum(1).contiguous(), centroids.square().sum(1).contiguous()
+
+
+def _dense_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, metric: str):
+    """d [R, K] of a few rows with the own column marked (the exact PyTorch path)."""
+    d = _reference.sphere_distances(x, centroids, metric)
+    is_own = torch.zeros_like(d, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    return d, is_own
+
+
+def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
+                      metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hardest index [N], sum over negatives [N]) of unit rows x against the centroids."""
+    n, dim = x.shape
+    k = centroids.shape[0]
+    cfg = _config(x)
+    xn, cn = _norms(x, centroids)
+    best_k = torch.empty(n, dtype=torch.int64, device=x.device)
+    sums = torch.empty(n, dtype=x.dtype, device=x.device)
+    near = torch.empty(n, dtype=torch.int32, device=x.device)
+    _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+        x, centroids, xn, cn, labels, best_k, sums, near, n, k, dim,
+        METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **cfg)
+    redo = near.nonzero()[:, 0]
+    if redo.numel():
+        d, is_own = _dense_rows(x[redo], centroids, labels[redo], metric)
+        best_k[redo] = d.masked_fill(is_own, float("inf")).argmin(1)
+        sums[redo] = d.masked_fill(is_own, 0.0).sum(1)
+    return best_k, sums
+
+
+def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
+                       weight: torch.Tensor, metric: str) -> torch.Tensor:
+    """dL/dx [N, D] of sum_i weight_i sum_{k != y_i} d(x_i, c_k)."""
+    n, dim = x.shape
+    k = centroids.shape[0]
+    cfg = _config(x)
+    xn, cn = _norms(x, centroids)
+    grad = torch.empty_like(x)
+    near = torch.empty(n, dtype=torch.int32, device=x.device)
+    block_do = 32
+    _backward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(dim, block_do))](
+        x, centroids, xn, cn, labels, weight.contiguous(), grad, near, n, k, dim,
+        METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), BLOCK_DO=block_do, **cfg)
+    redo = near.nonzero()[:, 0]
+    if redo.numel():
+        from ..ops.n_centroids_rows import direct_gradients
+
+        xr, lab = x[redo], labels[redo]
+        w = weight[redo, None].expand(-1, k).masked_fill(
+            torch.zeros(redo.numel(), k, dtype=torch.bool, device=x.device)
+            .scatter_(1, lab[:, None], True), 0.0)
+        grad[redo] = direct_gradients(xr[:, None, :].expand(-1, k, -1), centroids[None], w,
+                                      metric).sum(1)
+    return grad

@@ -1,0 +1,30 @@
+// The tile loop shared by the prototype-distance kernels (affinity_tiles.h,
+// n_centroids_tiles.h): rows f [N, D] against prototypes w [P, D], one
+// (row tile x prototype tile) block at a time, in a fixed order (deterministic
+// accumulation). Each block's Gram tile f_r w_t^T comes from one matrix
+// product (BLAS / cuBLAS) and goes to the caller's epilogue; nothing of size
+// N x P is ever held.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace confusion_kernels {
+
+// epilogue(r0, rt, p0, pt, g) for every block, g = f[r0:r0+rt] w[p0:p0+pt]^T.
+template <class Epilogue>
+void for_each_gram_tile(const at::Tensor& f, const at::Tensor& w, int64_t row_tile,
+                        int64_t proto_tile, Epilogue&& epilogue) {
+  const int64_t n = f.size(0), p = w.size(0);
+  for (int64_t r0 = 0; r0 < n; r0 += row_tile) {
+    const int64_t rt = std::min(row_tile, n - r0);
+    const at::Tensor fr = f.narrow(0, r0, rt);
+    for (int64_t p0 = 0; p0 < p; p0 += proto_tile) {
+      const int64_t pt = std::min(proto_tile, p - p0);
+      epilogue(r0, rt, p0, pt, at::mm(fr, w.narrow(0, p0, pt).t()));
+    }
+  }
+}
+
+}  // namespace confusion_kernels
