@@ -1,4 +1,5 @@
-"""The CUDA kernels (csrc/cuda/gram_tile_kernels.cuh, affinity_kernels.cuh) run on the CPU.
+"""The CUDA kernels (csrc/cuda/gram_tile_kernels.cuh, affinity_kernels.cuh,
+pair_pass_kernels.cuh, n_centroids_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/cuda_host_shim.h compiles the kernel bodies unchanged as
 C++ with one thread per CUDA thread, so the tiling, ragged edges, shared-memory
@@ -451,3 +452,94 @@ def test_pair_pass_is_deterministic_and_fits_shared_memory(pair_pass):
     second = emulated_pair_pass(pair_pass, x, labels, "euclidean", w, w.flip(0))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert pair_pass.ck_pair_pass_smem_bytes(1) <= 48 * 1024  # no opt-in needed, even in fp64
+
+
+# ---------------------------------------------------------------------------
+# The N-Centroids epilogues (csrc/cuda/n_centroids_kernels.cuh), with the host
+# steps of n_centroids_tiles.h / n_centroids_cuda.cpp in torch.
+# ---------------------------------------------------------------------------
+SPHERE_METRICS = {"euclidean": 0, "cosine": 1, "great_circle": 2}
+
+
+@pytest.fixture(scope="session")
+def ncl_kernels(tmp_path_factory) -> ctypes.CDLL:
+    return _build(tmp_path_factory, ROOT / "tests/cuda_emulation/n_centroids_kernels_on_host.cpp",
+                  [ROOT / "csrc/cuda/n_centroids_kernels.cuh", SOURCES[1], SOURCES[3],
+                   ROOT / "csrc/include/confusion_kernels/sphere_math.h"])
+
+
+def emulated_n_centroids(lib, z, labels, c, g_rows, metric, c0, ct):
+    """(rows, grad_z) of the N-Centroids rows with the centroid tiles c0.., ct wide, each
+    through the emulated pairs / exact-gradient / direct kernels; the minimum, sums and
+    products of the host side in torch."""
+    from confusion_kernels.ops.n_centroids_rows import through_normalisation
+    from confusion_kernels.reference import n_centroids as ncl
+
+    n, d = z.shape
+    k = c.shape[0]
+    code = _i64(SPHERE_METRICS[metric])
+    x = ncl.normalize(z).contiguous()
+    xn, cn = (x * x).sum(1).contiguous(), (c * c).sum(1).contiguous()
+    labels = labels.contiguous()
+    weight = (g_rows / -(k - 1)).contiguous()
+    best = torch.full((n,), float("inf"), dtype=torch.float64)
+    best_k = torch.full((n,), -1, dtype=torch.int64)
+    sums = torch.zeros(n, dtype=torch.float64)
+    grad_x = torch.zeros(n, d, dtype=torch.float64)
+    x_coef = torch.zeros(n, dtype=torch.float64)
+    for k0 in range(0, k, ct):
+        kt = min(ct, k - k0)
+        ctile = c[k0:k0 + kt].contiguous()
+        g = (x @ ctile.T).contiguous()
+        dist, exact = torch.empty(n, kt, dtype=torch.float64), torch.empty(n, kt, dtype=torch.uint8)
+        coef, alpha = torch.empty(n, kt, dtype=torch.float64), torch.empty(n, kt, dtype=torch.float64)
+        lib.ck_ncl_pairs(_ptr(g), _ptr(x), _ptr(xn), _ptr(ctile), _ptr(cn[k0:k0 + kt].contiguous()),
+                         _ptr(labels), _ptr(weight), _i64(n), _i64(kt), _i64(k0), _i64(d), code,
+                         _ptr(dist), _ptr(exact), _ptr(coef), _ptr(alpha))
+        lib.ck_ncl_exact_grad(_ptr(x), _ptr(ctile), _ptr(labels), _ptr(weight), _ptr(exact),
+                              _i64(n), _i64(kt), _i64(k0), _i64(d), code, _ptr(grad_x))
+        grad_x += coef @ ctile
+        x_coef += alpha.sum(1)
+        own = (labels[:, None] - k0) == torch.arange(kt)[None, :]
+        sums += dist.masked_fill(own, 0.0).sum(1)
+        tile_best, tile_k = dist.masked_fill(own, float("inf")).min(1)
+        take = (~own).any(1) & ((tile_best < best) | (best_k < 0))
+        best, best_k = torch.where(take, tile_best, best), torch.where(take, tile_k + k0, best_k)
+    grad_x += x_coef[:, None] * x
+    own_d, hard_d = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    g_rows = g_rows.contiguous()
+    minus_g = (-g_rows).contiguous()
+    lib.ck_ncl_direct(_ptr(x), _ptr(c), _ptr(labels), _ptr(g_rows), _i64(n), _i64(d), code,
+                      _ptr(own_d), _ptr(grad_x))
+    lib.ck_ncl_direct(_ptr(x), _ptr(c), _ptr(best_k), _ptr(minus_g), _i64(n), _i64(d), code,
+                      _ptr(hard_d), _ptr(grad_x))
+    rows = own_d - hard_d - sums / (k - 1)
+    return rows, through_normalisation(z, x, grad_x)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "great_circle"])
+@pytest.mark.parametrize("n,k,d,ct", [(1, 2, 3, 2), (40, 9, 5, 4), (23, 30, 7, 16)])
+def test_n_centroids_epilogue_kernels_match_reference(ncl_kernels, metric, n, k, d, ct):
+    from confusion_kernels.reference import n_centroids as ncl
+
+    g = torch.Generator().manual_seed(n + k + d)
+    c = ncl.normalize(torch.randn(k, d, generator=g, dtype=torch.float64)).contiguous()
+    labels = torch.randint(0, k, (n,), generator=g)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if n > 4:
+        other = (labels + 1) % k
+        z[0] = c[labels[0]] * 2.0   # on the own centroid
+        z[1] = c[other[1]] * 0.5    # on another centroid (an exact pair)
+        z[2] = -c[other[2]]         # antipode of another centroid (exact for the angle)
+        z[3] = c[other[3]] + 1e-4 * torch.randn(d, generator=g, dtype=torch.float64)
+    g_rows = torch.randn(n, generator=g, dtype=torch.float64)
+    rows, grad = emulated_n_centroids(ncl_kernels, z, labels, c, g_rows, metric, 0, ct)
+    zr = z.clone().requires_grad_(True)
+    x = ncl.normalize(zr)
+    dist = ncl.sphere_distances(x, c, metric)
+    is_own = torch.zeros_like(dist, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    want = (dist.gather(1, labels[:, None])[:, 0] - dist.masked_fill(is_own, float("inf")).min(1)[0]
+            - dist.masked_fill(is_own, 0.0).sum(1) / (k - 1))
+    (want * g_rows).sum().backward()
+    assert_rel(rows, want.detach(), 1e-12, "rows")
+    assert_rel(grad, zr.grad, 1e-10, "grad z")
