@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "confusion_kernels/n_centroids_tiles.h"
 #include "confusion_kernels/sphere_math.h"
@@ -75,27 +76,45 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   T* a = s.a.data_ptr<T>();
   T* b = s.b.data_ptr<T>();
   uint8_t* exact = s.exact.data_ptr<uint8_t>();
-  // (1) a, b (and for cosine the distance) per pair
+  // (1) a and b per pair from the Gram form (a loop the compiler vectorises), then
+  // the pairs where it cancels again from differences (rare: a row close to a
+  // centroid or to its antipode)
+  std::vector<uint8_t> row_has_exact(rt, 0);
   at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+    const int64_t cols = ct;  // locals: the stores below cannot alias them
+    const int64_t m = metric;
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = 0; j < ct; ++j) {
-        const int64_t p = i * ct + j;
+      const T* gi = g + i * cols;
+      T* ai = a + i * cols;
+      T* bi = b + i * cols;
+      uint8_t* ei = exact + i * cols;
+      const T xn2_i = xn2[i];
+      uint8_t any = 0;
+      for (int64_t j = 0; j < cols; ++j) {
         T a2, b2;
-        bool redo = sphere_chords_from_gram(metric, xn2[i], cn2[j], g[p], &a2, &b2);
-        if (redo) {
-          T dot;
-          sphere_pair_exact(x + i * d, c + j * d, d, &a2, &b2, &dot);
-        }
-        exact[p] = redo;
-        a[p] = std::sqrt(a2);
-        b[p] = std::sqrt(b2);
+        const bool redo = sphere_chords_from_gram(m, xn2_i, cn2[j], gi[j], &a2, &b2);
+        ai[j] = std::sqrt(a2);
+        bi[j] = std::sqrt(b2);
+        ei[j] = redo;
+        any |= uint8_t(redo);
+      }
+      row_has_exact[i] = any;
+      if (!any) continue;
+      for (int64_t j = 0; j < cols; ++j) {
+        if (!ei[j]) continue;
+        T a2, b2, dot;
+        sphere_pair_exact(x + i * d, c + j * d, d, &a2, &b2, &dot);
+        ai[j] = std::sqrt(a2);
+        bi[j] = std::sqrt(b2);
       }
     }
   });
-  // (2) the distances of the tile
+  // (2) the distances of the tile (the angle: one vectorised atan2; x 2 below)
   at::Tensor dist_t;
+  T scale = 1;
   if (metric == kGreatCircle) {
-    dist_t = at::atan2(s.a, s.b).mul_(2);
+    dist_t = at::atan2(s.a, s.b);
+    scale = 2;
   } else if (metric == kChord) {
     dist_t = s.a;
   } else {
@@ -104,40 +123,54 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   const T* dist = dist_t.data_ptr<T>();
   // (3) per row: first min and sum over negatives; the coefficient tile
   at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+    const int64_t cols = ct;  // locals: the stores below cannot alias them
+    const int64_t m = metric;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t own = lab[i] - c0;  // may lie outside [0, ct)
+      const bool own_here = own >= 0 && own < ct;
+      const T* di = dist + i * ct;
       if (best != nullptr) {
-        T row_best = best_k[i] < 0 ? std::numeric_limits<T>::infinity() : best[i];
-        int64_t row_k = best_k[i];
         T row_sum = 0;
+        for (int64_t j = 0; j < ct; ++j) row_sum += di[j];
+        if (own_here) row_sum -= di[own];
+        T row_best = best_k[i] < 0 ? std::numeric_limits<T>::infinity() : best[i] / scale;
+        int64_t row_k = best_k[i];
         for (int64_t j = 0; j < ct; ++j) {
           if (j == own) continue;
-          const T v = dist[i * ct + j];
-          keep_first_smaller(v, c0 + j, &row_best, &row_k);
-          row_sum += v;
+          keep_first_smaller(di[j], c0 + j, &row_best, &row_k);
         }
-        best[i] = row_best;
+        best[i] = scale * row_best;
         best_k[i] = row_k;
-        sum[i] += row_sum;
+        sum[i] += scale * row_sum;
       }
       if (coef != nullptr) {
         const T w = weight[i];
+        const T* ai = a + i * ct;
+        const T* bi = b + i * ct;
+        const uint8_t* ei = exact + i * ct;
+        T* coef_i = coef + i * ct;
         T row_alpha = 0;
-        for (int64_t j = 0; j < ct; ++j) {
-          const int64_t p = i * ct + j;
-          T alpha = 0, beta = 0;
-          if (j != own) {
-            if (exact[p]) {
-              sphere_grad_exact_accumulate(metric, x + i * d, c + j * d, d, a[p], b[p], w,
-                                           grad_x + i * d);
-            } else {
-              sphere_gram_coefficients(metric, a[p], b[p], &alpha, &beta);
-            }
+        for (int64_t j = 0; j < cols; ++j) {
+          T alpha, beta;
+          sphere_gram_coefficients(m, ai[j], bi[j], &alpha, &beta);
+          const bool keep = !ei[j];
+          coef_i[j] = keep ? w * beta : T(0);
+          row_alpha += keep ? alpha : T(0);
+        }
+        if (own_here) {
+          if (!ei[own]) {
+            T alpha, beta;
+            sphere_gram_coefficients(metric, ai[own], bi[own], &alpha, &beta);
+            row_alpha -= alpha;
           }
-          coef[p] = w * beta;
-          row_alpha += alpha;
+          coef_i[own] = 0;
         }
         x_coef[i] += w * row_alpha;
+        if (!row_has_exact[i]) continue;
+        for (int64_t j = 0; j < ct; ++j)
+          if (ei[j] && j != own)
+            sphere_grad_exact_accumulate(metric, x + i * d, c + j * d, d, ai[j], bi[j], w,
+                                         grad_x + i * d);
       }
     }
   });
