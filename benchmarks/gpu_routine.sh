@@ -6,12 +6,15 @@
 #
 #   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid]
 #                                  [bench-asloss] [bench-affinity] [bench-stats] [bench-large]
+#                                  [bench-ncl]
 #   (no stage: build test-fast sanitize bench; run bench-asloss in a call of its own)
 # test: the whole suite (longer than one 10-minute device call: split it);
 # test-fast: the CUDA-specific files; bench: the headline cases (N up to
 # 65536, D 2 and 128, euclidean, fwd/bwd/full, every implementation);
 # bench-grid: the full issue-3 grid with cases predicted over 20 s skipped.
 # bench-asloss: the one-pass ASLoss (Triton) at N = 16384, 65536, D = 128 (tf32).
+# bench-ncl: the N-Centroids loss (cuda, triton, eager, compile, reference) at N = 65536,
+# K = 1000 and 10000, D = 128, random and clustered.
 # KeOps: run benchmarks/fetch_wheels.sh where there is network and carry
 # benchmarks/wheels; the build stage installs them.
 # The device machine gets no .git: pass the commit as CK_COMMIT=<sha> so the
@@ -158,6 +161,14 @@ if has bench-affinity; then
     > "$OUT/logs/bench-affinity.log" 2>&1
   note "affinity benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^wrote" "$OUT/logs/bench-affinity.log" | tail -30
+fi
+
+if has bench-ncl; then
+  start=$SECONDS
+  $PY benchmarks/run_n_centroids.py --device cuda --reps 7 --max-seconds 20 --out "$OUT" \
+    > "$OUT/logs/bench-ncl.log" 2>&1
+  note "N-Centroids benchmark rc=$? in $((SECONDS - start)) s"
+  grep -v "^wrote" "$OUT/logs/bench-ncl.log" | tail -30
 fi
 
 if has bench-stats; then

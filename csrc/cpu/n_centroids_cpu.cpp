@@ -3,7 +3,10 @@
 // sweeps over the cache-resident tile: (1) a and b per pair from the Gram form,
 // recomputed from differences where it cancels; (2) for the angle, one
 // vectorised at::atan2 over the tile; (3) per row the first minimum and the sum
-// over the negatives and, for gradients, the coefficient tile.
+// over the negatives and, for gradients, the coefficient tile. The element
+// loops of (1) and (3) are written over simd.h's lane types (AVX2 for the body
+// of a row, one lane for its tail) with the formulas of sphere_math.h, which
+// the one-lane code, the exact pairs and the CUDA kernels use directly.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +17,7 @@
 
 #include "confusion_kernels/n_centroids_tiles.h"
 #include "confusion_kernels/sphere_math.h"
+#include "simd.h"
 
 namespace confusion_kernels {
 namespace {
@@ -50,10 +54,69 @@ void direct_rows(const nc::Inputs& in, const int64_t* index, const T* weight, T*
 }
 
 // Tile buffers of one epilogue call: a and b per pair (euclidean, great circle),
-// the distances, and one byte per pair marking pairs recomputed exactly.
+// the distances, and a flag per pair (1: recomputed exactly) in the same dtype, so
+// that lane code loads it as a value.
 struct TileScratch {
   at::Tensor a, b, dist, exact;
 };
+
+// (1) for lanes j.. of a row: a and b from the Gram form (sphere_chords_from_gram)
+// and a 0 / 1 flag per pair that must be recomputed exactly; returns the flags' bits.
+template <class L, typename T>
+uint32_t chord_lanes(int64_t& j, int64_t cols, int64_t metric, T xn2_i, const T* cn2,
+                     const T* gi, T* ai, T* bi, T* ei) {
+  using V = typename L::V;
+  using M = typename L::M;
+  const V two = L::set1(T(2)), xn = L::set1(xn2_i), frac = L::set1(T(kGramExactFraction));
+  const V one = L::set1(T(1)), zero = L::zero();
+  uint32_t any = 0;
+  for (; j + L::kWidth <= cols; j += L::kWidth) {
+    const V s = xn + L::load(cn2 + j), g = L::load(gi + j);
+    const V a2 = L::max0(s - two * g), b2 = L::max0(s + two * g);
+    const V floor = frac * s;
+    M redo = L::le(a2, floor);
+    if (metric == kGreatCircle) redo = L::m_or(redo, L::le(b2, floor));
+    if (metric == kSphereCosine) redo = L::gt(zero, one);  // no cancellation: never
+    L::store(ai + j, L::sqrt(a2));
+    L::store(bi + j, L::sqrt(b2));
+    L::store(ei + j, L::select(redo, one, zero));
+    any |= L::bits(redo);
+  }
+  return any;
+}
+
+// (3) for lanes j.. of a row: coef = w beta and the sum of alpha over the Gram pairs
+// (flag 0), with dd/dx = alpha x + beta c as in sphere_gram_coefficients: p and q of
+// sphere_distance_grad, alpha = p + q, beta = q - p.
+template <class L, typename T>
+T coefficient_lanes(int64_t& j, int64_t cols, int64_t metric, T w, const T* ai, const T* bi,
+                    const T* ei, T* coef_i) {
+  using V = typename L::V;
+  const V zero = L::zero(), one = L::set1(T(1)), two = L::set1(T(2)), wv = L::set1(w);
+  V alpha_sum = zero;
+  for (; j + L::kWidth <= cols; j += L::kWidth) {
+    const V a = L::load(ai + j), b = L::load(bi + j);
+    const auto keep = L::m_not(L::gt(L::load(ei + j), zero));
+    V alpha, beta;
+    if (metric == kSphereCosine) {
+      alpha = zero;
+      beta = zero - one;
+    } else if (metric == kChord) {
+      const V p = L::select(L::gt(a, zero), one / a, zero);
+      alpha = p;
+      beta = zero - p;
+    } else {
+      const V s = a * a + b * b;
+      const V p = L::select(L::gt(a, zero), two * b / (a * s), zero);
+      const V q = L::select(L::gt(b, zero), (zero - two) * a / (b * s), zero);
+      alpha = p + q;
+      beta = q - p;
+    }
+    L::store(coef_i + j, L::select(keep, wv * beta, zero));
+    alpha_sum = alpha_sum + L::select(keep, alpha, zero);
+  }
+  return L::hsum(alpha_sum);
+}
 
 template <typename T>
 void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, int64_t c0,
@@ -72,11 +135,11 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   TileScratch s;
   s.a = at::empty({rt, ct}, g_c.options());
   s.b = at::empty({rt, ct}, g_c.options());
-  s.exact = at::empty({rt, ct}, g_c.options().dtype(at::kByte));
+  s.exact = at::empty({rt, ct}, g_c.options());  // 1 where a pair is recomputed exactly
   T* a = s.a.data_ptr<T>();
   T* b = s.b.data_ptr<T>();
-  uint8_t* exact = s.exact.data_ptr<uint8_t>();
-  // (1) a and b per pair from the Gram form (a loop the compiler vectorises), then
+  T* exact = s.exact.data_ptr<T>();
+  // (1) a and b per pair from the Gram form (simd lanes), then
   // the pairs where it cancels again from differences (rare: a row close to a
   // centroid or to its antipode)
   std::vector<uint8_t> row_has_exact(rt, 0);
@@ -87,21 +150,15 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
       const T* gi = g + i * cols;
       T* ai = a + i * cols;
       T* bi = b + i * cols;
-      uint8_t* ei = exact + i * cols;
+      T* ei = exact + i * cols;
       const T xn2_i = xn2[i];
-      uint8_t any = 0;
-      for (int64_t j = 0; j < cols; ++j) {
-        T a2, b2;
-        const bool redo = sphere_chords_from_gram(m, xn2_i, cn2[j], gi[j], &a2, &b2);
-        ai[j] = std::sqrt(a2);
-        bi[j] = std::sqrt(b2);
-        ei[j] = redo;
-        any |= uint8_t(redo);
-      }
-      row_has_exact[i] = any;
+      int64_t j = 0;
+      uint32_t any = chord_lanes<simd::Widest<T>>(j, cols, m, xn2_i, cn2, gi, ai, bi, ei);
+      any |= chord_lanes<simd::Scalar<T>>(j, cols, m, xn2_i, cn2, gi, ai, bi, ei);
+      row_has_exact[i] = any != 0;
       if (!any) continue;
       for (int64_t j = 0; j < cols; ++j) {
-        if (!ei[j]) continue;
+        if (ei[j] == T(0)) continue;
         T a2, b2, dot;
         sphere_pair_exact(x + i * d, c + j * d, d, &a2, &b2, &dot);
         ai[j] = std::sqrt(a2);
@@ -147,18 +204,13 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
         const T w = weight[i];
         const T* ai = a + i * ct;
         const T* bi = b + i * ct;
-        const uint8_t* ei = exact + i * ct;
+        const T* ei = exact + i * ct;
         T* coef_i = coef + i * ct;
-        T row_alpha = 0;
-        for (int64_t j = 0; j < cols; ++j) {
-          T alpha, beta;
-          sphere_gram_coefficients(m, ai[j], bi[j], &alpha, &beta);
-          const bool keep = !ei[j];
-          coef_i[j] = keep ? w * beta : T(0);
-          row_alpha += keep ? alpha : T(0);
-        }
+        int64_t j = 0;
+        T row_alpha = coefficient_lanes<simd::Widest<T>>(j, cols, m, w, ai, bi, ei, coef_i);
+        row_alpha += coefficient_lanes<simd::Scalar<T>>(j, cols, m, w, ai, bi, ei, coef_i);
         if (own_here) {
-          if (!ei[own]) {
+          if (ei[own] == T(0)) {
             T alpha, beta;
             sphere_gram_coefficients(metric, ai[own], bi[own], &alpha, &beta);
             row_alpha -= alpha;
@@ -168,7 +220,7 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
         x_coef[i] += w * row_alpha;
         if (!row_has_exact[i]) continue;
         for (int64_t j = 0; j < ct; ++j)
-          if (ei[j] && j != own)
+          if (ei[j] != T(0) && j != own)
             sphere_grad_exact_accumulate(metric, x + i * d, c + j * d, d, ai[j], bi[j], w,
                                          grad_x + i * d);
       }
