@@ -389,4 +389,5 @@ def test_extension_lists_every_op_of_the_library():
     assert set(_extension.OPS) == {"intra_inter_sums", "intra_inter_sums_backward",
                                    "affinity_hinge", "affinity_hinge_backward",
                                    "affinity_hinge_sum_with_grad", "class_shifted_sums",
-                                   "weighted_pair_sums_with_grad"}
+                                   "weighted_pair_sums_with_grad", "n_centroids_rows",
+                                   "n_centroids_rows_backward", "n_centroids_sum_with_grad"}

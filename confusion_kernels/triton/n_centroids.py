@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._metrics import GRAM_EXACT_FRACTION
 from ..reference import n_centroids as _reference
 from .affinity import _dot_nn, _dot_nt
 from .intra_inter_sums import _tl_dtype
@@ -33,7 +34,7 @@ CHORD = tl.constexpr(0)
 COSINE = tl.constexpr(1)
 GREAT_CIRCLE = tl.constexpr(2)
 METRIC_CODES = {"euclidean": 0, "cosine": 1, "great_circle": 2}
-EXACT_FRACTION = 1.0 / 16.0  # sphere_math.h: kGramExactFraction
+EXACT_FRACTION = tl.constexpr(GRAM_EXACT_FRACTION)  # pair_math.h: kGramExactFraction
 
 
 @triton.jit
@@ -107,6 +108,21 @@ def _gram(X, C, rows, rmask, cols, cmask, D, ACC: tl.constexpr, USE_DOT: tl.cons
 
 
 @triton.jit
+def _centroid_block(X, C, CN, rows, rmask, lab, xn, k0, K, D, METRIC: tl.constexpr,
+                    ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows against centroids k0 .. k0 + BLOCK_K: (cols, cmask, neg, d, alpha, beta, near),
+    neg marking the pairs that are negatives (valid row and centroid, not the own class)."""
+    cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    cmask = cols < K
+    g = _gram(X, C, rows, rmask, cols, cmask, D, ACC, USE_DOT, PREC, BLOCK_M, BLOCK_K, BLOCK_D)
+    cn = tl.load(CN + cols, mask=cmask, other=0.0)
+    d, alpha, beta, near = _pair_terms(g, xn, cn, METRIC)
+    neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+    return cols, cmask, neg, d, alpha, beta, near
+
+
+@triton.jit
 def _forward_kernel(X, C, XN, CN, LAB, BEST_K, SUM, NEAR, N, K, D,
                     METRIC: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -120,12 +136,9 @@ def _forward_kernel(X, C, XN, CN, LAB, BEST_K, SUM, NEAR, N, K, D,
     total = tl.zeros((BLOCK_M,), dtype=ACC)
     near_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        cmask = cols < K
-        g = _gram(X, C, rows, rmask, cols, cmask, D, ACC, USE_DOT, PREC, BLOCK_M, BLOCK_K, BLOCK_D)
-        cn = tl.load(CN + cols, mask=cmask, other=0.0)
-        d, alpha, beta, near = _pair_terms(g, xn, cn, METRIC)
-        neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+        cols, cmask, neg, d, alpha, beta, near = _centroid_block(
+            X, C, CN, rows, rmask, lab, xn, k0, K, D, METRIC, ACC, USE_DOT, PREC, BLOCK_M,
+            BLOCK_K, BLOCK_D)
         total += tl.sum(tl.where(neg, d, 0.0), axis=1)
         near_count += tl.sum(tl.where(neg & near, 1, 0), axis=1)
         masked = tl.where(neg, d, float("inf"))
@@ -155,12 +168,9 @@ def _backward_kernel(X, C, XN, CN, LAB, W, GRAD_X, NEAR, N, K, D,
     x_coef = tl.zeros((BLOCK_M,), dtype=ACC)
     near_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        cmask = cols < K
-        g = _gram(X, C, rows, rmask, cols, cmask, D, ACC, USE_DOT, PREC, BLOCK_M, BLOCK_K, BLOCK_D)
-        cn = tl.load(CN + cols, mask=cmask, other=0.0)
-        d, alpha, beta, near = _pair_terms(g, xn, cn, METRIC)
-        neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+        cols, cmask, neg, d, alpha, beta, near = _centroid_block(
+            X, C, CN, rows, rmask, lab, xn, k0, K, D, METRIC, ACC, USE_DOT, PREC, BLOCK_M,
+            BLOCK_K, BLOCK_D)
         near_count += tl.sum(tl.where(neg & near, 1, 0), axis=1)
         x_coef += tl.sum(tl.where(neg, alpha, 0.0), axis=1)
         coef = tl.where(neg, beta, 0.0) * w[:, None]

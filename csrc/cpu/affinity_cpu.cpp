@@ -26,11 +26,6 @@
 namespace confusion_kernels {
 namespace {
 
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 // Affinities of one (row tile x class tile) block from its Gram tile g
 // [rt, ct m]: per row and class the min over the m prototypes
 // (affinity_sq_distance, class_min), the first arg-min, and the similarity

@@ -25,11 +25,6 @@ namespace {
 namespace nc = n_centroids;
 
 template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 void direct_rows(const nc::Inputs& in, const int64_t* index, const T* weight, T* dist, T* grad_x) {
   const int64_t n = in.x.size(0), d = in.x.size(1);
   const T* x = in.x.data_ptr<T>();
@@ -41,14 +36,9 @@ void direct_rows(const nc::Inputs& in, const int64_t* index, const T* weight, T*
         dist[i] = T(0);
         continue;
       }
-      const T* xi = x + i * d;
-      const T* ck = c + index[i] * d;
-      T a2, b2, dot;
-      sphere_pair_exact(xi, ck, d, &a2, &b2, &dot);
-      const T a = std::sqrt(a2), b = std::sqrt(b2);
-      dist[i] = sphere_distance(metric, a, b, dot);
-      if (grad_x != nullptr) sphere_grad_exact_accumulate(metric, xi, ck, d, a, b, weight[i],
-                                                          grad_x + i * d);
+      dist[i] = sphere_pair_direct(metric, x + i * d, c + index[i] * d, d,
+                                   weight != nullptr ? weight[i] : T(0),
+                                   grad_x != nullptr ? grad_x + i * d : nullptr);
     }
   });
 }

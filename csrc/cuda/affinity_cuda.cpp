@@ -14,11 +14,6 @@
 namespace confusion_kernels {
 namespace {
 
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaTiles {

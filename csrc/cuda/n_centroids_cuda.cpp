@@ -18,11 +18,6 @@ namespace {
 
 namespace nc = n_centroids;
 
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaTiles {

@@ -31,14 +31,9 @@ __global__ void __launch_bounds__(kSphereThreads)
     dist[i] = T(0);
     return;
   }
-  const T* xi = x + i * d;
-  const T* ck = c + index[i] * d;
-  T a2, b2, dot;
-  sphere_pair_exact(xi, ck, d, &a2, &b2, &dot);
-  const T a = ck_sqrt(a2), b = ck_sqrt(b2);
-  dist[i] = sphere_distance(metric, a, b, dot);
-  if (grad_x != nullptr) sphere_grad_exact_accumulate(metric, xi, ck, d, a, b, weight[i],
-                                                      grad_x + i * d);
+  dist[i] = sphere_pair_direct(metric, x + i * d, c + index[i] * d, d,
+                               weight != nullptr ? weight[i] : T(0),
+                               grad_x != nullptr ? grad_x + i * d : nullptr);
 }
 
 // One thread per pair of a Gram tile g [rt, ct] (rows r0.., centroids c0..):

@@ -12,6 +12,12 @@
 
 namespace confusion_kernels {
 
+// The data of an optional tensor an epilogue receives (nullptr when undefined).
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // epilogue(r0, rt, p0, pt, g) for every block, g = f[r0:r0+rt] w[p0:p0+pt]^T.
 template <class Epilogue>
 void for_each_gram_tile(const at::Tensor& f, const at::Tensor& w, int64_t row_tile,

@@ -105,6 +105,18 @@ CK_HOST_DEVICE void sphere_grad_exact_accumulate(int64_t metric, const T* x, con
   for (int64_t k = 0; k < d; ++k) grad[k] += p * (x[k] - c[k]) + q * (x[k] + c[k]);
 }
 
+// d(x, c) of one pair from differences and, with grad given, grad += weight dd/dx
+// (the own centroid and the hardest negative of a row).
+template <typename T>
+CK_HOST_DEVICE T sphere_pair_direct(int64_t metric, const T* x, const T* c, int64_t d, T weight,
+                                    T* grad) {
+  T a2, b2, dot;
+  sphere_pair_exact(x, c, d, &a2, &b2, &dot);
+  const T a = ck_sqrt(a2), b = ck_sqrt(b2);
+  if (grad != nullptr) sphere_grad_exact_accumulate(metric, x, c, d, a, b, weight, grad);
+  return sphere_distance(metric, a, b, dot);
+}
+
 // Running hardest negative over columns visited in increasing order: keeps the
 // first minimum (as torch.min does on the CPU).
 template <typename T>
