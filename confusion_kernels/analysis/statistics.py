@@ -56,8 +56,9 @@ class ClassStatistics:
 
     update(features [B, K], labels [B]) adds a batch (any device; one pass over
     the features: a fused Triton kernel on CUDA, a C++ kernel on CPU); merge(other) adds another
-    ClassStatistics; counts [C], mean [C, K], var [C, K] (unbiased; NaN where
-    a class has fewer than 2 samples) read the result.
+    ClassStatistics; all_reduce(group) merges those of every torch.distributed rank; counts [C],
+    mean [C, K], var [C, K] (unbiased; NaN where a class has fewer than 2 samples) read the
+    result.
     """
 
     def __init__(self, num_classes: int, num_features: int, device: torch.device | str = "cpu"):
@@ -139,6 +140,23 @@ class ClassStatistics:
         if (other.num_classes, other.num_features) != (self.num_classes, self.num_features):
             raise ValueError("cannot merge statistics of different shapes")
         self._merge(other.counts.to(self.device), other.mean.to(self.device), other.m2.to(self.device))
+        return self
+
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> "ClassStatistics":
+        """Merges the statistics of every rank of ``group`` (torch.distributed; None: the
+        default group) in place: afterwards every rank holds the same statistics, those of all
+        the ranks' data together. Each rank gathers every rank's (count, mean, M2) and merges
+        them in rank order with Chan's update, so the ranks agree bit for bit."""
+        from .._distributed import all_gather_same_shape, require_process_group
+
+        require_process_group("ClassStatistics.all_reduce")
+        parts = [all_gather_same_shape(t, group) for t in (self.counts, self.mean, self.m2)]
+        self.counts = torch.zeros_like(self.counts)
+        self.mean = torch.zeros_like(self.mean)
+        self.m2 = torch.zeros_like(self.m2)
+        for counts, mean, m2 in zip(*parts):
+            self._merge(counts, mean, m2)
         return self
 
     def rest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

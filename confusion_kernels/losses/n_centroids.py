@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .._backend import select_backend
+from .._distributed import all_reduce_sum, require_process_group
 from .._validation import (
     accumulation_dtype,
     check_embeddings,
@@ -36,7 +37,8 @@ from ..ops.n_centroids_rows import n_centroids_sum
 from ..reference import n_centroids as _reference
 from .confidence import gaussian_nll, vmf_nll
 
-__all__ = ["Confidence", "NCentroidsLoss", "n_centroids_loss", "ema_class_update"]
+__all__ = ["Confidence", "NCentroidsLoss", "n_centroids_loss", "ema_class_update", "class_sums",
+           "ema_from_sums"]
 
 
 class Confidence(NamedTuple):
@@ -127,20 +129,35 @@ def _reference_in_row_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: t
 
 
 @torch.no_grad()
+def class_sums(centroids: torch.Tensor, z: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of the normalised rows [K, D] (centroids' dtype) and counts [K] (int64),
+    in one pass (index_add_)."""
+    x = _reference.normalize(z.detach().to(centroids.dtype))
+    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+    counts = torch.zeros(centroids.shape[0], dtype=torch.long, device=z.device).index_add_(
+        0, labels, torch.ones_like(labels))
+    return sums, counts
+
+
+@torch.no_grad()
+def ema_from_sums(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+                  alpha: float) -> torch.Tensor:
+    """c_k <- normalize(alpha normalize(sums_k / counts_k) + (1 - alpha) c_k) where
+    counts_k > 0; the other centroids unchanged."""
+    present = (counts > 0)[:, None]
+    means = _reference.normalize(sums / counts.clamp_min(1)[:, None].to(centroids.dtype))
+    mixed = _reference.normalize(alpha * means + (1.0 - alpha) * centroids)
+    return torch.where(present, mixed, centroids)
+
+
+@torch.no_grad()
 def ema_class_update(centroids: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
                      alpha: float) -> torch.Tensor:
     """The centroids after one EMA step, for all classes at once: per-class sums of the
     normalised rows in one pass (index_add_), then
     c_k <- normalize(alpha normalize(mean_k) + (1 - alpha) c_k) where class k is present."""
-    x = _reference.normalize(z.detach().to(centroids.dtype))
-    k = centroids.shape[0]
-    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-    counts = torch.zeros(k, dtype=torch.long, device=z.device).index_add_(
-        0, labels, torch.ones_like(labels))
-    present = (counts > 0)[:, None]
-    means = _reference.normalize(sums / counts.clamp_min(1)[:, None].to(centroids.dtype))
-    mixed = _reference.normalize(alpha * means + (1.0 - alpha) * centroids)
-    return torch.where(present, mixed, centroids)
+    return ema_from_sums(centroids, *class_sums(centroids, z, labels), alpha)
 
 
 class NCentroidsLoss(nn.Module):
@@ -157,6 +174,11 @@ class NCentroidsLoss(nn.Module):
         alpha0, decay: EMA rate alpha_t = alpha0 * decay^(t / 1000).
         use_negatives: include the hardest and the mean negative terms.
         seed: seed of the random unit initial centroids.
+        global_batch: under torch.distributed, the EMA step uses the per-class sums and counts
+            of every rank's batch (one all-reduce of [K, D] + [K]), so every rank keeps the
+            same centroids: those of one process that sees the concatenated global batch.
+            The loss itself stays this rank's mean (its rows do not interact across ranks).
+        group: the process group for global_batch (None: the default group).
         backend: as for every op ("auto": cuda > triton > cpu > reference for the device).
     """
 
@@ -165,7 +187,8 @@ class NCentroidsLoss(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, metric: str = "great_circle",
                  alpha0: float = 0.25, decay: float = 0.65, *, use_negatives: bool = True,
-                 seed: int = 0, backend: str = "auto") -> None:
+                 seed: int = 0, backend: str = "auto", global_batch: bool = False,
+                 group=None) -> None:
         super().__init__()
         if num_classes < 1 or embedding_dim < 1:
             raise ValueError("num_classes and embedding_dim must be >= 1")
@@ -176,6 +199,7 @@ class NCentroidsLoss(nn.Module):
             raise ValueError("alpha0 and decay must lie in (0, 1]")
         self.metric, self.alpha0, self.decay = metric, float(alpha0), float(decay)
         self.use_negatives, self.backend = use_negatives, backend
+        self.global_batch, self.group = bool(global_batch), group
         g = torch.Generator().manual_seed(seed)
         init = _reference.normalize(torch.randn(num_classes, embedding_dim, generator=g))
         self.register_buffer("centroids", init)
@@ -190,8 +214,12 @@ class NCentroidsLoss(nn.Module):
         loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
                                 use_negatives=self.use_negatives, backend=self.backend)
         if self.training:
-            self.centroids.copy_(ema_class_update(self.centroids, z, labels.to(torch.int64),
-                                                  self.alpha))
+            sums, counts = class_sums(self.centroids, z, labels.to(torch.int64))
+            if self.global_batch:
+                require_process_group("NCentroidsLoss(global_batch=True)")
+                sums = all_reduce_sum(sums, self.group)
+                counts = all_reduce_sum(counts, self.group)
+            self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, self.alpha))
             self.step += 1
         return loss
 
@@ -236,4 +264,5 @@ class NCentroidsLoss(nn.Module):
     def extra_repr(self) -> str:
         k, d = self.centroids.shape
         return (f"num_classes={k}, embedding_dim={d}, metric={self.metric!r}, "
-                f"alpha0={self.alpha0}, decay={self.decay}, use_negatives={self.use_negatives}")
+                f"alpha0={self.alpha0}, decay={self.decay}, use_negatives={self.use_negatives}, "
+                f"global_batch={self.global_batch}")
