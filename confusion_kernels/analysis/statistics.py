@@ -21,6 +21,13 @@ from .. import _extension
 from .._validation import check_labels
 
 
+if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
+    @torch.library.register_fake("confusion_kernels::class_shifted_sums")
+    def _fake_class_shifted_sums(features, labels, shift, num_classes):
+        """Shapes of (count [C], s1 [C, K], s2 [C, K]), all float64 (no autograd: statistics)."""
+        return (shift.new_empty(num_classes), torch.empty_like(shift), torch.empty_like(shift))
+
+
 def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,
                 num_classes: int, backend: str):
     """(count [C], sum(x - shift_y) [C, K], sum((x - shift_y)^2) [C, K]) in float64."""
