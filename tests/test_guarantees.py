@@ -256,6 +256,37 @@ def test_compile_fullgraph_with_default_arguments(backend):
             compiled(bad, w)
 
 
+@pytest.mark.parametrize("loss_name", ["ASLoss", "AffinityLoss", "NCentroidsLoss"])
+def test_training_step_compiles_fullgraph_with_inductor(loss_name):
+    """Two training steps of each loss module under torch.compile(fullgraph=True) with the
+    default (Inductor) backend and default arguments (check_finite=True) equal eager: loss,
+    input gradient, parameter gradients and buffers (the N-Centroids EMA centroids, step)."""
+    import copy
+
+    require_backend("cpu", "n_centroids_rows")
+    torch.manual_seed(0)
+    make = {"ASLoss": lambda: ck.ASLoss(),
+            "AffinityLoss": lambda: ck.AffinityLoss(4, 6, num_centers=2, sigma=2.0),
+            "NCentroidsLoss": lambda: ck.NCentroidsLoss(4, 6)}[loss_name]
+    eager_mod = make()
+    compiled_mod = copy.deepcopy(eager_mod)
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        z = torch.randn(20, 6, generator=g)
+        labels = torch.randint(0, 4, (20,), generator=g)
+        za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        want, got = eager_mod(za, labels), compiled(zb, labels)
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(zb.grad, za.grad)
+        for (name, a), b in zip(eager_mod.named_parameters(), compiled_mod.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+        for (name, a), b in zip(eager_mod.named_buffers(), compiled_mod.buffers()):
+            torch.testing.assert_close(b, a, msg=name)
+
+
 def test_compiled_nan_check_on_cuda_is_a_device_assert():
     """On CUDA the compiled NaN scan is a device-side assert: it ends the process's CUDA
     context (as every torch device assert does), so it runs in a child process, which

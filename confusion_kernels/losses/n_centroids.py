@@ -142,7 +142,7 @@ def class_sums(centroids: torch.Tensor, z: torch.Tensor,
 
 @torch.no_grad()
 def ema_from_sums(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
-                  alpha: float) -> torch.Tensor:
+                  alpha: float | torch.Tensor) -> torch.Tensor:
     """c_k <- normalize(alpha normalize(sums_k / counts_k) + (1 - alpha) c_k) where
     counts_k > 0; the other centroids unchanged."""
     present = (counts > 0)[:, None]
@@ -219,7 +219,10 @@ class NCentroidsLoss(nn.Module):
                 require_process_group("NCentroidsLoss(global_batch=True)")
                 sums = all_reduce_sum(sums, self.group)
                 counts = all_reduce_sum(counts, self.group)
-            self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, self.alpha))
+            # alpha_t as a tensor op on the step buffer: no host sync, so a compiled
+            # training step (fullgraph=True) has no graph break here
+            alpha = self.alpha0 * self.decay ** (self.step.to(self.centroids.dtype) / 1000.0)
+            self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, alpha))
             self.step += 1
         return loss
 
