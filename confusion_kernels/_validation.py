@@ -3,9 +3,30 @@ before any kernel runs."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def autocast_off(fn):
+    """Runs ``fn(x, ...)`` with torch.autocast off for x's device type.
+
+    The autocast policy of every loss: inputs keep the dtype they arrive in (16-bit
+    embeddings from an autocast region stay 16-bit) and the dtype policy decides the compute
+    dtype (16-bit computed in fp32, fp32 in fp32, fp64 in fp64; parameters such as
+    prototypes join that dtype). Without this, autocast would run the reference's matrix
+    products in bf16 / fp16 while the kernels compute in fp32, and the backends would differ.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 def require(condition: torch.Tensor, message: str) -> None:

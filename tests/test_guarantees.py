@@ -422,3 +422,64 @@ def test_extension_lists_every_op_of_the_library():
                                    "affinity_hinge_sum_with_grad", "class_shifted_sums",
                                    "weighted_pair_sums_with_grad", "n_centroids_rows",
                                    "n_centroids_rows_backward", "n_centroids_sum_with_grad"}
+
+
+# --- torch.autocast: one policy on every backend ------------------------------------------
+AUTOCAST = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("loss_name", ["as_loss", "affinity_loss", "n_centroids_loss",
+                                       "intra_inter_sums"])
+def test_autocast_policy_is_the_same_on_every_backend(backend, loss_name):
+    """Under torch.autocast (bf16 on CPU, fp16 on CUDA) a loss takes the 16-bit embeddings an
+    autocast region produces, keeps its fp32 parameters (prototypes, centroids) in fp32,
+    computes in fp32 and returns fp32: the value and gradient are bit for bit those of the
+    same call without autocast, and equal the float64 reference on the same 16-bit values."""
+    device = (torch.device("cpu") if backend == "reference"
+              else require_backend(backend, "n_centroids_rows"))
+    half = AUTOCAST[device.type]
+    g = torch.Generator().manual_seed(21)
+    z = (torch.randn(40, 8, generator=g) + 0.5).to(device=device, dtype=half)
+    labels = torch.randint(0, 4, (40,), generator=g).to(device)
+    w = (0.5 * torch.randn(4, 2, 8, generator=g)).to(device)
+    c = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1).to(device)
+    fns = {
+        "as_loss": lambda a, be: ck.as_loss(a, labels, backend=be),
+        "affinity_loss": lambda a, be: ck.affinity_loss(a, labels, w.to(a.dtype) if
+                                                        a.dtype == torch.float64 else w,
+                                                        sigma=3.0, backend=be),
+        "n_centroids_loss": lambda a, be: ck.n_centroids_loss(
+            a, labels, c.to(a.dtype) if a.dtype == torch.float64 else c, backend=be),
+        "intra_inter_sums": lambda a, be: ck.intra_inter_sums(a, labels, "euclidean",
+                                                              backend=be)[0].sum(),
+    }
+    fn = fns[loss_name]
+    z64 = z.double().requires_grad_(True)
+    want = fn(z64, "reference")
+    want.backward()
+    zh = z.clone().requires_grad_(True)
+    with torch.autocast(device.type, dtype=half):
+        got = fn(zh, backend)
+    got.backward()
+    assert got.dtype == torch.float32
+    assert zh.grad.dtype == half
+    zo = z.clone().requires_grad_(True)
+    outside = fn(zo, backend)  # the same call without autocast: bit for bit the same
+    outside.backward()
+    torch.testing.assert_close(got, outside, rtol=0, atol=0)
+    torch.testing.assert_close(zh.grad, zo.grad, rtol=0, atol=0)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(zh.grad.double(), z64.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_cpp_ops_ignore_an_enclosing_autocast():
+    """A direct torch.ops call inside an autocast region computes as outside it (the op's
+    own matrix products are not re-cast to bf16)."""
+    require_backend("cpu", "affinity_hinge")
+    f, labels = _batch(n=11, d=5, seed=4, dtype=torch.float32)
+    w = _prototypes(c=4, m=2, d=5, dtype=torch.float32)
+    want = torch.ops.confusion_kernels.affinity_hinge(f, w, labels, 3.0, 0.5, "gaussian")[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.confusion_kernels.affinity_hinge(f, w, labels, 3.0, 0.5, "gaussian")[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

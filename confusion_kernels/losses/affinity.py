@@ -15,6 +15,7 @@ from torch import nn
 
 from .._backend import select_backend
 from .._validation import (
+    autocast_off,
     accumulation_dtype,
     check_all_finite,
     check_embeddings,
@@ -130,6 +131,7 @@ def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> 
     return diversity_pairwise(prototypes)
 
 
+@autocast_off
 def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 10.0,
                    similarity: str = "gaussian", chunk_rows: int = 4096) -> torch.Tensor:
     """d [N, C] in (0, 1]: the affinity of each row to its closest prototype of
@@ -147,6 +149,7 @@ def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 
     return torch.cat(parts)
 
 
+@autocast_off
 def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
                   sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
                   similarity: str = "gaussian", backend: str = "auto",

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._backend import select_backend
 from .._metrics import resolve_metric
-from .._validation import check_embeddings, check_labels, output_dtype
+from .._validation import autocast_off, check_embeddings, check_labels, output_dtype
 from ..ops.intra_inter_sums import intra_inter_sums
 from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
@@ -65,6 +65,7 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
     return weights[0], weights[1]
 
 
+@autocast_off
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
                   constraint: float = 10.0, include_self: bool = False,
                   reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",

@@ -27,6 +27,7 @@ from torch import nn
 from .._backend import select_backend
 from .._distributed import all_reduce_sum, require_process_group
 from .._validation import (
+    autocast_off,
     accumulation_dtype,
     check_embeddings,
     check_label_range,
@@ -81,6 +82,7 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     return labels
 
 
+@autocast_off
 def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
                      metric: str = "great_circle", use_negatives: bool = True,
                      backend: str = "auto") -> torch.Tensor:

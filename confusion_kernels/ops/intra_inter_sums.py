@@ -17,7 +17,7 @@ from .. import _extension
 from .. import reference as _reference
 from .._backend import select_backend
 from .._metrics import GRAM_METRICS, METRIC_CODES, resolve_metric
-from .._validation import check_embeddings, check_labels
+from .._validation import autocast_off, check_embeddings, check_labels
 from ._op_checks import check_row_sums
 from ._registration import (
     fake_row_sums,
@@ -91,6 +91,7 @@ def rescale_cosine_rows(x: torch.Tensor) -> torch.Tensor:
     return x * scale
 
 
+@autocast_off
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
                      dim_mean: bool = False, backend: str = "auto",
                      check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

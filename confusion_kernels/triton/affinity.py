@@ -261,8 +261,11 @@ def _config(f: torch.Tensor, m: int) -> dict:
 def _prepare(f, prototypes):
     acc = accumulation_dtype(f.dtype)
     c, m, d = prototypes.shape
-    # tl.dot operands: fp16 / bf16 stay so (tensor cores), else the accumulation dtype
-    op_dtype = f.dtype if f.dtype in (torch.float16, torch.bfloat16) else acc
+    # tl.dot operands: fp16 / bf16 stay so (tensor cores) when f and the prototypes share that
+    # dtype; otherwise both in the accumulation dtype, as the C++ kernels do (fp32 prototypes
+    # are never rounded to f's 16-bit dtype)
+    half = f.dtype in (torch.float16, torch.bfloat16) and prototypes.dtype == f.dtype
+    op_dtype = f.dtype if half else acc
     fo = f.to(op_dtype).contiguous()
     wo = prototypes.to(op_dtype).reshape(c * m, d).contiguous()
     fn = fo.to(acc).square().sum(1).contiguous()

@@ -123,6 +123,7 @@ void true_class_affinity(const AffinityInputs& in, const at::Tensor& f_norms,
 struct CpuTiles {
   static constexpr c10::DeviceType kDevice = c10::kCPU;
   struct Guard {
+    NoAutocast no_autocast;
     explicit Guard(c10::Device) {}
   };
   static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,

@@ -43,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_shifted_sums_cpu(const at::
                                                                       const at::Tensor& labels,
                                                                       const at::Tensor& shift,
                                                                       int64_t num_classes) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(features.dim() == 2 && at::isFloatingType(features.scalar_type()),
               "class_shifted_sums: features must be a floating [B, K] tensor");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) &&

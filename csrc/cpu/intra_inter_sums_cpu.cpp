@@ -154,6 +154,7 @@ void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, con
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         const at::Tensor& labels,
                                                         c10::string_view metric_name) {
+  const NoAutocast no_autocast;
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
   const int64_t metric = in.metric;
   if (uses_gram_pass(metric, in.x.size(1))) return pair_row_sums(in.x, in.labels, metric);
@@ -169,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
 at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                          const at::Tensor& x, const at::Tensor& labels,
                                          c10::string_view metric_name) {
+  const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCPU);
   const int64_t metric = in.metric;

@@ -224,6 +224,7 @@ struct CpuTiles {
   static constexpr int64_t kRowTile = 256;
   static constexpr int64_t kCentroidTile = 512;
   struct Guard {
+    NoAutocast no_autocast;
     explicit Guard(c10::Device) {}
   };
   static void direct(const nc::Inputs& in, const at::Tensor& index, const at::Tensor& weight,

@@ -422,6 +422,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
     const at::Tensor& w_out, c10::string_view metric_name) {
+  const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
   const PairSums r = pair_sums_with_grad(in.x, in.labels, w_in, w_out, in.metric);

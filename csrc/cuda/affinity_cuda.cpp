@@ -18,7 +18,11 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 struct CudaTiles {
   static constexpr c10::DeviceType kDevice = c10::kCUDA;
-  using Guard = c10::cuda::CUDAGuard;
+  struct Guard {
+    c10::cuda::CUDAGuard device;
+    NoAutocast no_autocast;
+    explicit Guard(c10::Device d) : device(d) {}
+  };
   static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,
                          const at::Tensor& w_norms, double sigma, int64_t kind,
                          at::Tensor& d_true, at::Tensor& true_arg) {

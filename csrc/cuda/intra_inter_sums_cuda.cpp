@@ -139,6 +139,7 @@ GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
                                                          c10::string_view metric_name) {
+  const NoAutocast no_autocast;
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCUDA);
   const int64_t metric = in.metric;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -172,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
 at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                           const at::Tensor& x, const at::Tensor& labels,
                                           c10::string_view metric_name) {
+  const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCUDA);
   const int64_t metric = in.metric;

@@ -24,7 +24,11 @@ struct CudaTiles {
   static constexpr c10::DeviceType kDevice = c10::kCUDA;
   static constexpr int64_t kRowTile = 4096;
   static constexpr int64_t kCentroidTile = 1024;
-  using Guard = c10::cuda::CUDAGuard;
+  struct Guard {
+    c10::cuda::CUDAGuard device;
+    NoAutocast no_autocast;
+    explicit Guard(c10::Device d) : device(d) {}
+  };
 
   static void direct(const nc::Inputs& in, const at::Tensor& index, const at::Tensor& weight,
                      at::Tensor& dist, const at::Tensor& grad_x) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <string>
 #include <type_traits>
@@ -12,6 +13,14 @@
 #include "confusion_kernels/pair_math.h"
 
 namespace confusion_kernels {
+
+// Every op holds one of these while it runs. The kernels call ATen (matrix
+// products, reductions) on tensors already in their compute dtype; under
+// torch.autocast those calls would be re-cast (an fp32 Gram tile computed in
+// bf16, then handed to an fp32 epilogue), so the autocast keys are excluded.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // float64 accumulates in float64, everything else (fp16, bf16, fp32) in fp32.
 inline at::ScalarType accumulation_type(at::ScalarType t) {
