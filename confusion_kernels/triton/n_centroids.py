@@ -214,12 +214,17 @@ def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
     k = centroids.shape[0]
     cfg = _config(x)
     xn, cn = _norms(x, centroids)
-    best_k = torch.empty(n, dtype=torch.int64, device=x.device)
-    sums = torch.empty(n, dtype=x.dtype, device=x.device)
-    near = torch.empty(n, dtype=torch.int32, device=x.device)
-    _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+    blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    # per-row outputs padded to whole row blocks: Triton 3.2's interpreter corrupts the heap
+    # on masked-off integer stores past the end of a buffer
+    padded = blocks * cfg["BLOCK_M"]
+    best_k = torch.empty(padded, dtype=torch.int64, device=x.device)
+    sums = torch.empty(padded, dtype=x.dtype, device=x.device)
+    near = torch.empty(padded, dtype=torch.int32, device=x.device)
+    _forward_kernel[(blocks,)](
         x, centroids, xn, cn, labels, best_k, sums, near, n, k, dim,
         METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **cfg)
+    best_k, sums, near = best_k[:n], sums[:n], near[:n]
     redo = near.nonzero()[:, 0]
     if redo.numel():
         d, is_own = _dense_rows(x[redo], centroids, labels[redo], metric)
@@ -236,11 +241,13 @@ def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.T
     cfg = _config(x)
     xn, cn = _norms(x, centroids)
     grad = torch.empty_like(x)
-    near = torch.empty(n, dtype=torch.int32, device=x.device)
+    blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    near = torch.empty(blocks * cfg["BLOCK_M"], dtype=torch.int32, device=x.device)  # padded
     block_do = 32
-    _backward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(dim, block_do))](
+    _backward_kernel[(blocks, triton.cdiv(dim, block_do))](
         x, centroids, xn, cn, labels, weight.contiguous(), grad, near, n, k, dim,
         METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), BLOCK_DO=block_do, **cfg)
+    near = near[:n]
     redo = near.nonzero()[:, 0]
     if redo.numel():
         from ..ops.n_centroids_rows import direct_gradients
