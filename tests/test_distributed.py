@@ -7,6 +7,7 @@ the ranks must agree with each other exactly.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -44,8 +45,9 @@ def run_steps(z: torch.Tensor, labels: torch.Tensor, criterion: ck.NCentroidsLos
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    # a hang (a rank waiting on another forever) becomes an error after 60 s
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         z, labels = global_batch()
         lo, hi = SLICES[world][rank]
@@ -54,6 +56,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         stats.all_reduce()
         torch.save({"centroids": centroids, "counts": stats.counts, "mean": stats.mean,
                     "m2": stats.m2}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: torch 2.6's gloo teardown can hang a rank left alone
     finally:
         dist.destroy_process_group()
 
