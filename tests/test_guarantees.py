@@ -264,6 +264,12 @@ def test_training_step_compiles_fullgraph_with_inductor(loss_name):
     import copy
 
     require_backend("cpu", "n_centroids_rows")
+    from confusion_kernels.losses import n_centroids
+
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if loss_name == "NCentroidsLoss" and version < n_centroids._COMPILED_EMA_MIN_TORCH:
+        pytest.skip(f"torch {torch.__version__}: the EMA step stays eager before torch 2.15 "
+                    "(2.6's Inductor reordered its buffer write), so fullgraph=True raises")
     torch.manual_seed(0)
     make = {"ASLoss": lambda: ck.ASLoss(),
             "AffinityLoss": lambda: ck.AffinityLoss(4, 6, num_centers=2, sigma=2.0),

@@ -216,17 +216,21 @@ class NCentroidsLoss(nn.Module):
         loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
                                 use_negatives=self.use_negatives, backend=self.backend)
         if self.training:
-            sums, counts = class_sums(self.centroids, z, labels.to(torch.int64))
-            if self.global_batch:
-                require_process_group("NCentroidsLoss(global_batch=True)")
-                sums = all_reduce_sum(sums, self.group)
-                counts = all_reduce_sum(counts, self.group)
-            # alpha_t as a tensor op on the step buffer: no host sync, so a compiled
-            # training step (fullgraph=True) has no graph break here
-            alpha = self.alpha0 * self.decay ** (self.step.to(self.centroids.dtype) / 1000.0)
-            self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, alpha))
-            self.step += 1
+            self._ema_step(z, labels)
         return loss
+
+    def _ema_step(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        """Moves the centroids of the classes in the batch and increments ``step``."""
+        sums, counts = class_sums(self.centroids, z, labels.to(torch.int64))
+        if self.global_batch:
+            require_process_group("NCentroidsLoss(global_batch=True)")
+            sums = all_reduce_sum(sums, self.group)
+            counts = all_reduce_sum(counts, self.group)
+        # alpha_t as a tensor op on the step buffer: no host sync, so a compiled
+        # training step (fullgraph=True) has no graph break here
+        alpha = self.alpha0 * self.decay ** (self.step.to(self.centroids.dtype) / 1000.0)
+        self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, alpha))
+        self.step += 1
 
     def _unit_rows_and_distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x = z / |z| and d(c_k, x_i) [N, K], in z's accumulation dtype."""
@@ -271,3 +275,12 @@ class NCentroidsLoss(nn.Module):
         return (f"num_classes={k}, embedding_dim={d}, metric={self.metric!r}, "
                 f"alpha0={self.alpha0}, decay={self.decay}, use_negatives={self.use_negatives}, "
                 f"global_batch={self.global_batch}")
+
+
+# torch 2.6's Inductor, compiling a training step with gradients, ran the EMA's write of the
+# centroid buffer before the loss kernel read it (a silently wrong loss); torch 2.15 compiles
+# it correctly, and the versions in between are untested. Before 2.15 the EMA therefore stays
+# eager: a compiled step is still right (the EMA is a graph break), fullgraph=True raises.
+_COMPILED_EMA_MIN_TORCH = (2, 15)
+if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < _COMPILED_EMA_MIN_TORCH:
+    NCentroidsLoss._ema_step = torch.compiler.disable(NCentroidsLoss._ema_step)
