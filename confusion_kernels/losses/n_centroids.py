@@ -228,7 +228,7 @@ class NCentroidsLoss(nn.Module):
             counts = all_reduce_sum(counts, self.group)
         # alpha_t as a tensor op on the step buffer: no host sync, so a compiled
         # training step (fullgraph=True) has no graph break here
-        alpha = self.alpha0 * self.decay ** (self.step.to(self.centroids.dtype) / 1000.0)
+        alpha = _reference.ema_alpha(self.step.to(self.centroids.dtype), self.alpha0, self.decay)
         self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, alpha))
         self.step += 1
 

@@ -1,4 +1,5 @@
-"""Fake-tensor and autograd rules shared by the kernel-backed ops.
+"""Fake-tensor and autograd rules shared by the kernel-backed ops, and the NaN-policy mask
+their per-row results get.
 
 An op ``fwd(x, labels, metric_name) -> (S_in, S_out)`` with a backward op
 ``bwd(grad_in, grad_out, x, labels, metric) -> grad_x`` gets the same rules
@@ -54,3 +55,30 @@ def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
         return bwd(grad_in, grad_out, x, labels, ctx.metric), None, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def register_sum_with_grad_autograd(op_name: str, loss: str, num_inputs: int) -> None:
+    """Autograd of an op ``(inputs...) -> (total, grad_0, ..., grad_k)`` that returns
+    sum_i L_i together with its gradients for its first k + 1 inputs, computed in the forward
+    pass (one pass over the tiles, no recomputation): backward scales the saved gradients by
+    the scalar upstream gradient; the other ``num_inputs - k - 1`` inputs get None."""
+
+    def setup_context(ctx, inputs, output):
+        grads = output[1:]
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(*grads)
+
+    def backward(ctx, grad_total, *_grad_grads):
+        refuse_double_backward(loss)
+        grads = ctx.saved_tensors
+        return (*(grad_total * g for g in grads), *([None] * (num_inputs - len(grads))))
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def nonfinite_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[N]: 0 where row rows_i and the whole table (prototypes, centroids) are finite, NaN
+    elsewhere (no host sync). A kernel's min over the table would turn NaN into a plausible
+    number; adding this to its per-row result keeps the NaN policy: non-finite in, NaN out."""
+    ok = torch.isfinite(rows).all(1) & torch.isfinite(table).all()
+    return torch.where(ok, 0.0, float("nan")).to(_accumulation(rows.dtype))

@@ -17,7 +17,11 @@ from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
 from ..reference import affinity as _reference
 from ._op_checks import check_affinity
-from ._registration import refuse_double_backward
+from ._registration import (
+    nonfinite_rows,
+    refuse_double_backward,
+    register_sum_with_grad_autograd,
+)
 
 CPP_OP = "confusion_kernels::affinity_hinge"
 CPP_BACKWARD_OP = "confusion_kernels::affinity_hinge_backward"
@@ -63,23 +67,6 @@ def _fake_sum_with_grad(f, prototypes, labels, sigma, margin, similarity):
             torch.empty_like(prototypes, memory_format=torch.contiguous_format))
 
 
-def _register_sum_autograd(op_name: str) -> None:
-    """The op returns sum_i L_i and its gradients, computed in the forward pass;
-    backward scales them by the (scalar) upstream gradient."""
-
-    def setup_context(ctx, inputs, output):
-        _, grad_f, grad_w = output
-        ctx.save_for_backward(grad_f, grad_w)
-        ctx.mark_non_differentiable(grad_f, grad_w)
-
-    def backward(ctx, grad_total, _grad_f, _grad_w):
-        refuse_double_backward("affinity_loss")
-        grad_f, grad_w = ctx.saved_tensors
-        return grad_total * grad_f, grad_total * grad_w, None, None, None, None
-
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
-
-
 if _extension.HAS_C and (_extension.has_kernel("affinity_hinge", "CPU")
                          or _extension.has_kernel("affinity_hinge", "CUDA")):
     torch.library.register_fake(CPP_OP)(_fake_forward)
@@ -88,7 +75,7 @@ if _extension.HAS_C and (_extension.has_kernel("affinity_hinge", "CPU")
 if _extension.HAS_C and (_extension.has_kernel("affinity_hinge_sum_with_grad", "CPU")
                          or _extension.has_kernel("affinity_hinge_sum_with_grad", "CUDA")):
     torch.library.register_fake(CPP_SUM_OP)(_fake_sum_with_grad)
-    _register_sum_autograd(CPP_SUM_OP)
+    register_sum_with_grad_autograd(CPP_SUM_OP, "affinity_loss", num_inputs=6)
 
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())
@@ -117,14 +104,6 @@ _triton_backward.register_fake(_fake_backward)
 _register_autograd(TRITON_OP, _triton_backward)
 
 
-def _nonfinite_rows(f: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """[N]: 0 where row f_i and every prototype are finite, NaN elsewhere (no host
-    sync). The kernels' min over prototypes and hinge would turn NaN into a
-    plausible number; adding this keeps the NaN policy: non-finite in, NaN out."""
-    ok = torch.isfinite(f).all(1) & torch.isfinite(prototypes).all()
-    return torch.where(ok, 0.0, float("nan")).to(_accumulation(f.dtype))
-
-
 def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
                         sigma: float, margin: float, similarity: str, backend: str,
                         inputs_finite: bool = False) -> torch.Tensor:
@@ -140,7 +119,7 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
     else:
         rows = torch.ops.confusion_kernels.affinity_hinge(f, prototypes, labels, float(sigma),
                                                           float(margin), similarity)[0]
-    return rows if inputs_finite else rows + _nonfinite_rows(f, prototypes)
+    return rows if inputs_finite else rows + nonfinite_rows(f, prototypes)
 
 
 def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
@@ -154,7 +133,7 @@ def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.
     if key is not None and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", key):
         total = torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
             f, prototypes, labels, float(sigma), float(margin), similarity)[0]
-        return total if inputs_finite else total + _nonfinite_rows(f, prototypes).sum()
+        return total if inputs_finite else total + nonfinite_rows(f, prototypes).sum()
     return affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
                                similarity=similarity, backend=backend,
                                inputs_finite=inputs_finite).sum()

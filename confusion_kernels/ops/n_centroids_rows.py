@@ -19,7 +19,11 @@ import torch
 from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
 from ..reference import n_centroids as _reference
-from ._registration import refuse_double_backward
+from ._registration import (
+    nonfinite_rows,
+    refuse_double_backward,
+    register_sum_with_grad_autograd,
+)
 
 CPP_OP = "confusion_kernels::n_centroids_rows"
 CPP_BACKWARD_OP = "confusion_kernels::n_centroids_rows_backward"
@@ -98,22 +102,6 @@ def _register_autograd(op_name: str, backward_op) -> None:
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def _register_sum_autograd(op_name: str) -> None:
-    """The op returns sum_i L_i and its gradient, computed in the forward pass; backward
-    scales it by the (scalar) upstream gradient."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])
-
-    def backward(ctx, grad_total, _grad_z):
-        refuse_double_backward("n_centroids_loss")
-        (grad_z,) = ctx.saved_tensors
-        return grad_total * grad_z, None, None, None, None
-
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
-
-
 if _extension.HAS_C and (_extension.has_kernel("n_centroids_rows", "CPU")
                          or _extension.has_kernel("n_centroids_rows", "CUDA")):
     torch.library.register_fake(CPP_OP)(_fake_forward)
@@ -121,7 +109,7 @@ if _extension.HAS_C and (_extension.has_kernel("n_centroids_rows", "CPU")
     torch.library.register_fake(CPP_SUM_OP)(_fake_sum_with_grad)
     _register_autograd(CPP_OP,
                        lambda *a: torch.ops.confusion_kernels.n_centroids_rows_backward(*a))
-    _register_sum_autograd(CPP_SUM_OP)
+    register_sum_with_grad_autograd(CPP_SUM_OP, "n_centroids_loss", num_inputs=5)
 
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())
@@ -163,14 +151,6 @@ _triton_backward.register_fake(_fake_backward)
 _register_autograd(TRITON_OP, _triton_backward)
 
 
-def _nonfinite_rows(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """[N]: 0 where row z_i and every centroid are finite, NaN elsewhere (no host sync): the
-    kernels' min over centroids could turn NaN into a plausible number (NaN policy: non-finite
-    in, NaN out)."""
-    ok = torch.isfinite(z).all(1) & torch.isfinite(centroids).all()
-    return torch.where(ok, 0.0, float("nan")).to(_accumulation(z.dtype))
-
-
 def n_centroids_rows(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
                      metric: str, use_negatives: bool, backend: str) -> torch.Tensor:
     """L [N] on an already selected kernel backend (inputs validated by the caller)."""
@@ -180,7 +160,7 @@ def n_centroids_rows(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     else:
         rows = torch.ops.confusion_kernels.n_centroids_rows(z, centroids, labels, metric,
                                                             use_negatives)[0]
-    return rows + _nonfinite_rows(z, centroids)
+    return rows + nonfinite_rows(z, centroids)
 
 
 def n_centroids_sum(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
@@ -192,6 +172,6 @@ def n_centroids_sum(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tens
             and _extension.has_kernel("n_centroids_sum_with_grad", key):
         total = torch.ops.confusion_kernels.n_centroids_sum_with_grad(z, centroids, labels, metric,
                                                                       use_negatives)[0]
-        return total + _nonfinite_rows(z, centroids).sum()
+        return total + nonfinite_rows(z, centroids).sum()
     return n_centroids_rows(z, labels, centroids, metric=metric, use_negatives=use_negatives,
                             backend=backend).sum()

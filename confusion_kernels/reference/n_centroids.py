@@ -58,8 +58,9 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     return (own - hardest - mean_negative).mean()
 
 
-def ema_alpha(step: int, alpha0: float = 0.25, decay: float = 0.65) -> float:
-    """alpha_t = alpha0 * decay^(t / 1000)."""
+def ema_alpha(step: int | torch.Tensor, alpha0: float = 0.25,
+              decay: float = 0.65) -> float | torch.Tensor:
+    """alpha_t = alpha0 * decay^(t / 1000) (a tensor for a tensor step)."""
     return alpha0 * decay ** (step / 1000.0)
 
 

@@ -200,11 +200,10 @@ def _norms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
     return x.square().sum(1).contiguous(), centroids.square().sum(1).contiguous()
 
 
-def _dense_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, metric: str):
-    """d [R, K] of a few rows with the own column marked (the exact PyTorch path)."""
-    d = _reference.sphere_distances(x, centroids, metric)
-    is_own = torch.zeros_like(d, dtype=torch.bool).scatter_(1, labels[:, None], True)
-    return d, is_own
+def _own_columns(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, K] bool, True at each row's own centroid."""
+    own = torch.zeros(labels.shape[0], k, dtype=torch.bool, device=labels.device)
+    return own.scatter_(1, labels[:, None], True)
 
 
 def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
@@ -227,7 +226,8 @@ def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
     best_k, sums, near = best_k[:n], sums[:n], near[:n]
     redo = near.nonzero()[:, 0]
     if redo.numel():
-        d, is_own = _dense_rows(x[redo], centroids, labels[redo], metric)
+        d = _reference.sphere_distances(x[redo], centroids, metric)  # exact, few rows
+        is_own = _own_columns(labels[redo], k)
         best_k[redo] = d.masked_fill(is_own, float("inf")).argmin(1)
         sums[redo] = d.masked_fill(is_own, 0.0).sum(1)
     return best_k, sums
@@ -252,10 +252,7 @@ def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.T
     if redo.numel():
         from ..ops.n_centroids_rows import direct_gradients
 
-        xr, lab = x[redo], labels[redo]
-        w = weight[redo, None].expand(-1, k).masked_fill(
-            torch.zeros(redo.numel(), k, dtype=torch.bool, device=x.device)
-            .scatter_(1, lab[:, None], True), 0.0)
-        grad[redo] = direct_gradients(xr[:, None, :].expand(-1, k, -1), centroids[None], w,
+        w = weight[redo, None].expand(-1, k).masked_fill(_own_columns(labels[redo], k), 0.0)
+        grad[redo] = direct_gradients(x[redo, None, :].expand(-1, k, -1), centroids[None], w,
                                       metric).sum(1)
     return grad
