@@ -196,7 +196,7 @@ def test_cpp_ops_check_their_inputs_themselves():
         ops.n_centroids_rows(z, c, torch.tensor([0, 1, 2]), "manhattan", True)
     with pytest.raises(RuntimeError, match="K >= 2"):
         ops.n_centroids_sum_with_grad(z, c[:1], torch.zeros(3, dtype=torch.long), "cosine", True)
-    with pytest.raises(RuntimeError, match=r"hardest must lie in \[0, K\)"):
+    with pytest.raises(RuntimeError, match=r"hardest must lie in \[0, 3\), got \[-1, 1\]"):
         ops.n_centroids_rows_backward(torch.ones(3), z, c, torch.tensor([0, 1, 2]),
                                       torch.tensor([1, -1, 0]), "cosine", True)
 

@@ -43,13 +43,6 @@ void direct_rows(const nc::Inputs& in, const int64_t* index, const T* weight, T*
   });
 }
 
-// Tile buffers of one epilogue call: a and b per pair (euclidean, great circle),
-// the distances, and a flag per pair (1: recomputed exactly) in the same dtype, so
-// that lane code loads it as a value.
-struct TileScratch {
-  at::Tensor a, b, dist, exact;
-};
-
 // (1) for lanes j.. of a row: a and b from the Gram form (sphere_chords_from_gram)
 // and a 0 / 1 flag per pair that must be recomputed exactly; returns the flags' bits.
 template <class L, typename T>
@@ -122,13 +115,14 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   const T* cn2 = in.c_norm2.data_ptr<T>() + c0;
   const int64_t* lab = in.labels.data_ptr<int64_t>() + r0;
 
-  TileScratch s;
-  s.a = at::empty({rt, ct}, g_c.options());
-  s.b = at::empty({rt, ct}, g_c.options());
-  s.exact = at::empty({rt, ct}, g_c.options());  // 1 where a pair is recomputed exactly
-  T* a = s.a.data_ptr<T>();
-  T* b = s.b.data_ptr<T>();
-  T* exact = s.exact.data_ptr<T>();
+  // a and b per pair, and a flag per pair (1: recomputed exactly) in the tile's
+  // dtype, so that lane code loads it as a value
+  const at::Tensor a_t = at::empty({rt, ct}, g_c.options());
+  const at::Tensor b_t = at::empty({rt, ct}, g_c.options());
+  const at::Tensor exact_t = at::empty({rt, ct}, g_c.options());
+  T* a = a_t.data_ptr<T>();
+  T* b = b_t.data_ptr<T>();
+  T* exact = exact_t.data_ptr<T>();
   // (1) a and b per pair from the Gram form (simd lanes), then
   // the pairs where it cancels again from differences (rare: a row close to a
   // centroid or to its antipode)
@@ -147,12 +141,12 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
       any |= chord_lanes<simd::Scalar<T>>(j, cols, m, xn2_i, cn2, gi, ai, bi, ei);
       row_has_exact[i] = any != 0;
       if (!any) continue;
-      for (int64_t j = 0; j < cols; ++j) {
-        if (ei[j] == T(0)) continue;
+      for (int64_t k = 0; k < cols; ++k) {
+        if (ei[k] == T(0)) continue;
         T a2, b2, dot;
-        sphere_pair_exact(x + i * d, c + j * d, d, &a2, &b2, &dot);
-        ai[j] = std::sqrt(a2);
-        bi[j] = std::sqrt(b2);
+        sphere_pair_exact(x + i * d, c + k * d, d, &a2, &b2, &dot);
+        ai[k] = std::sqrt(a2);
+        bi[k] = std::sqrt(b2);
       }
     }
   });
@@ -160,10 +154,10 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   at::Tensor dist_t;
   T scale = 1;
   if (metric == kGreatCircle) {
-    dist_t = at::atan2(s.a, s.b);
+    dist_t = at::atan2(a_t, b_t);
     scale = 2;
   } else if (metric == kChord) {
-    dist_t = s.a;
+    dist_t = a_t;
   } else {
     dist_t = at::rsub(g_c, 1);
   }

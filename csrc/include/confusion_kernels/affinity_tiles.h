@@ -2,8 +2,8 @@
 // CUDA kernels (host code, ATen). A (row tile x class tile) block gets its
 // squared distances from one matrix product in the Gram form (gram_tiles.h;
 // BLAS / cuBLAS: tensor cores where torch allows them); a tile holds whole
-// classes, so the min over the m prototypes stays inside it. The per-pair epilogues are the
-// device's own kernels (`Tiles`), written with affinity_math.h:
+// classes, so the min over the m prototypes stays inside it. The per-pair
+// epilogues are the device's own kernels (`Tiles`), written with affinity_math.h:
 //   Tiles::kDevice, Tiles::Guard (constructed from a c10::Device)
 //   Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg)
 //       d_true_i and the arg-min prototype of the own class (direct dots)
@@ -77,9 +77,6 @@ void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Te
   const bool with_grad = grad_f.defined();
   TileBuffers buf(in, with_grad);
   const int64_t ct_max = classes_per_tile(m);
-  const auto rows_of = [](const at::Tensor& t, int64_t r0, int64_t rt) {
-    return t.defined() ? t.narrow(0, r0, rt) : at::Tensor();
-  };
   for_each_gram_tile(f, w, kRowTile, ct_max * m, [&](int64_t r0, int64_t rt, int64_t p0,
                                                      int64_t pt, const at::Tensor& g) {
     const int64_t c0 = p0 / m, ct = pt / m;

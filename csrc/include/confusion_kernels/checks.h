@@ -48,12 +48,14 @@ inline int64_t similarity_code(c10::string_view name, const char* op) {
   TORCH_CHECK(false, op, ": unknown similarity '", key, "'; expected gaussian or inverse");
 }
 
-// Every label in [0, num_classes): kernels index per-class data with them.
-inline void check_label_range(const at::Tensor& labels, int64_t num_classes, const char* op) {
+// Every label (or other index, named `what`) in [0, num_classes): kernels
+// index per-class data with them.
+inline void check_label_range(const at::Tensor& labels, int64_t num_classes, const char* op,
+                              const char* what = "labels") {
   if (labels.numel() == 0) return;
   const at::Tensor bounds = at::stack({labels.min(), labels.max()}).cpu();  // one sync
   const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < num_classes, op, ": labels must lie in [0, ", num_classes,
+  TORCH_CHECK(lo >= 0 && hi < num_classes, op, ": ", what, " must lie in [0, ", num_classes,
               "), got [", lo, ", ", hi, "]");
 }
 

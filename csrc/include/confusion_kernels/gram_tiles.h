@@ -18,6 +18,11 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// Rows r0 .. r0 + rt of an optional per-row tensor (undefined stays undefined).
+inline at::Tensor rows_of(const at::Tensor& t, int64_t r0, int64_t rt) {
+  return t.defined() ? t.narrow(0, r0, rt) : at::Tensor();
+}
+
 // epilogue(r0, rt, p0, pt, g) for every block, g = f[r0:r0+rt] w[p0:p0+pt]^T.
 template <class Epilogue>
 void for_each_gram_tile(const at::Tensor& f, const at::Tensor& w, int64_t row_tile,

@@ -93,10 +93,6 @@ inline Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids,
   return in;
 }
 
-inline at::Tensor rows_of(const at::Tensor& t, int64_t r0, int64_t rt) {
-  return t.defined() ? t.narrow(0, r0, rt) : at::Tensor();
-}
-
 // The pass over every centroid tile: hardest negative (best, best_k) and the
 // sum over negatives when best is defined; with weight defined, grad_x +=
 // weight_i * sum_{k != y_i} dd(x_i, c_k)/dx.
@@ -184,9 +180,7 @@ at::Tensor rows_backward_op(const at::Tensor& grad_rows, const at::Tensor& z,
   Tiles::direct(in, in.labels, g, scratch, grad_x);
   if (in.negatives) {
     const at::Tensor h = hardest.contiguous();
-    const at::Tensor bounds = at::stack({h.min(), h.max()}).cpu();
-    TORCH_CHECK(bounds[0].item<int64_t>() >= 0 && bounds[1].item<int64_t>() < k,
-                "n_centroids_rows_backward: hardest must lie in [0, K)");
+    check_label_range(h, k, "n_centroids_rows_backward", "hardest");
     Tiles::direct(in, h, -g, scratch, grad_x);
     negatives_pass<Tiles>(in, at::Tensor(), at::Tensor(), at::Tensor(), g / -double(k - 1),
                           grad_x);

@@ -23,7 +23,7 @@
 
 namespace confusion_kernels {
 
-// C++'s own codes of the sphere metrics (checks.h: sphere_metric_code).
+// C++'s own codes of the sphere metrics (n_centroids_tiles.h: sphere_metric_code).
 enum SphereMetric : int64_t { kChord = 0, kSphereCosine = 1, kGreatCircle = 2 };
 
 template <typename T>
