@@ -20,6 +20,15 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "intra_inter_sums_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
       "str metric) -> Tensor");
+  // The rectangular form: rows of x against the rows of ref [M, D] with labels ref_labels;
+  // self_offset = o says that x_i is ref_{o+i} (that pair is left out).
+  m.def(
+      "intra_inter_sums_rect(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, "
+      "int? self_offset, str metric) -> (Tensor, Tensor)");
+  // (dL/dx, dL/dref) from per-row upstream gradients of S_in and S_out.
+  m.def(
+      "intra_inter_sums_rect_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
+      "Tensor ref, Tensor ref_labels, int? self_offset, str metric) -> (Tensor, Tensor)");
   // The one-pass ASLoss core: t_in = sum_i w_in[i] S_in[i], t_out = sum_i w_out[i] S_out[i]
   // (0-d) and their gradients dt_in/dx, dt_out/dx [N, D], each unordered pair computed once.
   m.def(

@@ -1,23 +1,28 @@
-// C++ CPU kernels of intra_inter_sums (SPEC section 2): for every row i
+// C++ CPU kernels of intra_inter_sums: for every row i
 //   S_in[i]  = sum_{j != i, y_j == y_i} D(x_i, x_j)
 //   S_out[i] = sum_{j : y_j != y_i}     D(x_i, x_j)
-// and its backward, in O(N*D + tile) memory.
+// and its backward, in O(N*D + tile) memory; and of its rectangular form
+// intra_inter_sums_rect (columns from a reference set, pair_sides.h).
 //
 // euclidean / sqeuclidean (D > 8) / cosine: forward and backward are the
 // triangular Gram-form pass of pair_sums_with_grad_cpu.cpp (each unordered
 // pair once, class-aligned tiles shifted by their mean, exact recomputation
 // of the pairs the Gram form cannot resolve). manhattan / smooth_l1, and
-// euclidean / sqeuclidean at small D: direct loops over a transposed copy so
-// the inner loop runs over contiguous columns and vectorises.
+// euclidean / sqeuclidean at small D, and every metric of the rectangular op:
+// direct loops over a transposed copy so the inner loop runs over contiguous
+// columns and vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/pair_math.h"
+#include "confusion_kernels/rect_inputs.h"
 #include "pair_sums_with_grad.h"
 
 namespace confusion_kernels {
@@ -35,40 +40,56 @@ bool uses_gram_pass(int64_t metric, int64_t dim) {
 }
 
 // ---------------------------------------------------------------------------
-// Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D) over
-// x^T so that the innermost loop walks contiguous columns.
+// Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D; every
+// metric of the rectangular op): rows a against the columns of b, read from
+// b^T so that the innermost loop walks contiguous columns (pair_sides.h).
 // ---------------------------------------------------------------------------
-// sums[jj] = sum_k term(x_ik - x_(c0+jj),k) for the ct columns from c0 (xt = x^T, n columns).
+// sums[jj] = sum_k term(a_ik - b_(c0+jj),k) for the ct columns from c0 (bt = b^T, m
+// columns); for cosine (unit rows) sums = |a^ - b^|^2 and dots = a^.b^.
 template <int64_t M, typename acc_t>
-inline void direct_block_sums(const acc_t* xi, const acc_t* xt, int64_t n, int64_t d, int64_t c0,
-                              int64_t ct, acc_t* sums) {
+inline void direct_block_sums(const acc_t* ai, const acc_t* bt, int64_t m, int64_t d, int64_t c0,
+                              int64_t ct, acc_t* sums, acc_t* dots) {
   std::fill(sums, sums + ct, acc_t(0));
+  if (M == kCosine) std::fill(dots, dots + ct, acc_t(0));
   for (int64_t k = 0; k < d; ++k) {
-    const acc_t xik = xi[k];
-    const acc_t* col = xt + k * n + c0;
+    const acc_t aik = ai[k];
+    const acc_t* col = bt + k * m + c0;
+    if (M == kCosine) {
 #pragma omp simd
-    for (int64_t jj = 0; jj < ct; ++jj) sums[jj] += direct_term<acc_t>(M, xik - col[jj]);
+      for (int64_t jj = 0; jj < ct; ++jj) {
+        const acc_t t = aik - col[jj];
+        sums[jj] += t * t;
+        dots[jj] += aik * col[jj];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t jj = 0; jj < ct; ++jj) sums[jj] += direct_term<acc_t>(M, aik - col[jj]);
+    }
   }
 }
 
 template <int64_t M, typename acc_t>
-void direct_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t* s_out) {
-  const int64_t n = xa.size(0), d = xa.size(1);
-  const acc_t* xp = xa.data_ptr<acc_t>();
-  const at::Tensor xt = xa.t().contiguous();
-  const acc_t* xtp = xt.data_ptr<acc_t>();
-  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(kDirectColBlock);
+inline acc_t block_distance(const PairSide<acc_t>& a, const PairSide<acc_t>& b, int64_t i,
+                            int64_t j, acc_t sum, acc_t dot) {
+  return M == kCosine ? unit_cosine_distance(sum, dot, a.norms[i], b.norms[j])
+                      : direct_finalize<acc_t>(M, sum);
+}
+
+template <int64_t M, typename acc_t>
+void direct_forward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt,
+                    int64_t d, int64_t shift, acc_t* s_in, acc_t* s_out) {
+  at::parallel_for(0, a.n, 4, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(kDirectColBlock), dots(kDirectColBlock);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t li = lab[i];
+      const int64_t li = a.labels[i];
       acc_t in = 0, out = 0;
-      for (int64_t c0 = 0; c0 < n; c0 += kDirectColBlock) {
-        const int64_t ct = std::min(kDirectColBlock, n - c0);
-        direct_block_sums<M, acc_t>(xp + i * d, xtp, n, d, c0, ct, buf.data());
+      for (int64_t c0 = 0; c0 < b.n; c0 += kDirectColBlock) {
+        const int64_t ct = std::min(kDirectColBlock, b.n - c0);
+        direct_block_sums<M, acc_t>(a.rows + i * d, bt, b.n, d, c0, ct, sums.data(), dots.data());
         for (int64_t jj = 0; jj < ct; ++jj) {
           const int64_t j = c0 + jj;
-          const acc_t dist = j == i ? acc_t(0) : direct_finalize<acc_t>(M, buf[jj]);
-          (lab[j] == li ? in : out) += dist;
+          if (is_self_pair(i, j, shift)) continue;
+          (b.labels[j] == li ? in : out) += block_distance<M>(a, b, i, j, sums[jj], dots[jj]);
         }
       }
       s_in[i] = in;
@@ -77,78 +98,113 @@ void direct_forward(const at::Tensor& xa, const int64_t* lab, acc_t* s_in, acc_t
   });
 }
 
+// grad[i] += sum_j c_ij dD(a_i, b_j)/da_i (pair_sides.h) for every row of a.
 template <int64_t M, typename acc_t>
-void direct_backward(const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
-                     const acc_t* g_out, at::Tensor& grad) {
-  const int64_t n = xa.size(0), d = xa.size(1);
-  const acc_t* xp = xa.data_ptr<acc_t>();
-  const at::Tensor xt = xa.t().contiguous();
-  const acc_t* xtp = xt.data_ptr<acc_t>();
-  acc_t* gradp = grad.data_ptr<acc_t>();
-  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> coef(kDirectColBlock), dist2(kDirectColBlock);
+void direct_backward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt,
+                     int64_t d, int64_t shift, acc_t* grad) {
+  at::parallel_for(0, a.n, 4, [&](int64_t begin, int64_t end) {
+    // coef: the pair's coefficient (euclidean: over the distance; cosine: alpha);
+    // extra: cosine's gamma; sums / dots: the distance sums.
+    std::vector<acc_t> coef(kDirectColBlock), extra(kDirectColBlock), sums(kDirectColBlock),
+        dots(kDirectColBlock);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t li = lab[i];
-      for (int64_t c0 = 0; c0 < n; c0 += kDirectColBlock) {
-        const int64_t ct = std::min(kDirectColBlock, n - c0);
+      const acc_t* ai = a.rows + i * d;
+      for (int64_t c0 = 0; c0 < b.n; c0 += kDirectColBlock) {
+        const int64_t ct = std::min(kDirectColBlock, b.n - c0);
+        for (int64_t jj = 0; jj < ct; ++jj) coef[jj] = pair_coefficient(a, b, i, c0 + jj, shift);
+        if (M == kEuclidean || M == kCosine)
+          direct_block_sums<M, acc_t>(ai, bt, b.n, d, c0, ct, sums.data(), dots.data());
+        acc_t beta_sum = 0;  // cosine: sum_j beta_j, the coefficient of a^_ik
         for (int64_t jj = 0; jj < ct; ++jj) {
-          const int64_t j = c0 + jj;
-          coef[jj] = j == i ? acc_t(0)
-                            : (lab[j] == li ? g_in[i] + g_in[j] : g_out[i] + g_out[j]);
-        }
-        if (M == kEuclidean) {  // fold 1/|x_i - x_j| into the coefficients (0 at distance 0)
-          direct_block_sums<M, acc_t>(xp + i * d, xtp, n, d, c0, ct, dist2.data());
-          for (int64_t jj = 0; jj < ct; ++jj) {
-            const acc_t dist = direct_finalize<acc_t>(M, dist2[jj]);
+          const acc_t dist = block_distance<M>(a, b, i, c0 + jj, sums[jj], dots[jj]);
+          if (M == kEuclidean) {  // fold 1/|a_i - b_j| into the coefficient (0 at distance 0)
             coef[jj] = dist > acc_t(0) ? coef[jj] / dist : acc_t(0);
+          } else if (M == kCosine) {
+            acc_t alpha, beta, gamma;
+            unit_cosine_grad_coefficients(coef[jj], a.norms[i], b.norms[c0 + jj], dist, &alpha,
+                                          &beta, &gamma);
+            coef[jj] = alpha;
+            extra[jj] = gamma;
+            beta_sum += beta;
           }
         }
-        // euclidean: the folded coefficient times (x_ik - x_jk), i.e. the term at dist 1
+        // euclidean: the folded coefficient times (a_ik - b_jk), i.e. the term at dist 1
         const acc_t dist_arg = M == kEuclidean ? acc_t(1) : acc_t(0);
         for (int64_t k = 0; k < d; ++k) {
-          const acc_t xik = xp[i * d + k];
-          const acc_t* col = xtp + k * n + c0;
+          const acc_t aik = ai[k];
+          const acc_t* col = bt + k * b.n + c0;
           const acc_t* c = coef.data();
+          const acc_t* e = extra.data();
           acc_t acc = 0;
+          if (M == kCosine) {
 #pragma omp simd reduction(+ : acc)
-          for (int64_t jj = 0; jj < ct; ++jj)
-            acc += c[jj] * direct_grad_term<acc_t>(M, xik - col[jj], dist_arg);
-          gradp[i * d + k] += acc;
+            for (int64_t jj = 0; jj < ct; ++jj) acc += c[jj] * (col[jj] - aik) + e[jj] * col[jj];
+            acc += beta_sum * aik;
+          } else {
+#pragma omp simd reduction(+ : acc)
+            for (int64_t jj = 0; jj < ct; ++jj)
+              acc += c[jj] * direct_grad_term<acc_t>(M, aik - col[jj], dist_arg);
+          }
+          grad[i * d + k] += acc;
         }
       }
     }
   });
 }
 
-// ---------------------------------------------------------------------------
-// Dispatch on metric (compile-time constant in the loops) and dtype.
-// ---------------------------------------------------------------------------
-// The difference-form metrics (and euclidean / sqeuclidean at small D); the
-// Gram metrics go through pair_row_sums.
-template <typename acc_t>
-void forward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, acc_t* s_in,
-                  acc_t* s_out) {
+// Calls f(std::integral_constant<int64_t, M>{}) for the runtime metric code.
+template <typename F>
+void dispatch_metric(int64_t metric, const char* op, F&& f) {
   switch (metric) {
-    case kEuclidean: return direct_forward<kEuclidean, acc_t>(xa, lab, s_in, s_out);
-    case kSqEuclidean: return direct_forward<kSqEuclidean, acc_t>(xa, lab, s_in, s_out);
-    case kManhattan: return direct_forward<kManhattan, acc_t>(xa, lab, s_in, s_out);
-    case kSmoothL1: return direct_forward<kSmoothL1, acc_t>(xa, lab, s_in, s_out);
-    default: TORCH_CHECK(false, "intra_inter_sums: unknown metric code ", metric);
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    case kSmoothL1: return f(std::integral_constant<int64_t, kSmoothL1>{});
+    default: TORCH_CHECK(false, op, ": unknown metric code ", metric);
   }
 }
 
-// The difference-form metrics (and euclidean / sqeuclidean at small D); the
-// Gram metrics go through pair_sums_with_grad.
-template <typename acc_t>
-void backward_impl(int64_t metric, const at::Tensor& xa, const int64_t* lab, const acc_t* g_in,
-                   const acc_t* g_out, at::Tensor& grad) {
-  switch (metric) {
-    case kEuclidean: return direct_backward<kEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
-    case kSqEuclidean: return direct_backward<kSqEuclidean, acc_t>(xa, lab, g_in, g_out, grad);
-    case kManhattan: return direct_backward<kManhattan, acc_t>(xa, lab, g_in, g_out, grad);
-    case kSmoothL1: return direct_backward<kSmoothL1, acc_t>(xa, lab, g_in, g_out, grad);
-    default: TORCH_CHECK(false, "intra_inter_sums_backward: unknown metric code ", metric);
-  }
+// (S_in, S_out) of the rows of xa against the columns of ya, pair (i, i + shift) left out.
+std::tuple<at::Tensor, at::Tensor> direct_row_sums(const at::Tensor& xa, const at::Tensor& x_labels,
+                                                   const at::Tensor& ya, const at::Tensor& y_labels,
+                                                   int64_t shift, int64_t metric) {
+  const DirectOperand a = direct_operand(xa, metric);
+  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
+  const at::Tensor bt = b.rows.t().contiguous();
+  at::Tensor s_in = at::empty({xa.size(0)}, xa.options());
+  at::Tensor s_out = at::empty({xa.size(0)}, xa.options());
+  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cpu", [&] {
+    dispatch_metric(metric, "intra_inter_sums", [&](auto m) {
+      direct_forward<decltype(m)::value, scalar_t>(
+          pair_side<scalar_t>(a, x_labels), pair_side<scalar_t>(b, y_labels),
+          bt.data_ptr<scalar_t>(), xa.size(1), shift, s_in.data_ptr<scalar_t>(),
+          s_out.data_ptr<scalar_t>());
+    });
+  });
+  return {s_in, s_out};
+}
+
+// sum_j c_ij dD(x_i, y_j)/dx_i for every row of xa, the upstream weights of each side
+// in (x_g_in, x_g_out) and (y_g_in, y_g_out) (undefined = 0).
+at::Tensor direct_row_grad(const at::Tensor& xa, const at::Tensor& x_labels,
+                           const at::Tensor& x_g_in, const at::Tensor& x_g_out,
+                           const at::Tensor& ya, const at::Tensor& y_labels,
+                           const at::Tensor& y_g_in, const at::Tensor& y_g_out, int64_t shift,
+                           int64_t metric) {
+  const DirectOperand a = direct_operand(xa, metric);
+  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
+  const at::Tensor bt = b.rows.t().contiguous();
+  at::Tensor grad = at::zeros_like(xa);
+  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_backward_cpu", [&] {
+    dispatch_metric(metric, "intra_inter_sums_backward", [&](auto m) {
+      direct_backward<decltype(m)::value, scalar_t>(
+          pair_side<scalar_t>(a, x_labels, x_g_in, x_g_out),
+          pair_side<scalar_t>(b, y_labels, y_g_in, y_g_out), bt.data_ptr<scalar_t>(),
+          xa.size(1), shift, grad.data_ptr<scalar_t>());
+    });
+  });
+  return grad;
 }
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
@@ -156,15 +212,8 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         c10::string_view metric_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
-  const int64_t metric = in.metric;
-  if (uses_gram_pass(metric, in.x.size(1))) return pair_row_sums(in.x, in.labels, metric);
-  at::Tensor s_in = at::zeros({x.size(0)}, in.x.options());
-  at::Tensor s_out = at::zeros({x.size(0)}, in.x.options());
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cpu", [&] {
-    forward_impl<scalar_t>(metric, in.x, in.labels.data_ptr<int64_t>(),
-                           s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>());
-  });
-  return {s_in, s_out};
+  if (uses_gram_pass(in.metric, in.x.size(1))) return pair_row_sums(in.x, in.labels, in.metric);
+  return direct_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, in.metric);
 }
 
 at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
@@ -173,20 +222,39 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
   const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCPU);
-  const int64_t metric = in.metric;
-  if (uses_gram_pass(metric, in.x.size(1))) {
+  if (uses_gram_pass(in.metric, in.x.size(1))) {
     // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the one-pass
     // kernel with the upstream gradients as weights, each unordered pair once.
-    const PairSums r = pair_sums_with_grad(in.x, in.labels, in.grad_in, in.grad_out, metric);
+    const PairSums r = pair_sums_with_grad(in.x, in.labels, in.grad_in, in.grad_out, in.metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
-  at::Tensor grad = at::zeros_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cpu", [&] {
-    backward_impl<scalar_t>(metric, in.x, in.labels.data_ptr<int64_t>(),
-                            in.grad_in.data_ptr<scalar_t>(), in.grad_out.data_ptr<scalar_t>(),
-                            grad);
+  return direct_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels, in.grad_in,
+                         in.grad_out, /*shift=*/0, in.metric)
+      .to(x.scalar_type());
+}
+
+// The rectangular op: every metric on the direct loops (exact per pair).
+std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, c10::optional<int64_t> self_offset,
+    c10::string_view metric_name) {
+  const NoAutocast no_autocast;
+  const RectInputs in =
+      prepare_rect_inputs(x, labels, ref, ref_labels, self_offset, metric_name, c10::kCPU);
+  return direct_row_sums(in.x, in.labels, in.ref, in.ref_labels, in.shift, in.metric);
+}
+
+std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    c10::optional<int64_t> self_offset, c10::string_view metric_name) {
+  const NoAutocast no_autocast;
+  const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref,
+                                                     ref_labels, self_offset, metric_name,
+                                                     c10::kCPU);
+  return rect_backward(in, x, ref, [&](auto&&... args) {
+    return direct_row_grad(args..., in.metric);
   });
-  return grad.to(x.scalar_type());
 }
 
 }  // namespace
@@ -194,6 +262,8 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
 TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cpu);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cpu);
+  m.impl("intra_inter_sums_rect", &intra_inter_sums_rect_cpu);
+  m.impl("intra_inter_sums_rect_backward", &intra_inter_sums_rect_backward_cpu);
 }
 
 }  // namespace confusion_kernels

@@ -14,6 +14,8 @@
 //   * everything else (manhattan, smooth_l1, small D), or every case when
 //     CONFUSION_KERNELS_CUDA_EXACT=1: the difference-form kernels
 //     (intra_inter_sums_kernels.cuh) in the accumulation dtype.
+// The rectangular op intra_inter_sums_rect runs on the difference-form kernels
+// for every metric.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,25 +28,12 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/gram_operands.h"
+#include "confusion_kernels/rect_inputs.h"
 #include "intra_inter_sums_launch.h"
 #include "pair_pass.h"
 
 namespace confusion_kernels {
 namespace {
-
-at::Tensor row_norms_if_cosine(const at::Tensor& xa, int64_t metric) {
-  return metric == kCosine ? at::linalg_vector_norm(xa, 2, {1}).contiguous() : at::Tensor();
-}
-
-// The rows the difference-form kernels read: x, or the unit rows for cosine.
-at::Tensor kernel_rows(const at::Tensor& xa, const at::Tensor& norms, int64_t metric) {
-  return metric == kCosine ? unit_rows(xa, norms) : xa;
-}
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
 
 // Calls F<kMetric>() for the runtime metric code.
 template <typename F>
@@ -136,6 +125,49 @@ GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
   return g;
 }
 
+// (S_in, S_out) of the rows of xa against the columns of ya by the difference-form
+// kernels, the pair (i, i + shift) left out (pair_sides.h).
+std::tuple<at::Tensor, at::Tensor> direct_row_sums(const at::Tensor& xa, const at::Tensor& x_labels,
+                                                   const at::Tensor& ya, const at::Tensor& y_labels,
+                                                   int64_t shift, int64_t metric) {
+  const DirectOperand a = direct_operand(xa, metric);
+  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
+  at::Tensor s_in = at::empty({xa.size(0)}, xa.options());
+  at::Tensor s_out = at::empty({xa.size(0)}, xa.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cuda", [&] {
+    dispatch_metric(metric, [&](auto m) {
+      launch_forward_for_metric<scalar_t, decltype(m)::value>(
+          pair_side<scalar_t>(a, x_labels), pair_side<scalar_t>(b, y_labels), xa.size(1), shift,
+          s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), stream);
+    });
+  });
+  return {s_in, s_out};
+}
+
+// sum_j c_ij dD(x_i, y_j)/dx_i for every row of xa, each side's upstream weights in
+// (g_in, g_out) (undefined = 0).
+at::Tensor direct_row_grad(const at::Tensor& xa, const at::Tensor& x_labels,
+                           const at::Tensor& x_g_in, const at::Tensor& x_g_out,
+                           const at::Tensor& ya, const at::Tensor& y_labels,
+                           const at::Tensor& y_g_in, const at::Tensor& y_g_out, int64_t shift,
+                           int64_t metric) {
+  const DirectOperand a = direct_operand(xa, metric);
+  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
+  at::Tensor grad = at::empty_like(xa);
+  if (xa.size(1) == 0) return grad;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_backward_cuda", [&] {
+    dispatch_metric(metric, [&](auto m) {
+      launch_backward_for_metric<scalar_t, decltype(m)::value>(
+          pair_side<scalar_t>(a, x_labels, x_g_in, x_g_out),
+          pair_side<scalar_t>(b, y_labels, y_g_in, y_g_out), xa.size(1), shift,
+          grad.data_ptr<scalar_t>(), stream);
+    });
+  });
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
                                                          c10::string_view metric_name) {
@@ -157,17 +189,7 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
     return {s_in, s_out};
   }
   if (uses_gram_form(x, metric)) return pair_row_sums_cuda(in.x, in.labels, metric);
-  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
-  const at::Tensor rows = kernel_rows(in.x, norms, metric);
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_cuda", [&] {
-    dispatch_metric(metric, [&](auto m) {
-      launch_forward_for_metric<scalar_t, decltype(m)::value>(
-          rows.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(),
-          data_or_null<scalar_t>(norms), in.x.size(0), in.x.size(1), s_in.data_ptr<scalar_t>(),
-          s_out.data_ptr<scalar_t>(), stream);
-    });
-  });
-  return {s_in, s_out};
+  return direct_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, metric);
 }
 
 at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
@@ -198,18 +220,35 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
     const PairSums r = pair_sums_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
-  const at::Tensor norms = row_norms_if_cosine(in.x, metric);
-  const at::Tensor rows = kernel_rows(in.x, norms, metric);
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "intra_inter_sums_backward_cuda", [&] {
-    dispatch_metric(metric, [&](auto m) {
-      launch_backward_for_metric<scalar_t, decltype(m)::value>(
-          rows.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(),
-          data_or_null<scalar_t>(norms), in.grad_in.data_ptr<scalar_t>(),
-          in.grad_out.data_ptr<scalar_t>(), in.x.size(0), in.x.size(1),
-          grad.data_ptr<scalar_t>(), stream);
-    });
+  return direct_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels, in.grad_in,
+                         in.grad_out, /*shift=*/0, metric)
+      .to(x.scalar_type());
+}
+
+// The rectangular op: every metric on the difference-form kernels (exact per pair).
+std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, c10::optional<int64_t> self_offset,
+    c10::string_view metric_name) {
+  const NoAutocast no_autocast;
+  const RectInputs in =
+      prepare_rect_inputs(x, labels, ref, ref_labels, self_offset, metric_name, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return direct_row_sums(in.x, in.labels, in.ref, in.ref_labels, in.shift, in.metric);
+}
+
+std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    c10::optional<int64_t> self_offset, c10::string_view metric_name) {
+  const NoAutocast no_autocast;
+  const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref,
+                                                     ref_labels, self_offset, metric_name,
+                                                     c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return rect_backward(in, x, ref, [&](auto&&... args) {
+    return direct_row_grad(args..., in.metric);
   });
-  return grad.to(x.scalar_type());
 }
 
 }  // namespace
@@ -217,6 +256,8 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
 TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cuda);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cuda);
+  m.impl("intra_inter_sums_rect", &intra_inter_sums_rect_cuda);
+  m.impl("intra_inter_sums_rect_backward", &intra_inter_sums_rect_backward_cuda);
 }
 
 }  // namespace confusion_kernels

@@ -8,17 +8,20 @@
 
 #include <cstdint>
 
+#include "confusion_kernels/pair_sides.h"
+
 namespace confusion_kernels {
 
-// norms[i] = |x_i| (used by the cosine metric only; may be null otherwise).
+// The difference-form kernels (intra_inter_sums_kernels.cuh): S_in / S_out of
+// the rows of a against the columns of b, and sum_j c_ij dD(a_i, b_j)/da_i
+// (pair_sides.h; shift = kNoSelfPair leaves no pair out).
 template <typename T, int64_t M>
-void launch_forward_for_metric(const T* x, const int64_t* labels, const T* norms, int64_t n,
-                               int64_t d, T* s_in, T* s_out, cudaStream_t stream);
+void launch_forward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d,
+                               int64_t shift, T* s_in, T* s_out, cudaStream_t stream);
 
 template <typename T, int64_t M>
-void launch_backward_for_metric(const T* x, const int64_t* labels, const T* norms, const T* g_in,
-                                const T* g_out, int64_t n, int64_t d, T* grad,
-                                cudaStream_t stream);
+void launch_backward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d,
+                                int64_t shift, T* grad, cudaStream_t stream);
 
 // Gram-form kernels (gram_tile_kernels.cuh) for euclidean, sqeuclidean and
 // cosine: fp32 accumulation, operands `rows` of the given type (for cosine the
