@@ -17,7 +17,8 @@ from conftest import make_batch, require_backend
 TRITON_OPS = {"intra_inter_sums_triton", "intra_inter_sums_triton_backward",
               "affinity_hinge_triton", "affinity_hinge_triton_backward",
               "weighted_pair_sums_with_grad_triton", "n_centroids_rows_triton",
-              "n_centroids_rows_triton_backward"}
+              "n_centroids_rows_triton_backward", "intra_inter_sums_rect_triton",
+              "intra_inter_sums_rect_triton_backward"}
 
 
 def _rows(device, grad=True):
@@ -55,6 +56,22 @@ def _ncl_backward_args(device, forward):
             "great_circle", True)
 
 
+def _rect(device, grad=True, self_offset=2):
+    x, labels = _rows(device, grad)
+    g = torch.Generator().manual_seed(10)
+    ref = torch.randn(16, 4, generator=g, dtype=torch.float64).to(device)
+    ref[2:13] = x.detach()
+    ref_labels = torch.randint(0, 3, (16,), generator=g).to(device)
+    ref_labels[2:13] = labels
+    return x, labels, ref.requires_grad_(grad), ref_labels, self_offset
+
+
+def _rect_backward(device, metric):
+    return (torch.randn(11, dtype=torch.float64, device=device),
+            torch.randn(11, dtype=torch.float64, device=device), *_rect(device, grad=False),
+            metric)
+
+
 def _pair_weights(device):
     x, labels = _rows(device)
     w = torch.rand(11, dtype=torch.float64, device=device)
@@ -72,6 +89,11 @@ SAMPLES = {
     "intra_inter_sums_triton_backward": ("triton", lambda dev: (
         torch.randn(11, dtype=torch.float64, device=dev),
         torch.randn(11, dtype=torch.float64, device=dev), *_rows(dev, grad=False), "euclidean")),
+    "intra_inter_sums_rect": ("cpu", lambda dev: (*_rect(dev), "cosine")),
+    "intra_inter_sums_rect_backward": ("cpu", lambda dev: _rect_backward(dev, "euclidean")),
+    "intra_inter_sums_rect_triton": ("triton", lambda dev: (*_rect(dev, self_offset=None),
+                                                            "smooth_l1")),
+    "intra_inter_sums_rect_triton_backward": ("triton", lambda dev: _rect_backward(dev, "cosine")),
     "weighted_pair_sums_with_grad": ("cpu", _pair_weights),
     "weighted_pair_sums_with_grad_triton": ("triton", _pair_weights),
     "affinity_hinge": ("cpu", lambda dev: (*_affinity(dev), 2.0, 0.5, "gaussian")),

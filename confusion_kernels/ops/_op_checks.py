@@ -54,6 +54,23 @@ def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str,
         _check_vector(op, name, g, x)
 
 
+def check_rect_row_sums(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
+                        ref_labels: torch.Tensor, self_offset: int | None, metric: str,
+                        grads: tuple[torch.Tensor, ...] = ()) -> None:
+    """intra_inter_sums_rect_triton(x, labels, ref, ref_labels, self_offset, metric) and its
+    backward (grads = dL/dS_in, dL/dS_out)."""
+    op = "intra_inter_sums_rect_triton"
+    check_row_sums(x, labels, metric, grads)
+    _check_rows(op, "ref", ref)
+    if ref.shape[1] != x.shape[1] or ref.dtype != x.dtype or ref.device != x.device:
+        _fail(op, f"ref must be [M, {x.shape[1]}] {x.dtype} on {x.device}, got "
+                  f"{tuple(ref.shape)} {ref.dtype} on {ref.device}")
+    _check_vector(op, "ref_labels", ref_labels, ref, dtype=torch.int64)
+    if self_offset is not None and not 0 <= self_offset <= ref.shape[0] - x.shape[0]:
+        _fail(op, f"self_offset must satisfy 0 <= self_offset and self_offset + N <= M "
+                  f"(N = {x.shape[0]}, M = {ref.shape[0]}), got {self_offset}")
+
+
 def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
                    sigma: float, similarity: str, per_row: tuple[torch.Tensor, ...] = ()) -> None:
     """affinity_hinge_triton(f, prototypes, labels, ...) and its backward

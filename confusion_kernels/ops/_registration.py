@@ -24,6 +24,16 @@ def fake_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, metric: s
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def fake_rect_row_sums(x: torch.Tensor, labels, ref, ref_labels, self_offset, metric: str):
+    return fake_row_sums(x, labels, metric)
+
+
+def fake_rect_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, ref: torch.Tensor,
+                                ref_labels, self_offset, metric: str):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(ref, memory_format=torch.contiguous_format))
+
+
 def refuse_double_backward(op: str) -> None:
     """The kernels' backward ops have no derivative of their own. Under
     ``create_graph=True`` (grad mode on inside backward) their result would
@@ -53,6 +63,31 @@ def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
         if grad_out is None:
             grad_out = x.new_zeros(x.shape[0], dtype=acc)
         return bwd(grad_in, grad_out, x, labels, ctx.metric), None, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def register_rect_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
+    """Autograd of the rectangular ``fwd(x, labels, ref, ref_labels, self_offset, metric)``
+    with ``bwd(grad_in, grad_out, x, labels, ref, ref_labels, self_offset, metric) ->
+    (grad_x, grad_ref)``: saves the inputs (O((N + M)*D)), recomputes in backward."""
+
+    def setup_context(ctx, inputs, output):
+        x, labels, ref, ref_labels, self_offset, metric = inputs
+        ctx.save_for_backward(x, labels, ref, ref_labels)
+        ctx.self_offset, ctx.metric = self_offset, metric
+
+    def backward(ctx, grad_in, grad_out):
+        refuse_double_backward("intra_inter_sums")
+        x, labels, ref, ref_labels = ctx.saved_tensors
+        acc = _accumulation(x.dtype)
+        if grad_in is None:
+            grad_in = x.new_zeros(x.shape[0], dtype=acc)
+        if grad_out is None:
+            grad_out = x.new_zeros(x.shape[0], dtype=acc)
+        grad_x, grad_ref = bwd(grad_in, grad_out, x, labels, ref, ref_labels, ctx.self_offset,
+                               ctx.metric)
+        return grad_x, None, grad_ref, None, None, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 

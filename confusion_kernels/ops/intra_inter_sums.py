@@ -3,6 +3,10 @@
     S_in[i]  = sum_{j != i, y_j == y_i} D(x_i, x_j)
     S_out[i] = sum_{j : y_j != y_i}     D(x_i, x_j)
 
+and its rectangular form against a reference set ``ref`` [M, D] (labels z):
+S_in[i] = sum_{z_j == y_i} D(x_i, r_j), S_out[i] = sum_{z_j != y_i} D(x_i, r_j),
+leaving out the pair (i, self_offset + i) when x_i is row self_offset + i of ref.
+
 Backends: ``reference`` (N x N PyTorch), ``cpu`` (C++/OpenMP, torch.ops),
 ``cuda`` (CUDA C++, torch.ops), ``triton`` (Python custom op). The C++ ops'
 schemas live in csrc/ops.cpp; their fake and autograd rules are registered
@@ -18,10 +22,13 @@ from .. import reference as _reference
 from .._backend import select_backend
 from .._metrics import GRAM_METRICS, METRIC_CODES, resolve_metric
 from .._validation import autocast_off, check_embeddings, check_labels
-from ._op_checks import check_row_sums
+from ._op_checks import check_rect_row_sums, check_row_sums
 from ._registration import (
+    fake_rect_row_sums,
+    fake_rect_row_sums_backward,
     fake_row_sums,
     fake_row_sums_backward,
+    register_rect_row_sums_autograd,
     register_row_sums_autograd,
 )
 
@@ -29,12 +36,21 @@ CPP_OP = "confusion_kernels::intra_inter_sums"
 CPP_BACKWARD_OP = "confusion_kernels::intra_inter_sums_backward"
 TRITON_OP = "confusion_kernels::intra_inter_sums_triton"
 TRITON_BACKWARD_OP = "confusion_kernels::intra_inter_sums_triton_backward"
+CPP_RECT_OP = "confusion_kernels::intra_inter_sums_rect"
+CPP_RECT_BACKWARD_OP = "confusion_kernels::intra_inter_sums_rect_backward"
+TRITON_RECT_OP = "confusion_kernels::intra_inter_sums_rect_triton"
+TRITON_RECT_BACKWARD_OP = "confusion_kernels::intra_inter_sums_rect_triton_backward"
 
 if _extension.HAS_C:
     torch.library.register_fake(CPP_OP)(fake_row_sums)
     torch.library.register_fake(CPP_BACKWARD_OP)(fake_row_sums_backward)
     register_row_sums_autograd(
         CPP_OP, lambda gi, go, x, lab, m: torch.ops.confusion_kernels.intra_inter_sums_backward(gi, go, x, lab, m))
+if _extension.HAS_C and _extension.has_kernel("intra_inter_sums_rect", "CPU"):
+    torch.library.register_fake(CPP_RECT_OP)(fake_rect_row_sums)
+    torch.library.register_fake(CPP_RECT_BACKWARD_OP)(fake_rect_row_sums_backward)
+    register_rect_row_sums_autograd(
+        CPP_RECT_OP, lambda *a: torch.ops.confusion_kernels.intra_inter_sums_rect_backward(*a))
 
 
 @torch.library.custom_op(TRITON_OP, mutates_args=())
@@ -70,6 +86,33 @@ _triton_backward.register_fake(fake_row_sums_backward)
 register_row_sums_autograd(TRITON_OP, _triton_backward)
 
 
+@torch.library.custom_op(TRITON_RECT_OP, mutates_args=())
+def _triton_rect_forward(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
+                         ref_labels: torch.Tensor, self_offset: int | None,
+                         metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import intra_inter_sums as kernels
+
+    check_rect_row_sums(x, labels, ref, ref_labels, self_offset, metric)
+    return kernels.rect_forward(x, labels, ref, ref_labels, self_offset, METRIC_CODES[metric])
+
+
+@torch.library.custom_op(TRITON_RECT_BACKWARD_OP, mutates_args=())
+def _triton_rect_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
+                          labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
+                          self_offset: int | None, metric: str
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import intra_inter_sums as kernels
+
+    check_rect_row_sums(x, labels, ref, ref_labels, self_offset, metric, (grad_in, grad_out))
+    return kernels.rect_backward(grad_in, grad_out, x, labels, ref, ref_labels, self_offset,
+                                 METRIC_CODES[metric])
+
+
+_triton_rect_forward.register_fake(fake_rect_row_sums)
+_triton_rect_backward.register_fake(fake_rect_row_sums_backward)
+register_rect_row_sums_autograd(TRITON_RECT_OP, _triton_rect_backward)
+
+
 # Cosine rows whose largest |x_ik| exceeds this are rescaled first (see rescale_cosine_rows).
 COSINE_RESCALE_ABOVE = 2.0 ** 60
 
@@ -91,10 +134,40 @@ def rescale_cosine_rows(x: torch.Tensor) -> torch.Tensor:
     return x * scale
 
 
+def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, self_offset,
+                         check_finite: bool):
+    """Validates the rectangular form's inputs; returns ref_labels as int64 (None without ref)."""
+    if ref is None:
+        if ref_labels is not None or self_offset is not None:
+            raise ValueError("intra_inter_sums: ref_labels and self_offset need ref")
+        return None
+    if ref_labels is None:
+        raise ValueError("intra_inter_sums: ref needs ref_labels (one label per row of ref)")
+    check_embeddings(ref, "ref", check_finite=check_finite)
+    if ref.shape[1] != x.shape[1]:
+        raise ValueError(f"intra_inter_sums: ref must have x's {x.shape[1]} columns, got shape "
+                         f"{tuple(ref.shape)}")
+    if ref.dtype != x.dtype:
+        raise TypeError(f"intra_inter_sums: ref must have x's dtype {x.dtype}, got {ref.dtype}")
+    if ref.device != x.device:
+        raise ValueError(f"intra_inter_sums: ref is on {ref.device} but x is on {x.device}")
+    ref_labels = check_labels(ref_labels, ref.shape[0], x.device, "ref_labels")
+    if self_offset is not None:
+        if isinstance(self_offset, bool) or not isinstance(self_offset, int):
+            raise TypeError(f"intra_inter_sums: self_offset must be an int or None, got "
+                            f"{type(self_offset).__name__}")
+        if self_offset < 0 or self_offset + x.shape[0] > ref.shape[0]:
+            raise ValueError(f"intra_inter_sums: self_offset must satisfy 0 <= self_offset and "
+                             f"self_offset + N <= M (N = {x.shape[0]}, M = {ref.shape[0]}), got "
+                             f"{self_offset}")
+    return ref_labels
+
+
 @autocast_off
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
-                     dim_mean: bool = False, backend: str = "auto",
-                     check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     dim_mean: bool = False, backend: str = "auto", check_finite: bool = True,
+                     ref: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None,
+                     self_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sums of distances to same-class and other-class rows.
 
     Args:
@@ -104,21 +177,35 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
             "smooth_l1"; aliases "l1_mean", "mse" imply ``dim_mean``.
         dim_mean: divide every distance by D.
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
-        check_finite: scan x for NaN/Inf first (ValueError).
+        check_finite: scan x (and ref) for NaN/Inf first (ValueError).
+        ref: optional reference set [M, D] (x's dtype and device): the columns are its
+            rows instead of x's (a gathered global batch, a memory of past batches).
+        ref_labels: integer labels [M] of ref (required with ref).
+        self_offset: x_i is row ``self_offset + i`` of ref, and that pair is left out
+            (as the diagonal is in the square form); None: no pair is left out.
 
     Returns:
         (S_in [N], S_out [N]), float32 for fp16/bf16 inputs, else x's dtype;
-        differentiable w.r.t. x with O(N*D) memory (no N x N buffers) on the
-        kernel backends.
+        differentiable w.r.t. x (and ref) with O((N + M)*D) memory (no N x M
+        buffers) on the kernel backends. The rectangular form computes every pair
+        from differences (exact, no Gram form).
     """
     check_embeddings(x, "x", check_finite=check_finite)
     labels = check_labels(labels, x.shape[0], x.device)
+    ref_labels = _check_reference_set(x, ref, ref_labels, self_offset, check_finite)
     name, _, dim_mean = resolve_metric(metric, dim_mean)
-    chosen = select_backend(x, backend)
+    op = "intra_inter_sums" if ref is None else "intra_inter_sums_rect"
+    chosen = select_backend(x, backend, op=op)
     if name == "cosine":
         x = rescale_cosine_rows(x)
+        ref = None if ref is None else rescale_cosine_rows(ref)
     if chosen == "reference":
-        s_in, s_out = _reference.intra_inter_sums(x, labels, name)
+        s_in, s_out = _reference.intra_inter_sums(x, labels, name, ref=ref, ref_labels=ref_labels,
+                                                  self_offset=self_offset)
+    elif ref is not None:
+        rect = _triton_rect_forward if chosen == "triton" else \
+            torch.ops.confusion_kernels.intra_inter_sums_rect
+        s_in, s_out = rect(x, labels, ref, ref_labels, self_offset, name)
     elif chosen == "triton":
         s_in, s_out = _triton_forward(x, labels, name)
     else:

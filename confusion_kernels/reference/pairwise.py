@@ -45,14 +45,25 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
-                     dim_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     dim_mean: bool = False, ref: torch.Tensor | None = None,
+                     ref_labels: torch.Tensor | None = None,
+                     self_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S_in[i] = sum_{j != i, y_j = y_i} D(x_i, x_j), S_out[i] = sum_{y_j != y_i} D(x_i, x_j).
 
+    With ``ref`` [M, D] and ``ref_labels`` [M] the columns are the rows r_j of ref
+    (labels z_j): S_in[i] = sum_{z_j = y_i} D(x_i, r_j), S_out[i] = sum_{z_j != y_i} D(x_i, r_j),
+    leaving out the pair (i, self_offset + i) when ``self_offset`` is given (x_i is
+    r_{self_offset + i}). The square form is ref = x, ref_labels = labels, self_offset = 0.
     fp16/bf16 inputs are computed in float32.
     """
-    dist = pairwise_distances(_upcast(x), metric=metric, dim_mean=dim_mean)
-    same = labels[:, None] == labels[None, :]
-    off_diagonal = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    s_in = torch.where(same & off_diagonal, dist, 0.0).sum(1)
-    s_out = torch.where(same, 0.0, dist).sum(1)
+    if ref is None:
+        ref, ref_labels, self_offset = x, labels, 0
+    dist = pairwise_distances(_upcast(x), _upcast(ref), metric=metric, dim_mean=dim_mean)
+    same = labels[:, None] == ref_labels[None, :]
+    keep = torch.ones_like(same)
+    if self_offset is not None:
+        rows = torch.arange(x.shape[0], device=x.device)
+        keep[rows, rows + self_offset] = False
+    s_in = torch.where(same & keep, dist, 0.0).sum(1)
+    s_out = torch.where(same | ~keep, 0.0, dist).sum(1)
     return s_in, s_out

@@ -152,10 +152,10 @@ def _pair_kernel(Z, SHIFT, ONE_CLASS, U, NC, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, 
         exact = exact & valid
         if tl.max(exact.to(tl.int32)) > 0:  # rare once shifted: the difference form
             if METRIC == COSINE:
-                exact_dist = _direct_distance(Z, D, rows, cols, rmask, cmask, sq_i, sq_j, D,
+                exact_dist = _direct_distance(Z, Z, D, rows, cols, rmask, cmask, sq_i, sq_j, D,
                                               METRIC, ACC, BLOCK, BLOCK, BLOCK_K)
             else:
-                exact_dist = _direct_distance(Z, D, rows, cols, rmask, cmask, na, nb, D,
+                exact_dist = _direct_distance(Z, Z, D, rows, cols, rmask, cmask, na, nb, D,
                                               METRIC, ACC, BLOCK, BLOCK, BLOCK_K)
             dist = tl.where(exact, exact_dist, dist)
         dist = tl.where(valid, dist, 0.0)
