@@ -37,3 +37,69 @@ def all_gather_same_shape(tensor: torch.Tensor, group=None) -> list[torch.Tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.detach().contiguous(), group=group)
     return parts
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: the gradient passes unchanged (see sum_over_ranks)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        return all_reduce_sum(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """T = sum_r t_r over the ranks, differentiable, for a loss that every rank evaluates in
+    full: L = f(T) on every rank. Rank r's backward takes dL/dt_r = f'(T) (the identity),
+    so that with the gathered columns (``gather_rows``) each rank ends with exactly its
+    own rows' share of dL/dx; an all-reduce in backward would count every rank's copy of
+    L and multiply the gradient by the world size."""
+    return _SumOverRanks.apply(tensor, group)
+
+
+def _gather_padded(tensor: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's ``tensor`` (first dimension sizes[r]), concatenated in rank order."""
+    import torch.distributed as dist
+
+    most = max(sizes)
+    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def rows_per_rank(n: int, device: torch.device, group=None) -> list[int]:
+    """Every rank's number of rows, in rank order (one small all-gather)."""
+    counts = all_gather_same_shape(torch.tensor([n], dtype=torch.int64, device=device), group)
+    return [int(c.item()) for c in counts]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: the rows of every rank concatenated in rank order. Backward: the sum over
+    ranks of the gradient of the concatenation, this rank's slice (an all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], offset: int, group) -> torch.Tensor:
+        ctx.offset, ctx.rows, ctx.group = offset, x.shape[0], group
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = all_reduce_sum(grad.contiguous(), ctx.group)
+        return total[ctx.offset:ctx.offset + ctx.rows], None, None, None
+
+
+def gather_rows(x: torch.Tensor, labels: torch.Tensor, group=None
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows of every rank [M, D] with autograd, their labels [M], this rank's offset):
+    ranks may hold different numbers of rows; x_i is row offset + i of the result."""
+    import torch.distributed as dist
+
+    sizes = rows_per_rank(x.shape[0], x.device, group)
+    offset = sum(sizes[:dist.get_rank(group)])
+    rows = _GatherRows.apply(x, sizes, offset, group)
+    return rows, _gather_padded(labels, sizes, group), offset

@@ -24,6 +24,10 @@ if not dist.is_available():
 
 NUM_CLASSES, DIM, STEPS = 5, 6, 3
 SLICES = {2: [(0, 13), (13, 31)], 3: [(0, 9), (9, 25), (25, 31)]}  # uneven parts of 31 rows
+# as_loss configurations: (metric, reduction, include_self, backend)
+AS_LOSS_CASES = [("euclidean", "pair_mean", False, "cpu"), ("cosine", "class_mean", False, "cpu"),
+                 ("manhattan", "pair_mean", False, "reference"),
+                 ("sqeuclidean", "class_mean", True, "cpu"), ("smooth_l1", "class_mean", False, "cpu")]
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +48,18 @@ def run_steps(z: torch.Tensor, labels: torch.Tensor, criterion: ck.NCentroidsLos
     return criterion.centroids.clone(), stats
 
 
+def as_loss_with_grad(z: torch.Tensor, labels: torch.Tensor, case, **kwargs):
+    """(loss, dloss/dz) of the ASLoss module for one configuration."""
+    metric, reduction, include_self, backend = case
+    z = z.detach().clone().requires_grad_(True)
+    criterion = ck.ASLoss(metric, lambda_inner=0.7, lambda_outer=0.4, lambda_boundary=0.1,
+                          constraint=2.0, reduction=reduction, include_self=include_self,
+                          backend=backend, **kwargs)
+    loss = criterion(z, labels)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # a hang (a rank waiting on another forever) becomes an error after 60 s
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -54,22 +70,31 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         criterion = ck.NCentroidsLoss(NUM_CLASSES, DIM, global_batch=True).double()
         centroids, stats = run_steps(z[lo:hi], labels[lo:hi], criterion)
         stats.all_reduce()
+        as_losses = [as_loss_with_grad(z[lo:hi], labels[lo:hi], case, global_batch=True)
+                     for case in AS_LOSS_CASES]
         torch.save({"centroids": centroids, "counts": stats.counts, "mean": stats.mean,
-                    "m2": stats.m2}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "m2": stats.m2, "as_loss": as_losses}, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # leave together: torch 2.6's gloo teardown can hang a rank left alone
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_global_ema_and_statistics_equal_one_process(world, tmp_path):
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def ranks(request, tmp_path_factory):
+    """(world size, what every rank saved): one spawn per world size for all the tests."""
     import torch.multiprocessing as mp
 
-    init_file = str(tmp_path / "init")
-    mp.spawn(_worker, args=(world, init_file, str(tmp_path)), nprocs=world, join=True)
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"world{world}")
+    init_file = str(out_dir / "init")
+    mp.spawn(_worker, args=(world, init_file, str(out_dir)), nprocs=world, join=True)
+    return world, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+def test_global_ema_and_statistics_equal_one_process(ranks):
+    world, results = ranks
     z, labels = global_batch()
     centroids, stats = run_steps(z, labels, ck.NCentroidsLoss(NUM_CLASSES, DIM).double())
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for r, res in enumerate(results):
         assert_rel(res["centroids"], centroids, 1e-9, f"rank {r} centroids")
         assert torch.equal(res["counts"], stats.counts), f"rank {r} counts"
@@ -83,6 +108,25 @@ def test_global_ema_and_statistics_equal_one_process(world, tmp_path):
     assert not torch.allclose(local, centroids)
 
 
+@pytest.mark.parametrize("case", AS_LOSS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_global_as_loss_equals_one_process(ranks, case):
+    """Every rank returns the loss of the whole batch, and its z.grad is exactly its rows of
+    the single-process gradient (no double counting, nothing missing)."""
+    world, results = ranks
+    z, labels = global_batch()
+    loss, grad = as_loss_with_grad(z, labels, case)
+    index = AS_LOSS_CASES.index(case)
+    for r, res in enumerate(results):
+        lo, hi = SLICES[world][r]
+        rank_loss, rank_grad = res["as_loss"][index]
+        assert_rel(rank_loss, loss, 1e-9, f"rank {r} loss")
+        assert_rel(rank_grad, grad[lo:hi], 1e-9, f"rank {r} gradient")
+    # a rank on its own batch gets another loss: the test can fail
+    lo, hi = SLICES[world][0]
+    local, _ = as_loss_with_grad(z[lo:hi], labels[lo:hi], case)
+    assert not torch.allclose(local, loss)
+
+
 def test_global_features_need_a_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
@@ -91,3 +135,5 @@ def test_global_features_need_a_process_group():
         ck.NCentroidsLoss(NUM_CLASSES, DIM, global_batch=True).double()(z, labels)
     with pytest.raises(RuntimeError, match="initialised process group"):
         ClassStatistics(NUM_CLASSES, DIM).update(z, labels).all_reduce()
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        ck.as_loss(z, labels, global_batch=True)

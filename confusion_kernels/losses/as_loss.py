@@ -1,4 +1,4 @@
-"""ASLoss (Aggregation-Separation Loss), SPEC section 2, on the fused op.
+"""ASLoss (Aggregation-Separation Loss) on the fused op.
 
     inner    = sum_i S_in[i]  / n_in      n_in  = sum_c n_c (n_c - 1)  (+ N with include_self)
     outer    = sum_i S_out[i] / n_out     n_out = N^2 - sum_c n_c^2
@@ -7,6 +7,10 @@
 
 ``reduction="class_mean"`` averages per class first, so every class weighs the
 same whatever its size. Memory is O(N*D): S_in / S_out are per-row sums.
+
+``global_batch=True`` evaluates the loss of the batch of all ranks of a process
+group: each rank's rows against the gathered rows of every rank (the rectangular
+op), the terms summed over ranks.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import _distributed
 from .._backend import select_backend
 from .._metrics import resolve_metric
-from .._validation import autocast_off, check_embeddings, check_labels, output_dtype
+from .._validation import (autocast_off, check_all_finite, check_embeddings, check_labels,
+                           output_dtype)
 from ..ops.intra_inter_sums import intra_inter_sums
 from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
@@ -69,7 +75,8 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
                   constraint: float = 10.0, include_self: bool = False,
                   reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",
-                  check_finite: bool = True) -> ASLossTerms:
+                  check_finite: bool = True, global_batch: bool = False,
+                  group=None) -> ASLossTerms:
     """The three ASLoss terms (inner, outer, boundary) of embeddings x [N, D].
 
     Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype).
@@ -79,16 +86,27 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     inner and outer and their gradients come
     from one triangular pass (``weighted_pair_sums``); otherwise from
     ``intra_inter_sums``.
+
+    With ``global_batch=True`` (an initialised torch.distributed process group, ``group``
+    or the default one) the terms are those of the global batch, the concatenation of
+    every rank's x in rank order (ranks may hold different N): every rank returns the
+    same values, and backward (which every rank must run) leaves in x.grad exactly this
+    rank's rows of the gradient of the global loss. Under DistributedDataParallel, which
+    averages parameter gradients over the W ranks, multiply the loss by W to get the
+    single-process gradient of the global batch.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    check_embeddings(x, "x", check_finite=check_finite)
+    check_embeddings(x, "x", check_finite=check_finite and not global_batch)
     labels = check_labels(labels, x.shape[0], x.device)
     name, _, dim_mean = resolve_metric(metric, dim_mean)
-    chosen = select_backend(x, backend)
+    dim_scale = 1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0
     acc = output_dtype(x.dtype)
-    w_in, w_out = term_weights(labels, reduction, include_self,
-                               1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0, acc)
+    if global_batch:
+        return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
+                             backend, check_finite, group)
+    chosen = select_backend(x, backend)
+    w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     if needs_grad and has_one_pass(chosen, name, x.shape[1]):
         inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen)
@@ -97,6 +115,29 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
     xf = x.to(acc)
     boundary = (torch.linalg.vector_norm(xf, dim=1) - constraint).square().mean()
+    return ASLossTerms(inner, outer, boundary)
+
+
+def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
+                  include_self: bool, reduction: str, dim_scale: float, backend: str,
+                  check_finite: bool, group) -> ASLossTerms:
+    """as_loss_terms of the batch of all ranks: this rank's rows against the gathered rows
+    (intra_inter_sums with ref and self_offset), weights from the global label counts, each
+    term's per-rank share summed over the ranks (``_distributed.sum_over_ranks``)."""
+    _distributed.require_process_group("as_loss_terms(global_batch=True)")
+    chosen = select_backend(x, backend, op="intra_inter_sums_rect")
+    ref, ref_labels, offset = _distributed.gather_rows(x, labels, group)
+    if check_finite:  # on the gathered rows, so that every rank raises together
+        check_all_finite(ref.detach(), "x (of some rank of the global batch)")
+    acc = output_dtype(x.dtype)
+    n = x.shape[0]
+    w_in, w_out = (w[offset:offset + n] for w in
+                   term_weights(ref_labels, reduction, include_self, dim_scale, acc))
+    s_in, s_out = intra_inter_sums(x, labels, metric, backend=chosen, check_finite=False,
+                                   ref=ref, ref_labels=ref_labels, self_offset=offset)
+    radial = (torch.linalg.vector_norm(x.to(acc), dim=1) - constraint).square().sum()
+    shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(), radial / ref.shape[0]])
+    inner, outer, boundary = _distributed.sum_over_ranks(shares, group).unbind()
     return ASLossTerms(inner, outer, boundary)
 
 
@@ -116,6 +157,7 @@ class ASLoss(nn.Module):
     ``forward(x, labels)`` with x [N, D], or a list [x_1, x_2, ...] of
     [N, D_l] representations summed with ``layer_weights`` (default 1 each).
     The paper trains with ``0.5 * cross_entropy + 0.5 * ASLoss``.
+    ``global_batch=True``: the loss of the batch of all ranks (see :func:`as_loss_terms`).
     ``last_terms`` holds the terms of the last call (one ASLossTerms per layer).
     """
 
@@ -124,7 +166,7 @@ class ASLoss(nn.Module):
                  constraint: float = 10.0, include_self: bool = False,
                  reduction: str = "pair_mean", dim_mean: bool = False,
                  layer_weights: Sequence[float] | None = None, backend: str = "auto",
-                 check_finite: bool = True) -> None:
+                 check_finite: bool = True, global_batch: bool = False, group=None) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -139,6 +181,8 @@ class ASLoss(nn.Module):
         self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.backend = backend
         self.check_finite = check_finite
+        self.global_batch = global_batch
+        self.group = group
         self.last_terms: list[ASLossTerms] = []
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -154,7 +198,8 @@ class ASLoss(nn.Module):
             t = as_loss_terms(rep, labels, metric=self.metric, constraint=self.constraint,
                               include_self=self.include_self, reduction=self.reduction,
                               dim_mean=self.dim_mean, backend=self.backend,
-                              check_finite=self.check_finite)
+                              check_finite=self.check_finite, global_batch=self.global_batch,
+                              group=self.group)
             self.last_terms.append(t)
             loss = (self.lambda_inner * t.inner - self.lambda_outer * t.outer
                     + self.lambda_boundary * t.boundary)
