@@ -18,6 +18,7 @@ from .losses.affinity import (
 )
 from .losses.as_loss import ASLoss, as_loss, as_loss_terms
 from .losses.confidence import gaussian_nll, vmf_nll
+from .losses.memory import CrossBatchMemory
 from .losses.n_centroids import NCentroidsLoss, n_centroids_loss
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.as_loss import ASLossTerms
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASLoss",
+    "CrossBatchMemory",
     "ClassStatistics",
     "GAPRecorder",
     "analysis",

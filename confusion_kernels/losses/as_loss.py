@@ -28,6 +28,7 @@ from .._validation import (autocast_off, check_all_finite, check_embeddings, che
 from ..ops.intra_inter_sums import intra_inter_sums
 from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
+from .memory import CrossBatchMemory
 
 REDUCTIONS = ("pair_mean", "class_mean")
 
@@ -46,25 +47,32 @@ def class_sizes(labels: torch.Tensor) -> torch.Tensor:
 
 
 def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_scale: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype, ref_labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_in, w_out) [N] with inner = sum_i w_in[i] S_in[i], outer = sum_i w_out[i] S_out[i].
 
-    pair_mean: 1 / (number of ordered intra / inter pairs) for every row.
-    class_mean: 1 / (pairs of row i's class x number of classes with such pairs).
+    The columns are the rows themselves, or a reference set with labels ``ref_labels``
+    [M] whose first N rows are the rows (x followed by a memory). Row i has p_i = m_c - 1
+    (+ 1 with include_self) intra pairs and M - m_c inter pairs, m_c the number of
+    columns with its label; its class has P_c = n_c p_i pairs, n_c its rows.
+    pair_mean: 1 / sum_i p_i for every row.
+    class_mean: 1 / (P_c x number of classes with such pairs).
     Weights are 0 where there is no pair to average (the term is then 0).
     ``dim_scale`` multiplies them (1/D for ``dim_mean``).
     """
-    n = labels.shape[0]
-    size = class_sizes(labels).to(dtype)  # n_c of each row's class
-    # ordered pairs of row i's class: intra n_c (n_c - 1) (+ n_c with include_self), inter n_c (N - n_c)
-    pairs_in = size * (size - 1) + (size if include_self else 0.0)
-    pairs_out = size * (n - size)
+    ref_labels = labels if ref_labels is None else ref_labels
+    size = class_sizes(labels).to(dtype)  # n_c of each row's class among the rows
+    ordered = torch.sort(ref_labels).values
+    columns = (torch.searchsorted(ordered, labels, right=True)
+               - torch.searchsorted(ordered, labels, right=False)).to(dtype)  # m_c
+    per_row_in = columns - (0.0 if include_self else 1.0)
+    per_row_out = ref_labels.shape[0] - columns
     weights = []
-    for pairs in (pairs_in, pairs_out):
+    for per_row in (per_row_in, per_row_out):
         if reduction == "pair_mean":
-            # each class c appears n_c times among the rows: divide by n_c
-            w = _safe_ratio(torch.ones_like(size), (pairs / size).sum())
+            w = _safe_ratio(torch.ones_like(size), per_row.sum())
         else:
+            pairs = size * per_row  # P_c
             classes = ((pairs > 0) / size).sum()
             w = _safe_ratio(_safe_ratio(torch.ones_like(size), pairs), classes)
         weights.append(w * dim_scale)
@@ -76,7 +84,7 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
                   constraint: float = 10.0, include_self: bool = False,
                   reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",
                   check_finite: bool = True, global_batch: bool = False,
-                  group=None) -> ASLossTerms:
+                  group=None, memory: CrossBatchMemory | None = None) -> ASLossTerms:
     """The three ASLoss terms (inner, outer, boundary) of embeddings x [N, D].
 
     Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype).
@@ -94,6 +102,11 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     rank's rows of the gradient of the global loss. Under DistributedDataParallel, which
     averages parameter gradients over the W ranks, multiply the loss by W to get the
     single-process gradient of the global batch.
+
+    With ``memory`` (a :class:`CrossBatchMemory`), the columns are the batch followed by the
+    rows stored in the memory (detached): inner and outer average over the pairs (row of x,
+    column) instead of (row, row); the boundary term stays over x. The memory is only read
+    here (``ASLoss`` enqueues each training batch).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -102,6 +115,11 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     name, _, dim_mean = resolve_metric(metric, dim_mean)
     dim_scale = 1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0
     acc = output_dtype(x.dtype)
+    if global_batch and memory is not None:
+        raise ValueError("as_loss_terms: global_batch and memory cannot be combined")
+    if memory is not None:
+        return _memory_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
+                             backend, check_finite, memory)
     if global_batch:
         return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
                              backend, check_finite, group)
@@ -116,6 +134,25 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     xf = x.to(acc)
     boundary = (torch.linalg.vector_norm(xf, dim=1) - constraint).square().mean()
     return ASLossTerms(inner, outer, boundary)
+
+
+def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
+                  include_self: bool, reduction: str, dim_scale: float, backend: str,
+                  check_finite: bool, memory: CrossBatchMemory) -> ASLossTerms:
+    """as_loss_terms of the rows of x against x followed by the memory's rows."""
+    if memory.embeddings.shape[1] != x.shape[1]:
+        raise ValueError(f"as_loss_terms: the memory holds {memory.embeddings.shape[1]}-D rows, "
+                         f"x has {x.shape[1]} columns")
+    ref, ref_labels = memory.reference_set(x, labels)
+    if check_finite:
+        check_all_finite(ref[x.shape[0]:], "the memory")
+    acc = output_dtype(x.dtype)
+    chosen = select_backend(x, backend, op="intra_inter_sums_rect")
+    w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc, ref_labels)
+    s_in, s_out = intra_inter_sums(x, labels, metric, backend=chosen, check_finite=False,
+                                   ref=ref, ref_labels=ref_labels, self_offset=0)
+    boundary = (torch.linalg.vector_norm(x.to(acc), dim=1) - constraint).square().mean()
+    return ASLossTerms((w_in * s_in).sum(), (w_out * s_out).sum(), boundary)
 
 
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
@@ -158,6 +195,8 @@ class ASLoss(nn.Module):
     [N, D_l] representations summed with ``layer_weights`` (default 1 each).
     The paper trains with ``0.5 * cross_entropy + 0.5 * ASLoss``.
     ``global_batch=True``: the loss of the batch of all ranks (see :func:`as_loss_terms`).
+    ``memory=CrossBatchMemory(size, D)``: every batch also meets the last ``size`` rows of
+    earlier batches; in training mode each batch is enqueued after its loss is computed.
     ``last_terms`` holds the terms of the last call (one ASLossTerms per layer).
     """
 
@@ -166,7 +205,8 @@ class ASLoss(nn.Module):
                  constraint: float = 10.0, include_self: bool = False,
                  reduction: str = "pair_mean", dim_mean: bool = False,
                  layer_weights: Sequence[float] | None = None, backend: str = "auto",
-                 check_finite: bool = True, global_batch: bool = False, group=None) -> None:
+                 check_finite: bool = True, global_batch: bool = False, group=None,
+                 memory: CrossBatchMemory | None = None) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -183,6 +223,9 @@ class ASLoss(nn.Module):
         self.check_finite = check_finite
         self.global_batch = global_batch
         self.group = group
+        if memory is not None and global_batch:
+            raise ValueError("ASLoss: global_batch and memory cannot be combined")
+        self.memory = memory
         self.last_terms: list[ASLossTerms] = []
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -192,6 +235,8 @@ class ASLoss(nn.Module):
         weights = self.layer_weights if self.layer_weights is not None else [1.0] * len(layers)
         if len(weights) != len(layers):
             raise ValueError(f"layer_weights has {len(weights)} entries for {len(layers)} layers")
+        if self.memory is not None and len(layers) != 1:
+            raise ValueError("ASLoss with a memory takes one representation, not a list")
         total = None
         self.last_terms = []
         for weight, rep in zip(weights, layers):
@@ -199,11 +244,13 @@ class ASLoss(nn.Module):
                               include_self=self.include_self, reduction=self.reduction,
                               dim_mean=self.dim_mean, backend=self.backend,
                               check_finite=self.check_finite, global_batch=self.global_batch,
-                              group=self.group)
+                              group=self.group, memory=self.memory)
             self.last_terms.append(t)
             loss = (self.lambda_inner * t.inner - self.lambda_outer * t.outer
                     + self.lambda_boundary * t.boundary)
             total = weight * loss if total is None else total + weight * loss
+        if self.memory is not None and self.training:
+            self.memory.enqueue(layers[0], labels)
         return total
 
     def extra_repr(self) -> str:

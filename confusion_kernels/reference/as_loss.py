@@ -28,15 +28,22 @@ def _masked_mean(dist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
                   constraint: float = 10.0, include_self: bool = False,
-                  reduction: str = "pair_mean", dim_mean: bool = False) -> ASLossTerms:
+                  reduction: str = "pair_mean", dim_mean: bool = False,
+                  ref: torch.Tensor | None = None,
+                  ref_labels: torch.Tensor | None = None) -> ASLossTerms:
     """inner = mean D over same-class pairs (i != j unless include_self),
     outer = mean D over different-class pairs, boundary = mean (|x_i|_2 - R)^2.
-    ``reduction="class_mean"`` averages per class first (classes weigh the same)."""
+    ``reduction="class_mean"`` averages per class first (classes weigh the same).
+    With ``ref`` [M, D] whose first N rows are x (a batch followed by a memory), the pairs
+    are (row i of x, row j of ref), j = i being the pair left out."""
     x = _upcast(x)
     n = x.shape[0]
-    dist = pairwise_distances(x, metric=metric, dim_mean=dim_mean)
-    same = labels[:, None] == labels[None, :]
-    intra = same if include_self else same & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    if ref is None:
+        ref, ref_labels = x, labels
+    dist = pairwise_distances(x, _upcast(ref), metric=metric, dim_mean=dim_mean)
+    same = labels[:, None] == ref_labels[None, :]
+    diagonal = torch.eye(n, ref.shape[0], dtype=torch.bool, device=x.device)
+    intra = same if include_self else same & ~diagonal
     inter = ~same
     if reduction == "pair_mean":
         inner = _masked_mean(dist, intra)
