@@ -424,6 +424,7 @@ def test_extension_lists_every_op_of_the_library():
     if not _extension.HAS_C:
         pytest.skip("the C++ extension is not built")
     assert set(_extension.OPS) == {"intra_inter_sums", "intra_inter_sums_backward",
+                                   "intra_inter_sums_rect", "intra_inter_sums_rect_backward",
                                    "affinity_hinge", "affinity_hinge_backward",
                                    "affinity_hinge_sum_with_grad", "class_shifted_sums",
                                    "weighted_pair_sums_with_grad", "n_centroids_rows",

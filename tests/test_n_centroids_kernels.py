@@ -201,6 +201,27 @@ def test_cpp_ops_check_their_inputs_themselves():
                                       torch.tensor([1, -1, 0]), "cosine", True)
 
 
+def test_triton_ops_check_their_inputs_themselves():
+    """Direct calls of the Triton custom ops get a ValueError, never an out-of-bounds read."""
+    require_backend("triton", "n_centroids_rows")
+    z, c = torch.randn(3, 4), ncl.normalize(torch.randn(3, 4))
+    ops = torch.ops.confusion_kernels
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        ops.n_centroids_rows_triton(z, c, torch.tensor([0, 1, 5]), "cosine", True)
+    with pytest.raises(ValueError, match="unknown metric"):
+        ops.n_centroids_rows_triton(z, c, torch.tensor([0, 1, 2]), "manhattan", True)
+    with pytest.raises(ValueError, match="K >= 2"):
+        ops.n_centroids_rows_triton(z, c[:1], torch.zeros(3, dtype=torch.long), "cosine", True)
+    with pytest.raises(ValueError, match="centroids must be"):
+        ops.n_centroids_rows_triton(z, c[:, :2], torch.tensor([0, 1, 2]), "cosine", True)
+    with pytest.raises(ValueError, match="hardest"):
+        ops.n_centroids_rows_triton_backward(torch.ones(3), z, c, torch.tensor([0, 1, 2]),
+                                             torch.tensor([1, -1, 0]), "cosine", True)
+    with pytest.raises(ValueError, match="grad_rows"):
+        ops.n_centroids_rows_triton_backward(torch.ones(2), z, c, torch.tensor([0, 1, 2]),
+                                             torch.tensor([1, 2, 0]), "cosine", True)
+
+
 def test_direct_gradients_match_autograd():
     """The closed-form pair gradient used by the triton backward (sphere_math.h's formula)."""
     x = ncl.normalize(torch.randn(20, 6, dtype=torch.float64)).requires_grad_(True)

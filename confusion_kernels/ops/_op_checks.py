@@ -12,6 +12,7 @@ import torch
 from .._metrics import METRIC_CODES
 from .._validation import check_label_range
 from ..reference.affinity import SIMILARITIES
+from ..reference.n_centroids import METRICS as SPHERE_METRICS
 
 # Widest prototype tile a Triton program holds: BLOCK_M x (classes x next_pow2(m))
 # x BLOCK_K stays under Triton's 2**20-element tensor limit for m <= 1024.
@@ -98,3 +99,29 @@ def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tens
         _check_vector(op, name, v, f)
     # kernels index per-class data with the labels
     check_label_range(labels, c, f" ({op})")
+
+
+def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
+                      metric: str, use_negatives: bool, grad_rows: torch.Tensor | None = None,
+                      hardest: torch.Tensor | None = None) -> None:
+    """n_centroids_rows_triton(z, centroids, labels, metric, use_negatives) and its backward."""
+    op = "n_centroids_rows_triton"
+    _check_rows(op, "z", z)
+    if (centroids.dim() != 2 or not centroids.dtype.is_floating_point
+            or centroids.shape[1] != z.shape[1] or centroids.device != z.device):
+        _fail(op, f"centroids must be a floating [K, {z.shape[1]}] tensor on {z.device}, got "
+                  f"{centroids.dtype} {tuple(centroids.shape)} on {centroids.device}")
+    k = centroids.shape[0]
+    if k < (2 if use_negatives else 1):
+        _fail(op, f"needs {'K >= 2 centroids with use_negatives' if use_negatives else 'K >= 1'}"
+                  f", got K = {k}")
+    if metric not in SPHERE_METRICS:
+        _fail(op, f"unknown metric {metric!r}; expected one of {list(SPHERE_METRICS)}")
+    _check_vector(op, "labels", labels, z, dtype=torch.int64)
+    check_label_range(labels, k, f" ({op})")  # kernels index the centroids with them
+    if grad_rows is not None:
+        _check_vector(op, "grad_rows", grad_rows, z)
+    if hardest is not None:
+        _check_vector(op, "hardest", hardest, z, dtype=torch.int64)
+        if use_negatives:
+            check_label_range(hardest, k, f" ({op}: hardest)")

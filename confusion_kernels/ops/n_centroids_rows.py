@@ -19,6 +19,7 @@ import torch
 from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
 from ..reference import n_centroids as _reference
+from ._op_checks import check_n_centroids
 from ._registration import (
     nonfinite_rows,
     refuse_double_backward,
@@ -117,6 +118,7 @@ def _triton_forward(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Tens
                     use_negatives: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import n_centroids as kernels
 
+    check_n_centroids(z, centroids, labels, metric, use_negatives)
     acc = _accumulation(z.dtype)
     x = _reference.normalize(z.to(acc)).contiguous()
     c = centroids.to(acc).contiguous()
@@ -134,6 +136,7 @@ def _triton_backward(grad_rows: torch.Tensor, z: torch.Tensor, centroids: torch.
                      use_negatives: bool) -> torch.Tensor:
     from ..triton import n_centroids as kernels
 
+    check_n_centroids(z, centroids, labels, metric, use_negatives, grad_rows, hardest)
     acc = _accumulation(z.dtype)
     zz = z.to(acc)
     x = _reference.normalize(zz).contiguous()
