@@ -1,9 +1,10 @@
-"""Similar labels from internal representations and confusion analysis (SPEC section 5)."""
+"""Similar labels from internal representations and confusion analysis."""
 
 from .confusion import confusion_matrix, most_confused_pairs, per_class_report, similar_vs_confused
 from .gap import GAPRecorder, collect_statistics
-from .plots import pca_projection, plot_confusion_matrix, plot_representation, plot_similar_labels
-from .statistics import ClassStatistics, similar_labels, welch_t_test
+from .plots import (pca_projection, plot_confusion_matrix, plot_representation,
+                    plot_similar_labels, plot_similarity_heatmap)
+from .statistics import ClassStatistics, similar_labels, similarity_matrix, welch_t_test
 
 __all__ = [
     "ClassStatistics",
@@ -16,7 +17,9 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_representation",
     "plot_similar_labels",
+    "plot_similarity_heatmap",
     "similar_labels",
     "similar_vs_confused",
+    "similarity_matrix",
     "welch_t_test",
 ]

@@ -115,3 +115,28 @@ def plot_similar_labels(indices, scores, *, class_names=None, title="similar lab
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_similarity_heatmap(similarity, *, class_names=None, title="class similarity", path=None):
+    """Heatmap of a [C, C] class-similarity matrix (e.g. ``similarity_matrix``), the values
+    written in the cells; the diagonal (1 by definition) is left blank."""
+    plt = _plt()
+    sim = np.array(_numpy(similarity), dtype=float)
+    n = sim.shape[0]
+    shown = sim.copy()
+    np.fill_diagonal(shown, np.nan)
+    fig, ax = plt.subplots(figsize=(max(4, 0.55 * n + 2), max(4, 0.55 * n + 1.5)))
+    im = ax.imshow(shown, cmap="RdBu_r", vmin=-1, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    names = class_names or [str(i) for i in range(n)]
+    ax.set_xticks(range(n), names)
+    ax.set_yticks(range(n), names)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if abs(sim[i, j]) > 0.6 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

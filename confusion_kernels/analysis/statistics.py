@@ -242,9 +242,9 @@ def _cosine_rows(v: torch.Tensor) -> torch.Tensor:
     return unit @ unit.T
 
 
-def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
-                   statistic: str = "t", alternative: str = "greater"):
-    """The k most similar other classes of every class: (indices [C, k], scores [C, k]).
+def similarity_matrix(stats: ClassStatistics, *, method: str = "welch", statistic: str = "t",
+                      alternative: str = "greater") -> torch.Tensor:
+    """Sim [C, C] (float64) between every pair of classes, 1 on the diagonal.
 
     method="welch": Sim(c, c') = cos(s^c, s^c') of the significance vectors
     s^c = (t_ck)_k, or (p_ck)_k / (-log10 p_ck)_k with statistic="p" / "neglogp";
@@ -255,21 +255,29 @@ def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
     if statistic not in ("t", "p", "neglogp"):
         raise ValueError(f"statistic must be 't', 'p' or 'neglogp', got {statistic!r}")
     c = stats.num_classes
-    if not 1 <= k <= c - 1:
-        raise ValueError(f"k must lie in [1, {c - 1}] for {c} classes, got {k}")
     empty = (stats.counts == 0).nonzero().flatten().tolist()
     if len(empty) == c:
         raise ValueError("similar_labels: the statistics hold no samples (call update first)")
     if empty:
         warnings.warn(f"similar_labels: classes {empty} have no samples; their similarities are "
                       "undefined and their rows and columns carry no information", RuntimeWarning,
-                      stacklevel=2)
+                      stacklevel=3)
     if method == "prototype":
         vectors = stats.mean
     else:
         t, _, p = welch_t_test(stats, alternative=alternative)
         vectors = {"t": t, "p": p, "neglogp": -torch.log10(p.clamp_min(1e-300))}[statistic]
-    sim = _cosine_rows(vectors.to(torch.float64))
+    return _cosine_rows(vectors.to(torch.float64))
+
+
+def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
+                   statistic: str = "t", alternative: str = "greater"):
+    """The k most similar other classes of every class: (indices [C, k], scores [C, k]),
+    the largest off-diagonal entries of each row of :func:`similarity_matrix`."""
+    c = stats.num_classes
+    if not 1 <= k <= c - 1:
+        raise ValueError(f"k must lie in [1, {c - 1}] for {c} classes, got {k}")
+    sim = similarity_matrix(stats, method=method, statistic=statistic, alternative=alternative)
     sim.fill_diagonal_(-math.inf)
     scores, indices = sim.topk(k, dim=1)
     return indices, scores

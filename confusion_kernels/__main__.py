@@ -1,0 +1,24 @@
+"""``python -m confusion_kernels demo [options]``: the package's main job (see
+confusion_kernels/demo). ``python -m confusion_kernels --help`` lists the commands."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"demo": "train the losses on imbalanced digits and write a report with figures"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m confusion_kernels <command> [options]\n\ncommands:")
+        for name, what in COMMANDS.items():
+            print(f"  {name:8} {what}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from .demo.cli import main as demo
+
+    demo(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,71 @@
+"""The demo (``python -m confusion_kernels demo``): the imbalanced split follows the protocol,
+the verdicts say what the numbers say, and a shortened run writes a complete report."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn")
+pytest.importorskip("matplotlib", reason="the demo's figures need matplotlib")
+pytest.importorskip("tqdm", reason="the demo's progress bars need tqdm")
+
+from confusion_kernels.demo import data, report  # noqa: E402
+from confusion_kernels.demo.cli import main  # noqa: E402
+
+
+def test_imbalanced_split_follows_the_protocol():
+    from sklearn.datasets import load_digits
+
+    total = torch.bincount(torch.from_numpy(load_digits().target), minlength=10)
+    for seed in (0, 1):
+        split = data.imbalanced_digits(seed)
+        train = torch.bincount(split.y_train, minlength=10)
+        test = torch.bincount(split.y_test, minlength=10)
+        full_train = total - test  # what the stratified split gave the training side
+        assert torch.all((test - data.TEST_FRACTION * total).abs() <= 1)  # stratified, untouched
+        for c in range(10):
+            if c in data.MINORITY:
+                assert train[c] == max(1, round(data.KEEP_MINORITY * int(full_train[c])))
+            else:
+                assert train[c] == full_train[c]
+        assert split.x_train.min() >= 0 and split.x_train.max() <= 1
+    a, b = data.imbalanced_digits(0), data.imbalanced_digits(1)
+    assert not torch.equal(a.y_train, b.y_train) or not torch.equal(a.x_train, b.x_train)
+
+
+def test_verdicts_compare_with_the_spread():
+    results = {"CE": [{"accuracy": 0.9, "macro_f1": 0.90, "minority_recall": 0.80},
+                      {"accuracy": 0.9, "macro_f1": 0.92, "minority_recall": 0.82}],
+               "X": [{"accuracy": 0.9, "macro_f1": 0.91, "minority_recall": 0.95},
+                     {"accuracy": 0.9, "macro_f1": 0.92, "minority_recall": 0.97}]}
+    (line,) = report.verdicts(results)
+    assert "macro-F1 +0.005 (within the spread" in line
+    assert "recall of digits 0-4 +0.150 (better than CE)" in line
+    one = {k: v[:1] for k, v in results.items()}
+    assert "one seed" in report.verdicts(one)[0]
+
+
+def test_short_run_writes_the_report(tmp_path):
+    path = main(["--quick", "--epochs", "2", "--dim", "4", "--out", str(tmp_path)])
+    text = path.read_text()
+    for heading in ("## Results", "## Similar labels", "## Out of distribution",
+                    "## Kernel speed on this machine"):
+        assert heading in text
+    for name in ("| CE |", "| CE + ASLoss |", "| CE + ASLoss (class_mean) |", "| Affinity (m=1) |",
+                 "| Affinity (m=5) |", "| CE + NCL |"):
+        assert name in text
+    for key in ("ce", "ce_as", "ce_as_class", "affinity1", "affinity5", "ce_ncl"):
+        assert (tmp_path / f"rep2d_{key}.png").stat().st_size > 0
+        assert (tmp_path / f"confusion_{key}.png").stat().st_size > 0
+    assert (tmp_path / "similar_labels.png").stat().st_size > 0
+
+
+def test_module_entry_point_lists_its_commands():
+    out = subprocess.run([sys.executable, "-m", "confusion_kernels", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "demo" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "confusion_kernels", "nonsense"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
