@@ -37,7 +37,7 @@ def _distance(xi, xj, metric: str):
 
 
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean"):
-    """(S_in, S_out) of SPEC section 2 through KeOps; differentiable in x."""
+    """(S_in, S_out) of docs/math.md, "ASLoss" through KeOps; differentiable in x."""
     from pykeops.torch import LazyTensor
 
     lab = labels.to(x.dtype).reshape(-1, 1).contiguous()

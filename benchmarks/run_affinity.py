@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of the affinity loss (SPEC section 3), forward + backward.
+"""Side-by-side benchmark of the affinity loss (docs/math.md, "Affinity loss"), forward + backward.
 
 For each (N, C, m, D): the fused op on the kernel backends ("cpu", "triton",
 "cuda"), the eager PyTorch reference ("eager") and torch.compile of the

@@ -1,4 +1,4 @@
-"""Throughput of ClassStatistics.update (SPEC section 5): the per-class
+"""Throughput of ClassStatistics.update (docs/math.md, "Similar labels"): the per-class
 streaming statistics read the features once, so the measure is the achieved
 bandwidth (feature bytes / median time) against the device's copy bandwidth
 (benchmarks/roofline.py, measured once). Issue 5 target on GPU: >= 70%.

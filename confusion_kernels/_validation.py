@@ -1,4 +1,4 @@
-"""Input rules of SPEC section 6, shared by every op: clear Python errors
+"""Input rules of docs/math.md, "Input rules", shared by every op: clear Python errors
 before any kernel runs."""
 
 from __future__ import annotations
@@ -97,5 +97,5 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for fp16/bf16 inputs, else the input dtype (SPEC section 6)."""
+    """float32 for fp16/bf16 inputs, else the input dtype (docs/math.md, "Input rules")."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -34,7 +34,7 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "weighted_pair_sums_with_grad(Tensor x, Tensor labels, Tensor w_in, Tensor w_out, "
       "str metric) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Affinity loss rows (SPEC section 3): prototypes [C, m, D];
+  // Affinity loss rows (docs/math.md, "Affinity loss"): prototypes [C, m, D];
   // returns (L [N], d_true [N], active [N]) with L_i = sum_{j != y_i} relu(margin + d_ij - d_iy)
   // and active_i the number of classes whose hinge is active.
   m.def(

@@ -1,4 +1,4 @@
-"""Affinity loss (SPEC section 3): the reference against explicit loops and
+"""Affinity loss (docs/math.md, "Affinity loss"): the reference against explicit loops and
 scipy, every kernel backend against the reference (values and gradients for
 f and the prototypes), the closed-form diversity regularizer against its
 definition, edge cases and input rules."""

@@ -219,7 +219,7 @@ def test_single_class_and_singletons(kernels):
 
 
 def test_cosine_zero_and_tiny_rows(kernels):
-    """|a||b| <= eps takes the constant-denominator branch (SPEC section 1)."""
+    """|a||b| <= eps takes the constant-denominator branch (docs/math.md, "Distances")."""
     x, labels = make_batch(20, 10, 2, seed=4)
     x[3] = 0.0
     x[7] = 1e-9

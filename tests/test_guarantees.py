@@ -1,4 +1,4 @@
-"""The package's promises, each tested on every backend CI can run (README, "Guarantees"):
+"""The package's promises, each tested on every backend CI can run (docs/design.md, "Guarantees"):
 double backward, validation inside every registered op, the NaN policy, cosine at any
 scale, torch.compile with default arguments, bitwise determinism, one dtype policy."""
 

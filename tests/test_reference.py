@@ -38,7 +38,7 @@ def test_metric_aliases(alias, metric, dim_mean):
 
 
 def numpy_as_loss_terms(x, labels, metric, constraint, include_self, reduction):
-    """ASLoss terms by explicit loops over pairs (SPEC section 2)."""
+    """ASLoss terms by explicit loops over pairs (docs/math.md, "ASLoss")."""
     dist = independent_distances(x, metric)
     n = len(labels)
     intra = [(i, j) for i in range(n) for j in range(n)

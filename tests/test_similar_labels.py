@@ -1,4 +1,4 @@
-"""Similar labels and confusion analysis (SPEC section 5): streaming class
+"""Similar labels and confusion analysis (docs/math.md, "Similar labels"): streaming class
 statistics against numpy, Welch's t-test against scipy, planted similar pairs
 recovered, GAP features of a small CNN, and the plots."""
 

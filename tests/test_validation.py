@@ -1,4 +1,4 @@
-"""Every input rule of SPEC section 6 raises a clear Python exception."""
+"""Every input rule of docs/math.md, "Input rules" raises a clear Python exception."""
 
 import pytest
 import torch

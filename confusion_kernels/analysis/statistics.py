@@ -1,4 +1,4 @@
-"""Streaming per-class feature statistics and Welch's t-test (SPEC section 5).
+"""Streaming per-class feature statistics and Welch's t-test (docs/math.md, "Similar labels").
 
 ClassStatistics keeps, per class c and feature k, the count n_c, the mean
 m_ck and M2_ck = sum (x - m_ck)^2 in float64, and merges batches with Chan's
@@ -187,7 +187,7 @@ class ClassStatistics:
 
 
 def _welch(n1, m1, v1, n2, m2, v2):
-    """t and Welch-Satterthwaite df; t = 0 where both variances are 0 (see SPEC)."""
+    """t and Welch-Satterthwaite df; t = 0 where both variances are 0 (docs/math.md, "Similar labels")."""
     a, b = v1 / n1, v2 / n2
     se2 = a + b
     zero = se2 == 0

@@ -1,4 +1,4 @@
-"""Affinity loss (max-margin Gaussian affinity to class prototypes; SPEC section 3).
+"""Affinity loss (max-margin Gaussian affinity to class prototypes; docs/math.md, "Affinity loss").
 
     d_ij = exp(-min_t |f_i - w_jt|^2 / sigma)                 (or 1 / (1 + s / sigma))
     loss = (1/N) sum_i sum_{j != y_i} relu(margin + d_ij - d_{i y_i}) + lambda_div R(W)

@@ -1,4 +1,4 @@
-"""Affinity loss (Hayat et al., ICCV 2019), SPEC section 3: the readable definition.
+"""Affinity loss (Hayat et al., ICCV 2019), docs/math.md, "Affinity loss": the readable definition.
 
 Prototypes W [C, m, D]; s_ijt = |f_i - w_jt|^2 (the Gram form
 |f|^2 + |w|^2 - 2 f.w, clamped at 0, as hand-written PyTorch computes it);

@@ -1,4 +1,4 @@
-"""Reference ASLoss terms (SPEC section 2), straight from the N x N distance
+"""Reference ASLoss terms (docs/math.md, "ASLoss"), straight from the N x N distance
 matrix and label masks. The fused path (``confusion_kernels.as_loss_terms``)
 computes the same numbers from O(N) per-row sums."""
 

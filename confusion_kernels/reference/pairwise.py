@@ -1,4 +1,4 @@
-"""Reference pairwise distances (SPEC section 1): plain PyTorch, N x M memory.
+"""Reference pairwise distances (docs/math.md, "Distances"): plain PyTorch, N x M memory.
 
 Gradients are PyTorch's own: at a = b the euclidean and manhattan distances
 have gradient 0 (``cdist``'s subgradient convention), as the kernels do.

@@ -1,4 +1,4 @@
-"""Triton kernels of the affinity loss rows (SPEC section 3).
+"""Triton kernels of the affinity loss rows (docs/math.md, "Affinity loss").
 
 A class tile holds BLOCK_C classes x MP (= next power of two >= m) prototype
 slots; its squared distances to a row block come from one product per

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the affinity loss rows (SPEC section 3):
+// C++ CPU kernels of the affinity loss rows (docs/math.md, "Affinity loss"):
 //   L_i = sum_{j != y_i} relu(margin + d_ij - d_{i y_i}),  d_ij = sim(min_t |f_i - w_jt|^2)
 // and their backward, in O((N + P) D + tile) memory (P = C m prototypes).
 //

@@ -1,4 +1,4 @@
-// C++ CPU kernel of ClassStatistics.update (SPEC section 5): per class c and
+// C++ CPU kernel of ClassStatistics.update (docs/math.md, "Similar labels"): per class c and
 // feature k, the float64 sums of (x - shift_c) and (x - shift_c)^2 over the
 // rows of class c, and the class counts, reading the features once. Threads
 // own blocks of features and walk the rows in order: no atomics, the same

@@ -1,6 +1,6 @@
 #pragma once
 // Gram-form tiled CUDA kernels of intra_inter_sums for euclidean, sqeuclidean
-// and cosine, accumulating in fp32 (SPEC section 2).
+// and cosine, accumulating in fp32 (docs/math.md, "ASLoss").
 //
 // Tiling, as in flash-attention: a block of 256 threads owns 64 rows and
 // streams tiles of 64 columns. For each tile it forms the 64 x 64 Gram block

@@ -1,4 +1,4 @@
-// Per-pair math of the affinity loss (SPEC section 3), shared by the C++ CPU
+// Per-pair math of the affinity loss (docs/math.md, "Affinity loss"), shared by the C++ CPU
 // kernel and the CUDA kernel (host + device). Readable definition:
 // confusion_kernels/reference/affinity.py.
 #pragma once

@@ -1,4 +1,4 @@
-// The tile loops of the affinity loss (SPEC section 3), shared by the CPU and
+// The tile loops of the affinity loss (docs/math.md, "Affinity loss"), shared by the CPU and
 // CUDA kernels (host code, ATen). A (row tile x class tile) block gets its
 // squared distances from one matrix product in the Gram form (gram_tiles.h;
 // BLAS / cuBLAS: tensor cores where torch allows them); a tile holds whole
