@@ -6,15 +6,16 @@
 #
 #   bash benchmarks/gpu_routine.sh [build] [test] [test-fast] [sanitize] [bench] [bench-grid]
 #                                  [bench-asloss] [bench-affinity] [bench-stats] [bench-large]
-#                                  [bench-ncl]
+#                                  [bench-ncl] [bench-suite]
 #   (no stage: build test-fast sanitize bench; run bench-asloss in a call of its own)
 # test: the whole suite (longer than one 10-minute device call: split it);
 # test-fast: the CUDA-specific files; bench: the headline cases (N up to
 # 65536, D 2 and 128, euclidean, fwd/bwd/full, every implementation);
-# bench-grid: the full issue-3 grid with cases predicted over 20 s skipped.
+# bench-grid: the full GPU grid with cases predicted over 20 s skipped.
 # bench-asloss: the one-pass ASLoss (Triton) at N = 16384, 65536, D = 128 (tf32).
 # bench-ncl: the N-Centroids loss (cuda, triton, eager, compile, reference) at N = 65536,
 # K = 1000 and 10000, D = 128, random and clustered.
+# bench-suite: benchmarks/run.py --suite gpu (every op side by side; CSV, Markdown, PNG).
 # KeOps: run benchmarks/fetch_wheels.sh where there is network and carry
 # benchmarks/wheels; the build stage installs them.
 # The device machine gets no .git: pass the commit as CK_COMMIT=<sha> so the
@@ -169,6 +170,13 @@ if has bench-ncl; then
     > "$OUT/logs/bench-ncl.log" 2>&1
   note "N-Centroids benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^wrote" "$OUT/logs/bench-ncl.log" | tail -30
+fi
+
+if has bench-suite; then
+  start=$SECONDS
+  $PY benchmarks/run.py --suite gpu --out "$OUT/suite-gpu" > "$OUT/logs/bench-suite.log" 2>&1
+  note "benchmark suite rc=$? in $((SECONDS - start)) s"
+  grep -v "^wrote" "$OUT/logs/bench-suite.log" | tail -40
 fi
 
 if has bench-stats; then

@@ -17,7 +17,7 @@ memory from torch.cuda.max_memory_allocated, CUDA-event timing.
 
 Examples:
   python benchmarks/run_intra_inter_sums.py --device cpu
-  python benchmarks/run_intra_inter_sums.py --device cuda   # the issue-3 grid:
+  python benchmarks/run_intra_inter_sums.py --device cuda   # the full GPU grid:
       N = 4096 ... 1048576 (powers of 4), D in {2, 128, 512}, every metric,
       fwd / bwd / full, cuda cuda-pair-pass triton eager compile keops; cases predicted to
       take longer than --max-predicted-seconds per run are recorded as skipped.

@@ -1,0 +1,202 @@
+"""The cases of the benchmark suite (benchmarks/run.py): every op, each provider that can
+compute it, random and clustered data.
+
+A case builds its inputs once and returns, per provider, a step function that runs the op
+(forward, or forward + backward) and returns nothing. Providers:
+  ours-<backend>  the package on that backend (cpu, triton, cuda; what this machine can run)
+  eager           the readable PyTorch definition (confusion_kernels.reference); for the
+                  N-Centroids loss the plain N x K formulation of run_n_centroids.py
+  compile         torch.compile of that definition (Inductor)
+  keops           a pykeops LazyTensor formulation, where KeOps expresses the op and is installed
+Each case also states its work (flops and bytes) for the floor of benchmarks/run.py: the
+matrix products of the least work that computes it, e.g. for the pair sums one product over
+the N^2/2 unordered pairs forward (N^2 D flops) and two more for the gradient (3 N^2 D in all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import confusion_kernels as ck
+from confusion_kernels import _backend, reference
+from confusion_kernels.analysis import ClassStatistics
+
+from bench_data import make_data
+from run_n_centroids import eager_loss as eager_n_centroids
+
+
+@dataclass
+class Case:
+    op: str
+    mode: str          # "fwd" or "fwd+bwd"
+    data: str          # "random" or "clustered"
+    n: int
+    d: int
+    k: int             # classes, prototypes, centroids or reference rows (see the op)
+    flops: float
+    nbytes: float
+    steps: dict[str, Callable[[], None]] = field(default_factory=dict)
+
+
+def our_backends(device: torch.device, op: str) -> list[str]:
+    candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    return [b for b in candidates if _backend.unavailable_reason(b, device, op) is None]
+
+
+def _step(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mode: str):
+    def run() -> None:
+        for t in leaves:
+            t.grad = None
+        if mode == "fwd":
+            with torch.no_grad():
+                loss_fn()
+        else:
+            loss_fn().backward()
+
+    return run
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _rows(n: int, d: int, data: str, classes: int, device: torch.device):
+    x, labels = make_data(n, d, data, classes=classes)
+    return x.to(device).requires_grad_(True), labels.to(device)
+
+
+def intra_inter_sums_case(device, n, d, data, metric, mode, keops) -> Case:
+    x, labels = _rows(n, d, data, 100, device)
+    g_in = torch.randn(n, device=device)
+
+    def _weighted(sums):
+        return (sums[0] * g_in).sum() + sums[1].sum()
+
+    p = float(n) * n
+    case = Case(f"intra_inter_sums[{metric}]", mode, data, n, d, 100,
+                flops=(1 if mode == "fwd" else 3) * p * d, nbytes=3.0 * n * d * 4)
+    for b in our_backends(device, "intra_inter_sums"):
+        case.steps[f"ours-{b}"] = _step(
+            lambda b=b: _weighted(ck.intra_inter_sums(x, labels, metric, backend=b)), [x], mode)
+    eager = lambda: _weighted(reference.intra_inter_sums(x, labels, metric))  # noqa: E731
+    case.steps["eager"] = _step(eager, [x], mode)
+    compiled = _compiled(lambda a, y: reference.intra_inter_sums(a, y, metric))
+    case.steps["compile"] = _step(lambda: _weighted(compiled(x, labels)), [x], mode)
+    if keops:
+        import keops_peer
+
+        case.steps["keops"] = _step(lambda: _weighted(keops_peer.intra_inter_sums(x, labels, metric)),
+                                    [x], mode)
+    return case
+
+
+def as_loss_case(device, n, d, data, metric) -> Case:
+    x, labels = _rows(n, d, data, 10, device)
+    case = Case(f"as_loss[{metric}]", "fwd+bwd", data, n, d, 10,
+                flops=3.0 * n * n * d, nbytes=3.0 * n * d * 4)
+    for b in our_backends(device, "intra_inter_sums"):
+        case.steps[f"ours-{b}"] = _step(lambda b=b: ck.as_loss(x, labels, metric=metric, backend=b),
+                                        [x], "fwd+bwd")
+    case.steps["eager"] = _step(lambda: reference.as_loss(x, labels, metric=metric), [x], "fwd+bwd")
+    compiled = _compiled(lambda a, y: reference.as_loss(a, y, metric=metric))
+    case.steps["compile"] = _step(lambda: compiled(x, labels), [x], "fwd+bwd")
+    return case
+
+
+def affinity_case(device, n, d, data, classes, centers) -> Case:
+    f, labels = _rows(n, d, data, classes, device)
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(classes, centers, d, generator=g) * 3).to(device).requires_grad_(True)
+    p = classes * centers
+    case = Case(f"affinity_loss[m={centers}]", "fwd+bwd", data, n, d, p,
+                flops=6.0 * n * p * d, nbytes=4.0 * (n + p) * d * 2)
+    for b in our_backends(device, "affinity_hinge"):
+        case.steps[f"ours-{b}"] = _step(
+            lambda b=b: ck.affinity_loss(f, labels, w, lambda_diversity=0.0, backend=b), [f, w],
+            "fwd+bwd")
+    eager = lambda: reference.affinity.affinity_loss(f, labels, w, lambda_diversity=0.0)  # noqa: E731
+    case.steps["eager"] = _step(eager, [f, w], "fwd+bwd")
+    compiled = _compiled(lambda a, y, p_: reference.affinity.affinity_loss(a, y, p_,
+                                                                            lambda_diversity=0.0))
+    case.steps["compile"] = _step(lambda: compiled(f, labels, w), [f, w], "fwd+bwd")
+    return case
+
+
+def n_centroids_case(device, n, d, data, k) -> Case:
+    z, labels = _rows(n, d, data, k, device)
+    g = torch.Generator().manual_seed(2)
+    c = reference.n_centroids.normalize(torch.randn(k, d, generator=g)).to(device)
+    case = Case("n_centroids_loss[great_circle]", "fwd+bwd", data, n, d, k,
+                flops=4.0 * n * k * d, nbytes=4.0 * (n + k) * d * 2)
+    for b in our_backends(device, "n_centroids_rows"):
+        case.steps[f"ours-{b}"] = _step(lambda b=b: ck.n_centroids_loss(z, labels, c, backend=b),
+                                        [z], "fwd+bwd")
+    # eager: the plain N x K formulation (the readable reference broadcasts N x K x D)
+    case.steps["eager"] = _step(lambda: eager_n_centroids(z, labels, c), [z], "fwd+bwd")
+    compiled = _compiled(eager_n_centroids)
+    case.steps["compile"] = _step(lambda: compiled(z, labels, c), [z], "fwd+bwd")
+    return case
+
+
+def rect_case(device, n, m, d, data) -> Case:
+    x, labels = _rows(n, d, data, 10, device)
+    ref, ref_labels = _rows(m, d, data, 10, device)
+    case = Case("intra_inter_sums_rect[euclidean]", "fwd+bwd", data, n, d, m,
+                flops=6.0 * n * m * d, nbytes=4.0 * (n + m) * d * 2)
+
+    def total(sums):
+        return sums[0].sum() + sums[1].sum()
+
+    for b in our_backends(device, "intra_inter_sums_rect"):
+        case.steps[f"ours-{b}"] = _step(lambda b=b: total(ck.intra_inter_sums(
+            x, labels, ref=ref, ref_labels=ref_labels, backend=b)), [x, ref], "fwd+bwd")
+    eager = lambda: total(reference.intra_inter_sums(x, labels, "euclidean", ref=ref,  # noqa: E731
+                                                     ref_labels=ref_labels))
+    case.steps["eager"] = _step(eager, [x, ref], "fwd+bwd")
+    compiled = _compiled(lambda a, y, r, z: reference.intra_inter_sums(a, y, "euclidean", ref=r,
+                                                                        ref_labels=z))
+    case.steps["compile"] = _step(lambda: total(compiled(x, labels, ref, ref_labels)), [x, ref],
+                                  "fwd+bwd")
+    return case
+
+
+def class_stats_case(device, n, d, data, classes) -> Case:
+    feats, labels = make_data(n, d, data, classes=classes)
+    feats, labels = feats.to(device), labels.to(device)
+    case = Case("class_stats.update", "fwd", data, n, d, classes, flops=0.0,
+                nbytes=4.0 * n * d + 8.0 * n)
+    ours = "cpu" if device.type == "cpu" else "triton"
+    case.steps[f"ours-{ours}"] = lambda: ClassStatistics(classes, d, device=device).update(
+        feats, labels)
+    case.steps["eager"] = lambda: ClassStatistics(classes, d, device=device).update(
+        feats, labels, backend="torch")
+    return case
+
+
+def suite_cases(suite: str, device: torch.device, keops: bool) -> list[Callable[[], Case]]:
+    """Lazily built cases (inputs are made when a case runs, and freed after it)."""
+    big = suite == "gpu"
+    n_pairs = 65536 if big else 4096
+    cases: list[Callable[[], Case]] = []
+    for data in ("random", "clustered"):
+        for metric, d in (("euclidean", 128 if big else 64), ("cosine", 128)):
+            for mode in ("fwd", "fwd+bwd"):
+                cases.append(lambda data=data, metric=metric, d=d, mode=mode: intra_inter_sums_case(
+                    device, n_pairs, d, data, metric, mode, keops))
+            cases.append(lambda data=data, metric=metric, d=d: as_loss_case(
+                device, n_pairs, d, data, metric))
+        cases.append(lambda data=data: affinity_case(
+            device, 65536 if big else 4096, 512 if big else 128, data,
+            100000 if big else 1000, 1))
+        cases.append(lambda data=data: affinity_case(
+            device, 65536 if big else 4096, 512 if big else 128, data, 1000, 5))
+        cases.append(lambda data=data: n_centroids_case(
+            device, 262144 if big else 16384, 128, data, 1000))
+        cases.append(lambda data=data: rect_case(
+            device, 4096 if big else 1024, 65536 if big else 8192, 64, data))
+        cases.append(lambda data=data: class_stats_case(
+            device, 1048576 if big else 65536, 512, data, 1000))
+    return cases

@@ -1,0 +1,54 @@
+"""benchmarks/run.py: quantiles, the Markdown tables and a tiny end-to-end case (CSV columns,
+statuses), without timing anything large."""
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+import suite_cases  # noqa: E402
+
+
+def test_quantiles():
+    values = [float(v) for v in range(11)]
+    assert run.quantile(values, 0.5) == 5.0
+    assert run.quantile(values, 0.2) == 2.0 and run.quantile(values, 0.8) == 8.0
+    assert run.quantile([3.0], 0.8) == 3.0
+
+
+def test_markdown_names_the_fastest_provider():
+    base = dict(op="op", mode="fwd", data="random", N=8, D=2, K=3, peak_mib=1.0,
+                fraction_of_floor=0.5, status="ok")
+    rows = [dict(base, provider="ours-cpu", median_ms=1.0), dict(base, provider="eager", median_ms=4.0),
+            dict(base, provider="keops", status="error: X")]
+    lines = run.markdown(rows)
+    row = next(line for line in lines if line.startswith("| fwd"))
+    assert "| 1.00 | 4.00 | error: X | ours-cpu |" in row
+
+
+def test_tiny_suite_writes_every_column(tmp_path, monkeypatch):
+    device = torch.device("cpu")
+
+    def tiny(suite, dev, keops):
+        return [lambda: suite_cases.intra_inter_sums_case(dev, 40, 3, "clustered", "euclidean",
+                                                          "fwd+bwd", keops=False),
+                lambda: suite_cases.class_stats_case(dev, 50, 4, "random", 3)]
+
+    monkeypatch.setattr(suite_cases, "suite_cases", tiny)
+    ceilings = {"fp32_tflops": 0.1, "bandwidth_gbs": 1.0}
+    rows = run.run_suite("cpu", device, reps=2, budget_s=1.0, ceilings=ceilings, keops=False)
+    providers = {r["provider"] for r in rows}
+    assert {"eager", "compile"} <= providers
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    path = tmp_path / "suite.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=run.COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    read = list(csv.DictReader(open(path)))
+    assert set(read[0]) == set(run.COLUMNS)
+    assert all(float(r["median_ms"]) > 0 and float(r["fraction_of_floor"]) > 0 for r in read)
