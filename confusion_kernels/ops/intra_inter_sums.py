@@ -15,6 +15,8 @@ here, so every backend is usable under torch.compile and opcheck.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _extension
@@ -88,7 +90,7 @@ register_row_sums_autograd(TRITON_OP, _triton_backward)
 
 @torch.library.custom_op(TRITON_RECT_OP, mutates_args=())
 def _triton_rect_forward(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
-                         ref_labels: torch.Tensor, self_offset: int | None,
+                         ref_labels: torch.Tensor, self_offset: Optional[int],
                          metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import intra_inter_sums as kernels
 
@@ -99,7 +101,7 @@ def _triton_rect_forward(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tenso
 @torch.library.custom_op(TRITON_RECT_BACKWARD_OP, mutates_args=())
 def _triton_rect_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
                           labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
-                          self_offset: int | None, metric: str
+                          self_offset: Optional[int], metric: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import intra_inter_sums as kernels
 
