@@ -186,40 +186,35 @@ def test_labels_out_of_range_raise_before_any_kernel(backend):
         ck.n_centroids_loss(z, labels, c, backend=backend)
 
 
-def test_cpp_ops_check_their_inputs_themselves():
-    require_backend("cpu", OP)
-    z, c = torch.randn(3, 4), ncl.normalize(torch.randn(3, 4))
-    ops = torch.ops.confusion_kernels
-    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
-        ops.n_centroids_rows(z, c, torch.tensor([0, 1, 5]), "cosine", True)
-    with pytest.raises(RuntimeError, match="unknown metric"):
-        ops.n_centroids_rows(z, c, torch.tensor([0, 1, 2]), "manhattan", True)
-    with pytest.raises(RuntimeError, match="K >= 2"):
-        ops.n_centroids_sum_with_grad(z, c[:1], torch.zeros(3, dtype=torch.long), "cosine", True)
-    with pytest.raises(RuntimeError, match=r"hardest must lie in \[0, 3\), got \[-1, 1\]"):
-        ops.n_centroids_rows_backward(torch.ones(3), z, c, torch.tensor([0, 1, 2]),
-                                      torch.tensor([1, -1, 0]), "cosine", True)
+# (forward op, backward op, exception) of each backend's registered ops
+CHECKED_OPS = {"cpu": ("n_centroids_rows", "n_centroids_rows_backward", RuntimeError),
+               "triton": ("n_centroids_rows_triton", "n_centroids_rows_triton_backward", ValueError)}
 
 
-def test_triton_ops_check_their_inputs_themselves():
-    """Direct calls of the Triton custom ops get a ValueError, never an out-of-bounds read."""
-    require_backend("triton", "n_centroids_rows")
+@pytest.mark.parametrize("backend", sorted(CHECKED_OPS))
+def test_ops_check_their_inputs_themselves(backend):
+    """Direct calls of the registered ops (C++ and Triton) raise, never read out of bounds."""
+    require_backend(backend, OP)
+    forward_name, backward_name, error = CHECKED_OPS[backend]
+    forward = getattr(torch.ops.confusion_kernels, forward_name)
+    backward = getattr(torch.ops.confusion_kernels, backward_name)
     z, c = torch.randn(3, 4), ncl.normalize(torch.randn(3, 4))
-    ops = torch.ops.confusion_kernels
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-        ops.n_centroids_rows_triton(z, c, torch.tensor([0, 1, 5]), "cosine", True)
-    with pytest.raises(ValueError, match="unknown metric"):
-        ops.n_centroids_rows_triton(z, c, torch.tensor([0, 1, 2]), "manhattan", True)
-    with pytest.raises(ValueError, match="K >= 2"):
-        ops.n_centroids_rows_triton(z, c[:1], torch.zeros(3, dtype=torch.long), "cosine", True)
-    with pytest.raises(ValueError, match="centroids must be"):
-        ops.n_centroids_rows_triton(z, c[:, :2], torch.tensor([0, 1, 2]), "cosine", True)
-    with pytest.raises(ValueError, match="hardest"):
-        ops.n_centroids_rows_triton_backward(torch.ones(3), z, c, torch.tensor([0, 1, 2]),
-                                             torch.tensor([1, -1, 0]), "cosine", True)
-    with pytest.raises(ValueError, match="grad_rows"):
-        ops.n_centroids_rows_triton_backward(torch.ones(2), z, c, torch.tensor([0, 1, 2]),
-                                             torch.tensor([1, 2, 0]), "cosine", True)
+    labels = torch.tensor([0, 1, 2])
+    bad_forward = [((z, c, torch.tensor([0, 1, 5]), "cosine", True), r"labels must lie in \[0, 3\)"),
+                   ((z, c, labels, "manhattan", True), "unknown metric"),
+                   ((z, c[:1], torch.zeros(3, dtype=torch.long), "cosine", True), "K >= 2"),
+                   ((z, c[:, :2], labels, "cosine", True), "centroids|D ="),]
+    for args, match in bad_forward:
+        with pytest.raises(error, match=match):
+            forward(*args)
+    with pytest.raises(error, match=r"hardest must lie in \[0, 3\)"):
+        backward(torch.ones(3), z, c, labels, torch.tensor([1, -1, 0]), "cosine", True)
+    with pytest.raises(error, match="grad_rows"):
+        backward(torch.ones(2), z, c, labels, torch.tensor([1, 2, 0]), "cosine", True)
+    if backend == "cpu":
+        with pytest.raises(error, match="K >= 2"):
+            torch.ops.confusion_kernels.n_centroids_sum_with_grad(
+                z, c[:1], torch.zeros(3, dtype=torch.long), "cosine", True)
 
 
 def test_direct_gradients_match_autograd():

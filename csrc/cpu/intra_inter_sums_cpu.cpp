@@ -22,7 +22,7 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/pair_math.h"
-#include "confusion_kernels/rect_inputs.h"
+#include "confusion_kernels/direct_pass.h"
 #include "pair_sums_with_grad.h"
 
 namespace confusion_kernels {
@@ -152,60 +152,24 @@ void direct_backward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const a
   });
 }
 
-// Calls f(std::integral_constant<int64_t, M>{}) for the runtime metric code.
-template <typename F>
-void dispatch_metric(int64_t metric, const char* op, F&& f) {
-  switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    case kSmoothL1: return f(std::integral_constant<int64_t, kSmoothL1>{});
-    default: TORCH_CHECK(false, op, ": unknown metric code ", metric);
+// The direct loops as the passes of direct_pass.h (they read the columns from b^T).
+struct ForwardLoops {
+  template <class Metric, class Side, class T>
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
+                  T* s_in, T* s_out) const {
+    const at::Tensor bt = b_rows.t().contiguous();
+    direct_forward<Metric::value, T>(a, b, bt.data_ptr<T>(), b_rows.size(1), shift, s_in, s_out);
   }
-}
+};
 
-// (S_in, S_out) of the rows of xa against the columns of ya, pair (i, i + shift) left out.
-std::tuple<at::Tensor, at::Tensor> direct_row_sums(const at::Tensor& xa, const at::Tensor& x_labels,
-                                                   const at::Tensor& ya, const at::Tensor& y_labels,
-                                                   int64_t shift, int64_t metric) {
-  const DirectOperand a = direct_operand(xa, metric);
-  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
-  const at::Tensor bt = b.rows.t().contiguous();
-  at::Tensor s_in = at::empty({xa.size(0)}, xa.options());
-  at::Tensor s_out = at::empty({xa.size(0)}, xa.options());
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cpu", [&] {
-    dispatch_metric(metric, "intra_inter_sums", [&](auto m) {
-      direct_forward<decltype(m)::value, scalar_t>(
-          pair_side<scalar_t>(a, x_labels), pair_side<scalar_t>(b, y_labels),
-          bt.data_ptr<scalar_t>(), xa.size(1), shift, s_in.data_ptr<scalar_t>(),
-          s_out.data_ptr<scalar_t>());
-    });
-  });
-  return {s_in, s_out};
-}
-
-// sum_j c_ij dD(x_i, y_j)/dx_i for every row of xa, the upstream weights of each side
-// in (x_g_in, x_g_out) and (y_g_in, y_g_out) (undefined = 0).
-at::Tensor direct_row_grad(const at::Tensor& xa, const at::Tensor& x_labels,
-                           const at::Tensor& x_g_in, const at::Tensor& x_g_out,
-                           const at::Tensor& ya, const at::Tensor& y_labels,
-                           const at::Tensor& y_g_in, const at::Tensor& y_g_out, int64_t shift,
-                           int64_t metric) {
-  const DirectOperand a = direct_operand(xa, metric);
-  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
-  const at::Tensor bt = b.rows.t().contiguous();
-  at::Tensor grad = at::zeros_like(xa);
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_backward_cpu", [&] {
-    dispatch_metric(metric, "intra_inter_sums_backward", [&](auto m) {
-      direct_backward<decltype(m)::value, scalar_t>(
-          pair_side<scalar_t>(a, x_labels, x_g_in, x_g_out),
-          pair_side<scalar_t>(b, y_labels, y_g_in, y_g_out), bt.data_ptr<scalar_t>(),
-          xa.size(1), shift, grad.data_ptr<scalar_t>());
-    });
-  });
-  return grad;
-}
+struct BackwardLoops {
+  template <class Metric, class Side, class T>
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
+                  T* grad) const {
+    const at::Tensor bt = b_rows.t().contiguous();
+    direct_backward<Metric::value, T>(a, b, bt.data_ptr<T>(), b_rows.size(1), shift, grad);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         const at::Tensor& labels,
@@ -213,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
   const NoAutocast no_autocast;
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
   if (uses_gram_pass(in.metric, in.x.size(1))) return pair_row_sums(in.x, in.labels, in.metric);
-  return direct_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, in.metric);
+  return direct_pass_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, in.metric,
+                              ForwardLoops{});
 }
 
 at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
@@ -228,33 +193,9 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
     const PairSums r = pair_sums_with_grad(in.x, in.labels, in.grad_in, in.grad_out, in.metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
-  return direct_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels, in.grad_in,
-                         in.grad_out, /*shift=*/0, in.metric)
+  return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels,
+                              in.grad_in, in.grad_out, /*shift=*/0, in.metric, BackwardLoops{})
       .to(x.scalar_type());
-}
-
-// The rectangular op: every metric on the direct loops (exact per pair).
-std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_cpu(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
-    const at::Tensor& ref_labels, c10::optional<int64_t> self_offset,
-    c10::string_view metric_name) {
-  const NoAutocast no_autocast;
-  const RectInputs in =
-      prepare_rect_inputs(x, labels, ref, ref_labels, self_offset, metric_name, c10::kCPU);
-  return direct_row_sums(in.x, in.labels, in.ref, in.ref_labels, in.shift, in.metric);
-}
-
-std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& grad_out, const at::Tensor& x,
-    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    c10::optional<int64_t> self_offset, c10::string_view metric_name) {
-  const NoAutocast no_autocast;
-  const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref,
-                                                     ref_labels, self_offset, metric_name,
-                                                     c10::kCPU);
-  return rect_backward(in, x, ref, [&](auto&&... args) {
-    return direct_row_grad(args..., in.metric);
-  });
 }
 
 }  // namespace
@@ -262,8 +203,9 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_backward_cpu(
 TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cpu);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cpu);
-  m.impl("intra_inter_sums_rect", &intra_inter_sums_rect_cpu);
-  m.impl("intra_inter_sums_rect_backward", &intra_inter_sums_rect_backward_cpu);
+  // the rectangular op: every metric on the direct passes (exact per pair)
+  m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCPU, ForwardLoops>);
+  m.impl("intra_inter_sums_rect_backward", &rect_backward_op<c10::kCPU, BackwardLoops>);
 }
 
 }  // namespace confusion_kernels

@@ -28,25 +28,12 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/gram_operands.h"
-#include "confusion_kernels/rect_inputs.h"
+#include "confusion_kernels/direct_pass.h"
 #include "intra_inter_sums_launch.h"
 #include "pair_pass.h"
 
 namespace confusion_kernels {
 namespace {
-
-// Calls F<kMetric>() for the runtime metric code.
-template <typename F>
-void dispatch_metric(int64_t metric, F&& f) {
-  switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    case kSmoothL1: return f(std::integral_constant<int64_t, kSmoothL1>{});
-    default: TORCH_CHECK(false, "intra_inter_sums: unknown metric code ", metric);
-  }
-}
 
 bool env_flag(const char* name) {
   const char* v = std::getenv(name);
@@ -125,48 +112,27 @@ GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
   return g;
 }
 
-// (S_in, S_out) of the rows of xa against the columns of ya by the difference-form
-// kernels, the pair (i, i + shift) left out (pair_sides.h).
-std::tuple<at::Tensor, at::Tensor> direct_row_sums(const at::Tensor& xa, const at::Tensor& x_labels,
-                                                   const at::Tensor& ya, const at::Tensor& y_labels,
-                                                   int64_t shift, int64_t metric) {
-  const DirectOperand a = direct_operand(xa, metric);
-  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
-  at::Tensor s_in = at::empty({xa.size(0)}, xa.options());
-  at::Tensor s_out = at::empty({xa.size(0)}, xa.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_cuda", [&] {
-    dispatch_metric(metric, [&](auto m) {
-      launch_forward_for_metric<scalar_t, decltype(m)::value>(
-          pair_side<scalar_t>(a, x_labels), pair_side<scalar_t>(b, y_labels), xa.size(1), shift,
-          s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>(), stream);
-    });
-  });
-  return {s_in, s_out};
-}
+// The difference-form kernels as the passes of direct_pass.h, on the current stream
+// of the rows' device.
+struct ForwardKernels {
+  template <class Metric, class Side, class T>
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
+                  T* s_in, T* s_out) const {
+    const c10::cuda::CUDAGuard guard(b_rows.device());
+    launch_forward_for_metric<T, Metric::value>(a, b, b_rows.size(1), shift, s_in, s_out,
+                                                c10::cuda::getCurrentCUDAStream().stream());
+  }
+};
 
-// sum_j c_ij dD(x_i, y_j)/dx_i for every row of xa, each side's upstream weights in
-// (g_in, g_out) (undefined = 0).
-at::Tensor direct_row_grad(const at::Tensor& xa, const at::Tensor& x_labels,
-                           const at::Tensor& x_g_in, const at::Tensor& x_g_out,
-                           const at::Tensor& ya, const at::Tensor& y_labels,
-                           const at::Tensor& y_g_in, const at::Tensor& y_g_out, int64_t shift,
-                           int64_t metric) {
-  const DirectOperand a = direct_operand(xa, metric);
-  const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
-  at::Tensor grad = at::empty_like(xa);
-  if (xa.size(1) == 0) return grad;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_backward_cuda", [&] {
-    dispatch_metric(metric, [&](auto m) {
-      launch_backward_for_metric<scalar_t, decltype(m)::value>(
-          pair_side<scalar_t>(a, x_labels, x_g_in, x_g_out),
-          pair_side<scalar_t>(b, y_labels, y_g_in, y_g_out), xa.size(1), shift,
-          grad.data_ptr<scalar_t>(), stream);
-    });
-  });
-  return grad;
-}
+struct BackwardKernels {
+  template <class Metric, class Side, class T>
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
+                  T* grad) const {
+    const c10::cuda::CUDAGuard guard(b_rows.device());
+    launch_backward_for_metric<T, Metric::value>(a, b, b_rows.size(1), shift, grad,
+                                                 c10::cuda::getCurrentCUDAStream().stream());
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
@@ -189,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
     return {s_in, s_out};
   }
   if (uses_gram_form(x, metric)) return pair_row_sums_cuda(in.x, in.labels, metric);
-  return direct_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, metric);
+  return direct_pass_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, metric,
+                              ForwardKernels{});
 }
 
 at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
@@ -220,35 +187,9 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
     const PairSums r = pair_sums_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
-  return direct_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels, in.grad_in,
-                         in.grad_out, /*shift=*/0, metric)
+  return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels,
+                              in.grad_in, in.grad_out, /*shift=*/0, metric, BackwardKernels{})
       .to(x.scalar_type());
-}
-
-// The rectangular op: every metric on the difference-form kernels (exact per pair).
-std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_cuda(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
-    const at::Tensor& ref_labels, c10::optional<int64_t> self_offset,
-    c10::string_view metric_name) {
-  const NoAutocast no_autocast;
-  const RectInputs in =
-      prepare_rect_inputs(x, labels, ref, ref_labels, self_offset, metric_name, c10::kCUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return direct_row_sums(in.x, in.labels, in.ref, in.ref_labels, in.shift, in.metric);
-}
-
-std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& grad_out, const at::Tensor& x,
-    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    c10::optional<int64_t> self_offset, c10::string_view metric_name) {
-  const NoAutocast no_autocast;
-  const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref,
-                                                     ref_labels, self_offset, metric_name,
-                                                     c10::kCUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return rect_backward(in, x, ref, [&](auto&&... args) {
-    return direct_row_grad(args..., in.metric);
-  });
 }
 
 }  // namespace
@@ -256,8 +197,9 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_rect_backward_cuda(
 TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cuda);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cuda);
-  m.impl("intra_inter_sums_rect", &intra_inter_sums_rect_cuda);
-  m.impl("intra_inter_sums_rect_backward", &intra_inter_sums_rect_backward_cuda);
+  // the rectangular op: every metric on the direct passes (exact per pair)
+  m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCUDA, ForwardKernels>);
+  m.impl("intra_inter_sums_rect_backward", &rect_backward_op<c10::kCUDA, BackwardKernels>);
 }
 
 }  // namespace confusion_kernels

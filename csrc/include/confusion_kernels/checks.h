@@ -125,6 +125,20 @@ inline RowSumsInputs prepare_pair_sums_inputs(const at::Tensor& x, const at::Ten
   return in;
 }
 
+// Calls f(std::integral_constant<int64_t, M>{}) for the metric code M; an unknown
+// code is an error of `op`.
+template <typename F>
+void dispatch_metric(int64_t metric, const char* op, F&& f) {
+  switch (metric) {
+    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
+    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
+    case kSmoothL1: return f(std::integral_constant<int64_t, kSmoothL1>{});
+    default: TORCH_CHECK(false, op, ": unknown metric code ", metric);
+  }
+}
+
 // Calls f(std::integral_constant<int64_t, M>{}) for a metric code M with a Gram
 // form (euclidean, sqeuclidean, cosine); any other code is an error of `op`.
 template <typename F>
