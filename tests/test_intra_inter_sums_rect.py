@@ -213,3 +213,20 @@ def test_cpp_op_refuses_bad_input():
     with pytest.raises(RuntimeError, match="grad_in must be 1-D"):
         backward(torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64), x,
                  labels, ref, ref_labels, None, "euclidean")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_tight_clusters_far_from_the_origin(backend, metric):
+    """Where a plain Gram form cancels (rows 1e3 from the origin, 1e-2 apart, exact
+    duplicates): float32 stays within 1e-4 of the float64 reference."""
+    device = require_backend(backend, OP)
+    g = torch.Generator().manual_seed(12)
+    n, m, d = (9, 40, 12) if interpreted(backend) else (60, 300, 24)
+    centres = 1000.0 * torch.randn(3, d, generator=g, dtype=torch.float64)
+    ref_labels = torch.randint(0, 3, (m,), generator=g)
+    ref = centres[ref_labels] + 1e-2 * torch.randn(m, d, generator=g, dtype=torch.float64)
+    x, labels = ref[5:5 + n].clone(), ref_labels[5:5 + n]
+    ref[m - 1] = ref[0]  # a duplicated column
+    case = (x.float().to(device), labels.to(device), ref.float().to(device), ref_labels.to(device))
+    check_against_reference(case, metric, backend, 1e-4, 3, 5)

@@ -23,6 +23,7 @@
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/direct_pass.h"
+#include "confusion_kernels/gram_tiles.h"
 #include "pair_sums_with_grad.h"
 
 namespace confusion_kernels {
@@ -155,8 +156,8 @@ void direct_backward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const a
 // The direct loops as the passes of direct_pass.h (they read the columns from b^T).
 struct ForwardLoops {
   template <class Metric, class Side, class T>
-  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
-                  T* s_in, T* s_out) const {
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor&, const at::Tensor& b_rows,
+                  int64_t shift, T* s_in, T* s_out) const {
     const at::Tensor bt = b_rows.t().contiguous();
     direct_forward<Metric::value, T>(a, b, bt.data_ptr<T>(), b_rows.size(1), shift, s_in, s_out);
   }
@@ -164,10 +165,186 @@ struct ForwardLoops {
 
 struct BackwardLoops {
   template <class Metric, class Side, class T>
-  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
-                  T* grad) const {
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor&, const at::Tensor& b_rows,
+                  int64_t shift, T* grad) const {
     const at::Tensor bt = b_rows.t().contiguous();
     direct_backward<Metric::value, T>(a, b, bt.data_ptr<T>(), b_rows.size(1), shift, grad);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Gram-form tiles of the rectangular op (euclidean / sqeuclidean with D > 8,
+// cosine): one matrix product per (row tile x column tile); the pairs the Gram
+// form cannot resolve (gram_distance) are recomputed from differences exactly
+// as the direct loops compute them, so duplicated rows get distance 0 and
+// gradient 0. Rows are accumulated tile by tile in a fixed order.
+// ---------------------------------------------------------------------------
+constexpr int64_t kRectRowTile = 256;
+constexpr int64_t kRectColTile = 512;
+
+// The Gram operands op(.) of both sides and their squared norms: euclidean /
+// sqeuclidean rows centred on b's mean (distances do not change, the Gram form
+// keeps its digits on data far from the origin); cosine the unit rows, with the
+// squared norms of the rows before normalising (eps test, 1/|a|).
+struct GramSides {
+  at::Tensor a, b, a_sq, b_sq;
+};
+
+template <int64_t M, typename T>
+GramSides gram_sides(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
+                     const at::Tensor& b_rows) {
+  if (M == kCosine) {
+    const auto squared = [](const PairSide<T>& side, const at::Tensor& rows) {
+      return at::from_blob(const_cast<T*>(side.norms), {side.n}, rows.options()).square();
+    };
+    return {a_rows, b_rows, squared(a, a_rows), squared(b, b_rows)};
+  }
+  const at::Tensor mean = finite_row_mean(b_rows, 0);
+  const at::Tensor ac = (a_rows - mean).contiguous(), bc = (b_rows - mean).contiguous();
+  return {ac, bc, (ac * ac).sum(1).contiguous(), (bc * bc).sum(1).contiguous()};
+}
+
+// The direct form of one pair (block_distance of the loops above, one pair at a time).
+template <int64_t M, typename T>
+T exact_pair_distance(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int64_t j,
+                      int64_t d) {
+  const T* ai = a.rows + i * d;
+  const T* bj = b.rows + j * d;
+  T sum = 0, dot = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const T t = ai[k] - bj[k];
+    sum += M == kCosine ? t * t : direct_term<T>(M, t);
+    if (M == kCosine) dot += ai[k] * bj[k];
+  }
+  return block_distance<M>(a, b, i, j, sum, dot);
+}
+
+// gi += coef * dD(a_i, b_j)/da_i by the direct form.
+template <int64_t M, typename T>
+void exact_pair_grad(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int64_t j, int64_t d,
+                     T coef, T* gi) {
+  const T* ai = a.rows + i * d;
+  const T* bj = b.rows + j * d;
+  const T dist = exact_pair_distance<M>(a, b, i, j, d);
+  if (M == kCosine) {
+    T alpha, beta, gamma;
+    unit_cosine_grad_coefficients(coef, a.norms[i], b.norms[j], dist, &alpha, &beta, &gamma);
+    for (int64_t k = 0; k < d; ++k) gi[k] += alpha * (bj[k] - ai[k]) + beta * ai[k] + gamma * bj[k];
+    return;
+  }
+  const T scale = M == kEuclidean ? (dist > T(0) ? coef / dist : T(0)) : T(2) * coef;
+  for (int64_t k = 0; k < d; ++k) gi[k] += scale * (ai[k] - bj[k]);
+}
+
+template <int64_t M, typename T>
+void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
+                       const at::Tensor& b_rows, int64_t shift, T* s_in, T* s_out) {
+  const int64_t d = a_rows.size(1);
+  const GramSides g = gram_sides<M>(a, b, a_rows, b_rows);
+  const T* a_sq = g.a_sq.template data_ptr<T>();
+  const T* b_sq = g.b_sq.template data_ptr<T>();
+  std::fill(s_in, s_in + a.n, T(0));
+  std::fill(s_out, s_out + a.n, T(0));
+  for_each_gram_tile(g.a, g.b, kRectRowTile, kRectColTile,
+                     [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
+    const at::Tensor gram = tile.contiguous();
+    const T* gp = gram.template data_ptr<T>();
+    at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t ii = begin; ii < end; ++ii) {
+        const int64_t i = r0 + ii;
+        T in = 0, out = 0;
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          const int64_t j = c0 + jj;
+          if (is_self_pair(i, j, shift)) continue;
+          bool exact = false;
+          T dist = gram_distance<T>(M, a_sq[i], b_sq[j], gp[ii * ct + jj], &exact);
+          if (exact) dist = exact_pair_distance<M>(a, b, i, j, d);
+          (b.labels[j] == a.labels[i] ? in : out) += dist;
+        }
+        s_in[i] += in;
+        s_out[i] += out;
+      }
+    });
+  });
+}
+
+// grad (zeroed, [a.n, D]) += sum_j c_ij dD(a_i, b_j)/da_i: per tile, the Gram pairs'
+// coefficients dD/da = self op(a_i) + other op(b_j) go to a row sum (self) and a
+// coefficient tile W (other) that one product multiplies into op(b); the exact pairs
+// add their direct-form gradient to their row.
+template <int64_t M, typename T>
+void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
+                        const at::Tensor& b_rows, int64_t shift, T* grad) {
+  const int64_t d = a_rows.size(1);
+  const GramSides g = gram_sides<M>(a, b, a_rows, b_rows);
+  const T* a_sq = g.a_sq.template data_ptr<T>();
+  const T* b_sq = g.b_sq.template data_ptr<T>();
+  at::Tensor grad_rows = at::from_blob(grad, {a.n, d}, a_rows.options());
+  at::Tensor self_sum = at::zeros({a.n}, a_rows.options());
+  T* self_p = self_sum.template data_ptr<T>();
+  for_each_gram_tile(g.a, g.b, kRectRowTile, kRectColTile,
+                     [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
+    const at::Tensor gram = tile.contiguous();
+    const T* gp = gram.template data_ptr<T>();
+    at::Tensor w = at::empty({rt, ct}, a_rows.options());
+    T* wp = w.template data_ptr<T>();
+    at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t ii = begin; ii < end; ++ii) {
+        const int64_t i = r0 + ii;
+        const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
+        T self = 0;
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          const int64_t j = c0 + jj;
+          T& wij = wp[ii * ct + jj];
+          wij = T(0);
+          const T coef = pair_coefficient(a, b, i, j, shift);
+          if (coef == T(0)) continue;
+          const T dot = gp[ii * ct + jj];
+          bool exact = false;
+          const T dist = gram_distance<T>(M, a_sq[i], b_sq[j], dot, &exact);
+          if (exact) {
+            exact_pair_grad<M>(a, b, i, j, d, coef, grad + i * d);
+            continue;
+          }
+          T self_coef, other_coef;
+          gram_grad_coefficients<T>(M, dot, dist, inv_norm_a, &self_coef, &other_coef);
+          self += coef * self_coef;
+          wij = coef * other_coef;
+        }
+        self_p[i] += self;
+      }
+    });
+    grad_rows.narrow(0, r0, rt).addmm_(w, g.b.narrow(0, c0, ct));
+  });
+  grad_rows.add_(g.a * self_sum.unsqueeze(1));
+}
+
+constexpr bool has_gram_form(int64_t metric) {
+  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
+}
+
+// The rectangular op's passes: the Gram tiles where uses_gram_pass holds, else the loops.
+struct RectForward {
+  template <class Metric, class Side, class T>
+  void operator()(Metric m, const Side& a, const Side& b, const at::Tensor& a_rows,
+                  const at::Tensor& b_rows, int64_t shift, T* s_in, T* s_out) const {
+    if constexpr (has_gram_form(Metric::value)) {
+      if (uses_gram_pass(Metric::value, a_rows.size(1)))
+        return gram_rect_forward<Metric::value>(a, b, a_rows, b_rows, shift, s_in, s_out);
+    }
+    ForwardLoops{}(m, a, b, a_rows, b_rows, shift, s_in, s_out);
+  }
+};
+
+struct RectBackward {
+  template <class Metric, class Side, class T>
+  void operator()(Metric m, const Side& a, const Side& b, const at::Tensor& a_rows,
+                  const at::Tensor& b_rows, int64_t shift, T* grad) const {
+    if constexpr (has_gram_form(Metric::value)) {
+      if (uses_gram_pass(Metric::value, a_rows.size(1)))
+        return gram_rect_backward<Metric::value>(a, b, a_rows, b_rows, shift, grad);
+    }
+    BackwardLoops{}(m, a, b, a_rows, b_rows, shift, grad);
   }
 };
 
@@ -203,9 +380,10 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
 TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cpu);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cpu);
-  // the rectangular op: every metric on the direct passes (exact per pair)
-  m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCPU, ForwardLoops>);
-  m.impl("intra_inter_sums_rect_backward", &rect_backward_op<c10::kCPU, BackwardLoops>);
+  // the rectangular op: Gram tiles for euclidean / sqeuclidean (D > 8) and cosine, else the
+  // direct loops
+  m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCPU, RectForward>);
+  m.impl("intra_inter_sums_rect_backward", &rect_backward_op<c10::kCPU, RectBackward>);
 }
 
 }  // namespace confusion_kernels

@@ -116,8 +116,8 @@ GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
 // of the rows' device.
 struct ForwardKernels {
   template <class Metric, class Side, class T>
-  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
-                  T* s_in, T* s_out) const {
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor&, const at::Tensor& b_rows,
+                  int64_t shift, T* s_in, T* s_out) const {
     const c10::cuda::CUDAGuard guard(b_rows.device());
     launch_forward_for_metric<T, Metric::value>(a, b, b_rows.size(1), shift, s_in, s_out,
                                                 c10::cuda::getCurrentCUDAStream().stream());
@@ -126,8 +126,8 @@ struct ForwardKernels {
 
 struct BackwardKernels {
   template <class Metric, class Side, class T>
-  void operator()(Metric, const Side& a, const Side& b, const at::Tensor& b_rows, int64_t shift,
-                  T* grad) const {
+  void operator()(Metric, const Side& a, const Side& b, const at::Tensor&, const at::Tensor& b_rows,
+                  int64_t shift, T* grad) const {
     const c10::cuda::CUDAGuard guard(b_rows.device());
     launch_backward_for_metric<T, Metric::value>(a, b, b_rows.size(1), shift, grad,
                                                  c10::cuda::getCurrentCUDAStream().stream());

@@ -111,7 +111,8 @@ inline int64_t swapped_shift(int64_t shift) { return shift == kNoSelfPair ? shif
 
 // (S_in, S_out) of the rows of xa against the columns of ya, the pair (i, i + shift)
 // left out, by a backend's direct pass:
-//   pass(metric_tag, PairSide<T> a, PairSide<T> b, b's rows, shift, T* s_in, T* s_out)
+//   pass(metric_tag, PairSide<T> a, PairSide<T> b, a's rows, b's rows, shift, T* s_in,
+//        T* s_out)
 // with metric_tag a std::integral_constant of the metric code.
 template <class Pass>
 std::tuple<at::Tensor, at::Tensor> direct_pass_row_sums(const at::Tensor& xa,
@@ -126,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor> direct_pass_row_sums(const at::Tensor& xa,
   at::Tensor s_out = at::empty({xa.size(0)}, xa.options());
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums", [&] {
     dispatch_metric(metric, "intra_inter_sums", [&](auto m) {
-      pass(m, pair_side<scalar_t>(a, x_labels), pair_side<scalar_t>(b, y_labels), b.rows, shift,
-           s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>());
+      pass(m, pair_side<scalar_t>(a, x_labels), pair_side<scalar_t>(b, y_labels), a.rows, b.rows,
+           shift, s_in.data_ptr<scalar_t>(), s_out.data_ptr<scalar_t>());
     });
   });
   return {s_in, s_out};
@@ -135,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> direct_pass_row_sums(const at::Tensor& xa,
 
 // sum_j c_ij dD(x_i, y_j)/dx_i [rows of xa, D] (zero-initialised), each side's upstream
 // weights in (g_in, g_out) (undefined = 0), by a backend's direct pass:
-//   pass(metric_tag, PairSide<T> a, PairSide<T> b, b's rows, shift, T* grad)
+//   pass(metric_tag, PairSide<T> a, PairSide<T> b, a's rows, b's rows, shift, T* grad)
 template <class Pass>
 at::Tensor direct_pass_row_grad(const at::Tensor& xa, const at::Tensor& x_labels,
                                 const at::Tensor& x_g_in, const at::Tensor& x_g_out,
@@ -149,7 +150,7 @@ at::Tensor direct_pass_row_grad(const at::Tensor& xa, const at::Tensor& x_labels
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "intra_inter_sums_backward", [&] {
     dispatch_metric(metric, "intra_inter_sums_backward", [&](auto m) {
       pass(m, pair_side<scalar_t>(a, x_labels, x_g_in, x_g_out),
-           pair_side<scalar_t>(b, y_labels, y_g_in, y_g_out), b.rows, shift,
+           pair_side<scalar_t>(b, y_labels, y_g_in, y_g_out), a.rows, b.rows, shift,
            grad.data_ptr<scalar_t>());
     });
   });
