@@ -61,14 +61,11 @@ def sum_over_ranks(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def _gather_padded(tensor: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """Every rank's ``tensor`` (first dimension sizes[r]), concatenated in rank order."""
-    import torch.distributed as dist
-
-    most = max(sizes)
-    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    """Every rank's ``tensor`` (first dimension sizes[r]), concatenated in rank order: padded
+    to the largest size for the all-gather, the padding dropped after it."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
     padded[:tensor.shape[0]] = tensor.detach()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
+    parts = all_gather_same_shape(padded, group)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 

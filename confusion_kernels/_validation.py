@@ -50,15 +50,17 @@ def check_all_finite(t: torch.Tensor, name: str) -> None:
             f"{name} contains NaN or Inf (pass check_finite=False to skip this scan)")
 
 
-def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "") -> None:
-    """Every label in [0, num_classes) (ValueError; see ``require``)."""
+def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
+                      name: str = "labels") -> None:
+    """Every label (or other index, called ``name``) in [0, num_classes) (ValueError; see
+    ``require``)."""
     if torch.compiler.is_compiling():
         require((labels.min() >= 0) & (labels.max() < num_classes),
-                f"labels must lie in [0, {num_classes}){what}")
+                f"{name} must lie in [0, {num_classes}){what}")
         return
     lo, hi = torch.stack([labels.min(), labels.max()]).tolist()  # one sync
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}){what}, got values in [{lo}, {hi}]")
+        raise ValueError(f"{name} must lie in [0, {num_classes}){what}, got values in [{lo}, {hi}]")
 
 
 def check_embeddings(x: torch.Tensor, name: str = "x", *, check_finite: bool = True) -> None:

@@ -38,12 +38,18 @@ def _safe_ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / torch.where(count > 0, count, 1), 0.0)
 
 
-def class_sizes(labels: torch.Tensor) -> torch.Tensor:
-    """n_{y_i} for every row i: how many rows share row i's label. Static
-    shapes (no torch.unique), so the loss stays one graph under torch.compile."""
-    ordered = torch.sort(labels).values
+def class_sizes(labels: torch.Tensor, among: torch.Tensor | None = None) -> torch.Tensor:
+    """n_{y_i} for every row i: how many entries of ``among`` (default: labels itself) share
+    row i's label. Static shapes (no torch.unique), so the loss stays one graph under
+    torch.compile."""
+    ordered = torch.sort(labels if among is None else among).values
     return (torch.searchsorted(ordered, labels, right=True)
             - torch.searchsorted(ordered, labels, right=False))
+
+
+def radial_terms(x: torch.Tensor, constraint: float, dtype: torch.dtype) -> torch.Tensor:
+    """(|x_i|_2 - R)^2 for every row, in ``dtype``: the boundary term's summands."""
+    return (torch.linalg.vector_norm(x.to(dtype), dim=1) - constraint).square()
 
 
 def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_scale: float,
@@ -62,9 +68,7 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
     """
     ref_labels = labels if ref_labels is None else ref_labels
     size = class_sizes(labels).to(dtype)  # n_c of each row's class among the rows
-    ordered = torch.sort(ref_labels).values
-    columns = (torch.searchsorted(ordered, labels, right=True)
-               - torch.searchsorted(ordered, labels, right=False)).to(dtype)  # m_c
+    columns = class_sizes(labels, ref_labels).to(dtype)  # m_c
     per_row_in = columns - (0.0 if include_self else 1.0)
     per_row_out = ref_labels.shape[0] - columns
     weights = []
@@ -131,9 +135,7 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     else:
         s_in, s_out = intra_inter_sums(x, labels, name, backend=chosen, check_finite=False)
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
-    xf = x.to(acc)
-    boundary = (torch.linalg.vector_norm(xf, dim=1) - constraint).square().mean()
-    return ASLossTerms(inner, outer, boundary)
+    return ASLossTerms(inner, outer, radial_terms(x, constraint, acc).mean())
 
 
 def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
@@ -151,8 +153,8 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc, ref_labels)
     s_in, s_out = intra_inter_sums(x, labels, metric, backend=chosen, check_finite=False,
                                    ref=ref, ref_labels=ref_labels, self_offset=0)
-    boundary = (torch.linalg.vector_norm(x.to(acc), dim=1) - constraint).square().mean()
-    return ASLossTerms((w_in * s_in).sum(), (w_out * s_out).sum(), boundary)
+    return ASLossTerms((w_in * s_in).sum(), (w_out * s_out).sum(),
+                       radial_terms(x, constraint, acc).mean())
 
 
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
@@ -172,7 +174,7 @@ def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
                    term_weights(ref_labels, reduction, include_self, dim_scale, acc))
     s_in, s_out = intra_inter_sums(x, labels, metric, backend=chosen, check_finite=False,
                                    ref=ref, ref_labels=ref_labels, self_offset=offset)
-    radial = (torch.linalg.vector_norm(x.to(acc), dim=1) - constraint).square().sum()
+    radial = radial_terms(x, constraint, acc).sum()
     shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(), radial / ref.shape[0]])
     inner, outer, boundary = _distributed.sum_over_ranks(shares, group).unbind()
     return ASLossTerms(inner, outer, boundary)

@@ -123,7 +123,5 @@ def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
         _check_vector(op, "grad_rows", grad_rows, z)
     if hardest is not None:
         _check_vector(op, "hardest", hardest, z, dtype=torch.int64)
-        if use_negatives and hardest.numel():
-            lo, hi = torch.stack([hardest.min(), hardest.max()]).tolist()  # one sync
-            if lo < 0 or hi >= k:
-                _fail(op, f"hardest must lie in [0, {k}), got [{lo}, {hi}]")
+        if use_negatives:  # kernels index the centroids with them too
+            check_label_range(hardest, k, f" ({op})", name="hardest")

@@ -46,6 +46,15 @@ def refuse_double_backward(op: str) -> None:
             "higher-order gradients")
 
 
+def _upstream(grad_in, grad_out, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dS_in and dL/dS_out, zeros in the accumulation dtype where autograd passes None."""
+    if grad_in is None or grad_out is None:
+        zeros = x.new_zeros(x.shape[0], dtype=_accumulation(x.dtype))
+        grad_in = zeros if grad_in is None else grad_in
+        grad_out = zeros if grad_out is None else grad_out
+    return grad_in, grad_out
+
+
 def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
     """Autograd of ``fwd_name``: save x and labels (O(N*D)), recompute in backward."""
 
@@ -57,11 +66,7 @@ def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
     def backward(ctx, grad_in, grad_out):
         refuse_double_backward("intra_inter_sums")
         x, labels = ctx.saved_tensors
-        acc = _accumulation(x.dtype)
-        if grad_in is None:
-            grad_in = x.new_zeros(x.shape[0], dtype=acc)
-        if grad_out is None:
-            grad_out = x.new_zeros(x.shape[0], dtype=acc)
+        grad_in, grad_out = _upstream(grad_in, grad_out, x)
         return bwd(grad_in, grad_out, x, labels, ctx.metric), None, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
@@ -80,11 +85,7 @@ def register_rect_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
     def backward(ctx, grad_in, grad_out):
         refuse_double_backward("intra_inter_sums")
         x, labels, ref, ref_labels = ctx.saved_tensors
-        acc = _accumulation(x.dtype)
-        if grad_in is None:
-            grad_in = x.new_zeros(x.shape[0], dtype=acc)
-        if grad_out is None:
-            grad_out = x.new_zeros(x.shape[0], dtype=acc)
+        grad_in, grad_out = _upstream(grad_in, grad_out, x)
         grad_x, grad_ref = bwd(grad_in, grad_out, x, labels, ref, ref_labels, ctx.self_offset,
                                ctx.metric)
         return grad_x, None, grad_ref, None, None, None

@@ -8,9 +8,10 @@
 // triangular Gram-form pass of pair_sums_with_grad_cpu.cpp (each unordered
 // pair once, class-aligned tiles shifted by their mean, exact recomputation
 // of the pairs the Gram form cannot resolve). manhattan / smooth_l1, and
-// euclidean / sqeuclidean at small D, and every metric of the rectangular op:
-// direct loops over a transposed copy so the inner loop runs over contiguous
-// columns and vectorises.
+// euclidean / sqeuclidean at small D: direct loops over a transposed copy so the
+// inner loop runs over contiguous columns and vectorises. The rectangular op runs
+// on Gram tiles for euclidean / sqeuclidean (D > 8) and cosine, on the direct
+// loops otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,9 +42,9 @@ bool uses_gram_pass(int64_t metric, int64_t dim) {
 }
 
 // ---------------------------------------------------------------------------
-// Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D; every
-// metric of the rectangular op): rows a against the columns of b, read from
-// b^T so that the innermost loop walks contiguous columns (pair_sides.h).
+// Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D; the
+// rectangular op's metrics without Gram tiles): rows a against the columns of b,
+// read from b^T so that the innermost loop walks contiguous columns (pair_sides.h).
 // ---------------------------------------------------------------------------
 // sums[jj] = sum_k term(a_ik - b_(c0+jj),k) for the ct columns from c0 (bt = b^T, m
 // columns); for cosine (unit rows) sums = |a^ - b^|^2 and dots = a^.b^.
@@ -204,19 +205,22 @@ GramSides gram_sides(const PairSide<T>& a, const PairSide<T>& b, const at::Tenso
   return {ac, bc, (ac * ac).sum(1).contiguous(), (bc * bc).sum(1).contiguous()};
 }
 
-// The direct form of one pair (block_distance of the loops above, one pair at a time).
+// The direct form of one pair, as the loops above compute it: pair_math.h's exact form for
+// the metrics on the rows themselves; for cosine, whose sides hold the unit rows and norms,
+// |a^ - b^|^2 and a^.b^ of the unit rows (pair_sides.h).
 template <int64_t M, typename T>
 T exact_pair_distance(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int64_t j,
                       int64_t d) {
   const T* ai = a.rows + i * d;
   const T* bj = b.rows + j * d;
+  if (M != kCosine) return pair_distance_exact<T, T>(M, ai, bj, d);
   T sum = 0, dot = 0;
   for (int64_t k = 0; k < d; ++k) {
     const T t = ai[k] - bj[k];
-    sum += M == kCosine ? t * t : direct_term<T>(M, t);
-    if (M == kCosine) dot += ai[k] * bj[k];
+    sum += t * t;
+    dot += ai[k] * bj[k];
   }
-  return block_distance<M>(a, b, i, j, sum, dot);
+  return unit_cosine_distance(sum, dot, a.norms[i], b.norms[j]);
 }
 
 // gi += coef * dD(a_i, b_j)/da_i by the direct form.
@@ -225,15 +229,11 @@ void exact_pair_grad(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int6
                      T coef, T* gi) {
   const T* ai = a.rows + i * d;
   const T* bj = b.rows + j * d;
-  const T dist = exact_pair_distance<M>(a, b, i, j, d);
-  if (M == kCosine) {
-    T alpha, beta, gamma;
-    unit_cosine_grad_coefficients(coef, a.norms[i], b.norms[j], dist, &alpha, &beta, &gamma);
-    for (int64_t k = 0; k < d; ++k) gi[k] += alpha * (bj[k] - ai[k]) + beta * ai[k] + gamma * bj[k];
-    return;
-  }
-  const T scale = M == kEuclidean ? (dist > T(0) ? coef / dist : T(0)) : T(2) * coef;
-  for (int64_t k = 0; k < d; ++k) gi[k] += scale * (ai[k] - bj[k]);
+  if (M != kCosine) return pair_grad_exact_accumulate<T, T>(M, ai, bj, d, coef, gi);
+  T alpha, beta, gamma;
+  unit_cosine_grad_coefficients(coef, a.norms[i], b.norms[j],
+                                exact_pair_distance<M>(a, b, i, j, d), &alpha, &beta, &gamma);
+  for (int64_t k = 0; k < d; ++k) gi[k] += alpha * (bj[k] - ai[k]) + beta * ai[k] + gamma * bj[k];
 }
 
 template <int64_t M, typename T>
@@ -317,10 +317,6 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
     grad_rows.narrow(0, r0, rt).addmm_(w, g.b.narrow(0, c0, ct));
   });
   grad_rows.add_(g.a * self_sum.unsqueeze(1));
-}
-
-constexpr bool has_gram_form(int64_t metric) {
-  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
 }
 
 // The rectangular op's passes: the Gram tiles where uses_gram_pass holds, else the loops.

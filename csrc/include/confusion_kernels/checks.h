@@ -139,16 +139,19 @@ void dispatch_metric(int64_t metric, const char* op, F&& f) {
   }
 }
 
-// Calls f(std::integral_constant<int64_t, M>{}) for a metric code M with a Gram
-// form (euclidean, sqeuclidean, cosine); any other code is an error of `op`.
+// True for the metrics with a Gram form: euclidean, sqeuclidean, cosine.
+constexpr bool has_gram_form(int64_t metric) {
+  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
+}
+
+// dispatch_metric for a metric code with a Gram form; f is instantiated for those
+// metrics only, and any other code is an error of `op`.
 template <typename F>
 void dispatch_gram_metric(int64_t metric, const char* op, F&& f) {
-  switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    default: TORCH_CHECK(false, op, ": no Gram form for metric code ", metric);
-  }
+  TORCH_CHECK(has_gram_form(metric), op, ": no Gram form for metric code ", metric);
+  dispatch_metric(metric, op, [&](auto m) {
+    if constexpr (has_gram_form(decltype(m)::value)) f(m);
+  });
 }
 
 inline RowSumsInputs prepare_row_sums_backward_inputs(const at::Tensor& grad_in,
