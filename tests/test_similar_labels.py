@@ -52,6 +52,42 @@ def test_statistics_match_numpy_over_arbitrary_splits(backend, offset):
     np.testing.assert_allclose(stats.var.numpy(), want[2], rtol=1e-9 if offset else 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_class_sums_do_not_depend_on_row_order(dtype):
+    """The Triton class sums are integers (fixed point per class and feature), so any
+    order of the atomic adds gives the same bits; float atomics (the interpreter adds in
+    row order, a GPU in arrival order) would not. Also: the sums against float64 numpy,
+    a NaN feature marks only its own (class, feature), a class absent from the batch
+    sums to 0."""
+    device = require_backend("triton", "intra_inter_sums")
+    from confusion_kernels.triton import class_stats
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(333, 70, generator=g, dtype=torch.float64) * 10 + 3).to(dtype)
+    labels = torch.randint(0, 4, (333,), generator=g)  # class 4 of 5 absent
+    shift = torch.randn(5, 70, generator=g, dtype=torch.float64)
+    count, s1, s2 = class_stats.shifted_sums(x.to(device), labels.to(device), shift.to(device), 5)
+    perm = torch.randperm(333, generator=g)
+    _, p1, p2 = class_stats.shifted_sums(x[perm].to(device), labels[perm].to(device),
+                                         shift.to(device), 5)
+    assert torch.equal(s1, p1) and torch.equal(s2, p2)
+    d = x.double().numpy() - shift.numpy()[labels.numpy()]
+    want1 = np.stack([d[labels.numpy() == c].sum(0) for c in range(5)])
+    want2 = np.stack([(d[labels.numpy() == c] ** 2).sum(0) for c in range(5)])
+    np.testing.assert_array_equal(count.cpu().numpy(), np.bincount(labels.numpy(), minlength=5))
+    scale = np.abs(d).max() * 333
+    np.testing.assert_allclose(s1.cpu().numpy(), want1, rtol=1e-12, atol=1e-13 * scale)
+    np.testing.assert_allclose(s2.cpu().numpy(), want2, rtol=1e-12)
+    assert not s1[4].any() and not s2[4].any()
+    x_nan = x.clone()
+    x_nan[5, 7] = float("nan")
+    _, n1, n2 = class_stats.shifted_sums(x_nan.to(device), labels.to(device), shift.to(device), 5)
+    bad = torch.zeros(5, 70, dtype=torch.bool)
+    bad[labels[5], 7] = True
+    assert torch.isnan(n1.cpu()[bad]).all() and torch.isnan(n2.cpu()[bad]).all()
+    assert torch.equal(n1.cpu()[~bad], s1.cpu()[~bad])
+
+
 def test_merge_order_does_not_matter():
     x, labels = random_data(n=900, seed=2)
     parts = [slice(0, 100), slice(100, 450), slice(450, 460), slice(460, 900)]

@@ -14,9 +14,11 @@ from .._validation import check_label_range
 from ..reference.affinity import SIMILARITIES
 from ..reference.n_centroids import METRICS as SPHERE_METRICS
 
-# Widest prototype tile a Triton program holds: BLOCK_M x (classes x next_pow2(m))
-# x BLOCK_K stays under Triton's 2**20-element tensor limit for m <= 1024.
-TRITON_MAX_CENTERS = 1024
+# Most prototypes per class the Triton affinity kernels take: a class's next_pow2(m)
+# slots are one tile, and beyond 64 the tiles no longer fit the registers and shared
+# memory of an SM (scripts/triton_aot.py: spills from m = 128, more shared memory than
+# a block may have from m = 1024). The cpu and cuda backends take any m.
+TRITON_MAX_CENTERS = 64
 
 
 def _fail(op: str, message: str) -> None:

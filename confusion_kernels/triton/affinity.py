@@ -9,12 +9,15 @@ N x (C m) is stored:
 
   forward     grid (row blocks):             L_i, d_true_i, active_i
   backward_f  grid (row blocks, dim blocks):  dL/df = 2 rowsum(A) f - 2 A W
-  backward_w  grid (class blocks, dim blocks): dL/dW = 2 colsum(A) W - 2 A^T f
+  backward_w  grid (class blocks, dim blocks, row splits): dL/dW = 2 colsum(A) W - 2 A^T f,
+              one partial sum per share of the rows, added in a fixed order
 where A holds, per row and class, the coefficient dL_i/ds at the arg-min
 prototype. Each output element is owned by one program and summed in a fixed
 order: no atomics, deterministic. The per-pair formulas are those of
 ``csrc/include/confusion_kernels/affinity_math.h``.
 """
+
+import functools
 
 import torch
 import triton
@@ -22,6 +25,8 @@ import triton.language as tl
 
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
+from ._support import MAXNREG, launch_options
+from ._support import use_dot as use_dot_for
 from .intra_inter_sums import _tl_dtype
 
 INVERSE = tl.constexpr(1)
@@ -200,8 +205,8 @@ def _backward_f_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_F, N, C, M, D, 
 
 
 @triton.jit
-def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, sigma_hi, sigma_lo,
-                       margin_hi, margin_lo,
+def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, ROWS_PER_SPLIT,
+                       sigma_hi, sigma_lo, margin_hi, margin_lo,
                        KIND: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, MP: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
@@ -209,9 +214,12 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
     c0 = tl.program_id(0) * BLOCK_C
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dims < D
+    split = tl.program_id(2)  # this program's share of the rows (see _row_splits)
+    r_begin = split * ROWS_PER_SPLIT
+    r_end = tl.minimum(N, r_begin + ROWS_PER_SPLIT)
     acc = tl.zeros((BLOCK_C * MP, BLOCK_DO), dtype=ACC)
     col_sum = tl.zeros((BLOCK_C * MP,), dtype=ACC)
-    for r0 in range(0, N, BLOCK_M):
+    for r0 in range(r_begin, r_end, BLOCK_M):
         rows = tl.arange(0, BLOCK_M).to(tl.int64) + r0
         rmask = rows < N
         fn = tl.load(FN + rows, mask=rmask, other=0.0)
@@ -232,7 +240,8 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
     mask = smask[:, None] & dmask[None, :]
     w = tl.load(W + proto[:, None] * D + dims[None, :], mask=mask, other=0.0).to(ACC)
     grad = 2.0 * col_sum[:, None] * w - 2.0 * acc
-    tl.store(GRAD_W + proto[:, None] * D + dims[None, :], grad, mask=mask)
+    out = GRAD_W + split.to(tl.int64) * C * M * D  # int64: the partial sums of one split
+    tl.store(out + proto[:, None] * D + dims[None, :], grad, mask=mask)
 
 
 # ---------------------------------------------------------------------------
@@ -250,12 +259,28 @@ def _scalars(sigma: float, margin: float) -> tuple[float, float, float, float]:
 
 
 def _config(f: torch.Tensor, m: int) -> dict:
+    """A class tile of ``slots`` prototype slots (BLOCK_C classes x MP) against BLOCK_M rows:
+    the largest tiles that compile without spilling for sm_80 / sm_90
+    (scripts/triton_aot.py); 16-bit operands and fp64 on half the slots; the whole
+    register file allowed (MAXNREG)."""
     mp = triton.next_power_of_2(m)
-    use_dot = f.dtype != torch.float64 and not triton_interpreting()
-    slots = 32 if triton_interpreting() else 64
+    use_dot = use_dot_for(f.dtype) and not triton_interpreting()
     tf32 = f.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return dict(BLOCK_M=32, BLOCK_C=max(1, slots // mp), MP=mp, BLOCK_K=32, BLOCK_DO=32,
-                USE_DOT=use_dot, PREC="tf32" if tf32 else "ieee")
+    cfg = dict(BLOCK_M=32, MP=mp, BLOCK_K=16, BLOCK_DO=32, USE_DOT=use_dot,
+               PREC="tf32" if tf32 else "ieee", num_warps=4)
+    if triton_interpreting():
+        slots, cfg["BLOCK_K"] = 32, 32
+    elif f.dtype == torch.float32:
+        slots = 64
+    else:
+        slots = 32
+    if not triton_interpreting():
+        cfg["maxnreg"] = MAXNREG
+        if not use_dot:  # fp64 before Triton 3.5: broadcast products over BLOCK_K / BLOCK_DO
+            cfg["BLOCK_K"], cfg["BLOCK_DO"] = 2, 4
+            cfg["BLOCK_M"] = 16
+    cfg["BLOCK_C"] = max(1, slots // mp)
+    return cfg
 
 
 def _prepare(f, prototypes):
@@ -284,7 +309,8 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
         fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d,
         *_scalars(sigma, margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"])
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"],
+        **launch_options(cfg))
     return rows, d_true, active
 
 
@@ -297,17 +323,51 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
     dt, ac = d_true.to(acc).contiguous(), active.to(acc).contiguous()
     lab = labels.contiguous()
     grad_f = torch.empty(n, d, dtype=acc, device=f.device)
-    grad_w = torch.empty(c * m, d, dtype=acc, device=f.device)
     common = dict(KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
                   BLOCK_M=cfg["BLOCK_M"],
                   BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"],
-                  BLOCK_DO=cfg["BLOCK_DO"])
+                  BLOCK_DO=cfg["BLOCK_DO"], **launch_options(cfg))
     scalars = _scalars(sigma, margin)
     if d > 0:
         _backward_f_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
             fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, *scalars,
             **common)
-        _backward_w_kernel[(triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
-            fo, wo, wn, fn, lab, g, dt, ac, grad_w, n, c, m, d, *scalars,
+        grid_w = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+        splits, rows_per_split = _row_splits(n, grid_w[0] * grid_w[1], cfg["BLOCK_M"],
+                                             _target_programs(f.device))
+        partial = torch.empty(splits, c * m, d, dtype=acc, device=f.device)
+        _backward_w_kernel[(*grid_w, splits)](
+            fo, wo, wn, fn, lab, g, dt, ac, partial, n, c, m, d, rows_per_split, *scalars,
             **common)
+        grad_w = partial[0] if splits == 1 else partial.sum(0)  # fixed order: deterministic
+    else:
+        grad_w = torch.zeros(c * m, d, dtype=acc, device=f.device)
     return grad_f.to(f.dtype), grad_w.view(c, m, d).to(prototypes.dtype)
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that give every SM of ``device`` work (4 per SM); a small number in the
+    interpreter, so that its tests run the row splits too."""
+    if triton_interpreting():
+        return 4
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4 * 132  # ahead-of-time compiles (scripts/triton_aot.py): an H100 / H200
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _row_splits(n: int, programs: int, block_m: int, target: int) -> tuple[int, int]:
+    """(splits, rows per split) of dL/dW's rows: a (class block, dim block) grid of
+    ``programs`` alone can be a handful of programs (C = 100, D = 128: 8), each looping
+    over all N rows; splitting the rows into up to target / programs shares, each
+    written to its own partial sum, gives the GPU about ``target`` programs. Shares are
+    whole row blocks; the partial sums take splits x C m x D, bounded by about
+    target x BLOCK_C MP x BLOCK_DO elements."""
+    blocks = triton.cdiv(max(n, 1), block_m)
+    splits = max(1, min(blocks, triton.cdiv(target, max(programs, 1))))
+    rows_per_split = triton.cdiv(blocks, splits) * block_m
+    return triton.cdiv(max(n, 1), rows_per_split), rows_per_split

@@ -20,6 +20,7 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
+from ._support import MAXNREG, launch_options
 
 # Globals read inside @triton.jit functions must be constexpr.
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -199,11 +200,18 @@ def _backward_kernel(XA, LAB_A, NORM2_A, GA_IN, GA_OUT, XB, LAB_B, NORM2_B, GB_I
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def _config() -> dict:
+def _config(dtype: torch.dtype = torch.float32, metric: int = _metrics.EUCLIDEAN) -> dict:
+    """Tiles of the direct passes. Their products are broadcasts over
+    [BLOCK_M, BLOCK_N, BLOCK_K] (distances) and [BLOCK_M, BLOCK_N, BLOCK_DO]
+    (gradient terms) in registers: these are the largest tiles that compile
+    without spilling for sm_80 / sm_90 (scripts/triton_aot.py), fp64 on half the rows,
+    cosine (three gradient terms per pair) on half the columns."""
     if triton_interpreting():
         # numpy does the work: large tiles mean fewer interpreted steps.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=32, num_warps=4)
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, BLOCK_DO=16, num_warps=4)
+    rows = 16 if dtype == torch.float64 else 32
+    cols = 8 if metric == _metrics.COSINE else 16
+    return dict(BLOCK_M=rows, BLOCK_N=cols, BLOCK_K=4, BLOCK_DO=8, num_warps=8, maxnreg=MAXNREG)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -240,21 +248,21 @@ def row_sums(a: _Side, b: _Side, shift: int | None, metric: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """S_in, S_out of the rows of ``a`` against the columns of ``b``, the pair
     (i, i + shift) left out (none when ``shift`` is None)."""
-    cfg = _config()
+    cfg = _config(a.rows.dtype, metric)
     d = a.rows.shape[1]
     s_in = torch.empty(a.n, dtype=a.rows.dtype, device=a.rows.device)
     s_out = torch.empty_like(s_in)
     _forward_kernel[(triton.cdiv(a.n, cfg["BLOCK_M"]),)](
         a.rows, a.labels, a.norm2, b.rows, b.labels, b.norm2, s_in, s_out, a.n, b.n, d, d,
         **_self_args(shift), METRIC=metric, ACC=_tl_dtype(a.rows.dtype), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
     return s_in, s_out
 
 
 def row_grad(a: _Side, b: _Side, shift: int | None, metric: int) -> torch.Tensor:
     """sum_j c_ij dD(a_i, b_j)/da_i for every row of ``a`` (accumulation dtype);
     c_ij from both sides' upstream weights."""
-    cfg = _config()
+    cfg = _config(a.rows.dtype, metric)
     d = a.rows.shape[1]
     grad = torch.empty_like(a.rows)
     if d == 0:
@@ -264,7 +272,7 @@ def row_grad(a: _Side, b: _Side, shift: int | None, metric: int) -> torch.Tensor
         a.rows, a.labels, a.norm2, a.g_in, a.g_out, b.rows, b.labels, b.norm2, b.g_in, b.g_out,
         grad, a.n, b.n, d, d, **_self_args(shift), METRIC=metric, ACC=_tl_dtype(a.rows.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_DO=cfg["BLOCK_DO"], num_warps=cfg["num_warps"])
+        BLOCK_DO=cfg["BLOCK_DO"], **launch_options(cfg))
     return grad
 
 

@@ -27,6 +27,8 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from .._metrics import GRAM_EXACT_FRACTION
 from ..reference import n_centroids as _reference
+from ._support import MAXNREG
+from ._support import use_dot as use_dot_for
 from .affinity import _dot_nn, _dot_nt
 from .intra_inter_sums import _tl_dtype
 
@@ -189,11 +191,26 @@ def _backward_kernel(X, C, XN, CN, LAB, W, GRAD_X, NEAR, N, K, D,
 # Launchers
 # ---------------------------------------------------------------------------
 def _config(x: torch.Tensor) -> dict:
-    use_dot = x.dtype != torch.float64 and not triton_interpreting()
+    """Row and centroid blocks, dimension chunk and warps: the largest that compile
+    without spilling for sm_80 / sm_90 (scripts/triton_aot.py); fp64 on half-size blocks."""
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    block = 16 if triton_interpreting() else 64
-    return dict(BLOCK_M=block, BLOCK_K=block, BLOCK_D=32, USE_DOT=use_dot,
-                PREC="tf32" if tf32 else "ieee")
+    if triton_interpreting():
+        block, warps, block_do = 16, 4, 32
+    elif x.dtype == torch.float64:
+        block, warps, block_do = 32, 8, 32
+    else:
+        block, warps, block_do = 64, 8, 32
+    use_dot = use_dot_for(x.dtype)
+    # broadcast products (fp64 before Triton 3.5) hold BLOCK_M x BLOCK_K x BLOCK_D values
+    block_d = 32 if triton_interpreting() else 16 if use_dot else 4
+    if not use_dot and not triton_interpreting():
+        block_do = 4
+    cfg = dict(BLOCK_M=block, BLOCK_K=block, BLOCK_D=block_d, USE_DOT=use_dot,
+               PREC="tf32" if tf32 else "ieee", num_warps=warps,
+               BLOCK_DO=block_do)
+    if not triton_interpreting():
+        cfg["maxnreg"] = MAXNREG
+    return cfg
 
 
 def _norms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +239,8 @@ def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
     near = torch.empty(padded, dtype=torch.int32, device=x.device)
     _forward_kernel[(blocks,)](
         x, centroids, xn, cn, labels, best_k, sums, near, n, k, dim,
-        METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **cfg)
+        METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype),
+        **{k: v for k, v in cfg.items() if k != "BLOCK_DO"})
     best_k, sums, near = best_k[:n], sums[:n], near[:n]
     redo = near.nonzero()[:, 0]
     if redo.numel():
@@ -243,10 +261,9 @@ def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.T
     grad = torch.empty_like(x)
     blocks = triton.cdiv(n, cfg["BLOCK_M"])
     near = torch.empty(blocks * cfg["BLOCK_M"], dtype=torch.int32, device=x.device)  # padded
-    block_do = 32
-    _backward_kernel[(blocks, triton.cdiv(dim, block_do))](
+    _backward_kernel[(blocks, triton.cdiv(dim, cfg["BLOCK_DO"]))](
         x, centroids, xn, cn, labels, weight.contiguous(), grad, near, n, k, dim,
-        METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), BLOCK_DO=block_do, **cfg)
+        METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **cfg)
     near = near[:n]
     redo = near.nonzero()[:, 0]
     if redo.numel():

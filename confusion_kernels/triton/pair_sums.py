@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
+from ._support import FP64_DOT, MAXNREG, launch_options, use_dot
 from .intra_inter_sums import _direct_distance
 
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -45,8 +46,8 @@ GRAM_EXACT_FRACTION = tl.constexpr(_metrics.GRAM_EXACT_FRACTION)
 
 @triton.jit
 def _mm(x, y, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """x @ y: tl.dot, or for fp64 (which tl.dot does not take on every Triton) a
-    broadcast product summed in ACC."""
+    """x @ y: tl.dot, or for fp64 before Triton 3.5 (see _support.py) a broadcast
+    product summed in ACC."""
     if USE_DOT:
         return tl.dot(x, y, input_precision=PRECISION, out_dtype=ACC)
     else:
@@ -329,17 +330,28 @@ def _add_linear_grads(XR, GX_IN, GX_OUT, w_same, w_other, rows, cols, rmask, cma
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def _config() -> dict:
+def _config(dtype: torch.dtype = torch.float32, grad: bool = False,
+            metric: int = _metrics.EUCLIDEAN) -> dict:
+    """Tile sizes and warps. Each choice is the largest tile that compiles without
+    spilling for sm_80 and sm_90 (scripts/triton_aot.py fails CI otherwise): the
+    gradient mode holds about a dozen BLOCK x BLOCK tiles live, the row-sum mode
+    a few; fp32 products without tf32 run on the FMA units and need smaller chunks
+    of D; fp64 without tl.dot (Triton < 3.5) multiplies by broadcast products."""
     if triton_interpreting():  # numpy does the work: few, large steps
         return dict(BLOCK=32, BLOCK_D=32, BLOCK_K=32, num_warps=4)
-    # 8 warps and BLOCK_K = 1: at 4 warps / BLOCK_K = 4 the sm_90 build spilled 2.4 KB
-    # per thread in the gradient mode (benchmarks/triton_resources.py), now 0-456 B
-    return dict(BLOCK=64, BLOCK_D=32, BLOCK_K=1, num_warps=8)
-
-
-def _block_d(cfg: dict, dtype: torch.dtype) -> int:
-    """fp64 multiplies by broadcast products (BLOCK x BLOCK x BLOCK_D in registers)."""
-    return cfg["BLOCK_D"] if dtype != torch.float64 or triton_interpreting() else 4
+    # tl.dot needs BLOCK_D >= 16 on Triton 3.2
+    if dtype == torch.float64:
+        if FP64_DOT:
+            return dict(BLOCK=32, BLOCK_D=16, BLOCK_K=1, num_warps=8 if grad else 4,
+                        maxnreg=MAXNREG)
+        return dict(BLOCK=16, BLOCK_D=4, BLOCK_K=1, num_warps=4, maxnreg=MAXNREG)
+    if grad:  # cosine carries the eps-branch terms too: more warps for the same tile
+        warps = 8 if metric == _metrics.COSINE else 4
+        return dict(BLOCK=32, BLOCK_D=16, BLOCK_K=1, num_warps=warps, maxnreg=MAXNREG)
+    if _precisions_of(dtype)[0] == "tf32":
+        return dict(BLOCK=64, BLOCK_D=16, BLOCK_K=1, num_warps=8, maxnreg=MAXNREG)
+    # fp32 on the FMA units ("ieee") and the three-pass tf32x3 of 16-bit inputs
+    return dict(BLOCK=32, BLOCK_D=16, BLOCK_K=1, num_warps=4, maxnreg=MAXNREG)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -348,6 +360,10 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _precisions(x: torch.Tensor) -> tuple[str, str]:
+    return _precisions_of(x.dtype)
+
+
+def _precisions_of(dtype: torch.dtype) -> tuple[str, str]:
     """tl.dot precisions of the distances and of the gradient products.
 
     Distances: fp16/bf16 inputs are used as stored (rounded once, at the input):
@@ -356,9 +372,9 @@ def _precisions(x: torch.Tensor) -> tuple[str, str]:
     products come from the same values. fp32: tf32 when torch allows it, else
     exact fp32. Gradients: tf32 unless the input is fp32 without tf32, or fp64.
     """
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16):
         return "tf32x3", "tf32"
-    if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32", "tf32"
     return "ieee", "ieee"
 
@@ -448,10 +464,9 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
     t_even = t + (t % 2)
     dot_precision, grad_precision = _precisions(x)
     common = dict(METRIC=metric, GRAD=grad, ACC=_tl_dtype(s.z.dtype),
-                  USE_DOT=s.z.dtype != torch.float64, DOT_PRECISION=dot_precision,
-                  GRAD_PRECISION=grad_precision, BLOCK=cfg["BLOCK"],
-                  BLOCK_D=_block_d(cfg, s.z.dtype),
-                  BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+                  USE_DOT=use_dot(s.z.dtype), DOT_PRECISION=dot_precision,
+                  GRAD_PRECISION=grad_precision, BLOCK=cfg["BLOCK"], BLOCK_D=cfg["BLOCK_D"],
+                  BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
     args = (s.z, s.shift, s.one_class, s.u, s.nc, s.labels, s.sq, bufs["w_in"], bufs["w_out"],
             bufs["t_in"], bufs["t_out"], bufs["g_in"], bufs["g_out"], s.xr, bufs["gx_in"],
             bufs["gx_out"])
@@ -462,7 +477,7 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
 
 def row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(S_in, S_out) [N] of x [N, D] (Gram metrics), each unordered pair once."""
-    cfg = _config()
+    cfg = _config(x.dtype, grad=False, metric=metric)
     s = _SortedRows(x, labels, metric, cfg["BLOCK"])
     n = x.shape[0]
     s_in = torch.zeros(n, dtype=s.z.dtype, device=x.device)
@@ -477,7 +492,7 @@ def row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.
 def weighted_with_grad(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
                        w_out: torch.Tensor, metric: int):
     """(t_in, t_out, dt_in/dx, dt_out/dx), all in the accumulation dtype."""
-    cfg = _config()
+    cfg = _config(x.dtype, grad=True, metric=metric)
     s = _SortedRows(x, labels, metric, cfg["BLOCK"])
     acc = s.z.dtype
     n = x.shape[0]

@@ -266,7 +266,7 @@ __device__ __forceinline__ void gram_tile(ChunkTiles<P>& t, float (*g)[kGPitch],
 // computed exactly.
 // ---------------------------------------------------------------------------
 template <class P, int64_t M>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     gram_forward_kernel(const typename P::in_t* __restrict__ rows,
                         const float* __restrict__ exact_rows, const int64_t* __restrict__ labels,
                         const float* __restrict__ sq_norms, int64_t n, int64_t d,
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(kThreads)
 // g_out[i] + g_out[j].
 // ---------------------------------------------------------------------------
 template <class P, int64_t M>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     gram_backward_kernel(const typename P::in_t* __restrict__ rows,
                          const float* __restrict__ exact_rows, const int64_t* __restrict__ labels,
                          const float* __restrict__ sq_norms, const float* __restrict__ g_in,

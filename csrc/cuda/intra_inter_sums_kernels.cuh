@@ -42,24 +42,24 @@ __device__ __forceinline__ void load_tile(T (*tile)[kDims + 1], const T* __restr
 // Per-pair accumulators of one row of a against one column tile of b, over all
 // of D. acc[j] ends as the sum of per-dimension terms; for cosine, where the
 // sides hold the unit rows, acc[j] = |a/|a| - b/|b||^2 and dot[j] = cos(a, b).
-template <typename T, int64_t M>
+template <typename T, int64_t M, int COLS = kCols>
 __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDims + 1],
                                                  const PairSide<T>& a, const PairSide<T>& b,
                                                  int64_t d, int64_t r0, int64_t c0, T* acc,
                                                  T* dot) {
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) acc[j] = dot[j] = T(0);
+  for (int j = 0; j < COLS; ++j) acc[j] = dot[j] = T(0);
   for (int64_t k0 = 0; k0 < d; k0 += kDims) {
     __syncthreads();
     load_tile<T, kRows>(as, a.rows, a.n, d, r0, k0);
-    load_tile<T, kCols>(bs, b.rows, b.n, d, c0, k0);
+    load_tile<T, COLS>(bs, b.rows, b.n, d, c0, k0);
     __syncthreads();
     // Only the dimensions that exist (D = 2 must not pay for 32).
     const int kmax = d - k0 < kDims ? int(d - k0) : kDims;
     for (int k = 0; k < kmax; ++k) {
       const T av = as[threadIdx.x][k];
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) {
+      for (int j = 0; j < COLS; ++j) {
         const T bv = bs[j][k];
         if (M == kCosine) {
           const T t = av - bv;
@@ -116,13 +116,21 @@ __global__ void __launch_bounds__(kRows)
   }
 }
 
+// Columns per tile of the backward. Cosine keeps four per-column arrays in registers
+// beside the gradient's 32 dimensions (accumulators, dot products, two coefficients) and
+// euclidean three: at 32 columns both used a stack frame (scripts/cuda_resources.py);
+// at 16 they fit.
+template <int64_t M>
+constexpr int backward_cols() { return M == kCosine || M == kEuclidean ? 16 : kCols; }
+
 // grad[i] = sum_j c_ij dD(a_i, b_j)/da_i for every row of a (pair_sides.h).
 template <typename T, int64_t M>
-__global__ void __launch_bounds__(kRows)
+__global__ void __launch_bounds__(kRows, 1)
     backward_kernel(const PairSide<T> a, const PairSide<T> b, int64_t d, int64_t shift,
                     T* __restrict__ grad) {
+  constexpr int Cols = backward_cols<M>();
   __shared__ T as[kRows][kDims + 1];
-  __shared__ T bs[kCols][kDims + 1];
+  __shared__ T bs[Cols][kDims + 1];
   const int64_t r0 = int64_t(blockIdx.x) * kRows;
   const int64_t k0 = int64_t(blockIdx.y) * kDims;
   const int64_t i = r0 + threadIdx.x;
@@ -134,12 +142,12 @@ __global__ void __launch_bounds__(kRows)
   for (int k = 0; k < kDims; ++k) g[k] = T(0);
   // scale: the pair's coefficient (over the distance for euclidean; alpha for
   // cosine), extra: cosine's gamma; beta: cosine's sum of beta over the tile.
-  T acc[kCols], dot[kCols], scale[kCols], extra[kCols];
-  for (int64_t c0 = 0; c0 < b.n; c0 += kCols) {
-    if (kNeedsDistance) accumulate_pairs<T, M>(as, bs, a, b, d, r0, c0, acc, dot);
+  T acc[Cols], dot[Cols], scale[Cols], extra[Cols];
+  for (int64_t c0 = 0; c0 < b.n; c0 += Cols) {
+    if (kNeedsDistance) accumulate_pairs<T, M, Cols>(as, bs, a, b, d, r0, c0, acc, dot);
     T beta = T(0);
 #pragma unroll
-    for (int j = 0; j < kCols; ++j) {
+    for (int j = 0; j < Cols; ++j) {
       const int64_t col = c0 + j;
       const T coef = (row_ok && col < b.n) ? pair_coefficient(a, b, i, col, shift) : T(0);
       extra[j] = T(0);
@@ -157,7 +165,7 @@ __global__ void __launch_bounds__(kRows)
     }
     __syncthreads();
     load_tile<T, kRows>(as, a.rows, a.n, d, r0, k0);
-    load_tile<T, kCols>(bs, b.rows, b.n, d, c0, k0);
+    load_tile<T, Cols>(bs, b.rows, b.n, d, c0, k0);
     __syncthreads();
     const int kmax = d - k0 < kDims ? int(d - k0) : kDims;
 #pragma unroll
@@ -166,7 +174,7 @@ __global__ void __launch_bounds__(kRows)
       const T av = as[threadIdx.x][k];
       if (M == kCosine) g[k] += beta * av;  // a, b are unit rows
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) {
+      for (int j = 0; j < Cols; ++j) {
         const T bv = bs[j][k];
         if (M == kCosine) {
           g[k] += scale[j] * (bv - av) + extra[j] * bv;

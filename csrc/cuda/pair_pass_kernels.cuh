@@ -106,7 +106,7 @@ __device__ void pairs_by_difference(const Smem<T>& s, int idx, bool as_row, int6
 // One block pair (see the file comment). Grad: t_in / t_out are per-row totals of
 // w * D and g_* the gradients; otherwise t_in / t_out are the row sums S_in / S_out.
 template <typename T, int64_t M, bool Grad, bool Diagonal>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     pair_pass_kernel(const T* __restrict__ z, const T* __restrict__ xr,
                      const T* __restrict__ shift, const int32_t* __restrict__ labels,
                      const T* __restrict__ sq, const T* __restrict__ w_in,

@@ -1,0 +1,37 @@
+"""What the installed Triton can do, decided once for every launcher.
+
+fp64 matrix products: ``tl.dot`` takes fp64 operands from Triton 3.5 on (DMMA on
+sm_80 / sm_90). Before, the kernels multiply fp64 tiles by broadcast products
+summed in registers (``x[:, :, None] * y[None, :, :]``), which need much smaller
+tiles to fit the register file; each launcher picks its fp64 tiles by
+``FP64_DOT``. ``scripts/triton_aot.py`` compiles both forms (newest and oldest
+supported Triton) for sm_80 / sm_90 in CI.
+
+Register budget: see MAXNREG.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import triton
+
+TRITON_VERSION: tuple[int, int] = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+FP64_DOT: bool = TRITON_VERSION >= (3, 5)
+
+
+# ptxas picks a register budget by itself (seen: 128 or 168 per thread at 4 warps for
+# sm_80) and spills above it. Kernels that need more pass maxnreg=MAXNREG, which lets it
+# use the whole register file of a thread.
+MAXNREG = 255
+
+
+def use_dot(dtype: torch.dtype) -> bool:
+    """True when tiles of ``dtype`` are multiplied with ``tl.dot``."""
+    return dtype != torch.float64 or FP64_DOT
+
+
+def launch_options(cfg: dict) -> dict:
+    """The launch options (not constexprs) of a launcher's configuration."""
+    return {k: cfg[k] for k in ("num_warps", "maxnreg") if k in cfg}
