@@ -24,6 +24,8 @@ import shutil
 import subprocess
 import sys
 
+from _provenance import commit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # regular expression on the demangled kernel name (with its template arguments) ->
@@ -121,8 +123,8 @@ def main() -> int:
                f"{sum(1 for r in rows if r['stack'] or r['local'])} with a stack frame, "
                f"most registers {max(r['regs'] for r in rows)}")
     with open(os.path.join(args.out, "cuda_resources.md"), "w") as f:
-        f.write(f"CUDA kernels of `{os.path.basename(so)}` (`python scripts/cuda_resources.py`): "
-                f"{summary}\n\n| kernel | arch | regs | stack B | static smem B |\n|---|---|---|---|---|\n")
+        f.write(f"CUDA kernels of `{os.path.basename(so)}` (`python scripts/cuda_resources.py`, "
+                f"commit {commit()}): {summary}\n\n| kernel | arch | regs | stack B | static smem B |\n|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| `{r['kernel']}` | {r['arch']} | {r['regs']} | {r['stack']} | {r['smem']} |\n")
     print(summary)

@@ -43,6 +43,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from _provenance import commit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers must choose their GPU configurations
@@ -179,8 +181,8 @@ def launch_cases() -> dict:
                     "fp64": torch.float64}
     cases = {}
 
-    def tf32_modes(dtype):
-        return (True, False) if dtype == torch.float32 else (False,)
+    def tf32_modes(dtype):  # allow_tf32 on / off (16-bit pair-pass gradients follow it too)
+        return (False,) if dtype == torch.float64 else (True, False)
 
     def with_tf32(tf32, fn):
         def call():
@@ -380,8 +382,10 @@ def ptxas_report(log: str) -> dict:
 
 
 # Approximate instructions in the PTX (each a place where the GPU's result can differ
-# from the interpreter's round-to-nearest one).
+# from the interpreter's round-to-nearest one). The kernels use round-to-nearest square
+# roots and divisions (triton/_support.py: sqrt_rn, div_rn): any of FORBIDDEN_PTX fails.
 APPROX_PTX = ("sqrt.approx", "div.approx", "div.full", "rcp.approx", "ex2.approx", "lg2.approx")
+FORBIDDEN_PTX = ("sqrt.approx", "div.approx", "div.full", "rcp.approx")
 
 
 def approx_counts(ptx: str) -> str:
@@ -527,6 +531,10 @@ def check(rows: list[dict], budget: dict, max_seconds: float) -> list[str]:
         if r["smem"] > SM_LIMITS[r["arch"]]["smem_block"]:
             problems.append(f"{what}: {r['smem']} B shared memory (limit "
                             f"{SM_LIMITS[r['arch']]['smem_block']} B)")
+        forbidden = [op for op in FORBIDDEN_PTX if op + ":" in r.get("approx", "")]
+        if forbidden:
+            problems.append(f"{what}: approximate {', '.join(forbidden)} in its PTX "
+                            f"({r['approx']}); use sqrt_rn / div_rn")
         need = budget.get(r["kernel"], {}).get("min_blocks_per_sm", 1)
         if r["blocks_per_sm"] < need:
             problems.append(f"{what}: {r['blocks_per_sm']} blocks/SM, its launcher assumes {need}")
@@ -626,7 +634,8 @@ def main() -> int:
     rows.sort(key=lambda r: (r["kernel"], r["variant"], r["arch"]))
     header = (f"Triton {triton.__version__} (torch {torch.__version__}), ahead-of-time for "
               f"sm_{', sm_'.join(map(str, args.arch))}: `python scripts/triton_aot.py`, "
-              f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s wall")
+              f"{time.strftime('%Y-%m-%d')}, commit {commit()}, {args.jobs} workers, "
+              f"{time.perf_counter() - start:.0f} s wall")
     write_tables(rows, args.out, header + "\n\n" + summary(rows))
     print(summary(rows))
     problems = check(rows, budgets(), args.max_seconds)

@@ -164,8 +164,11 @@ def test_raw_row_sums_ops_reject_bad_input(backend):
 def test_triton_affinity_says_how_many_centres_it_takes():
     device = require_backend("triton", "affinity_hinge")
     f, labels = torch.randn(4, 3, device=device), torch.tensor([0, 1, 0, 1], device=device)
-    with pytest.raises(ValueError, match="at most 1024 prototypes per class"):
-        ck.affinity_loss(f, labels, torch.randn(2, 1025, 3, device=device), backend="triton")
+    with pytest.raises(ValueError, match="at most 64 prototypes per class, got m = 65; use "
+                                         "backend='cpu' or 'cuda'"):
+        ck.affinity_loss(f, labels, torch.randn(2, 65, 3, device=device), backend="triton")
+    # the largest m it takes runs
+    ck.affinity_loss(f, labels, torch.randn(2, 64, 3, device=device), backend="triton")
 
 
 # --- NaN policy: with the scan off, non-finite in means non-finite out ------------------

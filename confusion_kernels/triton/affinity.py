@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import MAXNREG, launch_options
+from ._support import MAXNREG, div_rn, launch_options
 from ._support import use_dot as use_dot_for
 from .intra_inter_sums import _tl_dtype
 
@@ -42,15 +42,15 @@ def _scalar(hi, lo, ACC: tl.constexpr):
 @triton.jit
 def _similarity(s, sigma, KIND: tl.constexpr):
     if KIND == INVERSE:
-        return 1.0 / (1.0 + s / sigma)
-    return tl.exp(-s / sigma)
+        return div_rn(1.0, 1.0 + div_rn(s, sigma))
+    return tl.exp(div_rn(-s, sigma))
 
 
 @triton.jit
 def _similarity_grad(d, sigma, KIND: tl.constexpr):
     if KIND == INVERSE:
-        return -d * d / sigma
-    return -d / sigma
+        return div_rn(-d * d, sigma)
+    return div_rn(-d, sigma)
 
 
 @triton.jit
@@ -306,7 +306,7 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
     cfg = _config(f, m)
     rows = torch.empty(n, dtype=acc, device=f.device)
     d_true, active = torch.empty_like(rows), torch.empty_like(rows)
-    _forward_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+    _forward_kernel[launch_grids(n, c, d, cfg, 1)["forward"]](
         fo, wo, wn, fn, labels.contiguous(), rows, d_true, active, n, c, m, d,
         *_scalars(sigma, margin), KIND=similarity, ACC=_tl_dtype(acc), USE_DOT=cfg["USE_DOT"], PREC=cfg["PREC"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], MP=cfg["MP"], BLOCK_K=cfg["BLOCK_K"],
@@ -329,20 +329,29 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
                   BLOCK_DO=cfg["BLOCK_DO"], **launch_options(cfg))
     scalars = _scalars(sigma, margin)
     if d > 0:
-        _backward_f_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))](
+        grids = launch_grids(n, c, d, cfg, _target_programs(f.device))
+        _backward_f_kernel[grids["backward_f"]](
             fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, *scalars,
             **common)
-        grid_w = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-        splits, rows_per_split = _row_splits(n, grid_w[0] * grid_w[1], cfg["BLOCK_M"],
-                                             _target_programs(f.device))
+        splits, rows_per_split = grids["row_splits"]
         partial = torch.empty(splits, c * m, d, dtype=acc, device=f.device)
-        _backward_w_kernel[(*grid_w, splits)](
+        _backward_w_kernel[grids["backward_w"]](
             fo, wo, wn, fn, lab, g, dt, ac, partial, n, c, m, d, rows_per_split, *scalars,
             **common)
         grad_w = partial[0] if splits == 1 else partial.sum(0)  # fixed order: deterministic
     else:
         grad_w = torch.zeros(c * m, d, dtype=acc, device=f.device)
     return grad_f.to(f.dtype), grad_w.view(c, m, d).to(prototypes.dtype)
+
+
+def launch_grids(n: int, c: int, d: int, cfg: dict, target: int) -> dict:
+    """Grids of the three kernels for n rows, c classes, d dimensions; dL/dW's rows are
+    split to give about ``target`` programs (see _row_splits)."""
+    grid_w = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+    splits, rows_per_split = _row_splits(n, grid_w[0] * grid_w[1], cfg["BLOCK_M"], target)
+    return dict(forward=(triton.cdiv(n, cfg["BLOCK_M"]),),
+                backward_f=(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"])),
+                backward_w=(*grid_w, splits), row_splits=(splits, rows_per_split))
 
 
 def _target_programs(device: torch.device) -> int:

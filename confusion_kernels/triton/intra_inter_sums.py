@@ -20,7 +20,7 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import MAXNREG, launch_options
+from ._support import MAXNREG, div_rn, launch_options, sqrt_rn
 
 # Globals read inside @triton.jit functions must be constexpr.
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -28,6 +28,7 @@ MANHATTAN = tl.constexpr(_metrics.MANHATTAN)
 COSINE = tl.constexpr(_metrics.COSINE)
 SMOOTH_L1 = tl.constexpr(_metrics.SMOOTH_L1)
 COSINE_EPS = tl.constexpr(_metrics.COSINE_EPS)
+INV_COSINE_EPS = tl.constexpr(1.0 / _metrics.COSINE_EPS)  # x / eps as a multiply
 
 
 # ---------------------------------------------------------------------------
@@ -79,11 +80,11 @@ def _direct_distance(XA, XB, stride, rows, cols, rmask, cmask, n2_i, n2_j, D,
     acc, dot = _direct_sums(XA, XB, stride, rows, cols, rmask, cmask, D, METRIC, ACC, BLOCK_M,
                             BLOCK_N, BLOCK_K)
     if METRIC == COSINE:
-        norm_ij = tl.sqrt(n2_i)[:, None] * tl.sqrt(n2_j)[None, :]
+        norm_ij = sqrt_rn(n2_i)[:, None] * sqrt_rn(n2_j)[None, :]
         # a.b = |a||b| cos(a, b) on the eps branch
-        dist = tl.where(norm_ij > COSINE_EPS, 0.5 * acc, 1.0 - norm_ij * dot / COSINE_EPS)
+        dist = tl.where(norm_ij > COSINE_EPS, 0.5 * acc, 1.0 - norm_ij * dot * INV_COSINE_EPS)
     elif METRIC == EUCLIDEAN:
-        dist = tl.sqrt(acc)
+        dist = sqrt_rn(acc)
     else:
         dist = acc
     return dist
@@ -145,14 +146,14 @@ def _exact_grad(coef, dist, xi, xj, n2_i, n2_j, METRIC: tl.constexpr):
     elif METRIC == SMOOTH_L1:  # clipped to [-1, 1] by comparisons, which keep NaN
         contrib = coef[:, :, None] * tl.where(t < -1.0, -1.0, tl.where(t > 1.0, 1.0, t))
     elif METRIC == EUCLIDEAN:
-        w = tl.where(dist > 0.0, coef / tl.where(dist > 0.0, dist, 1.0), 0.0)
+        w = tl.where(dist > 0.0, div_rn(coef, tl.where(dist > 0.0, dist, 1.0)), 0.0)
         contrib = w[:, :, None] * t
     elif METRIC == COSINE:
-        na = tl.sqrt(n2_i)[:, None]
-        nb = tl.sqrt(n2_j)[None, :]
+        na = sqrt_rn(n2_i)[:, None]
+        nb = sqrt_rn(n2_j)[None, :]
         regular = na * nb > COSINE_EPS
-        alpha = tl.where(regular, -coef / tl.where(regular, na, 1.0), 0.0)
-        gamma = tl.where(regular, 0.0, -coef * nb / COSINE_EPS)
+        alpha = tl.where(regular, div_rn(-coef, tl.where(regular, na, 1.0)), 0.0)
+        gamma = tl.where(regular, 0.0, -coef * nb * INV_COSINE_EPS)
         contrib = (alpha[:, :, None] * (xj[None, :, :] - xi[:, None, :])
                    + (alpha * dist)[:, :, None] * xi[:, None, :]
                    + gamma[:, :, None] * xj[None, :, :])
@@ -214,6 +215,12 @@ def _config(dtype: torch.dtype = torch.float32, metric: int = _metrics.EUCLIDEAN
     return dict(BLOCK_M=rows, BLOCK_N=cols, BLOCK_K=4, BLOCK_DO=8, num_warps=8, maxnreg=MAXNREG)
 
 
+def launch_grids(n: int, d: int, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Grids of the direct passes over n rows of d dimensions."""
+    return dict(forward=(triton.cdiv(n, cfg["BLOCK_M"]),),
+                backward=(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"])))
+
+
 def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -252,7 +259,7 @@ def row_sums(a: _Side, b: _Side, shift: int | None, metric: int
     d = a.rows.shape[1]
     s_in = torch.empty(a.n, dtype=a.rows.dtype, device=a.rows.device)
     s_out = torch.empty_like(s_in)
-    _forward_kernel[(triton.cdiv(a.n, cfg["BLOCK_M"]),)](
+    _forward_kernel[launch_grids(a.n, d, cfg)["forward"]](
         a.rows, a.labels, a.norm2, b.rows, b.labels, b.norm2, s_in, s_out, a.n, b.n, d, d,
         **_self_args(shift), METRIC=metric, ACC=_tl_dtype(a.rows.dtype), BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
@@ -267,8 +274,7 @@ def row_grad(a: _Side, b: _Side, shift: int | None, metric: int) -> torch.Tensor
     grad = torch.empty_like(a.rows)
     if d == 0:
         return grad
-    grid = (triton.cdiv(a.n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-    _backward_kernel[grid](
+    _backward_kernel[launch_grids(a.n, d, cfg)["backward"]](
         a.rows, a.labels, a.norm2, a.g_in, a.g_out, b.rows, b.labels, b.norm2, b.g_in, b.g_out,
         grad, a.n, b.n, d, d, **_self_args(shift), METRIC=metric, ACC=_tl_dtype(a.rows.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],

@@ -27,7 +27,7 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from .._metrics import GRAM_EXACT_FRACTION
 from ..reference import n_centroids as _reference
-from ._support import MAXNREG
+from ._support import MAXNREG, div_rn, sqrt_rn
 from ._support import use_dot as use_dot_for
 from .affinity import _dot_nn, _dot_nt
 from .intra_inter_sums import _tl_dtype
@@ -45,8 +45,8 @@ def _half_angle_atan2(a, b):
     bring the angle below pi/32, where atan(r) = r - r^3/3 + ... converges to double
     precision in nine terms."""
     for _ in tl.static_range(4):
-        b = b + tl.sqrt(a * a + b * b)
-    r = a / tl.where(b > 0.0, b, 1.0)  # a = b = 0 only for two zero vectors: r = 0
+        b = b + sqrt_rn(a * a + b * b)
+    r = div_rn(a, tl.where(b > 0.0, b, 1.0))  # a = b = 0 only for two zero vectors: r = 0
     r2 = r * r
     p = 1.0 / 17.0
     p = 1.0 / 15.0 - r2 * p
@@ -64,10 +64,14 @@ def _half_angle_atan2(a, b):
 def _pair_terms(g, xn, cn, METRIC: tl.constexpr):
     """(d, alpha, beta, near) per pair from the Gram tile (sphere_math.h)."""
     s = xn[:, None] + cn[None, :]
-    a2 = tl.maximum(s - 2.0 * g, 0.0)
-    b2 = tl.maximum(s + 2.0 * g, 0.0)
-    a = tl.sqrt(a2)
-    b = tl.sqrt(b2)
+    # not tl.maximum: on the GPU it drops a NaN (max.f32 returns the other operand), the
+    # interpreter's numpy keeps it; a comparison keeps it on both
+    a2 = s - 2.0 * g
+    a2 = tl.where(a2 < 0.0, 0.0, a2)
+    b2 = s + 2.0 * g
+    b2 = tl.where(b2 < 0.0, 0.0, b2)
+    a = sqrt_rn(a2)
+    b = sqrt_rn(b2)
     floor = EXACT_FRACTION * s
     if METRIC == COSINE:
         d = 1.0 - g
@@ -77,7 +81,7 @@ def _pair_terms(g, xn, cn, METRIC: tl.constexpr):
     elif METRIC == CHORD:
         d = a
         near = a2 <= floor
-        p = tl.where(near, 0.0, 1.0 / tl.where(near, 1.0, a))
+        p = tl.where(near, 0.0, div_rn(1.0, tl.where(near, 1.0, a)))
         alpha = p
         beta = -p
     else:
@@ -86,8 +90,8 @@ def _pair_terms(g, xn, cn, METRIC: tl.constexpr):
         safe_a = tl.where(near, 1.0, a)
         safe_b = tl.where(near, 1.0, b)
         ss = safe_a * safe_a + safe_b * safe_b
-        p = 2.0 * safe_b / (safe_a * ss)
-        q = -2.0 * safe_a / (safe_b * ss)
+        p = div_rn(2.0 * safe_b, safe_a * ss)
+        q = div_rn(-2.0 * safe_a, safe_b * ss)
         alpha = tl.where(near, 0.0, p + q)
         beta = tl.where(near, 0.0, q - p)
     return d, alpha, beta, near
@@ -213,6 +217,12 @@ def _config(x: torch.Tensor) -> dict:
     return cfg
 
 
+def launch_grids(n: int, dim: int, cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Grids of the forward (row blocks) and backward (row blocks x dimension blocks)."""
+    blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    return dict(forward=(blocks,), backward=(blocks, triton.cdiv(dim, cfg["BLOCK_DO"])))
+
+
 def _norms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.square().sum(1).contiguous(), centroids.square().sum(1).contiguous()
 
@@ -237,7 +247,7 @@ def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
     best_k = torch.empty(padded, dtype=torch.int64, device=x.device)
     sums = torch.empty(padded, dtype=x.dtype, device=x.device)
     near = torch.empty(padded, dtype=torch.int32, device=x.device)
-    _forward_kernel[(blocks,)](
+    _forward_kernel[launch_grids(n, dim, cfg)["forward"]](
         x, centroids, xn, cn, labels, best_k, sums, near, n, k, dim,
         METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype),
         **{k: v for k, v in cfg.items() if k != "BLOCK_DO"})
@@ -261,7 +271,7 @@ def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.T
     grad = torch.empty_like(x)
     blocks = triton.cdiv(n, cfg["BLOCK_M"])
     near = torch.empty(blocks * cfg["BLOCK_M"], dtype=torch.int32, device=x.device)  # padded
-    _backward_kernel[(blocks, triton.cdiv(dim, cfg["BLOCK_DO"]))](
+    _backward_kernel[launch_grids(n, dim, cfg)["backward"]](
         x, centroids, xn, cn, labels, weight.contiguous(), grad, near, n, k, dim,
         METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **cfg)
     near = near[:n]

@@ -34,13 +34,14 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import FP64_DOT, MAXNREG, launch_options, use_dot
+from ._support import FP64_DOT, MAXNREG, div_rn, launch_options, sqrt_rn, use_dot
 from .intra_inter_sums import _direct_distance
 
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
 SQEUCLIDEAN = tl.constexpr(_metrics.SQEUCLIDEAN)
 COSINE = tl.constexpr(_metrics.COSINE)
 COSINE_EPS = tl.constexpr(_metrics.COSINE_EPS)
+INV_COSINE_EPS = tl.constexpr(1.0 / _metrics.COSINE_EPS)
 GRAM_EXACT_FRACTION = tl.constexpr(_metrics.GRAM_EXACT_FRACTION)
 
 
@@ -57,7 +58,7 @@ def _mm(x, y, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr)
 @triton.jit
 def _safe_inverse(v):
     ok = v > 0
-    return tl.where(ok, 1.0 / tl.where(ok, v, 1.0), 0.0)
+    return tl.where(ok, div_rn(1.0, tl.where(ok, v, 1.0)), 0.0)
 
 
 @triton.jit
@@ -147,7 +148,7 @@ def _pair_kernel(Z, SHIFT, ONE_CLASS, U, NC, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, 
             exact = exact | (regular == 0)
             dist = 0.5 * d2
         elif METRIC == EUCLIDEAN:
-            dist = tl.sqrt(d2)
+            dist = sqrt_rn(d2)
         else:
             dist = d2
         exact = exact & valid
@@ -184,7 +185,7 @@ def _pair_kernel(Z, SHIFT, ONE_CLASS, U, NC, LAB, SQ, W_IN, W_OUT, T_IN, T_OUT, 
                 # eps branch: D = 1 - x_i.x_j / eps, dD/dx_i = -x_j / eps (in x space)
                 irregular = valid & (regular == 0)
                 if tl.max(irregular.to(tl.int32)) > 0:
-                    w_eps = tl.where(irregular, -pw / COSINE_EPS, 0.0)
+                    w_eps = tl.where(irregular, -pw * INV_COSINE_EPS, 0.0)
                     _add_linear_grads(XR, GX_IN, GX_OUT, tl.where(same, w_eps, 0.0),
                                       tl.where(same, 0.0, w_eps), rows, cols, rmask, cmask,
                                       D, DIAGONAL, ACC, USE_DOT, GRAD_PRECISION, BLOCK, BLOCK_D)
@@ -370,11 +371,15 @@ def _precisions_of(dtype: torch.dtype) -> tuple[str, str]:
     the shifted rows stay fp32 and the products use three tf32 passes (split
     operands, about fp32 accuracy on the tensor cores), so norms and dot
     products come from the same values. fp32: tf32 when torch allows it, else
-    exact fp32. Gradients: tf32 unless the input is fp32 without tf32, or fp64.
+    exact fp32. Gradients follow the same rule as every op's products: tf32 (10-bit
+    mantissas) only when ``torch.backends.cuda.matmul.allow_tf32`` allows it; else
+    fp32-accurate (tf32x3 for 16-bit inputs, whose gradient products are on fp32
+    shifted rows; ieee for fp32); fp64 always exact.
     """
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     if dtype in (torch.float16, torch.bfloat16):
-        return "tf32x3", "tf32"
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3", "tf32" if tf32 else "tf32x3"
+    if dtype == torch.float32 and tf32:
         return "tf32", "tf32"
     return "ieee", "ieee"
 
@@ -457,11 +462,20 @@ class _SortedRows:
         return out
 
 
+def launch_grids(n: int, cfg: dict) -> list[tuple[int, ...]]:
+    """The grid of every launch of one pass over n rows: T' - 1 rounds of T' / 2 block
+    pairs (T' = T rounded up to even), then the diagonal round of T blocks."""
+    t = triton.cdiv(n, cfg["BLOCK"])
+    t_even = t + (t % 2)
+    return [(t_even // 2,)] * (t_even - 1) + [(t,)]
+
+
 def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, bufs: dict,
                    cfg: dict) -> None:
     n, d = s.z.shape
     t = s.blocks
     t_even = t + (t % 2)
+    grids = launch_grids(n, cfg)
     dot_precision, grad_precision = _precisions(x)
     common = dict(METRIC=metric, GRAD=grad, ACC=_tl_dtype(s.z.dtype),
                   USE_DOT=use_dot(s.z.dtype), DOT_PRECISION=dot_precision,
@@ -471,8 +485,8 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
             bufs["t_in"], bufs["t_out"], bufs["g_in"], bufs["g_out"], s.xr, bufs["gx_in"],
             bufs["gx_out"])
     for r in range(t_even - 1):
-        _pair_kernel[(t_even // 2,)](*args, n, d, r, t, t_even, DIAGONAL=False, **common)
-    _pair_kernel[(t,)](*args, n, d, 0, t, t_even, DIAGONAL=True, **common)
+        _pair_kernel[grids[r]](*args, n, d, r, t, t_even, DIAGONAL=False, **common)
+    _pair_kernel[grids[-1]](*args, n, d, 0, t, t_even, DIAGONAL=True, **common)
 
 
 def row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:

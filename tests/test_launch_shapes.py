@@ -1,0 +1,129 @@
+"""The Triton launchers' arithmetic as a GPU would see it, checked on the CPU: grids within
+CUDA's limits at N = 2^24, enough programs to give every SM of an H100 / H200 work at the
+benchmark shapes, and one TF32 rule for every op. The launchers' GPU configurations are
+used (not the interpreter's), by making them believe they are not interpreted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from confusion_kernels import _metrics  # noqa: E402
+from confusion_kernels.triton import affinity, class_stats, intra_inter_sums, n_centroids, pair_sums  # noqa: E402
+
+MODULES = (affinity, intra_inter_sums, n_centroids, pair_sums)
+MAX_X, MAX_YZ = 2**31 - 1, 65535
+SMS = 132  # H100 / H200
+BIG_N = 2**24
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    for module in MODULES:
+        monkeypatch.setattr(module, "triton_interpreting", lambda: False)
+
+
+def within_limits(grid: tuple[int, ...]) -> bool:
+    x, *rest = grid
+    return 1 <= x <= MAX_X and all(1 <= v <= MAX_YZ for v in rest)
+
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 128, 4096])
+def test_grids_within_cuda_limits_at_n_2_pow_24(gpu_configs, dtype, d):
+    x = torch.empty(0, dtype=dtype)
+    for metric in (_metrics.EUCLIDEAN, _metrics.COSINE):
+        for grad in (False, True):
+            grids = pair_sums.launch_grids(BIG_N, pair_sums._config(dtype, grad, metric))
+            assert all(within_limits(g) for g in (grids[0], grids[-1]))
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for g in intra_inter_sums.launch_grids(BIG_N, d, intra_inter_sums._config(acc, metric)).values():
+            assert within_limits(g), g
+    for m in (1, 5, 64):
+        cfg = affinity._config(x, m)
+        grids = affinity.launch_grids(BIG_N, 100_000, d, cfg, 4 * SMS)
+        for name in ("forward", "backward_f", "backward_w"):
+            assert within_limits(grids[name]), (name, grids[name])
+    for g in n_centroids.launch_grids(BIG_N, d, n_centroids._config(x)).values():
+        assert within_limits(g), g
+    assert within_limits(class_stats.grid(BIG_N, d))
+
+
+def test_pair_pass_launches_one_kernel_per_round(gpu_configs):
+    """The schedule's cost in launches: T' - 1 rounds plus the diagonal (T = N / BLOCK).
+    A known limit, not a goal: at N = 2^20 that is 32,768 launches of 32x32 tiles."""
+    cfg = pair_sums._config(torch.float32, True)
+    grids = pair_sums.launch_grids(2**20, cfg)
+    t = 2**20 // cfg["BLOCK"]
+    assert len(grids) == t and grids[0] == (t // 2,) and grids[-1] == (t,)
+
+
+@pytest.mark.parametrize("n, classes, m, d", [(65536, 100, 1, 128), (65536, 100_000, 1, 512),
+                                              (65536, 20_000, 5, 512), (4096, 10, 5, 64)])
+def test_affinity_weight_gradient_gives_every_sm_work(gpu_configs, n, classes, m, d):
+    """dL/dW's (class block, dim block) grid alone is 2 x 4 programs at C = 100, D = 128;
+    the row splits bring every benchmark shape to at least 2 programs per SM (shares are
+    whole row blocks, so up to half the target of 4), with partial sums bounded by about
+    target x BLOCK_C MP x BLOCK_DO elements."""
+    for dtype in DTYPES:
+        cfg = affinity._config(torch.empty(0, dtype=dtype), m)
+        grids = affinity.launch_grids(n, classes, d, cfg, 4 * SMS)
+        programs = grids["backward_w"][0] * grids["backward_w"][1] * grids["backward_w"][2]
+        splits, rows = grids["row_splits"]
+        most = grids["backward_w"][0] * grids["backward_w"][1] * -(-n // cfg["BLOCK_M"])
+        assert programs >= min(2 * SMS, most)
+        assert splits * rows >= n > (splits - 1) * rows  # every row in exactly one share
+        if splits > 1:
+            partial = splits * classes * m * d
+            assert partial <= 2 * 4 * SMS * cfg["BLOCK_C"] * cfg["MP"] * cfg["BLOCK_DO"]
+
+
+def test_row_splits_cover_every_row_once():
+    for n in (1, 31, 32, 33, 1000, 65537):
+        for programs in (1, 3, 600):
+            splits, rows = affinity._row_splits(n, programs, 32, 528)
+            assert rows % 32 == 0 and splits >= 1
+            assert splits * rows >= n > (splits - 1) * rows
+
+
+@pytest.mark.parametrize("n, d", [(16384, 128), (65536, 128)])
+def test_row_kernels_give_every_sm_work_at_benchmark_shapes(gpu_configs, n, d):
+    """N-Centroids (row blocks), the direct backward (row x dim blocks) and a pair-pass round
+    (N / 2 BLOCK block pairs) at the benchmark sizes: at least one program per SM. (Below
+    N = 8,192 a pair-pass round has fewer block pairs than an H200 has SMs: not claimed.)"""
+    x = torch.empty(0)
+    assert n_centroids.launch_grids(n, d, n_centroids._config(x))["forward"][0] >= SMS
+    grid = intra_inter_sums.launch_grids(n, d, intra_inter_sums._config(torch.float32))["backward"]
+    assert grid[0] * grid[1] >= SMS
+    for grad in (False, True):
+        assert pair_sums.launch_grids(n, pair_sums._config(torch.float32, grad))[0][0] >= SMS
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_one_tf32_rule_for_every_op(gpu_configs, allow):
+    """10-bit-mantissa (tf32) products only when torch.backends.cuda.matmul.allow_tf32 says
+    so, in every op and dtype; fp64 always exact."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        check_tf32_rule(allow)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def check_tf32_rule(allow: bool) -> None:
+    for dtype in DTYPES:
+        x = torch.empty(0, dtype=dtype)
+        precisions = set(pair_sums._precisions_of(dtype))
+        precisions |= {affinity._config(x, 1)["PREC"], n_centroids._config(x)["PREC"]}
+        if dtype == torch.float64:
+            assert precisions == {"ieee"}
+        elif not allow:
+            assert "tf32" not in precisions, (dtype, precisions)
+        elif dtype == torch.float32:
+            assert precisions == {"tf32"}
