@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 
-from _provenance import commit
+from _audit import commit, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,11 +128,7 @@ def main() -> int:
         for r in rows:
             f.write(f"| `{r['kernel']}` | {r['arch']} | {r['regs']} | {r['stack']} | {r['smem']} |\n")
     print(summary)
-    problems = check(rows)
-    for line in problems:
-        print("FAIL", line)
-    print(f"{len(problems)} problems; tables in {args.out}")
-    return 1 if problems else 0
+    return report(check(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from _provenance import commit
+from _audit import commit, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -55,6 +55,18 @@ SM_LIMITS = {
     80: dict(regs=65536, smem_sm=167936, smem_block=166912, threads=2048, blocks=32),
     90: dict(regs=65536, smem_sm=233472, smem_block=232448, threads=2048, blocks=32),
 }
+# Variants allowed to spill: each names the Triton versions it applies to, the kernel, a
+# regular expression on the variant, and why it stays (with the figures measured). An
+# entry that no spilling variant matches any more fails the run, so the list shrinks as
+# the kernels improve and never hides a new spill.
+KNOWN_SPILLS: list[dict] = [
+    dict(triton_below=(3, 5), kernel="affinity._backward_w_kernel",
+         variant=r"^float64 .*USE_DOT=False .*MP=64 ",
+         why="fp64 without tl.dot (Triton < 3.5): the 64 prototype slots of m = 33..64 times "
+             "the broadcast product's BLOCK_K x BLOCK_DO spill 16-40 B per thread on sm_80 "
+             "with every tile size tried (a correctness path for gradchecks; Triton >= 3.5 "
+             "runs fp64 on tl.dot without spills)"),
+]
 REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 SMEM_RESERVED = 1024  # shared memory the driver reserves per block (sm_80 and later)
 
@@ -450,20 +462,19 @@ def worker(indices: list[int], arch: int, only: str | None, progress: str) -> No
 # ---------------------------------------------------------------------------
 def _run_workers(count: int, arches: list[int], jobs: int, only: str | None,
                  max_seconds: float) -> list[dict]:
-    """Results of every (variant, arch), workers given equal shares; a worker that
-    hangs on a variant is killed and the rest of its share run again without it."""
-    tasks = [(i, a) for a in arches for i in range(count)]
+    """Results of every (variant, arch): one architecture after the other, its variants in
+    ``jobs`` equal shares, one worker process each; a worker that hangs on a variant is
+    killed (or one whose compiler crashes ends), and the rest of its share run again."""
     results: dict[tuple[int, int], dict] = {}
-    pending = list(tasks)
     with tempfile.TemporaryDirectory() as tmp:
-        while pending:
-            shares = [pending[k::jobs] for k in range(jobs)]
-            procs = []
-            for k, share in enumerate(shares):
-                if not share:
-                    continue
-                for arch in sorted({a for _, a in share}):
-                    idx = [i for i, a in share if a == arch]
+        for arch in arches:
+            pending = list(range(count))
+            while pending:
+                procs = []
+                for k in range(jobs):
+                    idx = pending[k::jobs]
+                    if not idx:
+                        continue
                     progress = os.path.join(tmp, f"w{k}-{arch}-{len(results)}.jsonl")
                     env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tmp, f"cache{k}-{arch}"),
                                TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
@@ -471,23 +482,23 @@ def _run_workers(count: int, arches: list[int], jobs: int, only: str | None,
                            "--indices", ",".join(map(str, idx)), "--progress", progress]
                     if only:
                         cmd += ["--only", only]
-                    procs.append((subprocess.Popen(cmd, env=env), progress, idx, arch))
-            # a worker may spend at most max_seconds on one variant (plus the capture)
-            killed = [_wait_with_watchdog(proc, progress, max_seconds)
-                      for proc, progress, idx, arch in procs]
-            pending = []
-            for (proc, progress, idx, arch), was_killed in zip(procs, killed):
-                done, started = _read_progress(progress)
-                for row in done:
-                    results[(row["index"], row["arch"])] = row
-                hung = [i for i in started if (i, arch) not in results]
-                why = (f"did not compile within {max_seconds:.0f} s" if was_killed else
-                       f"the compiler crashed (worker exit code {proc.returncode})")
-                for i in hung:
-                    results[(i, arch)] = dict(index=i, arch=arch, seconds=float(max_seconds)
-                                              if was_killed else 0.0, error=why)
-                pending += [(i, arch) for i in idx if (i, arch) not in results]
-    return [results[t] for t in tasks]
+                    procs.append((subprocess.Popen(cmd, env=env), progress, idx))
+                # a worker may spend at most max_seconds on one variant (plus the capture)
+                killed = [_wait_with_watchdog(proc, progress, max_seconds)
+                          for proc, progress, idx in procs]
+                pending = []
+                for (proc, progress, idx), was_killed in zip(procs, killed):
+                    done, started = _read_progress(progress)
+                    for row in done:
+                        results[(row["index"], row["arch"])] = row
+                    why = (f"did not compile within {max_seconds:.0f} s" if was_killed else
+                           f"the compiler crashed (worker exit code {proc.returncode})")
+                    for i in started:
+                        if (i, arch) not in results:
+                            results[(i, arch)] = dict(index=i, arch=arch, error=why,
+                                                      seconds=float(max_seconds) if was_killed else 0.0)
+                    pending += [i for i in idx if (i, arch) not in results]
+    return [results[(i, a)] for a in arches for i in range(count)]
 
 
 def _read_progress(path: str) -> tuple[list[dict], list[int]]:
@@ -516,8 +527,18 @@ def _wait_with_watchdog(proc, progress: str, max_seconds: float) -> bool:
     return False
 
 
-def check(rows: list[dict], budget: dict, max_seconds: float) -> list[str]:
+def _known_spill(r: dict, version: tuple[int, int]) -> dict | None:
+    for entry in KNOWN_SPILLS:
+        if version < entry.get("triton_below", (99, 0)) and r["kernel"] == entry["kernel"] \
+                and re.search(entry["variant"], r["variant"]):
+            return entry
+    return None
+
+
+def check(rows: list[dict], budget: dict, max_seconds: float,
+          version: tuple[int, int] = (99, 0)) -> list[str]:
     problems = []
+    used = set()
     for r in rows:
         what = f"{r['kernel']} [{r['variant']}] sm_{r['arch']}"
         if r["error"]:
@@ -525,7 +546,12 @@ def check(rows: list[dict], budget: dict, max_seconds: float) -> list[str]:
             continue
         if r["seconds"] > max_seconds:
             problems.append(f"{what}: compiled in {r['seconds']:.0f} s (limit {max_seconds:.0f} s)")
-        if r["spill_stores"] or r["spill_loads"] or r["local"]:
+        spills = r["spill_stores"] or r["spill_loads"] or r["local"]
+        known = _known_spill(r, version) if spills else None
+        if known:
+            used.add(id(known))
+            r["allowed"] = "known spill (KNOWN_SPILLS)"
+        elif spills:
             problems.append(f"{what}: spills ({r['spill_stores']} B stores, {r['spill_loads']} B "
                             f"loads, {r['stack']} B stack per thread)")
         if r["smem"] > SM_LIMITS[r["arch"]]["smem_block"]:
@@ -538,6 +564,11 @@ def check(rows: list[dict], budget: dict, max_seconds: float) -> list[str]:
         need = budget.get(r["kernel"], {}).get("min_blocks_per_sm", 1)
         if r["blocks_per_sm"] < need:
             problems.append(f"{what}: {r['blocks_per_sm']} blocks/SM, its launcher assumes {need}")
+    for entry in KNOWN_SPILLS:
+        applies = version < entry.get("triton_below", (99, 0))
+        if applies and id(entry) not in used and any(r["kernel"] == entry["kernel"] for r in rows):
+            problems.append(f"KNOWN_SPILLS entry for {entry['kernel']} [{entry['variant']}] matches "
+                            "no spilling variant any more: remove it")
     return problems
 
 
@@ -569,14 +600,14 @@ def write_tables(rows: list[dict], out: str, header: str) -> None:
     with open(os.path.join(out, "triton_aot.md"), "w") as f:
         f.write(header + "\n\n")
         f.write("| kernel | variant | sm | compile s | regs | spills B (st/ld) | stack B | smem B "
-                "| warps | blocks/SM | approximate PTX | error |\n")
+                "| warps | blocks/SM | approximate PTX | error / note |\n")
         f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             spills = f"{r['spill_stores']}/{r['spill_loads']}" if "spill_stores" in r else ""
             f.write(f"| {r['kernel']} | {r['variant']} | {r['arch']} | {r['seconds']} | "
                     f"{r.get('regs', '')} | {spills} | {r.get('stack', '')} | {r.get('smem', '')} | "
                     f"{r.get('warps', '')} | {r.get('blocks_per_sm', '')} | {r.get('approx', '')} | "
-                    f"{r['error']} |\n")
+                    f"{r['error'] or r.get('allowed', '')} |\n")
 
 
 def summary(rows: list[dict]) -> str:
@@ -587,7 +618,8 @@ def summary(rows: list[dict]) -> str:
         worst = max(ok, key=lambda r: r["seconds"]) if ok else None
         lines.append(
             f"sm_{arch}: {len(sel)} variants, {len(sel) - len(ok)} failed to compile, "
-            f"{sum(1 for r in ok if r['spill_stores'] or r['spill_loads'])} spill, "
+            f"{sum(1 for r in ok if r['spill_stores'] or r['spill_loads'])} spill "
+            f"({sum(1 for r in ok if r.get('allowed'))} of them listed in KNOWN_SPILLS), "
             f"{sum(1 for r in ok if r['stack'])} use a stack frame, total compile "
             f"{sum(r['seconds'] for r in sel):.0f} s, slowest {worst['seconds'] if worst else 0:.1f} s "
             f"({worst['kernel'] + ' ' + worst['variant'] if worst else '-'}), most registers "
@@ -636,13 +668,12 @@ def main() -> int:
               f"sm_{', sm_'.join(map(str, args.arch))}: `python scripts/triton_aot.py`, "
               f"{time.strftime('%Y-%m-%d')}, commit {commit()}, {args.jobs} workers, "
               f"{time.perf_counter() - start:.0f} s wall")
+    from confusion_kernels.triton._support import TRITON_VERSION
+
+    problems = check(rows, budgets(), args.max_seconds, TRITON_VERSION)
     write_tables(rows, args.out, header + "\n\n" + summary(rows))
     print(summary(rows))
-    problems = check(rows, budgets(), args.max_seconds)
-    for line in problems:
-        print("FAIL", line)
-    print(f"{len(problems)} problems; tables in {args.out} ({time.perf_counter() - start:.0f} s)")
-    return 1 if problems else 0
+    return report(problems, f"{args.out} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

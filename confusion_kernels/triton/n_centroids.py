@@ -194,23 +194,29 @@ def _backward_kernel(X, C, XN, CN, LAB, W, GRAD_X, NEAR, N, K, D,
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: tf32 for fp32 only when torch allows it (the rule of every op)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _config(x: torch.Tensor) -> dict:
     """Row and centroid blocks, dimension chunk and warps: the largest that compile
     without spilling for sm_80 / sm_90 (scripts/triton_aot.py); fp64 on half-size blocks."""
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     if triton_interpreting():
         block, warps, block_do = 16, 4, 32
     elif x.dtype == torch.float64:
         block, warps, block_do = 32, 8, 32
     else:
         block, warps, block_do = 64, 8, 32
+        if x.dtype == torch.float32 and _precision(x.dtype) == "ieee":
+            block = 32  # products on the FMA units: 64 x 64 blocks spilled
     use_dot = use_dot_for(x.dtype)
     # broadcast products (fp64 before Triton 3.5) hold BLOCK_M x BLOCK_K x BLOCK_D values
     block_d = 32 if triton_interpreting() else 16 if use_dot else 4
     if not use_dot and not triton_interpreting():
         block_do = 4
     cfg = dict(BLOCK_M=block, BLOCK_K=block, BLOCK_D=block_d, USE_DOT=use_dot,
-               PREC="tf32" if tf32 else "ieee", num_warps=warps,
+               PREC=_precision(x.dtype), num_warps=warps,
                BLOCK_DO=block_do)
     if not triton_interpreting():
         cfg["maxnreg"] = MAXNREG

@@ -372,13 +372,13 @@ def _precisions_of(dtype: torch.dtype) -> tuple[str, str]:
     operands, about fp32 accuracy on the tensor cores), so norms and dot
     products come from the same values. fp32: tf32 when torch allows it, else
     exact fp32. Gradients follow the same rule as every op's products: tf32 (10-bit
-    mantissas) only when ``torch.backends.cuda.matmul.allow_tf32`` allows it; else
-    fp32-accurate (tf32x3 for 16-bit inputs, whose gradient products are on fp32
-    shifted rows; ieee for fp32); fp64 always exact.
+    mantissas) only when ``torch.backends.cuda.matmul.allow_tf32`` allows it, else
+    exact fp32 ("ieee": the gradient products are on fp32 shifted rows for 16-bit
+    inputs too); fp64 always exact.
     """
     tf32 = torch.backends.cuda.matmul.allow_tf32
     if dtype in (torch.float16, torch.bfloat16):
-        return "tf32x3", "tf32" if tf32 else "tf32x3"
+        return "tf32x3", "tf32" if tf32 else "ieee"
     if dtype == torch.float32 and tf32:
         return "tf32", "tf32"
     return "ieee", "ieee"

@@ -1,4 +1,5 @@
-"""The commit a result was made at, for the headers of generated tables."""
+"""What the two resource audits (triton_aot.py, cuda_resources.py) share: the commit in
+their tables' headers, and how they report and exit."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def commit() -> str:
     except (OSError, subprocess.SubprocessError):
         out = ""
     return out or os.environ.get("CK_COMMIT", "unknown")
+
+
+def report(problems: list[str], where: str) -> int:
+    """Prints each problem and a last line; the exit code (1 when any)."""
+    for line in problems:
+        print("FAIL", line)
+    print(f"{len(problems)} problems; tables in {where}")
+    return 1 if problems else 0
