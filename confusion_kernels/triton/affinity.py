@@ -280,6 +280,8 @@ def _config(f: torch.Tensor, m: int) -> dict:
             cfg["BLOCK_K"], cfg["BLOCK_DO"] = 2, 4
             cfg["BLOCK_M"] = 16
     cfg["BLOCK_C"] = max(1, slots // mp)
+    # a class wider than the slots (MP > slots) keeps the tile's size by taking fewer rows
+    cfg["BLOCK_M"] = max(16, cfg["BLOCK_M"] * slots // max(slots, mp))
     return cfg
 
 

@@ -208,8 +208,8 @@ def _config(x: torch.Tensor) -> dict:
         block, warps, block_do = 32, 8, 32
     else:
         block, warps, block_do = 64, 8, 32
-        if x.dtype == torch.float32 and _precision(x.dtype) == "ieee":
-            block = 32  # products on the FMA units: 64 x 64 blocks spilled
+        if x.dtype != torch.float32 or _precision(x.dtype) == "ieee":
+            block = 32  # fp32 on the FMA units, and 16-bit inputs: 64 x 64 blocks spilled
     use_dot = use_dot_for(x.dtype)
     # broadcast products (fp64 before Triton 3.5) hold BLOCK_M x BLOCK_K x BLOCK_D values
     block_d = 32 if triton_interpreting() else 16 if use_dot else 4
