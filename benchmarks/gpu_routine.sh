@@ -33,7 +33,7 @@ PLAN=${PLAN_SECONDS:-480}
 BUILD_S=120 TESTS_S=200 SANITIZE_S=100 BENCH_S=50
 FILE_S=${FILE_SECONDS:-150} TEST_JOBS=${TEST_JOBS:-6} TEST_TIMEOUT=${TEST_TIMEOUT:-60}
 SELECTION="cuda or triton"
-TEST_FILES=$(ls tests/test_*.py | grep -v -E "test_(docs|demo|distributed)\.py")
+TEST_FILES=${TEST_FILES:-$(ls tests/test_*.py | grep -v -E "test_(docs|demo|distributed)\.py")}
 # compute-sanitizer: tool -> test file and selection (small shapes of one kernel family)
 SANITIZE=(
   "memcheck|tests/test_cuda.py|gram_kernels and 65-24 and (fp32 or bf16)"
@@ -89,16 +89,19 @@ if [ $dry = 1 ]; then
 fi
 
 OUT=${OUT:-benchmarks/out/gpu}
-mkdir -p "$OUT/logs"
+# logs and tables are made in a work folder and packed into $OUT/results.tar.gz after every
+# step: $OUT itself holds 3 files (at most 8 come back from the device machine)
+WORK=$(mktemp -d)
+mkdir -p "$OUT" "$WORK/logs" "$WORK/tables"
 summary="$OUT/summary.txt"
 note() { echo "== $*" | tee -a "$summary"; }
 pack() {  # after every step: what is done so far comes back even if a later step is cut off
-  tar czf "$OUT/results.tar.gz.tmp" -C "$OUT" logs tables 2>/dev/null && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
+  cp "$summary" "$WORK/"
+  tar czf "$OUT/results.tar.gz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
 }
 export PYTHONUNBUFFERED=1 CK_COMMIT=${CK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-mkdir -p "$OUT/tables"
 note "start $(date -u +%FT%TZ) commit $CK_COMMIT steps: ${steps[*]}"
-nvidia-smi > "$OUT/logs/nvidia-smi.txt" 2>&1
+nvidia-smi > "$WORK/logs/nvidia-smi.txt" 2>&1
 $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$summary"
 
 so_name=$($PY -c "import sysconfig; print('_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
@@ -107,35 +110,35 @@ if has build; then
   if [ -f "confusion_kernels/$so_name" ] && PYTHONPATH=$PWD $PY -c "import confusion_kernels as ck, sys; sys.exit('cuda' not in ck.available_backends('cuda'))" 2>/dev/null; then
     note "build: the carried confusion_kernels/$so_name"
   elif TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} FORCE_CUDA=1 timeout $BUILD_S \
-       $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/logs/build.log" 2>&1; then
+       $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$WORK/logs/build.log" 2>&1; then
     note "build ok in $((SECONDS - start)) s"
     gzip -c "confusion_kernels/$so_name" > "$OUT/$so_name.gz"
   else
-    note "build FAILED after $((SECONDS - start)) s"; tail -30 "$OUT/logs/build.log"; pack; exit 1
+    note "build FAILED after $((SECONDS - start)) s"; tail -30 "$WORK/logs/build.log"; pack; exit 1
   fi
   export PYTHONPATH=$PWD
   $PY -c "import confusion_kernels as ck; print('backends on cuda:', ck.available_backends('cuda'))" 2>&1 | tee -a "$summary"
-  $PY scripts/cuda_resources.py --out "$OUT/tables" > "$OUT/logs/cuda_resources.log" 2>&1
-  note "cuda_resources: $(tail -1 "$OUT/logs/cuda_resources.log")"
+  $PY scripts/cuda_resources.py --out "$WORK/tables" > "$WORK/logs/cuda_resources.log" 2>&1
+  note "cuda_resources: $(tail -1 "$WORK/logs/cuda_resources.log")"
   pack
 fi
 
 if has tests; then
   start=$SECONDS
   run_file() {  # one test file in its own process, under its own limit
-    local f=$1 log="$OUT/logs/pytest-$(basename "$1" .py).log" extra=()
+    local f=$1 log="$WORK/logs/pytest-$(basename "$1" .py).log" extra=()
     $PY -c "import pytest_timeout" 2> /dev/null && extra=(--timeout "$TEST_TIMEOUT")
     timeout "$FILE_S" $PY -m pytest "$f" -q -p no:cacheprovider -rs -k "$SELECTION" "${extra[@]}" > "$log" 2>&1
-    echo "$? $f $(tail -1 "$log")" >> "$OUT/logs/test-files.txt"
+    echo "$? $f $(tail -1 "$log")" >> "$WORK/logs/test-files.txt"
   }
-  export -f run_file; export OUT PY FILE_S TEST_TIMEOUT SELECTION
-  : > "$OUT/logs/test-files.txt"
+  export -f run_file; export WORK PY FILE_S TEST_TIMEOUT SELECTION
+  : > "$WORK/logs/test-files.txt"
   timeout $TESTS_S bash -c "echo '$TEST_FILES' | tr ' ' '\n' | xargs -P $TEST_JOBS -I{} bash -c 'run_file {}'"
   # exit 5 = no test selected in that file; 124 = the file's limit
-  bad=$(awk '$1 != 0 && $1 != 5' "$OUT/logs/test-files.txt" | wc -l)
-  note "tests in $((SECONDS - start)) s: $(wc -l < "$OUT/logs/test-files.txt") files run, $bad failed or timed out"
-  awk '$1 != 0 && $1 != 5' "$OUT/logs/test-files.txt" | tee -a "$summary"
-  grep -h -E "^(FAILED|ERROR)" "$OUT"/logs/pytest-*.log | head -30 | tee -a "$summary"
+  bad=$(awk '$1 != 0 && $1 != 5' "$WORK/logs/test-files.txt" | wc -l)
+  note "tests in $((SECONDS - start)) s: $(wc -l < "$WORK/logs/test-files.txt") files run, $bad failed or timed out"
+  awk '$1 != 0 && $1 != 5' "$WORK/logs/test-files.txt" | tee -a "$summary"
+  grep -h -E "^(FAILED|ERROR)" "$WORK"/logs/pytest-*.log | head -30 | tee -a "$summary"
   pack
 fi
 
@@ -146,8 +149,8 @@ if has sanitize; then
     IFS='|' read -r tool file sel <<< "$entry"
     start=$SECONDS
     timeout $per_tool compute-sanitizer --tool "$tool" --error-exitcode 99 $PY -m pytest "$file" \
-      -q -p no:cacheprovider -k "$sel" > "$OUT/logs/sanitizer-$tool.log" 2>&1
-    note "compute-sanitizer $tool rc=$? in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not supported' "$OUT/logs/sanitizer-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$OUT/logs/sanitizer-$tool.log" | tail -1)"
+      -q -p no:cacheprovider -k "$sel" > "$WORK/logs/sanitizer-$tool.log" 2>&1
+    note "compute-sanitizer $tool rc=$? in $((SECONDS - start)) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not supported' "$WORK/logs/sanitizer-$tool.log" | tail -1) / $(grep -E 'passed|failed' "$WORK/logs/sanitizer-$tool.log" | tail -1)"
   done
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
   pack
@@ -155,16 +158,16 @@ fi
 
 if has bench; then
   start=$SECONDS
-  timeout $BENCH_S $PY "${BENCH[@]}" --out "$OUT/tables" > "$OUT/logs/bench.log" 2>&1
+  timeout $BENCH_S $PY "${BENCH[@]}" --out "$WORK/tables" > "$WORK/logs/bench.log" 2>&1
   note "benchmark rc=$? in $((SECONDS - start)) s"
-  grep -v "^{" "$OUT/logs/bench.log" | tail -12 | tee -a "$summary"
+  grep -v "^{" "$WORK/logs/bench.log" | tail -12 | tee -a "$summary"
   pack
 fi
 if has suite; then
   start=$SECONDS
-  timeout $SUITE_S $PY "${SUITE[@]}" --out "$OUT/tables/suite" > "$OUT/logs/suite.log" 2>&1
+  timeout $SUITE_S $PY "${SUITE[@]}" --out "$WORK/tables/suite" > "$WORK/logs/suite.log" 2>&1
   note "benchmark suite rc=$? in $((SECONDS - start)) s"
-  grep -v "^wrote" "$OUT/logs/suite.log" | tail -30 | tee -a "$summary"
+  grep -v "^wrote" "$WORK/logs/suite.log" | tail -30 | tee -a "$summary"
   pack
 fi
 note "end $(date -u +%FT%TZ)"
