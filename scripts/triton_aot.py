@@ -421,8 +421,6 @@ def _meta(kernel, name, default=None):
 
 def worker(indices: list[int], arch: int, only: str | None, progress: str) -> None:
     """Compile the variants ``indices`` of collect() for ``arch``, one JSON line each."""
-    import torch  # noqa: F401  (the launchers' tensors)
-
     unique = collect(only)
     _record_ptxas_logs()
     with capture(arch, compile_kernels=True) as (launches, state), open(progress, "a") as log:

@@ -40,6 +40,15 @@ def use_dot(dtype: torch.dtype) -> bool:
     return dtype != torch.float64 or FP64_DOT
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision of fp32 operands, the TF32 rule of every op: "tf32" (10-bit
+    mantissas) only when ``torch.backends.cuda.matmul.allow_tf32`` allows it, else exact
+    ("ieee"); 16-bit operands and fp64 are exact ("ieee") as they are."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def launch_options(cfg: dict) -> dict:
     """The launch options (not constexprs) of a launcher's configuration."""
     return {k: cfg[k] for k in ("num_warps", "maxnreg") if k in cfg}

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import MAXNREG, div_rn, launch_options
+from ._support import MAXNREG, div_rn, dot_precision, launch_options
 from ._support import use_dot as use_dot_for
 from .intra_inter_sums import _tl_dtype
 
@@ -265,9 +265,8 @@ def _config(f: torch.Tensor, m: int) -> dict:
     register file allowed (MAXNREG)."""
     mp = triton.next_power_of_2(m)
     use_dot = use_dot_for(f.dtype) and not triton_interpreting()
-    tf32 = f.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     cfg = dict(BLOCK_M=32, MP=mp, BLOCK_K=16, BLOCK_DO=32, USE_DOT=use_dot,
-               PREC="tf32" if tf32 else "ieee", num_warps=4)
+               PREC=dot_precision(f.dtype), num_warps=4)
     if triton_interpreting():
         slots, cfg["BLOCK_K"] = 32, 32
     elif f.dtype == torch.float32:

@@ -100,6 +100,10 @@ def shifted_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tens
     if b and k:
         _fixed_point_sums_kernel[grid(b, k)](x, labels, shift, scale1, scale2, s1, s2, b, k,
                                              x.stride(0), BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K)
-    nan = torch.full_like(scale1, float("nan"))
-    return (count, torch.where(scale1 > 0, s1.to(torch.float64) / scale1.where(scale1 > 0, 1.0), nan),
-            torch.where(scale2 > 0, s2.to(torch.float64) / scale2.where(scale2 > 0, 1.0), nan))
+    return count, _unscale(s1, scale1), _unscale(s2, scale2)
+
+
+def _unscale(fixed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float64 sums of the int64 fixed-point ones; NaN where the scale is 0."""
+    ok = scale > 0
+    return torch.where(ok, fixed.to(torch.float64) / torch.where(ok, scale, 1.0), float("nan"))

@@ -27,7 +27,7 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from .._metrics import GRAM_EXACT_FRACTION
 from ..reference import n_centroids as _reference
-from ._support import MAXNREG, div_rn, sqrt_rn
+from ._support import MAXNREG, div_rn, dot_precision, sqrt_rn
 from ._support import use_dot as use_dot_for
 from .affinity import _dot_nn, _dot_nt
 from .intra_inter_sums import _tl_dtype
@@ -194,11 +194,6 @@ def _backward_kernel(X, C, XN, CN, LAB, W, GRAD_X, NEAR, N, K, D,
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision: tf32 for fp32 only when torch allows it (the rule of every op)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _config(x: torch.Tensor) -> dict:
     """Row and centroid blocks, dimension chunk and warps: the largest that compile
     without spilling for sm_80 / sm_90 (scripts/triton_aot.py); fp64 on half-size blocks."""
@@ -208,7 +203,7 @@ def _config(x: torch.Tensor) -> dict:
         block, warps, block_do = 32, 8, 32
     else:
         block, warps, block_do = 64, 8, 32
-        if x.dtype != torch.float32 or _precision(x.dtype) == "ieee":
+        if dot_precision(x.dtype) == "ieee":
             block = 32  # fp32 on the FMA units, and 16-bit inputs: 64 x 64 blocks spilled
     use_dot = use_dot_for(x.dtype)
     # broadcast products (fp64 before Triton 3.5) hold BLOCK_M x BLOCK_K x BLOCK_D values
@@ -216,7 +211,7 @@ def _config(x: torch.Tensor) -> dict:
     if not use_dot and not triton_interpreting():
         block_do = 4
     cfg = dict(BLOCK_M=block, BLOCK_K=block, BLOCK_D=block_d, USE_DOT=use_dot,
-               PREC=_precision(x.dtype), num_warps=warps,
+               PREC=dot_precision(x.dtype), num_warps=warps,
                BLOCK_DO=block_do)
     if not triton_interpreting():
         cfg["maxnreg"] = MAXNREG

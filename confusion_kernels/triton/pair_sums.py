@@ -24,7 +24,7 @@ small as its class's spread, and the close pairs of a trained (clustered)
 embedding keep their digits. Pairs the
 Gram form still cannot resolve (d^2 <= (|a|^2 + |b|^2) / 16, duplicates, and
 cosine pairs on the eps branch) take the difference form. fp16/bf16 inputs are
-read as stored and shifted in fp32, never rounded again (see ``_precisions``).
+read as stored and shifted in fp32, never rounded again (see ``_precisions_of``).
 """
 
 import torch
@@ -34,7 +34,7 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import FP64_DOT, MAXNREG, div_rn, launch_options, sqrt_rn, use_dot
+from ._support import FP64_DOT, MAXNREG, div_rn, dot_precision, launch_options, sqrt_rn, use_dot
 from .intra_inter_sums import _direct_distance
 
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -360,10 +360,6 @@ def _tl_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
 
 
-def _precisions(x: torch.Tensor) -> tuple[str, str]:
-    return _precisions_of(x.dtype)
-
-
 def _precisions_of(dtype: torch.dtype) -> tuple[str, str]:
     """tl.dot precisions of the distances and of the gradient products.
 
@@ -371,17 +367,13 @@ def _precisions_of(dtype: torch.dtype) -> tuple[str, str]:
     the shifted rows stay fp32 and the products use three tf32 passes (split
     operands, about fp32 accuracy on the tensor cores), so norms and dot
     products come from the same values. fp32: tf32 when torch allows it, else
-    exact fp32. Gradients follow the same rule as every op's products: tf32 (10-bit
-    mantissas) only when ``torch.backends.cuda.matmul.allow_tf32`` allows it, else
-    exact fp32 ("ieee": the gradient products are on fp32 shifted rows for 16-bit
-    inputs too); fp64 always exact.
+    exact fp32. Gradients follow the TF32 rule of every op (_support.dot_precision) as
+    fp32 products: for 16-bit inputs too, they are on fp32 shifted rows. fp64 exact.
     """
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    grad = dot_precision(torch.float32) if dtype != torch.float64 else "ieee"
     if dtype in (torch.float16, torch.bfloat16):
-        return "tf32x3", "tf32" if tf32 else "ieee"
-    if dtype == torch.float32 and tf32:
-        return "tf32", "tf32"
-    return "ieee", "ieee"
+        return "tf32x3", grad
+    return dot_precision(dtype), grad
 
 
 def _class_sums(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -476,9 +468,9 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
     t = s.blocks
     t_even = t + (t % 2)
     grids = launch_grids(n, cfg)
-    dot_precision, grad_precision = _precisions(x)
+    distance_precision, grad_precision = _precisions_of(x.dtype)
     common = dict(METRIC=metric, GRAD=grad, ACC=_tl_dtype(s.z.dtype),
-                  USE_DOT=use_dot(s.z.dtype), DOT_PRECISION=dot_precision,
+                  USE_DOT=use_dot(s.z.dtype), DOT_PRECISION=distance_precision,
                   GRAD_PRECISION=grad_precision, BLOCK=cfg["BLOCK"], BLOCK_D=cfg["BLOCK_D"],
                   BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
     args = (s.z, s.shift, s.one_class, s.u, s.nc, s.labels, s.sq, bufs["w_in"], bufs["w_out"],
