@@ -8,6 +8,7 @@ C++); ``backend="auto"`` picks the fastest one for the tensor's device.
 from . import analysis, reference
 from ._backend import BACKENDS, available_backends, select_backend
 from ._metrics import resolve_metric
+from ._validation import set_strict_checks, strict_checks
 from .analysis import ClassStatistics, GAPRecorder, similar_labels, welch_t_test
 from .losses.affinity import (
     AffinityLoss,
@@ -52,5 +53,7 @@ __all__ = [
     "reference",
     "resolve_metric",
     "select_backend",
+    "set_strict_checks",
+    "strict_checks",
     "vmf_nll",
 ]

@@ -1,9 +1,22 @@
 """Input rules of docs/math.md, "Input rules", shared by every op: clear Python errors
-before any kernel runs."""
+before any kernel runs.
+
+Checks of metadata (type, dtype, shape, device) always run: they cost nothing. Checks of
+the *data* (the NaN/Inf scan, the label range) need the host to read a value from the
+tensor, which on a GPU means waiting for every queued kernel (a host synchronisation,
+which also rules out CUDA-graph capture). So they run on the host for CPU tensors, and on
+other devices only when asked (``check_finite=True``, or ``strict_checks()``); otherwise the
+kernels guard themselves (labels out of range are clamped for indexing and their rows come
+out NaN) and non-finite input gives non-finite output (docs/design.md, "Host
+synchronisation").
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from typing import Iterator
 
 import torch
 
@@ -29,6 +42,41 @@ def autocast_off(fn):
     return wrapper
 
 
+class _CheckPolicy:
+    # strict: data checks on the host on every device (env CONFUSION_KERNELS_STRICT_CHECKS=1)
+    strict = os.environ.get("CONFUSION_KERNELS_STRICT_CHECKS", "") not in ("", "0")
+    # tests only: treat CPU tensors as a GPU's, to run the GPU path's Python on the CPU
+    cpu_as_gpu = False
+
+
+def set_strict_checks(enabled: bool) -> None:
+    """Run the data checks (NaN/Inf scan, label range) on the host for tensors on every device:
+    a clear ``ValueError`` for bad input on a GPU too, at the cost of one host synchronisation
+    per check. Off by default (environment: ``CONFUSION_KERNELS_STRICT_CHECKS=1``)."""
+    _CheckPolicy.strict = bool(enabled)
+
+
+@contextlib.contextmanager
+def strict_checks(enabled: bool = True) -> Iterator[None]:
+    """``set_strict_checks(enabled)`` for the block, restored after it."""
+    before = _CheckPolicy.strict
+    _CheckPolicy.strict = bool(enabled)
+    try:
+        yield
+    finally:
+        _CheckPolicy.strict = before
+
+
+def host_checks(t: torch.Tensor) -> bool:
+    """True where data checks of ``t`` run on the host: CPU tensors, or strict checks on."""
+    return _CheckPolicy.strict or (t.device.type == "cpu" and not _CheckPolicy.cpu_as_gpu)
+
+
+def scan_finite(check_finite: bool | None, t: torch.Tensor) -> bool:
+    """Whether to scan ``t`` for NaN/Inf: ``check_finite`` when given, else ``host_checks(t)``."""
+    return host_checks(t) if check_finite is None else bool(check_finite)
+
+
 def require(condition: torch.Tensor, message: str) -> None:
     """Raise ValueError(message) unless the 0-d bool tensor ``condition`` holds.
 
@@ -51,9 +99,12 @@ def check_all_finite(t: torch.Tensor, name: str) -> None:
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
-                      name: str = "labels") -> None:
+                      name: str = "labels", *, host: bool | None = None) -> None:
     """Every label (or other index, called ``name``) in [0, num_classes) (ValueError; see
-    ``require``)."""
+    ``require``). Runs when ``host`` (default: ``host_checks(labels)``); otherwise the op
+    that indexes with the labels guards them (``guard_label_range``)."""
+    if not (host_checks(labels) if host is None else host):
+        return
     if torch.compiler.is_compiling():
         require((labels.min() >= 0) & (labels.max() < num_classes),
                 f"{name} must lie in [0, {num_classes}){what}")
@@ -63,8 +114,39 @@ def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
         raise ValueError(f"{name} must lie in [0, {num_classes}){what}, got values in [{lo}, {hi}]")
 
 
-def check_embeddings(x: torch.Tensor, name: str = "x", *, check_finite: bool = True) -> None:
-    """x: floating 2-D [N, D] with N > 0, finite unless ``check_finite=False``."""
+def guard_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
+                      name: str = "labels") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(indices safe to index with, bad rows or None), for ops that index a table with labels.
+
+    Host checks (``host_checks``): the ValueError of ``check_label_range``; the labels as they
+    are and None. Otherwise no host synchronisation: out-of-range values are clamped into
+    [0, num_classes) so that no kernel reads out of bounds, and the mask of those rows is
+    returned for ``poison_rows`` (bad input, NaN output)."""
+    if host_checks(labels):
+        check_label_range(labels, num_classes, what, name, host=True)
+        return labels, None
+    bad = (labels < 0) | (labels >= num_classes)
+    return labels.clamp(0, num_classes - 1), bad
+
+
+def poison_rows(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """``t`` [N, ...] with NaN in the rows where ``bad`` [N] holds (unchanged for None)."""
+    if bad is None:
+        return t
+    return t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), float("nan"))
+
+
+def poison_all(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """``t`` all NaN when any row is bad: for what every row contributes to (a sum, the
+    gradient of a table) (unchanged for None)."""
+    if bad is None:
+        return t
+    return t.masked_fill(bad.any(), float("nan"))
+
+
+def check_embeddings(x: torch.Tensor, name: str = "x", *,
+                     check_finite: bool | None = None) -> None:
+    """x: floating 2-D [N, D] with N > 0, finite when scanned (``scan_finite``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -73,7 +155,7 @@ def check_embeddings(x: torch.Tensor, name: str = "x", *, check_finite: bool = T
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} has no rows (N = 0)")
-    if check_finite:
+    if scan_finite(check_finite, x):
         check_all_finite(x, name)
 
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import torch
 
-from ._validation import output_dtype
+from ._validation import host_checks, output_dtype
 
 __all__ = ["log_bessel_iv", "bessel_iv_ratio", "DEBYE_MIN_ORDER"]
 
@@ -90,16 +90,20 @@ def _log_iv_series(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     return lead - torch.lgamma(nu + 1.0) + torch.log1p(rest)
 
 
-def _log_iv_recurrence(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+def _log_iv_recurrence(nu: torch.Tensor, kappa: torch.Tensor,
+                       count: int | None = None) -> torch.Tensor:
     """Debye at nu + m >= DEBYE_MIN_ORDER, then m steps down the ratio recurrence
-    (nu < DEBYE_MIN_ORDER; float64 tensors)."""
+    (nu < DEBYE_MIN_ORDER; float64 tensors). ``count``: the largest m when the host knows it
+    (a Python order), else read from the tensor."""
     steps = torch.ceil(DEBYE_MIN_ORDER - nu).clamp_min(0)
     top = nu + steps
     log_top = _log_iv_debye(top, kappa)
     r = torch.exp(log_top - _log_iv_debye(top + 1.0, kappa))  # I_top / I_{top+1}
     log_sum = torch.zeros_like(kappa)
     j = top
-    for _ in range(int(steps.max().item()) if steps.numel() else 0):
+    if count is None:
+        count = int(steps.max().item()) if steps.numel() else 0
+    for _ in range(count):
         live = steps > 0
         r_next = 2.0 * j / kappa + 1.0 / r  # I_{j-1} / I_j
         log_sum = torch.where(live, log_sum + torch.log(r_next), log_sum)
@@ -109,9 +113,23 @@ def _log_iv_recurrence(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     return log_top + log_sum
 
 
-def _log_iv64(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-    """log I_nu(kappa) elementwise for broadcast float64 tensors, nu >= 0, kappa >= 0."""
+def _log_iv64(nu: torch.Tensor, kappa: torch.Tensor, order: float | None = None) -> torch.Tensor:
+    """log I_nu(kappa) elementwise for broadcast float64 tensors, nu >= 0, kappa >= 0.
+
+    ``order``: the one value of nu as a Python number, when there is one (the vMF normaliser
+    of dimension D: nu = D/2 - 1). Then the region is chosen on the host for the order and
+    per element by torch.where for kappa, and nothing waits for the device (no host
+    synchronisation); otherwise each region runs on the elements it holds."""
     nu, kappa = torch.broadcast_tensors(nu, kappa)
+    if order is not None:
+        if order >= DEBYE_MIN_ORDER:
+            return _log_iv_debye(nu, kappa)
+        series = 0.25 * kappa * kappa <= nu + 1.0
+        # each region on every element, with a harmless argument where the other one applies
+        in_series = _log_iv_series(nu, torch.where(series, kappa, 0.0))
+        recurrence = _log_iv_recurrence(nu, torch.where(series, 1.0, kappa),
+                                        math.ceil(DEBYE_MIN_ORDER - order))
+        return torch.where(series, in_series, recurrence)
     out = torch.empty_like(kappa)
     debye = nu >= DEBYE_MIN_ORDER
     series = ~debye & (0.25 * kappa * kappa <= nu + 1.0)
@@ -123,10 +141,12 @@ def _log_iv64(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     return out  # kappa = 0: 0 for nu = 0 (series), -inf for nu > 0 (series or Debye)
 
 
-def _iv_ratio64(nu: torch.Tensor, kappa: torch.Tensor, log_iv: torch.Tensor) -> torch.Tensor:
+def _iv_ratio64(nu: torch.Tensor, kappa: torch.Tensor, log_iv: torch.Tensor,
+                order: float | None = None) -> torch.Tensor:
     """I_{nu+1}(kappa) / I_nu(kappa) from log_iv = log I_nu(kappa) (float64 tensors); 0 at
     kappa = 0, the limit (the logs give -inf - -inf there for nu > 0)."""
-    ratio = torch.exp(_log_iv64(nu + 1.0, kappa) - log_iv)
+    above = None if order is None else order + 1.0
+    ratio = torch.exp(_log_iv64(nu + 1.0, kappa, above) - log_iv)
     return torch.where(kappa == 0, torch.zeros_like(ratio), ratio)
 
 
@@ -145,14 +165,18 @@ def bessel_iv_ratio(nu: torch.Tensor | float, kappa: torch.Tensor) -> torch.Tens
 
 
 def _checked_kappa(kappa: torch.Tensor) -> torch.Tensor:
+    """kappa as float64 (detached). NaN or negative values raise where data checks run on
+    the host (_validation.host_checks); elsewhere they become NaN, and give NaN."""
     if not isinstance(kappa, torch.Tensor):
         raise TypeError(f"kappa must be a tensor, got {type(kappa).__name__}")
     if not kappa.is_floating_point():
         raise TypeError(f"kappa must be a floating tensor, got {kappa.dtype}")
     k64 = kappa.detach().to(torch.float64)
-    if torch.isnan(k64).any() or (k64 < 0).any():
-        raise ValueError("kappa must be >= 0 and not NaN")
-    return k64
+    if host_checks(k64):
+        if torch.isnan(k64).any() or (k64 < 0).any():
+            raise ValueError("kappa must be >= 0 and not NaN")
+        return k64
+    return torch.where(k64 < 0, float("nan"), k64)
 
 
 def _checked_nu(nu: torch.Tensor | float, kappa64: torch.Tensor) -> torch.Tensor:

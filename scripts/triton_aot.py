@@ -24,7 +24,8 @@ finds those here:
 
 It fails (exit 1) when a variant does not compile, takes longer than
 ``--max-seconds``, spills, needs more shared memory than a block may have, or
-fits fewer blocks per SM than its module's ``RESOURCE_BUDGET`` states. It writes
+fits fewer blocks per SM than its module's ``RESOURCE_BUDGET`` states (every kernel
+needs an entry), or holds an fp32 constant in a float64 kernel. It writes
 ``triton_aot.csv`` and ``triton_aot.md`` (one row per variant and architecture)
 into ``--out``; docs/benchmarks.md summarises a committed run.
 """
@@ -287,6 +288,82 @@ def launch_cases() -> dict:
                     n_centroids.negatives_backward(x, cen, lab, wt, metric)
                 cases[f"n_centroids/{tag}"] = with_tf32(tf32, ncl)
 
+    # The integer values the GPU specialises (an argument equal to 1 becomes a constant, one
+    # divisible by 16 an alignment hint): one row, one dimension, sizes of 16 (fp32; the
+    # interpreter runs the same shapes in tests/test_triton_specialisation.py).
+    for n1, d1 in ((1, 16), (16, 1)):
+        x = torch.randn(n1, d1, generator=gen(20))
+        lab = torch.randint(0, 3, (n1,), generator=gen(21))
+        w = torch.rand(n1, generator=gen(22))
+        ref = torch.randn(16, d1, generator=gen(23))
+        ref_lab = torch.randint(0, 3, (16,), generator=gen(24))
+        tag = f"n{n1}-d{d1}"
+        for metric in ("euclidean", "cosine"):
+            code = _metrics.METRIC_CODES[metric]
+            cases[f"specialised/pair_sums/{tag}-{metric}"] = (
+                lambda x=x, lab=lab, w=w, code=code: (pair_sums.row_sums(x, lab, code),
+                                                      pair_sums.weighted_with_grad(x, lab, w, w,
+                                                                                   code)))
+        for metric in ("euclidean", "manhattan"):
+            code = _metrics.METRIC_CODES[metric]
+            cases[f"specialised/intra_inter_sums/{tag}-{metric}"] = (
+                lambda x=x, lab=lab, ref=ref, rl=ref_lab, w=w, code=code: (
+                    direct.rect_forward(x, lab, ref, rl, None, code),
+                    direct.rect_backward(w, w, x, lab, ref, rl, None, code)))
+
+        def affinity_case(f=x, lab=lab, w=w, d1=d1):
+            protos = torch.randn(3, 1, d1, generator=gen(25))
+            rows, d_true, active = affinity.forward(f, protos, lab, 1.0, 0.5, 0)
+            affinity.backward(w, f, protos, lab, d_true, active, 1.0, 0.5, 0)
+        cases[f"specialised/affinity/{tag}"] = affinity_case
+        for metric in ("euclidean", "great_circle"):
+            def ncl_case(x=x, lab=lab, w=w, d1=d1, metric=metric):
+                unit = torch.nn.functional.normalize(x, dim=1)
+                cen = torch.nn.functional.normalize(torch.randn(16, d1, generator=gen(26)), dim=1)
+                n_centroids.negatives_forward(unit, cen, lab, metric)
+                n_centroids.negatives_backward(unit, cen, lab, w, metric)
+            cases[f"specialised/n_centroids/{tag}-{metric}"] = ncl_case
+        cases[f"specialised/class_stats/{tag}"] = (
+            lambda x=x, lab=lab, d1=d1: class_stats.shifted_sums(
+                x, lab, torch.zeros(3, d1, dtype=torch.float64), 3))
+
+    # Widths that are not a multiple of 16 (D = 37: no alignment hint, the general variant a
+    # GPU compiles for most embedding sizes), every op's kernels.
+    d_odd = 37
+    for dname, dtype in float_dtypes.items():
+        for tf32 in tf32_modes(dtype):
+            tag = f"{dname}{'-tf32' if tf32 else ''}"
+            x = torch.randn(70, d_odd, generator=gen(30)).to(dtype)
+            lab = torch.randint(0, 4, (70,), generator=gen(31))
+            w = torch.rand(70, generator=gen(32), dtype=torch.float64).to(
+                dtype if dtype == torch.float64 else torch.float32)
+            for metric in ("euclidean", "cosine"):
+                code = _metrics.METRIC_CODES[metric]
+                cases[f"unaligned/pair_sums/{tag}-{metric}"] = with_tf32(
+                    tf32, lambda x=x, lab=lab, w=w, code=code: (
+                        pair_sums.row_sums(x, lab, code),
+                        pair_sums.weighted_with_grad(x, lab, w, w, code)))
+            for m in (1, 8, 32):
+                def affinity_odd(f=x, lab=lab, w=w, m=m):
+                    protos = torch.randn(4, m, d_odd, generator=gen(33)).to(f.dtype)
+                    rows, d_true, active = affinity.forward(f, protos, lab, 1.0, 0.5, 0)
+                    affinity.backward(w, f, protos, lab, d_true, active, 1.0, 0.5, 0)
+                cases[f"unaligned/affinity/{tag}-m{m}"] = with_tf32(tf32, affinity_odd)
+            for metric in n_centroids.METRIC_CODES:
+                def ncl_odd(x=x, lab=lab, w=w, metric=metric):
+                    unit = torch.nn.functional.normalize(x.float(), dim=1).to(x.dtype)
+                    cen = torch.nn.functional.normalize(
+                        torch.randn(5, d_odd, generator=gen(34)), dim=1).to(x.dtype)
+                    n_centroids.negatives_forward(unit, cen, lab, metric)
+                    n_centroids.negatives_backward(unit, cen, lab, w.to(x.dtype), metric)
+                cases[f"unaligned/n_centroids/{tag}-{metric}"] = with_tf32(tf32, ncl_odd)
+        if dtype in (torch.float32, torch.float64):
+            xs = torch.randn(70, d_odd, generator=gen(35), dtype=dtype)
+            labs = torch.randint(0, 5, (70,), generator=gen(36))
+            cases[f"unaligned/class_stats/{dname}"] = (
+                lambda xs=xs, labs=labs: class_stats.shifted_sums(
+                    xs, labs, torch.zeros(5, d_odd, dtype=torch.float64), 5))
+
     # Class statistics (float features of any dtype; fp64 sums).
     for dname, dtype in float_dtypes.items():
         feats = torch.randn(70, 48, generator=gen(16)).to(dtype)
@@ -400,6 +477,38 @@ APPROX_PTX = ("sqrt.approx", "div.approx", "div.full", "rcp.approx", "ex2.approx
 FORBIDDEN_PTX = ("sqrt.approx", "div.approx", "div.full", "rcp.approx")
 
 
+# An fp32 constant in a float64 kernel whose value an fp32 may have rounded (a literal such
+# as 0.1 that reached the IR as fp32): counted in the TTIR, fails CI. Exact small values
+# (0, +-1, 0.5, ...: tl.where(c, 1.0, 0.0)) and infinities are the same in both types.
+_F32_CONSTANT = re.compile(r"arith\.constant[^\n]*(?::\s*f32\b|xf32>)")
+_CONSTANT_VALUE = re.compile(r"arith\.constant\s+(?:dense<)?([-+0-9.eE]+|0x[0-9A-Fa-f]+)")
+
+
+def _exact_in_fp32(line: str) -> bool:
+    found = _CONSTANT_VALUE.search(line)
+    if not found or found.group(1).startswith("0x"):  # hex: inf / nan bit patterns
+        return bool(found)
+    value = float(found.group(1))
+    return abs(value) < 2.0 ** 24 and (value * 1024.0).is_integer()
+
+
+def is_fp64(launch: Launch) -> bool:
+    """float64 accumulation, or every floating tensor argument float64."""
+    import triton.language as tl
+
+    if launch.constexprs().get("ACC") in (tl.float64, "fp64"):
+        return True
+    floats = [a.dtype for a in launch.args if hasattr(a, "dtype") and a.dtype.is_floating_point]
+    return bool(floats) and all(str(t) == "torch.float64" for t in floats)
+
+
+def f32_constants(launch: Launch, ttir: str) -> int:
+    if not is_fp64(launch):
+        return 0
+    return sum(1 for line in ttir.splitlines()
+               if _F32_CONSTANT.search(line) and not _exact_in_fp32(line))
+
+
 def approx_counts(ptx: str) -> str:
     counts = {op: ptx.count(op + ".") for op in APPROX_PTX}
     return " ".join(f"{op}:{n}" for op, n in counts.items() if n)
@@ -441,7 +550,8 @@ def worker(indices: list[int], arch: int, only: str | None, progress: str) -> No
                 smem = int(_meta(kernel, "shared", 0)) + usage["static_smem"]
                 row.update(usage, seconds=round(seconds, 2), warps=warps, smem=smem,
                            blocks_per_sm=blocks_per_sm(arch, usage["regs"], warps, smem),
-                           approx=approx_counts(kernel.asm["ptx"]), error="",
+                           approx=approx_counts(kernel.asm["ptx"]),
+                           f32_consts=f32_constants(launch, kernel.asm["ttir"]), error="",
                            **ptxas_report("\n".join(_PTXAS_LOGS)))
                 if not _PTXAS_LOGS:  # no log seen: count the whole stack as spills
                     row.update(spill_stores=usage["stack"], spill_loads=usage["stack"])
@@ -555,10 +665,16 @@ def check(rows: list[dict], budget: dict, max_seconds: float,
         if r["smem"] > SM_LIMITS[r["arch"]]["smem_block"]:
             problems.append(f"{what}: {r['smem']} B shared memory (limit "
                             f"{SM_LIMITS[r['arch']]['smem_block']} B)")
+        if r.get("f32_consts"):
+            problems.append(f"{what}: {r['f32_consts']} fp32 constants in a float64 kernel "
+                            "(its TTIR) that fp32 may have rounded")
         forbidden = [op for op in FORBIDDEN_PTX if op + ":" in r.get("approx", "")]
         if forbidden:
             problems.append(f"{what}: approximate {', '.join(forbidden)} in its PTX "
                             f"({r['approx']}); use sqrt_rn / div_rn")
+        if r["kernel"] not in budget:
+            problems.append(f"{what}: no RESOURCE_BUDGET entry in its module (what its "
+                            "launcher assumes: min_blocks_per_sm)")
         need = budget.get(r["kernel"], {}).get("min_blocks_per_sm", 1)
         if r["blocks_per_sm"] < need:
             problems.append(f"{what}: {r['blocks_per_sm']} blocks/SM, its launcher assumes {need}")
@@ -592,7 +708,7 @@ def _short(v) -> str:
 def write_tables(rows: list[dict], out: str, header: str) -> None:
     os.makedirs(out, exist_ok=True)
     cols = ["kernel", "variant", "arch", "seconds", "regs", "spill_stores", "spill_loads", "stack",
-            "local", "smem", "warps", "blocks_per_sm", "approx", "error", "case"]
+            "local", "smem", "warps", "blocks_per_sm", "approx", "f32_consts", "error", "case"]
     with open(os.path.join(out, "triton_aot.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from confusion_kernels import _metrics  # noqa: E402
-from confusion_kernels.triton import affinity, class_stats, intra_inter_sums, n_centroids, pair_sums  # noqa: E402
+from confusion_kernels.triton import _support, affinity, class_stats, intra_inter_sums, n_centroids, pair_sums  # noqa: E402
 
 MODULES = (affinity, intra_inter_sums, n_centroids, pair_sums)
 MAX_X, MAX_YZ = 2**31 - 1, 65535
@@ -42,8 +42,11 @@ def test_grids_within_cuda_limits_at_n_2_pow_24(gpu_configs, dtype, d):
             grids = pair_sums.launch_grids(BIG_N, pair_sums._config(dtype, grad, metric))
             assert all(within_limits(g) for g in (grids[0], grids[-1]))
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        for g in intra_inter_sums.launch_grids(BIG_N, d, intra_inter_sums._config(acc, metric)).values():
-            assert within_limits(g), g
+        for m in (1, BIG_N):
+            grids = intra_inter_sums.launch_grids(BIG_N, d, intra_inter_sums._config(acc, metric),
+                                                  m, 4 * SMS)
+            for name in ("forward", "backward"):
+                assert within_limits(grids[name]), (name, grids[name])
     for m in (1, 5, 64):
         cfg = affinity._config(x, m)
         grids = affinity.launch_grids(BIG_N, 100_000, d, cfg, 4 * SMS)
@@ -86,22 +89,48 @@ def test_affinity_weight_gradient_gives_every_sm_work(gpu_configs, n, classes, m
 def test_row_splits_cover_every_row_once():
     for n in (1, 31, 32, 33, 1000, 65537):
         for programs in (1, 3, 600):
-            splits, rows = affinity._row_splits(n, programs, 32, 528)
+            splits, rows = _support.shares(n, programs, 32, 528)
             assert rows % 32 == 0 and splits >= 1
             assert splits * rows >= n > (splits - 1) * rows
 
 
-@pytest.mark.parametrize("n, d", [(16384, 128), (65536, 128)])
+@pytest.mark.parametrize("n, d", [(16384, 128), (65536, 128), (262144, 128)])
 def test_row_kernels_give_every_sm_work_at_benchmark_shapes(gpu_configs, n, d):
-    """N-Centroids (row blocks), the direct backward (row x dim blocks) and a pair-pass round
-    (N / 2 BLOCK block pairs) at the benchmark sizes: at least one program per SM. (Below
-    N = 8,192 a pair-pass round has fewer block pairs than an H200 has SMs: not claimed.)"""
-    x = torch.empty(0)
-    assert n_centroids.launch_grids(n, d, n_centroids._config(x))["forward"][0] >= SMS
+    """N-Centroids (row blocks), the direct passes (row blocks x column splits, row x dim
+    blocks), a pair-pass round (N / 2 BLOCK block pairs), the affinity forward and class
+    statistics at the sizes of ``benchmarks/run.py --suite gpu``: at least one program per
+    SM. (Below N = 8,192 a pair-pass round has fewer block pairs than an H200 has SMs: not
+    claimed; those batches take milliseconds.)"""
+    for dtype in DTYPES:
+        x = torch.empty(0, dtype=dtype)
+        assert n_centroids.launch_grids(n, d, n_centroids._config(x))["forward"][0] >= SMS
+        assert affinity.launch_grids(n, 1000, 512, affinity._config(x, 5), 4 * SMS)[
+            "forward"][0] >= SMS
+        for grad in (False, True):
+            assert pair_sums.launch_grids(n, pair_sums._config(dtype, grad))[0][0] >= SMS
     grid = intra_inter_sums.launch_grids(n, d, intra_inter_sums._config(torch.float32))["backward"]
     assert grid[0] * grid[1] >= SMS
-    for grad in (False, True):
-        assert pair_sums.launch_grids(n, pair_sums._config(torch.float32, grad))[0][0] >= SMS
+    assert class_stats.grid(1 << 20, 512)[0] >= SMS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", [_metrics.EUCLIDEAN, _metrics.COSINE])
+def test_rectangular_forward_splits_its_columns(gpu_configs, dtype, metric):
+    """The rectangular benchmark (4,096 rows against 65,536 reference rows, D = 64): its
+    4,096 / BLOCK_M row blocks alone are 128 programs on 132 SMs (fp32), each over all
+    65,536 columns; the columns are split into whole BLOCK_N shares until there are about
+    4 programs per SM, each share's sums added in a fixed order afterwards."""
+    cfg = intra_inter_sums._config(dtype, metric)
+    grids = intra_inter_sums.launch_grids(4096, 64, cfg, 65536, 4 * SMS)
+    rows, splits = grids["forward"]
+    assert rows * splits >= 2 * SMS
+    count, per_split = grids["column_splits"]
+    assert count == splits and per_split % cfg["BLOCK_N"] == 0
+    assert splits * per_split >= 65536 > (splits - 1) * per_split  # every column once
+    # a square pass of many rows is not split (its row blocks are enough)
+    assert intra_inter_sums.launch_grids(65536, 64, cfg, 65536, 4 * SMS)["forward"][1] == 1
+    x_grad = intra_inter_sums.launch_grids(4096, 64, cfg)["backward"]
+    assert x_grad[0] * x_grad[1] >= SMS
 
 
 @pytest.mark.parametrize("allow", [False, True])

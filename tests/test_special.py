@@ -127,3 +127,18 @@ def test_bad_input_raises(nu, kappa, match):
 def test_integer_kappa_is_rejected():
     with pytest.raises(TypeError, match="floating"):
         ck.log_bessel_iv(1.0, torch.tensor([2]))
+
+
+@pytest.mark.parametrize("order", [0.0, 0.5, 7.0, 31.0, 49.5, 50.0, 63.0, 1000.0])
+def test_order_known_on_the_host_gives_the_same_values(order):
+    """The vMF path passes its order as a Python number (regions chosen without reading the
+    tensor: no host synchronisation); it must equal the general, per-element path."""
+    from confusion_kernels.special import _iv_ratio64, _log_iv64
+
+    kappa = torch.cat([torch.logspace(-3, 5, 200, dtype=torch.float64),
+                       torch.tensor([0.0], dtype=torch.float64)])
+    nu = torch.full_like(kappa, order)
+    general, known = _log_iv64(nu, kappa), _log_iv64(nu, kappa, order)
+    torch.testing.assert_close(known, general, rtol=1e-14, atol=0)
+    torch.testing.assert_close(_iv_ratio64(nu, kappa, known, order),
+                               _iv_ratio64(nu, kappa, general), rtol=1e-14, atol=0)

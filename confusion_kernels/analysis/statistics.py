@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import _extension
-from .._validation import check_labels
+from .._validation import check_labels, guard_label_range, host_checks, poison_all
 
 
 if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
@@ -26,6 +26,14 @@ if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
     def _fake_class_shifted_sums(features, labels, shift, num_classes):
         """Shapes of (count [C], s1 [C, K], s2 [C, K]), all float64 (no autograd: statistics)."""
         return (shift.new_empty(num_classes), torch.empty_like(shift), torch.empty_like(shift))
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[C] float64 number of rows per class (labels in range): an int64 ``index_add_``, exact
+    in any order and with no host synchronisation (``bincount`` reads the largest label)."""
+    ones = torch.ones_like(labels)
+    return torch.zeros(num_classes, dtype=torch.int64, device=labels.device).index_add_(
+        0, labels, ones).to(torch.float64)
 
 
 def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,
@@ -52,7 +60,7 @@ def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tenso
 
         return class_stats.shifted_sums(features, labels, shift, num_classes)
     x = features.to(torch.float64) - shift.index_select(0, labels)
-    count = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    count = class_counts(labels, num_classes)
     s1 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
     s2 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x * x)
     return count, s1, s2
@@ -99,15 +107,16 @@ class ClassStatistics:
         if features.shape[0] == 0:
             return self
         labels = check_labels(labels, features.shape[0], features.device)
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{lo}, {hi}]")
+        # on a GPU (no strict checks) labels out of range make every statistic NaN instead
+        labels, bad = guard_label_range(labels, self.num_classes)
         shift = self._shift(features, labels)
         count, s1, s2 = _batch_sums(features, labels, shift, self.num_classes, backend)
         count, s1, s2 = (t.to(self.device) for t in (count, s1, s2))
+        s1 = poison_all(s1, None if bad is None else bad.to(self.device))
         # a NaN / Inf feature makes its class's sums non-finite: checked on the
-        # [C, K] sums instead of a second pass over the features
-        if not bool(torch.isfinite(s2).all()):
+        # [C, K] sums instead of a second pass over the features (on the host where data
+        # checks run there; elsewhere those (class, feature) statistics become NaN)
+        if host_checks(features) and not bool(torch.isfinite(s2).all()):
             raise ValueError("features contain NaN or Inf (the statistics are left unchanged)")
         safe = count.clamp_min(1).unsqueeze(1)
         delta = s1 / safe  # batch mean - shift
@@ -119,16 +128,15 @@ class ClassStatistics:
         """Per class, the point the batch sums are taken around: the running mean,
         or, for a class not seen before, its first row in this batch (so the
         one-pass sums never carry |mean|^2 / variance of cancellation)."""
-        shift = self.mean.to(features.device).clone()
+        shift = self.mean.to(features.device)
         empty = (self.counts == 0).to(features.device)
-        if bool(empty.any()):
-            order = torch.arange(labels.shape[0], device=features.device)
-            first = torch.full((self.num_classes,), labels.shape[0], device=features.device,
-                               dtype=torch.int64).scatter_reduce_(0, labels, order, "amin")
-            fresh = empty & (first < labels.shape[0])
-            rows = features.index_select(0, first.clamp_max(labels.shape[0] - 1)).to(torch.float64)
-            shift = torch.where(fresh.unsqueeze(1), rows, shift)
-        return shift
+        # (for every class, also when none is new: deciding would make the host wait)
+        order = torch.arange(labels.shape[0], device=features.device)
+        first = torch.full((self.num_classes,), labels.shape[0], device=features.device,
+                           dtype=torch.int64).scatter_reduce_(0, labels, order, "amin")
+        fresh = empty & (first < labels.shape[0])
+        rows = features.index_select(0, first.clamp_max(labels.shape[0] - 1)).to(torch.float64)
+        return torch.where(fresh.unsqueeze(1), rows, shift)
 
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n_a = self.counts

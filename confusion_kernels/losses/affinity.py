@@ -22,6 +22,7 @@ from .._validation import (
     check_label_range,
     check_labels,
     output_dtype,
+    scan_finite,
 )
 from ..ops.affinity_hinge import affinity_hinge_sum
 from ..reference import affinity as _reference
@@ -153,7 +154,7 @@ def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 
 def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
                   sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
                   similarity: str = "gaussian", backend: str = "auto",
-                  check_finite: bool = True) -> torch.Tensor:
+                  check_finite: bool | None = None) -> torch.Tensor:
     """Affinity loss of embeddings f [N, D] with labels in [0, C) against
     prototypes [C, m, D]: mean_i L_i + lambda_diversity R(W).
 
@@ -161,19 +162,22 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     cpu / triton); gradients flow to f and to the prototypes. Returns a scalar,
     float32 for fp16/bf16 inputs.
     """
-    check_embeddings(f, "f", check_finite=check_finite)
+    scan = scan_finite(check_finite, f)
+    check_embeddings(f, "f", check_finite=scan)
     _check_prototypes(prototypes, f.shape[1], f.device)
-    if check_finite:
+    if scan:
         check_all_finite(prototypes, "prototypes")
     labels = check_labels(labels, f.shape[0], f.device)
-    check_label_range(labels, prototypes.shape[0], " (one prototype set per class)")
     sigma = _check_similarity(sigma, similarity)
     if not (0 <= margin < 1):
         raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
     chosen = select_backend(f, backend, op="affinity_hinge")
+    # the kernel ops guard the range themselves; the reference indexes with torch
+    check_label_range(labels, prototypes.shape[0], " (one prototype set per class)",
+                      host=True if chosen == "reference" else None)
     loss = affinity_hinge_sum(f, labels, prototypes, sigma=sigma, margin=margin,
                               similarity=similarity, backend=chosen,
-                              inputs_finite=check_finite) / f.shape[0]
+                              inputs_finite=scan) / f.shape[0]
     if lambda_diversity:
         loss = loss + lambda_diversity * diversity_regularizer(prototypes).to(loss.dtype)
     return loss

@@ -24,7 +24,7 @@ from .. import _distributed
 from .._backend import select_backend
 from .._metrics import resolve_metric
 from .._validation import (autocast_off, check_all_finite, check_embeddings, check_labels,
-                           output_dtype)
+                           output_dtype, scan_finite)
 from ..ops.intra_inter_sums import intra_inter_sums
 from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
@@ -87,7 +87,7 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
                   constraint: float = 10.0, include_self: bool = False,
                   reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",
-                  check_finite: bool = True, global_batch: bool = False,
+                  check_finite: bool | None = None, global_batch: bool = False,
                   group=None, memory: CrossBatchMemory | None = None) -> ASLossTerms:
     """The three ASLoss terms (inner, outer, boundary) of embeddings x [N, D].
 
@@ -114,7 +114,7 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    check_embeddings(x, "x", check_finite=check_finite and not global_batch)
+    check_embeddings(x, "x", check_finite=False if global_batch else check_finite)
     labels = check_labels(labels, x.shape[0], x.device)
     name, _, dim_mean = resolve_metric(metric, dim_mean)
     dim_scale = 1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0
@@ -140,13 +140,13 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
 
 def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
                   include_self: bool, reduction: str, dim_scale: float, backend: str,
-                  check_finite: bool, memory: CrossBatchMemory) -> ASLossTerms:
+                  check_finite: bool | None, memory: CrossBatchMemory) -> ASLossTerms:
     """as_loss_terms of the rows of x against x followed by the memory's rows."""
     if memory.embeddings.shape[1] != x.shape[1]:
         raise ValueError(f"as_loss_terms: the memory holds {memory.embeddings.shape[1]}-D rows, "
                          f"x has {x.shape[1]} columns")
     ref, ref_labels = memory.reference_set(x, labels)
-    if check_finite:
+    if scan_finite(check_finite, ref):
         check_all_finite(ref[x.shape[0]:], "the memory")
     acc = output_dtype(x.dtype)
     chosen = select_backend(x, backend, op="intra_inter_sums_rect")
@@ -159,14 +159,14 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
 
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
                   include_self: bool, reduction: str, dim_scale: float, backend: str,
-                  check_finite: bool, group) -> ASLossTerms:
+                  check_finite: bool | None, group) -> ASLossTerms:
     """as_loss_terms of the batch of all ranks: this rank's rows against the gathered rows
     (intra_inter_sums with ref and self_offset), weights from the global label counts, each
     term's per-rank share summed over the ranks (``_distributed.sum_over_ranks``)."""
     _distributed.require_process_group("as_loss_terms(global_batch=True)")
     chosen = select_backend(x, backend, op="intra_inter_sums_rect")
     ref, ref_labels, offset = _distributed.gather_rows(x, labels, group)
-    if check_finite:  # on the gathered rows, so that every rank raises together
+    if scan_finite(check_finite, ref):  # on the gathered rows: every rank raises together
         check_all_finite(ref.detach(), "x (of some rank of the global batch)")
     acc = output_dtype(x.dtype)
     n = x.shape[0]
@@ -207,7 +207,7 @@ class ASLoss(nn.Module):
                  constraint: float = 10.0, include_self: bool = False,
                  reduction: str = "pair_mean", dim_mean: bool = False,
                  layer_weights: Sequence[float] | None = None, backend: str = "auto",
-                 check_finite: bool = True, global_batch: bool = False, group=None,
+                 check_finite: bool | None = None, global_batch: bool = False, group=None,
                  memory: CrossBatchMemory | None = None) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .._validation import accumulation_dtype, check_embeddings, output_dtype
+from .._validation import accumulation_dtype, check_embeddings, host_checks, output_dtype
 from ..special import _checked_kappa, _iv_ratio64, _log_iv64
 
 __all__ = ["vmf_nll", "gaussian_nll", "log_vmf_normalizer"]
@@ -34,15 +34,15 @@ class _LogIvOverPower(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kappa: torch.Tensor, k64: torch.Tensor, nu: float) -> torch.Tensor:
         nu64 = torch.full_like(k64, nu)
-        log_iv = _log_iv64(nu64, k64)
+        log_iv = _log_iv64(nu64, k64, nu)  # the order known on the host: no host sync
         ctx.save_for_backward(k64, nu64, log_iv)
-        ctx.dtype = kappa.dtype
+        ctx.dtype, ctx.nu = kappa.dtype, nu
         return log_iv - nu * torch.log(k64)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         k64, nu64, log_iv = ctx.saved_tensors
-        ratio = _iv_ratio64(nu64, k64, log_iv)
+        ratio = _iv_ratio64(nu64, k64, log_iv, ctx.nu)
         return (grad.to(torch.float64) * ratio).to(ctx.dtype), None, None
 
 
@@ -52,8 +52,11 @@ def log_vmf_normalizer(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     if int(dim) != dim or dim < 2:
         raise ValueError(f"the vMF dimension must be an integer >= 2, got {dim}")
     k64 = _checked_kappa(kappa)
-    if (k64 == 0).any():
-        raise ValueError("kappa must be > 0 (the vMF density at kappa = 0 is the uniform one)")
+    if host_checks(k64):
+        if (k64 == 0).any():
+            raise ValueError("kappa must be > 0 (the vMF density at kappa = 0 is the uniform one)")
+    else:  # no host check on a GPU: kappa = 0 gives NaN
+        k64 = torch.where(k64 == 0, float("nan"), k64)
     return -_LogIvOverPower.apply(kappa, k64, dim / 2.0 - 1.0) - (dim / 2.0) * math.log(2.0 * math.pi)
 
 

@@ -66,7 +66,8 @@ def _check_metric(metric: str) -> None:
 
 
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
-                  metric: str) -> torch.Tensor:
+                  metric: str, backend: str) -> tuple[torch.Tensor, str]:
+    """(labels as int64, the chosen backend) after the checks."""
     check_embeddings(z, "z")
     _check_metric(metric)
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
@@ -78,8 +79,11 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     if centroids.device != z.device:
         raise ValueError(f"centroids are on {centroids.device} but z is on {z.device}")
     labels = check_labels(labels, z.shape[0], z.device)
-    check_label_range(labels, centroids.shape[0], " (one centroid per class)")
-    return labels
+    chosen = select_backend(z, backend, op=_OP)
+    # the kernel ops guard the range themselves; the reference indexes with torch
+    check_label_range(labels, centroids.shape[0], " (one centroid per class)",
+                      host=True if chosen == "reference" else None)
+    return labels, chosen
 
 
 @autocast_off
@@ -91,10 +95,9 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
 
     Returns a scalar in z's dtype (float32 for 16-bit inputs).
     """
-    labels = _check_inputs(z, labels, centroids, metric)
+    labels, chosen = _check_inputs(z, labels, centroids, metric, backend)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
-    chosen = select_backend(z, backend, op=_OP)
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
     if chosen == "reference":
         loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),
@@ -134,11 +137,16 @@ def _reference_in_row_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: t
 def class_sums(centroids: torch.Tensor, z: torch.Tensor,
                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class sums of the normalised rows [K, D] (centroids' dtype) and counts [K] (int64),
-    in one pass (index_add_)."""
+    in one pass (index_add_). Rows that are not finite or whose label lies outside [0, K)
+    (possible where the data checks are left to the kernels, see _validation) are left out,
+    so that a bad batch gives a NaN loss but does not corrupt the centroids."""
     x = _reference.normalize(z.detach().to(centroids.dtype))
-    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-    counts = torch.zeros(centroids.shape[0], dtype=torch.long, device=z.device).index_add_(
-        0, labels, torch.ones_like(labels))
+    k = centroids.shape[0]
+    valid = torch.isfinite(x).all(1) & (labels >= 0) & (labels < k)
+    index = torch.where(valid, labels, 0)
+    sums = torch.zeros_like(centroids).index_add_(0, index, torch.where(valid[:, None], x, 0.0))
+    counts = torch.zeros(k, dtype=torch.long, device=z.device).index_add_(
+        0, index, valid.to(torch.long))
     return sums, counts
 
 

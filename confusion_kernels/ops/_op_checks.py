@@ -4,13 +4,15 @@
 The public functions validate first with friendlier messages; these checks
 keep direct ``torch.ops.confusion_kernels.*_triton`` calls from reading out of
 bounds or returning garbage: shapes, dtypes, devices, label range, names of
-the metric and the similarity.
+the metric and the similarity. Where kernels index a table with labels, the check
+returns the labels to index with and the rows to poison (``guard_label_range``:
+no host synchronisation on a GPU).
 """
 
 import torch
 
 from .._metrics import METRIC_CODES
-from .._validation import check_label_range
+from .._validation import guard_label_range
 from ..reference.affinity import SIMILARITIES
 from ..reference.n_centroids import METRICS as SPHERE_METRICS
 
@@ -75,9 +77,10 @@ def check_rect_row_sums(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor
 
 
 def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
-                   sigma: float, similarity: str, per_row: tuple[torch.Tensor, ...] = ()) -> None:
+                   sigma: float, similarity: str, per_row: tuple[torch.Tensor, ...] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """affinity_hinge_triton(f, prototypes, labels, ...) and its backward
-    (per_row = grad_rows, d_true, active)."""
+    (per_row = grad_rows, d_true, active); returns (labels to index with, bad rows or None)."""
     op = "affinity_hinge_triton"
     _check_rows(op, "f", f)
     if not prototypes.dtype.is_floating_point or prototypes.dim() != 3:
@@ -100,13 +103,15 @@ def check_affinity(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tens
     for name, v in zip(("grad_rows", "d_true", "active"), per_row):
         _check_vector(op, name, v, f)
     # kernels index per-class data with the labels
-    check_label_range(labels, c, f" ({op})")
+    return guard_label_range(labels, c, f" ({op})")
 
 
 def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
                       metric: str, use_negatives: bool, grad_rows: torch.Tensor | None = None,
-                      hardest: torch.Tensor | None = None) -> None:
-    """n_centroids_rows_triton(z, centroids, labels, metric, use_negatives) and its backward."""
+                      hardest: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """n_centroids_rows_triton(z, centroids, labels, metric, use_negatives) and its backward;
+    returns (labels to index with, bad rows or None, hardest to index with)."""
     op = "n_centroids_rows_triton"
     _check_rows(op, "z", z)
     if (centroids.dim() != 2 or not centroids.dtype.is_floating_point
@@ -120,10 +125,12 @@ def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
     if metric not in SPHERE_METRICS:
         _fail(op, f"unknown metric {metric!r}; expected one of {list(SPHERE_METRICS)}")
     _check_vector(op, "labels", labels, z, dtype=torch.int64)
-    check_label_range(labels, k, f" ({op})")  # kernels index the centroids with them
+    labels, bad = guard_label_range(labels, k, f" ({op})")  # kernels index the centroids
     if grad_rows is not None:
         _check_vector(op, "grad_rows", grad_rows, z)
     if hardest is not None:
         _check_vector(op, "hardest", hardest, z, dtype=torch.int64)
         if use_negatives:  # kernels index the centroids with them too
-            check_label_range(hardest, k, f" ({op})", name="hardest")
+            hardest, bad_hardest = guard_label_range(hardest, k, f" ({op})", name="hardest")
+            bad = bad if bad_hardest is None else bad_hardest | bad
+    return labels, bad, hardest

@@ -15,6 +15,7 @@ import torch
 
 from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
+from .._validation import poison_all, poison_rows
 from ..reference import affinity as _reference
 from ._op_checks import check_affinity
 from ._registration import (
@@ -83,9 +84,10 @@ def _triton_forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Ten
                     margin: float, similarity: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import affinity as kernels
 
-    check_affinity(f, prototypes, labels, sigma, similarity)
-    return kernels.forward(f, prototypes, labels, sigma, margin,
-                           _reference.SIMILARITIES[similarity])
+    labels, bad = check_affinity(f, prototypes, labels, sigma, similarity)
+    rows, d_true, active = kernels.forward(f, prototypes, labels, sigma, margin,
+                                           _reference.SIMILARITIES[similarity])
+    return poison_rows(rows, bad), d_true, active
 
 
 @torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
@@ -94,9 +96,11 @@ def _triton_backward(grad_rows: torch.Tensor, f: torch.Tensor, prototypes: torch
                      margin: float, similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import affinity as kernels
 
-    check_affinity(f, prototypes, labels, sigma, similarity, (grad_rows, d_true, active))
-    return kernels.backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin,
-                            _reference.SIMILARITIES[similarity])
+    labels, bad = check_affinity(f, prototypes, labels, sigma, similarity,
+                                 (grad_rows, d_true, active))
+    grad_f, grad_w = kernels.backward(grad_rows, f, prototypes, labels, d_true, active, sigma,
+                                      margin, _reference.SIMILARITIES[similarity])
+    return poison_rows(grad_f, bad), poison_all(grad_w, bad)
 
 
 _triton_forward.register_fake(_fake_forward)

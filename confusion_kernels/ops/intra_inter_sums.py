@@ -137,7 +137,7 @@ def rescale_cosine_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, self_offset,
-                         check_finite: bool):
+                         check_finite: bool | None):
     """Validates the rectangular form's inputs; returns ref_labels as int64 (None without ref)."""
     if ref is None:
         if ref_labels is not None or self_offset is not None:
@@ -167,7 +167,8 @@ def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, 
 
 @autocast_off
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
-                     dim_mean: bool = False, backend: str = "auto", check_finite: bool = True,
+                     dim_mean: bool = False, backend: str = "auto",
+                     check_finite: bool | None = None,
                      ref: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None,
                      self_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sums of distances to same-class and other-class rows.
@@ -179,7 +180,9 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
             "smooth_l1"; aliases "l1_mean", "mse" imply ``dim_mean``.
         dim_mean: divide every distance by D.
         backend: "auto" | "reference" | "cpu" | "triton" | "cuda".
-        check_finite: scan x (and ref) for NaN/Inf first (ValueError).
+        check_finite: scan x (and ref) for NaN/Inf first (ValueError). None (default):
+            for CPU tensors, and on any device under ``strict_checks()``; on a GPU the scan
+            (a host synchronisation) is skipped and non-finite input gives NaN sums.
         ref: optional reference set [M, D] (x's dtype and device): the columns are its
             rows instead of x's (a gathered global batch, a memory of past batches).
         ref_labels: integer labels [M] of ref (required with ref).

@@ -18,6 +18,7 @@ import torch
 
 from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
+from .._validation import poison_rows
 from ..reference import n_centroids as _reference
 from ._op_checks import check_n_centroids
 from ._registration import (
@@ -118,16 +119,16 @@ def _triton_forward(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Tens
                     use_negatives: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import n_centroids as kernels
 
-    check_n_centroids(z, centroids, labels, metric, use_negatives)
+    labels, bad, _ = check_n_centroids(z, centroids, labels, metric, use_negatives)
     acc = _accumulation(z.dtype)
     x = _reference.normalize(z.to(acc)).contiguous()
     c = centroids.to(acc).contiguous()
     own = direct_distances(x, c[labels], metric)
     if not use_negatives:
-        return own, torch.full_like(labels, -1)
+        return poison_rows(own, bad), torch.full_like(labels, -1)
     hardest, sums = kernels.negatives_forward(x, c, labels.contiguous(), metric)
     rows = own - direct_distances(x, c[hardest], metric) - sums / (c.shape[0] - 1)
-    return rows, hardest
+    return poison_rows(rows, bad), hardest
 
 
 @torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
@@ -136,7 +137,8 @@ def _triton_backward(grad_rows: torch.Tensor, z: torch.Tensor, centroids: torch.
                      use_negatives: bool) -> torch.Tensor:
     from ..triton import n_centroids as kernels
 
-    check_n_centroids(z, centroids, labels, metric, use_negatives, grad_rows, hardest)
+    labels, bad, hardest = check_n_centroids(z, centroids, labels, metric, use_negatives,
+                                             grad_rows, hardest)
     acc = _accumulation(z.dtype)
     zz = z.to(acc)
     x = _reference.normalize(zz).contiguous()
@@ -146,7 +148,7 @@ def _triton_backward(grad_rows: torch.Tensor, z: torch.Tensor, centroids: torch.
     if use_negatives:
         grad_x = grad_x + direct_gradients(x, c[hardest], -g, metric) + kernels.negatives_backward(
             x, c, labels.contiguous(), g / -(c.shape[0] - 1), metric)
-    return through_normalisation(zz, x, grad_x).to(z.dtype)
+    return poison_rows(through_normalisation(zz, x, grad_x).to(z.dtype), bad)
 
 
 _triton_forward.register_fake(_fake_forward)
@@ -159,7 +161,9 @@ def n_centroids_rows(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     """L [N] on an already selected kernel backend (inputs validated by the caller)."""
     centroids = centroids.detach()
     if backend == "triton":
-        rows = _triton_forward(z, centroids, labels, metric, use_negatives)[0]
+        # autograd saves the centroids for backward, and NCentroidsLoss moves its buffer in
+        # place (EMA) between the forward and the backward: save a copy (K x D)
+        rows = _triton_forward(z, centroids.clone(), labels, metric, use_negatives)[0]
     else:
         rows = torch.ops.confusion_kernels.n_centroids_rows(z, centroids, labels, metric,
                                                             use_negatives)[0]

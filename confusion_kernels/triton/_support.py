@@ -19,6 +19,7 @@ Gaussian similarity, within 2 ulp.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -70,3 +71,49 @@ def div_rn(x, y):
         return tl.math.div_rn(x, y)
     else:
         return x / y
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs that give every SM of ``device`` work (4 per SM); a small number in the
+    interpreter, so that its tests run the splits too."""
+    from .._backend import triton_interpreting
+
+    if triton_interpreting():
+        return 4
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 4 * _sm_count(index)
+    return 4 * 132  # ahead-of-time compiles (scripts/triton_aot.py): an H100 / H200
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def shares(n: int, programs: int, block: int, target: int) -> tuple[int, int]:
+    """(splits, items per split) of a loop over n items (rows, columns) that a grid of
+    ``programs`` runs whole in each program: when that grid alone is small (the affinity
+    dL/dW's (class block, dim block) grid at C = 100, D = 128: 8 programs; the rectangular
+    forward's row blocks at N = 4,096: 128), splitting the loop into up to target / programs
+    shares, each written to its own partial sum (added afterwards in a fixed order:
+    deterministic), gives the GPU about ``target`` programs. Shares are whole blocks."""
+    blocks = triton.cdiv(max(n, 1), block)
+    splits = max(1, min(blocks, triton.cdiv(target, max(programs, 1))))
+    per_split = triton.cdiv(blocks, splits) * block
+    return triton.cdiv(max(n, 1), per_split), per_split
+
+
+# Widths the kernels see are multiples of this: on the GPU an integer argument divisible by
+# 16 is compiled with that as a hint (aligned, vectorised row loads), and the variants
+# without it (D = 37, 100, ...) spilled in the fp32 pair pass and affinity kernels (sm_90,
+# scripts/triton_aot.py); an argument equal to 1 (D = 1) is compiled as a constant.
+COLUMN_MULTIPLE = 16
+
+
+def pad_columns(t: torch.Tensor, multiple: int = COLUMN_MULTIPLE) -> torch.Tensor:
+    """``t`` [..., D] with zero columns up to a multiple of ``multiple`` (``t`` itself when D is
+    one already). Zero columns change no distance, Gram entry or norm; the launchers drop the
+    gradient columns they add."""
+    extra = -t.shape[-1] % multiple
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t

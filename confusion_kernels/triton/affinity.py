@@ -17,7 +17,7 @@ order: no atomics, deterministic. The per-pair formulas are those of
 ``csrc/include/confusion_kernels/affinity_math.h``.
 """
 
-import functools
+import struct
 
 import torch
 import triton
@@ -25,11 +25,18 @@ import triton.language as tl
 
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import MAXNREG, div_rn, dot_precision, launch_options
+from ._support import (MAXNREG, div_rn, dot_precision, launch_options, pad_columns, shares,
+                       target_programs)
 from ._support import use_dot as use_dot_for
 from .intra_inter_sums import _tl_dtype
 
 INVERSE = tl.constexpr(1)
+# What the launchers assume of each kernel's occupancy (scripts/triton_aot.py fails a
+# variant that fits fewer blocks per SM): grids are sized from the SM count
+# (_support.target_programs), one resident block per SM.
+RESOURCE_BUDGET = {"_forward_kernel": dict(min_blocks_per_sm=1),
+                   "_backward_f_kernel": dict(min_blocks_per_sm=1),
+                   "_backward_w_kernel": dict(min_blocks_per_sm=1)}
 
 
 @triton.jit
@@ -214,7 +221,7 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
     c0 = tl.program_id(0) * BLOCK_C
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dmask = dims < D
-    split = tl.program_id(2)  # this program's share of the rows (see _row_splits)
+    split = tl.program_id(2)  # this program's share of the rows (see _support.shares)
     r_begin = split * ROWS_PER_SPLIT
     r_end = tl.minimum(N, r_begin + ROWS_PER_SPLIT)
     acc = tl.zeros((BLOCK_C * MP, BLOCK_DO), dtype=ACC)
@@ -249,7 +256,7 @@ def _backward_w_kernel(F, W, WN, FN, LAB, G, DTRUE, ACTIVE, GRAD_W, N, C, M, D, 
 # ---------------------------------------------------------------------------
 def _split(v: float) -> tuple[float, float]:
     """(hi, lo) with hi exactly an fp32 and hi + lo = v to about 2^-48 (see ``_scalar``)."""
-    hi = float(torch.tensor(float(v), dtype=torch.float32))
+    hi = struct.unpack("f", struct.pack("f", float(v)))[0]  # round to nearest fp32, on the host
     return hi, float(v) - hi
 
 
@@ -292,8 +299,8 @@ def _prepare(f, prototypes):
     # are never rounded to f's 16-bit dtype)
     half = f.dtype in (torch.float16, torch.bfloat16) and prototypes.dtype == f.dtype
     op_dtype = f.dtype if half else acc
-    fo = f.to(op_dtype).contiguous()
-    wo = prototypes.to(op_dtype).reshape(c * m, d).contiguous()
+    fo = pad_columns(f.to(op_dtype)).contiguous()  # widths a multiple of 16 (_support)
+    wo = pad_columns(prototypes.to(op_dtype).reshape(c * m, d)).contiguous()
     fn = fo.to(acc).square().sum(1).contiguous()
     wn = wo.to(acc).square().sum(1).contiguous()
     return acc, fo, wo, fn, wn, c, m, d
@@ -302,8 +309,8 @@ def _prepare(f, prototypes):
 def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sigma: float,
             margin: float, similarity: int):
     """(L, d_true, active) per row; see the module docstring."""
-    acc, fo, wo, fn, wn, c, m, d = _prepare(f, prototypes)
-    n = f.shape[0]
+    acc, fo, wo, fn, wn, c, m, _ = _prepare(f, prototypes)
+    n, d = f.shape[0], fo.shape[1]
     cfg = _config(f, m)
     rows = torch.empty(n, dtype=acc, device=f.device)
     d_true, active = torch.empty_like(rows), torch.empty_like(rows)
@@ -318,6 +325,17 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
 def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, similarity):
     """(dL/df, dL/dprototypes) from the per-row upstream gradient."""
     acc, fo, wo, fn, wn, c, m, d = _prepare(f, prototypes)
+    grad_f, grad_w = _backward(g_inputs=(grad_rows, d_true, active), fo=fo, wo=wo, fn=fn, wn=wn,
+                               labels=labels, c=c, m=m, d=fo.shape[1], acc=acc, f=f,
+                               sigma=sigma, margin=margin, similarity=similarity)
+    # (the zero columns of _prepare dropped)
+    return (grad_f[:, :d].contiguous().to(f.dtype),
+            grad_w[:, :d].contiguous().view(c, m, d).to(prototypes.dtype))
+
+
+def _backward(*, g_inputs, fo, wo, fn, wn, labels, c, m, d, acc, f, sigma, margin, similarity):
+    """(dL/df [N, d], dL/dW [C m, d]) in the accumulation dtype, of prepared operands."""
+    grad_rows, d_true, active = g_inputs
     n = f.shape[0]
     cfg = _config(f, m)
     g = grad_rows.to(acc).contiguous()
@@ -330,7 +348,7 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
                   BLOCK_DO=cfg["BLOCK_DO"], **launch_options(cfg))
     scalars = _scalars(sigma, margin)
     if d > 0:
-        grids = launch_grids(n, c, d, cfg, _target_programs(f.device))
+        grids = launch_grids(n, c, d, cfg, target_programs(f.device))
         _backward_f_kernel[grids["backward_f"]](
             fo, wo, wn, fn, lab, g, dt, ac, grad_f, n, c, m, d, *scalars,
             **common)
@@ -342,42 +360,16 @@ def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, si
         grad_w = partial[0] if splits == 1 else partial.sum(0)  # fixed order: deterministic
     else:
         grad_w = torch.zeros(c * m, d, dtype=acc, device=f.device)
-    return grad_f.to(f.dtype), grad_w.view(c, m, d).to(prototypes.dtype)
+    return grad_f, grad_w
 
 
 def launch_grids(n: int, c: int, d: int, cfg: dict, target: int) -> dict:
     """Grids of the three kernels for n rows, c classes, d dimensions; dL/dW's rows are
-    split to give about ``target`` programs (see _row_splits)."""
+    split to give about ``target`` programs (see _support.shares)."""
     grid_w = (triton.cdiv(c, cfg["BLOCK_C"]), triton.cdiv(d, cfg["BLOCK_DO"]))
-    splits, rows_per_split = _row_splits(n, grid_w[0] * grid_w[1], cfg["BLOCK_M"], target)
+    splits, rows_per_split = shares(n, grid_w[0] * grid_w[1], cfg["BLOCK_M"], target)
     return dict(forward=(triton.cdiv(n, cfg["BLOCK_M"]),),
                 backward_f=(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"])),
                 backward_w=(*grid_w, splits), row_splits=(splits, rows_per_split))
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs that give every SM of ``device`` work (4 per SM); a small number in the
-    interpreter, so that its tests run the row splits too."""
-    if triton_interpreting():
-        return 4
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4 * 132  # ahead-of-time compiles (scripts/triton_aot.py): an H100 / H200
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _row_splits(n: int, programs: int, block_m: int, target: int) -> tuple[int, int]:
-    """(splits, rows per split) of dL/dW's rows: a (class block, dim block) grid of
-    ``programs`` alone can be a handful of programs (C = 100, D = 128: 8), each looping
-    over all N rows; splitting the rows into up to target / programs shares, each
-    written to its own partial sum, gives the GPU about ``target`` programs. Shares are
-    whole row blocks; the partial sums take splits x C m x D, bounded by about
-    target x BLOCK_C MP x BLOCK_DO elements."""
-    blocks = triton.cdiv(max(n, 1), block_m)
-    splits = max(1, min(blocks, triton.cdiv(target, max(programs, 1))))
-    rows_per_split = triton.cdiv(blocks, splits) * block_m
-    return triton.cdiv(max(n, 1), rows_per_split), rows_per_split

@@ -14,7 +14,7 @@ not. Two passes over the features, each program owning BLOCK_B rows x BLOCK_K fe
 Each sum is then within count * 2^-61 * bound of the exact one (relative to the
 largest term of its class and feature, not to the largest feature overall). A NaN or
 Inf feature makes its (class, feature) sums NaN, as a float sum would. The class
-counts are an exact bincount.
+counts are an exact integer index_add.
 """
 
 import torch
@@ -86,7 +86,9 @@ def shifted_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tens
     labels = labels.contiguous()
     x = features if features.stride(1) == 1 else features.contiguous()
     shift = shift.to(torch.float64).contiguous()
-    count = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    from ..analysis.statistics import class_counts
+
+    count = class_counts(labels, num_classes)
     amax_bits = torch.zeros(num_classes, k, dtype=torch.int64, device=features.device)
     s1 = torch.zeros_like(amax_bits)
     s2 = torch.zeros_like(amax_bits)

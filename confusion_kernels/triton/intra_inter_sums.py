@@ -20,7 +20,7 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import MAXNREG, div_rn, launch_options, sqrt_rn
+from ._support import MAXNREG, div_rn, launch_options, shares, sqrt_rn, target_programs
 
 # Globals read inside @triton.jit functions must be constexpr.
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -29,6 +29,11 @@ COSINE = tl.constexpr(_metrics.COSINE)
 SMOOTH_L1 = tl.constexpr(_metrics.SMOOTH_L1)
 COSINE_EPS = tl.constexpr(_metrics.COSINE_EPS)
 INV_COSINE_EPS = tl.constexpr(1.0 / _metrics.COSINE_EPS)  # x / eps as a multiply
+# What the launchers assume of each kernel's occupancy (scripts/triton_aot.py fails a
+# variant that fits fewer blocks per SM): grids are sized from the SM count
+# (_support.target_programs), one resident block per SM.
+RESOURCE_BUDGET = {"_forward_kernel": dict(min_blocks_per_sm=1),
+                   "_backward_kernel": dict(min_blocks_per_sm=1)}
 
 
 # ---------------------------------------------------------------------------
@@ -112,25 +117,29 @@ def _column_tile(LAB_B, NORM2_B, c0, rows, rmask, M, SHIFT, HAS_SELF: tl.constex
 # ---------------------------------------------------------------------------
 @triton.jit
 def _forward_kernel(XA, LAB_A, NORM2_A, XB, LAB_B, NORM2_B, S_IN, S_OUT, N, M, D, stride, SHIFT,
-                    HAS_SELF: tl.constexpr, METRIC: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    COLS_PER_SPLIT, HAS_SELF: tl.constexpr, METRIC: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Grid (row blocks, column splits): program (r, s) adds the columns
+    [s COLS_PER_SPLIT, (s + 1) COLS_PER_SPLIT) into row s of the [splits, N] partial sums."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * stride
     rmask = rows < N
+    split = tl.program_id(1).to(tl.int64)
     lab_i = tl.load(LAB_A + rows, mask=rmask, other=0)
     n2_i = tl.load(NORM2_A + rows, mask=rmask, other=0.0)
     s_in = tl.zeros((BLOCK_M,), dtype=ACC)
     s_out = tl.zeros((BLOCK_M,), dtype=ACC)
-    for c0 in range(0, M, BLOCK_N):
-        cols, cmask, lab_j, n2_j, valid = _column_tile(LAB_B, NORM2_B, c0, rows, rmask, M, SHIFT,
-                                                       HAS_SELF, BLOCK_N)
+    for c0 in range(0, COLS_PER_SPLIT, BLOCK_N):
+        cols, cmask, lab_j, n2_j, valid = _column_tile(LAB_B, NORM2_B, split * COLS_PER_SPLIT + c0,
+                                                       rows, rmask, M, SHIFT, HAS_SELF, BLOCK_N)
         dist = _direct_distance(XA, XB, stride, rows, cols, rmask, cmask, n2_i, n2_j, D, METRIC,
                                 ACC, BLOCK_M, BLOCK_N, BLOCK_K)
         dist = tl.where(valid, dist, 0.0).to(ACC)
         same = lab_i[:, None] == lab_j[None, :]
         s_in += tl.sum(tl.where(same, dist, 0.0), axis=1)
         s_out += tl.sum(tl.where(same, 0.0, dist), axis=1)
-    tl.store(S_IN + rows, s_in, mask=rmask)
-    tl.store(S_OUT + rows, s_out, mask=rmask)
+    tl.store(S_IN + split * N + rows, s_in, mask=rmask)
+    tl.store(S_OUT + split * N + rows, s_out, mask=rmask)
 
 
 # ---------------------------------------------------------------------------
@@ -215,10 +224,17 @@ def _config(dtype: torch.dtype = torch.float32, metric: int = _metrics.EUCLIDEAN
     return dict(BLOCK_M=rows, BLOCK_N=cols, BLOCK_K=4, BLOCK_DO=8, num_warps=8, maxnreg=MAXNREG)
 
 
-def launch_grids(n: int, d: int, cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Grids of the direct passes over n rows of d dimensions."""
-    return dict(forward=(triton.cdiv(n, cfg["BLOCK_M"]),),
-                backward=(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"])))
+def launch_grids(n: int, d: int, cfg: dict, m: int | None = None,
+                 target: int = 1) -> dict[str, tuple[int, ...]]:
+    """Grids of the direct passes of n rows of d dimensions against m columns (default n):
+    the forward's columns split (``_support.shares``) until there are about ``target``
+    programs, e.g. 4,096 rows against 65,536 (the rectangular benchmark) would otherwise be
+    128 programs on 132 SMs; ``column_splits`` is (splits, columns per split)."""
+    m = n if m is None else m
+    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    splits, per_split = shares(m, row_blocks, cfg["BLOCK_N"], target)
+    return dict(forward=(row_blocks, splits), column_splits=(splits, per_split),
+                backward=(row_blocks, triton.cdiv(d, cfg["BLOCK_DO"])))
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -257,13 +273,18 @@ def row_sums(a: _Side, b: _Side, shift: int | None, metric: int
     (i, i + shift) left out (none when ``shift`` is None)."""
     cfg = _config(a.rows.dtype, metric)
     d = a.rows.shape[1]
-    s_in = torch.empty(a.n, dtype=a.rows.dtype, device=a.rows.device)
+    grids = launch_grids(a.n, d, cfg, b.n, target_programs(a.rows.device))
+    splits, per_split = grids["column_splits"]
+    s_in = torch.empty(splits, a.n, dtype=a.rows.dtype, device=a.rows.device)
     s_out = torch.empty_like(s_in)
-    _forward_kernel[launch_grids(a.n, d, cfg)["forward"]](
+    _forward_kernel[grids["forward"]](
         a.rows, a.labels, a.norm2, b.rows, b.labels, b.norm2, s_in, s_out, a.n, b.n, d, d,
-        **_self_args(shift), METRIC=metric, ACC=_tl_dtype(a.rows.dtype), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch_options(cfg))
-    return s_in, s_out
+        COLS_PER_SPLIT=per_split, **_self_args(shift), METRIC=metric, ACC=_tl_dtype(a.rows.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        **launch_options(cfg))
+    if splits == 1:
+        return s_in[0], s_out[0]
+    return s_in.sum(0), s_out.sum(0)  # the partial sums in a fixed order: deterministic
 
 
 def row_grad(a: _Side, b: _Side, shift: int | None, metric: int) -> torch.Tensor:

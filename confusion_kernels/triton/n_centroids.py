@@ -12,8 +12,10 @@ centroid block, from one Gram product per dimension chunk:
 with a = |x - c|, b = |x + c| from the Gram form and the per-pair formulas of
 ``csrc/include/confusion_kernels/sphere_math.h``. Where the Gram form cancels (a^2, or b^2 for
 the angle, below 1/16 of |x|^2 + |c|^2) a pair is "near": the kernels count it per row and
-leave it out, and the launcher recomputes those rows exactly in PyTorch (rare: a row close to
-a centroid that is not its own). The angle 2 atan2(a, b) is computed in the kernel by four
+leave it out, and a second launch (``_exact_forward_kernel``, ``_exact_backward_kernel``)
+recomputes the rows of every row block that has one from differences, exactly; the other
+blocks read their counts and stop (near pairs are rare: a row close to a centroid that is not
+its own). Which rows those are stays on the device: no host synchronisation. The angle 2 atan2(a, b) is computed in the kernel by four
 half-angle steps and a short odd series (Triton has no portable atan2). Each output element is
 owned by one program: no atomics, deterministic.
 """
@@ -26,7 +28,6 @@ import triton.language as tl
 
 from .._backend import triton_interpreting
 from .._metrics import GRAM_EXACT_FRACTION
-from ..reference import n_centroids as _reference
 from ._support import MAXNREG, div_rn, dot_precision, sqrt_rn
 from ._support import use_dot as use_dot_for
 from .affinity import _dot_nn, _dot_nt
@@ -37,6 +38,12 @@ COSINE = tl.constexpr(1)
 GREAT_CIRCLE = tl.constexpr(2)
 METRIC_CODES = {"euclidean": 0, "cosine": 1, "great_circle": 2}
 EXACT_FRACTION = tl.constexpr(GRAM_EXACT_FRACTION)  # pair_math.h: kGramExactFraction
+# What the launchers assume of each kernel's occupancy (scripts/triton_aot.py fails a
+# variant that fits fewer blocks per SM): one resident block per SM.
+RESOURCE_BUDGET = {"_forward_kernel": dict(min_blocks_per_sm=1),
+                   "_backward_kernel": dict(min_blocks_per_sm=1),
+                   "_exact_forward_kernel": dict(min_blocks_per_sm=1),
+                   "_exact_backward_kernel": dict(min_blocks_per_sm=1)}
 
 
 @triton.jit
@@ -191,6 +198,107 @@ def _backward_kernel(X, C, XN, CN, LAB, W, GRAD_X, NEAR, N, K, D,
         tl.store(NEAR + rows, near_count, mask=rmask)
 
 
+@triton.jit
+def _exact_chords(X, C, rows, rmask, cols, cmask, D, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(a, b) = (|x - c|, |x + c|) [BLOCK_M, BLOCK_K] from differences (no cancellation)."""
+    a2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    b2 = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        x = tl.load(X + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0).to(ACC)
+        c = tl.load(C + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & dmask[None, :],
+                    other=0.0).to(ACC)
+        diff = x[:, None, :] - c[None, :, :]
+        both = x[:, None, :] + c[None, :, :]
+        a2 += tl.sum(diff * diff, axis=2)
+        b2 += tl.sum(both * both, axis=2)
+    return sqrt_rn(a2), sqrt_rn(b2)
+
+
+@triton.jit
+def _exact_forward_kernel(X, C, LAB, NEAR, BEST_K, SUM, N, K, D,
+                          METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward's rows with a near pair, again from differences (other rows untouched)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    near = tl.load(NEAR + rows, mask=rmask, other=0)
+    if tl.max(near, axis=0) > 0:
+        lab = tl.load(LAB + rows, mask=rmask, other=-1)
+        best = tl.full((BLOCK_M,), float("inf"), dtype=ACC)
+        best_k = tl.full((BLOCK_M,), -1, dtype=tl.int64)
+        total = tl.zeros((BLOCK_M,), dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            cmask = cols < K
+            a, b = _exact_chords(X, C, rows, rmask, cols, cmask, D, ACC, BLOCK_M, BLOCK_K,
+                                 BLOCK_D)
+            if METRIC == CHORD:
+                d = a
+            else:
+                d = 2.0 * _half_angle_atan2(a, b)
+            neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+            total += tl.sum(tl.where(neg, d, 0.0), axis=1)
+            masked = tl.where(neg, d, float("inf"))
+            tile_best = tl.min(masked, axis=1)
+            tile_k = k0 + tl.argmin(masked, axis=1, tie_break_left=True).to(tl.int64)
+            better = (tile_best < best) | ((best_k < 0)
+                                           & (tl.sum(tl.where(neg, 1, 0), axis=1) > 0))
+            best = tl.where(better, tile_best, best)
+            best_k = tl.where(better, tile_k, best_k)
+        redo = rmask & (near > 0)
+        tl.store(BEST_K + rows, best_k, mask=redo)
+        tl.store(SUM + rows, total, mask=redo)
+
+
+@triton.jit
+def _exact_backward_kernel(X, C, LAB, W, NEAR, GRAD_X, N, K, D,
+                           METRIC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_DO: tl.constexpr):
+    """The backward's rows with a near pair, again from differences: w_i sum_{k != y_i}
+    (p (x_i - c_k) + q (x_i + c_k)) (ops/n_centroids_rows.direct_gradients), each product
+    taken with the difference itself."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    near = tl.load(NEAR + rows, mask=rmask, other=0)
+    if tl.max(near, axis=0) > 0:
+        dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        dmask = dims < D
+        lab = tl.load(LAB + rows, mask=rmask, other=-1)
+        w = tl.load(W + rows, mask=rmask, other=0.0).to(ACC)
+        x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0).to(ACC)
+        acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            cmask = cols < K
+            a, b = _exact_chords(X, C, rows, rmask, cols, cmask, D, ACC, BLOCK_M, BLOCK_K,
+                                 BLOCK_D)
+            neg = rmask[:, None] & cmask[None, :] & (cols[None, :] != lab[:, None])
+            if METRIC == CHORD:
+                p = tl.where(a > 0.0, div_rn(1.0, tl.where(a > 0.0, a, 1.0)), 0.0)
+                q = tl.zeros_like(p)
+            else:
+                s = a * a + b * b
+                p = tl.where(a > 0.0, div_rn(2.0 * b, tl.where(a > 0.0, a * s, 1.0)), 0.0)
+                q = tl.where(b > 0.0, div_rn(-2.0 * a, tl.where(b > 0.0, b * s, 1.0)), 0.0)
+            p = tl.where(neg, p, 0.0)[:, :, None]
+            q = tl.where(neg, q, 0.0)[:, :, None]
+            c = tl.load(C + cols[:, None] * D + dims[None, :],
+                        mask=cmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+            # p (x - c) from the difference itself: p x - p c would cancel (p ~ 1 / |x - c|)
+            acc += tl.sum(p * (x[:, None, :] - c[None, :, :]) + q * (x[:, None, :] + c[None, :, :]),
+                          axis=1)
+        grad = acc * w[:, None]
+        redo = rmask & (near > 0)
+        tl.store(GRAD_X + rows[:, None] * D + dims[None, :], grad,
+                 mask=redo[:, None] & dmask[None, :])
+
+
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
@@ -218,20 +326,26 @@ def _config(x: torch.Tensor) -> dict:
     return cfg
 
 
+def _exact_config() -> dict:
+    """Tiles of the exact (difference) kernels: BLOCK_M x BLOCK_K x BLOCK_D products."""
+    if triton_interpreting():
+        return dict(BLOCK_M=16, BLOCK_K=16, BLOCK_D=32, BLOCK_DO=32)
+    return dict(BLOCK_M=16, BLOCK_K=16, BLOCK_D=8, BLOCK_DO=8, num_warps=4, maxnreg=MAXNREG)
+
+
 def launch_grids(n: int, dim: int, cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Grids of the forward (row blocks) and backward (row blocks x dimension blocks)."""
+    """Grids of the forward (row blocks) and backward (row blocks x dimension blocks), and of
+    their exact passes over the rows with a near pair."""
     blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    return dict(forward=(blocks,), backward=(blocks, triton.cdiv(dim, cfg["BLOCK_DO"])))
+    exact = _exact_config()
+    exact_blocks = triton.cdiv(n, exact["BLOCK_M"])
+    return dict(forward=(blocks,), backward=(blocks, triton.cdiv(dim, cfg["BLOCK_DO"])),
+                exact_forward=(exact_blocks,),
+                exact_backward=(exact_blocks, triton.cdiv(dim, exact["BLOCK_DO"])))
 
 
 def _norms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.square().sum(1).contiguous(), centroids.square().sum(1).contiguous()
-
-
-def _own_columns(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """[R, K] bool, True at each row's own centroid."""
-    own = torch.zeros(labels.shape[0], k, dtype=torch.bool, device=labels.device)
-    return own.scatter_(1, labels[:, None], True)
 
 
 def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
@@ -252,14 +366,12 @@ def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
         x, centroids, xn, cn, labels, best_k, sums, near, n, k, dim,
         METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype),
         **{k: v for k, v in cfg.items() if k != "BLOCK_DO"})
-    best_k, sums, near = best_k[:n], sums[:n], near[:n]
-    redo = near.nonzero()[:, 0]
-    if redo.numel():
-        d = _reference.sphere_distances(x[redo], centroids, metric)  # exact, few rows
-        is_own = _own_columns(labels[redo], k)
-        best_k[redo] = d.masked_fill(is_own, float("inf")).argmin(1)
-        sums[redo] = d.masked_fill(is_own, 0.0).sum(1)
-    return best_k, sums
+    if metric != "cosine":  # (the cosine distance 1 - g has no near pairs)
+        _exact_forward_kernel[launch_grids(n, dim, cfg)["exact_forward"]](
+            x, centroids, labels, near, best_k, sums, n, k, dim,
+            METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype),
+            **{k: v for k, v in _exact_config().items() if k != "BLOCK_DO"})
+    return best_k[:n], sums[:n]
 
 
 def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
@@ -275,12 +387,8 @@ def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.T
     _backward_kernel[launch_grids(n, dim, cfg)["backward"]](
         x, centroids, xn, cn, labels, weight.contiguous(), grad, near, n, k, dim,
         METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **cfg)
-    near = near[:n]
-    redo = near.nonzero()[:, 0]
-    if redo.numel():
-        from ..ops.n_centroids_rows import direct_gradients
-
-        w = weight[redo, None].expand(-1, k).masked_fill(_own_columns(labels[redo], k), 0.0)
-        grad[redo] = direct_gradients(x[redo, None, :].expand(-1, k, -1), centroids[None], w,
-                                      metric).sum(1)
+    if metric != "cosine":
+        _exact_backward_kernel[launch_grids(n, dim, cfg)["exact_backward"]](
+            x, centroids, labels, weight.contiguous(), near, grad, n, k, dim,
+            METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **_exact_config())
     return grad

@@ -34,7 +34,8 @@ import triton.language as tl
 from .. import _metrics
 from .._backend import triton_interpreting
 from .._validation import accumulation_dtype
-from ._support import FP64_DOT, MAXNREG, div_rn, dot_precision, launch_options, sqrt_rn, use_dot
+from ._support import (FP64_DOT, MAXNREG, div_rn, dot_precision, launch_options, pad_columns,
+                       sqrt_rn, use_dot)
 from .intra_inter_sums import _direct_distance
 
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
@@ -43,6 +44,10 @@ COSINE = tl.constexpr(_metrics.COSINE)
 COSINE_EPS = tl.constexpr(_metrics.COSINE_EPS)
 INV_COSINE_EPS = tl.constexpr(1.0 / _metrics.COSINE_EPS)
 GRAM_EXACT_FRACTION = tl.constexpr(_metrics.GRAM_EXACT_FRACTION)
+# What the launchers assume of each kernel's occupancy (scripts/triton_aot.py fails a
+# variant that fits fewer blocks per SM): the pair pass sizes its rounds from N alone and
+# needs one resident block per SM.
+RESOURCE_BUDGET = {"_pair_kernel": dict(min_blocks_per_sm=1)}
 
 
 @triton.jit
@@ -397,6 +402,16 @@ def _class_sums(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return sums.double() / scale
 
 
+def _dense_ids(labels: torch.Tensor) -> torch.Tensor:
+    """[N] ids in [0, number of classes) with equal ids for equal labels, ordered as the
+    labels' values: what ``torch.unique(return_inverse=True)`` returns, from a sort and a
+    cumulative sum, so no output size hangs on the data (no host synchronisation)."""
+    values, order = torch.sort(labels, stable=True)
+    starts = torch.ones_like(values)
+    starts[1:] = values[1:] != values[:-1]
+    return torch.empty_like(labels).scatter_(0, order, starts.cumsum(0) - 1)
+
+
 class _SortedRows:
     """Label-sorted rows and what the pass reads of them (see the module docstring)."""
 
@@ -404,7 +419,7 @@ class _SortedRows:
         acc = accumulation_dtype(x.dtype)
         n, d = x.shape
         # classes ordered by first appearance: relabelling keeps the order of additions
-        _, inverse = torch.unique(labels, return_inverse=True)
+        inverse = _dense_ids(labels)
         # (sized N, not the number of classes: no host synchronisation; unused
         # slots keep N and sort last)
         first = torch.full((n,), n, dtype=torch.int64, device=x.device).scatter_reduce(
@@ -484,6 +499,7 @@ def _launch_rounds(s: _SortedRows, x: torch.Tensor, metric: int, grad: bool, buf
 def row_sums(x: torch.Tensor, labels: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(S_in, S_out) [N] of x [N, D] (Gram metrics), each unordered pair once."""
     cfg = _config(x.dtype, grad=False, metric=metric)
+    x = pad_columns(x)  # widths a multiple of 16 (_support)
     s = _SortedRows(x, labels, metric, cfg["BLOCK"])
     n = x.shape[0]
     s_in = torch.zeros(n, dtype=s.z.dtype, device=x.device)
@@ -499,6 +515,8 @@ def weighted_with_grad(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor
                        w_out: torch.Tensor, metric: int):
     """(t_in, t_out, dt_in/dx, dt_out/dx), all in the accumulation dtype."""
     cfg = _config(x.dtype, grad=True, metric=metric)
+    d = x.shape[1]
+    x = pad_columns(x)  # widths a multiple of 16 (_support); their gradient columns dropped
     s = _SortedRows(x, labels, metric, cfg["BLOCK"])
     acc = s.z.dtype
     n = x.shape[0]
@@ -517,7 +535,8 @@ def weighted_with_grad(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor
         inv = _safe_inv_norm(s.sq)
         g_in = (g_in - s.z * (g_in * s.z).sum(1, keepdim=True)) * inv + gx_in
         g_out = (g_out - s.z * (g_out * s.z).sum(1, keepdim=True)) * inv + gx_out
-    return t_in.sum(), t_out.sum(), s.unsort(g_in), s.unsort(g_out)
+    return (t_in.sum(), t_out.sum(), s.unsort(g_in)[:, :d].contiguous(),
+            s.unsort(g_out)[:, :d].contiguous())
 
 
 def _safe_inv_norm(sq: torch.Tensor) -> torch.Tensor:

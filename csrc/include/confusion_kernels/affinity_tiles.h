@@ -132,17 +132,19 @@ void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_
   grad_f->addcmul_(own_coef.unsqueeze(1), w.index_select(0, own_proto), -2);
   row_coef.add_(own_coef);
   // Per prototype, the sum over its rows in a fixed order (index_add_ on CUDA
-  // would use atomics): stable sort by prototype, then segment sums.
+  // would use atomics): stable sort by prototype, then segment sums over one
+  // segment per prototype (empty ones sum to 0). The segment lengths are integer
+  // counts (exact in any order); every size is known on the host (P = C m), so
+  // nothing waits for the device.
   const at::Tensor order = std::get<1>(own_proto.sort(/*stable=*/true, 0, false));
-  const auto segments = at::unique_consecutive(own_proto.index_select(0, order), false, true);
-  const at::Tensor& protos = std::get<0>(segments);
-  const at::Tensor& lengths = std::get<2>(segments);
+  const at::Tensor lengths = at::zeros({w.size(0)}, own_proto.options())
+                                 .index_add_(0, own_proto, at::ones_like(own_proto));
   const at::Tensor sum_f = at::segment_reduce(
-      (f * own_coef.unsqueeze(1)).index_select(0, order), "sum", lengths, {}, {}, 0, false);
+      (f * own_coef.unsqueeze(1)).index_select(0, order), "sum", lengths, {}, {}, 0, true);
   const at::Tensor sum_c =
-      at::segment_reduce(own_coef.index_select(0, order), "sum", lengths, {}, {}, 0, false);
-  grad_w->index_add_(0, protos, sum_f, -2);  // distinct prototypes: one add each
-  col_coef.index_add_(0, protos, sum_c);
+      at::segment_reduce(own_coef.index_select(0, order), "sum", lengths, {}, {}, 0, true);
+  grad_w->add_(sum_f, -2);
+  col_coef.add_(sum_c);
   grad_f->addcmul_(row_coef.unsqueeze(1), f, 2);
   grad_w->addcmul_(col_coef.unsqueeze(1), w, 2);
 }
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_op(const at::Tensor& f,
   at::Tensor rows = at::empty({f.size(0)}, in.f.options());
   at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
   forward_tiles<Tiles>(in, sigma, margin, in.similarity, rows, d_true, active);
-  return {rows, d_true, active};
+  return {poison_rows(rows, in.bad), d_true, active};
 }
 
 template <class Tiles>
@@ -197,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
   const at::Tensor ac = active.to(in.f.scalar_type()).contiguous();
   at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
   backward_tiles<Tiles>(in, g, dt, ac, sigma, margin, in.similarity, grad_f, grad_w);
-  return {grad_f.to(f.scalar_type()),
-          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+  return {poison_rows(grad_f, in.bad).to(f.scalar_type()),
+          poison_all(grad_w, in.bad).view(prototypes.sizes()).to(prototypes.scalar_type())};
 }
 
 // sum_i L_i and its gradients (for f and the prototypes) in one pass.
@@ -213,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_sum_with_grad_op(
   at::Tensor d_true = at::empty_like(rows), active = at::empty_like(rows);
   at::Tensor grad_f = at::zeros_like(in.f), grad_w = at::zeros_like(in.prototypes);
   forward_tiles<Tiles>(in, sigma, margin, in.similarity, rows, d_true, active, &grad_f, &grad_w);
-  return {rows.sum(), grad_f.to(f.scalar_type()),
-          grad_w.view(prototypes.sizes()).to(prototypes.scalar_type())};
+  return {poison_all(rows.sum(), in.bad), poison_rows(grad_f, in.bad).to(f.scalar_type()),
+          poison_all(grad_w, in.bad).view(prototypes.sizes()).to(prototypes.scalar_type())};
 }
 
 }  // namespace affinity

@@ -6,8 +6,10 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <limits>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/pair_math.h"
@@ -49,14 +51,55 @@ inline int64_t similarity_code(c10::string_view name, const char* op) {
 }
 
 // Every label (or other index, named `what`) in [0, num_classes): kernels
-// index per-class data with them.
+// index per-class data with them. Reads two values on the host: CPU tensors only
+// (guard_label_range is the form for every device).
 inline void check_label_range(const at::Tensor& labels, int64_t num_classes, const char* op,
                               const char* what = "labels") {
+  TORCH_CHECK(labels.is_cpu(), op, ": check_label_range reads on the host (CPU tensors only)");
   if (labels.numel() == 0) return;
-  const at::Tensor bounds = at::stack({labels.min(), labels.max()}).cpu();  // one sync
-  const int64_t lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
+  const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < num_classes, op, ": ", what, " must lie in [0, ", num_classes,
               "), got [", lo, ", ", hi, "]");
+}
+
+// Indices to index a table with, and the rows whose index was out of range.
+struct GuardedIndex {
+  at::Tensor index;  // every value in [0, num_classes)
+  at::Tensor bad;    // [N] bool; undefined when none can be (checked on the host)
+};
+
+// On CPU the range check above (an error for bad input). On a GPU no host
+// synchronisation: values out of range are clamped, so that no kernel reads out
+// of bounds, and their rows are returned for poison_rows / poison_all (bad input
+// gives NaN output, as the Python ops do; docs/design.md, "Host synchronisation").
+inline GuardedIndex guard_label_range(const at::Tensor& labels, int64_t num_classes,
+                                      const char* op, const char* what = "labels") {
+  if (labels.is_cpu()) {
+    check_label_range(labels, num_classes, op, what);
+    return {labels, at::Tensor()};
+  }
+  at::Tensor bad = labels.lt(0).logical_or_(labels.ge(num_classes));
+  return {labels.clamp(0, num_classes - 1), bad};
+}
+
+inline at::Tensor merge_bad(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a.logical_or(b);
+}
+
+// t [N, ...] with NaN in the rows where bad holds (t itself when bad is undefined).
+inline at::Tensor poison_rows(const at::Tensor& t, const at::Tensor& bad) {
+  if (!bad.defined()) return t;
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = bad.size(0);
+  return t.masked_fill(bad.view(shape), std::numeric_limits<double>::quiet_NaN());
+}
+
+// t all NaN when any row is bad: what every row contributes to (a sum, a table's gradient).
+inline at::Tensor poison_all(const at::Tensor& t, const at::Tensor& bad) {
+  if (!bad.defined()) return t;
+  return t.masked_fill(bad.any(), std::numeric_limits<double>::quiet_NaN());
 }
 
 inline void check_intra_inter_inputs(const at::Tensor& x, const at::Tensor& labels,
@@ -175,6 +218,7 @@ struct AffinityInputs {
   at::Tensor f;           // [N, D] in the accumulation dtype, contiguous
   at::Tensor prototypes;  // [C * m, D] in the accumulation dtype, contiguous
   at::Tensor labels;      // [N] int64, contiguous, every value in [0, C)
+  at::Tensor bad;         // [N] bool: labels out of range (GPU; undefined on CPU)
   int64_t num_classes = 0;
   int64_t num_centers = 0;
   int64_t similarity = 0;  // the Similarity code of the op's similarity name
@@ -200,12 +244,13 @@ inline AffinityInputs prepare_affinity_inputs(const at::Tensor& f, const at::Ten
               "affinity_hinge: f, prototypes and labels must all be on one ", device, " device");
   TORCH_CHECK(sigma > 0, "affinity_hinge: sigma must be > 0, got ", sigma);
   const int64_t c = prototypes.size(0);
-  check_label_range(labels, c, "affinity_hinge");
+  GuardedIndex guarded = guard_label_range(labels, c, "affinity_hinge");
   const at::ScalarType acc = accumulation_type(f.scalar_type());
   AffinityInputs in;
   in.f = f.to(acc).contiguous();
   in.prototypes = prototypes.to(acc).reshape({c * prototypes.size(1), f.size(1)}).contiguous();
-  in.labels = labels.contiguous();
+  in.labels = guarded.index.contiguous();
+  in.bad = guarded.bad;
   in.num_classes = c;
   in.num_centers = prototypes.size(1);
   in.similarity = similarity;

@@ -57,6 +57,7 @@ struct Inputs {
   at::Tensor centroids;  // [K, D] accumulation dtype, contiguous
   at::Tensor c_norm2;    // [K]
   at::Tensor labels;     // [N] int64 in [0, K)
+  at::Tensor bad;        // [N] bool: labels out of range (GPU; undefined on CPU)
   int64_t metric = 0;    // SphereMetric
   bool negatives = true;
 };
@@ -80,7 +81,7 @@ inline Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids,
   TORCH_CHECK(z.device().type() == device && centroids.device() == z.device() &&
                   labels.device() == z.device(),
               op, ": z, centroids and labels must all be on one ", device, " device");
-  check_label_range(labels, centroids.size(0), op);
+  const GuardedIndex guarded = guard_label_range(labels, centroids.size(0), op);
   const at::ScalarType acc = accumulation_type(z.scalar_type());
   in.z = z.to(acc).contiguous();
   in.norms = at::linalg_vector_norm(in.z, 2, {1}, false, c10::nullopt);
@@ -88,7 +89,8 @@ inline Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids,
   in.x_norm2 = (in.x * in.x).sum(1);
   in.centroids = centroids.to(acc).contiguous();
   in.c_norm2 = (in.centroids * in.centroids).sum(1);
-  in.labels = labels.contiguous();
+  in.labels = guarded.index.contiguous();
+  in.bad = guarded.bad;
   in.negatives = use_negatives;
   return in;
 }
@@ -157,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> rows_op(const at::Tensor& z, const at::Tensor
   const typename Tiles::Guard guard(z.device());
   const Inputs in = prepare_inputs(z, centroids, labels, metric, use_negatives, Tiles::kDevice,
                                    "n_centroids_rows");
-  return rows_and_grad<Tiles>(in, at::Tensor(), at::Tensor());
+  auto [rows, hardest] = rows_and_grad<Tiles>(in, at::Tensor(), at::Tensor());
+  return {poison_rows(rows, in.bad), hardest};
 }
 
 template <class Tiles>
@@ -178,14 +181,15 @@ at::Tensor rows_backward_op(const at::Tensor& grad_rows, const at::Tensor& z,
   at::Tensor grad_x = at::zeros_like(in.x);
   at::Tensor scratch = at::empty({n}, in.x.options());
   Tiles::direct(in, in.labels, g, scratch, grad_x);
+  at::Tensor bad = in.bad;
   if (in.negatives) {
-    const at::Tensor h = hardest.contiguous();
-    check_label_range(h, k, "n_centroids_rows_backward", "hardest");
-    Tiles::direct(in, h, -g, scratch, grad_x);
+    const GuardedIndex h = guard_label_range(hardest, k, "n_centroids_rows_backward", "hardest");
+    bad = merge_bad(bad, h.bad);
+    Tiles::direct(in, h.index.contiguous(), -g, scratch, grad_x);
     negatives_pass<Tiles>(in, at::Tensor(), at::Tensor(), at::Tensor(), g / -double(k - 1),
                           grad_x);
   }
-  return through_normalisation(in, grad_x).to(z.scalar_type());
+  return poison_rows(through_normalisation(in, grad_x), bad).to(z.scalar_type());
 }
 
 // sum_i L_i and its gradient in z from one pass (the training path, whose
@@ -201,7 +205,8 @@ std::tuple<at::Tensor, at::Tensor> sum_with_grad_op(const at::Tensor& z,
   at::Tensor grad_x = at::zeros_like(in.x);
   const at::Tensor ones = at::ones({in.x.size(0)}, in.x.options());
   const at::Tensor rows = std::get<0>(rows_and_grad<Tiles>(in, ones, grad_x));
-  return {rows.sum(), through_normalisation(in, grad_x).to(z.scalar_type())};
+  return {poison_all(rows.sum(), in.bad),
+          poison_rows(through_normalisation(in, grad_x), in.bad).to(z.scalar_type())};
 }
 
 }  // namespace n_centroids

@@ -27,14 +27,22 @@ inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int6
   // Classes ordered by first appearance, not by label value: relabelling that
   // keeps equality (the only thing that matters) gives the same order of rows,
   // tiles and additions, so bit-identical results.
-  const auto uniq = at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true);
-  const at::Tensor inverse = std::get<1>(uniq);
-  const int64_t classes = std::get<0>(uniq).size(0);
-  const at::Tensor first = at::full({classes}, n, labels.options())
+  // Dense ids in label order from a sort and a cumulative sum (what unique(...,
+  // return_inverse) gives, but no output size hangs on the data, so the host
+  // never waits for the device); id tables sized N, not the number of classes
+  // (unused slots keep N and sort last).
+  const auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& values = std::get<0>(sorted);
+  at::Tensor starts = at::ones_like(values);
+  if (n > 1)
+    starts.narrow(0, 1, n - 1).copy_(values.narrow(0, 1, n - 1).ne(values.narrow(0, 0, n - 1)));
+  const at::Tensor inverse =
+      at::empty_like(labels).scatter_(0, std::get<1>(sorted), starts.cumsum(0).sub_(1));
+  const at::Tensor first = at::full({n}, n, labels.options())
                                .scatter_reduce(0, inverse, at::arange(n, labels.options()),
                                                "amin", /*include_self=*/true);
   const at::Tensor rank = at::empty_like(first).index_copy_(
-      0, at::argsort(first), at::arange(classes, labels.options()));
+      0, at::argsort(first), at::arange(n, labels.options()));
   const at::Tensor key = rank.index_select(0, inverse);
   r.perm = at::argsort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   r.xs = xa.index_select(0, r.perm).contiguous();
