@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreting
 from .._metrics import GRAM_EXACT_FRACTION
-from ._support import MAXNREG, div_rn, dot_precision, sqrt_rn
+from ._support import MAXNREG, div_rn, dot_precision, pad_columns, sqrt_rn
 from ._support import use_dot as use_dot_for
 from .affinity import _dot_nn, _dot_nt
 from .intra_inter_sums import _tl_dtype
@@ -351,6 +351,7 @@ def _norms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
 def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
                       metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(hardest index [N], sum over negatives [N]) of unit rows x against the centroids."""
+    x, centroids = (pad_columns(t).contiguous() for t in (x, centroids))  # (see _support)
     n, dim = x.shape
     k = centroids.shape[0]
     cfg = _config(x)
@@ -377,6 +378,8 @@ def negatives_forward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
 def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
                        weight: torch.Tensor, metric: str) -> torch.Tensor:
     """dL/dx [N, D] of sum_i weight_i sum_{k != y_i} d(x_i, c_k)."""
+    width = x.shape[1]
+    x, centroids = (pad_columns(t).contiguous() for t in (x, centroids))  # (see _support)
     n, dim = x.shape
     k = centroids.shape[0]
     cfg = _config(x)
@@ -391,4 +394,4 @@ def negatives_backward(x: torch.Tensor, centroids: torch.Tensor, labels: torch.T
         _exact_backward_kernel[launch_grids(n, dim, cfg)["exact_backward"]](
             x, centroids, labels, weight.contiguous(), near, grad, n, k, dim,
             METRIC=METRIC_CODES[metric], ACC=_tl_dtype(x.dtype), **_exact_config())
-    return grad
+    return grad[:, :width]  # (the zero columns' gradient dropped)
