@@ -161,6 +161,10 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     The hinge part runs fused on the chosen backend (no N x C m buffer on
     cpu / triton); gradients flow to f and to the prototypes. Returns a scalar,
     float32 for fp16/bf16 inputs.
+
+    ``check_finite``: scan f and the prototypes for NaN/Inf first (ValueError). None (default):
+    for CPU tensors and under ``strict_checks()``; on a GPU the data checks are left to the
+    kernels (non-finite input or labels outside [0, C) give a NaN loss, no host wait).
     """
     scan = scan_finite(check_finite, f)
     check_embeddings(f, "f", check_finite=scan)

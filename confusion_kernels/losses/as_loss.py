@@ -111,6 +111,10 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     rows stored in the memory (detached): inner and outer average over the pairs (row of x,
     column) instead of (row, row); the boundary term stays over x. The memory is only read
     here (``ASLoss`` enqueues each training batch).
+
+    ``check_finite``: scan x (and the memory's or the ranks' rows) for NaN/Inf first
+    (ValueError). None (default): for CPU tensors and under ``strict_checks()``; skipped on a
+    GPU, where the scan would make the host wait (non-finite input gives NaN terms).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
