@@ -98,6 +98,10 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     labels, chosen = _check_inputs(z, labels, centroids, metric, backend)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
+    # A snapshot (K x D): backward may need the centroids (autograd saves them on the reference
+    # and triton backends), and NCentroidsLoss moves its buffer in place between the forward
+    # and the backward (the EMA step).
+    centroids = centroids.detach().clone()
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
     if chosen == "reference":
         loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),

@@ -161,9 +161,7 @@ def n_centroids_rows(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     """L [N] on an already selected kernel backend (inputs validated by the caller)."""
     centroids = centroids.detach()
     if backend == "triton":
-        # autograd saves the centroids for backward, and NCentroidsLoss moves its buffer in
-        # place (EMA) between the forward and the backward: save a copy (K x D)
-        rows = _triton_forward(z, centroids.clone(), labels, metric, use_negatives)[0]
+        rows = _triton_forward(z, centroids, labels, metric, use_negatives)[0]
     else:
         rows = torch.ops.confusion_kernels.n_centroids_rows(z, centroids, labels, metric,
                                                             use_negatives)[0]
