@@ -114,6 +114,16 @@ def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
         raise ValueError(f"{name} must lie in [0, {num_classes}){what}, got values in [{lo}, {hi}]")
 
 
+def compiled_index(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels to index a table with after ``check_label_range``: as they are in eager mode
+    (checked on the host), clamped into [0, num_classes) under torch.compile, where the check
+    is a device-side assert that the compiled graph may run after the indexing (Inductor's
+    own bounds check would fail first, without our message)."""
+    if torch.compiler.is_compiling():
+        return labels.clamp(0, num_classes - 1)
+    return labels
+
+
 def guard_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
                       name: str = "labels") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(indices safe to index with, bad rows or None), for ops that index a table with labels.

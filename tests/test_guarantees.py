@@ -12,6 +12,7 @@ import torch
 import confusion_kernels as ck
 from confusion_kernels import analysis
 from confusion_kernels.ops.affinity_hinge import affinity_hinge_rows
+from confusion_kernels.reference import n_centroids as ncl
 from conftest import require_backend
 
 KERNELS = ["cpu", "triton", "cuda"]
@@ -493,3 +494,22 @@ def test_cpp_ops_ignore_an_enclosing_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.ops.confusion_kernels.affinity_hinge(f, w, labels, 3.0, 0.5, "gaussian")[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["n_centroids", "affinity"])
+def test_compiled_reference_reports_labels_out_of_range(loss):
+    """Under torch.compile the label-range check is a device-side assert that the graph may
+    run after the indexing; the reference backend indexes with clamped labels there, so the
+    assert's message is what the user sees (Inductor's bounds check failed first before:
+    "index out of bounds", or an abort)."""
+    z = torch.randn(10, 4)
+    y = torch.randint(0, 3, (10,))
+    y[2] = 3
+    if loss == "n_centroids":
+        c = ncl.normalize(torch.randn(3, 4))
+        fn = torch.compile(lambda z, y: ck.n_centroids_loss(z, y, c, backend="reference"))
+    else:
+        w = torch.randn(3, 2, 4)
+        fn = torch.compile(lambda z, y: ck.affinity_loss(z, y, w, backend="reference"))
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
+        fn(z, y)

@@ -32,6 +32,7 @@ from .._validation import (
     check_embeddings,
     check_label_range,
     check_labels,
+    compiled_index,
     output_dtype,
 )
 from ..ops.n_centroids_rows import n_centroids_sum
@@ -104,8 +105,8 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     centroids = centroids.detach().clone()
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
     if chosen == "reference":
-        loss = _reference_in_row_chunks(z.to(work), labels, centroids.detach().to(work),
-                                        metric, use_negatives)
+        loss = _reference_in_row_chunks(z.to(work), compiled_index(labels, centroids.shape[0]),
+                                        centroids.to(work), metric, use_negatives)
     else:
         loss = n_centroids_sum(z, labels, centroids, metric=metric,
                                use_negatives=use_negatives, backend=chosen) / z.shape[0]

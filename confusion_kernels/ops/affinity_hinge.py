@@ -15,7 +15,7 @@ import torch
 
 from .. import _extension
 from .._validation import accumulation_dtype as _accumulation
-from .._validation import poison_all, poison_rows
+from .._validation import compiled_index, poison_all, poison_rows
 from ..reference import affinity as _reference
 from ._op_checks import check_affinity
 from ._registration import (
@@ -115,6 +115,7 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
     ``inputs_finite``: the caller has scanned f and the prototypes)."""
     if backend == "reference":
         # one dtype policy for every backend: the prototypes join f's accumulation dtype
+        labels = compiled_index(labels, prototypes.shape[0])
         return _reference.affinity_hinge_rows(f, labels, prototypes.to(_accumulation(f.dtype)),
                                               sigma=sigma, margin=margin,
                                               similarity_kind=similarity)
