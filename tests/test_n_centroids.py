@@ -179,3 +179,28 @@ def test_every_backend_trains_like_cpu(backend, metric, compiled):
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_centroids, want_centroids, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e19), (torch.float32, 1e30),
+                                         (torch.float64, 1e154), (torch.float64, 1e300)])
+def test_scale_invariant_at_any_scale(backend, dtype, scale):
+    """The loss sees z only through z / |z|: rows whose |z|^2 overflows (fp32 1.8e19, fp64
+    1e154) gave zero vectors, the loss of z = 0 and a zero gradient, and moved the EMA wrongly."""
+    from conftest import require_backend
+
+    device = "cpu" if backend == "reference" else require_backend(backend, "n_centroids_rows")
+    z, labels, c = _batch(19, 6, 4, seed=9, dtype=dtype)
+    z, labels, c = z.to(device), labels.to(device), c.to(dtype).to(device)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    results = []
+    for s in (1.0, scale):
+        zs = (z * s).requires_grad_(True)
+        loss = ck.n_centroids_loss(zs, labels, c, backend=backend)
+        (grad,) = torch.autograd.grad(loss, zs)
+        module = ck.NCentroidsLoss(4, 6, backend=backend).to(dtype).to(device)
+        module(zs.detach(), labels)
+        results.append((loss, grad * s, module.centroids))
+    for got, want in zip(results[1], results[0]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, **tol)

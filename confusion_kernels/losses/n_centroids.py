@@ -26,6 +26,7 @@ from torch import nn
 
 from .._backend import select_backend
 from .._distributed import all_reduce_sum, require_process_group
+from .._scaling import rescale_large_rows
 from .._validation import (
     autocast_off,
     accumulation_dtype,
@@ -103,6 +104,9 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     # and triton backends), and NCentroidsLoss moves its buffer in place between the forward
     # and the backward (the EMA step).
     centroids = centroids.detach().clone()
+    # the loss depends on z only through z / |z|: rows whose |z|^2 would overflow are scaled
+    # by a power of two first (fp32 rows of norm 1e19 became zero vectors)
+    z = rescale_large_rows(z)
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
     if chosen == "reference":
         loss = _reference_in_row_chunks(z.to(work), compiled_index(labels, centroids.shape[0]),
@@ -145,7 +149,7 @@ def class_sums(centroids: torch.Tensor, z: torch.Tensor,
     in one pass (index_add_). Rows that are not finite or whose label lies outside [0, K)
     (possible where the data checks are left to the kernels, see _validation) are left out,
     so that a bad batch gives a NaN loss but does not corrupt the centroids."""
-    x = _reference.normalize(z.detach().to(centroids.dtype))
+    x = _reference.normalize(rescale_large_rows(z.detach().to(centroids.dtype)))
     k = centroids.shape[0]
     valid = torch.isfinite(x).all(1) & (labels >= 0) & (labels < k)
     index = torch.where(valid, labels, 0)
@@ -242,13 +246,15 @@ class NCentroidsLoss(nn.Module):
         # alpha_t as a tensor op on the step buffer: no host sync, so a compiled
         # training step (fullgraph=True) has no graph break here
         alpha = _reference.ema_alpha(self.step.to(self.centroids.dtype), self.alpha0, self.decay)
-        self.centroids.copy_(ema_from_sums(self.centroids, sums, counts, alpha))
+        # a new tensor, not an in-place write: what a forward saved for its backward (and what
+        # a compiled graph may re-read there) keeps the centroids it was computed with
+        self.centroids = ema_from_sums(self.centroids, sums, counts, alpha)
         self.step += 1
 
     def _unit_rows_and_distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x = z / |z| and d(c_k, x_i) [N, K], in z's accumulation dtype."""
         check_embeddings(z, "z")
-        x = _reference.normalize(z.to(accumulation_dtype(z.dtype)))
+        x = _reference.normalize(rescale_large_rows(z.to(accumulation_dtype(z.dtype))))
         return x, _reference.sphere_distances(x, self.centroids.to(x.dtype), self.metric)
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from .. import _extension
 from .. import reference as _reference
 from .._backend import select_backend
 from .._metrics import GRAM_METRICS, METRIC_CODES, resolve_metric
+from .._scaling import rescale_large_rows
 from .._validation import autocast_off, check_embeddings, check_labels
 from ._op_checks import check_rect_row_sums, check_row_sums
 from ._registration import (
@@ -115,25 +116,13 @@ _triton_rect_backward.register_fake(fake_rect_row_sums_backward)
 register_rect_row_sums_autograd(TRITON_RECT_OP, _triton_rect_backward)
 
 
-# Cosine rows whose largest |x_ik| exceeds this are rescaled first (see rescale_cosine_rows).
-COSINE_RESCALE_ABOVE = 2.0 ** 60
-
-
 def rescale_cosine_rows(x: torch.Tensor) -> torch.Tensor:
-    """x with every row whose largest |x_ik| exceeds 2^60 divided by a power of two
-    (exact) that brings that entry into [0.5, 1); other rows unchanged.
-
-    The cosine distance does not depend on the rows' scale, but the kernels square
-    the norms: in fp32 |x|^2 overflows above |x| = 1.8e19 and every distance came
-    out as 1. Autograd carries the scale back (dD/dx = c dD/d(c x)). The eps floor
-    max(|a||b|, eps) then applies to the rescaled norms (it matters only for a
-    pair of a rescaled row with a row of norm below 1e-26).
-    """
-    top = x.detach().abs().amax(1, keepdim=True)
-    _, exponent = torch.frexp(top)
-    scale = torch.where(top > COSINE_RESCALE_ABOVE, torch.ldexp(torch.ones_like(top), -exponent),
-                        torch.ones_like(top))
-    return x * scale
+    """Cosine rows whose squared norm would overflow, rescaled by a power of two
+    (``_scaling.rescale_large_rows``): the kernels square the norms, and in fp32 every
+    distance of a row of norm 1e19 came out as 1. The eps floor max(|a||b|, eps) then applies
+    to the rescaled norms (it matters only for a pair of a rescaled row with a row of norm
+    below about 1e-26)."""
+    return rescale_large_rows(x)
 
 
 def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, self_offset,

@@ -1,0 +1,32 @@
+"""Scale-invariant quantities of rows whose squared norm would overflow.
+
+The cosine distance and the N-Centroids loss depend on a row only through its direction,
+but every backend squares the row's entries (|x|^2 in the norm, the Gram form): in fp32 a
+row with entries of 1e19 (fp64: 1e154) overflows to inf, and its direction becomes 0 or NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows whose largest |x_ik| exceeds this (by the dtype the kernels compute in) are rescaled:
+# D x (2^40)^2 stays below fp32's 2^128 for any D < 2^48; likewise 2^400 for fp64.
+RESCALE_ABOVE = {torch.float32: 2.0 ** 40, torch.float64: 2.0 ** 400}
+
+
+def rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with every row whose largest |x_ik| exceeds ``RESCALE_ABOVE`` divided by a power of
+    two (exact) that brings that entry into [0.5, 1); other rows unchanged.
+
+    For quantities that do not depend on a row's scale (its direction): autograd carries the
+    factor back (d/dx = c d/d(c x)). Only large rows change, so a floor such as
+    max(|x|, eps) applies as before to every row that could reach it.
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    top = x.detach().abs().amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(
+        *x.shape[:-1], 1)
+    _, exponent = torch.frexp(top.to(work))
+    scale = torch.where(top.to(work) > RESCALE_ABOVE[work],
+                        torch.ldexp(torch.ones_like(top, dtype=work), -exponent),
+                        torch.ones_like(top, dtype=work))
+    return x * scale.to(x.dtype)
