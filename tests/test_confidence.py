@@ -125,3 +125,21 @@ def test_gaussian_nll_bad_input():
         ck.gaussian_nll(x, torch.randn(2, 4), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="NaN"):
         ck.gaussian_nll(torch.full((3, 4), float("nan")), torch.randn(3, 4), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("log_sigma", [-50.0, -200.0, 60.0])
+def test_gaussian_nll_finite_for_extreme_spreads(dtype, log_sigma):
+    """log sigma = -50 in fp32 gave NaN (0 * exp(100) = 0 * inf) for a sample on its centroid;
+    the value is sum_k log sigma_k + D/2 log 2 pi there, and its gradients are finite."""
+    x = torch.randn(4, 3, dtype=dtype)
+    c = x.clone()
+    c[3, 0] += 1.0  # one sample off its centroid: +inf is right for it when sigma -> 0
+    ls = torch.full((4, 3), log_sigma, dtype=dtype, requires_grad=True)
+    xr = x.clone().requires_grad_(True)
+    nll = ck.gaussian_nll(xr, c, ls)
+    want = 3 * log_sigma + 1.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(nll[:3], torch.full((3,), want, dtype=dtype).to(nll.dtype))
+    assert not nll.isnan().any()
+    nll[:3].sum().backward()
+    assert torch.isfinite(ls.grad[:3]).all() and torch.isfinite(xr.grad[:3]).all()

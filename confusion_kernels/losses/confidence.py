@@ -135,5 +135,9 @@ def gaussian_nll(x: torch.Tensor, centroids_y: torch.Tensor,
     out, work = output_dtype(x.dtype), accumulation_dtype(x.dtype)
     ls = log_sigma.to(work).expand(x.shape)
     diff = x.to(work) - c.to(work)
-    nll = (ls + 0.5 * diff * diff * torch.exp(-2.0 * ls)).sum(1)
+    # (x - c) / sigma with 0 where x = c: 0 * exp(-2 log sigma) was 0 * inf = NaN once
+    # exp(-2 log sigma) overflowed (log sigma = -50 in fp32); the exponent is 0 there, so
+    # neither the value nor the gradient meets the overflow
+    z = diff * torch.exp(-torch.where(diff == 0, torch.zeros_like(ls), ls))
+    nll = (ls + 0.5 * z * z).sum(1)
     return (nll + 0.5 * x.shape[1] * math.log(2.0 * math.pi)).to(out)
