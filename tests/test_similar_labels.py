@@ -284,3 +284,23 @@ def test_plots_write_png(tmp_path):
     analysis.plot_similar_labels(idx, scores, path=paths[3])
     for p in paths:
         assert p.exists() and p.stat().st_size > 1000
+
+
+def test_most_confused_pairs_of_a_normalised_matrix():
+    """A row-normalised (float) confusion matrix was cast to int64: every rate became 0 and
+    nothing was returned; NaN passed with a numpy warning."""
+    counts = np.array([[5, 2, 0, 0], [1, 6, 0, 0], [0, 0, 4, 3], [0, 0, 1, 4]])
+    rates = counts / counts.sum(1, keepdims=True)
+    got = analysis.most_confused_pairs(rates, 2)
+    assert [(i, j) for i, j, _ in got] == [(2, 3), (0, 1)]
+    assert got[0][2] == pytest.approx(3 / 7)
+    assert analysis.most_confused_pairs(counts, 1) == [(2, 3, 3)]  # counts stay int
+    assert isinstance(analysis.most_confused_pairs(counts, 1)[0][2], int)
+    sim = np.array([[1], [0], [3], [2]])
+    assert analysis.similar_vs_confused(sim, rates, k=2)["overlap"] == 2
+    bad = rates.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        analysis.most_confused_pairs(bad)
+    with pytest.raises(ValueError, match="non-negative"):
+        analysis.most_confused_pairs(-rates)

@@ -61,16 +61,29 @@ def per_class_report(y_true, y_pred, num_classes: int) -> dict[str, np.ndarray]:
 
 
 def _square(confusion) -> np.ndarray:
+    """The matrix as int64 (counts) or float64 (a normalised matrix: rates), finite and >= 0."""
     c = _numpy(confusion)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
         raise ValueError(f"confusion must be a square matrix, got shape {c.shape}")
-    return c.astype(np.int64)
+    if c.dtype.kind in "fc":
+        c = c.astype(np.float64)
+        if not np.isfinite(c).all():
+            raise ValueError("confusion contains NaN or Inf")
+    elif c.dtype.kind in "iub":
+        c = c.astype(np.int64)
+    else:
+        raise TypeError(f"confusion must hold numbers, got dtype {c.dtype}")
+    if (c < 0).any():
+        raise ValueError("confusion must be non-negative (counts or rates)")
+    return c
 
 
-def most_confused_pairs(confusion, k: int = 10, *, symmetric: bool = False) -> list[tuple[int, int, int]]:
+def most_confused_pairs(confusion, k: int = 10, *,
+                        symmetric: bool = False) -> list[tuple[int, int, int | float]]:
     """The k largest off-diagonal entries as (true, predicted, count), largest
     first (ties by index). symmetric=True ranks unordered pairs {a, b} by
-    C[a, b] + C[b, a] and returns (a, b, total) with a < b."""
+    C[a, b] + C[b, a] and returns (a, b, total) with a < b. A float (normalised) matrix
+    gives float values, an integer one int counts."""
     k = _positive_k(k)
     c = _square(confusion)
     if symmetric:
@@ -84,7 +97,7 @@ def most_confused_pairs(confusion, k: int = 10, *, symmetric: bool = False) -> l
         i, j = divmod(int(idx), c.shape[1])
         if c[i, j] <= 0:
             break
-        out.append((i, j, int(c[i, j])))
+        out.append((i, j, c[i, j].item()))
     return out
 
 
