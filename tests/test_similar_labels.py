@@ -304,3 +304,23 @@ def test_most_confused_pairs_of_a_normalised_matrix():
         analysis.most_confused_pairs(bad)
     with pytest.raises(ValueError, match="non-negative"):
         analysis.most_confused_pairs(-rates)
+
+
+def test_a_one_sample_class_is_never_ranked_similar():
+    """Its t-vector is undefined; it became 0, whose cosine (0) outranked every real
+    negative similarity, so it was every class's most similar class, silently."""
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(5, 12, generator=g, dtype=torch.float64) * 3
+    labels = torch.cat([torch.arange(4).repeat_interleave(30), torch.tensor([4])])
+    feats = centres[labels] + torch.randn(labels.shape[0], 12, generator=g, dtype=torch.float64)
+    stats = analysis.ClassStatistics(5, 12).update(feats, labels)
+    with pytest.warns(RuntimeWarning, match=r"classes \[4\]"):
+        indices, scores = analysis.similar_labels(stats, k=3)
+    assert (indices[:4] != 4).all()  # defined classes first
+    assert scores[4].isnan().all()
+    with pytest.warns(RuntimeWarning):
+        sim = analysis.similarity_matrix(stats)
+    assert sim[4, :4].isnan().all() and sim.diagonal().eq(1).all()
+    one = analysis.ClassStatistics(1, 3).update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.warns(RuntimeWarning):  # C = 1: no rest, but the diagonal is still 1
+        assert analysis.similarity_matrix(one).tolist() == [[1.0]]

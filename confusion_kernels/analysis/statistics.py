@@ -252,7 +252,9 @@ def _cosine_rows(v: torch.Tensor) -> torch.Tensor:
 
 def similarity_matrix(stats: ClassStatistics, *, method: str = "welch", statistic: str = "t",
                       alternative: str = "greater") -> torch.Tensor:
-    """Sim [C, C] (float64) between every pair of classes, 1 on the diagonal.
+    """Sim [C, C] (float64) between every pair of classes, 1 on the diagonal, NaN off it for
+    a class whose vector is undefined (no samples; for Welch fewer than 2 samples, or a rest of
+    fewer than 2), with a warning naming those classes.
 
     method="welch": Sim(c, c') = cos(s^c, s^c') of the significance vectors
     s^c = (t_ck)_k, or (p_ck)_k / (-log10 p_ck)_k with statistic="p" / "neglogp";
@@ -263,19 +265,26 @@ def similarity_matrix(stats: ClassStatistics, *, method: str = "welch", statisti
     if statistic not in ("t", "p", "neglogp"):
         raise ValueError(f"statistic must be 't', 'p' or 'neglogp', got {statistic!r}")
     c = stats.num_classes
-    empty = (stats.counts == 0).nonzero().flatten().tolist()
-    if len(empty) == c:
+    if bool((stats.counts == 0).all()):
         raise ValueError("similar_labels: the statistics hold no samples (call update first)")
-    if empty:
-        warnings.warn(f"similar_labels: classes {empty} have no samples; their similarities are "
-                      "undefined and their rows and columns carry no information", RuntimeWarning,
-                      stacklevel=3)
     if method == "prototype":
-        vectors = stats.mean
+        vectors = stats.mean.masked_fill((stats.counts == 0)[:, None], math.nan)
     else:
         t, _, p = welch_t_test(stats, alternative=alternative)
         vectors = {"t": t, "p": p, "neglogp": -torch.log10(p.clamp_min(1e-300))}[statistic]
-    return _cosine_rows(vectors.to(torch.float64))
+    vectors = vectors.to(torch.float64)
+    # a class whose vector is undefined (no samples; for Welch fewer than 2, or a rest of
+    # fewer than 2) has undefined similarities: NaN, never a number that could rank
+    undefined = torch.isnan(vectors).all(1)
+    names = undefined.nonzero().flatten().tolist()
+    if names:
+        why = "no samples" if method == "prototype" else "fewer than 2 samples (or a rest of fewer)"
+        warnings.warn(f"similar_labels: classes {names} have {why}; their similarities are "
+                      "undefined (NaN) and they are never ranked as similar", RuntimeWarning,
+                      stacklevel=3)
+    sim = _cosine_rows(vectors)
+    sim = sim.masked_fill(undefined[:, None] | undefined[None, :], math.nan)
+    return sim.fill_diagonal_(1.0)
 
 
 def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
@@ -286,6 +295,8 @@ def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
     if not 1 <= k <= c - 1:
         raise ValueError(f"k must lie in [1, {c - 1}] for {c} classes, got {k}")
     sim = similarity_matrix(stats, method=method, statistic=statistic, alternative=alternative)
-    sim.fill_diagonal_(-math.inf)
+    undefined = sim.isnan()
+    # cosines lie in [-1, 1]: undefined ones rank after every real one, the class itself last
+    sim = sim.masked_fill(undefined, -2.0).fill_diagonal_(-math.inf)
     scores, indices = sim.topk(k, dim=1)
-    return indices, scores
+    return indices, scores.masked_fill(undefined.gather(1, indices), math.nan)
