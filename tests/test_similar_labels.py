@@ -324,3 +324,19 @@ def test_a_one_sample_class_is_never_ranked_similar():
     one = analysis.ClassStatistics(1, 3).update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
     with pytest.warns(RuntimeWarning):  # C = 1: no rest, but the diagonal is still 1
         assert analysis.similarity_matrix(one).tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_class_statistics_names_an_overflowing_sum_of_squares(backend):
+    """Finite features whose squared deviations overflow float64 were reported as "features
+    contain NaN or Inf"; the message now says what overflowed, and the statistics stay."""
+    feats = torch.zeros(6, 3, dtype=torch.float64)
+    feats[:, 1] = torch.tensor([1e200, -1e200, 3e200, -2e200, 1e200, 0.0], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    stats = analysis.ClassStatistics(2, 3)
+    with pytest.raises(ValueError, match=r"class 0, feature 1 overflows float64"):
+        stats.update(feats, labels, backend=backend)
+    assert (stats.counts == 0).all()
+    feats[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stats.update(feats, labels, backend=backend)

@@ -117,6 +117,12 @@ class ClassStatistics:
         # [C, K] sums instead of a second pass over the features (on the host where data
         # checks run there; elsewhere those (class, feature) statistics become NaN)
         if host_checks(features) and not bool(torch.isfinite(s2).all()):
+            if bool(torch.isfinite(features).all()):  # finite features: the squares overflowed
+                bad = (~torch.isfinite(s2)).nonzero()[0].tolist()
+                raise ValueError(
+                    f"ClassStatistics: the sum of squared deviations of class {bad[0]}, feature "
+                    f"{bad[1]} overflows float64 (deviations from the class mean above about "
+                    "1e154); rescale the features (the statistics are left unchanged)")
             raise ValueError("features contain NaN or Inf (the statistics are left unchanged)")
         safe = count.clamp_min(1).unsqueeze(1)
         delta = s1 / safe  # batch mean - shift
