@@ -114,14 +114,17 @@ def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
         raise ValueError(f"{name} must lie in [0, {num_classes}){what}, got values in [{lo}, {hi}]")
 
 
-def compiled_index(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labels to index a table with after ``check_label_range``: as they are in eager mode
-    (checked on the host), clamped into [0, num_classes) under torch.compile, where the check
-    is a device-side assert that the compiled graph may run after the indexing (Inductor's
-    own bounds check would fail first, without our message)."""
+def compiled_index(labels: torch.Tensor,
+                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(labels to index a table with, bad rows or None) after ``check_label_range``: as they
+    are in eager mode (checked on the host). Under torch.compile the check is a device-side
+    assert that the graph may run after the indexing (Inductor's own bounds check then fails
+    first, without our message) or, in older torch, drop: the labels are clamped into
+    [0, num_classes) and the bad rows returned, for ``poison_rows`` / ``poison_all`` (a NaN
+    result where no assert fires, never a plausible number)."""
     if torch.compiler.is_compiling():
-        return labels.clamp(0, num_classes - 1)
-    return labels
+        return labels.clamp(0, num_classes - 1), (labels < 0) | (labels >= num_classes)
+    return labels, None
 
 
 def guard_label_range(labels: torch.Tensor, num_classes: int, what: str = "",

@@ -35,6 +35,7 @@ from .._validation import (
     check_labels,
     compiled_index,
     output_dtype,
+    poison_all,
 )
 from ..ops.n_centroids_rows import n_centroids_sum
 from ..reference import n_centroids as _reference
@@ -109,8 +110,9 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     z = rescale_large_rows(z)
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
     if chosen == "reference":
-        loss = _reference_in_row_chunks(z.to(work), compiled_index(labels, centroids.shape[0]),
-                                        centroids.to(work), metric, use_negatives)
+        index, bad = compiled_index(labels, centroids.shape[0])
+        loss = poison_all(_reference_in_row_chunks(z.to(work), index, centroids.to(work), metric,
+                                                   use_negatives), bad)
     else:
         loss = n_centroids_sum(z, labels, centroids, metric=metric,
                                use_negatives=use_negatives, backend=chosen) / z.shape[0]

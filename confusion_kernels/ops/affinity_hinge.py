@@ -115,10 +115,11 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
     ``inputs_finite``: the caller has scanned f and the prototypes)."""
     if backend == "reference":
         # one dtype policy for every backend: the prototypes join f's accumulation dtype
-        labels = compiled_index(labels, prototypes.shape[0])
-        return _reference.affinity_hinge_rows(f, labels, prototypes.to(_accumulation(f.dtype)),
+        index, bad = compiled_index(labels, prototypes.shape[0])
+        rows = _reference.affinity_hinge_rows(f, index, prototypes.to(_accumulation(f.dtype)),
                                               sigma=sigma, margin=margin,
                                               similarity_kind=similarity)
+        return poison_rows(rows, bad)
     if backend == "triton":
         rows = _triton_forward(f, prototypes, labels, float(sigma), float(margin), similarity)[0]
     else:
