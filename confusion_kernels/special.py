@@ -67,14 +67,15 @@ def _horner(coefs: tuple[float, ...], t: torch.Tensor) -> torch.Tensor:
 def _log_iv_debye(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """Debye's uniform expansion (nu >= DEBYE_MIN_ORDER; float64 tensors)."""
     z = kappa / nu
-    root = torch.sqrt(1.0 + z * z)  # sqrt(1 + z^2)
+    root = torch.hypot(torch.ones_like(z), z)  # sqrt(1 + z^2) without overflowing z^2
     t = 1.0 / root
     eta = root + torch.log(z / (1.0 + root))
     inv_nu = 1.0 / nu
     total = torch.zeros_like(z)
     for u in reversed(_debye_polynomials()):
         total = total * inv_nu + _horner(u, t)
-    return nu * eta - 0.5 * torch.log(2.0 * math.pi * nu) + 0.5 * torch.log(t) + torch.log(total)
+    out = nu * eta - 0.5 * torch.log(2.0 * math.pi * nu) + 0.5 * torch.log(t) + torch.log(total)
+    return torch.where(torch.isinf(kappa), kappa, out)  # I_nu(inf) = inf
 
 
 def _log_iv_series(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,8 @@ def _log_iv64(nu: torch.Tensor, kappa: torch.Tensor, order: float | None = None)
         in_series = _log_iv_series(nu, torch.where(series, kappa, 0.0))
         recurrence = _log_iv_recurrence(nu, torch.where(series, 1.0, kappa),
                                         math.ceil(DEBYE_MIN_ORDER - order))
-        return torch.where(series, in_series, recurrence)
+        out = torch.where(series, in_series, recurrence)
+        return torch.where(torch.isinf(kappa), kappa, out)
     out = torch.empty_like(kappa)
     debye = nu >= DEBYE_MIN_ORDER
     series = ~debye & (0.25 * kappa * kappa <= nu + 1.0)
@@ -138,7 +140,8 @@ def _log_iv64(nu: torch.Tensor, kappa: torch.Tensor, order: float | None = None)
                      (middle, _log_iv_recurrence)):
         if mask.any():
             out[mask] = fn(nu[mask], kappa[mask])
-    return out  # kappa = 0: 0 for nu = 0 (series), -inf for nu > 0 (series or Debye)
+    # kappa = 0: 0 for nu = 0 (series), -inf for nu > 0 (series or Debye); kappa = inf: inf
+    return torch.where(torch.isinf(kappa), kappa, out)
 
 
 def _iv_ratio64(nu: torch.Tensor, kappa: torch.Tensor, log_iv: torch.Tensor,
@@ -147,7 +150,34 @@ def _iv_ratio64(nu: torch.Tensor, kappa: torch.Tensor, log_iv: torch.Tensor,
     kappa = 0, the limit (the logs give -inf - -inf there for nu > 0)."""
     above = None if order is None else order + 1.0
     ratio = torch.exp(_log_iv64(nu + 1.0, kappa, above) - log_iv)
+    # kappa >> nu^2: both logs are about kappa, and their difference would keep none of the
+    # ratio's digits (1e-16 instead of ~1 at nu = 1e4, kappa = 1e20); the large-argument
+    # expansion gives the ratio directly there
+    large = kappa > _LARGE_KAPPA * (nu + 1.0) ** 2
+    ratio = torch.where(large, _large_kappa_ratio(nu, torch.where(large, kappa, 1e300)), ratio)
     return torch.where(kappa == 0, torch.zeros_like(ratio), ratio)
+
+
+# kappa above this times (nu + 1)^2 uses _large_kappa_ratio: its k-th term is then below
+# (1/50)^k / k!, and eight of them reach float64 precision.
+_LARGE_KAPPA = 25.0
+
+
+def _large_kappa_series(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """sum_k (-1)^k a_k(nu) / kappa^k, a_k = prod_{j<=k} (4 nu^2 - (2j - 1)^2) / (k! 8^k):
+    I_nu(kappa) = e^kappa / sqrt(2 pi kappa) times this (kappa >> nu^2)."""
+    mu = 4.0 * nu * nu
+    term = torch.ones_like(kappa)
+    total = torch.ones_like(kappa)
+    for k in range(1, 9):
+        term = -term * (mu - (2 * k - 1) ** 2) / (k * 8.0 * kappa)
+        total = total + term
+    return total
+
+
+def _large_kappa_ratio(nu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """I_{nu+1}(kappa) / I_nu(kappa) for kappa >> nu^2, from the large-argument expansion."""
+    return _large_kappa_series(nu + 1.0, kappa) / _large_kappa_series(nu, kappa)
 
 
 def _as_float64(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -222,7 +252,11 @@ def log_bessel_iv(nu: torch.Tensor | float, kappa: torch.Tensor) -> torch.Tensor
     Accuracy (tests/test_special.py, against mpmath at 50 digits): relative error below
     1e-6 (in practice near 1e-13) for nu in [0, 2047] and kappa in [1e-3, 1e5], for the
     value and for the derivative; where log I_nu(kappa) is close to 0 the error is
-    absolute, below 1e-12. kappa = 0 gives 0 for nu = 0 and -inf for nu > 0.
+    absolute, below 1e-12. Beyond: the value stays right up to the largest float64 (no
+    square of kappa is formed) and kappa = inf gives inf; the derivative's ratio
+    I_{nu+1}/I_nu comes from the large-argument expansion for kappa > 25 (nu + 1)^2 (float64
+    precision), and between 1e5 and there from a difference of logs of size kappa, with a
+    relative error of about kappa * 2e-16. kappa = 0 gives 0 for nu = 0 and -inf for nu > 0.
 
     Raises:
         ValueError: kappa < 0 or NaN, nu < 0 or not finite.

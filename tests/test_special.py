@@ -142,3 +142,24 @@ def test_order_known_on_the_host_gives_the_same_values(order):
     torch.testing.assert_close(known, general, rtol=1e-14, atol=0)
     torch.testing.assert_close(_iv_ratio64(nu, kappa, known, order),
                                _iv_ratio64(nu, kappa, general), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("nu,kappa", [(1e4, 1e20), (0.0, 1e10), (63.0, 1e154), (63.0, 1e300),
+                                      (2.5, 1e200), (1.0, 2e4), (300.0, 1e8)])
+def test_huge_kappa_value_and_derivative(nu, kappa):
+    """kappa^2 overflowed (NaN from 1.3e154) and the derivative's ratio, a difference of two
+    logs of size kappa, kept no digit for kappa >> nu (1e-16 instead of ~1)."""
+    mpmath.mp.dps = 60
+    k = torch.tensor([kappa], dtype=torch.float64, requires_grad=True)
+    value = ck.log_bessel_iv(nu, k)
+    (grad,) = torch.autograd.grad(value.sum(), k)
+    want_value = float(mpmath.log(mpmath.besseli(nu, kappa)))
+    want_grad = float(mpmath.besseli(nu + 1, kappa) / mpmath.besseli(nu, kappa) + nu / kappa)
+    assert value.item() == pytest.approx(want_value, rel=1e-13)
+    assert grad.item() == pytest.approx(want_grad, rel=1e-12)
+
+
+def test_infinite_kappa():
+    k = torch.tensor([math.inf, math.inf], dtype=torch.float64)
+    assert ck.log_bessel_iv(torch.tensor([3.0, 80.0], dtype=torch.float64), k).tolist() == [
+        math.inf, math.inf]
