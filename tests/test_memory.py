@@ -106,3 +106,24 @@ def test_module_enqueues_in_training_only():
         ck.ASLoss(memory=memory, global_batch=True)
     with pytest.raises(ValueError, match="4-D rows"):
         ck.as_loss_terms(torch.randn(3, 5, dtype=torch.float64), labels[:3], memory=memory)
+
+
+def test_bad_arguments_are_refused_not_coerced():
+    """Issue 26: CrossBatchMemory(2.5, 4) gave a raw torch error; float labels were truncated
+    (0.7 -> 0), bool labels and integer embeddings accepted; set_extra_state took filled = -2."""
+    with pytest.raises(TypeError, match="size must be an int"):
+        ck.CrossBatchMemory(2.5, 4)
+    with pytest.raises(TypeError, match="floating dtype"):
+        ck.CrossBatchMemory(4, 3, dtype=torch.int64)
+    memory = ck.CrossBatchMemory(4, 3)
+    with pytest.raises(TypeError, match="integer tensor"):
+        memory.enqueue(torch.randn(2, 3), torch.tensor([0.7, 1.0]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        memory.enqueue(torch.randn(2, 3), torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="floating tensor"):
+        memory.enqueue(torch.ones(2, 3, dtype=torch.int64), torch.tensor([0, 1]))
+    for state in ({"filled": -2, "next_row": 0}, {"filled": 5, "next_row": 0},
+                  {"filled": 1, "next_row": 4}):
+        with pytest.raises(ValueError, match="does not fit"):
+            memory.set_extra_state(state)
+    assert memory.filled == 0

@@ -11,6 +11,7 @@ costs N * (N + size) pair distances instead of N * N, with O((N + size) * D) wor
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -29,8 +30,13 @@ class CrossBatchMemory(nn.Module):
     def __init__(self, size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
+        for name, v in (("size", size), ("embedding_dim", embedding_dim)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"CrossBatchMemory: {name} must be an int, got {v!r}")
         if size < 1 or embedding_dim < 1:
             raise ValueError(f"size and embedding_dim must be >= 1, got {size}, {embedding_dim}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"CrossBatchMemory: dtype must be a floating dtype, got {dtype}")
         self.size = int(size)
         self.register_buffer("embeddings", torch.zeros(size, embedding_dim, dtype=dtype,
                                                        device=device))
@@ -45,6 +51,14 @@ class CrossBatchMemory(nn.Module):
     def enqueue(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Store the rows of x [N, D] (detached) and their labels [N]; of a batch larger than
         the memory only the last ``size`` rows stay."""
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError("CrossBatchMemory: x must be a floating tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point \
+                or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError("CrossBatchMemory: labels must be an integer tensor, got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)} (floats would be "
+                            "truncated, bools read as 0 / 1)")
         if x.dim() != 2 or x.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"CrossBatchMemory: x must be [N, {self.embeddings.shape[1]}], got "
                              f"shape {tuple(x.shape)}")
@@ -74,7 +88,11 @@ class CrossBatchMemory(nn.Module):
         return {"filled": self.filled, "next_row": self.next_row}
 
     def set_extra_state(self, state: Any) -> None:
-        self.filled, self.next_row = int(state["filled"]), int(state["next_row"])
+        filled, next_row = int(state["filled"]), int(state["next_row"])
+        if not (0 <= filled <= self.size and 0 <= next_row < self.size):
+            raise ValueError(f"CrossBatchMemory: a saved state of filled = {filled}, next_row = "
+                             f"{next_row} does not fit a memory of size {self.size}")
+        self.filled, self.next_row = filled, next_row
 
     def extra_repr(self) -> str:
         return f"size={self.size}, embedding_dim={self.embeddings.shape[1]}, filled={self.filled}"
