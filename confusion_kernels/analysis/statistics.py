@@ -282,12 +282,14 @@ def similarity_matrix(stats: ClassStatistics, *, method: str = "welch", statisti
     # a class whose vector is undefined (no samples; for Welch fewer than 2, or a rest of
     # fewer than 2) has undefined similarities: NaN, never a number that could rank
     undefined = torch.isnan(vectors).all(1)
-    names = undefined.nonzero().flatten().tolist()
-    if names:
-        why = "no samples" if method == "prototype" else "fewer than 2 samples (or a rest of fewer)"
-        warnings.warn(f"similar_labels: classes {names} have {why}; their similarities are "
-                      "undefined (NaN) and they are never ranked as similar", RuntimeWarning,
-                      stacklevel=3)
+    empty = (stats.counts == 0).to(undefined.device)
+    groups = [(undefined & empty, "no samples"),
+              (undefined & ~empty, "fewer than 2 samples (or a rest of fewer than 2)")]
+    why = [f"classes {mask.nonzero().flatten().tolist()} have {what}" for mask, what in groups
+           if bool(mask.any())]
+    if why:
+        warnings.warn(f"similar_labels: {'; '.join(why)}: their similarities are undefined (NaN) "
+                      "and they are never ranked as similar", RuntimeWarning, stacklevel=3)
     sim = _cosine_rows(vectors)
     sim = sim.masked_fill(undefined[:, None] | undefined[None, :], math.nan)
     return sim.fill_diagonal_(1.0)
