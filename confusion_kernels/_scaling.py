@@ -30,3 +30,27 @@ def rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
                         torch.ldexp(torch.ones_like(top, dtype=work), -exponent),
                         torch.ones_like(top, dtype=work))
     return x * scale.to(x.dtype)
+
+
+# Degree of each metric in the scale of its rows: D(c a, c b) = c^p D(a, b).
+HOMOGENEOUS_DEGREE = {"euclidean": 1, "sqeuclidean": 2}
+
+
+def common_scale(metric: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a homogeneous metric (euclidean: degree 1, sqeuclidean: 2): (factor for the rows,
+    factor for the sums), powers of two (exact) that bring the largest |entry| of all
+    ``tensors`` below 1 when it exceeds ``RESCALE_ABOVE`` (1 and 1 otherwise), so that the
+    kernels' squares cannot overflow while the true sums are finite (fp32 entries of 1e20:
+    true sums ~1e22, but NaN or inf from inf - inf). None for other metrics. No host
+    synchronisation: the factors are tensors."""
+    degree = HOMOGENEOUS_DEGREE.get(metric)
+    if degree is None or not all(t.numel() for t in tensors):
+        return None
+    work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    top = torch.stack([t.detach().abs().amax().to(work) for t in tensors]).amax()
+    _, exponent = torch.frexp(top)
+    big = top > RESCALE_ABOVE[work]
+    one = torch.ones((), dtype=work, device=top.device)
+    down = torch.where(big, torch.ldexp(one, -exponent), one)
+    up = torch.where(big, torch.ldexp(one, degree * exponent), one)
+    return down, up

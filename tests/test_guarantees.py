@@ -518,3 +518,32 @@ def test_compiled_reference_reports_labels_out_of_range(loss):
         assert "labels must lie in [0, 3)" in str(err)
     else:  # torch < 2.15's Inductor drops the device-side assert: then NaN, never a number
         assert torch.__version__ < "2.15" and out.isnan()
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float64, 1e155)])
+def test_euclidean_at_any_scale(backend, dtype, scale):
+    """Entries of 1e20 in fp32 (1e155 in fp64): the true euclidean sums (~1e22) are finite, but
+    the squares overflowed (cpu NaN from inf - inf; reference and triton inf). sqeuclidean
+    sums are inf there, and must be inf (not NaN). Square op, rectangular op, one-pass loss."""
+    device = "cpu" if backend == "reference" else require_backend(backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    xs, yd = (x * scale).to(dtype).to(device), y.to(device)
+    want = ck.intra_inter_sums(x, y, "euclidean", backend="reference")
+    got = ck.intra_inter_sums(xs, yd, "euclidean", backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double().cpu() / scale, b, rtol=1e-5, atol=1e-6)
+    rect = ck.intra_inter_sums(xs[:7], yd[:7], "euclidean", backend=backend, ref=xs,
+                               ref_labels=yd, self_offset=0)
+    torch.testing.assert_close(rect[1].double().cpu() / scale,
+                               ck.intra_inter_sums(x[:7], y[:7], "euclidean", backend="reference",
+                                                   ref=x, ref_labels=y, self_offset=0)[1],
+                               rtol=1e-5, atol=1e-6)
+    sq = ck.intra_inter_sums(xs, yd, "sqeuclidean", backend=backend)
+    assert not any(s.isnan().any() for s in sq)
+    xr = xs.clone().requires_grad_(True)
+    terms = ck.as_loss_terms(xr, yd, backend=backend)
+    terms.outer.backward()
+    assert torch.isfinite(terms.outer) and torch.isfinite(xr.grad).all()

@@ -23,7 +23,7 @@ from .. import _extension
 from .. import reference as _reference
 from .._backend import select_backend
 from .._metrics import GRAM_METRICS, METRIC_CODES, resolve_metric
-from .._scaling import rescale_large_rows
+from .._scaling import common_scale, rescale_large_rows
 from .._validation import autocast_off, check_embeddings, check_labels
 from ._op_checks import check_rect_row_sums, check_row_sums
 from ._registration import (
@@ -193,6 +193,10 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     if name == "cosine":
         x = rescale_cosine_rows(x)
         ref = None if ref is None else rescale_cosine_rows(ref)
+    scaled = common_scale(name, x, *(() if ref is None else (ref,)))
+    if scaled is not None:  # euclidean / sqeuclidean: one power of two for all rows
+        x = x * scaled[0].to(x.dtype)
+        ref = None if ref is None else ref * scaled[0].to(ref.dtype)
     if chosen == "reference":
         s_in, s_out = _reference.intra_inter_sums(x, labels, name, ref=ref, ref_labels=ref_labels,
                                                   self_offset=self_offset)
@@ -204,6 +208,8 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
         s_in, s_out = _triton_forward(x, labels, name)
     else:
         s_in, s_out = torch.ops.confusion_kernels.intra_inter_sums(x, labels, name)
+    if scaled is not None:
+        s_in, s_out = s_in * scaled[1].to(s_in.dtype), s_out * scaled[1].to(s_out.dtype)
     if dim_mean and x.shape[1] > 0:
         s_in, s_out = s_in / x.shape[1], s_out / x.shape[1]
     return s_in, s_out

@@ -19,6 +19,7 @@ from .._validation import accumulation_dtype as _accumulation
 from .._metrics import GRAM_METRICS, METRIC_CODES
 from ._op_checks import check_row_sums
 from ._registration import refuse_double_backward
+from .._scaling import common_scale
 from .intra_inter_sums import rescale_cosine_rows
 
 CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
@@ -95,7 +96,12 @@ def weighted_pair_sums(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor
     for which ``has_one_pass`` holds."""
     if metric == "cosine":
         x = rescale_cosine_rows(x)
+    scaled = common_scale(metric, x)
+    if scaled is not None:  # euclidean / sqeuclidean: squares that cannot overflow
+        x = x * scaled[0].to(x.dtype)
     op = _triton_one_pass if backend == "triton" else \
         torch.ops.confusion_kernels.weighted_pair_sums_with_grad
     t_in, t_out, _, _ = op(x, labels, w_in, w_out, metric)
+    if scaled is not None:
+        t_in, t_out = t_in * scaled[1].to(t_in.dtype), t_out * scaled[1].to(t_out.dtype)
     return t_in, t_out
