@@ -70,10 +70,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         criterion = ck.NCentroidsLoss(NUM_CLASSES, DIM, global_batch=True).double()
         centroids, stats = run_steps(z[lo:hi], labels[lo:hi], criterion)
         stats.all_reduce()
+        stats.all_reduce()  # idempotent: nothing new since the first
+        again = ClassStatistics(NUM_CLASSES, DIM).update(z[lo:hi], labels[lo:hi]).all_reduce()
+        again.update(2.0 * z[lo:hi], labels[lo:hi]).all_reduce()  # more data after a reduce
         as_losses = [as_loss_with_grad(z[lo:hi], labels[lo:hi], case, global_batch=True)
                      for case in AS_LOSS_CASES]
         torch.save({"centroids": centroids, "counts": stats.counts, "mean": stats.mean,
-                    "m2": stats.m2, "as_loss": as_losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "m2": stats.m2, "as_loss": as_losses,
+                    "again": (again.counts, again.mean, again.m2)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank has saved its results
     except BaseException:
         dist.destroy_process_group()
@@ -111,6 +116,20 @@ def test_global_ema_and_statistics_equal_one_process(ranks):
     lo, hi = SLICES[world][0]
     local, _ = run_steps(z[lo:hi], labels[lo:hi], ck.NCentroidsLoss(NUM_CLASSES, DIM).double())
     assert not torch.allclose(local, centroids)
+
+
+def test_statistics_all_reduce_counts_every_sample_once(ranks):
+    """all_reduce twice multiplied the counts by the world size; and updates after an
+    all_reduce were counted world-size times at the next one. Now each rank's samples enter
+    the global statistics once, however often all_reduce runs."""
+    world, results = ranks
+    z, labels = global_batch()
+    want = ClassStatistics(NUM_CLASSES, DIM).update(z, labels).update(2.0 * z, labels)
+    for r, res in enumerate(results):
+        counts, mean, m2 = res["again"]
+        assert torch.equal(counts, want.counts), f"rank {r} counts"
+        assert_rel(mean, want.mean, 1e-9, f"rank {r} means")
+        assert_rel(m2, want.m2, 1e-9, f"rank {r} M2")
 
 
 @pytest.mark.parametrize("case", AS_LOSS_CASES, ids=lambda c: "-".join(map(str, c)))

@@ -344,3 +344,11 @@ def test_class_statistics_names_an_overflowing_sum_of_squares(backend):
     feats[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         stats.update(feats, labels, backend=backend)
+
+
+def test_statistics_take_only_statistics():
+    stats = analysis.ClassStatistics(2, 3)
+    with pytest.raises(TypeError, match="merge takes a ClassStatistics"):
+        stats.merge("x")
+    with pytest.raises(TypeError, match="welch_t_test takes a ClassStatistics"):
+        analysis.welch_t_test(torch.randn(2, 3))

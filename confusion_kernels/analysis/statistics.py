@@ -66,6 +66,19 @@ def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tenso
     return count, s1, s2
 
 
+def _chan(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) of two sets of statistics together (Chan's parallel update)."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    has = (n_b > 0).unsqueeze(1)
+    safe = n.clamp_min(1).unsqueeze(1)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b.unsqueeze(1) / safe)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b).unsqueeze(1) / safe
+    return n, torch.where(has, mean, mean_a), torch.where(has, m2, m2_a)
+
+
 class ClassStatistics:
     """Per-class count, mean and unbiased variance of K features, streamed in float64.
 
@@ -81,9 +94,18 @@ class ClassStatistics:
             raise ValueError("num_classes and num_features must be >= 1")
         self.num_classes, self.num_features = num_classes, num_features
         self.device = torch.device(device)
-        self.counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
-        self.mean = torch.zeros(num_classes, num_features, dtype=torch.float64, device=self.device)
-        self.m2 = torch.zeros(num_classes, num_features, dtype=torch.float64, device=self.device)
+        self.counts, self.mean, self.m2 = self._zeros()
+        # what the last all_reduce agreed on (the same on every rank), and what this rank
+        # added since: all_reduce merges only the latter, so calling it again (or after more
+        # updates) never counts a sample twice
+        self._synced = self._zeros()
+        self._pending = self._zeros()
+
+    def _zeros(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c, k = self.num_classes, self.num_features
+        return (torch.zeros(c, dtype=torch.float64, device=self.device),
+                torch.zeros(c, k, dtype=torch.float64, device=self.device),
+                torch.zeros(c, k, dtype=torch.float64, device=self.device))
 
     @property
     def var(self) -> torch.Tensor:
@@ -145,19 +167,14 @@ class ClassStatistics:
         return torch.where(fresh.unsqueeze(1), rows, shift)
 
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        n_a = self.counts
-        n = n_a + n_b
-        has = (n_b > 0).unsqueeze(1)
-        safe = n.clamp_min(1).unsqueeze(1)
-        delta = mean_b - self.mean
-        mean = self.mean + delta * (n_b.unsqueeze(1) / safe)
-        m2 = self.m2 + m2_b + delta * delta * (n_a * n_b).unsqueeze(1) / safe
-        self.mean = torch.where(has, mean, self.mean)
-        self.m2 = torch.where(has, m2, self.m2)
-        self.counts = n
+        self.counts, self.mean, self.m2 = _chan((self.counts, self.mean, self.m2),
+                                                (n_b, mean_b, m2_b))
+        self._pending = _chan(self._pending, (n_b, mean_b, m2_b))
 
     def merge(self, other: "ClassStatistics") -> "ClassStatistics":
         """Adds another ClassStatistics of the same shape (Chan's parallel merge)."""
+        if not isinstance(other, ClassStatistics):
+            raise TypeError(f"merge takes a ClassStatistics, got {type(other).__name__}")
         if (other.num_classes, other.num_features) != (self.num_classes, self.num_features):
             raise ValueError("cannot merge statistics of different shapes")
         self._merge(other.counts.to(self.device), other.mean.to(self.device), other.m2.to(self.device))
@@ -172,12 +189,14 @@ class ClassStatistics:
         from .._distributed import all_gather_same_shape, require_process_group
 
         require_process_group("ClassStatistics.all_reduce")
-        parts = [all_gather_same_shape(t, group) for t in (self.counts, self.mean, self.m2)]
-        self.counts = torch.zeros_like(self.counts)
-        self.mean = torch.zeros_like(self.mean)
-        self.m2 = torch.zeros_like(self.m2)
-        for counts, mean, m2 in zip(*parts):
-            self._merge(counts, mean, m2)
+        # only what each rank added since the last all_reduce: idempotent, and updates after
+        # an all_reduce are not multiplied by the world size at the next one
+        parts = [all_gather_same_shape(t, group) for t in self._pending]
+        totals = self._synced
+        for pending in zip(*parts):
+            totals = _chan(totals, pending)
+        self._synced, self._pending = totals, self._zeros()
+        self.counts, self.mean, self.m2 = totals
         return self
 
     def rest(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,6 +256,8 @@ def welch_t_test(stats: ClassStatistics, *, alternative: str = "greater", pairwi
     p = 0.5 (one-sided) or 1 (two-sided). Classes with fewer than 2 samples
     (or no rest) give NaN.
     """
+    if not isinstance(stats, ClassStatistics):
+        raise TypeError(f"welch_t_test takes a ClassStatistics, got {type(stats).__name__}")
     if alternative not in ("greater", "less", "two-sided"):
         raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
     n, mean, var = stats.counts.unsqueeze(1), stats.mean, stats.var
