@@ -204,3 +204,18 @@ def test_scale_invariant_at_any_scale(backend, dtype, scale):
     for got, want in zip(results[1], results[0]):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_inference_methods_name_what_does_not_fit():
+    """Issue 26: a wrong D in confidence / predict and kappa=2.0 (a float) gave raw errors."""
+    module = ck.NCentroidsLoss(3, 4)
+    with pytest.raises(ValueError, match=r"z has D = 5 but the module's centroids are \[3, 4\]"):
+        module.predict(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="D = 5"):
+        module.confidence(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="kappa must be a tensor"):
+        module.confidence(torch.randn(2, 4), kappa=2.0)
+    with pytest.raises(TypeError, match="log_sigma must be a tensor"):
+        module.confidence(torch.randn(2, 4), log_sigma=0.5)
+    with pytest.raises(ValueError, match="on meta"):
+        module.confidence(torch.randn(2, 4), kappa=torch.ones(2, device="meta"))

@@ -256,6 +256,12 @@ class NCentroidsLoss(nn.Module):
     def _unit_rows_and_distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x = z / |z| and d(c_k, x_i) [N, K], in z's accumulation dtype."""
         check_embeddings(z, "z")
+        k, d = self.centroids.shape
+        if z.shape[1] != d:
+            raise ValueError(f"z has D = {z.shape[1]} but the module's centroids are [{k}, {d}]")
+        if z.device != self.centroids.device:
+            raise ValueError(f"z is on {z.device} but the module's centroids are on "
+                             f"{self.centroids.device} (move the module with .to())")
         x = _reference.normalize(rescale_large_rows(z.to(accumulation_dtype(z.dtype))))
         return x, _reference.sphere_distances(x, self.centroids.to(x.dtype), self.metric)
 
@@ -274,6 +280,12 @@ class NCentroidsLoss(nn.Module):
         """
         if kappa is not None and log_sigma is not None:
             raise ValueError("pass kappa (vMF head) or log_sigma (Normal head), not both")
+        for name, head in (("kappa", kappa), ("log_sigma", log_sigma)):
+            if head is not None and not isinstance(head, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor (the model's per-sample output), got "
+                                f"{type(head).__name__}")
+            if head is not None and head.device != z.device:
+                raise ValueError(f"{name} is on {head.device} but z is on {z.device}")
         x, d = self._unit_rows_and_distances(z)
         distance, prediction = d.min(1)
         nearest = self.centroids.to(d.dtype)[prediction]
