@@ -69,3 +69,31 @@ def test_module_entry_point_lists_its_commands():
     bad = subprocess.run([sys.executable, "-m", "confusion_kernels", "nonsense"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "0"], "positive integer"), (["--epochs", "-1"], "positive integer"),
+    (["--dim", "0"], "positive integer"), (["--seeds", "-1"], "positive integer"),
+    (["--device", "nowhere"], "not a device"), (["--device", "meta"], "cpu or cuda"),
+    (["--out", ""], "must be a path"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys, argv, message):
+    """Issue 26: --seeds 0 ran 3 seeds, --epochs 0 the default, --epochs -1 wrote a report of
+    untrained networks with exit code 0, others gave tracebacks."""
+    from confusion_kernels.demo import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "report")]))
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()  # nothing written
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    from confusion_kernels.demo import cli
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(f)])
+    assert "is not a folder" in capsys.readouterr().err

@@ -16,18 +16,53 @@ import torch
 DEFAULT_OUT = "confusion_report"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"the demo runs on cpu or cuda, got {text!r}")
+    return text
+
+
+def _out_folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the report folder must be a path, got ''")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m confusion_kernels demo",
         description="Train CE, CE + ASLoss, Affinity and CE + NCL on imbalanced digits and "
                     "write a Markdown report (results table, 2-D representations, confusion "
                     "matrices, similar labels, out-of-distribution AUROC, kernel speed).")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"report folder (default ./{DEFAULT_OUT}/)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda runs the GPU kernels)")
-    p.add_argument("--quick", action="store_true", help="1 seed and fewer epochs (under a minute)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds of the results table (3)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (60; 25 with --quick)")
-    p.add_argument("--dim", type=int, default=16, help="representation size of the table's runs")
+    p.add_argument("--out", type=_out_folder, default=DEFAULT_OUT,
+                   help=f"report folder (default ./{DEFAULT_OUT}/)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="cpu or cuda (cuda runs the GPU kernels)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed and 25 epochs instead of 3 and 60 (a few minutes on a CPU)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help="seeds of the results table (3; 1 with --quick)")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs (60; 25 with --quick)")
+    p.add_argument("--dim", type=_positive_int, default=16,
+                   help="representation size of the table's runs")
     p.add_argument("--backend", default="auto", help="kernel backend of the losses")
     return p
 
@@ -67,10 +102,13 @@ def main(argv: list[str] | None = None) -> Path:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    seeds = args.seeds or (1 if args.quick else 3)
-    epochs = args.epochs or (25 if args.quick else 60)
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    epochs = args.epochs if args.epochs is not None else (25 if args.quick else 60)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"--out {args.out}: cannot create the report folder ({err.strerror})")
     started = time.perf_counter()
     splits = [data.imbalanced_digits(seed).to(device) for seed in range(seeds)]
     methods = training.METHODS
