@@ -22,14 +22,22 @@ def rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
     factor back (d/dx = c d/d(c x)). Only large rows change, so a floor such as
     max(|x|, eps) applies as before to every row that could reach it.
     """
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
     top = x.detach().abs().amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(
         *x.shape[:-1], 1)
-    _, exponent = torch.frexp(top.to(work))
-    scale = torch.where(top.to(work) > RESCALE_ABOVE[work],
-                        torch.ldexp(torch.ones_like(top, dtype=work), -exponent),
-                        torch.ones_like(top, dtype=work))
-    return x * scale.to(x.dtype)
+    down, _ = _scale_down(top.to(_work_dtype(x)))
+    return x * down.to(x.dtype)
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scale_down(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2^-e, e) where top (a largest |entry|, float32 or float64) exceeds ``RESCALE_ABOVE``,
+    with top < 2^e; (1, 0) elsewhere."""
+    _, exponent = torch.frexp(top)
+    exponent = torch.where(top > RESCALE_ABOVE[top.dtype], exponent, 0)
+    return torch.ldexp(torch.ones_like(top), -exponent), exponent
 
 
 # Degree of each metric in the scale of its rows: D(c a, c b) = c^p D(a, b).
@@ -46,11 +54,7 @@ def common_scale(metric: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, tor
     degree = HOMOGENEOUS_DEGREE.get(metric)
     if degree is None or not all(t.numel() for t in tensors):
         return None
-    work = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    work = _work_dtype(tensors[0])
     top = torch.stack([t.detach().abs().amax().to(work) for t in tensors]).amax()
-    _, exponent = torch.frexp(top)
-    big = top > RESCALE_ABOVE[work]
-    one = torch.ones((), dtype=work, device=top.device)
-    down = torch.where(big, torch.ldexp(one, -exponent), one)
-    up = torch.where(big, torch.ldexp(one, degree * exponent), one)
-    return down, up
+    down, exponent = _scale_down(top)
+    return down, torch.ldexp(torch.ones_like(top), degree * exponent)

@@ -123,7 +123,7 @@ def compiled_index(labels: torch.Tensor,
     [0, num_classes) and the bad rows returned, for ``poison_rows`` / ``poison_all`` (a NaN
     result where no assert fires, never a plausible number)."""
     if torch.compiler.is_compiling():
-        return labels.clamp(0, num_classes - 1), (labels < 0) | (labels >= num_classes)
+        return _clamped(labels, num_classes)
     return labels, None
 
 
@@ -138,8 +138,12 @@ def guard_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
     if host_checks(labels):
         check_label_range(labels, num_classes, what, name, host=True)
         return labels, None
-    bad = (labels < 0) | (labels >= num_classes)
-    return labels.clamp(0, num_classes - 1), bad
+    return _clamped(labels, num_classes)
+
+
+def _clamped(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels clamped into [0, num_classes), the rows whose label was outside)."""
+    return labels.clamp(0, num_classes - 1), (labels < 0) | (labels >= num_classes)
 
 
 def poison_rows(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:

@@ -101,10 +101,9 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     labels, chosen = _check_inputs(z, labels, centroids, metric, backend)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
-    # A snapshot (K x D): backward may need the centroids (autograd saves them on the reference
-    # and triton backends), and NCentroidsLoss moves its buffer in place between the forward
-    # and the backward (the EMA step).
-    centroids = centroids.detach().clone()
+    # (backward may need the centroids: autograd saves them on the reference and triton
+    # backends; NCentroidsLoss's EMA step therefore replaces its buffer, never writes into it)
+    centroids = centroids.detach()
     # the loss depends on z only through z / |z|: rows whose |z|^2 would overflow are scaled
     # by a power of two first (fp32 rows of norm 1e19 became zero vectors)
     z = rescale_large_rows(z)

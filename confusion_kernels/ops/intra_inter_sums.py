@@ -116,15 +116,6 @@ _triton_rect_backward.register_fake(fake_rect_row_sums_backward)
 register_rect_row_sums_autograd(TRITON_RECT_OP, _triton_rect_backward)
 
 
-def rescale_cosine_rows(x: torch.Tensor) -> torch.Tensor:
-    """Cosine rows whose squared norm would overflow, rescaled by a power of two
-    (``_scaling.rescale_large_rows``): the kernels square the norms, and in fp32 every
-    distance of a row of norm 1e19 came out as 1. The eps floor max(|a||b|, eps) then applies
-    to the rescaled norms (it matters only for a pair of a rescaled row with a row of norm
-    below about 1e-26)."""
-    return rescale_large_rows(x)
-
-
 def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, self_offset,
                          check_finite: bool | None):
     """Validates the rectangular form's inputs; returns ref_labels as int64 (None without ref)."""
@@ -190,9 +181,9 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     name, _, dim_mean = resolve_metric(metric, dim_mean)
     op = "intra_inter_sums" if ref is None else "intra_inter_sums_rect"
     chosen = select_backend(x, backend, op=op)
-    if name == "cosine":
-        x = rescale_cosine_rows(x)
-        ref = None if ref is None else rescale_cosine_rows(ref)
+    if name == "cosine":  # the kernels square the norms (the eps floor then applies to the
+        x = rescale_large_rows(x)  # rescaled ones: only for a row of norm below ~1e-26)
+        ref = None if ref is None else rescale_large_rows(ref)
     scaled = common_scale(name, x, *(() if ref is None else (ref,)))
     if scaled is not None:  # euclidean / sqeuclidean: one power of two for all rows
         x = x * scaled[0].to(x.dtype)

@@ -19,8 +19,7 @@ from .._validation import accumulation_dtype as _accumulation
 from .._metrics import GRAM_METRICS, METRIC_CODES
 from ._op_checks import check_row_sums
 from ._registration import refuse_double_backward
-from .._scaling import common_scale
-from .intra_inter_sums import rescale_cosine_rows
+from .._scaling import common_scale, rescale_large_rows
 
 CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
 TRITON_OP = "confusion_kernels::weighted_pair_sums_with_grad_triton"
@@ -95,7 +94,7 @@ def weighted_pair_sums(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor
     a canonical name, the weights non-differentiable [N] tensors, ``backend`` one
     for which ``has_one_pass`` holds."""
     if metric == "cosine":
-        x = rescale_cosine_rows(x)
+        x = rescale_large_rows(x)
     scaled = common_scale(metric, x)
     if scaled is not None:  # euclidean / sqeuclidean: squares that cannot overflow
         x = x * scaled[0].to(x.dtype)

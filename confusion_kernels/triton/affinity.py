@@ -324,19 +324,8 @@ def forward(f: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, sig
 
 def backward(grad_rows, f, prototypes, labels, d_true, active, sigma, margin, similarity):
     """(dL/df, dL/dprototypes) from the per-row upstream gradient."""
-    acc, fo, wo, fn, wn, c, m, d = _prepare(f, prototypes)
-    grad_f, grad_w = _backward(g_inputs=(grad_rows, d_true, active), fo=fo, wo=wo, fn=fn, wn=wn,
-                               labels=labels, c=c, m=m, d=fo.shape[1], acc=acc, f=f,
-                               sigma=sigma, margin=margin, similarity=similarity)
-    # (the zero columns of _prepare dropped)
-    return (grad_f[:, :d].contiguous().to(f.dtype),
-            grad_w[:, :d].contiguous().view(c, m, d).to(prototypes.dtype))
-
-
-def _backward(*, g_inputs, fo, wo, fn, wn, labels, c, m, d, acc, f, sigma, margin, similarity):
-    """(dL/df [N, d], dL/dW [C m, d]) in the accumulation dtype, of prepared operands."""
-    grad_rows, d_true, active = g_inputs
-    n = f.shape[0]
+    acc, fo, wo, fn, wn, c, m, width = _prepare(f, prototypes)
+    n, d = f.shape[0], fo.shape[1]  # d: the padded width the kernels see
     cfg = _config(f, m)
     g = grad_rows.to(acc).contiguous()
     dt, ac = d_true.to(acc).contiguous(), active.to(acc).contiguous()
@@ -360,7 +349,9 @@ def _backward(*, g_inputs, fo, wo, fn, wn, labels, c, m, d, acc, f, sigma, margi
         grad_w = partial[0] if splits == 1 else partial.sum(0)  # fixed order: deterministic
     else:
         grad_w = torch.zeros(c * m, d, dtype=acc, device=f.device)
-    return grad_f, grad_w
+    # (the zero columns of _prepare dropped)
+    return (grad_f[:, :width].contiguous().to(f.dtype),
+            grad_w[:, :width].contiguous().view(c, m, width).to(prototypes.dtype))
 
 
 def launch_grids(n: int, c: int, d: int, cfg: dict, target: int) -> dict:
