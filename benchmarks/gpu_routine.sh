@@ -9,7 +9,9 @@
 #             file (a sticky CUDA error) cannot take the later ones with it
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
 #             subset (one CUDA kernel family each), one process per tool
-#   bench     the headline benchmarks (ASLoss euclidean, N = 65536, D = 128)
+#   bench     the headline benchmarks: ASLoss euclidean fwd+bwd, N = 65536, D = 128, fp32
+#             (tf32) and bf16, ours (triton, cuda) beside eager, torch.compile and KeOps;
+#             then N = 1,048,576 (ours only, one timed step each)
 #
 # and one step outside the plan, for a second call of its own:
 #   suite     benchmarks/run.py --suite gpu: every op side by side (CSV, Markdown, PNG)
@@ -25,15 +27,20 @@
 # confusion_kernels/ and carry that path to skip the build in a second call). At most
 # 8 files, so a run stopped at its limit still returns what it did.
 # The device machine gets no .git: pass CK_COMMIT=<sha> so that the results name it.
+# Wheels it lacks (pykeops, keopscore: benchmarks/fetch_wheels.sh) are installed from
+# benchmarks/wheels/ when that folder travels (carry: ["benchmarks/wheels"]).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-PLAN=${PLAN_SECONDS:-480}
+PLAN=${PLAN_SECONDS:-540}
 # step budgets (seconds); the tests' per-file limit and parallelism
-BUILD_S=120 TESTS_S=200 SANITIZE_S=100 BENCH_S=50
-FILE_S=${FILE_SECONDS:-150} TEST_JOBS=${TEST_JOBS:-6} TEST_TIMEOUT=${TEST_TIMEOUT:-60}
+BUILD_S=120 TESTS_S=180 SANITIZE_S=80 BENCH_S=160
+FILE_S=${FILE_SECONDS:-150} TEST_JOBS=${TEST_JOBS:-8} TEST_TIMEOUT=${TEST_TIMEOUT:-60}
 SELECTION="cuda or triton"
-TEST_FILES=${TEST_FILES:-$(ls tests/test_*.py | grep -v -E "test_(docs|demo|distributed)\.py")}
+# the heaviest files first, so that they are not the ones left when the step's time runs out
+HEAVY="tests/test_weighted_pair_sums.py tests/test_intra_inter_sums.py tests/test_cuda.py
+       tests/test_affinity.py tests/test_n_centroids_kernels.py tests/test_memory.py"
+TEST_FILES=${TEST_FILES:-$(echo $HEAVY; ls tests/test_*.py | grep -v -E "test_(docs|demo|distributed)\.py" | grep -v -F "$(echo $HEAVY | tr ' ' '\n')")}
 # compute-sanitizer: tool -> test file and selection (small shapes of one kernel family)
 SANITIZE=(
   "memcheck|tests/test_cuda.py|gram_kernels and 65-24 and (fp32 or bf16)"
@@ -44,7 +51,12 @@ SANITIZE=(
 SUITE_S=${SUITE_SECONDS:-420}
 SUITE=(benchmarks/run.py --suite gpu)
 BENCH=(benchmarks/run_as_loss.py --device cuda --backends triton cuda --tf32 --sizes 65536
-       --dims 128 --metrics euclidean --skip-eager-above 16384 --reps 10 --max-seconds 8)
+       --dims 128 --metrics euclidean --dtypes fp32 bf16 --data random clustered --peer-data random
+       --providers fused eager compile keops --skip-eager-above 65536 --reps 10 --max-seconds 2
+       --case-timeout 45)
+BENCH_BIG=(benchmarks/run_as_loss.py --device cuda --backends cuda triton --tf32 --sizes 1048576
+       --dims 128 --metrics euclidean --data random --providers fused --reps 1 --min-reps 1
+       --max-seconds 0 --case-timeout 40)
 
 dry=0 steps=()
 for a in "$@"; do
@@ -79,7 +91,7 @@ if [ $dry = 1 ]; then
   echo "tests: $(echo $TEST_FILES | wc -w) files, $n tests selected by -k '$SELECTION'"
   [ "$n" -gt 100 ] || { echo "FAIL: the GPU test selection collects only $n tests"; fail=1; }
   $PY "${BENCH[0]}" --help > /dev/null || { echo "FAIL: ${BENCH[0]} --help"; fail=1; }
-  for flag in "${BENCH[@]:1}"; do
+  for flag in "${BENCH[@]:1}" "${BENCH_BIG[@]:1}"; do
     if [[ $flag == --* ]] && ! $PY "${BENCH[0]}" --help | grep -q -- "$flag"; then
       echo "FAIL: ${BENCH[0]} has no option $flag"; fail=1
     fi
@@ -104,6 +116,14 @@ note "start $(date -u +%FT%TZ) commit $CK_COMMIT steps: ${steps[*]}"
 nvidia-smi > "$WORK/logs/nvidia-smi.txt" 2>&1
 $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())" 2>&1 | tee -a "$summary"
 
+if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ck-site \
+    benchmarks/wheels/*.whl > "$WORK/logs/wheels.log" 2>&1 \
+    && export PYTHONPATH=/tmp/ck-site${PYTHONPATH:+:$PYTHONPATH} \
+    && note "wheels: $(cd benchmarks/wheels && ls *.whl | tr '\n' ' ')" \
+    || note "wheels FAILED: $(tail -1 "$WORK/logs/wheels.log")"
+fi
+
 so_name=$($PY -c "import sysconfig; print('_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
 if has build; then
   start=$SECONDS
@@ -116,7 +136,7 @@ if has build; then
   else
     note "build FAILED after $((SECONDS - start)) s"; tail -30 "$WORK/logs/build.log"; pack; exit 1
   fi
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   $PY -c "import confusion_kernels as ck; print('backends on cuda:', ck.available_backends('cuda'))" 2>&1 | tee -a "$summary"
   $PY scripts/cuda_resources.py --out "$WORK/tables" > "$WORK/logs/cuda_resources.log" 2>&1
   note "cuda_resources: $(tail -1 "$WORK/logs/cuda_resources.log")"
@@ -128,7 +148,8 @@ if has tests; then
   run_file() {  # one test file in its own process, under its own limit
     local f=$1 log="$WORK/logs/pytest-$(basename "$1" .py).log" extra=()
     $PY -c "import pytest_timeout" 2> /dev/null && extra=(--timeout "$TEST_TIMEOUT")
-    timeout "$FILE_S" $PY -m pytest "$f" -q -p no:cacheprovider -rs -k "$SELECTION" "${extra[@]}" > "$log" 2>&1
+    CK_FAILURE_LOG="$WORK/logs/failures-$(basename "$1" .py).log" timeout "$FILE_S" \
+      $PY -m pytest "$f" -q -p no:cacheprovider -rs -k "$SELECTION" "${extra[@]}" > "$log" 2>&1
     echo "$? $f $(tail -1 "$log")" >> "$WORK/logs/test-files.txt"
   }
   export -f run_file; export WORK PY FILE_S TEST_TIMEOUT SELECTION
@@ -158,9 +179,16 @@ fi
 
 if has bench; then
   start=$SECONDS
-  timeout $BENCH_S $PY "${BENCH[@]}" --out "$WORK/tables" > "$WORK/logs/bench.log" 2>&1
+  timeout $((BENCH_S * 2 / 3)) $PY "${BENCH[@]}" --out "$WORK/tables" > "$WORK/logs/bench.log" 2>&1
   note "benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^{" "$WORK/logs/bench.log" | tail -12 | tee -a "$summary"
+  [ -f "$WORK/tables/as_loss_cuda.md" ] && tail -n +6 "$WORK/tables/as_loss_cuda.md" | tee -a "$summary"
+  pack
+  start=$SECONDS
+  mkdir -p "$WORK/tables/big"
+  timeout $((BENCH_S / 3)) $PY "${BENCH_BIG[@]}" --out "$WORK/tables/big" > "$WORK/logs/bench-big.log" 2>&1
+  note "benchmark N = 1048576 rc=$? in $((SECONDS - start)) s"
+  grep "^{" "$WORK/logs/bench-big.log" | cut -c1-300 | tee -a "$summary"
   pack
 fi
 if has suite; then

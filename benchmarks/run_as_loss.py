@@ -9,6 +9,8 @@ except for the cpu backend):
              Gram metrics; the CUDA C++ kernels still visit every ordered pair)
   eager      the PyTorch reference (torch.cdist + masks, N x N memory)
   compile    torch.compile of the reference
+  keops      the same loss with S_in / S_out from pykeops LazyTensor reductions
+             (benchmarks/keops_peer.py; only where pykeops imports, else "unavailable")
 Data:
   random     randn(N, D), 10 labels
   clustered  10 class centres at radius 10, each row its centre + N(0, 0.3^2) per
@@ -43,7 +45,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_data  # noqa: E402
-PROVIDERS = ["fused", "two-pass", "eager", "compile"]
+PROVIDERS = ["fused", "two-pass", "eager", "compile", "keops"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
 def make_data(n: int, d: int, data: str, seed: int = 0):
@@ -75,6 +78,15 @@ def make_loss(provider: str, metric: str, labels):
             boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
             return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
         return two_pass
+    if kind == "keops":
+        import keops_peer
+
+        def keops(x):
+            w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
+            s_in, s_out = keops_peer.intra_inter_sums(x, labels, metric)
+            boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
+            return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
+        return keops
 
     def reference(x):
         return ck.reference.as_loss(x, labels, metric=metric)
@@ -105,7 +117,15 @@ def worker(args) -> dict:
     cuda = args.device == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     x, labels = make_data(args.n, args.d, args.data)
-    x, labels = x.to(args.device), labels.to(args.device)
+    x, labels = x.to(args.device, getattr(torch, DTYPES[args.dtype])), labels.to(args.device)
+    rec = dict(provider=args.provider, metric=args.metric, data=args.data, n=args.n, d=args.d,
+               dtype=args.dtype)
+    if args.provider == "keops":
+        import keops_peer
+
+        why = keops_peer.available()
+        if why:
+            return dict(rec, status="unavailable", error=why)
     loss = make_loss(args.provider, args.metric, labels)
 
     def step() -> float:
@@ -121,7 +141,6 @@ def worker(args) -> dict:
         loss(xr).backward()
         return (time.perf_counter() - t0) * 1e3
 
-    rec = dict(provider=args.provider, metric=args.metric, data=args.data, n=args.n, d=args.d)
     # CPU: the matrix-product rate is measured again right before every timed step
     # (this VM's speed drifts), and each step is set against the floor at that rate
     gemm = gemm_rate_probe() if not cuda else None
@@ -130,7 +149,7 @@ def worker(args) -> dict:
         step()  # warm-up (compilation, caches)
         times, ratios, rates, start = [], [], [], time.perf_counter()
         while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds
-                                          or len(times) < 3):
+                                          or len(times) < args.min_reps):
             if gemm:
                 rates.append(gemm())
             times.append(step())
@@ -157,21 +176,26 @@ def run_case(args, provider, metric, data, n, d) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--provider", provider,
            "--metric", metric, "--data", data, "--n", str(n), "--d", str(d),
            "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
+           "--min-reps", str(args.min_reps), "--dtypes", args.dtype,
            "--threads", str(args.threads), "--device", args.device] + (["--tf32"] if args.tf32 else [])
     limit = int(args.mem_limit_gib * 2**30)
 
     def cap():  # CPU only: CUDA reserves far more address space than it uses
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          preexec_fn=cap if args.device == "cpu" else None,
-                          timeout=args.case_timeout)
+    base = dict(provider=provider, metric=metric, data=data, n=n, d=d, dtype=args.dtype)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              preexec_fn=cap if args.device == "cpu" else None,
+                              timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        return dict(base, status="timeout", error=f"over --case-timeout {args.case_timeout:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if lines:
         return json.loads(lines[-1])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    tail = (proc.stderr.strip().splitlines() or [f"no output (exit code {proc.returncode})"])[-1][:160]
     status = "out of memory" if "alloc" in tail.lower() or "memory" in tail.lower() else "error"
-    return dict(provider=provider, metric=metric, data=data, n=n, d=d, status=status, error=tail)
+    return dict(base, status=status, error=tail)
 
 
 def main() -> None:
@@ -186,8 +210,13 @@ def main() -> None:
                    help="kernel backends of fused / two-pass (default: cpu; on cuda: triton cuda)")
     p.add_argument("--tf32", action="store_true", help="CUDA: allow tf32 (and use its floor)")
     p.add_argument("--skip-eager-above", type=int, default=16384,
-                   help="eager / compile only up to this N (they need N x N memory)")
+                   help="eager / compile / keops only up to this N (eager needs N x N memory)")
+    p.add_argument("--peer-data", nargs="+", default=["random", "clustered"],
+                   choices=["random", "clustered"], help="data on which eager / compile / keops run")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES),
+                   help="input dtypes (fp32 floor at the fp32 / tf32 rate, bf16 / fp16 at theirs)")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--min-reps", type=int, default=3, help="timed calls even past --max-seconds")
     p.add_argument("--max-seconds", type=float, default=30.0)
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="CPU: address-space cap per case")
     p.add_argument("--case-timeout", type=float, default=1800.0)
@@ -201,6 +230,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         args.data = args.data[0] if isinstance(args.data, list) else args.data
+        args.dtype = args.dtypes[0]
         print(json.dumps(worker(args)))
         return
 
@@ -209,7 +239,13 @@ def main() -> None:
     from roofline import measure_ceilings
 
     ceilings = measure_ceilings(args.device)
-    rate = ceilings["tf32_tflops" if args.device == "cuda" and args.tf32 else "fp32_tflops"] * 1e12
+    def rate_of(dtype: str) -> float:  # flop/s of the matrix product the floor counts at
+        if dtype in ("bf16", "fp16") and f"{dtype}_tflops" in ceilings:
+            return ceilings[f"{dtype}_tflops"] * 1e12
+        if dtype == "fp32" and args.device == "cuda" and args.tf32:
+            return ceilings["tf32_tflops"] * 1e12
+        return ceilings.get(f"{dtype}_tflops", ceilings["fp32_tflops"]) * 1e12
+    rate = rate_of(args.dtypes[0])
     backends = args.backends or (["triton", "cuda"] if args.device == "cuda" else ["cpu"])
     providers = []
     for provider in args.providers:
@@ -222,33 +258,37 @@ def main() -> None:
         for d in args.dims:
             for metric in args.metrics:
                 for data in args.data:
-                    floor_ms = 3.0 * n * n * d / rate * 1e3
-                    for provider in providers:
-                        if provider in ("eager", "compile") and n > args.skip_eager_above:
-                            continue
-                        rec = run_case(args, provider, metric, data, n, d)
-                        rec["floor_ms"] = floor_ms
-                        if rec.get("status") == "ok":
-                            rec["x_floor"] = rec["median_ms"] / floor_ms
-                        records.append(rec)
-                        print(json.dumps(rec), flush=True)
+                    for dtype in args.dtypes:
+                        args.dtype = dtype
+                        floor_ms = 3.0 * n * n * d / rate_of(dtype) * 1e3
+                        for provider in providers:
+                            if provider in ("eager", "compile", "keops") and n > args.skip_eager_above:
+                                continue
+                            if provider in ("eager", "compile", "keops") and data not in args.peer_data:
+                                continue
+                            rec = run_case(args, provider, metric, data, n, d)
+                            rec["floor_ms"] = floor_ms
+                            if rec.get("status") == "ok":
+                                rec["x_floor"] = rec["median_ms"] / floor_ms
+                            records.append(rec)
+                            print(json.dumps(rec), flush=True)
     write_reports(records, args, rate, torch.__version__)
 
 
 def write_reports(records, args, rate, torch_version) -> None:
     os.makedirs(args.out, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = os.environ.get("CK_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     cuda = args.device == "cuda"
     stem = os.path.join(args.out, f"as_loss_{args.device}")
     peak = "peak_cuda_mib" if cuda else "peak_rss_mib"
-    keys = ["provider", "metric", "data", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
+    keys = ["provider", "metric", "data", "dtype", "n", "d", "status", "median_ms", "p20_ms", "p80_ms",
             "runs", "floor_ms", "x_floor", "paired_gflops", "x_floor_paired", peak, "error"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(records)
-    eager = {(r["metric"], r["data"], r["n"], r["d"]): r.get("median_ms") for r in records
+    eager = {(r["metric"], r["data"], r["n"], r["d"], r.get("dtype")): r.get("median_ms") for r in records
              if r["provider"] == "eager" and r.get("status") == "ok"}
     if cuda:
         import torch
@@ -259,26 +299,27 @@ def write_reports(records, args, rate, torch_version) -> None:
     precision = "tf32" if cuda and args.tf32 else "fp32"
     lines = [f"# ASLoss forward + backward, {where}",
              "", f"{dt.date.today()}, commit {commit}, torch {torch_version}, {precision} matrix-product "
-             f"rate {rate / 1e9:.0f} GFLOP/s (measured in this run); floor = 3 N^2 D flops at that rate.",
+             f"rate {rate / 1e9:.0f} GFLOP/s (measured in this run; bf16 / fp16 rows at their own "
+             f"measured rate); floor = 3 N^2 D flops at that rate.",
              f"Command: `python benchmarks/run_as_loss.py {' '.join(sys.argv[1:])}`", "",
              *([] if cuda else [
                  "x paired: the median over the timed steps of step time / floor, the floor "
                  "at the rate of a 2048^3 product timed right before each step (robust to the "
                  "machine's speed drifting during the run)."]),
              "",
-             f"| metric | data | N | D | provider | median ms | x floor | "
+             f"| metric | data | dtype | N | D | provider | median ms | x floor | "
              f"{'' if cuda else 'x paired | '}vs eager | peak {'CUDA' if cuda else 'RSS'} MiB |",
-             "|---|---|---:|---:|---|---:|---:|" + ("" if cuda else "---:|") + "---:|---:|"]
+             "|---|---|---|---:|---:|---|---:|---:|" + ("" if cuda else "---:|") + "---:|---:|"]
     for r in records:
-        key = (r["metric"], r["data"], r["n"], r["d"])
+        key = (r["metric"], r["data"], r["n"], r["d"], r.get("dtype"))
         if r.get("status") != "ok":
-            lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
-                         f"{r.get('status')} | |{'' if cuda else ' |'} | {r.get(peak) or 0:.0f} |")
+            lines.append(f"| {r['metric']} | {r['data']} | {r.get('dtype')} | {r['n']} | {r['d']} | "
+                         f"{r['provider']} | {r.get('status')} | |{'' if cuda else ' |'} | {r.get(peak) or 0:.0f} |")
             continue
         speedup = f"{eager[key] / r['median_ms']:.1f}x" if eager.get(key) else "-"
         paired = "" if cuda else f" {r['x_floor_paired']:.2f} |"
-        lines.append(f"| {r['metric']} | {r['data']} | {r['n']} | {r['d']} | {r['provider']} | "
-                     f"{r['median_ms']:.1f} | {r['x_floor']:.2f} |{paired} {speedup} | "
+        lines.append(f"| {r['metric']} | {r['data']} | {r.get('dtype')} | {r['n']} | {r['d']} | "
+                     f"{r['provider']} | {r['median_ms']:.1f} | {r['x_floor']:.2f} |{paired} {speedup} | "
                      f"{r.get(peak) or 0:.0f} |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
