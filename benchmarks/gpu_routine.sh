@@ -34,29 +34,33 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PLAN=${PLAN_SECONDS:-540}
 # step budgets (seconds); the tests' per-file limit and parallelism
-BUILD_S=120 TESTS_S=180 SANITIZE_S=80 BENCH_S=160
+BUILD_S=100 TESTS_S=170 SANITIZE_S=80 BENCH_S=190
 FILE_S=${FILE_SECONDS:-150} TEST_JOBS=${TEST_JOBS:-8} TEST_TIMEOUT=${TEST_TIMEOUT:-60}
 SELECTION="cuda or triton"
 # the heaviest files first, so that they are not the ones left when the step's time runs out
-HEAVY="tests/test_weighted_pair_sums.py tests/test_intra_inter_sums.py tests/test_cuda.py
+HEAVY="tests/test_cuda.py tests/test_intra_inter_sums.py tests/test_weighted_pair_sums.py
        tests/test_affinity.py tests/test_n_centroids_kernels.py tests/test_memory.py"
 TEST_FILES=${TEST_FILES:-$(echo $HEAVY; ls tests/test_*.py | grep -v -E "test_(docs|demo|distributed)\.py" | grep -v -F "$(echo $HEAVY | tr ' ' '\n')")}
-# compute-sanitizer: tool -> test file and selection (small shapes of one kernel family)
+# compute-sanitizer: tool -> seconds, test file and selection (small shapes of one kernel
+# family; racecheck is the slowest: 8 one-pass tests took its first 20 s on an H200)
 SANITIZE=(
-  "memcheck|tests/test_cuda.py|gram_kernels and 65-24 and (fp32 or bf16)"
-  "racecheck|tests/test_weighted_pair_sums.py|cuda and (variants or duplicates)"
-  "synccheck|tests/test_weighted_pair_sums.py|cuda and bitwise"
-  "initcheck|tests/test_intra_inter_sums.py|cuda and (singleton or identical)"
+  "memcheck|20|tests/test_cuda.py|gram_kernels and 65-24 and (fp32 or bf16)"
+  "racecheck|30|tests/test_weighted_pair_sums.py|cuda and duplicates"
+  "synccheck|15|tests/test_weighted_pair_sums.py|cuda and bitwise"
+  "initcheck|15|tests/test_intra_inter_sums.py|cuda and (singleton or identical)"
 )
 SUITE_S=${SUITE_SECONDS:-420}
 SUITE=(benchmarks/run.py --suite gpu)
+# ours first (both dtypes, both data), then the peers; reports are rewritten after every case
 BENCH=(benchmarks/run_as_loss.py --device cuda --backends triton cuda --tf32 --sizes 65536
        --dims 128 --metrics euclidean --dtypes fp32 bf16 --data random clustered --peer-data random
-       --providers fused eager compile keops --skip-eager-above 65536 --reps 10 --max-seconds 2
-       --case-timeout 45)
-BENCH_BIG=(benchmarks/run_as_loss.py --device cuda --backends cuda triton --tf32 --sizes 1048576
+       --providers fused gram gram-compile keops eager --skip-eager-above 65536 --reps 5
+       --max-seconds 1 --case-timeout 40)
+# N = 1,048,576: one timed step, no warm-up (the kernels are compiled and cached by then);
+# at the 355 ms of N = 65536 (H200, 2026-12-04) one step is about 90 s
+BENCH_BIG=(benchmarks/run_as_loss.py --device cuda --backends triton --tf32 --sizes 1048576
        --dims 128 --metrics euclidean --data random --providers fused --reps 1 --min-reps 1
-       --max-seconds 0 --case-timeout 40)
+       --warmup 0 --max-seconds 0 --case-timeout 110)
 
 dry=0 steps=()
 for a in "$@"; do
@@ -72,6 +76,9 @@ has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 if [ $dry = 1 ]; then
   fail=0
   total=$((BUILD_S + TESTS_S + SANITIZE_S + BENCH_S))
+  tools=0
+  for entry in "${SANITIZE[@]}"; do IFS='|' read -r _ s _ _ <<< "$entry"; tools=$((tools + s)); done
+  [ $tools -le $SANITIZE_S ] || { echo "FAIL: the sanitizer tools' ${tools} s exceed the step's ${SANITIZE_S} s"; fail=1; }
   echo "plan: build ${BUILD_S} s + tests ${TESTS_S} s + sanitize ${SANITIZE_S} s + bench ${BENCH_S} s = ${total} s (limit ${PLAN} s)"
   [ $total -le $PLAN ] || { echo "FAIL: the budgets add up to ${total} s > ${PLAN} s"; fail=1; }
   # every file of a budget must fit inside it: files run TEST_JOBS at a time
@@ -82,7 +89,7 @@ if [ $dry = 1 ]; then
     [ -f "$f" ] || { echo "FAIL: $f is missing"; fail=1; }
   done
   for entry in "${SANITIZE[@]}"; do
-    IFS='|' read -r tool file sel <<< "$entry"
+    IFS='|' read -r tool _ file sel <<< "$entry"
     n=$($PY -m pytest "$file" -q --collect-only -p no:cacheprovider -k "$sel" 2>/dev/null | grep -c "::")
     echo "sanitize $tool: $file -k '$sel': $n tests"
     [ "$n" -gt 0 ] || { echo "FAIL: the $tool selection collects no test"; fail=1; }
@@ -148,8 +155,11 @@ if has tests; then
   run_file() {  # one test file in its own process, under its own limit
     local f=$1 log="$WORK/logs/pytest-$(basename "$1" .py).log" extra=()
     $PY -c "import pytest_timeout" 2> /dev/null && extra=(--timeout "$TEST_TIMEOUT")
-    CK_FAILURE_LOG="$WORK/logs/failures-$(basename "$1" .py).log" timeout "$FILE_S" \
-      $PY -m pytest "$f" -q -p no:cacheprovider -rs -k "$SELECTION" "${extra[@]}" > "$log" 2>&1
+    # -v: a file stopped at its limit still shows which tests ran; 2 threads a process
+    # (TEST_JOBS processes share 16 cores)
+    CK_FAILURE_LOG="$WORK/logs/failures-$(basename "$1" .py).log" OMP_NUM_THREADS=2 \
+      timeout "$FILE_S" $PY -m pytest "$f" -v -p no:cacheprovider -rfEs --durations=15 \
+      -k "$SELECTION" "${extra[@]}" > "$log" 2>&1
     echo "$? $f $(tail -1 "$log")" >> "$WORK/logs/test-files.txt"
   }
   export -f run_file; export WORK PY FILE_S TEST_TIMEOUT SELECTION
@@ -165,9 +175,8 @@ fi
 
 if has sanitize; then
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # the caching allocator hides out-of-bounds accesses
-  per_tool=$((SANITIZE_S / ${#SANITIZE[@]}))
   for entry in "${SANITIZE[@]}"; do
-    IFS='|' read -r tool file sel <<< "$entry"
+    IFS='|' read -r tool per_tool file sel <<< "$entry"
     start=$SECONDS
     timeout $per_tool compute-sanitizer --tool "$tool" --error-exitcode 99 $PY -m pytest "$file" \
       -q -p no:cacheprovider -k "$sel" > "$WORK/logs/sanitizer-$tool.log" 2>&1
@@ -179,14 +188,14 @@ fi
 
 if has bench; then
   start=$SECONDS
-  timeout $((BENCH_S * 2 / 3)) $PY "${BENCH[@]}" --out "$WORK/tables" > "$WORK/logs/bench.log" 2>&1
+  timeout $((BENCH_S - 115)) $PY "${BENCH[@]}" --out "$WORK/tables" > "$WORK/logs/bench.log" 2>&1
   note "benchmark rc=$? in $((SECONDS - start)) s"
   grep -v "^{" "$WORK/logs/bench.log" | tail -12 | tee -a "$summary"
   [ -f "$WORK/tables/as_loss_cuda.md" ] && tail -n +6 "$WORK/tables/as_loss_cuda.md" | tee -a "$summary"
   pack
   start=$SECONDS
   mkdir -p "$WORK/tables/big"
-  timeout $((BENCH_S / 3)) $PY "${BENCH_BIG[@]}" --out "$WORK/tables/big" > "$WORK/logs/bench-big.log" 2>&1
+  timeout 115 $PY "${BENCH_BIG[@]}" --out "$WORK/tables/big" > "$WORK/logs/bench-big.log" 2>&1
   note "benchmark N = 1048576 rc=$? in $((SECONDS - start)) s"
   grep "^{" "$WORK/logs/bench-big.log" | cut -c1-300 | tee -a "$summary"
   pack

@@ -9,6 +9,9 @@ except for the cpu backend):
              Gram metrics; the CUDA C++ kernels still visit every ordered pair)
   eager      the PyTorch reference (torch.cdist + masks, N x N memory)
   compile    torch.compile of the reference
+  gram       the fastest plain-PyTorch formulation a user would write: the Gram form
+             |x_i|^2 + |x_j|^2 - 2 x_i.x_j (x @ x.T) and masked row sums (N x N memory);
+             gram-compile: torch.compile of it
   keops      the same loss with S_in / S_out from pykeops LazyTensor reductions
              (benchmarks/keops_peer.py; only where pykeops imports, else "unavailable")
 Data:
@@ -45,7 +48,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_data  # noqa: E402
-PROVIDERS = ["fused", "two-pass", "eager", "compile", "keops"]
+PROVIDERS = ["fused", "two-pass", "eager", "compile", "gram", "gram-compile", "keops"]
+PEERS = ("eager", "compile", "gram", "gram-compile", "keops")  # everything but ours
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
@@ -87,6 +91,25 @@ def make_loss(provider: str, metric: str, labels):
             boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
             return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
         return keops
+
+    if kind in ("gram", "gram-compile"):
+        def gram(x):
+            w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
+            xa = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            if metric == "cosine":
+                u = xa / xa.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                dist = 1.0 - u @ u.T
+            else:
+                sq = (xa * xa).sum(1)
+                d2 = (sq[:, None] + sq[None, :] - 2.0 * (xa @ xa.T)).clamp_min(1e-12)
+                dist = d2 if metric == "sqeuclidean" else d2.sqrt()
+            same = labels[:, None] == labels[None, :]
+            other = torch.eye(len(labels), dtype=torch.bool, device=x.device).logical_not_()
+            s_in = torch.where(same & other, dist, 0.0).sum(1)
+            s_out = torch.where(same, 0.0, dist).sum(1)
+            boundary = (torch.linalg.vector_norm(xa, dim=1) - 10.0).square().mean()
+            return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
+        return torch.compile(gram) if kind == "gram-compile" else gram
 
     def reference(x):
         return ck.reference.as_loss(x, labels, metric=metric)
@@ -146,7 +169,8 @@ def worker(args) -> dict:
     gemm = gemm_rate_probe() if not cuda else None
     floor_flops = 3.0 * args.n * args.n * args.d
     try:
-        step()  # warm-up (compilation, caches)
+        for _ in range(args.warmup):  # compilation, caches
+            step()
         times, ratios, rates, start = [], [], [], time.perf_counter()
         while len(times) < args.reps and (time.perf_counter() - start < args.max_seconds
                                           or len(times) < args.min_reps):
@@ -176,7 +200,7 @@ def run_case(args, provider, metric, data, n, d) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--provider", provider,
            "--metric", metric, "--data", data, "--n", str(n), "--d", str(d),
            "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
-           "--min-reps", str(args.min_reps), "--dtypes", args.dtype,
+           "--min-reps", str(args.min_reps), "--warmup", str(args.warmup), "--dtypes", args.dtype,
            "--threads", str(args.threads), "--device", args.device] + (["--tf32"] if args.tf32 else [])
     limit = int(args.mem_limit_gib * 2**30)
 
@@ -191,6 +215,13 @@ def run_case(args, provider, metric, data, n, d) -> dict:
     except subprocess.TimeoutExpired:
         return dict(base, status="timeout", error=f"over --case-timeout {args.case_timeout:.0f} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if lines and proc.returncode == 0:
+        return json.loads(lines[-1])
+    os.makedirs(args.out, exist_ok=True)  # what a failed case printed, for the record
+    with open(os.path.join(args.out, f"failed-{provider}-{metric}-{data}-{args.dtype}-{n}-{d}.log"),
+              "w") as f:
+        f.write(f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-20000:]}\n"
+                f"--- stderr\n{proc.stderr[-20000:]}\n")
     if lines:
         return json.loads(lines[-1])
     tail = (proc.stderr.strip().splitlines() or [f"no output (exit code {proc.returncode})"])[-1][:160]
@@ -217,6 +248,8 @@ def main() -> None:
                    help="input dtypes (fp32 floor at the fp32 / tf32 rate, bf16 / fp16 at theirs)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--min-reps", type=int, default=3, help="timed calls even past --max-seconds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (0: the first "
+                   "timed call includes compilation or a cache load)")
     p.add_argument("--max-seconds", type=float, default=30.0)
     p.add_argument("--mem-limit-gib", type=float, default=20.0, help="CPU: address-space cap per case")
     p.add_argument("--case-timeout", type=float, default=1800.0)
@@ -253,26 +286,23 @@ def main() -> None:
             providers += [provider if b == "cpu" else f"{provider}-{b}" for b in backends]
         else:
             providers.append(provider)
+    cases = [(n, d, metric, data, dtype, provider)
+             for n in args.sizes for d in args.dims for metric in args.metrics
+             for data in args.data for dtype in args.dtypes for provider in providers
+             if provider not in PEERS or (n <= args.skip_eager_above and data in args.peer_data)]
+    # ours first, then the peers: a run stopped at its time limit has the rows that matter most
+    cases.sort(key=lambda c: c[5] in PEERS)
     records = []
-    for n in args.sizes:
-        for d in args.dims:
-            for metric in args.metrics:
-                for data in args.data:
-                    for dtype in args.dtypes:
-                        args.dtype = dtype
-                        floor_ms = 3.0 * n * n * d / rate_of(dtype) * 1e3
-                        for provider in providers:
-                            if provider in ("eager", "compile", "keops") and n > args.skip_eager_above:
-                                continue
-                            if provider in ("eager", "compile", "keops") and data not in args.peer_data:
-                                continue
-                            rec = run_case(args, provider, metric, data, n, d)
-                            rec["floor_ms"] = floor_ms
-                            if rec.get("status") == "ok":
-                                rec["x_floor"] = rec["median_ms"] / floor_ms
-                            records.append(rec)
-                            print(json.dumps(rec), flush=True)
-    write_reports(records, args, rate, torch.__version__)
+    for n, d, metric, data, dtype, provider in cases:
+        args.dtype = dtype
+        floor_ms = 3.0 * n * n * d / rate_of(dtype) * 1e3
+        rec = run_case(args, provider, metric, data, n, d)
+        rec["floor_ms"] = floor_ms
+        if rec.get("status") == "ok":
+            rec["x_floor"] = rec["median_ms"] / floor_ms
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        write_reports(records, args, rate, torch.__version__)  # after every case
 
 
 def write_reports(records, args, rate, torch_version) -> None:

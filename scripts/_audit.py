@@ -10,13 +10,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def commit() -> str:
-    """Short hash of HEAD (CK_COMMIT where there is no .git, e.g. the GPU machine)."""
+    """CK_COMMIT when set (the GPU machine's copy of the tree may carry a stale .git: an H200
+    run named the landed commit instead of the one it ran), else git's short HEAD."""
+    if os.environ.get("CK_COMMIT"):
+        return os.environ["CK_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=ROOT, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
-    return out or os.environ.get("CK_COMMIT", "unknown")
+    return out or "unknown"
 
 
 def report(problems: list[str], where: str) -> int:

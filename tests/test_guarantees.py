@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import confusion_kernels as ck
-from confusion_kernels import analysis
+from confusion_kernels import _validation, analysis
 from confusion_kernels.ops.affinity_hinge import affinity_hinge_rows
 from confusion_kernels.reference import n_centroids as ncl
 from conftest import require_backend
@@ -125,6 +125,15 @@ def test_raw_affinity_op_rejects_bad_input(backend, case):
     f = torch.randn(6, 4, device=device)
     w = torch.randn(*spec["w_shape"], device=device)
     labels = torch.tensor(spec["labels"], device=device)
+    if case.startswith("label ") and not _validation.host_checks(f):
+        # GPU tensors without strict checks: no host read of the labels; the op clamps them for
+        # indexing (nothing is read out of bounds) and the bad row comes out NaN
+        # (docs/design.md, "Host synchronisation")
+        rows = _raw_affinity(backend)(f, w, labels, spec["sigma"], 0.5, spec["similarity"])[0]
+        bad = torch.zeros(6, dtype=torch.bool)
+        bad[5] = True
+        assert rows.isnan().cpu().equal(bad), rows
+        return
     with pytest.raises((ValueError, RuntimeError)):
         _raw_affinity(backend)(f, w, labels, spec["sigma"], 0.5, spec["similarity"])
 
@@ -207,8 +216,13 @@ def test_affinity_loss_with_non_finite_input_is_not_finite(backend, where):
     loss = ck.affinity_loss(f, labels, w, sigma=2.0, lambda_diversity=0.0, backend=backend,
                             check_finite=False)
     assert not torch.isfinite(loss)
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        ck.affinity_loss(f, labels, w, sigma=2.0, backend=backend)
+    with pytest.raises(ValueError, match="NaN or Inf"):  # asked for: scanned on every device
+        ck.affinity_loss(f, labels, w, sigma=2.0, backend=backend, check_finite=True)
+    if _validation.host_checks(f):  # the default scans where that is free (CPU tensors)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            ck.affinity_loss(f, labels, w, sigma=2.0, backend=backend)
+    else:  # GPU tensors: no scan by default, and the loss is not finite
+        assert not torch.isfinite(ck.affinity_loss(f, labels, w, sigma=2.0, backend=backend))
 
 
 # --- cosine is scale invariant at any scale ---------------------------------------------
@@ -298,7 +312,8 @@ def test_training_step_compiles_fullgraph_with_inductor(loss_name):
 
 
 def test_compiled_nan_check_on_cuda_is_a_device_assert():
-    """On CUDA the compiled NaN scan is a device-side assert: it ends the process's CUDA
+    """On CUDA the compiled NaN scan (check_finite=True: GPU tensors are not scanned by
+    default) is a device-side assert: it ends the process's CUDA
     context (as every torch device assert does), so it runs in a child process, which
     must fail with the scan's message (on an H100 it took every later test of the
     process down with it when run in-process)."""
@@ -307,7 +322,8 @@ def test_compiled_nan_check_on_cuda_is_a_device_assert():
         "import torch, confusion_kernels as ck\n"
         "x = torch.randn(11, 5, device='cuda'); x[0, 0] = float('nan')\n"
         "y = torch.randint(0, 3, (11,), device='cuda')\n"
-        "f = torch.compile(lambda a: ck.as_loss(a, y, backend='cuda'), fullgraph=True,"
+        "f = torch.compile(lambda a: ck.as_loss(a, y, backend='cuda', check_finite=True),"
+        " fullgraph=True,"
         " backend='aot_eager')\n"
         "f(x); torch.cuda.synchronize()\n"
         "print('no error')\n"

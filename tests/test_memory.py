@@ -57,14 +57,15 @@ def test_enqueue_refuses_bad_shapes():
     ("euclidean", "pair_mean", False), ("cosine", "class_mean", False),
     ("manhattan", "class_mean", True), ("sqeuclidean", "pair_mean", True)])
 def test_terms_with_memory_match_reference(backend, metric, reduction, include_self):
-    if backend != "reference":
-        require_backend(backend, "intra_inter_sums_rect")
+    device = require_backend(backend, "intra_inter_sums_rect") if backend != "reference" else "cpu"
     memory = filled_memory(12, 5, 3, seed=40)  # 21 rows enqueued: wrapped once
     x, labels = make_batch(9, 5, 4, seed=3)
     labels[0] = 7  # a class only in the batch, with one sample
     x = x.requires_grad_(True)
-    terms = ck.as_loss_terms(x, labels, metric=metric, reduction=reduction,
-                             include_self=include_self, backend=backend, memory=memory)
+    xd = x.to(device)  # the kernel runs on its backend's device; x.grad stays on the CPU
+    terms = ck.as_loss_terms(xd, labels.to(device), metric=metric, reduction=reduction,
+                             include_self=include_self, backend=backend, memory=memory.to(device))
+    terms = type(terms)(*(t.cpu() for t in terms))
     ref, ref_labels = memory.reference_set(x.detach(), labels)
     xr = x.detach().clone().requires_grad_(True)
     expected = reference.as_loss_terms(xr, labels, metric=metric, reduction=reduction,
@@ -76,9 +77,9 @@ def test_terms_with_memory_match_reference(backend, metric, reduction, include_s
     gr = torch.autograd.grad(sum(expected), xr)[0]
     assert_rel(g, gr, TOL, "gradient")
     # the memory changes the loss: the test can fail
-    alone = ck.as_loss_terms(x, labels, metric=metric, reduction=reduction,
+    alone = ck.as_loss_terms(xd, labels.to(device), metric=metric, reduction=reduction,
                              include_self=include_self, backend=backend)
-    assert not torch.allclose(alone.outer, terms.outer)
+    assert not torch.allclose(alone.outer.cpu(), terms.outer)
 
 
 def test_empty_memory_is_the_batch_alone():

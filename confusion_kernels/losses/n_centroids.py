@@ -69,9 +69,10 @@ def _check_metric(metric: str) -> None:
 
 
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
-                  metric: str, backend: str) -> tuple[torch.Tensor, str]:
+                  metric: str, backend: str,
+                  check_finite: bool | None = None) -> tuple[torch.Tensor, str]:
     """(labels as int64, the chosen backend) after the checks."""
-    check_embeddings(z, "z")
+    check_embeddings(z, "z", check_finite=check_finite)
     _check_metric(metric)
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
             or centroids.shape[1] != z.shape[1]:
@@ -92,13 +93,16 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
 @autocast_off
 def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
                      metric: str = "great_circle", use_negatives: bool = True,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = "auto", check_finite: bool | None = None) -> torch.Tensor:
     """The N-Centroids loss of embeddings z [N, D] (normalised here) against unit centroids
     [K, D] (no gradient flows into them). Labels must lie in [0, K); K >= 2 with negatives.
 
+    ``check_finite``: scan z for NaN/Inf and raise ValueError (True), or not (False); None
+    scans where that needs no host synchronisation (CPU tensors), as the other losses do.
+    Non-finite z that is not scanned gives a NaN loss.
     Returns a scalar in z's dtype (float32 for 16-bit inputs).
     """
-    labels, chosen = _check_inputs(z, labels, centroids, metric, backend)
+    labels, chosen = _check_inputs(z, labels, centroids, metric, backend, check_finite)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
     # (backward may need the centroids: autograd saves them on the reference and triton

@@ -6,7 +6,8 @@
 //     for fp32 only when torch.backends.cuda.matmul.allow_tf32 is on) or in
 //     exact fp32. On an H100 they ran 2.2-2.5x faster than the pair pass below
 //     at D = 128 (benchmarks/results/2026-11-24-h100);
-//   * the same cases in fp64, or every dtype under
+//   * the same cases in fp64, cosine in fp16 / bf16 (whose unit rows a 16-bit
+//     operand would round), or every dtype under
 //     CONFUSION_KERNELS_CUDA_PAIR_PASS=1: the triangular pair pass
 //     (pair_pass.h), each unordered pair once, exact FMA arithmetic in the
 //     accumulation dtype; the backward is the same pass with the upstream
@@ -66,9 +67,14 @@ std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t 
       return (sm80 && at::globalContext().allowTF32CuBLAS()) ? GramOperands::kTf32
                                                               : GramOperands::kFp32Exact;
     case at::kHalf:
-      return sm80 ? GramOperands::kFp16 : GramOperands::kFp32Exact;
     case at::kBFloat16:
-      return sm80 ? GramOperands::kBf16 : GramOperands::kFp32Exact;
+      // cosine's operands are the unit rows x/|x|, which a 16-bit operand would round (an
+      // H200 run measured S_in relative errors of 1.4e-4 in bf16 and 1.6e-5 in fp16 against
+      // the float64 reference of the same inputs): cosine takes the pair pass, exact in fp32.
+      // euclidean / sqeuclidean multiply the input's own 16-bit values, exactly.
+      if (metric == kCosine) return std::nullopt;
+      if (!sm80) return GramOperands::kFp32Exact;
+      return x.scalar_type() == at::kHalf ? GramOperands::kFp16 : GramOperands::kBf16;
     default:
       return std::nullopt;  // fp64: the pair pass, in fp64
   }
@@ -84,8 +90,8 @@ std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t 
 //     round every entry a second time. Norms come from the same values, so
 //     |a|^2 + |b|^2 - 2 a.b is the squared distance of the stored rows up to
 //     fp32 accumulation (the tensor cores multiply 16-bit values exactly);
-//   * cosine: the unit rows x/|x| (rounded once to the operand dtype) and the
-//     squared norms |x|^2 of the input rows (eps test, 1/|x|).
+//   * cosine (fp32 / tf32 operands only): the unit rows x/|x| and the squared
+//     norms |x|^2 of the input rows (eps test, 1/|x|).
 struct GramInputs {
   at::Tensor rows;
   at::Tensor exact_rows;
