@@ -7,6 +7,7 @@ the ranks must agree with each other exactly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -161,3 +162,173 @@ def test_global_features_need_a_process_group():
         ClassStatistics(NUM_CLASSES, DIM).update(z, labels).all_reduce()
     with pytest.raises(RuntimeError, match="initialised process group"):
         ck.as_loss(z, labels, global_batch=True)
+
+
+# --- ranks that disagree, fail or hold nothing: every rank raises the same error (or works) ---
+def _outcome(fn) -> tuple[str, str] | tuple[str, object]:
+    """("ok", result) or (exception type, message) of one scenario on this rank."""
+    try:
+        return ("ok", fn())
+    except (ValueError, TypeError, RuntimeError) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def _scenarios(rank: int) -> dict:
+    """name -> a function that runs one global computation with this rank's part; rank 1 is
+    the odd one out. Each must raise on both ranks at the same point, or work."""
+    z, labels = global_batch()
+    lo, hi = SLICES[2][rank]
+    x, y = z[lo:hi].clone(), labels[lo:hi].clone()
+
+    def as_loss(**kw):
+        xx = kw.pop("x", x)
+        if isinstance(xx, torch.Tensor):
+            xx = xx.detach().clone().requires_grad_(True)
+        loss = ck.as_loss(xx, kw.pop("labels", y), global_batch=True, backend="cpu", **kw)
+        loss.backward()
+        return loss.detach(), xx.grad
+
+    def module(**kw):
+        xx = x.clone().requires_grad_(True)
+        loss = ck.ASLoss(global_batch=True, backend="cpu", **kw)(xx, y)
+        loss.backward()
+        return loss.detach()
+
+    def no_grad():
+        with torch.no_grad() if rank == 1 else contextlib.nullcontext():
+            return ck.as_loss(x.clone().requires_grad_(True), y, global_batch=True).detach()
+
+    def ncl(**kw):
+        criterion = ck.NCentroidsLoss(kw.pop("k", NUM_CLASSES), kw.pop("d", DIM),
+                                      global_batch=True, **kw).double()
+        return criterion
+
+    def ncl_run(criterion, zz=x, yy=y, steps=2):
+        for step in range(steps):
+            criterion(zz + 0.3 * step, yy)
+        return criterion.centroids.clone()
+
+    def ncl_eval():
+        criterion = ncl()
+        if rank == 1:
+            criterion.eval()
+        return ncl_run(criterion)
+
+    odd = rank == 1
+    return {
+        "metric": lambda: as_loss(metric="cosine" if odd else "euclidean"),
+        "reduction": lambda: as_loss(reduction="class_mean" if odd else "pair_mean"),
+        "include_self": lambda: as_loss(include_self=odd),
+        "lambda_inner": lambda: as_loss(lambda_inner=0.5 if odd else 0.7),
+        "module lambda_outer": lambda: module(lambda_outer=0.5 if odd else 0.4),
+        "dtype": lambda: as_loss(x=x.to(torch.bfloat16 if odd else torch.float16)),
+        "dim": lambda: as_loss(x=x[:, :5] if odd else x),
+        "bad labels": lambda: as_loss(labels=y[:-1] if odd else y),
+        "not a tensor": lambda: as_loss(x=x.tolist() if odd else x),
+        "gradient": no_grad,
+        "empty rank": lambda: as_loss(x=x[:0] if odd else x, labels=y[:0] if odd else y),
+        "all empty": lambda: as_loss(x=x[:0], labels=y[:0]),
+        "ncl eval": ncl_eval,
+        "ncl alpha0": lambda: ncl_run(ncl(alpha0=0.3 if odd else 0.25)),
+        "ncl num_classes": lambda: ncl_run(ncl(k=NUM_CLASSES + odd)),
+        "ncl dtype": lambda: ncl_run(ncl().float() if odd else ncl()),
+        "ncl labels": lambda: ncl_run(ncl(), yy=torch.where(y == 0, NUM_CLASSES, y) if odd else y),
+        "ncl seeds": lambda: ncl_run(ncl(seed=rank)),
+        "ncl empty rank": lambda: ncl_run(ncl(), zz=x[:0] if odd else x, yy=y[:0] if odd else y),
+        "stats shape": lambda: ClassStatistics(NUM_CLASSES + odd, DIM).update(
+            x, y).all_reduce().counts,
+    }
+
+
+def _odd_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {name: _outcome(fn) for name, fn in _scenarios(rank).items()}
+        torch.save(results, os.path.join(out_dir, f"odd{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def odd_ranks(tmp_path_factory):
+    """What each of 2 ranks got in every scenario of _scenarios (one spawn for all)."""
+    import torch.multiprocessing as mp
+
+    out_dir = tmp_path_factory.mktemp("odd")
+    mp.spawn(_odd_worker, args=(2, str(out_dir / "init"), str(out_dir)), nprocs=2, join=True)
+    return [torch.load(out_dir / f"odd{r}.pt", weights_only=False) for r in range(2)]
+
+
+RAISES = {  # scenario: (exception type, what its message must say) on both ranks
+    "metric": ("ValueError", "disagree on metric"),
+    "reduction": ("ValueError", "disagree on reduction"),
+    "include_self": ("ValueError", "disagree on include_self"),
+    "lambda_inner": ("ValueError", "disagree on lambda_inner"),
+    "module lambda_outer": ("ValueError", "disagree on lambda_outer"),
+    "dtype": ("ValueError", "disagree on dtype"),
+    "dim": ("ValueError", "disagree on dim"),
+    "bad labels": ("ValueError", "rank 1 of 2 failed its checks: labels"),
+    "not a tensor": ("TypeError", "rank 1 of 2 failed its checks: x must be a torch.Tensor"),
+    "gradient": ("ValueError", "disagree on gradient"),
+    "all empty": ("ValueError", "the global batch has no rows"),
+    "ncl eval": ("ValueError", "disagree on training"),
+    "ncl alpha0": ("ValueError", "disagree on alpha0"),
+    "ncl num_classes": ("ValueError", "disagree on num_classes"),
+    "ncl dtype": ("ValueError", "disagree on centroid_dtype"),
+    "ncl labels": ("ValueError", "rank 1 of 2 failed its checks: labels must lie in [0, 5)"),
+    "stats shape": ("ValueError", "disagree on num_classes"),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(RAISES))
+def test_every_rank_raises_the_same_error(odd_ranks, scenario):
+    """A rank that differs in a setting, dtype or shape, or whose input fails its checks,
+    made the others hang in the next collective (or gloo abort, or return mixed values):
+    now both ranks raise the same error at the same point, and the group stays usable."""
+    kind, text = RAISES[scenario]
+    outcomes = [res[scenario] for res in odd_ranks]
+    for r, (got_kind, message) in enumerate(outcomes):
+        assert got_kind == kind, f"rank {r}: {got_kind}: {message}"
+        assert text in message, f"rank {r}: {message}"
+    assert outcomes[0] == outcomes[1]
+
+
+def test_an_empty_rank_is_part_of_the_global_batch(odd_ranks):
+    """Rank 1 holds no rows: the loss is that of rank 0's rows alone, on both ranks, and rank
+    0's gradient is the single-process one; rank 1's gradient is empty."""
+    z, labels = global_batch()
+    lo, hi = SLICES[2][0]
+    xx = z[lo:hi].clone().requires_grad_(True)
+    want = ck.as_loss(xx, labels[lo:hi], backend="cpu")
+    want.backward()
+    (k0, (loss0, grad0)), (k1, (loss1, grad1)) = (res["empty rank"] for res in odd_ranks)
+    assert k0 == k1 == "ok"
+    assert_rel(loss0, want.detach(), 1e-12, "rank 0 loss")
+    assert torch.equal(loss0, loss1)
+    assert_rel(grad0, xx.grad, 1e-12, "rank 0 gradient")
+    assert grad1.shape == (0, DIM)
+
+
+def test_ncl_ranks_start_from_the_same_centroids(odd_ranks):
+    """Built with different seeds, the ranks still end with the same centroids: rank 0's,
+    broadcast at the first call, moved by the global EMA (the single process on the whole
+    batch, from rank 0's initial centroids); and an empty rank adds nothing to the EMA."""
+    z, labels = global_batch()
+    single = ck.NCentroidsLoss(NUM_CLASSES, DIM, seed=0).double()
+    for step in range(2):
+        single(z + 0.3 * step, labels)
+    (k0, c0), (k1, c1) = (res["ncl seeds"] for res in odd_ranks)
+    assert k0 == k1 == "ok"
+    assert torch.equal(c0, c1)
+    assert_rel(c0, single.centroids, 1e-9, "centroids")
+    lo, hi = SLICES[2][0]
+    alone = ck.NCentroidsLoss(NUM_CLASSES, DIM).double()
+    for step in range(2):
+        alone(z[lo:hi] + 0.3 * step, labels[lo:hi])
+    (k0, e0), (k1, e1) = (res["ncl empty rank"] for res in odd_ranks)
+    assert k0 == k1 == "ok" and torch.equal(e0, e1)
+    assert_rel(e0, alone.centroids, 1e-9, "centroids with an empty rank")

@@ -186,9 +186,14 @@ class ClassStatistics:
         default group) in place: afterwards every rank holds the same statistics, those of all
         the ranks' data together. Each rank gathers every rank's (count, mean, M2) and merges
         them in rank order with Chan's update, so the ranks agree bit for bit."""
-        from .._distributed import all_gather_same_shape, require_process_group
+        from .._distributed import agree, all_gather_same_shape, require_process_group
 
         require_process_group("ClassStatistics.all_reduce")
+        # the gather needs equal shapes and dtypes: agreed first, so that a mismatch raises on
+        # every rank (gloo aborted the process on a different C or D)
+        agree("ClassStatistics.all_reduce", 0, dict(
+            num_classes=self.num_classes, num_features=self.num_features,
+            dtype=str(self.mean.dtype), device_type=self.mean.device.type), None, group)
         # only what each rank added since the last all_reduce: idempotent, and updates after
         # an all_reduce are not multiplied by the world size at the next one
         parts = [all_gather_same_shape(t, group) for t in self._pending]

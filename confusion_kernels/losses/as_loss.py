@@ -15,6 +15,7 @@ op), the terms summed over ranks.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -115,22 +116,41 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     ``check_finite``: scan x (and the memory's or the ranks' rows) for NaN/Inf first
     (ValueError). None (default): for CPU tensors and under ``strict_checks()``; skipped on a
     GPU, where the scan would make the host wait (non-finite input gives NaN terms).
+
+    Global batch guarantees: before any data moves, the ranks exchange one small descriptor
+    (``_distributed.agree``), so that a rank whose input fails its checks makes every rank
+    raise the same error, and ranks that differ in metric, reduction, include_self,
+    constraint, dim_mean, the λ's (``as_loss`` / ``ASLoss``), dtype, D, the NaN scan or in
+    whether a gradient is needed raise ValueError on every rank, naming the setting. A rank
+    may hold no rows (N = 0): the terms are those of the other ranks' rows together.
     """
+    return _as_loss_terms(x, labels, metric=metric, constraint=constraint,
+                          include_self=include_self, reduction=reduction, dim_mean=dim_mean,
+                          backend=backend, check_finite=check_finite, global_batch=global_batch,
+                          group=group, memory=memory)
+
+
+def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constraint: float,
+                   include_self: bool, reduction: str, dim_mean: bool, backend: str,
+                   check_finite: bool | None, global_batch: bool, group,
+                   memory: CrossBatchMemory | None,
+                   settings: dict | None = None) -> ASLossTerms:
+    """as_loss_terms; ``settings``: the caller's own options that every rank of a global
+    batch must share too (as_loss's and ASLoss's λ's and layer weights)."""
+    if global_batch:
+        return _checked_global_terms(x, labels, metric, constraint, include_self, reduction,
+                                     dim_mean, backend, check_finite, group, memory,
+                                     settings or {})
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    check_embeddings(x, "x", check_finite=False if global_batch else check_finite)
+    check_embeddings(x, "x", check_finite=check_finite)
     labels = check_labels(labels, x.shape[0], x.device)
     name, _, dim_mean = resolve_metric(metric, dim_mean)
     dim_scale = 1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0
     acc = output_dtype(x.dtype)
-    if global_batch and memory is not None:
-        raise ValueError("as_loss_terms: global_batch and memory cannot be combined")
     if memory is not None:
         return _memory_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
                              backend, check_finite, memory)
-    if global_batch:
-        return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
-                             backend, check_finite, group)
     chosen = select_backend(x, backend)
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
@@ -161,25 +181,61 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
                        radial_terms(x, constraint, acc).mean())
 
 
+def _checked_global_terms(x, labels, metric, constraint, include_self, reduction, dim_mean,
+                          backend, check_finite, group, memory, settings) -> ASLossTerms:
+    """_global_terms after every rank's checks and settings are agreed (``agree``)."""
+    what = "as_loss_terms(global_batch=True)"
+    _distributed.require_process_group(what)
+    error, name, chosen, scan = None, metric, backend, None
+    try:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+        if memory is not None:
+            raise ValueError("as_loss_terms: global_batch and memory cannot be combined")
+        check_embeddings(x, "x", check_finite=False, allow_empty=True)
+        labels = check_labels(labels, x.shape[0], x.device)
+        name, _, dim_mean = resolve_metric(metric, dim_mean)
+        chosen = select_backend(x, backend, op="intra_inter_sums_rect")
+        scan = scan_finite(check_finite, x)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error = exc
+    ok = error is None
+    agreed = dict(metric=name, reduction=reduction, include_self=include_self,
+                  constraint=constraint, dim_mean=dim_mean,
+                  dtype=str(x.dtype) if ok else None, dim=int(x.shape[1]) if ok else None,
+                  device_type=x.device.type if ok else None, nan_scan=scan,
+                  gradient=bool(ok and torch.is_grad_enabled() and x.requires_grad), **settings)
+    sizes = _distributed.agree(what, x.shape[0] if ok else 0, agreed, error, group)
+    if sum(sizes) == 0:
+        raise ValueError(f"{what}: the global batch has no rows (every rank's x has N = 0)")
+    dim_scale = 1.0 / x.shape[1] if dim_mean else 1.0
+    return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
+                         chosen, scan, group, sizes)
+
+
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
                   include_self: bool, reduction: str, dim_scale: float, backend: str,
-                  check_finite: bool | None, group) -> ASLossTerms:
+                  scan: bool, group, sizes: list[int]) -> ASLossTerms:
     """as_loss_terms of the batch of all ranks: this rank's rows against the gathered rows
     (intra_inter_sums with ref and self_offset), weights from the global label counts, each
     term's per-rank share summed over the ranks (``_distributed.sum_over_ranks``)."""
-    _distributed.require_process_group("as_loss_terms(global_batch=True)")
-    chosen = select_backend(x, backend, op="intra_inter_sums_rect")
-    ref, ref_labels, offset = _distributed.gather_rows(x, labels, group)
-    if scan_finite(check_finite, ref):  # on the gathered rows: every rank raises together
+    ref, ref_labels, offset = _distributed.gather_rows(x, labels, sizes, group)
+    if scan:  # on the gathered rows: every rank raises together
         check_all_finite(ref.detach(), "x (of some rank of the global batch)")
     acc = output_dtype(x.dtype)
     n = x.shape[0]
-    w_in, w_out = (w[offset:offset + n] for w in
-                   term_weights(ref_labels, reduction, include_self, dim_scale, acc))
-    s_in, s_out = intra_inter_sums(x, labels, metric, backend=chosen, check_finite=False,
-                                   ref=ref, ref_labels=ref_labels, self_offset=offset)
-    radial = radial_terms(x, constraint, acc).sum()
-    shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(), radial / ref.shape[0]])
+    if n == 0:
+        # no rows here: zero shares, which still depend on the gathered rows, so that this
+        # rank's backward joins the all-reduce of _GatherRows that the other ranks run
+        shares = ref.new_zeros(3, dtype=acc) + 0.0 * ref.to(acc).sum()
+    else:
+        w_in, w_out = (w[offset:offset + n] for w in
+                       term_weights(ref_labels, reduction, include_self, dim_scale, acc))
+        s_in, s_out = intra_inter_sums(x, labels, metric, backend=backend, check_finite=False,
+                                       ref=ref, ref_labels=ref_labels, self_offset=offset)
+        radial = radial_terms(x, constraint, acc).sum()
+        shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(),
+                              radial / ref.shape[0]])
     inner, outer, boundary = _distributed.sum_over_ranks(shares, group).unbind()
     return ASLossTerms(inner, outer, boundary)
 
@@ -190,8 +246,19 @@ def as_loss(x: torch.Tensor, labels: torch.Tensor, *, lambda_inner: float = 1e-3
 
     ``kwargs`` are those of :func:`as_loss_terms`.
     """
-    t = as_loss_terms(x, labels, **kwargs)
+    options = dict(_TERM_DEFAULTS)
+    unknown = set(kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"as_loss() got unexpected keyword arguments {sorted(unknown)}")
+    options.update(kwargs)
+    t = _as_loss_terms(x, labels, **options, settings=dict(
+        lambda_inner=lambda_inner, lambda_outer=lambda_outer, lambda_boundary=lambda_boundary))
     return lambda_inner * t.inner - lambda_outer * t.outer + lambda_boundary * t.boundary
+
+
+# as_loss_terms's keyword arguments and their defaults (as_loss passes them through)
+_TERM_DEFAULTS = {name: p.default for name, p in inspect.signature(as_loss_terms).parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 class ASLoss(nn.Module):
@@ -245,12 +312,16 @@ class ASLoss(nn.Module):
             raise ValueError("ASLoss with a memory takes one representation, not a list")
         total = None
         self.last_terms = []
-        for weight, rep in zip(weights, layers):
-            t = as_loss_terms(rep, labels, metric=self.metric, constraint=self.constraint,
-                              include_self=self.include_self, reduction=self.reduction,
-                              dim_mean=self.dim_mean, backend=self.backend,
-                              check_finite=self.check_finite, global_batch=self.global_batch,
-                              group=self.group, memory=self.memory)
+        for layer, (weight, rep) in enumerate(zip(weights, layers)):
+            t = _as_loss_terms(rep, labels, metric=self.metric, constraint=self.constraint,
+                               include_self=self.include_self, reduction=self.reduction,
+                               dim_mean=self.dim_mean, backend=self.backend,
+                               check_finite=self.check_finite, global_batch=self.global_batch,
+                               group=self.group, memory=self.memory, settings=dict(
+                                   lambda_inner=self.lambda_inner,
+                                   lambda_outer=self.lambda_outer,
+                                   lambda_boundary=self.lambda_boundary, layers=len(layers),
+                                   layer=layer, layer_weight=weight))
             self.last_terms.append(t)
             loss = (self.lambda_inner * t.inner - self.lambda_outer * t.outer
                     + self.lambda_boundary * t.boundary)

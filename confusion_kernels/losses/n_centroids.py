@@ -201,7 +201,14 @@ class NCentroidsLoss(nn.Module):
         global_batch: under torch.distributed, the EMA step uses the per-class sums and counts
             of every rank's batch (one all-reduce of [K, D] + [K]), so every rank keeps the
             same centroids: those of one process that sees the concatenated global batch.
-            The loss itself stays this rank's mean (its rows do not interact across ranks).
+            The loss itself stays this rank's mean (its rows do not interact across ranks);
+            a rank may hold no rows (its loss is 0 and it adds nothing to the EMA). Every
+            call first exchanges one small descriptor between the ranks: a rank whose input
+            fails its checks makes every rank raise the same error, and ranks that differ in
+            K, D, the centroids' dtype, metric, alpha0, decay, use_negatives, training mode,
+            step or centroids (a checksum) raise ValueError on every rank. At the first
+            call the group's first rank broadcasts its centroids, so that ranks built with
+            different seeds start from the same ones.
         group: the process group for global_batch (None: the default group).
         backend: as for every op ("auto": cuda > triton > cpu > reference for the device).
     """
@@ -228,6 +235,7 @@ class NCentroidsLoss(nn.Module):
         init = _reference.normalize(torch.randn(num_classes, embedding_dim, generator=g))
         self.register_buffer("centroids", init)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._centroids_broadcast = False  # global_batch: the first call broadcasts them
 
     @property
     def alpha(self) -> float:
@@ -235,8 +243,50 @@ class NCentroidsLoss(nn.Module):
         return _reference.ema_alpha(int(self.step), self.alpha0, self.decay)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.global_batch:
+            return self._global_forward(z, labels)
         loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
                                 use_negatives=self.use_negatives, backend=self.backend)
+        if self.training:
+            self._ema_step(z, labels)
+        return loss
+
+    def _global_forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """forward with global_batch: every rank's checks and settings agreed first."""
+        import torch.distributed as dist
+
+        from .._distributed import agree
+
+        what = "NCentroidsLoss(global_batch=True)"
+        require_process_group(what)
+        error = None
+        try:
+            if isinstance(z, torch.Tensor) and z.dim() == 2 and z.shape[0] == 0:
+                check_embeddings(z, "z", allow_empty=True)
+                labels = check_labels(labels, 0, z.device)
+                if z.shape[1] != self.centroids.shape[1]:
+                    raise ValueError(f"z must be [N, {self.centroids.shape[1]}], got "
+                                     f"{tuple(z.shape)}")
+            else:
+                labels, _ = _check_inputs(z, labels, self.centroids, self.metric, self.backend)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            error = exc
+        c = self.centroids
+        agree(what, z.shape[0] if error is None else 0, dict(
+            num_classes=c.shape[0], dim=c.shape[1], centroid_dtype=str(c.dtype),
+            metric=self.metric, alpha0=self.alpha0, decay=self.decay,
+            use_negatives=self.use_negatives, training=self.training, step=int(self.step),
+            centroids=None if not self._centroids_broadcast
+            else float(c.detach().double().sum()).hex()), error, self.group)
+        if not self._centroids_broadcast:
+            first = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            dist.broadcast(self.centroids, src=first, group=self.group)
+            self._centroids_broadcast = True
+        if z.shape[0] == 0:  # nothing here: 0, still a function of z (empty gradient)
+            loss = z.to(output_dtype(z.dtype)).sum()
+        else:
+            loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
+                                    use_negatives=self.use_negatives, backend=self.backend)
         if self.training:
             self._ema_step(z, labels)
         return loss
