@@ -162,7 +162,8 @@ def poison_all(t: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
 
 
 def check_embeddings(x: torch.Tensor, name: str = "x", *,
-                     check_finite: bool | None = None, allow_empty: bool = False) -> None:
+                     check_finite: bool | None = None, allow_empty: bool = False,
+                     count: str = "N") -> None:
     """x: floating 2-D [N, D] with N > 0 (N = 0 too with ``allow_empty``: one rank's part of
     a global batch), finite when scanned (``scan_finite``)."""
     if not isinstance(x, torch.Tensor):
@@ -170,9 +171,12 @@ def check_embeddings(x: torch.Tensor, name: str = "x", *,
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be 2-D [{count}, D], got shape {tuple(x.shape)}")
     if x.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"{name} has no rows (N = 0)")
+        raise ValueError(f"{name} has no rows ({count} = 0)")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (D = 0): every distance would be 0 or "
+                         "undefined")
     if scan_finite(check_finite, x):
         check_all_finite(x, name)
 

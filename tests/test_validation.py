@@ -27,6 +27,8 @@ def test_embedding_and_label_rules(fn):
         fn(X[None], Y)
     with pytest.raises(ValueError, match="N = 0"):
         fn(X[:0], Y[:0])
+    with pytest.raises(ValueError, match=r"no features \(D = 0\)"):  # was an IndexError (cosine)
+        fn(X[:, :0], Y, **({"metric": "cosine"} if "metric" in fn.__code__.co_names else {}))
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = X.clone()
         x[2, 1] = bad
@@ -92,3 +94,122 @@ def test_cpp_op_checks_inputs_itself():
         op(X, Y, "chebyshev")
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         op(X[0], Y, "euclidean")
+
+
+# --- the arguments that gave torch-internal or raw Python errors (issue: hardening, usability) ---
+def test_arguments_on_another_device_are_named():
+    meta = torch.device("meta")
+    unit = torch.nn.functional.normalize(torch.randn(6, 3))
+    with pytest.raises(ValueError, match="the memory is on meta but x is on cpu"):
+        ck.as_loss(X, Y, memory=ck.CrossBatchMemory(5, 3, device=meta))
+    with pytest.raises(ValueError, match="kappa is on meta but x is on cpu"):
+        ck.vmf_nll(unit, unit, torch.ones(6, device=meta))
+    with pytest.raises(ValueError, match="log_sigma is on meta but x is on cpu"):
+        ck.gaussian_nll(unit, unit, torch.zeros(6, 1, device=meta))
+
+
+def test_messages_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"ref has no rows \(M = 0\)"):
+        ck.intra_inter_sums(X, Y, ref=X[:0], ref_labels=Y[:0])
+    from confusion_kernels.ops import _op_checks
+
+    with pytest.raises(ValueError, match=r"intra_inter_sums_rect_triton: ref_labels must be "
+                                         r"1-D of length M = 4"):
+        _op_checks.check_rect_row_sums(X, Y, X[:4], Y[:3], None, "euclidean")
+    with pytest.raises(ValueError, match=r"weighted_pair_sums_with_grad_triton: w_in must be "
+                                         r"1-D of length N = 6"):
+        _op_checks.check_row_sums(X, Y, "euclidean", (torch.ones(5), torch.ones(6)),
+                                  op="weighted_pair_sums_with_grad_triton",
+                                  grad_names=("w_in", "w_out"))
+
+
+@pytest.mark.parametrize("memory", [torch.randn(5, 3), [1, 2], "memory"])
+def test_memory_must_be_a_cross_batch_memory(memory):
+    with pytest.raises(TypeError, match="memory must be a confusion_kernels.CrossBatchMemory"):
+        ck.as_loss(X, Y, memory=memory)
+    with pytest.raises(TypeError, match="memory must be a confusion_kernels.CrossBatchMemory"):
+        ck.ASLoss(memory=memory)
+
+
+@pytest.mark.parametrize("name", ["alpha0", "decay"])
+def test_ema_rates_must_be_numbers(name):
+    with pytest.raises(TypeError, match=f"{name} must be a real number, got '0.3'"):
+        ck.NCentroidsLoss(3, 4, **{name: "0.3"})
+
+
+def test_statistics_check_labels_of_an_empty_batch():
+    from confusion_kernels.analysis.statistics import ClassStatistics
+
+    stats = ClassStatistics(3, 4)
+    with pytest.raises(TypeError, match="integer"):
+        stats.update(torch.randn(0, 4), torch.zeros(0))
+    with pytest.raises(ValueError, match="labels has 2 entries but the embeddings have 0 rows"):
+        stats.update(torch.randn(0, 4), torch.zeros(2, dtype=torch.int64))
+    assert stats.update(torch.randn(0, 4), torch.zeros(0, dtype=torch.int64)) is stats
+
+
+def test_vmf_needs_unit_rows():
+    unit = torch.nn.functional.normalize(torch.randn(6, 5, dtype=torch.float64))
+    kappa = torch.full((6,), 3.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x must have unit rows.*row 2 has norm 3"):
+        ck.vmf_nll(unit * torch.tensor([1, 1, 3, 1, 1, 1.0])[:, None], unit, kappa)
+    with pytest.raises(ValueError, match="mu must have unit rows"):
+        ck.vmf_nll(unit, 2 * unit, kappa)
+    with_zero = unit.clone()
+    with_zero[1] = 0.0  # what normalising z = 0 gives: accepted
+    assert torch.isfinite(ck.vmf_nll(with_zero, unit, kappa)).all()
+
+
+def test_zero_dimensional_kappa_is_one_concentration_for_all():
+    z = torch.randn(7, 4)
+    crit = ck.NCentroidsLoss(3, 4)
+    a = crit.confidence(z, kappa=torch.tensor(2.0))  # reported shape (1,) before
+    b = crit.confidence(z, kappa=torch.full((7,), 2.0))
+    assert torch.equal(a.log_likelihood, b.log_likelihood) and torch.equal(a.head, b.head)
+
+
+def test_reference_cosine_keeps_near_parallel_digits():
+    """1 - a.b / (|a||b|) in fp32 lost every digit on near-parallel rows (relative error 6.9
+    against float64 on the same values); from the unit rows' difference it keeps fp32's."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 16, generator=g, dtype=torch.float64)
+         + 1e-4 * torch.randn(12, 16, generator=g, dtype=torch.float64)).float()
+    y = torch.randint(0, 3, (12,), generator=g)
+    got = ck.intra_inter_sums(x, y, "cosine", backend="reference")
+    want = ck.intra_inter_sums(x.double(), y, "cosine", backend="reference")
+    for g_, w_ in zip(got, want):
+        assert float((g_.double() - w_).norm() / w_.norm()) < 1e-3
+
+
+def test_compiled_check_failure_carries_our_message():
+    """Under torch.compile(fullgraph=True) a failed check surfaces as Dynamo's
+    "Observed exception" (torch does not let an exception out of a full graph as it is); its
+    text carries our message. Without fullgraph our ValueError comes out as it is."""
+    ref, ref_labels = torch.randn(12, 3), torch.randint(0, 3, (12,))
+
+    def call(a):
+        return ck.intra_inter_sums(a, Y, "euclidean", backend="reference", ref=ref,
+                                   ref_labels=ref_labels, self_offset=10)
+    message = r"self_offset must satisfy 0 <= self_offset and self_offset \+ N <= M"
+    with pytest.raises(Exception, match=message):
+        torch.compile(call, fullgraph=True)(X)
+    with pytest.raises(ValueError, match=message):
+        torch.compile(call)(X)
+
+
+def test_interpreter_arithmetic_warnings_are_not_shown():
+    """numpy warned (overflow, invalid value) in the Triton interpreter on inf input, where a
+    GPU just computes IEEE results: 21,700 warnings in one test run."""
+    import subprocess
+    import sys
+
+    code = ("import os, warnings\nos.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch, confusion_kernels as ck\n"
+            "x = torch.randn(11, 40); x[4, 7] = float('inf'); y = torch.arange(11) % 3\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    ck.intra_inter_sums(x, y, backend='triton', check_finite=False)\n"
+            "print('warnings', len(w))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if "warnings" not in out.stdout:
+        pytest.skip(f"the triton backend cannot run here: {out.stderr.strip()[-200:]}")
+    assert out.stdout.strip().endswith("warnings 0"), out.stdout

@@ -126,9 +126,9 @@ class ClassStatistics:
             raise ValueError(f"features have K = {features.shape[1]}, expected {self.num_features}")
         if not features.dtype.is_floating_point:
             raise TypeError(f"features must be floating, got {features.dtype}")
+        labels = check_labels(labels, features.shape[0], features.device)  # 0 rows too
         if features.shape[0] == 0:
             return self
-        labels = check_labels(labels, features.shape[0], features.device)
         # on a GPU (no strict checks) labels out of range make every statistic NaN instead
         labels, bad = guard_label_range(labels, self.num_classes)
         shift = self._shift(features, labels)

@@ -166,6 +166,10 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
                   include_self: bool, reduction: str, dim_scale: float, backend: str,
                   check_finite: bool | None, memory: CrossBatchMemory) -> ASLossTerms:
     """as_loss_terms of the rows of x against x followed by the memory's rows."""
+    _check_memory(memory, "as_loss_terms")
+    if memory.embeddings.device != x.device:
+        raise ValueError(f"as_loss_terms: the memory is on {memory.embeddings.device} but x is "
+                         f"on {x.device}")
     if memory.embeddings.shape[1] != x.shape[1]:
         raise ValueError(f"as_loss_terms: the memory holds {memory.embeddings.shape[1]}-D rows, "
                          f"x has {x.shape[1]} columns")
@@ -179,6 +183,12 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
                                    ref=ref, ref_labels=ref_labels, self_offset=0)
     return ASLossTerms((w_in * s_in).sum(), (w_out * s_out).sum(),
                        radial_terms(x, constraint, acc).mean())
+
+
+def _check_memory(memory, where: str) -> None:
+    if not isinstance(memory, CrossBatchMemory):
+        raise TypeError(f"{where}: memory must be a confusion_kernels.CrossBatchMemory (or "
+                        f"None), got {type(memory).__name__}")
 
 
 def _checked_global_terms(x, labels, metric, constraint, include_self, reduction, dim_mean,
@@ -296,6 +306,8 @@ class ASLoss(nn.Module):
         self.check_finite = check_finite
         self.global_batch = global_batch
         self.group = group
+        if memory is not None:
+            _check_memory(memory, "ASLoss")
         if memory is not None and global_batch:
             raise ValueError("ASLoss: global_batch and memory cannot be combined")
         self.memory = memory

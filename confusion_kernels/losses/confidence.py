@@ -60,10 +60,13 @@ def log_vmf_normalizer(dim: int, kappa: torch.Tensor) -> torch.Tensor:
     return -_LogIvOverPower.apply(kappa, k64, dim / 2.0 - 1.0) - (dim / 2.0) * math.log(2.0 * math.pi)
 
 
-def _per_sample(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
-    """A per-sample parameter as [N]: accepts [N], [N, 1] or a 0-d tensor."""
+def _per_sample(name: str, t: torch.Tensor, n: int,
+                device: torch.device | None = None) -> torch.Tensor:
+    """A per-sample parameter as [N]: accepts [N], [N, 1] or a 0-d tensor (on ``device``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() == 0:
@@ -87,11 +90,29 @@ def _matching_rows(name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _check_unit_rows(name: str, t: torch.Tensor) -> None:
+    """ValueError unless every finite non-zero row of t has norm 1 (to 1e-3: fp16 rows
+    normalised in fp16 are that close; a zero row is what normalising z = 0 gives); checked on the host where that is free (``host_checks``). The vMF
+    density lives on the sphere: off it, its value means nothing."""
+    if not host_checks(t):
+        return
+    norms = torch.linalg.vector_norm(t.detach().to(accumulation_dtype(t.dtype)), dim=1)
+    off = (norms - 1.0).abs()
+    off = off[torch.isfinite(off) & (norms > 0)]  # zero rows: the normalisation's image of 0
+    if off.numel() and float(off.max()) > 1e-3:
+        worst = int((norms - 1.0).abs().nan_to_num(0.0).argmax())
+        raise ValueError(f"vmf_nll: {name} must have unit rows (normalise them first: the "
+                         f"density lives on the sphere); row {worst} has norm "
+                         f"{float(norms[worst]):.6g}")
+
+
 def vmf_nll(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """Per-sample von Mises-Fisher negative log-likelihood -log C_D(kappa) - kappa mu.x.
 
     Args:
-        x: [N, D] unit embeddings (normalise them first: the density lives on the sphere).
+        x: [N, D] unit embeddings (normalise them first: the density lives on the sphere;
+            rows off the sphere by more than 1e-3 raise ValueError where the check needs no
+            host synchronisation, i.e. on CPU tensors and under strict checks).
         mu: [N, D] (each sample's centroid, e.g. ``centroids[labels]``) or [D]; unit rows.
         kappa: [N], [N, 1] or [] concentrations > 0 (e.g. a softplus output of the model).
 
@@ -101,7 +122,9 @@ def vmf_nll(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Ten
     """
     check_embeddings(x, "x")
     mu = _matching_rows("mu", mu, x)
-    kappa = _per_sample("kappa", kappa, x.shape[0])
+    kappa = _per_sample("kappa", kappa, x.shape[0], x.device)
+    _check_unit_rows("x", x)
+    _check_unit_rows("mu", mu)
     out, work = output_dtype(x.dtype), accumulation_dtype(x.dtype)
     log_c = log_vmf_normalizer(x.shape[1], kappa)
     cos = (x.to(work) * mu.to(work)).sum(1)
@@ -125,6 +148,8 @@ def gaussian_nll(x: torch.Tensor, centroids_y: torch.Tensor,
     c = _matching_rows("centroids_y", centroids_y, x)
     if not isinstance(log_sigma, torch.Tensor):
         raise TypeError(f"log_sigma must be a torch.Tensor, got {type(log_sigma).__name__}")
+    if log_sigma.device != x.device:
+        raise ValueError(f"log_sigma is on {log_sigma.device} but x is on {x.device}")
     try:
         fits = torch.broadcast_shapes(log_sigma.shape, x.shape) == x.shape
     except RuntimeError:

@@ -18,6 +18,7 @@ chunks recomputed in the backward, so that its N x K x D differences never exist
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ from .._validation import (
 )
 from ..ops.n_centroids_rows import n_centroids_sum
 from ..reference import n_centroids as _reference
-from .confidence import gaussian_nll, vmf_nll
+from .confidence import _per_sample, gaussian_nll, vmf_nll
 
 __all__ = ["Confidence", "NCentroidsLoss", "n_centroids_loss", "ema_class_update", "class_sums",
            "ema_from_sums"]
@@ -226,6 +227,9 @@ class NCentroidsLoss(nn.Module):
         if use_negatives and num_classes < 2:
             raise ValueError("negatives need at least 2 centroids (num_classes >= 2)")
         _check_metric(metric)
+        for name, v in (("alpha0", alpha0), ("decay", decay)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"NCentroidsLoss: {name} must be a real number, got {v!r}")
         if not 0.0 < alpha0 <= 1.0 or not 0.0 < decay <= 1.0:
             raise ValueError("alpha0 and decay must lie in (0, 1]")
         self.metric, self.alpha0, self.decay = metric, float(alpha0), float(decay)
@@ -344,7 +348,7 @@ class NCentroidsLoss(nn.Module):
         nearest = self.centroids.to(d.dtype)[prediction]
         head = log_likelihood = None
         if kappa is not None:
-            head = kappa.reshape(-1).to(d.dtype)
+            head = _per_sample("kappa", kappa, x.shape[0]).to(d.dtype)  # 0-d: one for all
             log_likelihood = -vmf_nll(x, nearest, head)
         elif log_sigma is not None:
             head = torch.exp(log_sigma.to(d.dtype)).expand_as(x).mean(1)

@@ -27,18 +27,22 @@ def _fail(op: str, message: str) -> None:
     raise ValueError(f"{op}: {message}")
 
 
-def _check_rows(op: str, name: str, x: torch.Tensor) -> None:
+def _check_rows(op: str, name: str, x: torch.Tensor, count: str = "N") -> None:
+    """x: floating 2-D [count, D] with at least one row (count: the name of its row count)."""
     if x.dim() != 2 or not x.dtype.is_floating_point:
-        _fail(op, f"{name} must be a floating 2-D [N, D] tensor, got {x.dtype} {tuple(x.shape)}")
+        _fail(op, f"{name} must be a floating 2-D [{count}, D] tensor, got {x.dtype} "
+                  f"{tuple(x.shape)}")
     if x.shape[0] == 0:
-        _fail(op, f"{name} has no rows (N = 0)")
+        _fail(op, f"{name} has no rows ({count} = 0)")
 
 
 def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor, *,
-                  dtype: torch.dtype | None = None) -> None:
-    """v: 1-D of length N on x's device (int64 when ``dtype`` says so, else floating)."""
+                  dtype: torch.dtype | None = None, count: str = "N") -> None:
+    """v: 1-D of length count (x's rows) on x's device (int64 when ``dtype`` says so, else
+    floating)."""
     if v.dim() != 1 or v.shape[0] != x.shape[0]:
-        _fail(op, f"{name} must be 1-D of length N = {x.shape[0]}, got shape {tuple(v.shape)}")
+        _fail(op, f"{name} must be 1-D of length {count} = {x.shape[0]}, got shape "
+                  f"{tuple(v.shape)}")
     if dtype is not None and v.dtype != dtype:
         _fail(op, f"{name} must be {dtype}, got {v.dtype}")
     if dtype is None and not v.dtype.is_floating_point:
@@ -48,14 +52,16 @@ def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor, *,
 
 
 def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str,
-                   grads: tuple[torch.Tensor, ...] = ()) -> None:
-    """intra_inter_sums_triton(x, labels, metric) and its backward (grads = dL/dS_in, dL/dS_out)."""
-    op = "intra_inter_sums_triton"
+                   grads: tuple[torch.Tensor, ...] = (), op: str = "intra_inter_sums_triton",
+                   grad_names: tuple[str, str] = ("grad_s_in", "grad_s_out")) -> None:
+    """intra_inter_sums_triton(x, labels, metric) and its backward (grads = dL/dS_in,
+    dL/dS_out); ``op`` and ``grad_names`` name the op that checks (weighted_pair_sums's
+    per-row weights w_in, w_out take the place of the gradients)."""
     _check_rows(op, "x", x)
     _check_vector(op, "labels", labels, x, dtype=torch.int64)
     if metric not in METRIC_CODES:
         _fail(op, f"unknown metric {metric!r}; expected one of {sorted(METRIC_CODES)}")
-    for name, g in zip(("grad_s_in", "grad_s_out"), grads):
+    for name, g in zip(grad_names, grads):
         _check_vector(op, name, g, x)
 
 
@@ -65,12 +71,12 @@ def check_rect_row_sums(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor
     """intra_inter_sums_rect_triton(x, labels, ref, ref_labels, self_offset, metric) and its
     backward (grads = dL/dS_in, dL/dS_out)."""
     op = "intra_inter_sums_rect_triton"
-    check_row_sums(x, labels, metric, grads)
-    _check_rows(op, "ref", ref)
+    check_row_sums(x, labels, metric, grads, op=op)
+    _check_rows(op, "ref", ref, count="M")
     if ref.shape[1] != x.shape[1] or ref.dtype != x.dtype or ref.device != x.device:
         _fail(op, f"ref must be [M, {x.shape[1]}] {x.dtype} on {x.device}, got "
                   f"{tuple(ref.shape)} {ref.dtype} on {ref.device}")
-    _check_vector(op, "ref_labels", ref_labels, ref, dtype=torch.int64)
+    _check_vector(op, "ref_labels", ref_labels, ref, dtype=torch.int64, count="M")
     if self_offset is not None and not 0 <= self_offset <= ref.shape[0] - x.shape[0]:
         _fail(op, f"self_offset must satisfy 0 <= self_offset and self_offset + N <= M "
                   f"(N = {x.shape[0]}, M = {ref.shape[0]}), got {self_offset}")

@@ -125,7 +125,7 @@ def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, 
         return None
     if ref_labels is None:
         raise ValueError("intra_inter_sums: ref needs ref_labels (one label per row of ref)")
-    check_embeddings(ref, "ref", check_finite=check_finite)
+    check_embeddings(ref, "ref", check_finite=check_finite, count="M")
     if ref.shape[1] != x.shape[1]:
         raise ValueError(f"intra_inter_sums: ref must have x's {x.shape[1]} columns, got shape "
                          f"{tuple(ref.shape)}")

@@ -63,7 +63,8 @@ def _triton_one_pass(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton import pair_sums
 
-    check_row_sums(x, labels, metric, (w_in, w_out))
+    check_row_sums(x, labels, metric, (w_in, w_out), op=TRITON_OP.split("::")[1],
+                   grad_names=("w_in", "w_out"))
     if METRIC_CODES[metric] not in GRAM_METRICS:
         raise ValueError("weighted_pair_sums_with_grad_triton: metrics with a Gram form only "
                          "(euclidean, sqeuclidean, cosine)")

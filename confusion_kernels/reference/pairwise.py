@@ -17,7 +17,8 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None,
     """D[i, j] = D(x_i, y_j) for x [N, D], y [M, D] (y = x when omitted) -> [N, M].
 
     euclidean |a-b|_2, sqeuclidean |a-b|^2, manhattan sum|a_k-b_k|,
-    cosine 1 - a.b / max(|a||b|, 1e-8), smooth_l1 sum h(a_k-b_k) with
+    cosine 1 - a.b / max(|a||b|, 1e-8) (computed as |a/|a| - b/|b||^2 / 2 where |a||b| > 1e-8,
+    the same number without the cancellation), smooth_l1 sum h(a_k-b_k) with
     h(t) = t^2/2 if |t| < 1 else |t| - 1/2. ``dim_mean`` divides by D.
     """
     name, _, dim_mean = resolve_metric(metric, dim_mean)
@@ -29,8 +30,15 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None,
     elif name == "manhattan":
         dist = torch.cdist(x, y, p=1.0)
     elif name == "cosine":
-        norms = torch.linalg.vector_norm(x, dim=1)[:, None] * torch.linalg.vector_norm(y, dim=1)[None, :]
-        dist = 1.0 - (x @ y.T) / norms.clamp_min(COSINE_EPS)
+        nx, ny = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(y, dim=1)
+        norms = nx[:, None] * ny[None, :]
+        # 1 - cos = |u - v|^2 / 2 for the unit rows u, v: from their difference, so that
+        # near-parallel rows keep their digits (1 - a.b / (|a||b|) cancels: in fp32 it lost
+        # every digit); the eps branch |a||b| <= 1e-8 keeps the formula above
+        tiny = torch.finfo(nx.dtype).tiny
+        u, v = x / nx.clamp_min(tiny)[:, None], y / ny.clamp_min(tiny)[:, None]
+        half_sq = torch.cdist(u, v, p=2.0, compute_mode="donot_use_mm_for_euclid_dist").square() / 2
+        dist = torch.where(norms > COSINE_EPS, half_sq, 1.0 - (x @ y.T) / COSINE_EPS)
     else:  # smooth_l1
         dist = F.smooth_l1_loss(x[:, None, :].expand(-1, y.shape[0], -1),
                                 y[None, :, :].expand(x.shape[0], -1, -1),

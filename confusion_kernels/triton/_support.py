@@ -20,11 +20,21 @@ Gaussian similarity, within 2 ulp.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+# Under TRITON_INTERPRET=1 (the CPU tests) the kernels' arithmetic runs in numpy, which warns
+# ("overflow", "invalid value", "divide by zero") where a GPU just computes the IEEE result
+# (inf / NaN) that the kernels handle or propagate on purpose: those warnings, from Triton's
+# interpreter module only, are not shown (21,700 of them in one test run).
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            module=r"triton\.runtime\.interpreter")
 
 TRITON_VERSION: tuple[int, int] = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
 FP64_DOT: bool = TRITON_VERSION >= (3, 5)
