@@ -23,6 +23,7 @@ The achieved fraction is floor / measured median time.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -67,14 +68,14 @@ def measure_ceilings(device: str, size: int = 8192, copy_bytes: int = 2**30) -> 
             torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
             a = torch.randn(size, size, device=device).to(dtype)
             b = torch.randn(size, size, device=device).to(dtype)
-            ms = _time_ms(lambda: torch.mm(a, b), device)
+            ms = _time_ms(functools.partial(torch.mm, a, b), device)
             out[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
             del a, b
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     src = torch.empty(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device)
+    ms = _time_ms(functools.partial(dst.copy_, src), device)
     out["bandwidth_gbs"] = 2.0 * copy_bytes / (ms * 1e-3) / 1e9
     del src, dst
     if device == "cuda":

@@ -1,34 +1,24 @@
-"""Metric names, aliases, and the integer codes of the Triton kernels.
+"""Metric names, aliases, and the integer codes of the kernels.
 
-Every registered op takes the metric's *name*; the C++ kernels map names to
-their own codes (``csrc/include/confusion_kernels/checks.h``), the Triton
-kernels to these. The numeric constants below (COSINE_EPS,
-GRAM_EXACT_FRACTION) also live in ``pair_math.h``; tests/test_guarantees.py
-fails if the two differ.
+Every registered op takes the metric's *name*; the C++ kernels map names to their codes
+(``csrc/include/confusion_kernels/checks.h``), the Triton kernels use the codes below. Codes
+and constants are defined once, in ``_spec.py``, which also generates the C++ header.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-EUCLIDEAN = 0
-SQEUCLIDEAN = 1
-MANHATTAN = 2
-COSINE = 3
-SMOOTH_L1 = 4
+from ._spec import COSINE_EPS, GRAM_EXACT_FRACTION, PAIR_METRICS  # noqa: F401 (re-exported)
 
-METRIC_CODES = {
-    "euclidean": EUCLIDEAN,
-    "sqeuclidean": SQEUCLIDEAN,
-    "manhattan": MANHATTAN,
-    "cosine": COSINE,
-    "smooth_l1": SMOOTH_L1,
-}
+METRIC_CODES = {name: code for code, name in enumerate(PAIR_METRICS)}
+EUCLIDEAN = METRIC_CODES["euclidean"]
+SQEUCLIDEAN = METRIC_CODES["sqeuclidean"]
+MANHATTAN = METRIC_CODES["manhattan"]
+COSINE = METRIC_CODES["cosine"]
+SMOOTH_L1 = METRIC_CODES["smooth_l1"]
 # Metrics with a Gram form |a|^2 + |b|^2 - 2 a.b (matrix products).
 GRAM_METRICS = frozenset({EUCLIDEAN, SQEUCLIDEAN, COSINE})
-
-COSINE_EPS = 1e-8  # cosine distance denominator floor: max(|a||b|, eps)
-GRAM_EXACT_FRACTION = 1.0 / 16.0  # see pair_math.h: kGramExactFraction
 
 # alias -> (metric, forces dim_mean). The public ASLoss code uses nn.L1Loss /
 # nn.MSELoss / nn.SmoothL1Loss, which average over the dimensions.

@@ -13,8 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import confusion_kernels as ck  # noqa: E402
-from confusion_kernels import _backend  # noqa: E402
+from confusion_kernels import _backend, _spec  # noqa: E402
 
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
 
@@ -79,7 +78,7 @@ def make_batch(n: int, d: int, num_classes: int, *, seed: int, dtype=torch.float
     return x.to(device=device, dtype=dtype), labels.to(device)
 
 
-ALL_METRICS = ("euclidean", "sqeuclidean", "manhattan", "cosine", "smooth_l1")
+ALL_METRICS = _spec.PAIR_METRICS  # every pair metric, in code order
 
 
 def pytest_runtest_logreport(report):

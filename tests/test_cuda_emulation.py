@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from confusion_kernels import _metrics
 from confusion_kernels.reference import intra_inter_sums as reference_sums
 
 from conftest import assert_rel, make_batch
@@ -28,10 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "tests/cuda_emulation/gram_kernels_on_host.cpp",
            ROOT / "tests/cuda_emulation/cuda_host_shim.h",
            ROOT / "csrc/cuda/gram_tile_kernels.cuh",
-           ROOT / "csrc/include/confusion_kernels/pair_math.h"]
+           ROOT / "csrc/include/confusion_kernels/pair_math.h",
+           ROOT / "csrc/include/confusion_kernels/spec.h"]
 
 POLICIES = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3}
-METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 3}
+METRICS = {m: _metrics.METRIC_CODES[m] for m in ("euclidean", "sqeuclidean", "cosine")}
 # Relative error bounds against the float64 reference evaluated on the
 # operands as stored (fp16 / bf16 inputs are rounded first).
 TOLERANCE = {"fp32": 2e-5, "tf32": 2e-2, "fp16": 5e-3, "bf16": 3e-2}

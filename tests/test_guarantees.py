@@ -417,27 +417,6 @@ def test_small_input_rules_raise_clear_errors():
         ck.similar_labels(stats, k=2)
 
 
-def test_numeric_constants_agree_with_the_shared_header():
-    """COSINE_EPS and GRAM_EXACT_FRACTION are written in _metrics.py and pair_math.h, the
-    difference-loop threshold in weighted_pair_sums.py and intra_inter_sums_cpu.cpp."""
-    import re
-    from pathlib import Path
-
-    from confusion_kernels import _metrics
-
-    header = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "confusion_kernels"
-              / "pair_math.h").read_text()
-    eps = float(re.search(r"kCosineEps = ([0-9.e+-]+);", header).group(1))
-    fraction = re.search(r"kGramExactFraction = ([0-9.]+) / ([0-9.]+);", header)
-    assert eps == _metrics.COSINE_EPS
-    assert float(fraction.group(1)) / float(fraction.group(2)) == _metrics.GRAM_EXACT_FRACTION
-    # Python's route to the one-pass kernel and the C++ backward's use of it share a threshold
-    from confusion_kernels.ops import weighted_pair_sums
-
-    cpu = (Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "intra_inter_sums_cpu.cpp").read_text()
-    assert int(re.search(r"kDirectMaxDim = (\d+);", cpu).group(1)) == weighted_pair_sums._DIRECT_MAX_DIM
-
-
 def test_extension_lists_every_op_of_the_library():
     from confusion_kernels import _extension
 

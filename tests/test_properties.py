@@ -1,7 +1,6 @@
 """Hypothesis property tests: the CPU kernel equals the reference on random
 shapes, labels, metrics and scales."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

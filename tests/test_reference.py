@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from scipy.spatial.distance import cdist
 
 import confusion_kernels as ck

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import confusion_kernels as ck
-from confusion_kernels import _backend
 
 X = torch.randn(6, 3)
 Y = torch.tensor([0, 1, 0, 1, 2, 2])

@@ -296,7 +296,6 @@ def similarity_matrix(stats: ClassStatistics, *, method: str = "welch", statisti
         raise ValueError(f"method must be 'welch' or 'prototype', got {method!r}")
     if statistic not in ("t", "p", "neglogp"):
         raise ValueError(f"statistic must be 't', 'p' or 'neglogp', got {statistic!r}")
-    c = stats.num_classes
     if bool((stats.counts == 0).all()):
         raise ValueError("similar_labels: the statistics hold no samples (call update first)")
     if method == "prototype":

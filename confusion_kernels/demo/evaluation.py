@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .data import MINORITY, DigitsSplit
-from .training import METHODS, Trained, train
+from .training import METHODS, train
 
 OOD_KNOWN = 8  # the OOD run trains on digits 0-7 and scores the test 8s and 9s as unseen
 

@@ -20,12 +20,13 @@ from .._metrics import GRAM_METRICS, METRIC_CODES
 from ._op_checks import check_row_sums
 from ._registration import refuse_double_backward
 from .._scaling import common_scale, rescale_large_rows
+from .._spec import DIRECT_MAX_DIM
 
 CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
 TRITON_OP = "confusion_kernels::weighted_pair_sums_with_grad_triton"
-# euclidean / sqeuclidean with at most this many dimensions stay on the two-pass
+# euclidean / sqeuclidean with at most DIRECT_MAX_DIM dimensions stay on the two-pass
 # difference loops of intra_inter_sums (a K <= 8 matrix product does too little work).
-_DIRECT_MAX_DIM = 8
+_DIRECT_MAX_DIM = DIRECT_MAX_DIM
 
 
 def _fake(x, labels, w_in, w_out, metric):

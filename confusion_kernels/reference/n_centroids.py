@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-METRICS = ("euclidean", "cosine", "great_circle")
-NORM_EPS = 1e-12
+from .._spec import NORM_EPS, SPHERE_METRICS  # noqa: F401 (NORM_EPS re-exported)
+
+METRICS = SPHERE_METRICS
 
 
 def normalize(z: torch.Tensor) -> torch.Tensor:

@@ -27,17 +27,17 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
-from .._metrics import GRAM_EXACT_FRACTION
+from .._spec import GRAM_EXACT_FRACTION, SPHERE_METRICS
 from ._support import MAXNREG, div_rn, dot_precision, pad_columns, sqrt_rn
 from ._support import use_dot as use_dot_for
 from .affinity import _dot_nn, _dot_nt
 from .intra_inter_sums import _tl_dtype
 
-CHORD = tl.constexpr(0)
-COSINE = tl.constexpr(1)
-GREAT_CIRCLE = tl.constexpr(2)
-METRIC_CODES = {"euclidean": 0, "cosine": 1, "great_circle": 2}
-EXACT_FRACTION = tl.constexpr(GRAM_EXACT_FRACTION)  # pair_math.h: kGramExactFraction
+METRIC_CODES = {name: code for code, name in enumerate(SPHERE_METRICS)}  # _spec.py
+CHORD = tl.constexpr(METRIC_CODES["euclidean"])
+COSINE = tl.constexpr(METRIC_CODES["cosine"])
+GREAT_CIRCLE = tl.constexpr(METRIC_CODES["great_circle"])
+EXACT_FRACTION = tl.constexpr(GRAM_EXACT_FRACTION)  # _spec.py (spec.h: kGramExactFraction)
 # What the launchers assume of each kernel's occupancy (scripts/triton_aot.py fails a
 # variant that fits fewer blocks per SM): one resident block per SM.
 RESOURCE_BUDGET = {"_forward_kernel": dict(min_blocks_per_sm=1),

@@ -31,10 +31,9 @@ namespace confusion_kernels {
 namespace {
 
 constexpr int64_t kDirectColBlock = 256;
-// euclidean / sqeuclidean with at most this many dimensions use the direct
-// (difference) loops: a K <= kDirectMaxDim matrix product does too little work
-// per output to pay for writing and re-reading the tile.
-constexpr int64_t kDirectMaxDim = 8;  // measured: direct wins up to D = 8 at N = 4096
+// euclidean / sqeuclidean with at most kDirectMaxDim dimensions (spec.h) use the
+// direct (difference) loops: a K <= 8 matrix product does too little work per
+// output to pay for writing and re-reading the tile (measured at N = 4096).
 
 bool uses_gram_pass(int64_t metric, int64_t dim) {
   return metric == kCosine ||

@@ -51,7 +51,6 @@ constexpr int kGradDims = 128;           // dimensions of dL/dx per backward blo
 constexpr int kSub = 32;                 // dimensions per step of the backward product
 constexpr int kGPitch = kCols + 4;       // row pitch of the Gram / coefficient tiles
 constexpr int kXPitch = kSub + 4;        // row pitch of the column-row tile of the product
-constexpr int kSmallDim = 8;             // D <= this: the difference-form kernel is cheaper
 
 // ---------------------------------------------------------------------------
 // Storage types and conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__).

@@ -1,6 +1,6 @@
 // CUDA dispatch of intra_inter_sums: checks inputs, picks a kernel, launches
 // on the current stream of x's device.
-//   * euclidean / sqeuclidean / cosine with D >= kGramMinDim and fp32, fp16 or
+//   * euclidean / sqeuclidean / cosine with D > kDirectMaxDim and fp32, fp16 or
 //     bf16 input: the Gram tile kernels (gram_tile_kernels.cuh), which compute
 //     every tile twice (once per row block) on tensor cores (fp16, bf16; tf32
 //     for fp32 only when torch.backends.cuda.matmul.allow_tf32 is on) or in
@@ -47,7 +47,7 @@ bool exact_kernels_forced() { return env_flag("CONFUSION_KERNELS_CUDA_EXACT"); }
 // kernel (the pair pass or the full tiles); the rest the difference form.
 bool uses_gram_form(const at::Tensor& x, int64_t metric) {
   return (metric == kEuclidean || metric == kSqEuclidean || metric == kCosine) &&
-         x.size(1) >= kGramMinDim && !exact_kernels_forced();
+         x.size(1) > kDirectMaxDim && !exact_kernels_forced();
 }
 
 // The operand kind of the full-tile Gram kernels when they take this input and

@@ -34,8 +34,7 @@ enum class GramOperands : int {
   kBf16 = 3,       // __nv_bfloat16 rows, bf16 tensor cores
 };
 
-// Below this many dimensions the difference-form kernels are used instead.
-constexpr int64_t kGramMinDim = 9;
+// The Gram-form kernels take D > kDirectMaxDim (spec.h); the difference form the rest.
 
 template <int64_t M>
 void launch_gram_forward(GramOperands ops, const void* rows, const float* exact_rows,

@@ -33,12 +33,9 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
 // the only place where C++ maps names to its own codes (Metric, Similarity).
 // Python never sends a code, so nothing has to be kept in step across languages.
 inline int64_t metric_code(c10::string_view name, const char* op) {
-  static const std::pair<const char*, Metric> kNames[] = {
-      {"euclidean", kEuclidean}, {"sqeuclidean", kSqEuclidean}, {"manhattan", kManhattan},
-      {"cosine", kCosine},       {"smooth_l1", kSmoothL1}};
   const std::string key(name.data(), name.size());
-  for (const auto& entry : kNames)
-    if (key == entry.first) return entry.second;
+  for (int64_t code = 0; code < kNumMetrics; ++code)  // kMetricNames: spec.h
+    if (key == kMetricNames[code]) return code;
   TORCH_CHECK(false, op, ": unknown metric '", key,
               "'; expected euclidean, sqeuclidean, manhattan, cosine or smooth_l1");
 }

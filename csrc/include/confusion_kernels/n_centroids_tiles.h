@@ -38,13 +38,14 @@
 namespace confusion_kernels {
 namespace n_centroids {
 
-constexpr double kNormEps = 1e-12;
+// kNormEps: spec.h (generated from confusion_kernels/_spec.py).
+using confusion_kernels::kNormEps;
 
 inline int64_t sphere_metric_code(c10::string_view name, const char* op) {
   const std::string key(name.data(), name.size());
-  if (key == "euclidean") return kChord;
-  if (key == "cosine") return kSphereCosine;
-  if (key == "great_circle") return kGreatCircle;
+  for (int64_t code = 0; code < int64_t(sizeof(kSphereMetricNames) / sizeof(kSphereMetricNames[0]));
+       ++code)
+    if (key == kSphereMetricNames[code]) return code;
   TORCH_CHECK(false, op, ": unknown metric '", key,
               "'; expected euclidean, cosine or great_circle");
 }

@@ -15,6 +15,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "confusion_kernels/spec.h"  // metric codes and constants (generated)
+
 #if defined(__CUDACC__)
 #define CK_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -23,24 +25,8 @@
 
 namespace confusion_kernels {
 
-// C++'s own metric codes. The ops receive the metric's name and map it here
-// once (checks.h: metric_code); no code crosses into Python.
-enum Metric : int64_t {
-  kEuclidean = 0,
-  kSqEuclidean = 1,
-  kManhattan = 2,
-  kCosine = 3,
-  kSmoothL1 = 4,
-  kNumMetrics = 5,
-};
-
-// Denominator floor of the cosine distance: 1 - a.b / max(|a||b|, eps).
-constexpr double kCosineEps = 1e-8;
-
-// A Gram-form squared distance below this fraction of |a|^2 + |b|^2 has lost
-// too many digits to cancellation; such pairs are recomputed exactly. For
-// cosine the same bound applies to the Gram-form distance itself.
-constexpr double kGramExactFraction = 1.0 / 16.0;
+// Metric codes (Metric), kCosineEps and kGramExactFraction: spec.h, generated from
+// confusion_kernels/_spec.py.
 
 template <typename T>
 CK_HOST_DEVICE T ck_sqrt(T v) {

@@ -23,8 +23,8 @@
 
 namespace confusion_kernels {
 
-// C++'s own codes of the sphere metrics (n_centroids_tiles.h: sphere_metric_code).
-enum SphereMetric : int64_t { kChord = 0, kSphereCosine = 1, kGreatCircle = 2 };
+// The sphere metrics' codes (SphereMetric) come from spec.h (generated from
+// confusion_kernels/_spec.py); n_centroids_tiles.h: sphere_metric_code.
 
 template <typename T>
 CK_HOST_DEVICE T ck_atan2(T y, T x) {

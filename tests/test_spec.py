@@ -1,0 +1,55 @@
+"""One source of truth for the facts Python, Triton and C++ / CUDA share (confusion_kernels/_spec.py).
+
+The C++ header spec.h is generated from _spec.py; these tests fail when the committed header
+is stale, and when a code or constant of _spec.py is defined again anywhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from confusion_kernels import _metrics, _spec
+from confusion_kernels.reference import n_centroids as ncl_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CPP_SOURCES = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh", ".cpp", ".cu")]
+PY_SOURCES = [p for p in (ROOT / "confusion_kernels").rglob("*.py")]
+
+
+def test_the_committed_header_is_generated_from_spec():
+    assert _spec.HEADER.read_text() == _spec.header_text(), (
+        "csrc/include/confusion_kernels/spec.h is stale: run `python -m confusion_kernels._spec`")
+
+
+@pytest.mark.parametrize("pattern", [
+    r"constexpr[^;=]*\bkCosineEps\s*=", r"constexpr[^;=]*\bkGramExactFraction\s*=",
+    r"constexpr[^;=]*\bkNormEps\s*=", r"constexpr[^;=]*\bkDirectMaxDim\s*=",
+    r"\bkGramMinDim\b", r"enum\s+Metric\b", r"enum\s+SphereMetric\b",
+    r"\bkEuclidean\s*=\s*\d", r'\{\s*"euclidean"\s*,\s*kEuclidean',
+])
+def test_cpp_defines_no_shared_fact_twice(pattern):
+    where = [str(p.relative_to(ROOT)) for p in CPP_SOURCES
+             if p != _spec.HEADER and re.search(pattern, p.read_text())]
+    assert not where, f"{pattern!r} is defined outside spec.h (generate it from _spec.py): {where}"
+
+
+@pytest.mark.parametrize("pattern", [
+    r"^\s*(COSINE_EPS|GRAM_EXACT_FRACTION|NORM_EPS|DIRECT_MAX_DIM|_DIRECT_MAX_DIM)\s*=\s*[0-9]",
+    r'\{\s*"euclidean"\s*:\s*0\b', r'"great_circle"\s*:\s*\d',  # code tables
+])
+def test_python_defines_no_shared_fact_twice(pattern):
+    here = Path(_spec.__file__).resolve()
+    where = [str(p.relative_to(ROOT)) for p in PY_SOURCES
+             if p.resolve() != here and re.search(pattern, p.read_text(), re.MULTILINE)]
+    assert not where, f"{pattern!r} is written outside _spec.py: {where}"
+
+
+def test_python_tables_come_from_spec():
+    assert list(_metrics.METRIC_CODES) == list(_spec.PAIR_METRICS)
+    assert [_metrics.METRIC_CODES[m] for m in _spec.PAIR_METRICS] == list(range(5))
+    assert ncl_reference.METRICS == _spec.SPHERE_METRICS
+    assert ncl_reference.NORM_EPS == _spec.NORM_EPS
+    assert _metrics.COSINE_EPS == _spec.COSINE_EPS
