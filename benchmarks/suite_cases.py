@@ -172,7 +172,7 @@ def class_stats_case(device, n, d, data, classes) -> Case:
     case.steps[f"ours-{ours}"] = lambda: ClassStatistics(classes, d, device=device).update(
         feats, labels)
     case.steps["eager"] = lambda: ClassStatistics(classes, d, device=device).update(
-        feats, labels, backend="torch")
+        feats, labels, backend="reference")
     return case
 
 

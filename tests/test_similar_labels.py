@@ -352,3 +352,22 @@ def test_statistics_take_only_statistics():
         stats.merge("x")
     with pytest.raises(TypeError, match="welch_t_test takes a ClassStatistics"):
         analysis.welch_t_test(torch.randn(2, 3))
+
+
+def test_update_follows_the_backend_rules_of_every_op(monkeypatch):
+    """ClassStatistics.update takes the backends of every op ("reference" too) and
+    CONFUSION_KERNELS_BACKEND, and an impossible choice raises naming it."""
+    g = torch.Generator().manual_seed(31)
+    x, labels = torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g)
+    want = ck.ClassStatistics(4, 6).update(x, labels, backend="torch")
+    got = ck.ClassStatistics(4, 6).update(x, labels, backend="reference")
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.m2, want.m2)
+    monkeypatch.setenv("CONFUSION_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"ClassStatistics.update: .*CONFUSION_KERNELS_BACKEND="
+                                           r"'cuda' cannot run class_shifted_sums"):
+        ck.ClassStatistics(4, 6).update(x, labels)
+    monkeypatch.setenv("CONFUSION_KERNELS_BACKEND", "reference")
+    env = ck.ClassStatistics(4, 6).update(x, labels)
+    assert torch.equal(env.m2, want.m2)
+    with pytest.raises(ValueError, match="backend must be"):
+        ck.ClassStatistics(4, 6).update(x, labels, backend="gpu")

@@ -38,31 +38,28 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,
                 num_classes: int, backend: str):
-    """(count [C], sum(x - shift_y) [C, K], sum((x - shift_y)^2) [C, K]) in float64."""
-    if backend == "auto":
-        if features.is_cuda:
-            backend = "triton"
-        elif _extension.has_kernel("class_shifted_sums", "CPU"):
-            backend = "cpu"
-        else:
-            backend = "torch"
-    if backend == "cpu":
-        if not _extension.has_kernel("class_shifted_sums", "CPU") or features.is_cuda:
-            raise RuntimeError("ClassStatistics: backend='cpu' needs the C++ extension and CPU tensors")
-        return torch.ops.confusion_kernels.class_shifted_sums(features, labels, shift, num_classes)
-    if backend == "triton":
-        from .._backend import unavailable_reason
+    """(count [C], sum(x - shift_y) [C, K], sum((x - shift_y)^2) [C, K]) in float64, on the
+    backend ``select_backend`` picks for op "class_shifted_sums" (the rules and the
+    CONFUSION_KERNELS_BACKEND variable of every op; there is no CUDA C++ kernel: "auto" takes
+    Triton on a GPU)."""
+    from .._backend import select_backend
 
-        reason = unavailable_reason("triton", features.device)
-        if reason is not None:
-            raise RuntimeError(f"ClassStatistics: backend='triton' cannot run: {reason}")
+    try:
+        chosen = select_backend(features, "reference" if backend == "torch" else backend,
+                                op="class_shifted_sums")
+    except RuntimeError as exc:
+        raise RuntimeError(f"ClassStatistics.update: {exc}") from None
+    if chosen == "cpu":
+        return torch.ops.confusion_kernels.class_shifted_sums(features, labels, shift, num_classes)
+    if chosen == "triton":
         from ..triton import class_stats
 
         return class_stats.shifted_sums(features, labels, shift, num_classes)
     x = features.to(torch.float64) - shift.index_select(0, labels)
     count = class_counts(labels, num_classes)
-    s1 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
-    s2 = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x * x)
+    zeros = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+    s1 = zeros.index_add(0, labels, x)
+    s2 = zeros.index_add(0, labels, x * x)
     return count, s1, s2
 
 
@@ -116,10 +113,13 @@ class ClassStatistics:
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, *,
                backend: str = "auto") -> "ClassStatistics":
-        """Adds a batch. backend: "auto" (Triton on CUDA tensors, the C++ kernel on
-        CPU tensors), "cpu", "triton", or "torch" (vectorised PyTorch)."""
-        if backend not in ("auto", "cpu", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'cpu', 'torch' or 'triton', got {backend!r}")
+        """Adds a batch. backend: as for every op ("auto": Triton on CUDA tensors, the C++
+        kernel on CPU tensors, else the reference; ``CONFUSION_KERNELS_BACKEND`` replaces
+        "auto"), "reference" (vectorised PyTorch; "torch" is the same), "cpu" or "triton".
+        A backend that cannot run raises RuntimeError saying why."""
+        if backend not in ("auto", "reference", "torch", "cpu", "triton", "cuda"):
+            raise ValueError("backend must be 'auto', 'reference', 'cpu', 'triton' or 'cuda', "
+                             f"got {backend!r}")
         if not isinstance(features, torch.Tensor) or features.dim() != 2:
             raise ValueError(f"features must be a 2-D tensor [B, K], got {getattr(features, 'shape', None)}")
         if features.shape[1] != self.num_features:
