@@ -6,10 +6,25 @@ have gradient 0 (``cdist``'s subgradient convention), as the kernels do.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .._metrics import COSINE_EPS, resolve_metric
+
+
+@functools.lru_cache(maxsize=None)
+def cdist_twice_differentiable() -> bool:
+    """Whether this torch differentiates torch.cdist twice (torch 2.6 does not)."""
+    a = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(torch.cdist(a, a).sum(), a, create_graph=True)
+        try:
+            torch.autograd.grad(g.sum(), a)
+        except NotImplementedError:  # "the derivative for '_cdist_backward' is not implemented"
+            return False
+    return True
 
 
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None,
@@ -32,13 +47,20 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None,
     elif name == "cosine":
         nx, ny = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(y, dim=1)
         norms = nx[:, None] * ny[None, :]
-        # 1 - cos = |u - v|^2 / 2 for the unit rows u, v: from their difference, so that
-        # near-parallel rows keep their digits (1 - a.b / (|a||b|) cancels: in fp32 it lost
-        # every digit); the eps branch |a||b| <= 1e-8 keeps the formula above
-        tiny = torch.finfo(nx.dtype).tiny
-        u, v = x / nx.clamp_min(tiny)[:, None], y / ny.clamp_min(tiny)[:, None]
-        half_sq = torch.cdist(u, v, p=2.0, compute_mode="donot_use_mm_for_euclid_dist").square() / 2
-        dist = torch.where(norms > COSINE_EPS, half_sq, 1.0 - (x @ y.T) / COSINE_EPS)
+        gram = 1.0 - (x @ y.T) / norms.clamp_min(COSINE_EPS)
+        if cdist_twice_differentiable():
+            # 1 - cos = |u - v|^2 / 2 for the unit rows u, v: from their difference, so that
+            # near-parallel rows keep their digits (1 - a.b / (|a||b|) cancels: in fp32 it
+            # lost every digit); the eps branch |a||b| <= 1e-8 keeps the formula above.
+            # (Where torch cannot differentiate cdist twice, the formula above stays, so that
+            # the reference keeps its second derivatives.)
+            tiny = torch.finfo(nx.dtype).tiny
+            u, v = x / nx.clamp_min(tiny)[:, None], y / ny.clamp_min(tiny)[:, None]
+            half_sq = torch.cdist(u, v, p=2.0,
+                                  compute_mode="donot_use_mm_for_euclid_dist").square() / 2
+            dist = torch.where(norms > COSINE_EPS, half_sq, gram)
+        else:
+            dist = gram
     else:  # smooth_l1
         dist = F.smooth_l1_loss(x[:, None, :].expand(-1, y.shape[0], -1),
                                 y[None, :, :].expand(x.shape[0], -1, -1),
