@@ -11,11 +11,19 @@ def test_available_backends_tell_the_truth():
     backends = ck.available_backends()
     assert backends[0] == "reference"
     assert set(backends) <= set(ck.BACKENDS)
-    x = torch.randn(5, 2, device="cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(5, 2, dtype=torch.float64,
+                    device="cuda" if torch.cuda.is_available() else "cpu")
     y = torch.tensor([0, 0, 1, 1, 2], device=x.device)
-    for backend in ck.available_backends(x.device):
+    want = ck.reference.intra_inter_sums(x.cpu(), y.cpu())
+    listed = ck.available_backends(x.device)
+    assert "reference" in listed
+    for backend in listed:  # every listed backend runs, and gives the reference's sums
         s_in, s_out = ck.intra_inter_sums(x, y, backend=backend)
-        assert s_in.shape == (5,)
+        torch.testing.assert_close(s_in.cpu(), want[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(s_out.cpu(), want[1], rtol=1e-10, atol=1e-12)
+    for backend in set(ck.BACKENDS) - set(listed):  # every unlisted one refuses, saying why
+        with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run"):
+            ck.intra_inter_sums(x, y, backend=backend)
     assert ("cpu" in backends) == _extension.HAS_C
 
 
@@ -33,7 +41,12 @@ def test_environment_variable_overrides_auto(monkeypatch):
     x = torch.randn(4, 2)
     monkeypatch.setenv(_backend.ENV_VAR, "reference")
     assert ck.select_backend(x) == "reference"
-    assert ck.select_backend(x, "cpu" if _extension.HAS_C else "reference") in ("cpu", "reference")
+    if _extension.HAS_C:  # the variable replaces "auto" only: an explicit backend wins
+        assert ck.select_backend(x, "cpu") == "cpu"
+    # and it reaches the ops: a backend that cannot run there is refused through it
+    monkeypatch.setenv(_backend.ENV_VAR, "cuda")  # x is on the CPU: never runnable
+    with pytest.raises(RuntimeError, match="CONFUSION_KERNELS_BACKEND='"):
+        ck.intra_inter_sums(x, torch.tensor([0, 0, 1, 1]))
     monkeypatch.setenv(_backend.ENV_VAR, "bogus")
     with pytest.raises(RuntimeError, match="CONFUSION_KERNELS_BACKEND='bogus'"):
         ck.select_backend(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import confusion_kernels as ck
-from confusion_kernels import reference
+from confusion_kernels import _extension, reference
 from conftest import assert_rel, make_batch, require_backend
 
 TOL = 1e-10
@@ -93,14 +93,29 @@ def test_empty_memory_is_the_batch_alone():
 
 
 def test_module_enqueues_in_training_only():
+    """Training mode: the loss of a batch meets the rows enqueued before it (the reference with
+    those rows as extra columns), then the batch is stored as it was; eval mode stores
+    nothing."""
     memory = ck.CrossBatchMemory(50, 4, dtype=torch.float64)
-    criterion = ck.ASLoss(memory=memory, backend="cpu")
+    backend = "cpu" if _extension.has_kernel("intra_inter_sums_rect", "CPU") else "reference"
+    criterion = ck.ASLoss(memory=memory, backend=backend)
     x, labels = make_batch(6, 4, 2, seed=1)
-    criterion(x, labels)
+    alone = criterion(x, labels)  # empty memory: the batch alone
+    torch.testing.assert_close(alone, ck.as_loss(x, labels, backend="reference"))
     assert memory.filled == 6
+    stored, stored_labels = memory.contents()
+    assert torch.equal(stored, x) and torch.equal(stored_labels, labels)
+    x2, labels2 = make_batch(5, 4, 2, seed=2)
+    with_memory = criterion(x2, labels2)
+    ref, ref_labels = torch.cat([x2, x]), torch.cat([labels2, labels])
+    t = reference.as_loss_terms(x2, labels2, ref=ref, ref_labels=ref_labels)
+    want = 1e-3 * t.inner - 1e-3 * t.outer + 1e-2 * t.boundary
+    assert_rel(with_memory, want, TOL, "loss with the memory")
+    assert not torch.allclose(with_memory, ck.as_loss(x2, labels2, backend="reference"))
+    assert memory.filled == 11
     criterion.eval()
     criterion(x, labels)
-    assert memory.filled == 6
+    assert memory.filled == 11
     with pytest.raises(ValueError, match="one representation"):
         criterion([x, x], labels)
     with pytest.raises(ValueError, match="cannot be combined"):
