@@ -53,3 +53,18 @@ def test_python_tables_come_from_spec():
     assert ncl_reference.METRICS == _spec.SPHERE_METRICS
     assert ncl_reference.NORM_EPS == _spec.NORM_EPS
     assert _metrics.COSINE_EPS == _spec.COSINE_EPS
+
+
+def test_losses_package_exports_every_public_loss():
+    """confusion_kernels.losses lists every public name of its modules (it exported 4 of 16)."""
+    import importlib
+
+    import confusion_kernels.losses as losses
+
+    for module in ("affinity", "as_loss", "confidence", "memory", "n_centroids"):
+        mod = importlib.import_module(f"confusion_kernels.losses.{module}")
+        public = getattr(mod, "__all__", None) or [
+            n for n, v in vars(mod).items() if not n.startswith("_") and callable(v)
+            and getattr(v, "__module__", "") == mod.__name__]
+        missing = [n for n in public if n not in losses.__all__]
+        assert not missing, f"confusion_kernels.losses does not export {missing} of {module}"

@@ -31,6 +31,9 @@ from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
 from .memory import CrossBatchMemory
 
+# the public API; radial_terms, term_weights and class_sizes are helpers of the benchmarks
+__all__ = ["ASLoss", "as_loss", "as_loss_terms"]
+
 REDUCTIONS = ("pair_mean", "class_mean")
 
 

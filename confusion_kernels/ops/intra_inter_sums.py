@@ -172,8 +172,9 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     Returns:
         (S_in [N], S_out [N]), float32 for fp16/bf16 inputs, else x's dtype;
         differentiable w.r.t. x (and ref) with O((N + M)*D) memory (no N x M
-        buffers) on the kernel backends. The rectangular form computes every pair
-        from differences (exact, no Gram form).
+        buffers) on the kernel backends. The rectangular form runs Gram-form tiles on
+        cpu for euclidean / sqeuclidean (D > 8) and cosine, recomputing the pairs the Gram
+        form cannot resolve from differences, and the difference form on triton and cuda.
     """
     check_embeddings(x, "x", check_finite=check_finite)
     labels = check_labels(labels, x.shape[0], x.device)
