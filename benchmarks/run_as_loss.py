@@ -3,9 +3,9 @@
 Providers (fused and two-pass once per --backends entry, named "<provider>-<backend>"
 except for the cpu backend):
   fused      as_loss(..., backend=B): the one-pass op when it applies
-             (weighted_pair_sums: loss and gradient in one triangular pass)
+             (weighted_pair_sums: loss and gradient in one pair pass)
   two-pass   the same loss from intra_inter_sums(backend=B): its forward, then its
-             backward (on cpu and triton both halves are triangular passes for the
+             backward (on cpu and triton both halves are pair passes for the
              Gram metrics; the CUDA C++ kernels still visit every ordered pair)
   eager      the PyTorch reference (torch.cdist + masks, N x N memory)
   compile    torch.compile of the reference

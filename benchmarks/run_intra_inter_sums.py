@@ -65,7 +65,7 @@ def make_fn(impl: str, metric: str, x, labels):
         def fn(inp):
             return keops_peer.intra_inter_sums(inp, labels, metric)
     else:
-        # "cuda-pair-pass": the cuda backend with its triangular pair pass instead of
+        # "cuda-pair-pass": the cuda backend with its pair pass instead of
         # the full-tile Gram kernels (read by the extension at every call, so set for
         # the whole case).
         os.environ[PAIR_PASS] = "1" if impl == "cuda-pair-pass" else "0"

@@ -115,7 +115,7 @@ class Launch:
 
     @property
     def name(self) -> str:
-        """module.kernel, e.g. pair_sums._pair_kernel."""
+        """module.kernel, e.g. pair_pass._pair_kernel."""
         return f"{self.kernel.fn.__module__.rsplit('.', 1)[-1]}.{self.kernel.fn.__name__}"
 
     def key(self) -> str:
@@ -187,7 +187,7 @@ def launch_cases() -> dict:
     import torch
 
     from confusion_kernels import _metrics
-    from confusion_kernels.triton import affinity, class_stats, n_centroids, pair_sums
+    from confusion_kernels.triton import affinity, class_stats, n_centroids, pair_pass
     from confusion_kernels.triton import intra_inter_sums as direct
 
     float_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -222,11 +222,11 @@ def launch_cases() -> dict:
                 w = torch.rand(n, generator=gen(2), dtype=torch.float64).to(
                     dtype if dtype == torch.float64 else torch.float32)
                 tag = f"{dname}{'-tf32' if tf32 else ''}-{metric}"
-                cases[f"pair_sums.row_sums/{tag}"] = with_tf32(
-                    tf32, lambda x=x, lab=lab, code=code: pair_sums.row_sums(x, lab, code))
-                cases[f"pair_sums.weighted_with_grad/{tag}"] = with_tf32(
+                cases[f"pair_pass.row_sums/{tag}"] = with_tf32(
+                    tf32, lambda x=x, lab=lab, code=code: pair_pass.row_sums(x, lab, code))
+                cases[f"pair_pass.weighted_with_grad/{tag}"] = with_tf32(
                     tf32, lambda x=x, lab=lab, w=w, code=code:
-                    pair_sums.weighted_with_grad(x, lab, w, w, code))
+                    pair_pass.weighted_with_grad(x, lab, w, w, code))
 
     # The direct (difference-form) passes: square op (manhattan, smooth_l1) and the
     # rectangular op (every metric), with and without a left-out pair.
@@ -300,9 +300,9 @@ def launch_cases() -> dict:
         tag = f"n{n1}-d{d1}"
         for metric in ("euclidean", "cosine"):
             code = _metrics.METRIC_CODES[metric]
-            cases[f"specialised/pair_sums/{tag}-{metric}"] = (
-                lambda x=x, lab=lab, w=w, code=code: (pair_sums.row_sums(x, lab, code),
-                                                      pair_sums.weighted_with_grad(x, lab, w, w,
+            cases[f"specialised/pair_pass/{tag}-{metric}"] = (
+                lambda x=x, lab=lab, w=w, code=code: (pair_pass.row_sums(x, lab, code),
+                                                      pair_pass.weighted_with_grad(x, lab, w, w,
                                                                                    code)))
         for metric in ("euclidean", "manhattan"):
             code = _metrics.METRIC_CODES[metric]
@@ -339,10 +339,10 @@ def launch_cases() -> dict:
                 dtype if dtype == torch.float64 else torch.float32)
             for metric in ("euclidean", "cosine"):
                 code = _metrics.METRIC_CODES[metric]
-                cases[f"unaligned/pair_sums/{tag}-{metric}"] = with_tf32(
+                cases[f"unaligned/pair_pass/{tag}-{metric}"] = with_tf32(
                     tf32, lambda x=x, lab=lab, w=w, code=code: (
-                        pair_sums.row_sums(x, lab, code),
-                        pair_sums.weighted_with_grad(x, lab, w, w, code)))
+                        pair_pass.row_sums(x, lab, code),
+                        pair_pass.weighted_with_grad(x, lab, w, w, code)))
             for m in (1, 8, 32):
                 def affinity_odd(f=x, lab=lab, w=w, m=m):
                     protos = torch.randn(4, m, d_odd, generator=gen(33)).to(f.dtype)
@@ -376,11 +376,11 @@ def launch_cases() -> dict:
 
 def budgets() -> dict:
     """Kernel name -> its module's RESOURCE_BUDGET entry (min_blocks_per_sm)."""
-    from confusion_kernels.triton import affinity, class_stats, n_centroids, pair_sums
+    from confusion_kernels.triton import affinity, class_stats, n_centroids, pair_pass
     from confusion_kernels.triton import intra_inter_sums as direct
 
     out = {}
-    for module in (pair_sums, direct, affinity, n_centroids, class_stats):
+    for module in (pair_pass, direct, affinity, n_centroids, class_stats):
         short = module.__name__.rsplit(".", 1)[-1]
         out.update({f"{short}.{k}": v for k, v in getattr(module, "RESOURCE_BUDGET", {}).items()})
     return out

@@ -100,7 +100,7 @@ def test_cuda_gradcheck_on_device():
 # Euclidean, sqeuclidean and cosine with D >= 9 take a Gram-form kernel: the
 # full-tile kernels (csrc/cuda/gram_tile_kernels.cuh: fp32 / fp16 / bf16 on tensor
 # cores or in fp32; fp64 goes to the pair pass), or under
-# CONFUSION_KERNELS_CUDA_PAIR_PASS=1 the triangular pair pass
+# CONFUSION_KERNELS_CUDA_PAIR_PASS=1 the pair pass
 # (csrc/cuda/pair_pass_kernels.cuh, every dtype, exact FMA arithmetic).
 # Tolerances are those of the tensor cores.
 GRAM_CASES = {  # name: (input dtype, allow_tf32, relative tolerance vs float64)
@@ -144,7 +144,7 @@ def test_gram_kernels_match_reference(path, case, metric, n, d, monkeypatch):
 def test_kernel_switches_agree(metric):
     """The default Gram path (the full-tile kernels),
     CONFUSION_KERNELS_CUDA_EXACT=1 (every case to the difference-form kernel) and
-    CONFUSION_KERNELS_CUDA_PAIR_PASS=1 (the triangular pair pass) agree to fp32
+    CONFUSION_KERNELS_CUDA_PAIR_PASS=1 (the pair pass) agree to fp32
     accuracy, forward and backward."""
     require_backend("cuda")
     code = (

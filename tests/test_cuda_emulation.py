@@ -338,7 +338,7 @@ def test_affinity_epilogue_kernels_match_reference(affinity_kernels, n, c, m, d,
 
 
 # ---------------------------------------------------------------------------
-# The triangular pair pass (csrc/cuda/pair_pass_kernels.cuh): the one-pass
+# The pair pass (csrc/cuda/pair_pass_kernels.cuh): the one-pass
 # ASLoss core on CUDA, every round and the diagonal launch as the host runs them.
 # ---------------------------------------------------------------------------
 PAIR_PASS_BLOCK = 32  # pair_pass::kBlock

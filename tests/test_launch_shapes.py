@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from confusion_kernels import _metrics  # noqa: E402
-from confusion_kernels.triton import _support, affinity, class_stats, intra_inter_sums, n_centroids, pair_sums  # noqa: E402
+from confusion_kernels.triton import _support, affinity, class_stats, intra_inter_sums, n_centroids, pair_pass  # noqa: E402
 
-MODULES = (affinity, intra_inter_sums, n_centroids, pair_sums)
+MODULES = (affinity, intra_inter_sums, n_centroids, pair_pass)
 MAX_X, MAX_YZ = 2**31 - 1, 65535
 SMS = 132  # H100 / H200
 BIG_N = 2**24
@@ -39,7 +39,7 @@ def test_grids_within_cuda_limits_at_n_2_pow_24(gpu_configs, dtype, d):
     x = torch.empty(0, dtype=dtype)
     for metric in (_metrics.EUCLIDEAN, _metrics.COSINE):
         for grad in (False, True):
-            grids = pair_sums.launch_grids(BIG_N, pair_sums._config(dtype, grad, metric))
+            grids = pair_pass.launch_grids(BIG_N, pair_pass._config(dtype, grad, metric))
             assert all(within_limits(g) for g in (grids[0], grids[-1]))
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for m in (1, BIG_N):
@@ -60,8 +60,8 @@ def test_grids_within_cuda_limits_at_n_2_pow_24(gpu_configs, dtype, d):
 def test_pair_pass_launches_one_kernel_per_round(gpu_configs):
     """The schedule's cost in launches: T' - 1 rounds plus the diagonal (T = N / BLOCK).
     A known limit, not a goal: at N = 2^20 that is 32,768 launches of 32x32 tiles."""
-    cfg = pair_sums._config(torch.float32, True)
-    grids = pair_sums.launch_grids(2**20, cfg)
+    cfg = pair_pass._config(torch.float32, True)
+    grids = pair_pass.launch_grids(2**20, cfg)
     t = 2**20 // cfg["BLOCK"]
     assert len(grids) == t and grids[0] == (t // 2,) and grids[-1] == (t,)
 
@@ -107,7 +107,7 @@ def test_row_kernels_give_every_sm_work_at_benchmark_shapes(gpu_configs, n, d):
         assert affinity.launch_grids(n, 1000, 512, affinity._config(x, 5), 4 * SMS)[
             "forward"][0] >= SMS
         for grad in (False, True):
-            assert pair_sums.launch_grids(n, pair_sums._config(dtype, grad))[0][0] >= SMS
+            assert pair_pass.launch_grids(n, pair_pass._config(dtype, grad))[0][0] >= SMS
     grid = intra_inter_sums.launch_grids(n, d, intra_inter_sums._config(torch.float32))["backward"]
     assert grid[0] * grid[1] >= SMS
     assert class_stats.grid(1 << 20, 512)[0] >= SMS
@@ -148,7 +148,7 @@ def test_one_tf32_rule_for_every_op(gpu_configs, allow):
 def check_tf32_rule(allow: bool) -> None:
     for dtype in DTYPES:
         x = torch.empty(0, dtype=dtype)
-        precisions = set(pair_sums._precisions_of(dtype))
+        precisions = set(pair_pass._precisions_of(dtype))
         precisions |= {affinity._config(x, 1)["PREC"], n_centroids._config(x)["PREC"]}
         if dtype == torch.float64:
             assert precisions == {"ieee"}

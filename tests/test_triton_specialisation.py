@@ -25,7 +25,7 @@ from confusion_kernels.reference import n_centroids as ncl
 
 from conftest import assert_rel, interpreted, require_backend
 
-MODULES = ("pair_sums", "intra_inter_sums", "affinity", "n_centroids", "class_stats")
+MODULES = ("pair_pass", "intra_inter_sums", "affinity", "n_centroids", "class_stats")
 TOL = 1e-10
 
 

@@ -1,5 +1,5 @@
 """The one-pass ASLoss core (weighted_pair_sums) and intra_inter_sums on the same
-triangular pass: loss terms, row sums and gradients, against the float64
+pair pass: loss terms, row sums and gradients, against the float64
 reference on shapes that stress the tiling (CPU kernel; Triton through its
 interpreter without a GPU; the CUDA kernel on a GPU, and on the CPU through
 tests/test_cuda_emulation.py)."""
@@ -200,7 +200,7 @@ def test_when_the_one_pass_applies():
 
 
 # ---------------------------------------------------------------------------
-# intra_inter_sums on the same triangular pass: the per-row forward and the
+# intra_inter_sums on the same pair pass: the per-row forward and the
 # backward for arbitrary upstream gradients.
 # ---------------------------------------------------------------------------
 TILE_SHAPES = [
@@ -270,7 +270,7 @@ def test_triton_class_sums_do_not_depend_on_the_order_of_rows(scale):
     any order of the rows (a float index_add_ fails this on CPU too), and the exact
     sums to 2^-61 * N * max|v|."""
     pytest.importorskip("triton")
-    from confusion_kernels.triton.pair_sums import _class_sums
+    from confusion_kernels.triton.pair_pass import _class_sums
     g = torch.Generator().manual_seed(3)
     n, d = 5000, 7
     values = (torch.randn(n, d, generator=g, dtype=torch.float64) * 10 + 50) * scale

@@ -100,7 +100,7 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     When a gradient is needed and the backend has it (cpu and cuda: euclidean
     and sqeuclidean with D > 8, cosine; triton: euclidean, sqeuclidean, cosine),
     inner and outer and their gradients come
-    from one triangular pass (``weighted_pair_sums``); otherwise from
+    from one pair pass (``weighted_pair_sums``); otherwise from
     ``intra_inter_sums``.
 
     With ``global_batch=True`` (an initialised torch.distributed process group, ``group``

@@ -62,10 +62,10 @@ def _triton_forward(x: torch.Tensor, labels: torch.Tensor, metric: str) -> tuple
 
     check_row_sums(x, labels, metric)
     code = METRIC_CODES[metric]
-    if code in GRAM_METRICS:  # the triangular pass: each unordered pair once
-        from ..triton import pair_sums
+    if code in GRAM_METRICS:  # the pair pass: each unordered pair once
+        from ..triton import pair_pass
 
-        return pair_sums.row_sums(x, labels, code)
+        return pair_pass.row_sums(x, labels, code)
     return kernels.forward(x, labels, code)
 
 
@@ -76,10 +76,10 @@ def _triton_backward(grad_in: torch.Tensor, grad_out: torch.Tensor, x: torch.Ten
 
     check_row_sums(x, labels, metric, (grad_in, grad_out))
     code = METRIC_CODES[metric]
-    if code in GRAM_METRICS:  # dL/dx = d(sum g_in S_in + g_out S_out)/dx, one triangular pass
-        from ..triton import pair_sums
+    if code in GRAM_METRICS:  # dL/dx = d(sum g_in S_in + g_out S_out)/dx, one pair pass
+        from ..triton import pair_pass
 
-        _, _, g_same, g_other = pair_sums.weighted_with_grad(x, labels, grad_in, grad_out, code)
+        _, _, g_same, g_other = pair_pass.weighted_with_grad(x, labels, grad_in, grad_out, code)
         return (g_same + g_other).to(x.dtype)
     return kernels.backward(grad_in, grad_out, x, labels, code)
 

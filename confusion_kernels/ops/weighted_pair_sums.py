@@ -6,7 +6,7 @@
 The ASLoss terms are such weighted sums, with weights that depend on the
 labels only (1 / pair count, or per class for ``class_mean``). Because the
 weights are known before the kernel runs, the kernel computes t_in, t_out and
-their gradients together, each unordered pair once (a triangular pass), and
+their gradients together, each unordered pair once (a pair pass), and
 the backward only scales the two stored gradients by the upstream scalars:
 about half the work of a forward plus a recomputing backward.
 """
@@ -62,14 +62,14 @@ if _extension.HAS_C and _extension.has_kernel("weighted_pair_sums_with_grad", "C
 def _triton_one_pass(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
                      w_out: torch.Tensor, metric: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ..triton import pair_sums
+    from ..triton import pair_pass
 
     check_row_sums(x, labels, metric, (w_in, w_out), op=TRITON_OP.split("::")[1],
                    grad_names=("w_in", "w_out"))
     if METRIC_CODES[metric] not in GRAM_METRICS:
         raise ValueError("weighted_pair_sums_with_grad_triton: metrics with a Gram form only "
                          "(euclidean, sqeuclidean, cosine)")
-    t_in, t_out, g_in, g_out = pair_sums.weighted_with_grad(x, labels, w_in, w_out,
+    t_in, t_out, g_in, g_out = pair_pass.weighted_with_grad(x, labels, w_in, w_out,
                                                             METRIC_CODES[metric])
     return t_in, t_out, g_in.to(x.dtype), g_out.to(x.dtype)
 

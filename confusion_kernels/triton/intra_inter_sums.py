@@ -7,8 +7,8 @@ keeps S_in and S_out (O(N) output, no N x N memory). Backward: one program
 owns ``BLOCK_M`` rows x ``BLOCK_DO`` output dimensions and recomputes the
 distance tiles it needs. Distances come from per-dimension differences.
 
-euclidean / sqeuclidean / cosine run on the triangular Gram-form pass of
-``pair_sums.py``, which calls ``_direct_distance`` here for the pairs the Gram
+euclidean / sqeuclidean / cosine run on the pair pass (Gram form) of
+``pair_pass.py``, which calls ``_direct_distance`` here for the pairs the Gram
 form cannot resolve. The per-pair formulas are those of
 ``csrc/include/confusion_kernels/pair_math.h``.
 """

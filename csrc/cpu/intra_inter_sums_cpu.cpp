@@ -5,7 +5,7 @@
 // intra_inter_sums_rect (columns from a reference set, pair_sides.h).
 //
 // euclidean / sqeuclidean (D > 8) / cosine: forward and backward are the
-// triangular Gram-form pass of pair_sums_with_grad_cpu.cpp (each unordered
+// pair pass (Gram form) of pair_pass_cpu.cpp (each unordered
 // pair once, class-aligned tiles shifted by their mean, exact recomputation
 // of the pairs the Gram form cannot resolve). manhattan / smooth_l1, and
 // euclidean / sqeuclidean at small D: direct loops over a transposed copy so the
@@ -25,7 +25,7 @@
 #include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/direct_pass.h"
 #include "confusion_kernels/gram_tiles.h"
-#include "pair_sums_with_grad.h"
+#include "pair_pass.h"
 
 namespace confusion_kernels {
 namespace {
@@ -362,7 +362,7 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
   if (uses_gram_pass(in.metric, in.x.size(1))) {
     // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the one-pass
     // kernel with the upstream gradients as weights, each unordered pair once.
-    const PairSums r = pair_sums_with_grad(in.x, in.labels, in.grad_in, in.grad_out, in.metric);
+    const PairSums r = pair_pass_with_grad(in.x, in.labels, in.grad_in, in.grad_out, in.metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
   return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels,

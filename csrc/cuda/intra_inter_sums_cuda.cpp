@@ -8,7 +8,7 @@
 //     at D = 128 (benchmarks/results/2026-11-24-h100);
 //   * the same cases in fp64, cosine in fp16 / bf16 (whose unit rows a 16-bit
 //     operand would round), or every dtype under
-//     CONFUSION_KERNELS_CUDA_PAIR_PASS=1: the triangular pair pass
+//     CONFUSION_KERNELS_CUDA_PAIR_PASS=1: the pair pass
 //     (pair_pass.h), each unordered pair once, exact FMA arithmetic in the
 //     accumulation dtype; the backward is the same pass with the upstream
 //     gradients as weights;
@@ -190,7 +190,7 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
   if (uses_gram_form(x, metric)) {
     // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the pair
     // pass with the upstream gradients as weights, each unordered pair once.
-    const PairSums r = pair_sums_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
+    const PairSums r = pair_pass_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
   return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels,

@@ -1,4 +1,4 @@
-// The triangular pair pass on CUDA (pair_pass.h, kernels in
+// The pair pass on CUDA (pair_pass.h, kernels in
 // pair_pass_kernels.cuh): label-sorted rows, one launch per round of the block
 // schedule, then the diagonal blocks, all on the current stream of x's device.
 // Registered as weighted_pair_sums_with_grad (the one-pass ASLoss core) and
@@ -100,7 +100,7 @@ void run_pass(const SortedRows& r, int64_t metric, const PassBuffers& b) {
 
 }  // namespace
 
-PairSums pair_sums_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels,
+PairSums pair_pass_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels,
                                   const at::Tensor& w_in, const at::Tensor& w_out,
                                   int64_t metric) {
   const int64_t n = xa.size(0);
@@ -136,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
     const at::Tensor& w_out, c10::string_view metric_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in =
-      prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCUDA);
-  const PairSums r = pair_sums_with_grad_cuda(in.x, in.labels, w_in, w_out, in.metric);
+      prepare_pair_pass_inputs(x, labels, w_in, w_out, metric_name, c10::kCUDA);
+  const PairSums r = pair_pass_with_grad_cuda(in.x, in.labels, w_in, w_out, in.metric);
   return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};
 }
 

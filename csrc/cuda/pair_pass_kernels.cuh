@@ -1,10 +1,10 @@
 #pragma once
-// The triangular pair pass in CUDA C++ (euclidean, sqeuclidean, cosine): the
+// The pair pass in CUDA C++ (euclidean, sqeuclidean, cosine): the
 // one-pass ASLoss core weighted_pair_sums_with_grad,
 //   t_in = sum_{i<j, same class} (w_in[i] + w_in[j]) D(x_i, x_j), t_out likewise,
 // and their gradients, each unordered pair of rows computed once.
 //
-// Schedule (as in confusion_kernels/triton/pair_sums.py): the rows are sorted by
+// Schedule (as in confusion_kernels/triton/pair_pass.py): the rows are sorted by
 // label and cut into T blocks of kBlock rows; the off-diagonal block pairs are
 // visited in the rounds of a round-robin tournament (one launch per round; in a
 // round every block meets exactly one other, so the CUDA blocks of a launch

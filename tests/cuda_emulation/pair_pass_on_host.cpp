@@ -1,4 +1,4 @@
-// The triangular pair-pass CUDA kernel (csrc/cuda/pair_pass_kernels.cuh), compiled
+// The pair-pass CUDA kernel (csrc/cuda/pair_pass_kernels.cuh), compiled
 // for the CPU through cuda_host_shim.h and exposed to tests/test_cuda_emulation.py
 // through a C ABI (ctypes): one call runs every round and the diagonal launch,
 // as csrc/cuda/pair_pass_cuda.cu does. Test-only.

@@ -148,7 +148,7 @@ inline RowSumsInputs prepare_row_sums_inputs(const at::Tensor& x, const at::Tens
 
 // weighted_pair_sums_with_grad(x, labels, w_in, w_out, metric): the row-sum
 // checks, a metric with a Gram form, and floating [N] weights on x's device.
-inline RowSumsInputs prepare_pair_sums_inputs(const at::Tensor& x, const at::Tensor& labels,
+inline RowSumsInputs prepare_pair_pass_inputs(const at::Tensor& x, const at::Tensor& labels,
                                               const at::Tensor& w_in, const at::Tensor& w_out,
                                               c10::string_view metric_name,
                                               c10::DeviceType device) {

@@ -1,5 +1,5 @@
-// The rows of a batch sorted by label, and what the triangular pair passes
-// (CPU: csrc/cpu/pair_sums_with_grad_cpu.cpp, CUDA: csrc/cuda/pair_pass_cuda.cu)
+// The rows of a batch sorted by label, and what the pair passes
+// (CPU: csrc/cpu/pair_pass_cpu.cpp, CUDA: csrc/cuda/pair_pass_cuda.cu)
 // read of them. Host-side ATen code, device-agnostic.
 #pragma once
 

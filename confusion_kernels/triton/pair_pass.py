@@ -1,4 +1,4 @@
-"""Triton kernels of the triangular pair pass (Gram metrics: euclidean, sqeuclidean, cosine).
+"""Triton kernels of the pair pass (Gram metrics: euclidean, sqeuclidean, cosine).
 
 Two modes over the same schedule, each unordered pair of rows computed once:
 

@@ -1,4 +1,4 @@
-// What the triangular pair passes (CPU: csrc/cpu/pair_sums_with_grad_cpu.cpp,
+// What the pair passes (CPU: csrc/cpu/pair_pass_cpu.cpp,
 // CUDA: csrc/cuda/pair_pass_cuda.cu) return for weights w_in, w_out [N]:
 //   t_in  = sum_i w_in[i]  S_in[i],   t_out = sum_i w_out[i] S_out[i]
 // and their gradients, each unordered pair computed once. The ASLoss op passes

@@ -34,7 +34,7 @@
 #include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/sorted_rows.h"
-#include "pair_sums_with_grad.h"
+#include "pair_pass.h"
 #include "simd.h"
 
 namespace confusion_kernels {
@@ -380,7 +380,7 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
 
 }  // namespace
 
-PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
+PairSums pair_pass_with_grad(const at::Tensor& xa, const at::Tensor& labels,
                              const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
   const int64_t n = xa.size(0);
   const SortedRows r = sort_rows(xa, labels, metric);
@@ -389,8 +389,8 @@ PairSums pair_sums_with_grad(const at::Tensor& xa, const at::Tensor& labels,
   at::Tensor t_out_rows = at::zeros({n}, r.xs.options());
   TileGrads g{at::zeros_like(r.xs), at::zeros_like(r.xs)};
   at::Tensor gx_in = at::zeros_like(r.xs), gx_out = at::zeros_like(r.xs);
-  AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_sums_with_grad", [&] {
-    dispatch_gram_metric(metric, "pair_sums_with_grad", [&](auto m) {
+  AT_DISPATCH_FLOATING_TYPES(r.xs.scalar_type(), "pair_pass_with_grad", [&] {
+    dispatch_gram_metric(metric, "pair_pass_with_grad", [&](auto m) {
       one_pass<decltype(m)::value, true, scalar_t>(
           r.xs, r.zs, r.sq.data_ptr<scalar_t>(), r.cls.data_ptr<int32_t>(),
           wis.data_ptr<scalar_t>(), wos.data_ptr<scalar_t>(), t_in_rows.data_ptr<scalar_t>(),
@@ -424,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
     const at::Tensor& w_out, c10::string_view metric_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in =
-      prepare_pair_sums_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
-  const PairSums r = pair_sums_with_grad(in.x, in.labels, w_in, w_out, in.metric);
+      prepare_pair_pass_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
+  const PairSums r = pair_pass_with_grad(in.x, in.labels, w_in, w_out, in.metric);
   return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};
 }
 
