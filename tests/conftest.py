@@ -81,6 +81,23 @@ def make_batch(n: int, d: int, num_classes: int, *, seed: int, dtype=torch.float
 ALL_METRICS = _spec.PAIR_METRICS  # every pair metric, in code order
 
 
+def _public_losses():
+    import confusion_kernels as ck
+
+    modules = tuple(sorted(n for n in ck.__all__ if n.endswith("Loss")
+                           and isinstance(getattr(ck, n), type)
+                           and issubclass(getattr(ck, n), torch.nn.Module)))
+    functions = tuple(sorted(n for n in ck.__all__ if n.endswith("_loss")
+                             and callable(getattr(ck, n))))
+    return modules, functions
+
+
+# Every public loss module and loss function, read off the package: the guarantee tests are
+# parametrised over these, so a new loss without its case there fails (tests/test_coverage.py).
+LOSS_MODULES, LOSS_FUNCTIONS = _public_losses()
+OPS = ("intra_inter_sums",)  # public ops that are not losses
+
+
 def pytest_runtest_logreport(report):
     """With CK_FAILURE_LOG=<file>, every failure's traceback is appended to the file
     as soon as it happens (the GPU routine's calls are cut by time limits before

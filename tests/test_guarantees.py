@@ -13,7 +13,7 @@ import confusion_kernels as ck
 from confusion_kernels import _validation, analysis
 from confusion_kernels.ops.affinity_hinge import affinity_hinge_rows
 from confusion_kernels.reference import n_centroids as ncl
-from conftest import require_backend
+from conftest import LOSS_FUNCTIONS, LOSS_MODULES, OPS, require_backend
 
 KERNELS = ["cpu", "triton", "cuda"]
 ALL = ["reference", "cpu", "triton", "cuda"]
@@ -274,7 +274,7 @@ def test_compile_fullgraph_with_default_arguments(backend):
             compiled(bad, w)
 
 
-@pytest.mark.parametrize("loss_name", ["ASLoss", "AffinityLoss", "NCentroidsLoss"])
+@pytest.mark.parametrize("loss_name", LOSS_MODULES)
 def test_training_step_compiles_fullgraph_with_inductor(loss_name):
     """Two training steps of each loss module under torch.compile(fullgraph=True) with the
     default (Inductor) backend and default arguments (check_finite=True) equal eager: loss,
@@ -289,9 +289,11 @@ def test_training_step_compiles_fullgraph_with_inductor(loss_name):
         pytest.skip(f"torch {torch.__version__}: the EMA step stays eager before torch 2.15 "
                     "(2.6's Inductor reordered its buffer write), so fullgraph=True raises")
     torch.manual_seed(0)
-    make = {"ASLoss": lambda: ck.ASLoss(),
-            "AffinityLoss": lambda: ck.AffinityLoss(4, 6, num_centers=2, sigma=2.0),
-            "NCentroidsLoss": lambda: ck.NCentroidsLoss(4, 6)}[loss_name]
+    makers = {"ASLoss": lambda: ck.ASLoss(),
+              "AffinityLoss": lambda: ck.AffinityLoss(4, 6, num_centers=2, sigma=2.0),
+              "NCentroidsLoss": lambda: ck.NCentroidsLoss(4, 6)}
+    assert loss_name in makers, f"a new loss module: add {loss_name} to this guarantee test"
+    make = makers[loss_name]
     eager_mod = make()
     compiled_mod = copy.deepcopy(eager_mod)
     compiled = torch.compile(compiled_mod, fullgraph=True)
@@ -435,8 +437,7 @@ AUTOCAST = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
-@pytest.mark.parametrize("loss_name", ["as_loss", "affinity_loss", "n_centroids_loss",
-                                       "intra_inter_sums"])
+@pytest.mark.parametrize("loss_name", LOSS_FUNCTIONS + OPS)
 def test_autocast_policy_is_the_same_on_every_backend(backend, loss_name):
     """Under torch.autocast (bf16 on CPU, fp16 on CUDA) a loss takes the 16-bit embeddings an
     autocast region produces, keeps its fp32 parameters (prototypes, centroids) in fp32,
@@ -460,6 +461,7 @@ def test_autocast_policy_is_the_same_on_every_backend(backend, loss_name):
         "intra_inter_sums": lambda a, be: ck.intra_inter_sums(a, labels, "euclidean",
                                                               backend=be)[0].sum(),
     }
+    assert loss_name in fns, f"a new loss: add {loss_name} to this guarantee test"
     fn = fns[loss_name]
     z64 = z.double().requires_grad_(True)
     want = fn(z64, "reference")
