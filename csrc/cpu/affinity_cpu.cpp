@@ -40,9 +40,9 @@ void similarity_tile(const at::Tensor& g, const acc_t* fn_r, const acc_t* wn_t, 
     for (int64_t ii = begin; ii < end; ++ii) {
       for (int64_t jj = 0; jj < ct; ++jj) {
         int64_t arg = 0;
-        const acc_t s =
-            m == 1 ? affinity_sq_distance(fn_r[ii], wn_t[jj], gp[ii * ct + jj])
-                   : class_min(gp + (ii * ct + jj) * m, wn_t + jj * m, fn_r[ii], m, &arg);
+        const acc_t s = m == 1
+                            ? affinity_sq_distance(fn_r[ii], wn_t[jj], gp[ii * ct + jj])
+                            : class_min(gp + (ii * ct + jj) * m, wn_t + jj * m, fn_r[ii], m, &arg);
         arg_tile[ii * ct + jj] = arg;
         dp[ii * ct + jj] = kind == kInverse ? affinity_similarity(kind, s, sigma) : -s / sigma;
       }
@@ -58,8 +58,8 @@ void similarity_tile(const at::Tensor& g, const acc_t* fn_r, const acc_t* wn_t, 
 // is given (else 0: the caller adds that term).
 template <typename acc_t>
 void hinge_tile(const acc_t* dp, const int64_t* arg_tile, int64_t rt, int64_t ct, int64_t m,
-                int64_t c0, const int64_t* lab_r, const acc_t* d_true_r, acc_t sigma,
-                acc_t margin, int64_t kind, acc_t* rows_r, acc_t* active_r, const acc_t* g_r,
+                int64_t c0, const int64_t* lab_r, const acc_t* d_true_r, acc_t sigma, acc_t margin,
+                int64_t kind, acc_t* rows_r, acc_t* active_r, const acc_t* g_r,
                 const acc_t* own_active_r, acc_t* a, acc_t* a_row_sums) {
   at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
     for (int64_t ii = begin; ii < end; ++ii) {
@@ -127,8 +127,8 @@ struct CpuTiles {
     explicit Guard(c10::Device) {}
   };
   static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,
-                         const at::Tensor& w_norms, double sigma, int64_t kind,
-                         at::Tensor& d_true, at::Tensor& true_arg) {
+                         const at::Tensor& w_norms, double sigma, int64_t kind, at::Tensor& d_true,
+                         at::Tensor& true_arg) {
     AT_DISPATCH_FLOATING_TYPES(in.f.scalar_type(), "affinity_true_class_cpu", [&] {
       true_class_affinity<scalar_t>(in, f_norms, w_norms, scalar_t(sigma), kind,
                                     d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>());

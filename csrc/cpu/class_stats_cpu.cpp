@@ -17,8 +17,8 @@ namespace {
 constexpr int64_t kFeatureBlock = 64;
 
 template <typename scalar_t>
-void shifted_sums(const scalar_t* x, const int64_t* lab, const double* shift, int64_t b,
-                  int64_t k, double* s1, double* s2) {
+void shifted_sums(const scalar_t* x, const int64_t* lab, const double* shift, int64_t b, int64_t k,
+                  double* s1, double* s2) {
   at::parallel_for(0, (k + kFeatureBlock - 1) / kFeatureBlock, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t k0 = blk * kFeatureBlock, kn = std::min(kFeatureBlock, k - k0);
@@ -46,9 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_shifted_sums_cpu(const at::
   const NoAutocast no_autocast;
   TORCH_CHECK(features.dim() == 2 && at::isFloatingType(features.scalar_type()),
               "class_shifted_sums: features must be a floating [B, K] tensor");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) &&
-                  labels.scalar_type() == at::kLong,
-              "class_shifted_sums: labels must be int64 [B]");
+  TORCH_CHECK(
+      labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong,
+      "class_shifted_sums: labels must be int64 [B]");
   TORCH_CHECK(shift.dim() == 2 && shift.size(0) == num_classes &&
                   shift.size(1) == features.size(1) && shift.scalar_type() == at::kDouble,
               "class_shifted_sums: shift must be float64 [C, K]");
@@ -59,10 +59,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_shifted_sums_cpu(const at::
   const at::Tensor x = features.contiguous(), lab = labels.contiguous(), sh = shift.contiguous();
   at::Tensor s1 = at::zeros({num_classes, k}, sh.options());
   at::Tensor s2 = at::zeros({num_classes, k}, sh.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_shifted_sums", [&] {
-    shifted_sums<scalar_t>(x.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(), sh.data_ptr<double>(),
-                           b, k, s1.data_ptr<double>(), s2.data_ptr<double>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "class_shifted_sums", [&] {
+        shifted_sums<scalar_t>(x.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(),
+                               sh.data_ptr<double>(), b, k, s1.data_ptr<double>(),
+                               s2.data_ptr<double>());
+      });
   at::Tensor count = at::bincount(lab, {}, num_classes).to(at::kDouble);
   return {count, s1, s2};
 }

@@ -22,9 +22,9 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
-#include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/direct_pass.h"
 #include "confusion_kernels/gram_tiles.h"
+#include "confusion_kernels/pair_math.h"
 #include "pair_pass.h"
 
 namespace confusion_kernels {
@@ -77,8 +77,8 @@ inline acc_t block_distance(const PairSide<acc_t>& a, const PairSide<acc_t>& b, 
 }
 
 template <int64_t M, typename acc_t>
-void direct_forward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt,
-                    int64_t d, int64_t shift, acc_t* s_in, acc_t* s_out) {
+void direct_forward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt, int64_t d,
+                    int64_t shift, acc_t* s_in, acc_t* s_out) {
   at::parallel_for(0, a.n, 4, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(kDirectColBlock), dots(kDirectColBlock);
     for (int64_t i = begin; i < end; ++i) {
@@ -101,8 +101,8 @@ void direct_forward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const ac
 
 // grad[i] += sum_j c_ij dD(a_i, b_j)/da_i (pair_sides.h) for every row of a.
 template <int64_t M, typename acc_t>
-void direct_backward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt,
-                     int64_t d, int64_t shift, acc_t* grad) {
+void direct_backward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt, int64_t d,
+                     int64_t shift, acc_t* grad) {
   at::parallel_for(0, a.n, 4, [&](int64_t begin, int64_t end) {
     // coef: the pair's coefficient (euclidean: over the distance; cosine: alpha);
     // extra: cosine's gamma; sums / dots: the distance sums.
@@ -208,8 +208,7 @@ GramSides gram_sides(const PairSide<T>& a, const PairSide<T>& b, const at::Tenso
 // the metrics on the rows themselves; for cosine, whose sides hold the unit rows and norms,
 // |a^ - b^|^2 and a^.b^ of the unit rows (pair_sides.h).
 template <int64_t M, typename T>
-T exact_pair_distance(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int64_t j,
-                      int64_t d) {
+T exact_pair_distance(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int64_t j, int64_t d) {
   const T* ai = a.rows + i * d;
   const T* bj = b.rows + j * d;
   if (M != kCosine) return pair_distance_exact<T, T>(M, ai, bj, d);
@@ -230,8 +229,8 @@ void exact_pair_grad(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int6
   const T* bj = b.rows + j * d;
   if (M != kCosine) return pair_grad_exact_accumulate<T, T>(M, ai, bj, d, coef, gi);
   T alpha, beta, gamma;
-  unit_cosine_grad_coefficients(coef, a.norms[i], b.norms[j],
-                                exact_pair_distance<M>(a, b, i, j, d), &alpha, &beta, &gamma);
+  unit_cosine_grad_coefficients(coef, a.norms[i], b.norms[j], exact_pair_distance<M>(a, b, i, j, d),
+                                &alpha, &beta, &gamma);
   for (int64_t k = 0; k < d; ++k) gi[k] += alpha * (bj[k] - ai[k]) + beta * ai[k] + gamma * bj[k];
 }
 
@@ -246,25 +245,26 @@ void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Ten
   std::fill(s_out, s_out + a.n, T(0));
   for_each_gram_tile(g.a, g.b, kRectRowTile, kRectColTile,
                      [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
-    const at::Tensor gram = tile.contiguous();
-    const T* gp = gram.template data_ptr<T>();
-    at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t ii = begin; ii < end; ++ii) {
-        const int64_t i = r0 + ii;
-        T in = 0, out = 0;
-        for (int64_t jj = 0; jj < ct; ++jj) {
-          const int64_t j = c0 + jj;
-          if (is_self_pair(i, j, shift)) continue;
-          bool exact = false;
-          T dist = gram_distance<T>(M, a_sq[i], b_sq[j], gp[ii * ct + jj], &exact);
-          if (exact) dist = exact_pair_distance<M>(a, b, i, j, d);
-          (b.labels[j] == a.labels[i] ? in : out) += dist;
-        }
-        s_in[i] += in;
-        s_out[i] += out;
-      }
-    });
-  });
+                       const at::Tensor gram = tile.contiguous();
+                       const T* gp = gram.template data_ptr<T>();
+                       at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+                         for (int64_t ii = begin; ii < end; ++ii) {
+                           const int64_t i = r0 + ii;
+                           T in = 0, out = 0;
+                           for (int64_t jj = 0; jj < ct; ++jj) {
+                             const int64_t j = c0 + jj;
+                             if (is_self_pair(i, j, shift)) continue;
+                             bool exact = false;
+                             T dist =
+                                 gram_distance<T>(M, a_sq[i], b_sq[j], gp[ii * ct + jj], &exact);
+                             if (exact) dist = exact_pair_distance<M>(a, b, i, j, d);
+                             (b.labels[j] == a.labels[i] ? in : out) += dist;
+                           }
+                           s_in[i] += in;
+                           s_out[i] += out;
+                         }
+                       });
+                     });
 }
 
 // grad (zeroed, [a.n, D]) += sum_j c_ij dD(a_i, b_j)/da_i: per tile, the Gram pairs'
@@ -281,40 +281,41 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
   at::Tensor grad_rows = at::from_blob(grad, {a.n, d}, a_rows.options());
   at::Tensor self_sum = at::zeros({a.n}, a_rows.options());
   T* self_p = self_sum.template data_ptr<T>();
-  for_each_gram_tile(g.a, g.b, kRectRowTile, kRectColTile,
-                     [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
-    const at::Tensor gram = tile.contiguous();
-    const T* gp = gram.template data_ptr<T>();
-    at::Tensor w = at::empty({rt, ct}, a_rows.options());
-    T* wp = w.template data_ptr<T>();
-    at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t ii = begin; ii < end; ++ii) {
-        const int64_t i = r0 + ii;
-        const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
-        T self = 0;
-        for (int64_t jj = 0; jj < ct; ++jj) {
-          const int64_t j = c0 + jj;
-          T& wij = wp[ii * ct + jj];
-          wij = T(0);
-          const T coef = pair_coefficient(a, b, i, j, shift);
-          if (coef == T(0)) continue;
-          const T dot = gp[ii * ct + jj];
-          bool exact = false;
-          const T dist = gram_distance<T>(M, a_sq[i], b_sq[j], dot, &exact);
-          if (exact) {
-            exact_pair_grad<M>(a, b, i, j, d, coef, grad + i * d);
-            continue;
+  for_each_gram_tile(
+      g.a, g.b, kRectRowTile, kRectColTile,
+      [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
+        const at::Tensor gram = tile.contiguous();
+        const T* gp = gram.template data_ptr<T>();
+        at::Tensor w = at::empty({rt, ct}, a_rows.options());
+        T* wp = w.template data_ptr<T>();
+        at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t ii = begin; ii < end; ++ii) {
+            const int64_t i = r0 + ii;
+            const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
+            T self = 0;
+            for (int64_t jj = 0; jj < ct; ++jj) {
+              const int64_t j = c0 + jj;
+              T& wij = wp[ii * ct + jj];
+              wij = T(0);
+              const T coef = pair_coefficient(a, b, i, j, shift);
+              if (coef == T(0)) continue;
+              const T dot = gp[ii * ct + jj];
+              bool exact = false;
+              const T dist = gram_distance<T>(M, a_sq[i], b_sq[j], dot, &exact);
+              if (exact) {
+                exact_pair_grad<M>(a, b, i, j, d, coef, grad + i * d);
+                continue;
+              }
+              T self_coef, other_coef;
+              gram_grad_coefficients<T>(M, dot, dist, inv_norm_a, &self_coef, &other_coef);
+              self += coef * self_coef;
+              wij = coef * other_coef;
+            }
+            self_p[i] += self;
           }
-          T self_coef, other_coef;
-          gram_grad_coefficients<T>(M, dot, dist, inv_norm_a, &self_coef, &other_coef);
-          self += coef * self_coef;
-          wij = coef * other_coef;
-        }
-        self_p[i] += self;
-      }
-    });
-    grad_rows.narrow(0, r0, rt).addmm_(w, g.b.narrow(0, c0, ct));
-  });
+        });
+        grad_rows.narrow(0, r0, rt).addmm_(w, g.b.narrow(0, c0, ct));
+      });
   grad_rows.add_(g.a * self_sum.unsqueeze(1));
 }
 
@@ -365,8 +366,8 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
     const PairSums r = pair_pass_with_grad(in.x, in.labels, in.grad_in, in.grad_out, in.metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
-  return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels,
-                              in.grad_in, in.grad_out, /*shift=*/0, in.metric, BackwardLoops{})
+  return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels, in.grad_in,
+                              in.grad_out, /*shift=*/0, in.metric, BackwardLoops{})
       .to(x.scalar_type());
 }
 

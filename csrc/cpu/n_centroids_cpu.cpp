@@ -46,8 +46,8 @@ void direct_rows(const nc::Inputs& in, const int64_t* index, const T* weight, T*
 // (1) for lanes j.. of a row: a and b from the Gram form (sphere_chords_from_gram)
 // and a 0 / 1 flag per pair that must be recomputed exactly; returns the flags' bits.
 template <class L, typename T>
-uint32_t chord_lanes(int64_t& j, int64_t cols, int64_t metric, T xn2_i, const T* cn2,
-                     const T* gi, T* ai, T* bi, T* ei) {
+uint32_t chord_lanes(int64_t& j, int64_t cols, int64_t metric, T xn2_i, const T* cn2, const T* gi,
+                     T* ai, T* bi, T* ei) {
   using V = typename L::V;
   using M = typename L::M;
   const V two = L::set1(T(2)), xn = L::set1(xn2_i), frac = L::set1(T(kGramExactFraction));
@@ -231,9 +231,8 @@ struct CpuTiles {
   }
   static void negatives(const at::Tensor& g, const nc::Inputs& in, int64_t r0, int64_t c0,
                         const at::Tensor& weight_r, const at::Tensor& best_r,
-                        const at::Tensor& best_k_r, const at::Tensor& sum_r,
-                        const at::Tensor& coef, const at::Tensor& x_coef_r,
-                        const at::Tensor& grad_x_r) {
+                        const at::Tensor& best_k_r, const at::Tensor& sum_r, const at::Tensor& coef,
+                        const at::Tensor& x_coef_r, const at::Tensor& grad_x_r) {
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "n_centroids_negatives_cpu", [&] {
       const at::Tensor w = weight_r.defined() ? weight_r.contiguous() : weight_r;
       negatives_tile<scalar_t>(g, in, r0, c0, ptr_or_null<scalar_t>(w),

@@ -12,8 +12,8 @@ namespace confusion_kernels {
 
 // xa: [N, D] rows in the accumulation dtype (contiguous); labels: int64 [N];
 // w_in, w_out: floating [N]; metric: kEuclidean, kSqEuclidean or kCosine.
-PairSums pair_pass_with_grad(const at::Tensor& xa, const at::Tensor& labels,
-                             const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric);
+PairSums pair_pass_with_grad(const at::Tensor& xa, const at::Tensor& labels, const at::Tensor& w_in,
+                             const at::Tensor& w_out, int64_t metric);
 
 // The forward of intra_inter_sums by the same pass: (S_in, S_out) [N] in xa's
 // dtype, each unordered pair's distance computed once and added to both rows.

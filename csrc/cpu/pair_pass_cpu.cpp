@@ -160,7 +160,7 @@ struct TileView {
   const acc_t* gram;  // [rt, ct] Gram tile (same-class entries around the class mean)
   int64_t ct, r0, c0;
   bool diagonal;
-  const int32_t* cls;  // class ids of all rows
+  const int32_t* cls;    // class ids of all rows
   const acc_t *na, *nb;  // squared norms of the tile's shifted rows / columns
   const acc_t* nc;       // every row's squared distance to its class mean
   const acc_t* sq;       // cosine: |x|^2 of every row
@@ -194,8 +194,8 @@ inline uint32_t row_lanes(const RowSlice<acc_t>& r, int64_t jj, typename L::V& t
   const V zero = L::zero();
   const auto same = L::class_eq(r.cls + jj, r.ci);
   // same-class entries of the Gram tile are around the class mean
-  const V nsum = L::select(same, L::set1(r.nci) + L::load(r.nc + jj),
-                           L::set1(r.ni) + L::load(r.nb + jj));
+  const V nsum =
+      L::select(same, L::set1(r.nci) + L::load(r.nc + jj), L::set1(r.ni) + L::load(r.nb + jj));
   const V d2 = L::max0(nsum - L::set1(acc_t(2)) * L::load(r.gram + jj));
   auto exact = L::le(d2, L::set1(acc_t(kGramExactFraction)) * nsum);
   if constexpr (M == kCosine) {  // !cosine_norms_regular_sq(|x_i|^2, |x_j|^2), per lane
@@ -208,8 +208,8 @@ inline uint32_t row_lanes(const RowSlice<acc_t>& r, int64_t jj, typename L::V& t
   if constexpr (M == kCosine) dist = L::set1(acc_t(0.5)) * d2;
   V wd;
   if constexpr (Grad) {
-    const V pw = L::select(same, L::set1(r.wii) + L::load(r.wi + jj),
-                           L::set1(r.woi) + L::load(r.wo + jj));
+    const V pw =
+        L::select(same, L::set1(r.wii) + L::load(r.wi + jj), L::set1(r.woi) + L::load(r.wo + jj));
     // dD/d(operand of row i) = coef * (a_i - b_j)
     V coef = pw;
     if constexpr (M == kEuclidean) coef = L::select(L::gt(dist, zero), pw / dist, zero);
@@ -234,10 +234,19 @@ int32_t tile_row(const TileView<acc_t>& v, int64_t ii) {
   using L = simd::Widest<acc_t>;
   using S = simd::Scalar<acc_t>;
   const int64_t i = v.r0 + ii, ct = v.ct, c0 = v.c0;
-  const RowSlice<acc_t> r{v.cls[i], v.na[ii], v.nc[i], v.sq[i],
-                          Grad ? v.wi[i] : acc_t(0), Grad ? v.wo[i] : acc_t(0),
-                          v.gram + ii * ct, v.cls + c0, v.nb, v.nc + c0, v.sq + c0,
-                          Grad ? v.wi + c0 : nullptr, Grad ? v.wo + c0 : nullptr,
+  const RowSlice<acc_t> r{v.cls[i],
+                          v.na[ii],
+                          v.nc[i],
+                          v.sq[i],
+                          Grad ? v.wi[i] : acc_t(0),
+                          Grad ? v.wo[i] : acc_t(0),
+                          v.gram + ii * ct,
+                          v.cls + c0,
+                          v.nb,
+                          v.nc + c0,
+                          v.sq + c0,
+                          Grad ? v.wi + c0 : nullptr,
+                          Grad ? v.wo + c0 : nullptr,
                           v.w + ii * v.ld};
   uint8_t* erow = v.exact + ii * v.ld;
   const int64_t first = v.diagonal ? ii + 1 : 0;
@@ -267,8 +276,8 @@ int32_t tile_row(const TileView<acc_t>& v, int64_t ii) {
 // row sums of both i and j (S_in / S_out in t_in_rows / t_out_rows).
 template <int64_t M, bool Grad, typename acc_t>
 void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const int32_t* cls,
-              const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows,
-              TileGrads* g, acc_t* gxi, acc_t* gxo) {
+              const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows, TileGrads* g,
+              acc_t* gxi, acc_t* gxo) {
   const int64_t n = xs.size(0), d = xs.size(1);
   const acc_t* xp = xs.data_ptr<acc_t>();
   const int64_t tile = std::min(kTile, n);
@@ -282,12 +291,13 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
   const int64_t tiles = static_cast<int64_t>(bounds.size()) - 1;
   // Class means (of the finite rows) and every row's squared distance to its
   // class mean: same-class pairs take their Gram form around the class mean.
-  const at::Tensor cls_ids = at::from_blob(const_cast<int32_t*>(cls), {n},
-                                           at::TensorOptions().dtype(at::kInt)).to(at::kLong);
+  const at::Tensor cls_ids =
+      at::from_blob(const_cast<int32_t*>(cls), {n}, at::TensorOptions().dtype(at::kInt))
+          .to(at::kLong);
   const int64_t classes = n ? int64_t(cls[n - 1]) + 1 : 0;
   const at::Tensor finite = at::isfinite(zs).all(/*dim=*/1, /*keepdim=*/true);
-  const at::Tensor counts = at::zeros({classes, 1}, zs.options())
-                                .index_add_(0, cls_ids, finite.to(zs.scalar_type()));
+  const at::Tensor counts =
+      at::zeros({classes, 1}, zs.options()).index_add_(0, cls_ids, finite.to(zs.scalar_type()));
   const at::Tensor means = at::zeros({classes, d}, zs.options())
                                .index_add_(0, cls_ids, at::where(finite, zs, at::zeros_like(zs)))
                                .div_(counts.clamp_min(1));
@@ -323,15 +333,16 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         }
         const at::Tensor sa = class_centred.narrow(0, r0 + blk.r0, blk.r1 - blk.r0);
         const at::Tensor sb = class_centred.narrow(0, c0 + blk.c0, blk.c1 - blk.c0);
-        gram.narrow(0, blk.r0, blk.r1 - blk.r0).narrow(1, blk.c0, blk.c1 - blk.c0)
+        gram.narrow(0, blk.r0, blk.r1 - blk.r0)
+            .narrow(1, blk.c0, blk.c1 - blk.c0)
             .copy_(at::mm(sa, sb.t()));
         block_ops.emplace_back(sa, sb);
       }
       const acc_t* gp = gram.data_ptr<acc_t>();
       at::Tensor w = w_all.narrow(0, 0, rt).narrow(1, 0, ct);
       acc_t* wp = w_all.data_ptr<acc_t>();
-      const TileView<acc_t> view{gp, ct, r0, c0, diagonal, cls, nap, nbp, ncp, sq,
-                                 wi, wo, wp, tile, ep, t_in_rows, t_out_rows};
+      const TileView<acc_t> view{gp, ct, r0, c0, diagonal, cls, nap,       nbp,       ncp,
+                                 sq, wi, wo, wp, tile,     ep,  t_in_rows, t_out_rows};
       at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) flagged[ii] = tile_row<M, Grad, acc_t>(view, ii);
       });
@@ -363,8 +374,8 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
         for (size_t k = 0; k < blocks.size(); ++k) {
           const SameClassBlock& blk = blocks[k];
           at::Tensor sub = w.narrow(0, blk.r0, blk.r1 - blk.r0).narrow(1, blk.c0, blk.c1 - blk.c0);
-          add_tile_gradient(sub, block_ops[k].first, block_ops[k].second, g->same,
-                            r0 + blk.r0, c0 + blk.c0);
+          add_tile_gradient(sub, block_ops[k].first, block_ops[k].second, g->same, r0 + blk.r0,
+                            c0 + blk.c0);
           sub.zero_();
         }
         const bool all_same = cls[r0] == cls[c0 + ct - 1];  // one class covers both tiles
@@ -377,11 +388,10 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
   }
 }
 
-
 }  // namespace
 
-PairSums pair_pass_with_grad(const at::Tensor& xa, const at::Tensor& labels,
-                             const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
+PairSums pair_pass_with_grad(const at::Tensor& xa, const at::Tensor& labels, const at::Tensor& w_in,
+                             const at::Tensor& w_out, int64_t metric) {
   const int64_t n = xa.size(0);
   const SortedRows r = sort_rows(xa, labels, metric);
   const at::Tensor wis = to_sorted(r, w_in), wos = to_sorted(r, w_out);
@@ -420,11 +430,10 @@ std::tuple<at::Tensor, at::Tensor> pair_row_sums(const at::Tensor& xa, const at:
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cpu(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
-    const at::Tensor& w_out, c10::string_view metric_name) {
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in, const at::Tensor& w_out,
+    c10::string_view metric_name) {
   const NoAutocast no_autocast;
-  const RowSumsInputs in =
-      prepare_pair_pass_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
+  const RowSumsInputs in = prepare_pair_pass_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
   const PairSums r = pair_pass_with_grad(in.x, in.labels, w_in, w_out, in.metric);
   return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};
 }

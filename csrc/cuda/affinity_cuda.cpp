@@ -24,15 +24,14 @@ struct CudaTiles {
     explicit Guard(c10::Device d) : device(d) {}
   };
   static void true_class(const AffinityInputs& in, const at::Tensor& f_norms,
-                         const at::Tensor& w_norms, double sigma, int64_t kind,
-                         at::Tensor& d_true, at::Tensor& true_arg) {
+                         const at::Tensor& w_norms, double sigma, int64_t kind, at::Tensor& d_true,
+                         at::Tensor& true_arg) {
     AT_DISPATCH_FLOATING_TYPES(in.f.scalar_type(), "affinity_true_class_cuda", [&] {
       affinity::launch_true_class<scalar_t>(
           in.f.data_ptr<scalar_t>(), in.prototypes.data_ptr<scalar_t>(),
-          f_norms.data_ptr<scalar_t>(), w_norms.data_ptr<scalar_t>(),
-          in.labels.data_ptr<int64_t>(), in.f.size(0), in.f.size(1), in.num_centers,
-          scalar_t(sigma), kind, d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>(),
-          current_stream());
+          f_norms.data_ptr<scalar_t>(), w_norms.data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(),
+          in.f.size(0), in.f.size(1), in.num_centers, scalar_t(sigma), kind,
+          d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>(), current_stream());
     });
   }
   static void similarity(const at::Tensor& g_in, const at::Tensor& fn_r, const at::Tensor& wn_t,
@@ -41,10 +40,10 @@ struct CudaTiles {
     const at::Tensor g = g_in.contiguous();
     const at::Tensor fn = fn_r.contiguous(), wn = wn_t.contiguous();
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "affinity_similarity_cuda", [&] {
-      affinity::launch_similarity<scalar_t>(
-          g.data_ptr<scalar_t>(), fn.data_ptr<scalar_t>(), wn.data_ptr<scalar_t>(),
-          d_tile.size(0), d_tile.size(1), m, scalar_t(sigma), kind, d_tile.data_ptr<scalar_t>(),
-          arg_tile.data_ptr<int64_t>(), current_stream());
+      affinity::launch_similarity<scalar_t>(g.data_ptr<scalar_t>(), fn.data_ptr<scalar_t>(),
+                                            wn.data_ptr<scalar_t>(), d_tile.size(0), d_tile.size(1),
+                                            m, scalar_t(sigma), kind, d_tile.data_ptr<scalar_t>(),
+                                            arg_tile.data_ptr<int64_t>(), current_stream());
     });
   }
   static void hinge(const at::Tensor& d_tile, const at::Tensor& arg_tile, int64_t m, int64_t c0,
@@ -61,11 +60,11 @@ struct CudaTiles {
     }
     AT_DISPATCH_FLOATING_TYPES(d_tile.scalar_type(), "affinity_hinge_tile_cuda", [&] {
       affinity::launch_hinge<scalar_t>(
-          d_tile.data_ptr<scalar_t>(), arg_tile.data_ptr<int64_t>(), d_tile.size(0),
-          d_tile.size(1), m, c0, lab_r.data_ptr<int64_t>(), d_true_r.data_ptr<scalar_t>(),
-          scalar_t(sigma), scalar_t(margin), kind, ptr_or_null<scalar_t>(g_r),
-          ptr_or_null<scalar_t>(own_active_r), ptr_or_null<scalar_t>(h_tile),
-          ptr_or_null<scalar_t>(on_tile), ptr_or_null<scalar_t>(a), current_stream());
+          d_tile.data_ptr<scalar_t>(), arg_tile.data_ptr<int64_t>(), d_tile.size(0), d_tile.size(1),
+          m, c0, lab_r.data_ptr<int64_t>(), d_true_r.data_ptr<scalar_t>(), scalar_t(sigma),
+          scalar_t(margin), kind, ptr_or_null<scalar_t>(g_r), ptr_or_null<scalar_t>(own_active_r),
+          ptr_or_null<scalar_t>(h_tile), ptr_or_null<scalar_t>(on_tile), ptr_or_null<scalar_t>(a),
+          current_stream());
     });
     if (sums) {
       at::Tensor(rows_r).add_(h_tile.sum(1));

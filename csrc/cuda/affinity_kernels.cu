@@ -15,7 +15,8 @@ unsigned blocks_for(int64_t count) {
 
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -31,9 +32,8 @@ void launch_true_class(const T* f, const T* w, const T* f_norms, const T* w_norm
 }
 
 template <typename T>
-void launch_similarity(const T* g, const T* fn_r, const T* wn_t, int64_t rt, int64_t ct,
-                       int64_t m, T sigma, int64_t kind, T* d_tile, int64_t* arg_tile,
-                       cudaStream_t stream) {
+void launch_similarity(const T* g, const T* fn_r, const T* wn_t, int64_t rt, int64_t ct, int64_t m,
+                       T sigma, int64_t kind, T* d_tile, int64_t* arg_tile, cudaStream_t stream) {
   if (rt * ct == 0) return;
   similarity_kernel<T><<<blocks_for(rt * ct), kEpilogueThreads, 0, stream>>>(
       g, fn_r, wn_t, rt, ct, m, sigma, kind, d_tile, arg_tile);
@@ -52,15 +52,15 @@ void launch_hinge(const T* d_tile, const int64_t* arg_tile, int64_t rt, int64_t 
   check_launch("affinity hinge kernel");
 }
 
-#define CK_INSTANTIATE_AFFINITY(T)                                                            \
-  template void launch_true_class<T>(const T*, const T*, const T*, const T*, const int64_t*,  \
-                                     int64_t, int64_t, int64_t, T, int64_t, T*, int64_t*,     \
-                                     cudaStream_t);                                            \
-  template void launch_similarity<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, \
-                                     T, int64_t, T*, int64_t*, cudaStream_t);                  \
-  template void launch_hinge<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, \
-                                const int64_t*, const T*, T, T, int64_t, const T*, const T*,  \
-                                T*, T*, T*, cudaStream_t);
+#define CK_INSTANTIATE_AFFINITY(T)                                                               \
+  template void launch_true_class<T>(const T*, const T*, const T*, const T*, const int64_t*,     \
+                                     int64_t, int64_t, int64_t, T, int64_t, T*, int64_t*,        \
+                                     cudaStream_t);                                              \
+  template void launch_similarity<T>(const T*, const T*, const T*, int64_t, int64_t, int64_t, T, \
+                                     int64_t, T*, int64_t*, cudaStream_t);                       \
+  template void launch_hinge<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t,    \
+                                const int64_t*, const T*, T, T, int64_t, const T*, const T*, T*, \
+                                T*, T*, cudaStream_t);
 CK_INSTANTIATE_AFFINITY(float)
 CK_INSTANTIATE_AFFINITY(double)
 

@@ -23,8 +23,8 @@ template <typename T>
 __global__ void __launch_bounds__(kEpilogueThreads)
     true_class_kernel(const T* __restrict__ f, const T* __restrict__ w,
                       const T* __restrict__ f_norms, const T* __restrict__ w_norms,
-                      const int64_t* __restrict__ labels, int64_t n, int64_t d, int64_t m,
-                      T sigma, int64_t kind, T* __restrict__ d_true, int64_t* __restrict__ arg) {
+                      const int64_t* __restrict__ labels, int64_t n, int64_t d, int64_t m, T sigma,
+                      int64_t kind, T* __restrict__ d_true, int64_t* __restrict__ arg) {
   const int64_t i = int64_t(blockIdx.x) * kEpilogueThreads + threadIdx.x;
   if (i >= n) return;
   const int64_t base = labels[i] * m;
@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     on_tile[e] = on ? T(1) : T(0);
   }
   if (a != nullptr) {
-    const T weight = own ? (own_active_r != nullptr ? -own_active_r[ii] : T(0)) : (on ? T(1) : T(0));
+    const T weight =
+        own ? (own_active_r != nullptr ? -own_active_r[ii] : T(0)) : (on ? T(1) : T(0));
     const T g = g_r != nullptr ? g_r[ii] : T(1);
     a[e * m + arg_tile[e]] = g * weight * affinity_similarity_grad(kind, d, sigma);
   }

@@ -15,9 +15,8 @@ void launch_true_class(const T* f, const T* w, const T* f_norms, const T* w_norm
                        int64_t kind, T* d_true, int64_t* arg, cudaStream_t stream);
 
 template <typename T>
-void launch_similarity(const T* g, const T* fn_r, const T* wn_t, int64_t rt, int64_t ct,
-                       int64_t m, T sigma, int64_t kind, T* d_tile, int64_t* arg_tile,
-                       cudaStream_t stream);
+void launch_similarity(const T* g, const T* fn_r, const T* wn_t, int64_t rt, int64_t ct, int64_t m,
+                       T sigma, int64_t kind, T* d_tile, int64_t* arg_tile, cudaStream_t stream);
 
 template <typename T>
 void launch_hinge(const T* d_tile, const int64_t* arg_tile, int64_t rt, int64_t ct, int64_t m,

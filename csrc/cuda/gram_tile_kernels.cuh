@@ -44,13 +44,13 @@ namespace confusion_kernels {
 namespace gram {
 
 constexpr int kThreads = 256;
-constexpr int kRows = 64;                // rows per block
-constexpr int kCols = 64;                // columns per streamed tile
-constexpr int kChunk = 32;               // dimensions per shared-memory chunk of the Gram
-constexpr int kGradDims = 128;           // dimensions of dL/dx per backward block (grid.y)
-constexpr int kSub = 32;                 // dimensions per step of the backward product
-constexpr int kGPitch = kCols + 4;       // row pitch of the Gram / coefficient tiles
-constexpr int kXPitch = kSub + 4;        // row pitch of the column-row tile of the product
+constexpr int kRows = 64;           // rows per block
+constexpr int kCols = 64;           // columns per streamed tile
+constexpr int kChunk = 32;          // dimensions per shared-memory chunk of the Gram
+constexpr int kGradDims = 128;      // dimensions of dL/dx per backward block (grid.y)
+constexpr int kSub = 32;            // dimensions per step of the backward product
+constexpr int kGPitch = kCols + 4;  // row pitch of the Gram / coefficient tiles
+constexpr int kXPitch = kSub + 4;   // row pitch of the column-row tile of the product
 
 // ---------------------------------------------------------------------------
 // Storage types and conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__).
@@ -155,9 +155,8 @@ struct BackwardSmem {
   __device__ __forceinline__ ChunkTiles<P>& chunk() {
     return *reinterpret_cast<ChunkTiles<P>*>(stage);
   }
-  __device__ __forceinline__ float (*x())[kXPitch] {
-    return reinterpret_cast<float(*)[kXPitch]>(stage);
-  }
+  using XRow = float[kXPitch];  // a row of the column-row tile of the product
+  __device__ __forceinline__ XRow* x() { return reinterpret_cast<XRow*>(stage); }
 };
 
 // tile[r][k] = src[r0 + r, k0 + k], zero outside the matrix.
@@ -248,8 +247,7 @@ __device__ __forceinline__ void gram_tile(ChunkTiles<P>& t, float (*g)[kGPitch],
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < 2; ++q)
-      wmma::store_matrix_sync(&g[16 * wm][32 * wn + 16 * q], acc[q], kGPitch,
-                              wmma::mem_row_major);
+      wmma::store_matrix_sync(&g[16 * wm][32 * wn + 16 * q], acc[q], kGPitch, wmma::mem_row_major);
 #else
     __trap();  // the host selects tensor-core paths on sm_80+ only
 #endif
@@ -296,8 +294,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (col >= n || col == i) continue;
       bool exact = false;
       float dist = gram_distance<float>(M, na2, s.col_norm[j], s.g[r][j], &exact);
-      if (exact) dist = pair_distance_exact<float, float>(M, exact_rows + i * d, exact_rows + col * d, d);
-      if (s.col_label[j] == li) in += dist; else out += dist;
+      if (exact)
+        dist = pair_distance_exact<float, float>(M, exact_rows + i * d, exact_rows + col * d, d);
+      if (s.col_label[j] == li)
+        in += dist;
+      else
+        out += dist;
     }
   }
   s.part_in[r][part] = in;
@@ -386,8 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t col = c0 + j;
       float w = 0.f, e = 0.f;
       if (erow_ok && col < n && col != ei) {
-        const float coef =
-            s.col_label[j] == li ? gi_in + s.col_gin[j] : gi_out + s.col_gout[j];
+        const float coef = s.col_label[j] == li ? gi_in + s.col_gin[j] : gi_out + s.col_gout[j];
         const float dot = s.g[er][j];
         bool exact = false;
         const float dist = gram_distance<float>(M, na2, s.col_norm[j], dot, &exact);
@@ -397,9 +398,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           self_c *= coef;
           other_c *= coef;
         } else {
-          pair_grad_exact_coefficients<float, float>(M, exact_rows + ei * d,
-                                                     exact_rows + col * d, d, coef, &self_c,
-                                                     &other_c, &e);
+          pair_grad_exact_coefficients<float, float>(M, exact_rows + ei * d, exact_rows + col * d,
+                                                     d, coef, &self_c, &other_c, &e);
           local_exact |= e != 0.f;
         }
         w = P::kTensorCores ? round_tf32(other_c) : other_c;
@@ -470,8 +470,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int bb = 0; bb < 2; ++bb) {
             const int64_t col = c0 + j, dim = k0 + tx + 16 * bb;
-            const float xv = M == kCosine ? xs[j][tx + 16 * bb]
-                                          : ((col < n && dim < d) ? exact_rows[col * d + dim] : 0.f);
+            const float xv = M == kCosine
+                                 ? xs[j][tx + 16 * bb]
+                                 : ((col < n && dim < d) ? exact_rows[col * d + dim] : 0.f);
 #pragma unroll
             for (int a = 0; a < 4; ++a)
               ex[a][2 * c + bb] = fmaf(e[a], own[a][bb] - xv, ex[a][2 * c + bb]);

@@ -28,8 +28,8 @@
 #include <type_traits>
 
 #include "confusion_kernels/checks.h"
-#include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/direct_pass.h"
+#include "confusion_kernels/gram_operands.h"
 #include "intra_inter_sums_launch.h"
 #include "pair_pass.h"
 
@@ -59,13 +59,13 @@ std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t 
   int major = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
-  TORCH_CHECK(err == cudaSuccess, "intra_inter_sums: cannot read the compute capability: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "intra_inter_sums: cannot read the compute capability: ", cudaGetErrorString(err));
   const bool sm80 = major >= 8;
   switch (x.scalar_type()) {
     case at::kFloat:
       return (sm80 && at::globalContext().allowTF32CuBLAS()) ? GramOperands::kTf32
-                                                              : GramOperands::kFp32Exact;
+                                                             : GramOperands::kFp32Exact;
     case at::kHalf:
     case at::kBFloat16:
       // cosine's operands are the unit rows x/|x|, which a 16-bit operand would round (an
@@ -154,9 +154,9 @@ std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
     const GramInputs g = gram_inputs(in.x, metric, *ops);
     dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_forward<decltype(m)::value>(
-          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(),
-          in.labels.data_ptr<int64_t>(), g.sq_norms.data_ptr<float>(), in.x.size(0),
-          in.x.size(1), s_in.data_ptr<float>(), s_out.data_ptr<float>(), stream);
+          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(), in.labels.data_ptr<int64_t>(),
+          g.sq_norms.data_ptr<float>(), in.x.size(0), in.x.size(1), s_in.data_ptr<float>(),
+          s_out.data_ptr<float>(), stream);
     });
     return {s_in, s_out};
   }
@@ -180,10 +180,9 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
     const GramInputs g = gram_inputs(in.x, metric, *ops);
     dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_backward<decltype(m)::value>(
-          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(),
-          in.labels.data_ptr<int64_t>(), g.sq_norms.data_ptr<float>(),
-          in.grad_in.data_ptr<float>(), in.grad_out.data_ptr<float>(), in.x.size(0),
-          in.x.size(1), grad.data_ptr<float>(), stream);
+          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(), in.labels.data_ptr<int64_t>(),
+          g.sq_norms.data_ptr<float>(), in.grad_in.data_ptr<float>(), in.grad_out.data_ptr<float>(),
+          in.x.size(0), in.x.size(1), grad.data_ptr<float>(), stream);
     });
     return grad.to(x.scalar_type());
   }
@@ -193,8 +192,8 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
     const PairSums r = pair_pass_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
     return (r.grad_in + r.grad_out).to(x.scalar_type());
   }
-  return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels,
-                              in.grad_in, in.grad_out, /*shift=*/0, metric, BackwardKernels{})
+  return direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.x, in.labels, in.grad_in,
+                              in.grad_out, /*shift=*/0, metric, BackwardKernels{})
       .to(x.scalar_type());
 }
 

@@ -30,8 +30,8 @@ constexpr int kDims = 32;   // dimensions per chunk
 
 // Loads rows [r0, r0 + rows) x dims [k0, k0 + kDims) into tile (zero padded).
 template <typename T, int ROWS>
-__device__ __forceinline__ void load_tile(T (*tile)[kDims + 1], const T* __restrict__ x,
-                                          int64_t n, int64_t d, int64_t r0, int64_t k0) {
+__device__ __forceinline__ void load_tile(T (*tile)[kDims + 1], const T* __restrict__ x, int64_t n,
+                                          int64_t d, int64_t r0, int64_t k0) {
   for (int e = threadIdx.x; e < ROWS * kDims; e += blockDim.x) {
     const int r = e / kDims, k = e % kDims;
     const int64_t row = r0 + r, dim = k0 + k;
@@ -75,8 +75,7 @@ __device__ __forceinline__ void accumulate_pairs(T (*as)[kDims + 1], T (*bs)[kDi
 
 template <typename T, int64_t M>
 __device__ __forceinline__ T finish_distance(T acc, T dot, T norm_a, T norm_b) {
-  return M == kCosine ? unit_cosine_distance(acc, dot, norm_a, norm_b)
-                      : direct_finalize<T>(M, acc);
+  return M == kCosine ? unit_cosine_distance(acc, dot, norm_a, norm_b) : direct_finalize<T>(M, acc);
 }
 
 template <typename T>
@@ -107,7 +106,10 @@ __global__ void __launch_bounds__(kRows)
       if (col >= b.n || is_self_pair(i, col, shift)) continue;
       const T nb = M == kCosine ? b.norms[col] : T(0);
       const T dist = finish_distance<T, M>(acc[j], dot[j], na, nb);
-      if (b.labels[col] == li) in += dist; else out += dist;
+      if (b.labels[col] == li)
+        in += dist;
+      else
+        out += dist;
     }
   }
   if (row_ok) {
@@ -121,7 +123,9 @@ __global__ void __launch_bounds__(kRows)
 // euclidean three: at 32 columns both used a stack frame (scripts/cuda_resources.py);
 // at 16 they fit.
 template <int64_t M>
-constexpr int backward_cols() { return M == kCosine || M == kEuclidean ? 16 : kCols; }
+constexpr int backward_cols() {
+  return M == kCosine || M == kEuclidean ? 16 : kCols;
+}
 
 // grad[i] = sum_j c_ij dD(a_i, b_j)/da_i for every row of a (pair_sides.h).
 template <typename T, int64_t M>
@@ -194,14 +198,15 @@ __global__ void __launch_bounds__(kRows, 1)
 
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace detail
 
 template <typename T, int64_t M>
-void launch_forward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d,
-                               int64_t shift, T* s_in, T* s_out, cudaStream_t stream) {
+void launch_forward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d, int64_t shift,
+                               T* s_in, T* s_out, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.n + detail::kRows - 1) / detail::kRows));
   detail::forward_kernel<T, M><<<grid, detail::kRows, 0, stream>>>(a, b, d, shift, s_in, s_out);
   detail::check_launch("intra_inter_sums forward kernel");
@@ -222,7 +227,7 @@ void launch_backward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int6
   template void launch_backward_for_metric<T, METRIC>(const PairSide<T>&, const PairSide<T>&, \
                                                       int64_t, int64_t, T*, cudaStream_t);
 
-#define CK_INSTANTIATE_INTRA_INTER_SUMS(METRIC)       \
+#define CK_INSTANTIATE_INTRA_INTER_SUMS(METRIC)      \
   CK_INSTANTIATE_INTRA_INTER_SUMS_FOR(float, METRIC) \
   CK_INSTANTIATE_INTRA_INTER_SUMS_FOR(double, METRIC)
 

@@ -16,8 +16,8 @@ namespace confusion_kernels {
 // the rows of a against the columns of b, and sum_j c_ij dD(a_i, b_j)/da_i
 // (pair_sides.h; shift = kNoSelfPair leaves no pair out).
 template <typename T, int64_t M>
-void launch_forward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d,
-                               int64_t shift, T* s_in, T* s_out, cudaStream_t stream);
+void launch_forward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d, int64_t shift,
+                               T* s_in, T* s_out, cudaStream_t stream);
 
 template <typename T, int64_t M>
 void launch_backward_for_metric(const PairSide<T>& a, const PairSide<T>& b, int64_t d,

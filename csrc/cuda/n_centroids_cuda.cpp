@@ -36,18 +36,16 @@ struct CudaTiles {
     const at::Tensor idx = index.contiguous();
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "n_centroids_direct_cuda", [&] {
       nc::launch_direct<scalar_t>(in.x.data_ptr<scalar_t>(), in.centroids.data_ptr<scalar_t>(),
-                                  idx.data_ptr<int64_t>(), ptr_or_null<scalar_t>(w),
-                                  in.x.size(0), in.x.size(1), in.metric,
-                                  dist.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(grad_x),
-                                  current_stream());
+                                  idx.data_ptr<int64_t>(), ptr_or_null<scalar_t>(w), in.x.size(0),
+                                  in.x.size(1), in.metric, dist.data_ptr<scalar_t>(),
+                                  ptr_or_null<scalar_t>(grad_x), current_stream());
     });
   }
 
   static void negatives(const at::Tensor& g_in, const nc::Inputs& in, int64_t r0, int64_t c0,
                         const at::Tensor& weight_r, const at::Tensor& best_r,
-                        const at::Tensor& best_k_r, const at::Tensor& sum_r,
-                        const at::Tensor& coef, const at::Tensor& x_coef_r,
-                        const at::Tensor& grad_x_r) {
+                        const at::Tensor& best_k_r, const at::Tensor& sum_r, const at::Tensor& coef,
+                        const at::Tensor& x_coef_r, const at::Tensor& grad_x_r) {
     const at::Tensor g = g_in.contiguous();
     const int64_t rt = g.size(0), ct = g.size(1), d = in.x.size(1);
     const at::Tensor lab_r = in.labels.narrow(0, r0, rt);
@@ -59,10 +57,9 @@ struct CudaTiles {
       nc::launch_pairs<scalar_t>(
           g.data_ptr<scalar_t>(), in.x.data_ptr<scalar_t>() + r0 * d,
           in.x_norm2.data_ptr<scalar_t>() + r0, in.centroids.data_ptr<scalar_t>() + c0 * d,
-          in.c_norm2.data_ptr<scalar_t>() + c0, lab_r.data_ptr<int64_t>(),
-          ptr_or_null<scalar_t>(w), rt, ct, c0, d, in.metric, dist.data_ptr<scalar_t>(),
-          exact.data_ptr<uint8_t>(), ptr_or_null<scalar_t>(coef),
-          ptr_or_null<scalar_t>(alpha_tile), current_stream());
+          in.c_norm2.data_ptr<scalar_t>() + c0, lab_r.data_ptr<int64_t>(), ptr_or_null<scalar_t>(w),
+          rt, ct, c0, d, in.metric, dist.data_ptr<scalar_t>(), exact.data_ptr<uint8_t>(),
+          ptr_or_null<scalar_t>(coef), ptr_or_null<scalar_t>(alpha_tile), current_stream());
       if (coef.defined())
         nc::launch_exact_grad<scalar_t>(
             in.x.data_ptr<scalar_t>() + r0 * d, in.centroids.data_ptr<scalar_t>() + c0 * d,
@@ -79,8 +76,7 @@ struct CudaTiles {
     const at::Tensor tile_k = std::get<1>(tile_min).add(c0);
     // a tile whose only column is the row's own centroid offers no negative
     const at::Tensor offers = own.logical_not().any(1);
-    const at::Tensor take =
-        offers.logical_and(tile_best.lt(best_r).logical_or(best_k_r.lt(0)));
+    const at::Tensor take = offers.logical_and(tile_best.lt(best_r).logical_or(best_k_r.lt(0)));
     at::Tensor(best_r).copy_(at::where(take, tile_best, best_r));
     at::Tensor(best_k_r).copy_(at::where(take, tile_k, best_k_r));
   }

@@ -15,7 +15,8 @@ unsigned blocks_for(int64_t count) {
 
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -24,8 +25,8 @@ template <typename T>
 void launch_direct(const T* x, const T* c, const int64_t* index, const T* weight, int64_t n,
                    int64_t d, int64_t metric, T* dist, T* grad_x, cudaStream_t stream) {
   if (n == 0) return;
-  direct_kernel<T><<<blocks_for(n), kSphereThreads, 0, stream>>>(x, c, index, weight, n, d,
-                                                                 metric, dist, grad_x);
+  direct_kernel<T><<<blocks_for(n), kSphereThreads, 0, stream>>>(x, c, index, weight, n, d, metric,
+                                                                 dist, grad_x);
   check_launch("n_centroids direct kernel");
 }
 
@@ -36,8 +37,7 @@ void launch_pairs(const T* g, const T* x_r, const T* xn2_r, const T* c_t, const 
                   cudaStream_t stream) {
   if (rt * ct == 0) return;
   pairs_kernel<T><<<blocks_for(rt * ct), kSphereThreads, 0, stream>>>(
-      g, x_r, xn2_r, c_t, cn2_t, lab_r, weight_r, rt, ct, c0, d, metric, dist, exact, coef,
-      x_coef);
+      g, x_r, xn2_r, c_t, cn2_t, lab_r, weight_r, rt, ct, c0, d, metric, dist, exact, coef, x_coef);
   check_launch("n_centroids pairs kernel");
 }
 
@@ -51,15 +51,15 @@ void launch_exact_grad(const T* x_r, const T* c_t, const int64_t* lab_r, const T
   check_launch("n_centroids exact-gradient kernel");
 }
 
-#define CK_INSTANTIATE_N_CENTROIDS(T)                                                           \
-  template void launch_direct<T>(const T*, const T*, const int64_t*, const T*, int64_t,         \
-                                 int64_t, int64_t, T*, T*, cudaStream_t);                       \
-  template void launch_pairs<T>(const T*, const T*, const T*, const T*, const T*,               \
-                                const int64_t*, const T*, int64_t, int64_t, int64_t, int64_t,   \
-                                int64_t, T*, uint8_t*, T*, T*, cudaStream_t);                   \
-  template void launch_exact_grad<T>(const T*, const T*, const int64_t*, const T*,              \
-                                     const uint8_t*, int64_t, int64_t, int64_t, int64_t,        \
-                                     int64_t, T*, cudaStream_t);
+#define CK_INSTANTIATE_N_CENTROIDS(T)                                                              \
+  template void launch_direct<T>(const T*, const T*, const int64_t*, const T*, int64_t, int64_t,   \
+                                 int64_t, T*, T*, cudaStream_t);                                   \
+  template void launch_pairs<T>(const T*, const T*, const T*, const T*, const T*, const int64_t*,  \
+                                const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*,         \
+                                uint8_t*, T*, T*, cudaStream_t);                                   \
+  template void launch_exact_grad<T>(const T*, const T*, const int64_t*, const T*, const uint8_t*, \
+                                     int64_t, int64_t, int64_t, int64_t, int64_t, T*,              \
+                                     cudaStream_t);
 CK_INSTANTIATE_N_CENTROIDS(float)
 CK_INSTANTIATE_N_CENTROIDS(double)
 

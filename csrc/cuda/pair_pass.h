@@ -15,8 +15,7 @@ namespace confusion_kernels {
 // xa: [N, D] CUDA rows in the accumulation dtype (contiguous); labels: int64 [N];
 // w_in, w_out: floating [N]; metric: kEuclidean, kSqEuclidean or kCosine.
 PairSums pair_pass_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels,
-                                  const at::Tensor& w_in, const at::Tensor& w_out,
-                                  int64_t metric);
+                                  const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric);
 
 // (S_in, S_out) [N] in xa's dtype: each pair's distance computed once and added
 // to both rows' sums.

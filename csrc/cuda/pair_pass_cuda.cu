@@ -34,16 +34,15 @@ void check_launch(const char* what) {
 // (the last block padded with NaN rows, which the mean leaves out).
 at::Tensor block_shifts(const at::Tensor& z, int64_t blocks) {
   const int64_t n = z.size(0), d = z.size(1), b = pair_pass::kBlock;
-  at::Tensor padded = at::full({blocks * b, d}, std::numeric_limits<double>::quiet_NaN(),
-                               z.options());
+  at::Tensor padded =
+      at::full({blocks * b, d}, std::numeric_limits<double>::quiet_NaN(), z.options());
   padded.narrow(0, 0, n).copy_(z);
   return finite_row_mean(padded.view({blocks, b, d}), 1).squeeze(1).contiguous();
 }
 
 template <typename T, int64_t M, bool Grad>
 void launch_rounds(const SortedRows& r, const at::Tensor& shift, const T* w_in, const T* w_out,
-                   T* t_in, T* t_out, T* g_in, T* g_out, T* gx_in, T* gx_out,
-                   cudaStream_t stream) {
+                   T* t_in, T* t_out, T* g_in, T* g_out, T* gx_in, T* gx_out, cudaStream_t stream) {
   const int64_t n = r.xs.size(0), d = r.xs.size(1);
   const int64_t t = (n + pair_pass::kBlock - 1) / pair_pass::kBlock;
   const int64_t t_even = t + (t % 2);
@@ -56,8 +55,8 @@ void launch_rounds(const SortedRows& r, const at::Tensor& shift, const T* w_in, 
   for (int64_t round = 0; round + 1 < t_even; ++round) {
     pair_pass::pair_pass_kernel<T, M, Grad, false>
         <<<static_cast<unsigned>(t_even / 2), pair_pass::kThreads, smem, stream>>>(
-            z, xr, sh, lab, sq, w_in, w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d,
-            round, t, t_even);
+            z, xr, sh, lab, sq, w_in, w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d, round,
+            t, t_even);
     check_launch("round kernel");
   }
   pair_pass::pair_pass_kernel<T, M, Grad, true>
@@ -101,12 +100,15 @@ void run_pass(const SortedRows& r, int64_t metric, const PassBuffers& b) {
 }  // namespace
 
 PairSums pair_pass_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels,
-                                  const at::Tensor& w_in, const at::Tensor& w_out,
-                                  int64_t metric) {
+                                  const at::Tensor& w_in, const at::Tensor& w_out, int64_t metric) {
   const int64_t n = xa.size(0);
   const SortedRows r = sort_rows(xa, labels, metric);
-  PassBuffers b{to_sorted(r, w_in), to_sorted(r, w_out), at::zeros({n}, r.xs.options()),
-                at::zeros({n}, r.xs.options()), at::zeros_like(r.xs), at::zeros_like(r.xs)};
+  PassBuffers b{to_sorted(r, w_in),
+                to_sorted(r, w_out),
+                at::zeros({n}, r.xs.options()),
+                at::zeros({n}, r.xs.options()),
+                at::zeros_like(r.xs),
+                at::zeros_like(r.xs)};
   // the exact pairs' and the eps branch's gradients are w.r.t. the rows: for
   // cosine apart from the unit-row gradient, otherwise the same buffers
   b.gx_in = metric == kCosine ? at::zeros_like(r.xs) : b.g_in;
@@ -132,8 +134,8 @@ std::tuple<at::Tensor, at::Tensor> pair_row_sums_cuda(const at::Tensor& xa,
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_with_grad_cuda(
-    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in,
-    const at::Tensor& w_out, c10::string_view metric_name) {
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in, const at::Tensor& w_out,
+    c10::string_view metric_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_pair_pass_inputs(x, labels, w_in, w_out, metric_name, c10::kCUDA);

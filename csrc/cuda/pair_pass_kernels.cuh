@@ -40,8 +40,8 @@ constexpr int kPitch = kBlock + 1;
 
 template <typename T>
 struct Smem {
-  T a[kBlock][kChunk + 1];  // row block chunk, shifted
-  T b[kBlock][kChunk + 1];  // column block chunk, shifted
+  T a[kBlock][kChunk + 1];   // row block chunk, shifted
+  T b[kBlock][kChunk + 1];   // column block chunk, shifted
   T w_same[kBlock][kPitch];  // Gram pairs' gradient coefficients, same class
   T w_other[kBlock][kPitch];
   T e[kBlock][kPitch];  // per-pair scratch: distances, weighted distances, exact coefficients
@@ -52,8 +52,8 @@ struct Smem {
 
 // (p, q), p <= q, of CUDA block k: round `round` of the circle method over
 // t_even blocks (block t_even - 1 fixed), or (k, k) in the diagonal launch.
-CK_HOST_DEVICE void block_pair(int64_t k, int64_t round, int64_t t_even, bool diagonal,
-                               int64_t* p, int64_t* q) {
+CK_HOST_DEVICE void block_pair(int64_t k, int64_t round, int64_t t_even, bool diagonal, int64_t* p,
+                               int64_t* q) {
   int64_t a = k, b = k;
   if (!diagonal) {
     const int64_t ring = t_even - 1;
@@ -86,8 +86,8 @@ __device__ __forceinline__ void load_shifted(T (*dst)[kChunk + 1], const T* __re
 // the coefficients, labels pick g_same / g_other. With `linear`, the term is
 // coef * v[j, :] instead (the cosine eps branch, v = the rows).
 template <typename T>
-__device__ void pairs_by_difference(const Smem<T>& s, int idx, bool as_row, int64_t r0,
-                                    int64_t c0, int64_t n, int64_t d, const T* __restrict__ v,
+__device__ void pairs_by_difference(const Smem<T>& s, int idx, bool as_row, int64_t r0, int64_t c0,
+                                    int64_t n, int64_t d, const T* __restrict__ v,
                                     T* __restrict__ g_same, T* __restrict__ g_other, bool linear) {
   const int64_t own = as_row ? r0 + idx : c0 + idx;
   if (own >= n) return;
@@ -107,13 +107,12 @@ __device__ void pairs_by_difference(const Smem<T>& s, int idx, bool as_row, int6
 // w * D and g_* the gradients; otherwise t_in / t_out are the row sums S_in / S_out.
 template <typename T, int64_t M, bool Grad, bool Diagonal>
 __global__ void __launch_bounds__(kThreads, 1)
-    pair_pass_kernel(const T* __restrict__ z, const T* __restrict__ xr,
-                     const T* __restrict__ shift, const int32_t* __restrict__ labels,
-                     const T* __restrict__ sq, const T* __restrict__ w_in,
-                     const T* __restrict__ w_out, T* __restrict__ t_in, T* __restrict__ t_out,
-                     T* __restrict__ g_in, T* __restrict__ g_out, T* __restrict__ gx_in,
-                     T* __restrict__ gx_out, int64_t n, int64_t d, int64_t round, int64_t t,
-                     int64_t t_even) {
+    pair_pass_kernel(const T* __restrict__ z, const T* __restrict__ xr, const T* __restrict__ shift,
+                     const int32_t* __restrict__ labels, const T* __restrict__ sq,
+                     const T* __restrict__ w_in, const T* __restrict__ w_out, T* __restrict__ t_in,
+                     T* __restrict__ t_out, T* __restrict__ g_in, T* __restrict__ g_out,
+                     T* __restrict__ gx_in, T* __restrict__ gx_out, int64_t n, int64_t d,
+                     int64_t round, int64_t t, int64_t t_even) {
   CK_DYNAMIC_SMEM(smem_raw);
   Smem<T>& s = *reinterpret_cast<Smem<T>*>(smem_raw);
   int64_t p = 0, q = 0;
@@ -147,8 +146,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kChunk; ++kk) norm += s.b[tid - kBlock][kk] * s.b[tid - kBlock][kk];
     }
   }
-  if (tid < kBlock) s.na[tid] = norm;
-  else if (tid < 2 * kBlock) s.nb[tid - kBlock] = norm;
+  if (tid < kBlock)
+    s.na[tid] = norm;
+  else if (tid < 2 * kBlock)
+    s.nb[tid - kBlock] = norm;
   __syncthreads();
 
   // Per pair: distance (exact form where needed) and, with Grad, coefficients.
@@ -179,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const T pw = !valid ? T(0) : (same ? w_in[i] + w_in[j] : w_out[i] + w_out[j]);
     s.e[r][c] = pw * dist;
-    T coef = M == kEuclidean ? (dist > T(0) ? pw / dist : T(0))
+    T coef = M == kEuclidean     ? (dist > T(0) ? pw / dist : T(0))
              : M == kSqEuclidean ? T(2) * pw
                                  : (regular ? pw : T(0));
     if (valid && exact) {

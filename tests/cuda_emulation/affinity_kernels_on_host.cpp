@@ -20,15 +20,15 @@ extern "C" {
 void ck_affinity_true_class(const double* f, const double* w, const double* f_norms,
                             const double* w_norms, const int64_t* labels, int64_t n, int64_t d,
                             int64_t m, double sigma, int64_t kind, double* d_true, int64_t* arg) {
-  ck_emulation::launch(dim3{blocks(n), 1, 1}, kBlock, af::true_class_kernel<double>, f, w,
-                       f_norms, w_norms, labels, n, d, m, sigma, kind, d_true, arg);
+  ck_emulation::launch(dim3{blocks(n), 1, 1}, kBlock, af::true_class_kernel<double>, f, w, f_norms,
+                       w_norms, labels, n, d, m, sigma, kind, d_true, arg);
 }
 
 void ck_affinity_similarity(const double* g, const double* fn_r, const double* wn_t, int64_t rt,
                             int64_t ct, int64_t m, double sigma, int64_t kind, double* d_tile,
                             int64_t* arg_tile) {
-  ck_emulation::launch(dim3{blocks(rt * ct), 1, 1}, kBlock, af::similarity_kernel<double>, g,
-                       fn_r, wn_t, rt, ct, m, sigma, kind, d_tile, arg_tile);
+  ck_emulation::launch(dim3{blocks(rt * ct), 1, 1}, kBlock, af::similarity_kernel<double>, g, fn_r,
+                       wn_t, rt, ct, m, sigma, kind, d_tile, arg_tile);
 }
 
 void ck_affinity_hinge(const double* d_tile, const int64_t* arg_tile, int64_t rt, int64_t ct,

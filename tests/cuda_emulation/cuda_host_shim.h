@@ -165,8 +165,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
   if (threadIdx.x % 32 != 0) return;
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
-      (layout == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]) =
-          f.x[r * N + c];
+      (layout == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]) = f.x[r * N + c];
 }
 }  // namespace wmma
 }  // namespace nvcuda

@@ -13,21 +13,37 @@ namespace {
 template <class F>
 bool with_policy(int policy, F&& f) {
   switch (policy) {
-    case 0: f(g::FmaGram{}); return true;
-    case 1: f(g::Tf32Gram{}); return true;
-    case 2: f(g::HalfGram{}); return true;
-    case 3: f(g::Bf16Gram{}); return true;
-    default: return false;
+    case 0:
+      f(g::FmaGram{});
+      return true;
+    case 1:
+      f(g::Tf32Gram{});
+      return true;
+    case 2:
+      f(g::HalfGram{});
+      return true;
+    case 3:
+      f(g::Bf16Gram{});
+      return true;
+    default:
+      return false;
   }
 }
 
 template <class F>
 bool with_metric(int metric, F&& f) {
   switch (metric) {
-    case ck::kEuclidean: f(std::integral_constant<int64_t, ck::kEuclidean>{}); return true;
-    case ck::kSqEuclidean: f(std::integral_constant<int64_t, ck::kSqEuclidean>{}); return true;
-    case ck::kCosine: f(std::integral_constant<int64_t, ck::kCosine>{}); return true;
-    default: return false;
+    case ck::kEuclidean:
+      f(std::integral_constant<int64_t, ck::kEuclidean>{});
+      return true;
+    case ck::kSqEuclidean:
+      f(std::integral_constant<int64_t, ck::kSqEuclidean>{});
+      return true;
+    case ck::kCosine:
+      f(std::integral_constant<int64_t, ck::kCosine>{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -39,16 +55,16 @@ extern "C" {
 
 // policy: 0 fp32 FMA, 1 tf32, 2 fp16, 3 bf16 (rows in that storage type).
 int ck_gram_forward(int policy, int metric, const void* rows, const float* exact_rows,
-                    const int64_t* labels, const float* sq_norms, int64_t n, int64_t d,
-                    float* s_in, float* s_out) {
+                    const int64_t* labels, const float* sq_norms, int64_t n, int64_t d, float* s_in,
+                    float* s_out) {
   bool ok = false;
   with_policy(policy, [&](auto p) {
     using P = decltype(p);
     ok = with_metric(metric, [&](auto m) {
       ck_emulation::launch(dim3{blocks(n, g::kRows), 1, 1}, dim3{g::kThreads, 1, 1},
                            g::gram_forward_kernel<P, decltype(m)::value>,
-                           static_cast<const typename P::in_t*>(rows), exact_rows, labels,
-                           sq_norms, n, d, s_in, s_out);
+                           static_cast<const typename P::in_t*>(rows), exact_rows, labels, sq_norms,
+                           n, d, s_in, s_out);
     });
   });
   return ok ? 0 : 1;
@@ -62,10 +78,9 @@ int ck_gram_backward(int policy, int metric, const void* rows, const float* exac
     using P = decltype(p);
     ok = with_metric(metric, [&](auto m) {
       ck_emulation::launch(dim3{blocks(n, g::kRows), blocks(d, g::kGradDims), 1},
-                           dim3{g::kThreads, 1, 1},
-                           g::gram_backward_kernel<P, decltype(m)::value>,
-                           static_cast<const typename P::in_t*>(rows), exact_rows, labels,
-                           sq_norms, g_in, g_out, n, d, grad);
+                           dim3{g::kThreads, 1, 1}, g::gram_backward_kernel<P, decltype(m)::value>,
+                           static_cast<const typename P::in_t*>(rows), exact_rows, labels, sq_norms,
+                           g_in, g_out, n, d, grad);
     });
   });
   return ok ? 0 : 1;

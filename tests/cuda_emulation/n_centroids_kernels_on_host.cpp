@@ -25,11 +25,11 @@ void ck_ncl_direct(const double* x, const double* c, const int64_t* index, const
 
 void ck_ncl_pairs(const double* g, const double* x_r, const double* xn2_r, const double* c_t,
                   const double* cn2_t, const int64_t* lab_r, const double* weight_r, int64_t rt,
-                  int64_t ct, int64_t c0, int64_t d, int64_t metric, double* dist,
-                  uint8_t* exact, double* coef, double* x_coef) {
-  ck_emulation::launch(dim3{blocks(rt * ct), 1, 1}, kBlock, nc::pairs_kernel<double>, g, x_r,
-                       xn2_r, c_t, cn2_t, lab_r, weight_r, rt, ct, c0, d, metric, dist, exact,
-                       coef, x_coef);
+                  int64_t ct, int64_t c0, int64_t d, int64_t metric, double* dist, uint8_t* exact,
+                  double* coef, double* x_coef) {
+  ck_emulation::launch(dim3{blocks(rt * ct), 1, 1}, kBlock, nc::pairs_kernel<double>, g, x_r, xn2_r,
+                       c_t, cn2_t, lab_r, weight_r, rt, ct, c0, d, metric, dist, exact, coef,
+                       x_coef);
 }
 
 void ck_ncl_exact_grad(const double* x_r, const double* c_t, const int64_t* lab_r,

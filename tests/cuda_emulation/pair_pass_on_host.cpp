@@ -23,8 +23,7 @@ void run_rounds(const T* z, const T* xr, const T* shift, const int32_t* labels, 
                          w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d, round, t, t_even);
   ck_emulation::launch(dim3{unsigned(t), 1, 1}, dim3{pp::kThreads, 1, 1},
                        pp::pair_pass_kernel<T, M, Grad, true>, z, xr, shift, labels, sq, w_in,
-                       w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d, int64_t(0), t,
-                       t_even);
+                       w_out, t_in, t_out, g_in, g_out, gx_in, gx_out, n, d, int64_t(0), t, t_even);
 }
 
 template <typename T>
@@ -39,14 +38,23 @@ int run(int metric, int grad, const void* z, const void* xr, const void* shift,
         static_cast<T*>(g_out), static_cast<T*>(gx_in), static_cast<T*>(gx_out), n, d);
   };
   const auto with_grad = [&](auto m) {
-    if (grad) go(m, std::true_type{});
-    else go(m, std::false_type{});
+    if (grad)
+      go(m, std::true_type{});
+    else
+      go(m, std::false_type{});
   };
   switch (metric) {
-    case ck::kEuclidean: with_grad(std::integral_constant<int64_t, ck::kEuclidean>{}); return 0;
-    case ck::kSqEuclidean: with_grad(std::integral_constant<int64_t, ck::kSqEuclidean>{}); return 0;
-    case ck::kCosine: with_grad(std::integral_constant<int64_t, ck::kCosine>{}); return 0;
-    default: return 1;
+    case ck::kEuclidean:
+      with_grad(std::integral_constant<int64_t, ck::kEuclidean>{});
+      return 0;
+    case ck::kSqEuclidean:
+      with_grad(std::integral_constant<int64_t, ck::kSqEuclidean>{});
+      return 0;
+    case ck::kCosine:
+      with_grad(std::integral_constant<int64_t, ck::kCosine>{});
+      return 0;
+    default:
+      return 1;
   }
 }
 
@@ -58,13 +66,12 @@ extern "C" {
 // totals and gradients, 0 for the row sums (t_in / t_out = S_in / S_out).
 int ck_pair_pass(int double_precision, int metric, int grad, const void* z, const void* xr,
                  const void* shift, const int32_t* labels, const void* sq, const void* w_in,
-                 const void* w_out, void* t_in, void* t_out, void* g_in, void* g_out,
-                 void* gx_in, void* gx_out, int64_t n, int64_t d) {
-  return double_precision
-             ? run<double>(metric, grad, z, xr, shift, labels, sq, w_in, w_out, t_in, t_out,
-                           g_in, g_out, gx_in, gx_out, n, d)
-             : run<float>(metric, grad, z, xr, shift, labels, sq, w_in, w_out, t_in, t_out, g_in,
-                          g_out, gx_in, gx_out, n, d);
+                 const void* w_out, void* t_in, void* t_out, void* g_in, void* g_out, void* gx_in,
+                 void* gx_out, int64_t n, int64_t d) {
+  return double_precision ? run<double>(metric, grad, z, xr, shift, labels, sq, w_in, w_out, t_in,
+                                        t_out, g_in, g_out, gx_in, gx_out, n, d)
+                          : run<float>(metric, grad, z, xr, shift, labels, sq, w_in, w_out, t_in,
+                                       t_out, g_in, g_out, gx_in, gx_out, n, d);
 }
 
 int64_t ck_pair_pass_smem_bytes(int double_precision) {

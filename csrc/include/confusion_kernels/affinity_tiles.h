@@ -77,26 +77,27 @@ void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Te
   const bool with_grad = grad_f.defined();
   TileBuffers buf(in, with_grad);
   const int64_t ct_max = classes_per_tile(m);
-  for_each_gram_tile(f, w, kRowTile, ct_max * m, [&](int64_t r0, int64_t rt, int64_t p0,
-                                                     int64_t pt, const at::Tensor& g) {
-    const int64_t c0 = p0 / m, ct = pt / m;
-    at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
-    at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
-    Tiles::similarity(g, f_norms.narrow(0, r0, rt), w_norms.narrow(0, p0, pt), m, sigma, kind,
-                      d_tile, arg_tile);
-    at::Tensor a;
-    if (with_grad) {
-      a = buf.a.narrow(0, 0, rt * pt).view({rt, pt});
-      if (m > 1) a.zero_();
-    }
-    Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt), d_true.narrow(0, r0, rt),
-                 sigma, margin, kind, rows_of(rows, r0, rt), rows_of(active, r0, rt),
-                 rows_of(g_rows, r0, rt), rows_of(own_active, r0, rt), a,
-                 rows_of(row_coef, r0, rt));
-    if (with_grad)
-      add_tile_gradient(a, f.narrow(0, r0, rt), w.narrow(0, p0, pt), r0, p0, grad_f, grad_w,
-                        col_coef);
-  });
+  for_each_gram_tile(f, w, kRowTile, ct_max * m,
+                     [&](int64_t r0, int64_t rt, int64_t p0, int64_t pt, const at::Tensor& g) {
+                       const int64_t c0 = p0 / m, ct = pt / m;
+                       at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
+                       at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
+                       Tiles::similarity(g, f_norms.narrow(0, r0, rt), w_norms.narrow(0, p0, pt), m,
+                                         sigma, kind, d_tile, arg_tile);
+                       at::Tensor a;
+                       if (with_grad) {
+                         a = buf.a.narrow(0, 0, rt * pt).view({rt, pt});
+                         if (m > 1) a.zero_();
+                       }
+                       Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt),
+                                    d_true.narrow(0, r0, rt), sigma, margin, kind,
+                                    rows_of(rows, r0, rt), rows_of(active, r0, rt),
+                                    rows_of(g_rows, r0, rt), rows_of(own_active, r0, rt), a,
+                                    rows_of(row_coef, r0, rt));
+                       if (with_grad)
+                         add_tile_gradient(a, f.narrow(0, r0, rt), w.narrow(0, p0, pt), r0, p0,
+                                           grad_f, grad_w, col_coef);
+                     });
 }
 
 // Forward rows, d_true and active counts; with grad_f / grad_w given, also the
@@ -139,8 +140,8 @@ void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_
   const at::Tensor order = std::get<1>(own_proto.sort(/*stable=*/true, 0, false));
   const at::Tensor lengths = at::zeros({w.size(0)}, own_proto.options())
                                  .index_add_(0, own_proto, at::ones_like(own_proto));
-  const at::Tensor sum_f = at::segment_reduce(
-      (f * own_coef.unsqueeze(1)).index_select(0, order), "sum", lengths, {}, {}, 0, true);
+  const at::Tensor sum_f = at::segment_reduce((f * own_coef.unsqueeze(1)).index_select(0, order),
+                                              "sum", lengths, {}, {}, 0, true);
   const at::Tensor sum_c =
       at::segment_reduce(own_coef.index_select(0, order), "sum", lengths, {}, {}, 0, true);
   grad_w->add_(sum_f, -2);
@@ -205,9 +206,11 @@ std::tuple<at::Tensor, at::Tensor> hinge_backward_op(
 
 // sum_i L_i and its gradients (for f and the prototypes) in one pass.
 template <class Tiles>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_sum_with_grad_op(
-    const at::Tensor& f, const at::Tensor& prototypes, const at::Tensor& labels, double sigma,
-    double margin, c10::string_view similarity) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_sum_with_grad_op(const at::Tensor& f,
+                                                                      const at::Tensor& prototypes,
+                                                                      const at::Tensor& labels,
+                                                                      double sigma, double margin,
+                                                                      c10::string_view similarity) {
   const typename Tiles::Guard guard(f.device());
   const AffinityInputs in =
       prepare_affinity_inputs(f, prototypes, labels, sigma, similarity, Tiles::kDevice);

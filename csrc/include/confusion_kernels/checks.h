@@ -69,8 +69,8 @@ struct GuardedIndex {
 // synchronisation: values out of range are clamped, so that no kernel reads out
 // of bounds, and their rows are returned for poison_rows / poison_all (bad input
 // gives NaN output, as the Python ops do; docs/design.md, "Host synchronisation").
-inline GuardedIndex guard_label_range(const at::Tensor& labels, int64_t num_classes,
-                                      const char* op, const char* what = "labels") {
+inline GuardedIndex guard_label_range(const at::Tensor& labels, int64_t num_classes, const char* op,
+                                      const char* what = "labels") {
   if (labels.is_cpu()) {
     check_label_range(labels, num_classes, op, what);
     return {labels, at::Tensor()};
@@ -99,8 +99,8 @@ inline at::Tensor poison_all(const at::Tensor& t, const at::Tensor& bad) {
   return t.masked_fill(bad.any(), std::numeric_limits<double>::quiet_NaN());
 }
 
-inline void check_intra_inter_inputs(const at::Tensor& x, const at::Tensor& labels,
-                                     int64_t metric, c10::DeviceType device) {
+inline void check_intra_inter_inputs(const at::Tensor& x, const at::Tensor& labels, int64_t metric,
+                                     c10::DeviceType device) {
   TORCH_CHECK(x.dim() == 2, "intra_inter_sums: x must be 2-D [N, D], got ", x.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "intra_inter_sums: x must be a floating tensor, got ", x.scalar_type());
@@ -112,8 +112,8 @@ inline void check_intra_inter_inputs(const at::Tensor& x, const at::Tensor& labe
               labels.scalar_type());
   TORCH_CHECK(x.device().type() == device, "intra_inter_sums: x must be on ", device, ", got ",
               x.device());
-  TORCH_CHECK(labels.device() == x.device(), "intra_inter_sums: labels are on ",
-              labels.device(), " but x is on ", x.device());
+  TORCH_CHECK(labels.device() == x.device(), "intra_inter_sums: labels are on ", labels.device(),
+              " but x is on ", x.device());
   TORCH_CHECK(metric >= 0 && metric < kNumMetrics, "intra_inter_sums: unknown metric code ",
               metric);
 }
@@ -123,8 +123,8 @@ inline void check_row_gradient(const at::Tensor& g, const at::Tensor& x, const c
               " must be 1-D of length ", x.size(0), ", got shape ", g.sizes());
   TORCH_CHECK(at::isFloatingType(g.scalar_type()), "intra_inter_sums_backward: ", name,
               " must be floating");
-  TORCH_CHECK(g.device() == x.device(), "intra_inter_sums_backward: ", name, " is on ",
-              g.device(), " but x is on ", x.device());
+  TORCH_CHECK(g.device() == x.device(), "intra_inter_sums_backward: ", name, " is on ", g.device(),
+              " but x is on ", x.device());
 }
 
 // Inputs of a kernel after the checks: the rows in the accumulation dtype and
@@ -138,12 +138,11 @@ struct RowSumsInputs {
 };
 
 inline RowSumsInputs prepare_row_sums_inputs(const at::Tensor& x, const at::Tensor& labels,
-                                             c10::string_view metric_name,
-                                             c10::DeviceType device) {
+                                             c10::string_view metric_name, c10::DeviceType device) {
   const int64_t metric = metric_code(metric_name, "intra_inter_sums");
   check_intra_inter_inputs(x, labels, metric, device);
-  return {x.to(accumulation_type(x.scalar_type())).contiguous(), labels.contiguous(), {}, {},
-          metric};
+  return {
+      x.to(accumulation_type(x.scalar_type())).contiguous(), labels.contiguous(), {}, {}, metric};
 }
 
 // weighted_pair_sums_with_grad(x, labels, w_in, w_out, metric): the row-sum
@@ -170,12 +169,18 @@ inline RowSumsInputs prepare_pair_pass_inputs(const at::Tensor& x, const at::Ten
 template <typename F>
 void dispatch_metric(int64_t metric, const char* op, F&& f) {
   switch (metric) {
-    case kEuclidean: return f(std::integral_constant<int64_t, kEuclidean>{});
-    case kSqEuclidean: return f(std::integral_constant<int64_t, kSqEuclidean>{});
-    case kManhattan: return f(std::integral_constant<int64_t, kManhattan>{});
-    case kCosine: return f(std::integral_constant<int64_t, kCosine>{});
-    case kSmoothL1: return f(std::integral_constant<int64_t, kSmoothL1>{});
-    default: TORCH_CHECK(false, op, ": unknown metric code ", metric);
+    case kEuclidean:
+      return f(std::integral_constant<int64_t, kEuclidean>{});
+    case kSqEuclidean:
+      return f(std::integral_constant<int64_t, kSqEuclidean>{});
+    case kManhattan:
+      return f(std::integral_constant<int64_t, kManhattan>{});
+    case kCosine:
+      return f(std::integral_constant<int64_t, kCosine>{});
+    case kSmoothL1:
+      return f(std::integral_constant<int64_t, kSmoothL1>{});
+    default:
+      TORCH_CHECK(false, op, ": unknown metric code ", metric);
   }
 }
 
@@ -196,8 +201,7 @@ void dispatch_gram_metric(int64_t metric, const char* op, F&& f) {
 
 inline RowSumsInputs prepare_row_sums_backward_inputs(const at::Tensor& grad_in,
                                                       const at::Tensor& grad_out,
-                                                      const at::Tensor& x,
-                                                      const at::Tensor& labels,
+                                                      const at::Tensor& x, const at::Tensor& labels,
                                                       c10::string_view metric,
                                                       c10::DeviceType device) {
   RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric, device);

@@ -61,8 +61,8 @@ inline RectInputs prepare_rect_inputs(const at::Tensor& x, const at::Tensor& lab
   const char* op = "intra_inter_sums_rect";
   const int64_t metric = metric_code(metric_name, op);
   check_intra_inter_inputs(x, labels, metric, device);
-  TORCH_CHECK(ref.dim() == 2 && ref.size(1) == x.size(1), op, ": ref must be 2-D [M, D] with D = ",
-              x.size(1), ", got shape ", ref.sizes());
+  TORCH_CHECK(ref.dim() == 2 && ref.size(1) == x.size(1), op,
+              ": ref must be 2-D [M, D] with D = ", x.size(1), ", got shape ", ref.sizes());
   TORCH_CHECK(ref.size(0) > 0, op, ": ref has no rows (M = 0)");
   TORCH_CHECK(ref.scalar_type() == x.scalar_type(), op, ": ref must have x's dtype ",
               x.scalar_type(), ", got ", ref.scalar_type());
@@ -90,13 +90,10 @@ inline RectInputs prepare_rect_inputs(const at::Tensor& x, const at::Tensor& lab
   return in;
 }
 
-inline RectInputs prepare_rect_backward_inputs(const at::Tensor& grad_in,
-                                               const at::Tensor& grad_out, const at::Tensor& x,
-                                               const at::Tensor& labels, const at::Tensor& ref,
-                                               const at::Tensor& ref_labels,
-                                               c10::optional<int64_t> self_offset,
-                                               c10::string_view metric_name,
-                                               c10::DeviceType device) {
+inline RectInputs prepare_rect_backward_inputs(
+    const at::Tensor& grad_in, const at::Tensor& grad_out, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    c10::optional<int64_t> self_offset, c10::string_view metric_name, c10::DeviceType device) {
   RectInputs in = prepare_rect_inputs(x, labels, ref, ref_labels, self_offset, metric_name, device);
   check_row_gradient(grad_in, x, "grad_in");
   check_row_gradient(grad_out, x, "grad_out");
@@ -118,9 +115,8 @@ template <class Pass>
 std::tuple<at::Tensor, at::Tensor> direct_pass_row_sums(const at::Tensor& xa,
                                                         const at::Tensor& x_labels,
                                                         const at::Tensor& ya,
-                                                        const at::Tensor& y_labels,
-                                                        int64_t shift, int64_t metric,
-                                                        Pass&& pass) {
+                                                        const at::Tensor& y_labels, int64_t shift,
+                                                        int64_t metric, Pass&& pass) {
   const DirectOperand a = direct_operand(xa, metric);
   const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
   at::Tensor s_in = at::empty({xa.size(0)}, xa.options());
@@ -141,8 +137,8 @@ template <class Pass>
 at::Tensor direct_pass_row_grad(const at::Tensor& xa, const at::Tensor& x_labels,
                                 const at::Tensor& x_g_in, const at::Tensor& x_g_out,
                                 const at::Tensor& ya, const at::Tensor& y_labels,
-                                const at::Tensor& y_g_in, const at::Tensor& y_g_out,
-                                int64_t shift, int64_t metric, Pass&& pass) {
+                                const at::Tensor& y_g_in, const at::Tensor& y_g_out, int64_t shift,
+                                int64_t metric, Pass&& pass) {
   const DirectOperand a = direct_operand(xa, metric);
   const DirectOperand b = xa.is_same(ya) ? a : direct_operand(ya, metric);
   at::Tensor grad = at::zeros_like(xa);
@@ -165,9 +161,9 @@ template <class Pass>
 std::tuple<at::Tensor, at::Tensor> rect_backward(const RectInputs& in, const at::Tensor& x,
                                                  const at::Tensor& ref, Pass&& pass) {
   const at::Tensor none;
-  const at::Tensor grad_x = direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.ref,
-                                                 in.ref_labels, none, none, in.shift, in.metric,
-                                                 pass);
+  const at::Tensor grad_x =
+      direct_pass_row_grad(in.x, in.labels, in.grad_in, in.grad_out, in.ref, in.ref_labels, none,
+                           none, in.shift, in.metric, pass);
   const at::Tensor grad_ref =
       direct_pass_row_grad(in.ref, in.ref_labels, none, none, in.x, in.labels, in.grad_in,
                            in.grad_out, swapped_shift(in.shift), in.metric, pass);
@@ -190,14 +186,15 @@ std::tuple<at::Tensor, at::Tensor> rect_forward_op(const at::Tensor& x, const at
 }
 
 template <c10::DeviceType kDevice, class BackwardPass>
-std::tuple<at::Tensor, at::Tensor> rect_backward_op(
-    const at::Tensor& grad_in, const at::Tensor& grad_out, const at::Tensor& x,
-    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
-    c10::optional<int64_t> self_offset, c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor> rect_backward_op(const at::Tensor& grad_in,
+                                                    const at::Tensor& grad_out, const at::Tensor& x,
+                                                    const at::Tensor& labels, const at::Tensor& ref,
+                                                    const at::Tensor& ref_labels,
+                                                    c10::optional<int64_t> self_offset,
+                                                    c10::string_view metric_name) {
   const NoAutocast no_autocast;
-  const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref,
-                                                     ref_labels, self_offset, metric_name,
-                                                     kDevice);
+  const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref, ref_labels,
+                                                     self_offset, metric_name, kDevice);
   return rect_backward(in, x, ref, BackwardPass{});
 }
 

@@ -38,8 +38,7 @@ inline at::Tensor unit_rows(const at::Tensor& xa, const at::Tensor& norms) {
 
 // Operands of the Gram form (see pair_math.h): the rows, or the unit rows for
 // cosine (zero rows take the exact path). sq_norms = |x_i|^2.
-inline at::Tensor gram_operands(const at::Tensor& xa, const at::Tensor& sq_norms,
-                                int64_t metric) {
+inline at::Tensor gram_operands(const at::Tensor& xa, const at::Tensor& sq_norms, int64_t metric) {
   return metric == kCosine ? unit_rows(xa, sq_norms.sqrt()) : xa;
 }
 

@@ -64,8 +64,8 @@ struct Inputs {
 };
 
 inline Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids,
-                             const at::Tensor& labels, c10::string_view metric,
-                             bool use_negatives, c10::DeviceType device, const char* op) {
+                             const at::Tensor& labels, c10::string_view metric, bool use_negatives,
+                             c10::DeviceType device, const char* op) {
   Inputs in;
   in.metric = sphere_metric_code(metric, op);
   TORCH_CHECK(z.dim() == 2 && z.size(0) > 0 && z.size(1) > 0, op,
@@ -187,8 +187,7 @@ at::Tensor rows_backward_op(const at::Tensor& grad_rows, const at::Tensor& z,
     const GuardedIndex h = guard_label_range(hardest, k, "n_centroids_rows_backward", "hardest");
     bad = merge_bad(bad, h.bad);
     Tiles::direct(in, h.index.contiguous(), -g, scratch, grad_x);
-    negatives_pass<Tiles>(in, at::Tensor(), at::Tensor(), at::Tensor(), g / -double(k - 1),
-                          grad_x);
+    negatives_pass<Tiles>(in, at::Tensor(), at::Tensor(), at::Tensor(), g / -double(k - 1), grad_x);
   }
   return poison_rows(through_normalisation(in, grad_x), bad).to(z.scalar_type());
 }

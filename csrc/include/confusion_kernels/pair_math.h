@@ -129,9 +129,8 @@ CK_HOST_DEVICE acc_t pair_distance_exact(int64_t metric, const scalar_t* a, cons
 
 // grad[k] += coef * dD(a, b)/da_k for every k.
 template <typename scalar_t, typename acc_t>
-CK_HOST_DEVICE void pair_grad_exact_accumulate(int64_t metric, const scalar_t* a,
-                                               const scalar_t* b, int64_t d, acc_t coef,
-                                               acc_t* grad) {
+CK_HOST_DEVICE void pair_grad_exact_accumulate(int64_t metric, const scalar_t* a, const scalar_t* b,
+                                               int64_t d, acc_t coef, acc_t* grad) {
   if (coef == acc_t(0)) return;
   if (metric == kCosine) {
     acc_t na2 = acc_t(0), nb2 = acc_t(0);

@@ -25,11 +25,11 @@ constexpr int64_t kNoSelfPair = INT64_MIN;
 
 template <typename T>
 struct PairSide {
-  const T* rows = nullptr;         // [n, d] contiguous (the unit rows for cosine)
-  const int64_t* labels = nullptr; // [n]
-  const T* norms = nullptr;        // |row| before normalising (cosine), else null
-  const T* g_in = nullptr;         // [n] upstream weights (backward), null = 0
-  const T* g_out = nullptr;        // [n]
+  const T* rows = nullptr;          // [n, d] contiguous (the unit rows for cosine)
+  const int64_t* labels = nullptr;  // [n]
+  const T* norms = nullptr;         // |row| before normalising (cosine), else null
+  const T* g_in = nullptr;          // [n] upstream weights (backward), null = 0
+  const T* g_out = nullptr;         // [n]
   int64_t n = 0;
 };
 
@@ -44,8 +44,8 @@ CK_HOST_DEVICE T side_weight(const T* w, int64_t i) {
 
 // c_ij of the backward (0 for the left-out pair).
 template <typename T>
-CK_HOST_DEVICE T pair_coefficient(const PairSide<T>& a, const PairSide<T>& b, int64_t i,
-                                  int64_t j, int64_t shift) {
+CK_HOST_DEVICE T pair_coefficient(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int64_t j,
+                                  int64_t shift) {
   if (is_self_pair(i, j, shift)) return T(0);
   return a.labels[i] == b.labels[j] ? side_weight(a.g_in, i) + side_weight(b.g_in, j)
                                     : side_weight(a.g_out, i) + side_weight(b.g_out, j);

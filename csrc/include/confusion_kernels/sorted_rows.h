@@ -39,10 +39,10 @@ inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int6
   const at::Tensor inverse =
       at::empty_like(labels).scatter_(0, std::get<1>(sorted), starts.cumsum(0).sub_(1));
   const at::Tensor first = at::full({n}, n, labels.options())
-                               .scatter_reduce(0, inverse, at::arange(n, labels.options()),
-                                               "amin", /*include_self=*/true);
-  const at::Tensor rank = at::empty_like(first).index_copy_(
-      0, at::argsort(first), at::arange(n, labels.options()));
+                               .scatter_reduce(0, inverse, at::arange(n, labels.options()), "amin",
+                                               /*include_self=*/true);
+  const at::Tensor rank =
+      at::empty_like(first).index_copy_(0, at::argsort(first), at::arange(n, labels.options()));
   const at::Tensor key = rank.index_select(0, inverse);
   r.perm = at::argsort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   r.xs = xa.index_select(0, r.perm).contiguous();
@@ -60,9 +60,8 @@ inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int6
     const at::Tensor sq64 = (x64 * x64).sum(1);
     r.sq = sq64.clamp_max(top).to(r.xs.scalar_type()).contiguous();
     const at::Tensor norms = sq64.sqrt().unsqueeze(1);
-    r.zs = at::where(norms > 0, x64 / norms, at::zeros_like(x64))
-               .to(r.xs.scalar_type())
-               .contiguous();
+    r.zs =
+        at::where(norms > 0, x64 / norms, at::zeros_like(x64)).to(r.xs.scalar_type()).contiguous();
   }
   return r;
 }

@@ -96,8 +96,8 @@ CK_HOST_DEVICE void sphere_gram_coefficients(int64_t metric, T a, T b, T* alpha,
 
 // grad += weight dd/dx of one pair from per-dimension differences (exact).
 template <typename T>
-CK_HOST_DEVICE void sphere_grad_exact_accumulate(int64_t metric, const T* x, const T* c,
-                                                 int64_t d, T a, T b, T weight, T* grad) {
+CK_HOST_DEVICE void sphere_grad_exact_accumulate(int64_t metric, const T* x, const T* c, int64_t d,
+                                                 T a, T b, T weight, T* grad) {
   T p, q;
   sphere_distance_grad(metric, a, b, &p, &q);
   p *= weight;
