@@ -42,6 +42,48 @@ def autocast_off(fn):
     return wrapper
 
 
+def names_errors(entry: str):
+    """Decorator of a public function or module ``forward``: the ValueError and TypeError it
+    raises (and our RuntimeErrors, which begin with "confusion_kernels:") name it, so that a
+    message always names the function the user called. A message that another entry inside
+    it had already named gets this entry's name instead (NCentroidsLoss calls
+    n_centroids_loss: the user called NCentroidsLoss). The exception keeps its type and
+    traceback (its message is rewritten in place)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                _name_exception(exc, entry)
+                raise
+
+        return wrapper
+
+    return deco
+
+
+def _name_exception(exc: BaseException, entry: str) -> None:
+    """Rewrites the message of one of our exceptions to begin with ``entry``."""
+    if not exc.args or not isinstance(exc.args[0], str):
+        return
+    message = exc.args[0]
+    if isinstance(exc, RuntimeError):  # ours only: the backend choice (_backend.py)
+        if not message.startswith("confusion_kernels: "):
+            return
+        message = message[len("confusion_kernels: "):]
+    elif not isinstance(exc, (ValueError, TypeError)):
+        return
+    inner = getattr(exc, "_ck_entry", None)
+    if inner is not None and message.startswith(f"{inner}: "):
+        message = message[len(inner) + 2:]
+    if not message.startswith((f"{entry}: ", f"{entry}(")):
+        message = f"{entry}: {message}"
+    exc.args = (message, *exc.args[1:])
+    exc._ck_entry = entry
+
+
 class _CheckPolicy:
     # strict: data checks on the host on every device (env CONFUSION_KERNELS_STRICT_CHECKS=1)
     strict = os.environ.get("CONFUSION_KERNELS_STRICT_CHECKS", "") not in ("", "0")

@@ -221,3 +221,38 @@ def test_interpreter_arithmetic_warnings_are_not_shown():
     if "warnings" not in out.stdout:
         pytest.skip(f"the triton backend cannot run here: {out.stderr.strip()[-200:]}")
     assert out.stdout.strip().endswith("warnings 0"), out.stdout
+
+
+# --- every message names the function the user called ---------------------------------------
+_U = torch.nn.functional.normalize(torch.randn(6, 3), dim=1)
+ENTRIES = {  # name -> a call with a list instead of the embeddings
+    "intra_inter_sums": lambda bad: ck.intra_inter_sums(bad, Y),
+    "as_loss_terms": lambda bad: ck.as_loss_terms(bad, Y),
+    "as_loss": lambda bad: ck.as_loss(bad, Y),
+    "ASLoss": lambda bad: ck.ASLoss()(bad, Y),
+    "affinity_loss": lambda bad: ck.affinity_loss(bad, Y, torch.randn(3, 2, 3)),
+    "class_affinity": lambda bad: ck.class_affinity(bad, torch.randn(3, 2, 3)),
+    "AffinityLoss": lambda bad: ck.AffinityLoss(3, 3)(bad, Y),
+    "n_centroids_loss": lambda bad: ck.n_centroids_loss(bad, Y, _U[:3]),
+    "NCentroidsLoss": lambda bad: ck.NCentroidsLoss(3, 3)(bad, Y),
+    "NCentroidsLoss.predict": lambda bad: ck.NCentroidsLoss(3, 3).predict(bad),
+    "vmf_nll": lambda bad: ck.vmf_nll(bad, _U, torch.ones(6)),
+    "gaussian_nll": lambda bad: ck.gaussian_nll(bad, _U, torch.zeros(6, 1)),
+    "ClassStatistics.update": lambda bad: ck.ClassStatistics(3, 3).update(bad, Y),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_each_message_names_the_function_the_user_called(entry):
+    """A check deep inside (check_embeddings, or n_centroids_loss inside NCentroidsLoss)
+    raised a message naming no function or another one; now it names the entry."""
+    with pytest.raises((TypeError, ValueError)) as info:
+        ENTRIES[entry](X.tolist())
+    assert str(info.value).startswith(f"{entry}: "), str(info.value)
+    assert str(info.value).count(": ") >= 1 and f"{entry}: {entry}" not in str(info.value)
+
+
+def test_a_backend_that_cannot_run_is_named_by_the_entry():
+    with pytest.raises(RuntimeError, match=r"^as_loss: backend='bogus' cannot run") as info:
+        ck.as_loss(X, Y, backend="bogus")
+    assert "confusion_kernels: " not in str(info.value)

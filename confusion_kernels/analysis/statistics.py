@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import _extension
-from .._validation import check_labels, guard_label_range, host_checks, poison_all
+from .._validation import check_labels, guard_label_range, host_checks, names_errors, poison_all
 
 
 if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
@@ -110,6 +110,7 @@ class ClassStatistics:
         denom = (self.counts - 1).unsqueeze(1)
         return torch.where(denom > 0, self.m2 / denom.clamp_min(1), torch.full_like(self.m2, math.nan))
 
+    @names_errors("ClassStatistics.update")
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor, *,
                backend: str = "auto") -> "ClassStatistics":
@@ -250,6 +251,7 @@ def _p_values(t: torch.Tensor, df: torch.Tensor, alternative: str) -> torch.Tens
     return torch.from_numpy(p).to(t.device)
 
 
+@names_errors("welch_t_test")
 def welch_t_test(stats: ClassStatistics, *, alternative: str = "greater", pairwise: bool = False):
     """Welch's t-test per class and feature.
 
@@ -320,6 +322,7 @@ def similarity_matrix(stats: ClassStatistics, *, method: str = "welch", statisti
     return sim.fill_diagonal_(1.0)
 
 
+@names_errors("similar_labels")
 def similar_labels(stats: ClassStatistics, k: int = 5, *, method: str = "welch",
                    statistic: str = "t", alternative: str = "greater"):
     """The k most similar other classes of every class: (indices [C, k], scores [C, k]),

@@ -15,12 +15,13 @@ from torch import nn
 
 from .._backend import select_backend
 from .._validation import (
-    autocast_off,
     accumulation_dtype,
+    autocast_off,
     check_all_finite,
     check_embeddings,
     check_label_range,
     check_labels,
+    names_errors,
     output_dtype,
     scan_finite,
 )
@@ -114,6 +115,7 @@ def diversity_pairwise(prototypes: torch.Tensor) -> torch.Tensor:
     return r.to(output_dtype(prototypes.dtype))
 
 
+@names_errors("diversity_regularizer")
 def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
     """R(W): the variance of the squared distances between all pairs of the
     P = C m prototypes [C, m, D] (0 when P < 2).
@@ -132,6 +134,7 @@ def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> 
     return diversity_pairwise(prototypes)
 
 
+@names_errors("class_affinity")
 @autocast_off
 def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 10.0,
                    similarity: str = "gaussian", chunk_rows: int = 4096) -> torch.Tensor:
@@ -150,6 +153,7 @@ def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 
     return torch.cat(parts)
 
 
+@names_errors("affinity_loss")
 @autocast_off
 def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
                   sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
@@ -166,8 +170,10 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     for CPU tensors and under ``strict_checks()``; on a GPU the data checks are left to the
     kernels (non-finite input or labels outside [0, C) give a NaN loss, no host wait).
     """
+    check_embeddings(f, "f", check_finite=False)  # its type first: the scan reads f.device
     scan = scan_finite(check_finite, f)
-    check_embeddings(f, "f", check_finite=scan)
+    if scan:
+        check_all_finite(f, "f")
     _check_prototypes(prototypes, f.shape[1], f.device)
     if scan:
         check_all_finite(prototypes, "prototypes")
@@ -208,6 +214,7 @@ class AffinityLoss(nn.Module):
         self.prototypes = nn.Parameter(
             torch.randn(num_classes, num_centers, embedding_dim) / math.sqrt(embedding_dim))
 
+    @names_errors("AffinityLoss")
     def forward(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return affinity_loss(f, labels, self.prototypes, sigma=self.sigma, margin=self.margin,
                              lambda_diversity=self.lambda_diversity, similarity=self.similarity,
@@ -216,6 +223,7 @@ class AffinityLoss(nn.Module):
     def affinity(self, f: torch.Tensor) -> torch.Tensor:
         return class_affinity(f, self.prototypes, sigma=self.sigma, similarity=self.similarity)
 
+    @names_errors("AffinityLoss.predict")
     @torch.no_grad()
     def predict(self, f: torch.Tensor) -> torch.Tensor:
         return self.affinity(f).argmax(dim=1)

@@ -24,9 +24,16 @@ from torch import nn
 from .. import _distributed
 from .._backend import select_backend
 from .._metrics import resolve_metric
-from .._validation import (autocast_off, check_all_finite, check_embeddings, check_labels,
-                           output_dtype, scan_finite)
-from ..ops.intra_inter_sums import intra_inter_sums
+from .._validation import (
+    autocast_off,
+    check_all_finite,
+    check_embeddings,
+    check_labels,
+    names_errors,
+    output_dtype,
+    scan_finite,
+)
+from ..ops.intra_inter_sums import checked_row_sums
 from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
 from .memory import CrossBatchMemory
@@ -87,6 +94,7 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
     return weights[0], weights[1]
 
 
+@names_errors("as_loss_terms")
 @autocast_off
 def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "euclidean",
                   constraint: float = 10.0, include_self: bool = False,
@@ -160,7 +168,7 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
     if needs_grad and has_one_pass(chosen, name, x.shape[1]):
         inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen)
     else:
-        s_in, s_out = intra_inter_sums(x, labels, name, backend=chosen, check_finite=False)
+        s_in, s_out = checked_row_sums(x, labels, name, chosen)
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
     return ASLossTerms(inner, outer, radial_terms(x, constraint, acc).mean())
 
@@ -169,12 +177,12 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
                   include_self: bool, reduction: str, dim_scale: float, backend: str,
                   check_finite: bool | None, memory: CrossBatchMemory) -> ASLossTerms:
     """as_loss_terms of the rows of x against x followed by the memory's rows."""
-    _check_memory(memory, "as_loss_terms")
+    _check_memory(memory, None)
     if memory.embeddings.device != x.device:
-        raise ValueError(f"as_loss_terms: the memory is on {memory.embeddings.device} but x is "
+        raise ValueError(f"the memory is on {memory.embeddings.device} but x is "
                          f"on {x.device}")
     if memory.embeddings.shape[1] != x.shape[1]:
-        raise ValueError(f"as_loss_terms: the memory holds {memory.embeddings.shape[1]}-D rows, "
+        raise ValueError(f"the memory holds {memory.embeddings.shape[1]}-D rows, "
                          f"x has {x.shape[1]} columns")
     ref, ref_labels = memory.reference_set(x, labels)
     if scan_finite(check_finite, ref):
@@ -182,29 +190,29 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     acc = output_dtype(x.dtype)
     chosen = select_backend(x, backend, op="intra_inter_sums_rect")
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc, ref_labels)
-    s_in, s_out = intra_inter_sums(x, labels, metric, backend=chosen, check_finite=False,
-                                   ref=ref, ref_labels=ref_labels, self_offset=0)
+    s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref, ref_labels=ref_labels,
+                                   self_offset=0)
     return ASLossTerms((w_in * s_in).sum(), (w_out * s_out).sum(),
                        radial_terms(x, constraint, acc).mean())
 
 
-def _check_memory(memory, where: str) -> None:
+def _check_memory(memory, where: str | None) -> None:
     if not isinstance(memory, CrossBatchMemory):
-        raise TypeError(f"{where}: memory must be a confusion_kernels.CrossBatchMemory (or "
-                        f"None), got {type(memory).__name__}")
+        raise TypeError(f"{where + ': ' if where else ''}memory must be a "
+                        f"confusion_kernels.CrossBatchMemory (or None), got {type(memory).__name__}")
 
 
 def _checked_global_terms(x, labels, metric, constraint, include_self, reduction, dim_mean,
                           backend, check_finite, group, memory, settings) -> ASLossTerms:
     """_global_terms after every rank's checks and settings are agreed (``agree``)."""
-    what = "as_loss_terms(global_batch=True)"
+    what = "global_batch=True"  # (the entry, as_loss / ASLoss / as_loss_terms, names itself)
     _distributed.require_process_group(what)
     error, name, chosen, scan = None, metric, backend, None
     try:
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
         if memory is not None:
-            raise ValueError("as_loss_terms: global_batch and memory cannot be combined")
+            raise ValueError("global_batch and memory cannot be combined")
         check_embeddings(x, "x", check_finite=False, allow_empty=True)
         labels = check_labels(labels, x.shape[0], x.device)
         name, _, dim_mean = resolve_metric(metric, dim_mean)
@@ -244,8 +252,8 @@ def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     else:
         w_in, w_out = (w[offset:offset + n] for w in
                        term_weights(ref_labels, reduction, include_self, dim_scale, acc))
-        s_in, s_out = intra_inter_sums(x, labels, metric, backend=backend, check_finite=False,
-                                       ref=ref, ref_labels=ref_labels, self_offset=offset)
+        s_in, s_out = checked_row_sums(x, labels, metric, backend, ref=ref,
+                                       ref_labels=ref_labels, self_offset=offset)
         radial = radial_terms(x, constraint, acc).sum()
         shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(),
                               radial / ref.shape[0]])
@@ -253,6 +261,7 @@ def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     return ASLossTerms(inner, outer, boundary)
 
 
+@names_errors("as_loss")
 def as_loss(x: torch.Tensor, labels: torch.Tensor, *, lambda_inner: float = 1e-3,
             lambda_outer: float = 1e-3, lambda_boundary: float = 1e-2, **kwargs) -> torch.Tensor:
     """ASLoss = lambda_inner * inner - lambda_outer * outer + lambda_boundary * boundary.
@@ -316,6 +325,7 @@ class ASLoss(nn.Module):
         self.memory = memory
         self.last_terms: list[ASLossTerms] = []
 
+    @names_errors("ASLoss")
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         layers = [x] if isinstance(x, torch.Tensor) else list(x)
         if not layers:

@@ -17,7 +17,13 @@ import math
 
 import torch
 
-from .._validation import accumulation_dtype, check_embeddings, host_checks, output_dtype
+from .._validation import (
+    accumulation_dtype,
+    check_embeddings,
+    host_checks,
+    names_errors,
+    output_dtype,
+)
 from ..special import _checked_kappa, _iv_ratio64, _log_iv64
 
 __all__ = ["vmf_nll", "gaussian_nll", "log_vmf_normalizer"]
@@ -106,6 +112,7 @@ def _check_unit_rows(name: str, t: torch.Tensor) -> None:
                          f"{float(norms[worst]):.6g}")
 
 
+@names_errors("vmf_nll")
 def vmf_nll(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """Per-sample von Mises-Fisher negative log-likelihood -log C_D(kappa) - kappa mu.x.
 
@@ -131,6 +138,7 @@ def vmf_nll(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Ten
     return (-log_c.to(work) - kappa.to(work) * cos).to(out)
 
 
+@names_errors("gaussian_nll")
 def gaussian_nll(x: torch.Tensor, centroids_y: torch.Tensor,
                  log_sigma: torch.Tensor) -> torch.Tensor:
     """Per-sample diagonal-Normal negative log-likelihood

@@ -29,12 +29,13 @@ from .._backend import select_backend
 from .._distributed import all_reduce_sum, require_process_group
 from .._scaling import rescale_large_rows
 from .._validation import (
-    autocast_off,
     accumulation_dtype,
+    autocast_off,
     check_embeddings,
     check_label_range,
     check_labels,
     compiled_index,
+    names_errors,
     output_dtype,
     poison_all,
 )
@@ -91,6 +92,7 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     return labels, chosen
 
 
+@names_errors("n_centroids_loss")
 @autocast_off
 def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
                      metric: str = "great_circle", use_negatives: bool = True,
@@ -246,6 +248,7 @@ class NCentroidsLoss(nn.Module):
         """The EMA rate of the next update, alpha0 * decay^(step / 1000)."""
         return _reference.ema_alpha(int(self.step), self.alpha0, self.decay)
 
+    @names_errors("NCentroidsLoss")
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.global_batch:
             return self._global_forward(z, labels)
@@ -322,11 +325,13 @@ class NCentroidsLoss(nn.Module):
         x = _reference.normalize(rescale_large_rows(z.to(accumulation_dtype(z.dtype))))
         return x, _reference.sphere_distances(x, self.centroids.to(x.dtype), self.metric)
 
+    @names_errors("NCentroidsLoss.distances")
     @torch.no_grad()
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """d(c_k, x_i) [N, K] under the module's metric."""
         return self._unit_rows_and_distances(z)[1]
 
+    @names_errors("NCentroidsLoss.confidence")
     @torch.no_grad()
     def confidence(self, z: torch.Tensor, *, kappa: torch.Tensor | None = None,
                    log_sigma: torch.Tensor | None = None) -> Confidence:
@@ -355,6 +360,7 @@ class NCentroidsLoss(nn.Module):
             log_likelihood = -gaussian_nll(x, nearest, log_sigma.to(d.dtype))
         return Confidence(prediction, distance, head, log_likelihood)
 
+    @names_errors("NCentroidsLoss.predict")
     @torch.no_grad()
     def predict(self, z: torch.Tensor) -> torch.Tensor:
         """The nearest centroid's class [N]."""

@@ -24,7 +24,7 @@ from .. import reference as _reference
 from .._backend import select_backend
 from .._metrics import GRAM_METRICS, METRIC_CODES, resolve_metric
 from .._scaling import common_scale, rescale_large_rows
-from .._validation import autocast_off, check_embeddings, check_labels
+from .._validation import autocast_off, check_embeddings, check_labels, names_errors
 from ._op_checks import check_rect_row_sums, check_row_sums
 from ._registration import (
     fake_rect_row_sums,
@@ -145,6 +145,7 @@ def _check_reference_set(x: torch.Tensor, ref: torch.Tensor | None, ref_labels, 
     return ref_labels
 
 
+@names_errors("intra_inter_sums")
 @autocast_off
 def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean", *,
                      dim_mean: bool = False, backend: str = "auto",
@@ -182,6 +183,19 @@ def intra_inter_sums(x: torch.Tensor, labels: torch.Tensor, metric: str = "eucli
     name, _, dim_mean = resolve_metric(metric, dim_mean)
     op = "intra_inter_sums" if ref is None else "intra_inter_sums_rect"
     chosen = select_backend(x, backend, op=op)
+    return checked_row_sums(x, labels, name, chosen, ref=ref, ref_labels=ref_labels,
+                            self_offset=self_offset, dim_mean=dim_mean)
+
+
+def checked_row_sums(x: torch.Tensor, labels: torch.Tensor, name: str, chosen: str, *,
+                     ref: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None,
+                     self_offset: int | None = None, dim_mean: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """intra_inter_sums on inputs that its caller has already validated (x, int64 labels on
+    x's device, ref and ref_labels likewise, the canonical metric name and the chosen
+    backend): the public functions validate once at their entry and call this, so a check
+    runs once and its message names the function the user called. The registered ops still
+    check their own inputs (a direct torch.ops call)."""
     if name == "cosine":  # the kernels square the norms (the eps floor then applies to the
         x = rescale_large_rows(x)  # rescaled ones: only for a row of norm below ~1e-26)
         ref = None if ref is None else rescale_large_rows(ref)
