@@ -36,7 +36,7 @@ extras=$(IFS=,; echo "$*")
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet "${pins[@]}")
 # torch first: the extension builds against the installed torch (no build isolation).
-"${pip[@]}" torch numpy ninja "setuptools>=64" wheel
+"${pip[@]}" torch numpy ninja "setuptools>=77" wheel
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 "${pip[@]}" --no-build-isolation -e ".${extras:+[$extras]}"
 "$VENV/bin/python" - <<'EOF'
