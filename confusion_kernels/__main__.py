@@ -1,11 +1,13 @@
 """``python -m confusion_kernels demo [options]``: the package's main job (see
-confusion_kernels/demo). ``python -m confusion_kernels --help`` lists the commands."""
+confusion_kernels/demo); ``python -m confusion_kernels info``: versions and backends.
+``python -m confusion_kernels --help`` lists the commands."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "train the losses on imbalanced digits and write a report with figures"}
+COMMANDS = {"demo": "train the losses on imbalanced digits and write a report with figures",
+            "info": "versions, the compiled extension, and which backends run (and why not)"}
 
 
 def main(argv: list[str]) -> int:
@@ -14,6 +16,10 @@ def main(argv: list[str]) -> int:
         for name, what in COMMANDS.items():
             print(f"  {name:8} {what}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if argv[0] == "info":
+        from .info import main as info
+
+        return info(argv[1:])
     from .demo.cli import main as demo
 
     demo(argv[1:])

@@ -91,3 +91,61 @@ def test_import_without_the_extension_warns_once_and_runs_the_reference():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_an_install_without_the_compiled_extension_says_so():
+    """An install that never built _C (no compiler) warned of a "circular import" (Python's
+    message for a missing submodule while its package imports); now the warning, the
+    backends and the error of backend='cpu' say that it was not built and how to build it.
+    (The child process sees no _C: find_spec answers None for it, as in such an install.)"""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib.util, warnings
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "confusion_kernels._C" \\
+            else real(name, *a)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import confusion_kernels as ck
+        texts = [str(w.message) for w in caught if "confusion_kernels._C" in str(w.message)]
+        assert len(texts) == 1, texts
+        assert "not built" in texts[0] and "circular" not in texts[0], texts[0]
+        assert ck.available_backends() in (["reference"], ["reference", "triton"])
+        import torch
+        try:
+            ck.intra_inter_sums(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), backend="cpu")
+        except RuntimeError as e:
+            assert "not built" in str(e) and "C++ compiler" in str(e), str(e)
+        else:
+            raise AssertionError("backend='cpu' ran without the extension")
+        print("ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != _backend.ENV_VAR}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_info_command_says_what_available_backends_says():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != _backend.ENV_VAR}
+    out = subprocess.run([sys.executable, "-m", "confusion_kernels", "info"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert f"confusion_kernels {ck.__version__}" in text and f"torch {torch.__version__}" in text
+    section = text.split("backends for cpu tensors")[1].split("backends for")[0]
+    listed = [line.split()[0] for line in section.splitlines()[1:] if line.strip()]
+    assert listed == list(ck.BACKENDS)
+    for backend in ck.BACKENDS:
+        line = next(ln for ln in section.splitlines() if ln.strip().startswith(backend + " "))
+        why = _backend.unavailable_reason(backend, torch.device("cpu"))
+        assert ("available" in line) if why is None else (why in line), line
+    bad = subprocess.run([sys.executable, "-m", "confusion_kernels", "info", "--bogus"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2
