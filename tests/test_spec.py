@@ -68,3 +68,37 @@ def test_losses_package_exports_every_public_loss():
             and getattr(v, "__module__", "") == mod.__name__]
         missing = [n for n in public if n not in losses.__all__]
         assert not missing, f"confusion_kernels.losses does not export {missing} of {module}"
+
+
+LAYERS = {  # package -> the packages it must not import (the layering of docs/design.md)
+    "reference": ("ops", "losses", "triton", "analysis", "demo"),
+    "triton": ("ops", "losses", "analysis", "demo"),
+    "ops": ("losses", "analysis", "demo"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_layers_import_downwards_only(layer):
+    """reference -> triton -> ops -> losses: a lower layer never imports a higher one (the
+    ops <-> triton import circle of N-Centroids cannot come back)."""
+    import ast
+
+    bad = []
+    for path in (ROOT / "confusion_kernels" / layer).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = (node.module or "").split(".")
+                top = (target[0] if node.level >= 2 else
+                       target[0] if node.level == 0 and target[0] != "confusion_kernels"
+                       else target[1] if node.level == 0 and len(target) > 1 else None)
+                if node.level == 1:
+                    top = layer
+                if top in LAYERS[layer]:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {top}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == "confusion_kernels" and len(parts) > 1 and \
+                            parts[1] in LAYERS[layer]:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {parts[1]}")
+    assert not bad, bad

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from .. import _extension
+from .._counts import class_counts
 from .._validation import check_labels, guard_label_range, host_checks, names_errors, poison_all
 
 
@@ -26,14 +27,6 @@ if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
     def _fake_class_shifted_sums(features, labels, shift, num_classes):
         """Shapes of (count [C], s1 [C, K], s2 [C, K]), all float64 (no autograd: statistics)."""
         return (shift.new_empty(num_classes), torch.empty_like(shift), torch.empty_like(shift))
-
-
-def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[C] float64 number of rows per class (labels in range): an int64 ``index_add_``, exact
-    in any order and with no host synchronisation (``bincount`` reads the largest label)."""
-    ones = torch.ones_like(labels)
-    return torch.zeros(num_classes, dtype=torch.int64, device=labels.device).index_add_(
-        0, labels, ones).to(torch.float64)
 
 
 def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._counts import class_counts
+
 RESOURCE_BUDGET = {"_amax_kernel": dict(min_blocks_per_sm=2),
                    "_fixed_point_sums_kernel": dict(min_blocks_per_sm=2)}
 
@@ -86,8 +88,6 @@ def shifted_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tens
     labels = labels.contiguous()
     x = features if features.stride(1) == 1 else features.contiguous()
     shift = shift.to(torch.float64).contiguous()
-    from ..analysis.statistics import class_counts
-
     count = class_counts(labels, num_classes)
     amax_bits = torch.zeros(num_classes, k, dtype=torch.int64, device=features.device)
     s1 = torch.zeros_like(amax_bits)
