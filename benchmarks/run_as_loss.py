@@ -74,42 +74,37 @@ def make_loss(provider: str, metric: str, labels):
     kind, backend = split_provider(provider)
     if kind == "fused":
         return lambda x: ck.as_loss(x, labels, metric=metric, backend=backend, check_finite=False)
-    if kind == "two-pass":
-        def two_pass(x):
-            w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
-            s_in, s_out = ck.intra_inter_sums(x, labels, metric, backend=backend,
-                                              check_finite=False)
-            boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
-            return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
-        return two_pass
-    if kind == "keops":
+    def gram_row_sums(x):  # the plain formulation: |a|^2 + |b|^2 - 2 a.b, N x N memory
+        xa = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if metric == "cosine":
+            u = xa / xa.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            dist = 1.0 - u @ u.T
+        else:
+            sq = (xa * xa).sum(1)
+            d2 = (sq[:, None] + sq[None, :] - 2.0 * (xa @ xa.T)).clamp_min(1e-12)
+            dist = d2 if metric == "sqeuclidean" else d2.sqrt()
+        same = labels[:, None] == labels[None, :]
+        other = torch.eye(len(labels), dtype=torch.bool, device=x.device).logical_not_()
+        return torch.where(same & other, dist, 0.0).sum(1), torch.where(same, 0.0, dist).sum(1)
+
+    def keops_row_sums(x):
         import keops_peer
 
-        def keops(x):
-            w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
-            s_in, s_out = keops_peer.intra_inter_sums(x, labels, metric)
-            boundary = (torch.linalg.vector_norm(x, dim=1) - 10.0).square().mean()
-            return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
-        return keops
+        return keops_peer.intra_inter_sums(x, labels, metric)
 
-    if kind in ("gram", "gram-compile"):
-        def gram(x):
+    row_sums = {
+        "two-pass": lambda x: ck.intra_inter_sums(x, labels, metric, backend=backend,
+                                                  check_finite=False),
+        "keops": keops_row_sums, "gram": gram_row_sums, "gram-compile": gram_row_sums,
+    }.get(kind)
+    if row_sums is not None:
+        def from_row_sums(x):  # the ASLoss (pair_mean, the defaults) from S_in and S_out
             w_in, w_out = term_weights(labels, "pair_mean", False, 1.0, torch.float32)
+            s_in, s_out = row_sums(x)
             xa = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            if metric == "cosine":
-                u = xa / xa.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                dist = 1.0 - u @ u.T
-            else:
-                sq = (xa * xa).sum(1)
-                d2 = (sq[:, None] + sq[None, :] - 2.0 * (xa @ xa.T)).clamp_min(1e-12)
-                dist = d2 if metric == "sqeuclidean" else d2.sqrt()
-            same = labels[:, None] == labels[None, :]
-            other = torch.eye(len(labels), dtype=torch.bool, device=x.device).logical_not_()
-            s_in = torch.where(same & other, dist, 0.0).sum(1)
-            s_out = torch.where(same, 0.0, dist).sum(1)
             boundary = (torch.linalg.vector_norm(xa, dim=1) - 10.0).square().mean()
             return 1e-3 * (w_in * s_in).sum() - 1e-3 * (w_out * s_out).sum() + 1e-2 * boundary
-        return torch.compile(gram) if kind == "gram-compile" else gram
+        return torch.compile(from_row_sums) if kind == "gram-compile" else from_row_sums
 
     def reference(x):
         return ck.reference.as_loss(x, labels, metric=metric)

@@ -145,8 +145,8 @@ def check_label_range(labels: torch.Tensor, num_classes: int, what: str = "",
     """Every label (or other index, called ``name``) in [0, num_classes) (ValueError; see
     ``require``). Runs when ``host`` (default: ``host_checks(labels)``); otherwise the op
     that indexes with the labels guards them (``guard_label_range``)."""
-    if not (host_checks(labels) if host is None else host):
-        return
+    if not (host_checks(labels) if host is None else host) or labels.numel() == 0:
+        return  # (no labels, none out of range: one rank's empty part of a global batch)
     if torch.compiler.is_compiling():
         require((labels.min() >= 0) & (labels.max() < num_classes),
                 f"{name} must lie in [0, {num_classes}){what}")

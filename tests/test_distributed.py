@@ -198,10 +198,8 @@ def _scenarios(rank: int) -> dict:
         with torch.no_grad() if rank == 1 else contextlib.nullcontext():
             return ck.as_loss(x.clone().requires_grad_(True), y, global_batch=True).detach()
 
-    def ncl(**kw):
-        criterion = ck.NCentroidsLoss(kw.pop("k", NUM_CLASSES), kw.pop("d", DIM),
-                                      global_batch=True, **kw).double()
-        return criterion
+    def ncl(k=NUM_CLASSES, **kw):
+        return ck.NCentroidsLoss(k, DIM, global_batch=True, **kw).double()
 
     def ncl_run(criterion, zz=x, yy=y, steps=2):
         for step in range(steps):

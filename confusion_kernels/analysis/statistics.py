@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from .. import _extension
+from .._backend import select_backend
 from .._counts import class_counts
 from .._validation import check_labels, guard_label_range, host_checks, names_errors, poison_all
 
@@ -35,13 +36,10 @@ def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tenso
     backend ``select_backend`` picks for op "class_shifted_sums" (the rules and the
     CONFUSION_KERNELS_BACKEND variable of every op; there is no CUDA C++ kernel: "auto" takes
     Triton on a GPU)."""
-    from .._backend import select_backend
-
-    try:
-        chosen = select_backend(features, "reference" if backend == "torch" else backend,
-                                op="class_shifted_sums")
-    except RuntimeError as exc:
-        raise RuntimeError(f"ClassStatistics.update: {exc}") from None
+    # (a backend that cannot run: select_backend's RuntimeError, which update's names_errors
+    # names "ClassStatistics.update")
+    chosen = select_backend(features, "reference" if backend == "torch" else backend,
+                            op="class_shifted_sums")
     if chosen == "cpu":
         return torch.ops.confusion_kernels.class_shifted_sums(features, labels, shift, num_classes)
     if chosen == "triton":

@@ -152,12 +152,8 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
         return _checked_global_terms(x, labels, metric, constraint, include_self, reduction,
                                      dim_mean, backend, check_finite, group, memory,
                                      settings or {})
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    check_embeddings(x, "x", check_finite=check_finite)
-    labels = check_labels(labels, x.shape[0], x.device)
-    name, _, dim_mean = resolve_metric(metric, dim_mean)
-    dim_scale = 1.0 / x.shape[1] if dim_mean and x.shape[1] > 0 else 1.0
+    labels, name, _, dim_scale = _check_terms_inputs(x, labels, metric, reduction, dim_mean,
+                                                     check_finite)
     acc = output_dtype(x.dtype)
     if memory is not None:
         return _memory_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
@@ -171,6 +167,20 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
         s_in, s_out = checked_row_sums(x, labels, name, chosen)
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
     return ASLossTerms(inner, outer, radial_terms(x, constraint, acc).mean())
+
+
+def _check_terms_inputs(x, labels, metric: str, reduction: str, dim_mean: bool,
+                        check_finite: bool | None, allow_empty: bool = False
+                        ) -> tuple[torch.Tensor, str, bool, float]:
+    """(labels as int64, the metric's canonical name, the effective dim_mean, the dimension
+    scale) after the checks of every as_loss_terms path (``allow_empty``: one rank's part of
+    a global batch)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    check_embeddings(x, "x", check_finite=check_finite, allow_empty=allow_empty)
+    labels = check_labels(labels, x.shape[0], x.device)
+    name, _, dim_mean = resolve_metric(metric, dim_mean)
+    return labels, name, dim_mean, 1.0 / x.shape[1] if dim_mean else 1.0  # (D >= 1: checked)
 
 
 def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
@@ -207,15 +217,12 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
     """_global_terms after every rank's checks and settings are agreed (``agree``)."""
     what = "global_batch=True"  # (the entry, as_loss / ASLoss / as_loss_terms, names itself)
     _distributed.require_process_group(what)
-    error, name, chosen, scan = None, metric, backend, None
+    error, name, chosen, scan, dim_scale = None, metric, backend, None, 1.0
     try:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
         if memory is not None:
             raise ValueError("global_batch and memory cannot be combined")
-        check_embeddings(x, "x", check_finite=False, allow_empty=True)
-        labels = check_labels(labels, x.shape[0], x.device)
-        name, _, dim_mean = resolve_metric(metric, dim_mean)
+        labels, name, dim_mean, dim_scale = _check_terms_inputs(
+            x, labels, metric, reduction, dim_mean, False, allow_empty=True)
         chosen = select_backend(x, backend, op="intra_inter_sums_rect")
         scan = scan_finite(check_finite, x)
     except (ValueError, TypeError, RuntimeError) as exc:
@@ -229,7 +236,6 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
     sizes = _distributed.agree(what, x.shape[0] if ok else 0, agreed, error, group)
     if sum(sizes) == 0:
         raise ValueError(f"{what}: the global batch has no rows (every rank's x has N = 0)")
-    dim_scale = 1.0 / x.shape[1] if dim_mean else 1.0
     return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
                          chosen, scan, group, sizes)
 

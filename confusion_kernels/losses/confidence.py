@@ -97,19 +97,19 @@ def _matching_rows(name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_unit_rows(name: str, t: torch.Tensor) -> None:
-    """ValueError unless every finite non-zero row of t has norm 1 (to 1e-3: fp16 rows
-    normalised in fp16 are that close; a zero row is what normalising z = 0 gives); checked on the host where that is free (``host_checks``). The vMF
-    density lives on the sphere: off it, its value means nothing."""
+    """ValueError unless every finite non-zero row of t has norm 1, to 1e-3 (fp16 rows
+    normalised in fp16 are that close; a zero row is what normalising z = 0 gives). Checked
+    on the host where that is free (``host_checks``). The vMF density lives on the sphere:
+    off it, its value means nothing."""
     if not host_checks(t):
         return
     norms = torch.linalg.vector_norm(t.detach().to(accumulation_dtype(t.dtype)), dim=1)
-    off = (norms - 1.0).abs()
-    off = off[torch.isfinite(off) & (norms > 0)]  # zero rows: the normalisation's image of 0
-    if off.numel() and float(off.max()) > 1e-3:
-        worst = int((norms - 1.0).abs().nan_to_num(0.0).argmax())
-        raise ValueError(f"vmf_nll: {name} must have unit rows (normalise them first: the "
-                         f"density lives on the sphere); row {worst} has norm "
-                         f"{float(norms[worst]):.6g}")
+    checked = torch.isfinite(norms) & (norms > 0)  # zero rows: the normalisation's image of 0
+    off = torch.where(checked, (norms - 1.0).abs(), 0.0)
+    worst = int(off.argmax())  # (x and mu hold at least one row: checked)
+    if float(off[worst]) > 1e-3:
+        raise ValueError(f"{name} must have unit rows (normalise them first: the density lives "
+                         f"on the sphere); row {worst} has norm {float(norms[worst]):.6g}")
 
 
 @names_errors("vmf_nll")

@@ -71,10 +71,11 @@ def _check_metric(metric: str) -> None:
 
 
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
-                  metric: str, backend: str,
-                  check_finite: bool | None = None) -> tuple[torch.Tensor, str]:
-    """(labels as int64, the chosen backend) after the checks."""
-    check_embeddings(z, "z", check_finite=check_finite)
+                  metric: str, backend: str, check_finite: bool | None = None,
+                  allow_empty: bool = False) -> tuple[torch.Tensor, str]:
+    """(labels as int64, the chosen backend) after the checks (``allow_empty``: z may have no
+    rows, one rank's part of a global batch)."""
+    check_embeddings(z, "z", check_finite=check_finite, allow_empty=allow_empty)
     _check_metric(metric)
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
             or centroids.shape[1] != z.shape[1]:
@@ -108,6 +109,13 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
     labels, chosen = _check_inputs(z, labels, centroids, metric, backend, check_finite)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
+    return _checked_loss(z, labels, centroids, metric, use_negatives, chosen)
+
+
+@autocast_off
+def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, metric: str,
+                  use_negatives: bool, chosen: str) -> torch.Tensor:
+    """n_centroids_loss on inputs its caller has checked (``_check_inputs``), on ``chosen``."""
     # (backward may need the centroids: autograd saves them on the reference and triton
     # backends; NCentroidsLoss's EMA step therefore replaces its buffer, never writes into it)
     centroids = centroids.detach()
@@ -268,14 +276,8 @@ class NCentroidsLoss(nn.Module):
         require_process_group(what)
         error = None
         try:
-            if isinstance(z, torch.Tensor) and z.dim() == 2 and z.shape[0] == 0:
-                check_embeddings(z, "z", allow_empty=True)
-                labels = check_labels(labels, 0, z.device)
-                if z.shape[1] != self.centroids.shape[1]:
-                    raise ValueError(f"z must be [N, {self.centroids.shape[1]}], got "
-                                     f"{tuple(z.shape)}")
-            else:
-                labels, _ = _check_inputs(z, labels, self.centroids, self.metric, self.backend)
+            labels, chosen = _check_inputs(z, labels, self.centroids, self.metric, self.backend,
+                                           allow_empty=True)
         except (ValueError, TypeError, RuntimeError) as exc:
             error = exc
         c = self.centroids
@@ -291,9 +293,9 @@ class NCentroidsLoss(nn.Module):
             self._centroids_broadcast = True
         if z.shape[0] == 0:  # nothing here: 0, still a function of z (empty gradient)
             loss = z.to(output_dtype(z.dtype)).sum()
-        else:
-            loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
-                                    use_negatives=self.use_negatives, backend=self.backend)
+        else:  # checked above: not again
+            loss = _checked_loss(z, labels, self.centroids, self.metric, self.use_negatives,
+                                 chosen)
         if self.training:
             self._ema_step(z, labels)
         return loss
