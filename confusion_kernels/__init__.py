@@ -2,12 +2,14 @@
 between classes (ASLoss, Affinity loss, ...), each checked against a plain PyTorch reference.
 
 Backends: "reference" (PyTorch), "cpu" (C++/OpenMP), "triton", "cuda" (CUDA
-C++); ``backend="auto"`` picks the fastest one for the tensor's device.
+C++); ``backend="auto"`` picks the fastest one for the tensor's device, and
+``route(op, x, ...)`` says which backend and kernel algorithm an op will run.
 """
 
 from . import analysis, reference
 from ._backend import BACKENDS, available_backends, select_backend
 from ._metrics import resolve_metric
+from ._routing import Route, route
 from ._validation import set_strict_checks, strict_checks
 from .analysis import ClassStatistics, GAPRecorder, similar_labels, welch_t_test
 from .losses.affinity import (
@@ -52,6 +54,8 @@ __all__ = [
     "intra_inter_sums",
     "reference",
     "resolve_metric",
+    "Route",
+    "route",
     "select_backend",
     "set_strict_checks",
     "strict_checks",

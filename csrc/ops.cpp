@@ -16,20 +16,23 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(confusion_kernels, m) {
   // S_in[i] = sum_{j != i, y_j == y_i} D(x_i, x_j); S_out[i] = sum_{y_j != y_i} D(x_i, x_j).
-  m.def("intra_inter_sums(Tensor x, Tensor labels, str metric) -> (Tensor, Tensor)");
+  // `algorithm` (direct, pair_pass, gram_tiles: spec.h) is chosen by the Python router
+  // (confusion_kernels/_routing.py); an algorithm without a kernel on the device is refused.
+  m.def("intra_inter_sums(Tensor x, Tensor labels, str metric, str algorithm) -> (Tensor, Tensor)");
   // dL/dx from per-row upstream gradients of S_in and S_out.
   m.def(
       "intra_inter_sums_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
-      "str metric) -> Tensor");
+      "str metric, str algorithm) -> Tensor");
   // The rectangular form: rows of x against the rows of ref [M, D] with labels ref_labels;
   // self_offset = o says that x_i is ref_{o+i} (that pair is left out).
   m.def(
       "intra_inter_sums_rect(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, "
-      "int? self_offset, str metric) -> (Tensor, Tensor)");
+      "int? self_offset, str metric, str algorithm) -> (Tensor, Tensor)");
   // (dL/dx, dL/dref) from per-row upstream gradients of S_in and S_out.
   m.def(
       "intra_inter_sums_rect_backward(Tensor grad_in, Tensor grad_out, Tensor x, Tensor labels, "
-      "Tensor ref, Tensor ref_labels, int? self_offset, str metric) -> (Tensor, Tensor)");
+      "Tensor ref, Tensor ref_labels, int? self_offset, str metric, str algorithm) -> "
+      "(Tensor, Tensor)");
   // The one-pass ASLoss core: t_in = sum_i w_in[i] S_in[i], t_out = sum_i w_out[i] S_out[i]
   // (0-d) and their gradients dt_in/dx, dt_out/dx [N, D], each unordered pair computed once.
   m.def(

@@ -153,16 +153,19 @@ def test_raw_row_sums_ops_reject_bad_input(backend):
     fwd, bwd = _raw_sums(backend)
     x = torch.randn(6, 4, device=device)
     labels = torch.tensor([0, 1, 2, 0, 1, 1], device=device)
-    e = "euclidean"
-    for call in (lambda: fwd(x, labels, "chebyshev"), lambda: fwd(x, labels, ""),
-                 lambda: fwd(x, labels[:5], e), lambda: fwd(x, labels.float(), e),
-                 lambda: fwd(x[:0], labels[:0], e), lambda: fwd(x.int(), labels, e),
+    e, a = "euclidean", "direct"
+    for call in (lambda: fwd(x, labels, "chebyshev", a), lambda: fwd(x, labels, "", a),
+                 lambda: fwd(x, labels[:5], e, a), lambda: fwd(x, labels.float(), e, a),
+                 lambda: fwd(x[:0], labels[:0], e, a), lambda: fwd(x.int(), labels, e, a),
+                 lambda: fwd(x, labels, e, "gram"), lambda: fwd(x, labels, "manhattan", "pair_pass"),
                  lambda: bwd(torch.randn(5, device=device), torch.randn(6, device=device), x,
-                             labels, e),
+                             labels, e, a),
                  lambda: bwd(torch.randn(6, device=device), torch.randn(7, device=device), x,
-                             labels, e),
+                             labels, e, a),
                  lambda: bwd(torch.randn(6, device=device), torch.randn(6, device=device), x,
-                             labels, "L2")):
+                             labels, "L2", a),
+                 lambda: bwd(torch.randn(6, device=device), torch.randn(6, device=device), x,
+                             labels, e, "")):
         with pytest.raises((ValueError, RuntimeError)):
             call()
 

@@ -202,17 +202,27 @@ def test_cpp_op_refuses_bad_input():
     x, labels, ref, ref_labels = rect_case(4, 10, 3, 2, seed=1, device="cpu")
     rect = torch.ops.confusion_kernels.intra_inter_sums_rect
     with pytest.raises(RuntimeError, match="self_offset must satisfy"):
-        rect(x, labels, ref, ref_labels, 8, "euclidean")
+        rect(x, labels, ref, ref_labels, 8, "euclidean", "direct")
     with pytest.raises(RuntimeError, match="ref_labels must be int64"):
-        rect(x, labels, ref, ref_labels[:5], None, "euclidean")
+        rect(x, labels, ref, ref_labels[:5], None, "euclidean", "direct")
     with pytest.raises(RuntimeError, match="ref must be 2-D"):
-        rect(x, labels, ref[:, :2], ref_labels, None, "euclidean")
+        rect(x, labels, ref[:, :2], ref_labels, None, "euclidean", "direct")
     with pytest.raises(RuntimeError, match="unknown metric"):
-        rect(x, labels, ref, ref_labels, None, "chebyshev")
+        rect(x, labels, ref, ref_labels, None, "chebyshev", "direct")
+    with pytest.raises(RuntimeError, match="unknown algorithm 'Direct'"):
+        rect(x, labels, ref, ref_labels, None, "euclidean", "Direct")
+    with pytest.raises(RuntimeError, match="'gram_tiles' is a Gram form .*; smooth_l1 runs"):
+        rect(x, labels, ref, ref_labels, None, "smooth_l1", "gram_tiles")
+    with pytest.raises(RuntimeError, match="algorithm 'pair_pass' has no kernel on cpu; it runs "
+                                           "'direct' or 'gram_tiles'"):
+        rect(x, labels, ref, ref_labels, None, "euclidean", "pair_pass")
     backward = torch.ops.confusion_kernels.intra_inter_sums_rect_backward
     with pytest.raises(RuntimeError, match="grad_in must be 1-D"):
         backward(torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64), x,
-                 labels, ref, ref_labels, None, "euclidean")
+                 labels, ref, ref_labels, None, "euclidean", "direct")
+    with pytest.raises(RuntimeError, match="algorithm 'pair_pass' has no kernel on cpu"):
+        backward(torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), x,
+                 labels, ref, ref_labels, None, "euclidean", "pair_pass")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

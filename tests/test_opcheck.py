@@ -20,7 +20,8 @@ def test_opcheck(backend, metric):
     device = require_backend(backend)
     x, labels = make_batch(13, 5, 3, seed=1, device=device)
     x.requires_grad_(True)
-    torch.library.opcheck(op_for(backend), (x, labels, metric))
+    torch.library.opcheck(op_for(backend), (x, labels, metric, ck.route(
+        "intra_inter_sums", x, backend, metric=metric).algorithm))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
@@ -29,7 +30,7 @@ def test_opcheck_backward_op(backend):
     x, labels = make_batch(13, 5, 3, seed=2, device=device)
     g = torch.randn(13, dtype=x.dtype, device=device)
     torch.library.opcheck(torch.ops.confusion_kernels.intra_inter_sums_backward,
-                          (g, -g, x, labels, "euclidean"))
+                          (g, -g, x, labels, "euclidean", "direct"))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])

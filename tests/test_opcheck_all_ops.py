@@ -66,10 +66,10 @@ def _rect(device, grad=True, self_offset=2):
     return x, labels, ref.requires_grad_(grad), ref_labels, self_offset
 
 
-def _rect_backward(device, metric):
+def _rect_backward(device, metric, algorithm="direct"):
     return (torch.randn(11, dtype=torch.float64, device=device),
             torch.randn(11, dtype=torch.float64, device=device), *_rect(device, grad=False),
-            metric)
+            metric, algorithm)
 
 
 def _pair_weights(device):
@@ -81,18 +81,20 @@ def _pair_weights(device):
 ops = torch.ops.confusion_kernels
 # op name -> (backend whose device runs it, function device -> args)
 SAMPLES = {
-    "intra_inter_sums": ("cpu", lambda dev: (*_rows(dev), "euclidean")),
+    "intra_inter_sums": ("cpu", lambda dev: (*_rows(dev), "euclidean", "pair_pass")),
     "intra_inter_sums_backward": ("cpu", lambda dev: (
         torch.randn(11, dtype=torch.float64, device=dev),
-        torch.randn(11, dtype=torch.float64, device=dev), *_rows(dev, grad=False), "cosine")),
-    "intra_inter_sums_triton": ("triton", lambda dev: (*_rows(dev), "manhattan")),
+        torch.randn(11, dtype=torch.float64, device=dev), *_rows(dev, grad=False), "cosine",
+        "direct")),
+    "intra_inter_sums_triton": ("triton", lambda dev: (*_rows(dev), "manhattan", "direct")),
     "intra_inter_sums_triton_backward": ("triton", lambda dev: (
         torch.randn(11, dtype=torch.float64, device=dev),
-        torch.randn(11, dtype=torch.float64, device=dev), *_rows(dev, grad=False), "euclidean")),
-    "intra_inter_sums_rect": ("cpu", lambda dev: (*_rect(dev), "cosine")),
+        torch.randn(11, dtype=torch.float64, device=dev), *_rows(dev, grad=False), "euclidean",
+        "pair_pass")),
+    "intra_inter_sums_rect": ("cpu", lambda dev: (*_rect(dev), "cosine", "gram_tiles")),
     "intra_inter_sums_rect_backward": ("cpu", lambda dev: _rect_backward(dev, "euclidean")),
     "intra_inter_sums_rect_triton": ("triton", lambda dev: (*_rect(dev, self_offset=None),
-                                                            "smooth_l1")),
+                                                            "smooth_l1", "direct")),
     "intra_inter_sums_rect_triton_backward": ("triton", lambda dev: _rect_backward(dev, "cosine")),
     "weighted_pair_sums_with_grad": ("cpu", _pair_weights),
     "weighted_pair_sums_with_grad_triton": ("triton", _pair_weights),

@@ -88,13 +88,22 @@ def test_cpp_op_checks_inputs_itself():
         pytest.skip("the C++ extension is not built")
     op = torch.ops.confusion_kernels.intra_inter_sums
     with pytest.raises(RuntimeError, match="labels must be 1-D of length N = 6"):
-        op(X, Y[:4], "euclidean")
+        op(X, Y[:4], "euclidean", "direct")
     with pytest.raises(RuntimeError, match="labels must be int64"):
-        op(X, Y.int(), "euclidean")
+        op(X, Y.int(), "euclidean", "direct")
     with pytest.raises(RuntimeError, match="unknown metric 'chebyshev'"):
-        op(X, Y, "chebyshev")
+        op(X, Y, "chebyshev", "direct")
     with pytest.raises(RuntimeError, match="x must be 2-D"):
-        op(X[0], Y, "euclidean")
+        op(X[0], Y, "euclidean", "direct")
+    with pytest.raises(RuntimeError, match="unknown algorithm 'gram'; expected direct, "
+                                           "pair_pass or gram_tiles"):
+        op(X, Y, "euclidean", "gram")
+    with pytest.raises(RuntimeError, match="algorithm 'pair_pass' is a Gram form .*; manhattan "
+                                           "runs 'direct'"):
+        op(X, Y, "manhattan", "pair_pass")
+    with pytest.raises(RuntimeError, match="algorithm 'gram_tiles' has no kernel on cpu; it runs "
+                                           "'direct' or 'pair_pass'"):
+        op(X, Y, "euclidean", "gram_tiles")
 
 
 # --- the arguments that gave torch-internal or raw Python errors (issue: hardening, usability) ---

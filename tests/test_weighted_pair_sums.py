@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import confusion_kernels as ck
-from confusion_kernels.ops.weighted_pair_sums import has_one_pass
+from confusion_kernels._routing import loss_terms_algorithm
 from conftest import interpreted, require_backend
 
 ONE_PASS_BACKENDS = ("cpu", "triton", "cuda")
@@ -190,13 +190,20 @@ def test_raw_op_rejects_bad_input():
 
 
 def test_when_the_one_pass_applies():
+    """The router's rule (confusion_kernels/_routing.py) for the ASLoss terms with a gradient."""
     require_backend("cpu", OP)
-    assert has_one_pass("cpu", "euclidean", 64) and has_one_pass("cpu", "cosine", 2)
-    assert not has_one_pass("cpu", "euclidean", 8)  # small D: the difference loops
-    assert not has_one_pass("cpu", "manhattan", 64)
-    assert has_one_pass("triton", "euclidean", 4) and has_one_pass("triton", "cosine", 64)
-    assert not has_one_pass("triton", "manhattan", 64)
-    assert not has_one_pass("reference", "euclidean", 64)
+
+    def one_pass(backend, metric, dim, needs_grad=True):
+        x = torch.zeros(3, dim)
+        return loss_terms_algorithm(backend, metric, x, needs_grad) == "one_pass"
+
+    assert one_pass("cpu", "euclidean", 64) and one_pass("cpu", "cosine", 2)
+    assert not one_pass("cpu", "euclidean", 8)  # small D: the difference loops
+    assert not one_pass("cpu", "manhattan", 64)
+    assert not one_pass("cpu", "euclidean", 64, needs_grad=False)  # no gradient: row sums
+    assert one_pass("triton", "euclidean", 4) and one_pass("triton", "cosine", 64)
+    assert not one_pass("triton", "manhattan", 64)
+    assert not one_pass("reference", "euclidean", 64)
 
 
 # ---------------------------------------------------------------------------

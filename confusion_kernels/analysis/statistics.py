@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .. import _extension
-from .._backend import select_backend
+from .._routing import route
 from .._counts import class_counts
 from .._validation import check_labels, guard_label_range, host_checks, names_errors, poison_all
 
@@ -33,13 +33,13 @@ if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
 def _batch_sums(features: torch.Tensor, labels: torch.Tensor, shift: torch.Tensor,
                 num_classes: int, backend: str):
     """(count [C], sum(x - shift_y) [C, K], sum((x - shift_y)^2) [C, K]) in float64, on the
-    backend ``select_backend`` picks for op "class_shifted_sums" (the rules and the
+    backend ``_routing.route`` picks for op "class_shifted_sums" (the rules and the
     CONFUSION_KERNELS_BACKEND variable of every op; there is no CUDA C++ kernel: "auto" takes
     Triton on a GPU)."""
     # (a backend that cannot run: select_backend's RuntimeError, which update's names_errors
     # names "ClassStatistics.update")
-    chosen = select_backend(features, "reference" if backend == "torch" else backend,
-                            op="class_shifted_sums")
+    chosen = route("class_shifted_sums", features,
+                   "reference" if backend == "torch" else backend).backend
     if chosen == "cpu":
         return torch.ops.confusion_kernels.class_shifted_sums(features, labels, shift, num_classes)
     if chosen == "triton":

@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-from .._backend import select_backend
+from .._routing import route
 from .._validation import (
     accumulation_dtype,
     autocast_off,
@@ -181,12 +181,13 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     sigma = _check_similarity(sigma, similarity)
     if not (0 <= margin < 1):
         raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
-    chosen = select_backend(f, backend, op="affinity_hinge")
+    needs_grad = torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
+    chosen = route("affinity_hinge", f, backend, needs_grad=needs_grad)
     # the kernel ops guard the range themselves; the reference indexes with torch
     check_label_range(labels, prototypes.shape[0], " (one prototype set per class)",
-                      host=True if chosen == "reference" else None)
+                      host=True if chosen.backend == "reference" else None)
     loss = affinity_hinge_sum(f, labels, prototypes, sigma=sigma, margin=margin,
-                              similarity=similarity, backend=chosen,
+                              similarity=similarity, route=chosen,
                               inputs_finite=scan) / f.shape[0]
     if lambda_diversity:
         loss = loss + lambda_diversity * diversity_regularizer(prototypes).to(loss.dtype)

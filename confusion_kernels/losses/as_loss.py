@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .. import _distributed
-from .._backend import select_backend
 from .._metrics import resolve_metric
+from .._routing import Route, route
 from .._validation import (
     autocast_off,
     check_all_finite,
@@ -34,7 +34,7 @@ from .._validation import (
     scan_finite,
 )
 from ..ops.intra_inter_sums import checked_row_sums
-from ..ops.weighted_pair_sums import has_one_pass, weighted_pair_sums
+from ..ops.weighted_pair_sums import weighted_pair_sums
 from ..reference.as_loss import ASLossTerms
 from .memory import CrossBatchMemory
 
@@ -158,11 +158,11 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
     if memory is not None:
         return _memory_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
                              backend, check_finite, memory)
-    chosen = select_backend(x, backend)
-    w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc)
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if needs_grad and has_one_pass(chosen, name, x.shape[1]):
-        inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen)
+    chosen = route("as_loss_terms", x, backend, metric=name, needs_grad=needs_grad)
+    w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc)
+    if chosen.algorithm == "one_pass":
+        inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen.backend)
     else:
         s_in, s_out = checked_row_sums(x, labels, name, chosen)
         inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
@@ -198,7 +198,7 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     if scan_finite(check_finite, ref):
         check_all_finite(ref[x.shape[0]:], "the memory")
     acc = output_dtype(x.dtype)
-    chosen = select_backend(x, backend, op="intra_inter_sums_rect")
+    chosen = route("intra_inter_sums_rect", x, backend, metric=metric)
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc, ref_labels)
     s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref, ref_labels=ref_labels,
                                    self_offset=0)
@@ -217,13 +217,13 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
     """_global_terms after every rank's checks and settings are agreed (``agree``)."""
     what = "global_batch=True"  # (the entry, as_loss / ASLoss / as_loss_terms, names itself)
     _distributed.require_process_group(what)
-    error, name, chosen, scan, dim_scale = None, metric, backend, None, 1.0
+    error, name, chosen, scan, dim_scale = None, metric, None, None, 1.0
     try:
         if memory is not None:
             raise ValueError("global_batch and memory cannot be combined")
         labels, name, dim_mean, dim_scale = _check_terms_inputs(
             x, labels, metric, reduction, dim_mean, False, allow_empty=True)
-        chosen = select_backend(x, backend, op="intra_inter_sums_rect")
+        chosen = route("intra_inter_sums_rect", x, backend, metric=name)
         scan = scan_finite(check_finite, x)
     except (ValueError, TypeError, RuntimeError) as exc:
         error = exc
@@ -241,7 +241,7 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
 
 
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
-                  include_self: bool, reduction: str, dim_scale: float, backend: str,
+                  include_self: bool, reduction: str, dim_scale: float, chosen: Route,
                   scan: bool, group, sizes: list[int]) -> ASLossTerms:
     """as_loss_terms of the batch of all ranks: this rank's rows against the gathered rows
     (intra_inter_sums with ref and self_offset), weights from the global label counts, each
@@ -258,7 +258,7 @@ def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     else:
         w_in, w_out = (w[offset:offset + n] for w in
                        term_weights(ref_labels, reduction, include_self, dim_scale, acc))
-        s_in, s_out = checked_row_sums(x, labels, metric, backend, ref=ref,
+        s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref,
                                        ref_labels=ref_labels, self_offset=offset)
         radial = radial_terms(x, constraint, acc).sum()
         shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(),

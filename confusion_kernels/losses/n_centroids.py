@@ -25,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .._backend import select_backend
+from .._routing import Route, route
 from .._distributed import all_reduce_sum, require_process_group
 from .._scaling import rescale_large_rows
 from .._validation import (
@@ -73,8 +73,8 @@ def _check_metric(metric: str) -> None:
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
                   metric: str, backend: str, check_finite: bool | None = None,
                   allow_empty: bool = False) -> tuple[torch.Tensor, str]:
-    """(labels as int64, the chosen backend) after the checks (``allow_empty``: z may have no
-    rows, one rank's part of a global batch)."""
+    """(labels as int64, the route: backend and algorithm) after the checks (``allow_empty``: z
+    may have no rows, one rank's part of a global batch)."""
     check_embeddings(z, "z", check_finite=check_finite, allow_empty=allow_empty)
     _check_metric(metric)
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
@@ -86,10 +86,10 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     if centroids.device != z.device:
         raise ValueError(f"centroids are on {centroids.device} but z is on {z.device}")
     labels = check_labels(labels, z.shape[0], z.device)
-    chosen = select_backend(z, backend, op=_OP)
+    chosen = route(_OP, z, backend, needs_grad=torch.is_grad_enabled() and z.requires_grad)
     # the kernel ops guard the range themselves; the reference indexes with torch
     check_label_range(labels, centroids.shape[0], " (one centroid per class)",
-                      host=True if chosen == "reference" else None)
+                      host=True if chosen.backend == "reference" else None)
     return labels, chosen
 
 
@@ -114,7 +114,7 @@ def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
 
 @autocast_off
 def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, metric: str,
-                  use_negatives: bool, chosen: str) -> torch.Tensor:
+                  use_negatives: bool, chosen: Route) -> torch.Tensor:
     """n_centroids_loss on inputs its caller has checked (``_check_inputs``), on ``chosen``."""
     # (backward may need the centroids: autograd saves them on the reference and triton
     # backends; NCentroidsLoss's EMA step therefore replaces its buffer, never writes into it)
@@ -123,13 +123,13 @@ def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     # by a power of two first (fp32 rows of norm 1e19 became zero vectors)
     z = rescale_large_rows(z)
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
-    if chosen == "reference":
+    if chosen.backend == "reference":
         index, bad = compiled_index(labels, centroids.shape[0])
         loss = poison_all(_reference_in_row_chunks(z.to(work), index, centroids.to(work), metric,
                                                    use_negatives), bad)
     else:
         loss = n_centroids_sum(z, labels, centroids, metric=metric,
-                               use_negatives=use_negatives, backend=chosen) / z.shape[0]
+                               use_negatives=use_negatives, route=chosen) / z.shape[0]
     return loss.to(out)
 
 

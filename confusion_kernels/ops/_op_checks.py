@@ -11,7 +11,8 @@ no host synchronisation on a GPU).
 
 import torch
 
-from .._metrics import METRIC_CODES
+from .._metrics import GRAM_METRICS, METRIC_CODES
+from .._spec import ROW_SUMS_ALGORITHMS
 from .._validation import guard_label_range
 from ..reference.affinity import SIMILARITIES
 from ..reference.n_centroids import METRICS as SPHERE_METRICS
@@ -63,6 +64,18 @@ def check_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str,
         _fail(op, f"unknown metric {metric!r}; expected one of {sorted(METRIC_CODES)}")
     for name, g in zip(grad_names, grads):
         _check_vector(op, name, g, x)
+
+
+def check_algorithm(op: str, algorithm: str, metric: str, runs: tuple[str, ...]) -> None:
+    """The router's algorithm (``_routing.py``): a name of ``ROW_SUMS_ALGORITHMS``, a Gram form
+    only for the Gram metrics, and one that this Triton op has kernels for (``runs``)."""
+    if algorithm not in ROW_SUMS_ALGORITHMS:
+        _fail(op, f"unknown algorithm {algorithm!r}; expected one of {list(ROW_SUMS_ALGORITHMS)}")
+    if algorithm != "direct" and METRIC_CODES[metric] not in GRAM_METRICS:
+        _fail(op, f"algorithm {algorithm!r} is a Gram form (euclidean, sqeuclidean, cosine); "
+                  f"{metric} runs 'direct'")
+    if algorithm not in runs:
+        _fail(op, f"algorithm {algorithm!r} has no Triton kernel; it runs {' or '.join(runs)}")
 
 
 def check_rect_row_sums(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,

@@ -1,9 +1,10 @@
 """Fake-tensor and autograd rules shared by the kernel-backed ops, and the NaN-policy mask
 their per-row results get.
 
-An op ``fwd(x, labels, metric_name) -> (S_in, S_out)`` with a backward op
-``bwd(grad_in, grad_out, x, labels, metric) -> grad_x`` gets the same rules
-whichever backend (C++ or Triton) implements it.
+An op ``fwd(x, labels, metric_name, algorithm) -> (S_in, S_out)`` with a backward op
+``bwd(grad_in, grad_out, x, labels, metric, algorithm) -> grad_x`` gets the same rules
+whichever backend (C++ or Triton) implements it; the backward runs the forward's algorithm
+(the router's choice, ``_routing.py``).
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ import torch
 from .._validation import accumulation_dtype as _accumulation
 
 
-def fake_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str):
+def fake_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str, algorithm: str):
     acc = _accumulation(x.dtype)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
-def fake_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, metric: str):
+def fake_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, metric: str,
+                           algorithm: str):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def fake_rect_row_sums(x: torch.Tensor, labels, ref, ref_labels, self_offset, metric: str):
-    return fake_row_sums(x, labels, metric)
+def fake_rect_row_sums(x: torch.Tensor, labels, ref, ref_labels, self_offset, metric: str,
+                       algorithm: str):
+    return fake_row_sums(x, labels, metric, algorithm)
 
 
 def fake_rect_row_sums_backward(grad_in, grad_out, x: torch.Tensor, labels, ref: torch.Tensor,
-                                ref_labels, self_offset, metric: str):
+                                ref_labels, self_offset, metric: str, algorithm: str):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(ref, memory_format=torch.contiguous_format))
 
@@ -59,36 +62,37 @@ def register_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
     """Autograd of ``fwd_name``: save x and labels (O(N*D)), recompute in backward."""
 
     def setup_context(ctx, inputs, output):
-        x, labels, metric = inputs
+        x, labels, metric, algorithm = inputs
         ctx.save_for_backward(x, labels)
-        ctx.metric = metric
+        ctx.metric, ctx.algorithm = metric, algorithm
 
     def backward(ctx, grad_in, grad_out):
         refuse_double_backward("intra_inter_sums")
         x, labels = ctx.saved_tensors
         grad_in, grad_out = _upstream(grad_in, grad_out, x)
-        return bwd(grad_in, grad_out, x, labels, ctx.metric), None, None
+        return bwd(grad_in, grad_out, x, labels, ctx.metric, ctx.algorithm), None, None, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 def register_rect_row_sums_autograd(fwd_name: str, bwd: Callable) -> None:
-    """Autograd of the rectangular ``fwd(x, labels, ref, ref_labels, self_offset, metric)``
-    with ``bwd(grad_in, grad_out, x, labels, ref, ref_labels, self_offset, metric) ->
-    (grad_x, grad_ref)``: saves the inputs (O((N + M)*D)), recomputes in backward."""
+    """Autograd of the rectangular ``fwd(x, labels, ref, ref_labels, self_offset, metric,
+    algorithm)`` with ``bwd(grad_in, grad_out, x, labels, ref, ref_labels, self_offset, metric,
+    algorithm) -> (grad_x, grad_ref)``: saves the inputs (O((N + M)*D)), recomputes in
+    backward."""
 
     def setup_context(ctx, inputs, output):
-        x, labels, ref, ref_labels, self_offset, metric = inputs
+        x, labels, ref, ref_labels, self_offset, metric, algorithm = inputs
         ctx.save_for_backward(x, labels, ref, ref_labels)
-        ctx.self_offset, ctx.metric = self_offset, metric
+        ctx.self_offset, ctx.metric, ctx.algorithm = self_offset, metric, algorithm
 
     def backward(ctx, grad_in, grad_out):
         refuse_double_backward("intra_inter_sums")
         x, labels, ref, ref_labels = ctx.saved_tensors
         grad_in, grad_out = _upstream(grad_in, grad_out, x)
         grad_x, grad_ref = bwd(grad_in, grad_out, x, labels, ref, ref_labels, ctx.self_offset,
-                               ctx.metric)
-        return grad_x, None, grad_ref, None, None, None
+                               ctx.metric, ctx.algorithm)
+        return grad_x, None, grad_ref, None, None, None, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from .._routing import Route
 from .._validation import accumulation_dtype as _accumulation
 from .._validation import compiled_index, poison_all, poison_rows
 from ..reference import affinity as _reference
@@ -129,17 +130,16 @@ def affinity_hinge_rows(f: torch.Tensor, labels: torch.Tensor, prototypes: torch
 
 
 def affinity_hinge_sum(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
-                       sigma: float, margin: float, similarity: str, backend: str,
+                       sigma: float, margin: float, similarity: str, route: Route,
                        inputs_finite: bool = False) -> torch.Tensor:
-    """sum_i L_i (a scalar). On the cpu and cuda backends, when a gradient will be needed,
-    the forward pass computes the gradients as well (one pass over the tiles
-    instead of a forward and a recomputing backward)."""
-    needs_grad = torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
-    if key is not None and needs_grad and _extension.has_kernel("affinity_hinge_sum_with_grad", key):
+    """sum_i L_i (a scalar) by the router's choice (``_routing.route("affinity_hinge")``):
+    ``sum_with_grad`` (cpu / cuda, a gradient needed) computes the gradients in the forward
+    pass as well (one pass over the tiles instead of a forward and a recomputing backward);
+    ``rows`` and ``reference`` sum the per-row losses."""
+    if route.algorithm == "sum_with_grad":
         total = torch.ops.confusion_kernels.affinity_hinge_sum_with_grad(
             f, prototypes, labels, float(sigma), float(margin), similarity)[0]
         return total if inputs_finite else total + nonfinite_rows(f, prototypes).sum()
     return affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
-                               similarity=similarity, backend=backend,
+                               similarity=similarity, backend=route.backend,
                                inputs_finite=inputs_finite).sum()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from .._routing import Route
 from .._validation import accumulation_dtype as _accumulation
 from .._validation import poison_rows
 from ..reference import n_centroids as _reference
@@ -169,14 +170,14 @@ def n_centroids_rows(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Ten
 
 
 def n_centroids_sum(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
-                    metric: str, use_negatives: bool, backend: str) -> torch.Tensor:
-    """sum_i L_i; on cpu / cuda with a gradient needed, loss and gradient in one pass."""
+                    metric: str, use_negatives: bool, route: Route) -> torch.Tensor:
+    """sum_i L_i on a kernel backend by the router's choice (``_routing.route(
+    "n_centroids_rows")``): ``sum_with_grad`` (cpu / cuda, a gradient needed) gives loss and
+    gradient in one pass, ``rows`` sums the per-row losses."""
     centroids = centroids.detach()
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
-    if key is not None and torch.is_grad_enabled() and z.requires_grad \
-            and _extension.has_kernel("n_centroids_sum_with_grad", key):
+    if route.algorithm == "sum_with_grad":
         total = torch.ops.confusion_kernels.n_centroids_sum_with_grad(z, centroids, labels, metric,
                                                                       use_negatives)[0]
         return total + nonfinite_rows(z, centroids).sum()
     return n_centroids_rows(z, labels, centroids, metric=metric, use_negatives=use_negatives,
-                            backend=backend).sum()
+                            backend=route.backend).sum()

@@ -14,19 +14,14 @@ about half the work of a forward plus a recomputing backward.
 import torch
 
 from .. import _extension
-from .._metrics import resolve_metric
 from .._validation import accumulation_dtype as _accumulation
 from .._metrics import GRAM_METRICS, METRIC_CODES
 from ._op_checks import check_row_sums
 from ._registration import refuse_double_backward
 from .._scaling import common_scale, rescale_large_rows
-from .._spec import DIRECT_MAX_DIM
 
 CPP_OP = "confusion_kernels::weighted_pair_sums_with_grad"
 TRITON_OP = "confusion_kernels::weighted_pair_sums_with_grad_triton"
-# euclidean / sqeuclidean with at most DIRECT_MAX_DIM dimensions stay on the two-pass
-# difference loops of intra_inter_sums (a K <= 8 matrix product does too little work).
-_DIRECT_MAX_DIM = DIRECT_MAX_DIM
 
 
 def _fake(x, labels, w_in, w_out, metric):
@@ -78,23 +73,12 @@ _triton_one_pass.register_fake(_fake)
 _triton_one_pass.register_autograd(_backward, setup_context=_setup_context)
 
 
-def has_one_pass(backend: str, metric: str, dim: int) -> bool:
-    """True when ``backend`` has the one-pass kernel for this metric and dimension."""
-    name = resolve_metric(metric).name
-    if backend == "triton":
-        return name in ("euclidean", "sqeuclidean", "cosine")
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
-    if key is None or not _extension.has_kernel("weighted_pair_sums_with_grad", key):
-        return False
-    return name == "cosine" or (name in ("euclidean", "sqeuclidean") and dim > _DIRECT_MAX_DIM)
-
-
 def weighted_pair_sums(x: torch.Tensor, labels: torch.Tensor, w_in: torch.Tensor,
                        w_out: torch.Tensor, metric: str, backend: str = "cpu"
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(t_in, t_out), differentiable in x; inputs validated by the caller, ``metric``
     a canonical name, the weights non-differentiable [N] tensors, ``backend`` one
-    for which ``has_one_pass`` holds."""
+    for which ``_routing.route("as_loss_terms", ...)`` chose ``one_pass``."""
     if metric == "cosine":
         x = rescale_large_rows(x)
     scaled = common_scale(metric, x)

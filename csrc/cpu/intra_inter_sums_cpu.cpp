@@ -4,14 +4,15 @@
 // and its backward, in O(N*D + tile) memory; and of its rectangular form
 // intra_inter_sums_rect (columns from a reference set, pair_sides.h).
 //
-// euclidean / sqeuclidean (D > 8) / cosine: forward and backward are the
-// pair pass (Gram form) of pair_pass_cpu.cpp (each unordered
-// pair once, class-aligned tiles shifted by their mean, exact recomputation
-// of the pairs the Gram form cannot resolve). manhattan / smooth_l1, and
-// euclidean / sqeuclidean at small D: direct loops over a transposed copy so the
-// inner loop runs over contiguous columns and vectorises. The rectangular op runs
-// on Gram tiles for euclidean / sqeuclidean (D > 8) and cosine, on the direct
-// loops otherwise.
+// Two algorithms per op, chosen by the Python router (confusion_kernels/_routing.py:
+// euclidean / sqeuclidean with D > 8 and cosine take the Gram form):
+//   * 'pair_pass' (square op): the pair pass (Gram form) of pair_pass_cpu.cpp, each
+//     unordered pair once, class-aligned tiles shifted by their mean, exact
+//     recomputation of the pairs the Gram form cannot resolve;
+//   * 'gram_tiles' (rectangular op): Gram tiles of rows against columns, the same
+//     exact recomputation;
+//   * 'direct' (both): loops over a transposed copy so the inner loop runs over
+//     contiguous columns and vectorises; every metric.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,14 +32,8 @@ namespace confusion_kernels {
 namespace {
 
 constexpr int64_t kDirectColBlock = 256;
-// euclidean / sqeuclidean with at most kDirectMaxDim dimensions (spec.h) use the
-// direct (difference) loops: a K <= 8 matrix product does too little work per
-// output to pay for writing and re-reading the tile (measured at N = 4096).
-
-bool uses_gram_pass(int64_t metric, int64_t dim) {
-  return metric == kCosine ||
-         ((metric == kEuclidean || metric == kSqEuclidean) && dim > kDirectMaxDim);
-}
+// Which algorithm runs is the router's choice (confusion_kernels/_routing.py): on CPU the
+// square op runs 'direct' or 'pair_pass', the rectangular op 'direct' or 'gram_tiles'.
 
 // ---------------------------------------------------------------------------
 // Direct loops (manhattan, smooth_l1; euclidean, sqeuclidean at small D; the
@@ -319,13 +314,17 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
   grad_rows.add_(g.a * self_sum.unsqueeze(1));
 }
 
-// The rectangular op's passes: the Gram tiles where uses_gram_pass holds, else the loops.
+// The rectangular op's passes: the Gram tiles ('gram_tiles') or the loops ('direct').
 struct RectForward {
+  int64_t algorithm = kDirect;
+  static constexpr const char* kRuns = "'direct' or 'gram_tiles' (rectangular op on CPU)";
+  static bool runs(int64_t a) { return a == kDirect || a == kGramTiles; }
+
   template <class Metric, class Side, class T>
   void operator()(Metric m, const Side& a, const Side& b, const at::Tensor& a_rows,
                   const at::Tensor& b_rows, int64_t shift, T* s_in, T* s_out) const {
     if constexpr (has_gram_form(Metric::value)) {
-      if (uses_gram_pass(Metric::value, a_rows.size(1)))
+      if (algorithm == kGramTiles)
         return gram_rect_forward<Metric::value>(a, b, a_rows, b_rows, shift, s_in, s_out);
     }
     ForwardLoops{}(m, a, b, a_rows, b_rows, shift, s_in, s_out);
@@ -333,34 +332,49 @@ struct RectForward {
 };
 
 struct RectBackward {
+  int64_t algorithm = kDirect;
+  static constexpr const char* kRuns = RectForward::kRuns;
+  static bool runs(int64_t a) { return RectForward::runs(a); }
+
   template <class Metric, class Side, class T>
   void operator()(Metric m, const Side& a, const Side& b, const at::Tensor& a_rows,
                   const at::Tensor& b_rows, int64_t shift, T* grad) const {
     if constexpr (has_gram_form(Metric::value)) {
-      if (uses_gram_pass(Metric::value, a_rows.size(1)))
+      if (algorithm == kGramTiles)
         return gram_rect_backward<Metric::value>(a, b, a_rows, b_rows, shift, grad);
     }
     BackwardLoops{}(m, a, b, a_rows, b_rows, shift, grad);
   }
 };
 
+// The square op's algorithm: 'direct' or 'pair_pass' on CPU.
+int64_t square_algorithm(c10::string_view name, int64_t metric, const char* op) {
+  const int64_t algorithm = algorithm_code(name, metric, op);
+  check_algorithm_runs(algorithm == kDirect || algorithm == kPairPass, algorithm, op, c10::kCPU,
+                       "'direct' or 'pair_pass' (square op on CPU)");
+  return algorithm;
+}
+
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cpu(const at::Tensor& x,
                                                         const at::Tensor& labels,
-                                                        c10::string_view metric_name) {
+                                                        c10::string_view metric_name,
+                                                        c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCPU);
-  if (uses_gram_pass(in.metric, in.x.size(1))) return pair_row_sums(in.x, in.labels, in.metric);
+  if (square_algorithm(algorithm_name, in.metric, "intra_inter_sums") == kPairPass)
+    return pair_row_sums(in.x, in.labels, in.metric);
   return direct_pass_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, in.metric,
                               ForwardLoops{});
 }
 
 at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                          const at::Tensor& x, const at::Tensor& labels,
-                                         c10::string_view metric_name) {
+                                         c10::string_view metric_name,
+                                         c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCPU);
-  if (uses_gram_pass(in.metric, in.x.size(1))) {
+  if (square_algorithm(algorithm_name, in.metric, "intra_inter_sums_backward") == kPairPass) {
     // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the one-pass
     // kernel with the upstream gradients as weights, each unordered pair once.
     const PairSums r = pair_pass_with_grad(in.x, in.labels, in.grad_in, in.grad_out, in.metric);
@@ -376,8 +390,7 @@ at::Tensor intra_inter_sums_backward_cpu(const at::Tensor& grad_in, const at::Te
 TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cpu);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cpu);
-  // the rectangular op: Gram tiles for euclidean / sqeuclidean (D > 8) and cosine, else the
-  // direct loops
+  // the rectangular op: Gram tiles ('gram_tiles') or the direct loops ('direct')
   m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCPU, RectForward>);
   m.impl("intra_inter_sums_rect_backward", &rect_backward_op<c10::kCPU, RectBackward>);
 }

@@ -1,29 +1,24 @@
-// CUDA dispatch of intra_inter_sums: checks inputs, picks a kernel, launches
-// on the current stream of x's device.
-//   * euclidean / sqeuclidean / cosine with D > kDirectMaxDim and fp32, fp16 or
-//     bf16 input: the Gram tile kernels (gram_tile_kernels.cuh), which compute
-//     every tile twice (once per row block) on tensor cores (fp16, bf16; tf32
-//     for fp32 only when torch.backends.cuda.matmul.allow_tf32 is on) or in
-//     exact fp32. On an H100 they ran 2.2-2.5x faster than the pair pass below
-//     at D = 128 (benchmarks/results/2026-11-24-h100);
-//   * the same cases in fp64, cosine in fp16 / bf16 (whose unit rows a 16-bit
-//     operand would round), or every dtype under
-//     CONFUSION_KERNELS_CUDA_PAIR_PASS=1: the pair pass
-//     (pair_pass.h), each unordered pair once, exact FMA arithmetic in the
-//     accumulation dtype; the backward is the same pass with the upstream
-//     gradients as weights;
-//   * everything else (manhattan, smooth_l1, small D), or every case when
-//     CONFUSION_KERNELS_CUDA_EXACT=1: the difference-form kernels
-//     (intra_inter_sums_kernels.cuh) in the accumulation dtype.
-// The rectangular op intra_inter_sums_rect runs on the difference-form kernels
-// for every metric.
+// CUDA dispatch of intra_inter_sums: checks inputs, runs the algorithm that the
+// Python router chose (confusion_kernels/_routing.py), on the current stream of
+// x's device:
+//   * 'gram_tiles': the Gram tile kernels (gram_tile_kernels.cuh) for euclidean /
+//     sqeuclidean / cosine with fp32, fp16 or bf16 input, which compute every
+//     tile twice (once per row block) on tensor cores (fp16, bf16; tf32 for fp32
+//     only when torch.backends.cuda.matmul.allow_tf32 is on) or in exact fp32. On
+//     an H100 they ran 2.2-2.5x faster than the pair pass below at D = 128
+//     (benchmarks/results/2026-11-24-h100). fp64, and cosine in fp16 / bf16 (whose
+//     unit rows a 16-bit operand would round), have no full-tile kernel;
+//   * 'pair_pass': the pair pass (pair_pass.h), each unordered pair once, exact
+//     FMA arithmetic in the accumulation dtype; the backward is the same pass
+//     with the upstream gradients as weights;
+//   * 'direct': the difference-form kernels (intra_inter_sums_kernels.cuh) in the
+//     accumulation dtype, every metric.
+// The rectangular op intra_inter_sums_rect runs 'direct' only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 
@@ -36,26 +31,11 @@
 namespace confusion_kernels {
 namespace {
 
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "") != 0 && std::strcmp(v, "0") != 0;
-}
-
-bool exact_kernels_forced() { return env_flag("CONFUSION_KERNELS_CUDA_EXACT"); }
-
-// Euclidean, sqeuclidean and cosine with enough dimensions take a Gram-form
-// kernel (the pair pass or the full tiles); the rest the difference form.
-bool uses_gram_form(const at::Tensor& x, int64_t metric) {
-  return (metric == kEuclidean || metric == kSqEuclidean || metric == kCosine) &&
-         x.size(1) > kDirectMaxDim && !exact_kernels_forced();
-}
-
-// The operand kind of the full-tile Gram kernels when they take this input and
-// the pair pass is not asked for (CONFUSION_KERNELS_CUDA_PAIR_PASS=1), else
-// nullopt (the pair pass).
-std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t metric) {
-  if (!uses_gram_form(x, metric) || env_flag("CONFUSION_KERNELS_CUDA_PAIR_PASS"))
-    return std::nullopt;
+// The operand kind of the full-tile Gram kernels for this input (the operands follow the
+// dtype, the GPU and torch's TF32 switch, as a matrix product's do), or nullopt where no
+// full-tile kernel exists (fp64; cosine with fp16 / bf16 input): the router sends those to
+// the pair pass, and a direct call with 'gram_tiles' is refused.
+std::optional<GramOperands> full_tile_operands(const at::Tensor& x, int64_t metric) {
   int major = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
@@ -78,6 +58,13 @@ std::optional<GramOperands> full_tile_operands_for(const at::Tensor& x, int64_t 
     default:
       return std::nullopt;  // fp64: the pair pass, in fp64
   }
+}
+
+GramOperands checked_full_tile_operands(const at::Tensor& x, int64_t metric, const char* op) {
+  const std::optional<GramOperands> ops = full_tile_operands(x, metric);
+  TORCH_CHECK(ops.has_value(), op, ": algorithm 'gram_tiles' has no kernel for ", x.scalar_type(),
+              " ", kMetricNames[metric], " (fp64, and cosine in fp16 / bf16, run 'pair_pass')");
+  return *ops;
 }
 
 // What the Gram kernels read: the operands op(x) in the operand dtype, their
@@ -121,6 +108,10 @@ GramInputs gram_inputs(const at::Tensor& xa, int64_t metric, GramOperands ops) {
 // The difference-form kernels as the passes of direct_pass.h, on the current stream
 // of the rows' device.
 struct ForwardKernels {
+  int64_t algorithm = kDirect;
+  static constexpr const char* kRuns = "'direct' (rectangular op on CUDA)";
+  static bool runs(int64_t a) { return a == kDirect; }
+
   template <class Metric, class Side, class T>
   void operator()(Metric, const Side& a, const Side& b, const at::Tensor&, const at::Tensor& b_rows,
                   int64_t shift, T* s_in, T* s_out) const {
@@ -131,6 +122,10 @@ struct ForwardKernels {
 };
 
 struct BackwardKernels {
+  int64_t algorithm = kDirect;
+  static constexpr const char* kRuns = ForwardKernels::kRuns;
+  static bool runs(int64_t a) { return ForwardKernels::runs(a); }
+
   template <class Metric, class Side, class T>
   void operator()(Metric, const Side& a, const Side& b, const at::Tensor&, const at::Tensor& b_rows,
                   int64_t shift, T* grad) const {
@@ -142,51 +137,58 @@ struct BackwardKernels {
 
 std::tuple<at::Tensor, at::Tensor> intra_inter_sums_cuda(const at::Tensor& x,
                                                          const at::Tensor& labels,
-                                                         c10::string_view metric_name) {
+                                                         c10::string_view metric_name,
+                                                         c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, c10::kCUDA);
   const int64_t metric = in.metric;
+  // direct, pair_pass and gram_tiles all run on CUDA
+  const int64_t algorithm = algorithm_code(algorithm_name, metric, "intra_inter_sums");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor s_in = at::empty({x.size(0)}, in.x.options());
   at::Tensor s_out = at::empty({x.size(0)}, in.x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (const auto ops = full_tile_operands_for(x, metric)) {
-    const GramInputs g = gram_inputs(in.x, metric, *ops);
+  if (algorithm == kGramTiles) {
+    const GramOperands ops = checked_full_tile_operands(x, metric, "intra_inter_sums");
+    const GramInputs g = gram_inputs(in.x, metric, ops);
     dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_forward<decltype(m)::value>(
-          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(), in.labels.data_ptr<int64_t>(),
+          ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(), in.labels.data_ptr<int64_t>(),
           g.sq_norms.data_ptr<float>(), in.x.size(0), in.x.size(1), s_in.data_ptr<float>(),
           s_out.data_ptr<float>(), stream);
     });
     return {s_in, s_out};
   }
-  if (uses_gram_form(x, metric)) return pair_row_sums_cuda(in.x, in.labels, metric);
+  if (algorithm == kPairPass) return pair_row_sums_cuda(in.x, in.labels, metric);
   return direct_pass_row_sums(in.x, in.labels, in.x, in.labels, /*shift=*/0, metric,
                               ForwardKernels{});
 }
 
 at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::Tensor& grad_out,
                                           const at::Tensor& x, const at::Tensor& labels,
-                                          c10::string_view metric_name) {
+                                          c10::string_view metric_name,
+                                          c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
   const RowSumsInputs in =
       prepare_row_sums_backward_inputs(grad_in, grad_out, x, labels, metric_name, c10::kCUDA);
   const int64_t metric = in.metric;
+  const int64_t algorithm = algorithm_code(algorithm_name, metric, "intra_inter_sums_backward");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad = at::empty_like(in.x);
   if (in.x.size(1) == 0) return grad.to(x.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (const auto ops = full_tile_operands_for(x, metric)) {
-    const GramInputs g = gram_inputs(in.x, metric, *ops);
+  if (algorithm == kGramTiles) {
+    const GramOperands ops = checked_full_tile_operands(x, metric, "intra_inter_sums_backward");
+    const GramInputs g = gram_inputs(in.x, metric, ops);
     dispatch_gram_metric(metric, "intra_inter_sums", [&](auto m) {
       launch_gram_backward<decltype(m)::value>(
-          *ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(), in.labels.data_ptr<int64_t>(),
+          ops, g.rows.data_ptr(), g.exact_rows.data_ptr<float>(), in.labels.data_ptr<int64_t>(),
           g.sq_norms.data_ptr<float>(), in.grad_in.data_ptr<float>(), in.grad_out.data_ptr<float>(),
           in.x.size(0), in.x.size(1), grad.data_ptr<float>(), stream);
     });
     return grad.to(x.scalar_type());
   }
-  if (uses_gram_form(x, metric)) {
+  if (algorithm == kPairPass) {
     // dL/dx is the gradient of sum_i g_in[i] S_in[i] + g_out[i] S_out[i]: the pair
     // pass with the upstream gradients as weights, each unordered pair once.
     const PairSums r = pair_pass_with_grad_cuda(in.x, in.labels, in.grad_in, in.grad_out, metric);
@@ -202,7 +204,7 @@ at::Tensor intra_inter_sums_backward_cuda(const at::Tensor& grad_in, const at::T
 TORCH_LIBRARY_IMPL(confusion_kernels, CUDA, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cuda);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cuda);
-  // the rectangular op: every metric on the direct passes (exact per pair)
+  // the rectangular op: 'direct' for every metric (exact per pair)
   m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCUDA, ForwardKernels>);
   m.impl("intra_inter_sums_rect_backward", &rect_backward_op<c10::kCUDA, BackwardKernels>);
 }

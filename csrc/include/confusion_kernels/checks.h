@@ -40,6 +40,30 @@ inline int64_t metric_code(c10::string_view name, const char* op) {
               "'; expected euclidean, sqeuclidean, manhattan, cosine or smooth_l1");
 }
 
+// The row-sum ops' kernel algorithm (spec.h: Algorithm), chosen by the Python router
+// (confusion_kernels/_routing.py) and passed by name: the ops never choose by themselves. The
+// Gram forms (pair_pass, gram_tiles) take euclidean, sqeuclidean and cosine only.
+inline int64_t algorithm_code(c10::string_view name, int64_t metric, const char* op) {
+  const std::string key(name.data(), name.size());
+  int64_t code = -1;
+  for (int64_t a = 0; a < kNumAlgorithms; ++a)  // kAlgorithmNames: spec.h
+    if (key == kAlgorithmNames[a]) code = a;
+  TORCH_CHECK(code >= 0, op, ": unknown algorithm '", key,
+              "'; expected direct, pair_pass or gram_tiles");
+  TORCH_CHECK(
+      code == kDirect || metric == kEuclidean || metric == kSqEuclidean || metric == kCosine, op,
+      ": algorithm '", key, "' is a Gram form (euclidean, sqeuclidean, cosine); ",
+      kMetricNames[metric], " runs 'direct'");
+  return code;
+}
+
+// Refuses an algorithm that this op has no kernel for on this device (`runs`: those it has).
+inline void check_algorithm_runs(bool ok, int64_t algorithm, const char* op, c10::DeviceType device,
+                                 const char* runs) {
+  TORCH_CHECK(ok, op, ": algorithm '", kAlgorithmNames[algorithm], "' has no kernel on ", device,
+              "; it runs ", runs);
+}
+
 inline int64_t similarity_code(c10::string_view name, const char* op) {
   const std::string key(name.data(), name.size());
   if (key == "gaussian") return kGaussian;

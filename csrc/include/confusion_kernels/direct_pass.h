@@ -170,19 +170,31 @@ std::tuple<at::Tensor, at::Tensor> rect_backward(const RectInputs& in, const at:
   return {grad_x.to(x.scalar_type()), grad_ref.to(ref.scalar_type())};
 }
 
-// The entry points of the rectangular op on a device whose direct passes are the
-// functors ForwardPass / BackwardPass (each backend registers these instantiations).
+// The entry points of the rectangular op on a device whose passes are the functors
+// ForwardPass / BackwardPass (each backend registers these instantiations). A pass is built
+// with the router's algorithm and says which ones it runs:
+//   static bool runs(int64_t algorithm);  static constexpr const char* kRuns;
+template <c10::DeviceType kDevice, class Pass>
+int64_t rect_algorithm(c10::string_view algorithm_name, int64_t metric) {
+  const char* op = "intra_inter_sums_rect";
+  const int64_t algorithm = algorithm_code(algorithm_name, metric, op);
+  check_algorithm_runs(Pass::runs(algorithm), algorithm, op, kDevice, Pass::kRuns);
+  return algorithm;
+}
+
 template <c10::DeviceType kDevice, class ForwardPass>
 std::tuple<at::Tensor, at::Tensor> rect_forward_op(const at::Tensor& x, const at::Tensor& labels,
                                                    const at::Tensor& ref,
                                                    const at::Tensor& ref_labels,
                                                    c10::optional<int64_t> self_offset,
-                                                   c10::string_view metric_name) {
+                                                   c10::string_view metric_name,
+                                                   c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
   const RectInputs in =
       prepare_rect_inputs(x, labels, ref, ref_labels, self_offset, metric_name, kDevice);
+  const int64_t algorithm = rect_algorithm<kDevice, ForwardPass>(algorithm_name, in.metric);
   return direct_pass_row_sums(in.x, in.labels, in.ref, in.ref_labels, in.shift, in.metric,
-                              ForwardPass{});
+                              ForwardPass{algorithm});
 }
 
 template <c10::DeviceType kDevice, class BackwardPass>
@@ -191,11 +203,13 @@ std::tuple<at::Tensor, at::Tensor> rect_backward_op(const at::Tensor& grad_in,
                                                     const at::Tensor& labels, const at::Tensor& ref,
                                                     const at::Tensor& ref_labels,
                                                     c10::optional<int64_t> self_offset,
-                                                    c10::string_view metric_name) {
+                                                    c10::string_view metric_name,
+                                                    c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
   const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref, ref_labels,
                                                      self_offset, metric_name, kDevice);
-  return rect_backward(in, x, ref, BackwardPass{});
+  const int64_t algorithm = rect_algorithm<kDevice, BackwardPass>(algorithm_name, in.metric);
+  return rect_backward(in, x, ref, BackwardPass{algorithm});
 }
 
 }  // namespace confusion_kernels

@@ -29,13 +29,25 @@ enum SphereMetric : int64_t {
 };
 constexpr const char* kSphereMetricNames[] = {"euclidean", "cosine", "great_circle"};
 
+// Kernel algorithms of the row-sum ops (intra_inter_sums, intra_inter_sums_rect). Python's
+// router (confusion_kernels/_routing.py) chooses one and passes its name; the ops map it here
+// once (checks.h: algorithm_code) and never choose by themselves.
+enum Algorithm : int64_t {
+  kDirect = 0,
+  kPairPass = 1,
+  kGramTiles = 2,
+  kNumAlgorithms = 3,
+};
+constexpr const char* kAlgorithmNames[] = {"direct", "pair_pass", "gram_tiles"};
+
 // Denominator floor of the cosine distance: 1 - a.b / max(|a||b|, eps).
 constexpr double kCosineEps = 1e-08;
 // A Gram-form squared distance below this fraction of |a|^2 + |b|^2 is recomputed exactly.
 constexpr double kGramExactFraction = 0.0625;
 // The N-Centroids normalisation z / max(|z|, eps).
 constexpr double kNormEps = 1e-12;
-// euclidean / sqeuclidean with D <= this take the difference form, else the Gram form.
+// euclidean / sqeuclidean with D <= this take the difference form, else the Gram form (the
+// router's rule, stated here for the comments of the kernels).
 constexpr int64_t kDirectMaxDim = 8;
 
 }  // namespace confusion_kernels
