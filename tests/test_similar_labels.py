@@ -251,6 +251,69 @@ def test_collect_statistics_over_a_loader():
     torch.testing.assert_close(stats.mean, whole.mean)
 
 
+def test_collect_statistics_runs_in_eval_mode_and_restores_each_modules_mode():
+    """A model in training mode was run as it was: dropout masked the features at random
+    (two runs disagreed) and batch norm normalised by the batch and moved its running stats."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Dropout(0.5), nn.ReLU(),
+                          nn.Conv2d(6, 4, 1))
+    model.train()
+    model[1].eval()  # a mixed state: each module's own flag must come back
+    data = torch.utils.data.TensorDataset(torch.randn(30, 3, 7, 7), torch.randint(0, 3, (30,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    running = model[1].running_mean.clone()
+    first, _ = analysis.collect_statistics(model, loader, 3)
+    second, _ = analysis.collect_statistics(model, loader, 3)
+    torch.testing.assert_close(first.mean, second.mean, rtol=0, atol=0)  # no dropout
+    assert torch.equal(model[1].running_mean, running)  # batch norm's statistics untouched
+    assert [m.training for m in model.modules()] == [True, True, False, True, True, True]
+
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    broken = nn.Sequential(nn.Conv2d(3, 2, 1), Fails()).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        analysis.collect_statistics(broken, loader, 3)
+    assert all(m.training for m in broken.modules())
+
+
+def test_class_statistics_state_dict_round_trip_and_to(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    x, labels = torch.randn(50, 6, generator=g), torch.randint(0, 4, (50,), generator=g)
+    stats = ck.ClassStatistics(4, 6).update(x[:30], labels[:30])
+    path = tmp_path / "stats.pt"
+    torch.save(stats.state_dict(), path)
+    loaded = ck.ClassStatistics(4, 6).load_state_dict(torch.load(path))
+    for a, b in ((loaded.counts, stats.counts), (loaded.mean, stats.mean), (loaded.m2, stats.m2)):
+        assert torch.equal(a, b)
+    # the loaded copy goes on exactly as the original (pending part included)
+    stats.update(x[30:], labels[30:])
+    loaded.update(x[30:], labels[30:])
+    assert torch.equal(loaded.mean, stats.mean) and torch.equal(loaded.var.nan_to_num(),
+                                                                stats.var.nan_to_num())
+    whole = ck.ClassStatistics(4, 6).update(x, labels)
+    torch.testing.assert_close(loaded.mean, whole.mean)
+    assert loaded.state_dict()["pending_counts"].sum() == 50
+    elsewhere = ck.ClassStatistics(4, 6).update(x, labels)
+    moved = elsewhere.to("meta")  # (a device without data: what moves is what is checked)
+    assert moved is elsewhere and moved.device.type == "meta"
+    assert all(t.device.type == "meta" for t in (moved.counts, moved.mean, moved.m2,
+                                                  *moved._pending, *moved._synced))
+    assert loaded.to("cpu") is loaded and torch.equal(loaded.mean, stats.mean)
+    loaded.load_state_dict(whole.state_dict())
+    assert torch.equal(loaded.mean, whole.mean)
+    with pytest.raises(ValueError, match="state holds 4 classes x 6 features, this "
+                                         "ClassStatistics 5 x 6"):
+        ck.ClassStatistics(5, 6).load_state_dict(stats.state_dict())
+    with pytest.raises(ValueError, match="state lacks"):
+        ck.ClassStatistics(4, 6).load_state_dict({"num_classes": 4, "num_features": 6})
+    bad = stats.state_dict()
+    bad["mean"] = bad["mean"][:2]
+    with pytest.raises(ValueError, match=r"state\['mean'\] must be a tensor of shape \(4, 6\)"):
+        ck.ClassStatistics(4, 6).load_state_dict(bad)
+
+
 # ---------------------------------------------------------------------------
 # Confusion analysis and plots
 # ---------------------------------------------------------------------------
@@ -284,6 +347,34 @@ def test_plots_write_png(tmp_path):
     analysis.plot_similar_labels(idx, scores, path=paths[3])
     for p in paths:
         assert p.exists() and p.stat().st_size > 1000
+
+
+def test_plots_keep_the_users_backend_and_leave_no_figure_open(tmp_path):
+    """The plots chose matplotlib's Agg backend at import (a user's interactive backend was
+    replaced) and left every figure open in pyplot (a loop of plots leaked them all)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib
+matplotlib.use("svg")  # the user's choice, which the plots must keep
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from confusion_kernels import analysis
+conf = np.array([[3, 1], [0, 4]])
+figs = [analysis.plot_confusion_matrix(conf) for _ in range(5)]
+figs.append(analysis.plot_similarity_heatmap(np.array([[1.0, 0.2], [0.2, 1.0]]),
+                                             path={str(tmp_path / "sim.png")!r}))
+figs.append(analysis.plot_representation((np.random.rand(20, 3), np.arange(20) % 2)))
+figs.append(analysis.plot_similar_labels(np.array([[1], [0]]), np.array([[0.5], [0.5]])))
+assert all(isinstance(f, Figure) for f in figs), [type(f) for f in figs]
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["svg", "0"]
+    assert (tmp_path / "sim.png").stat().st_size > 1000
 
 
 def test_most_confused_pairs_of_a_normalised_matrix():

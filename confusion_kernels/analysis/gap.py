@@ -93,20 +93,28 @@ class GAPRecorder:
 def collect_statistics(model: nn.Module, batches: Iterable, num_classes: int, *,
                        layer_types: tuple[type, ...] = (nn.Conv2d,),
                        device: torch.device | str | None = None) -> tuple[ClassStatistics, list]:
-    """Streams (inputs, labels) batches (e.g. a DataLoader) through ``model`` and
-    returns (ClassStatistics of the GAP features, feature_names)."""
-    stats = None
-    with GAPRecorder(model, layer_types) as rec:
-        for inputs, labels in batches:
-            if device is not None:
-                inputs, labels = inputs.to(device), labels.to(device)
-            rec.clear()
-            model(inputs)
-            feats = rec.features
+    """Streams (inputs, labels) batches (e.g. a DataLoader) through ``model`` in eval mode
+    (dropout off, batch norm on its running statistics; each module's own training flag is
+    restored afterwards, also on an error) and returns (ClassStatistics of the GAP features,
+    feature_names)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        stats = None
+        with GAPRecorder(model, layer_types) as rec:
+            for inputs, labels in batches:
+                if device is not None:
+                    inputs, labels = inputs.to(device), labels.to(device)
+                rec.clear()
+                model(inputs)
+                feats = rec.features
+                if stats is None:
+                    stats = ClassStatistics(num_classes, feats.shape[1], device=feats.device)
+                rec.update_statistics(stats, labels)
             if stats is None:
-                stats = ClassStatistics(num_classes, feats.shape[1], device=feats.device)
-            rec.update_statistics(stats, labels)
-        if stats is None:
-            raise ValueError("collect_statistics: the loader yielded no batches")
-        names = rec.feature_names
+                raise ValueError("collect_statistics: the loader yielded no batches")
+            names = rec.feature_names
+    finally:
+        for module, training in modes.items():
+            module.training = training
     return stats, names

@@ -1,6 +1,12 @@
-"""matplotlib (Agg) figures of the analysis: 2-D representations, the
-confusion matrix and the similar-labels table. Each returns the figure and
-saves it when given a path."""
+"""matplotlib figures of the analysis: 2-D representations, the confusion matrix and the
+similar-labels table. Each returns a ``matplotlib.figure.Figure`` and saves it when given a
+path.
+
+The figures are built with matplotlib's object-oriented API, not pyplot: nothing here selects
+a backend (the user's stays as it is) and no figure is registered with pyplot, so none is left
+open however many are made (their memory goes with the last reference). In Jupyter a returned
+figure displays as the cell's result; in a script, pass ``path=`` or call ``fig.savefig``.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,17 @@ import numpy as np
 import torch
 
 
-def _plt():
+def _figure(figsize):
+    """A new figure that pyplot does not track (no backend chosen, nothing to close)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def _colormap(name: str):
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.colormaps[name]
 
 
 def _numpy(a):
@@ -43,7 +53,6 @@ def plot_representation(train, test=None, *, prototypes=None, class_names=None, 
     colour per class, with prototypes / centroids [C, D] or [C, m, D] drawn as
     stars. For D > 2 the points are projected: projection="pca" (fitted on the
     training features) or a callable [n, D] -> [n, 2]."""
-    plt = _plt()
     x_train, y_train = _numpy(train[0]), _numpy(train[1]).astype(int)
     panels = [("train", x_train, y_train)]
     if test is not None:
@@ -55,8 +64,9 @@ def plot_representation(train, test=None, *, prototypes=None, class_names=None, 
     proj = (lambda x: x) if x_train.shape[1] == 2 else (
         pca_projection(x_train) if projection == "pca" else projection)
     num_classes = int(max(y.max() for _, _, y in panels)) + 1
-    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    cmap = _colormap("tab10" if num_classes <= 10 else "tab20")
+    fig = _figure((5.5 * len(panels), 5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, x, y) in zip(axes[0], panels):
         xy = proj(x)
         for c in range(num_classes):
@@ -77,11 +87,11 @@ def plot_representation(train, test=None, *, prototypes=None, class_names=None, 
 def plot_confusion_matrix(confusion, *, class_names=None, normalize=False, title="confusion matrix",
                           path=None):
     """Heatmap of the [C, C] confusion matrix with the counts written in the cells."""
-    plt = _plt()
     c = _numpy(confusion)
     shown = c / np.maximum(c.sum(1, keepdims=True), 1) if normalize else c
     n = c.shape[0]
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
+    fig = _figure((max(4, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046)
     names = class_names or [str(i) for i in range(n)]
@@ -102,11 +112,11 @@ def plot_confusion_matrix(confusion, *, class_names=None, normalize=False, title
 
 def plot_similar_labels(indices, scores, *, class_names=None, title="similar labels", path=None):
     """Table figure: one row per class, its top-k similar classes with scores."""
-    plt = _plt()
     idx, sc = _numpy(indices).astype(int), _numpy(scores)
     names = class_names or [str(i) for i in range(idx.shape[0])]
     cells = [[f"{names[j]} ({s:.2f})" for j, s in zip(row_i, row_s)] for row_i, row_s in zip(idx, sc)]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * idx.shape[1], 0.6 + 0.3 * idx.shape[0]))
+    fig = _figure((2 + 1.6 * idx.shape[1], 0.6 + 0.3 * idx.shape[0]))
+    ax = fig.subplots()
     ax.axis("off")
     table = ax.table(cellText=cells, rowLabels=names,
                      colLabels=[f"#{r + 1}" for r in range(idx.shape[1])], loc="center")
@@ -120,12 +130,12 @@ def plot_similar_labels(indices, scores, *, class_names=None, title="similar lab
 def plot_similarity_heatmap(similarity, *, class_names=None, title="class similarity", path=None):
     """Heatmap of a [C, C] class-similarity matrix (e.g. ``similarity_matrix``), the values
     written in the cells; the diagonal (1 by definition) is left blank."""
-    plt = _plt()
     sim = np.array(_numpy(similarity), dtype=float)
     n = sim.shape[0]
     shown = sim.copy()
     np.fill_diagonal(shown, np.nan)
-    fig, ax = plt.subplots(figsize=(max(4, 0.55 * n + 2), max(4, 0.55 * n + 1.5)))
+    fig = _figure((max(4, 0.55 * n + 2), max(4, 0.55 * n + 1.5)))
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="RdBu_r", vmin=-1, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046)
     names = class_names or [str(i) for i in range(n)]

@@ -211,6 +211,51 @@ class ClassStatistics:
         m2_rest = (total - within - n_rest.unsqueeze(1) * rest_dev * rest_dev).clamp_min(0)
         return n_rest, mean_rest, m2_rest
 
+    _STATE = ("counts", "mean", "m2", "synced_counts", "synced_mean", "synced_m2",
+              "pending_counts", "pending_mean", "pending_m2")
+
+    def state_dict(self) -> dict:
+        """The statistics as a dict of tensors and sizes (``torch.save``-able): counts, mean, M2,
+        and what the last ``all_reduce`` agreed on and what was added since, so that a loaded
+        copy merges with the other ranks exactly as this one would."""
+        tensors = (self.counts, self.mean, self.m2, *self._synced, *self._pending)
+        return {"num_classes": self.num_classes, "num_features": self.num_features,
+                **{name: t.clone() for name, t in zip(self._STATE, tensors)}}
+
+    def load_state_dict(self, state: dict) -> "ClassStatistics":
+        """Replaces the statistics with those of ``state_dict()`` (on this object's device).
+        The sizes must match; every tensor must be present with its shape."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("num_classes", "num_features", *self._STATE) if k not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing}")
+        if (state["num_classes"], state["num_features"]) != (self.num_classes, self.num_features):
+            raise ValueError(f"state holds {state['num_classes']} classes x "
+                             f"{state['num_features']} features, this ClassStatistics "
+                             f"{self.num_classes} x {self.num_features}")
+        shapes = {"counts": (self.num_classes,)}
+        loaded = []
+        for name in self._STATE:
+            t = state[name]
+            want = shapes.get(name.rsplit("_", 1)[-1], (self.num_classes, self.num_features))
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                raise ValueError(f"state[{name!r}] must be a tensor of shape {want}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+            loaded.append(t.detach().to(device=self.device, dtype=torch.float64).clone())
+        self.counts, self.mean, self.m2 = loaded[:3]
+        self._synced, self._pending = tuple(loaded[3:6]), tuple(loaded[6:])
+        return self
+
+    def to(self, device: torch.device | str) -> "ClassStatistics":
+        """Moves the statistics to ``device`` in place (as ``nn.Module.to``) and returns self;
+        later batches may come from any device."""
+        self.device = torch.device(device)
+        move = lambda ts: tuple(t.to(self.device) for t in ts)  # noqa: E731
+        self.counts, self.mean, self.m2 = move((self.counts, self.mean, self.m2))
+        self._synced, self._pending = move(self._synced), move(self._pending)
+        return self
+
     def __repr__(self) -> str:
         return (f"ClassStatistics(num_classes={self.num_classes}, num_features={self.num_features}, "
                 f"samples={int(self.counts.sum())})")
