@@ -1,5 +1,7 @@
 """``python -m confusion_kernels demo [options]``: the package's main job (see
-confusion_kernels/demo); ``python -m confusion_kernels info``: versions and backends.
+confusion_kernels/demo); ``python -m confusion_kernels info``: versions and backends;
+``python -m confusion_kernels build``: compile the kernels for the installed torch now (an
+install without them compiles them at the first import otherwise).
 ``python -m confusion_kernels --help`` lists the commands."""
 
 from __future__ import annotations
@@ -7,7 +9,8 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {"demo": "train the losses on imbalanced digits and write a report with figures",
-            "info": "versions, the compiled extension, and which backends run (and why not)"}
+            "info": "versions, the compiled extension, and which backends run (and why not)",
+            "build": "compile the C++ / CUDA kernels for the installed torch now (cached)"}
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +23,10 @@ def main(argv: list[str]) -> int:
         from .info import main as info
 
         return info(argv[1:])
+    if argv[0] == "build":
+        from .info import build
+
+        return build(argv[1:])
     from .demo.cli import main as demo
 
     demo(argv[1:])

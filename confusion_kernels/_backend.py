@@ -37,7 +37,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
         return None
     if backend == "cpu":
         if not _extension.HAS_C:
-            return f"the C++ extension confusion_kernels._C is not built ({_extension.IMPORT_ERROR})"
+            return f"the compiled kernels are not available ({_extension.IMPORT_ERROR})"
         if not _extension.has_kernel(op, "CPU"):
             return f"confusion_kernels._C has no CPU kernel for {op}"
         if device_type not in (None, "cpu"):
@@ -54,7 +54,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
                 f"got a tensor on {device if device is not None else 'cpu'}")
     # cuda
     if not _extension.HAS_C:
-        return f"the C++ extension confusion_kernels._C is not built ({_extension.IMPORT_ERROR})"
+        return f"the compiled kernels are not available ({_extension.IMPORT_ERROR})"
     if not _extension.has_kernel(op, "CUDA"):
         if _extension.has_kernel("intra_inter_sums", "CUDA"):
             return f"confusion_kernels has no CUDA C++ kernel for {op} yet (use 'triton')"

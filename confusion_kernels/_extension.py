@@ -1,45 +1,56 @@
-"""Loads the compiled extension ``confusion_kernels._C`` if it was built.
+"""Loads the compiled kernels: the extension ``confusion_kernels._C`` built at install time, or
+else the first-use build for the installed torch (``_build.py``: from the cache, compiled now
+when it is not there yet).
 
-Without it the package still works through the reference backend; one warning
-says why the extension is missing.
+Without either the package still works through the reference (and Triton) backends; one
+warning says why the kernels are missing and how to get them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 
 import torch
 
-NOT_BUILT = ("not built: this install has no compiled confusion_kernels._C (building it needs "
-             "a C++ compiler and the torch it runs with: `pip install --no-build-isolation .` "
-             "in a checkout, see docs/building.md)")
+from . import _build
 
-
-def _built() -> bool:
-    """Whether a compiled _C sits in the package (False: never built, e.g. no compiler)."""
+def _prebuilt() -> bool:
+    """Whether a compiled _C sits in the package (False: never built at install time)."""
     try:
         return importlib.util.find_spec(f"{__package__}._C") is not None
     except (ValueError, AttributeError, ImportError):  # a stand-in in sys.modules: try it
         return True
 
 
-try:
-    if not _built():
-        # Python's own message for a missing submodule of a package being imported speaks
-        # of a "circular import"; say what is true instead
-        raise ImportError(NOT_BUILT)
-    from . import _C  # noqa: F401  (importing registers the torch.ops kernels)
+def _load() -> tuple[str | None, str | None, str]:
+    """(path of the loaded library, why none was loaded, how it was built)."""
+    prebuilt_error = None
+    if _prebuilt():
+        try:
+            from . import _C  # importing registers the torch.ops kernels
 
-    HAS_C = True
-    IMPORT_ERROR: str | None = None
-except ImportError as exc:  # not built, or built against another torch
-    HAS_C = False
-    IMPORT_ERROR = str(exc) if str(exc) == NOT_BUILT else f"{type(exc).__name__}: {exc}"
+            return _C.__file__, None, "built at install time"
+        except ImportError as exc:  # built against another torch, say
+            prebuilt_error = (f"the prebuilt confusion_kernels._C does not import "
+                              f"({type(exc).__name__}: {exc})")
+    jit = _build.load_or_build(build=os.environ.get("CONFUSION_KERNELS_JIT", "1") != "0")
+    if jit.library is not None:
+        how = "built at first use" + (" (just now)" if jit.built_now else "")
+        return jit.library, None, f"{how}, cache {jit.directory}"
+    if prebuilt_error is not None:
+        return None, f"{prebuilt_error}; and the first-use build: {jit.error}", ""
+    return None, jit.error, ""
+
+
+LIBRARY, IMPORT_ERROR, HOW_BUILT = _load()
+HAS_C = LIBRARY is not None
+if not HAS_C:
     warnings.warn(
-        "confusion_kernels: the C++ extension confusion_kernels._C is not available "
+        "confusion_kernels: the compiled kernels (confusion_kernels._C) are not available "
         f"({IMPORT_ERROR}); only the 'reference' (and 'triton') backends can run. "
-        "Build it with `pip install --no-build-isolation -e .` (a C++ compiler is needed).",
+        "`python -m confusion_kernels info` says more.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import confusion_kernels as ck
-from confusion_kernels import _backend, _extension
+from confusion_kernels import _backend, _build, _extension
 
 
 def test_available_backends_tell_the_truth():
@@ -59,33 +59,43 @@ def test_build_without_cuda_is_reported():
     assert "without CUDA kernels" in reason or "not built" in reason
 
 
-# How the child process loses confusion_kernels._C: an import that fails (built against another
-# torch, say), or an install that never built it (no C++ compiler: find_spec finds nothing)
+# How the child process loses the compiled kernels: an import of the prebuilt _C that fails
+# (built against another torch, say), or an install that never built it (find_spec finds
+# nothing) and then, with an empty first-use cache, either does not build at import
+# (CONFUSION_KERNELS_JIT=0) or finds no C++ compiler.
+_NEVER_BUILT = ("import importlib.util\nreal = importlib.util.find_spec\n"
+                "importlib.util.find_spec = lambda name, *a: None if name == "
+                "'confusion_kernels._C' else real(name, *a)\n")
 HIDE_EXTENSION = {
-    "import fails": 'import sys\nsys.modules["confusion_kernels._C"] = None\n',
-    "never built": ("import importlib.util\nreal = importlib.util.find_spec\n"
-                    "importlib.util.find_spec = lambda name, *a: None if name == "
-                    "'confusion_kernels._C' else real(name, *a)\n"),
+    "import fails": ('import importlib.util, sys\nreal = importlib.util.find_spec\n'
+                     'importlib.util.find_spec = lambda name, *a: object() if name == '
+                     '"confusion_kernels._C" else real(name, *a)\n'
+                     'sys.modules["confusion_kernels._C"] = None\n',
+                     {"CONFUSION_KERNELS_JIT": "0"}, "the prebuilt confusion_kernels._C does "
+                                                     "not import (ModuleNotFoundError"),
+    "never built": (_NEVER_BUILT, {"CONFUSION_KERNELS_JIT": "0"}, "building needs a C++ compiler"),
+    "no compiler": (_NEVER_BUILT, {"CXX": "/nonexistent/c++"}, "no C++ compiler"),
 }
 
 
 @pytest.mark.parametrize("how", sorted(HIDE_EXTENSION))
-def test_without_the_extension_the_package_warns_once_and_runs_the_reference(how):
-    """With confusion_kernels._C unavailable the package still imports (one warning), reports
-    the truth and runs on the reference backend; backend='cpu' says why it cannot run. An
-    install that never built _C warned of a "circular import" (Python's message for a
-    missing submodule while its package imports); now it says "not built" and how to build."""
+def test_without_the_extension_the_package_warns_once_and_runs_the_reference(how, tmp_path):
+    """With no compiled kernels the package still imports (one warning), reports the truth
+    and runs on the reference backend; backend='cpu' says why it cannot run. An install that
+    never built _C warned of a "circular import" (Python's message for a missing submodule
+    while its package imports); now it says "not built" and how to build."""
     import subprocess
     import sys
     import textwrap
 
-    code = HIDE_EXTENSION[how] + textwrap.dedent("""
+    hide, env_flags, says = HIDE_EXTENSION[how]
+    code = hide + textwrap.dedent("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import torch
             import confusion_kernels as ck
-        texts = [str(w.message) for w in caught if "confusion_kernels._C" in str(w.message)]
+        texts = [str(w.message) for w in caught if "compiled kernels" in str(w.message)]
         assert len(texts) == 1, texts
         assert "circular" not in texts[0], texts[0]
         assert ck.available_backends() in (["reference"], ["reference", "triton"])
@@ -103,11 +113,12 @@ def test_without_the_extension_the_package_warns_once_and_runs_the_reference(how
         print("ok")
     """)
     env = {k: v for k, v in __import__("os").environ.items() if k != _backend.ENV_VAR}
+    env.update(env_flags, CONFUSION_KERNELS_CACHE=str(tmp_path / "empty-cache"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
-    if how == "never built":
-        assert "C++ compiler" in proc.stdout and "not built" in proc.stdout, proc.stdout
+    assert says in proc.stdout and "not built" in proc.stdout, proc.stdout
+    assert not (tmp_path / "empty-cache").exists()  # nothing was compiled
 
 
 def test_info_command_says_what_available_backends_says():
@@ -120,6 +131,9 @@ def test_info_command_says_what_available_backends_says():
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
     assert f"confusion_kernels {ck.__version__}" in text and f"torch {torch.__version__}" in text
+    assert f"first-use build cache: {_build.cache_dir()}" in text
+    if _extension.HAS_C:
+        assert f"compiled kernels: {_extension.LIBRARY}" in text
     section = text.split("backends for cpu tensors")[1].split("backends for")[0]
     listed = [line.split()[0] for line in section.splitlines()[1:] if line.strip()]
     assert listed == list(ck.BACKENDS)

@@ -58,3 +58,70 @@ def test_sdist_holds_every_source(tmp_path):
     assert {"LICENSE", "README.md", "CHANGELOG.md", "confusion_kernels/py.typed",
             "setup.py", "pyproject.toml"} <= names
     assert not any(n.endswith(".so") for n in names)
+
+
+# --- the first-use build (confusion_kernels/_build.py) ----------------------------------------
+
+def _rules():
+    from confusion_kernels import _build
+
+    return _build
+
+
+def test_build_key_separates_what_must_not_share_a_build():
+    build = _rules()
+    flags = {"cxx": ["-O3"], "nvcc": []}
+    key = build.build_key("2.15.0+cu132", None, (3, 11), "a" * 64, flags)
+    others = [build.build_key("2.14.1+cu132", None, (3, 11), "a" * 64, flags),
+              build.build_key("2.15.0+cu132", "13.2", (3, 11), "a" * 64, flags),
+              build.build_key("2.15.0+cu132", None, (3, 12), "a" * 64, flags),
+              build.build_key("2.15.0+cu132", None, (3, 11), "b" * 64, flags),
+              build.build_key("2.15.0+cu132", None, (3, 11), "a" * 64, {"cxx": ["-O2"], "nvcc": []})]
+    assert len({key, *others}) == 6
+    assert key == build.build_key("2.15.0+cu132", None, (3, 11), "a" * 64, dict(flags))
+    assert "/" not in key and key.startswith("torch2.15.0_cu132-cpu-py311-")
+
+
+def test_source_hash_follows_every_source_and_header(tmp_path):
+    import shutil
+
+    build = _rules()
+    root = build.source_root()
+    assert root is not None and (root / "include" / "confusion_kernels" / "spec.h").is_file()
+    copy = tmp_path / "csrc"
+    shutil.copytree(root, copy)
+    before = build.source_hash(copy)
+    assert before == build.source_hash(root)
+    header = copy / "include" / "confusion_kernels" / "pair_math.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert build.source_hash(copy) != before
+    assert all(s.startswith(str(root)) for s in build.sources(root, cuda=True))
+    assert sum(s.endswith(".cu") for s in build.sources(root, cuda=True)) >= 1
+    assert not any(s.endswith(".cu") for s in build.sources(root, cuda=False))
+
+
+def test_cache_location_and_switches(monkeypatch, tmp_path):
+    build = _rules()
+    monkeypatch.setenv("CONFUSION_KERNELS_CACHE", str(tmp_path / "c"))
+    assert build.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("CONFUSION_KERNELS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build.cache_dir() == tmp_path / "xdg" / "confusion_kernels"
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert build.compiler() is None
+    monkeypatch.setenv("CONFUSION_KERNELS_CACHE", str(tmp_path / "empty"))
+    result = build.load_or_build(build=True, quiet=True)
+    assert result.library is None and "no C++ compiler" in result.error
+    result = build.load_or_build(build=False, quiet=True)
+    assert result.library is None and "CONFUSION_KERNELS_JIT=0" in result.error
+    assert not (tmp_path / "empty").exists()
+
+
+def test_setup_needs_no_torch_to_build():
+    """pyproject's build requirements hold no torch (pip's build isolation would fetch a second
+    one); setup.py builds a pure package with the sources when torch is not importable."""
+    requires = _pyproject()["build-system"]["requires"]
+    assert not any(r.split(">")[0].split("=")[0].strip() == "torch" for r in requires), requires
+    assert any(d.startswith("ninja") for d in _pyproject()["project"]["dependencies"])
+    setup_py = (ROOT / "setup.py").read_text()
+    assert "_csrc" in setup_py and "torch_importable" in setup_py
