@@ -61,6 +61,25 @@ def as_loss_with_grad(z: torch.Tensor, labels: torch.Tensor, case, **kwargs):
     return loss.detach(), z.grad
 
 
+def pml_wrapper_loss(rank: int, world: int):
+    """(loss, dloss/dz) of pml.ASLoss inside PML's DistributedLossWrapper on this rank's equal
+    share of the first 30 rows (PML's all_gather needs equal shares), or None without PML."""
+    try:
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+        from confusion_kernels import pml
+    except ImportError:
+        return None
+    z, labels = global_batch()
+    share = 30 // world
+    part = z[rank * share:(rank + 1) * share].clone().requires_grad_(True)
+    wrapped = DistributedLossWrapper(pml.ASLoss(lambda_inner=0.7, lambda_outer=0.4,
+                                                lambda_boundary=0.1, constraint=2.0))
+    loss = wrapped(part, labels[rank * share:(rank + 1) * share])
+    loss.backward()
+    return loss.detach(), part.grad
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # a hang (a rank waiting on another forever) becomes an error after 60 s
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -78,7 +97,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                      for case in AS_LOSS_CASES]
         torch.save({"centroids": centroids, "counts": stats.counts, "mean": stats.mean,
                     "m2": stats.m2, "as_loss": as_losses,
-                    "again": (again.counts, again.mean, again.m2)},
+                    "again": (again.counts, again.mean, again.m2),
+                    "pml_wrapper": pml_wrapper_loss(rank, world)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank has saved its results
     except BaseException:
@@ -150,6 +170,23 @@ def test_global_as_loss_equals_one_process(ranks, case):
     lo, hi = SLICES[world][0]
     local, _ = as_loss_with_grad(z[lo:hi], labels[lo:hi], case)
     assert not torch.allclose(local, loss)
+
+
+def test_pml_distributed_wrapper_is_world_size_times_our_global_batch(ranks):
+    """PML's DistributedLossWrapper around pml.ASLoss: the loss of the global batch times the
+    world size, and each rank's rows of its gradient times the world size (PML scales for
+    DDP's averaging; ours, global_batch=True, returns the global loss itself). PML's gather
+    needs the same batch size on every rank; ours takes uneven ones (docs/pml.md)."""
+    world, results = ranks
+    if results[0]["pml_wrapper"] is None:
+        pytest.skip("needs pytorch-metric-learning (the PML adapters)")
+    z, labels = global_batch()
+    loss, grad = as_loss_with_grad(z[:30], labels[:30], ("euclidean", "pair_mean", False, "cpu"))
+    share = 30 // world
+    for r, res in enumerate(results):
+        rank_loss, rank_grad = res["pml_wrapper"]
+        assert_rel(rank_loss, world * loss, 1e-9, f"rank {r} loss")
+        assert_rel(rank_grad, world * grad[r * share:(r + 1) * share], 1e-9, f"rank {r} grad")
 
 
 def test_global_features_need_a_process_group():

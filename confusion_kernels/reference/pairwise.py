@@ -70,6 +70,34 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None,
     return dist
 
 
+def paired_distances(a: torch.Tensor, b: torch.Tensor, metric: str = "euclidean", *,
+                     dim_mean: bool = False) -> torch.Tensor:
+    """d[k] = D(a_k, b_k) for rows a [P, D], b [P, D] -> [P]: the distances of P given pairs
+    (mined pairs), O(P*D) memory, the same definitions as ``pairwise_distances`` (at a = b the
+    euclidean and manhattan distances have gradient 0, as there)."""
+    name, _, dim_mean = resolve_metric(metric, dim_mean)
+    diff = a - b
+    if name == "euclidean":
+        sq = diff.square().sum(1)
+        dist = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), 0.0)
+    elif name == "sqeuclidean":
+        dist = diff.square().sum(1)
+    elif name == "manhattan":
+        dist = diff.abs().sum(1)
+    elif name == "cosine":
+        na, nb = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
+        norms = na * nb
+        tiny = torch.finfo(na.dtype).tiny
+        u, v = a / na.clamp_min(tiny)[:, None], b / nb.clamp_min(tiny)[:, None]
+        gram = 1.0 - (a * b).sum(1) / norms.clamp_min(COSINE_EPS)
+        dist = torch.where(norms > COSINE_EPS, (u - v).square().sum(1) / 2, gram)
+    else:  # smooth_l1
+        dist = F.smooth_l1_loss(a, b, reduction="none", beta=1.0).sum(1)
+    if dim_mean:
+        dist = dist / a.shape[1]
+    return dist
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 

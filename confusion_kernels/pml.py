@@ -1,0 +1,319 @@
+"""Drop-in losses for pytorch-metric-learning (PML) code.
+
+``pml.ASLoss``, ``pml.AffinityLoss`` and ``pml.NCentroidsLoss`` subclass PML's
+``BaseMetricLossFunction``: they take our constructor arguments (plus PML's ``reducer=`` and
+``embedding_regularizer=``) and are called as every PML loss is,
+``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``, so miners,
+reducers, ``CrossBatchMemory`` and ``DistributedLossWrapper`` work with them.
+
+**ASLoss** returns three sub-losses, each reduced by the reducer (PML's ``MultipleReducers``)
+and then summed: ``inner_loss`` = λ_in · d(a, p) over positive pairs, ``outer_loss`` =
+−λ_out · d(a, n) over negative pairs, ``boundary_loss`` = λ_b · (|e_i| − R)² over the
+embeddings. With the default ``MeanReducer`` this is ASLoss with ``reduction="pair_mean"``:
+
+- no ``indices_tuple``: the fused kernels over all pairs, O(N·D) memory (``ref_emb``: the pairs
+  (embedding, reference row), the rectangular op, as ``intra_inter_sums(ref=...)``);
+- an ``indices_tuple`` from any miner (pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``): the
+  distances of the mined pairs only, O(pairs·D), equal to the dense loss masked to those pairs.
+
+Other reducers need per-pair losses: they run on mined pairs (an ``indices_tuple``); without
+one the fused kernel never forms the N² pair losses, and the loss says so instead of forming
+them. Reducers that drop losses by sign or threshold (``AvgNonZeroReducer``,
+``ThresholdReducer``) would drop the outer term, which is negative by design, and are refused.
+A PML ``distance=`` is refused too: ``metric=`` chooses the distance the kernels fuse.
+
+**AffinityLoss / NCentroidsLoss** compare embeddings with learned prototypes / EMA centroids,
+not with each other: ``indices_tuple`` and ``ref_emb`` do not apply and are refused. They run
+with the mean reducer (the loss is already a mean over the embeddings).
+
+docs/pml.md compares these with our own ``memory=`` and ``global_batch=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning.losses import BaseMetricLossFunction
+    from pytorch_metric_learning.reducers import (
+        AvgNonZeroReducer,
+        MeanReducer,
+        MultipleReducers,
+        ThresholdReducer,
+    )
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+except ImportError as exc:  # pragma: no cover - the optional dependency is missing
+    raise ImportError("confusion_kernels.pml needs pytorch-metric-learning: "
+                      "pip install pytorch-metric-learning (or the 'pml' extra)") from exc
+
+from ._metrics import resolve_metric
+from ._validation import output_dtype
+from .losses import affinity as _affinity
+from .losses import n_centroids as _n_centroids
+from .losses.as_loss import REDUCTIONS, as_loss_terms, radial_terms, term_weights
+from .ops.intra_inter_sums import intra_inter_sums
+from .reference.pairwise import paired_distances
+
+__all__ = ["ASLoss", "AffinityLoss", "CrossBatchMemory", "NCentroidsLoss"]
+
+_SIGN_FILTERS = (AvgNonZeroReducer, ThresholdReducer)
+
+
+def _refuse_distance(name: str, kwargs: dict) -> None:
+    if kwargs.get("distance") is not None:
+        raise ValueError(f"{name}: distance={type(kwargs['distance']).__name__}() cannot be fused; "
+                         "the metric= argument chooses the distance")
+
+
+def _reducers(module) -> list:
+    reducer = module.reducer
+    if isinstance(reducer, MultipleReducers):
+        return [*reducer.reducers.values(), reducer.default_reducer]
+    return [reducer]
+
+
+def _already_reduced(value: torch.Tensor) -> dict:
+    return {"losses": value, "indices": None, "reduction_type": "already_reduced"}
+
+
+def _check_labels(name: str, labels, n: int, what: str = "labels") -> None:
+    if labels is None:
+        raise ValueError(f"{name}: {what} are needed")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name}: {what} must be 1-D of length {n}, got shape "
+                         f"{tuple(labels.shape)}")
+
+
+def _check_indices(name: str, indices_tuple, n: int, m: int) -> None:
+    """indices_tuple: (a, p, n) or (a1, p, a2, n), 1-D integer tensors within the batch (the
+    anchors, < N) and the reference rows (the others, < M)."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(f"{name}: indices_tuple must be (anchors, positives, negatives) or "
+                         f"(anchors1, positives, anchors2, negatives), got {type(indices_tuple)}")
+    anchors = (0,) if len(indices_tuple) == 3 else (0, 2)
+    for k, t in enumerate(indices_tuple):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
+            raise ValueError(f"{name}: indices_tuple[{k}] must be a 1-D integer tensor")
+        bound, what = (n, "embeddings") if k in anchors else (m, "reference rows")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"{name}: indices_tuple[{k}] indexes outside the {bound} {what} "
+                             f"(values in [{int(t.min())}, {int(t.max())}])")
+    if len(indices_tuple) == 4 and (indices_tuple[0].shape != indices_tuple[1].shape
+                                    or indices_tuple[2].shape != indices_tuple[3].shape):
+        raise ValueError(f"{name}: indices_tuple's anchors and partners differ in length")
+
+
+class ASLoss(BaseMetricLossFunction):
+    """ASLoss as a PML loss: ``loss(embeddings, labels, indices_tuple=None, ref_emb=None,
+    ref_labels=None)`` (module docstring). The arguments are those of
+    ``confusion_kernels.ASLoss`` (one embeddings tensor: no ``layer_weights``), plus PML's
+    ``reducer=`` and ``embedding_regularizer=``; ``global_batch`` and ``memory`` apply to the
+    fused form (no ``indices_tuple``, no ``ref_emb``)."""
+
+    def __init__(self, metric: str = "euclidean", *, lambda_inner: float = 1e-3,
+                 lambda_outer: float = 1e-3, lambda_boundary: float = 1e-2,
+                 constraint: float = 10.0, include_self: bool = False,
+                 reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",
+                 check_finite: bool | None = None, global_batch: bool = False, group=None,
+                 memory=None, **kwargs) -> None:
+        _refuse_distance("pml.ASLoss", kwargs)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"pml.ASLoss: unknown reduction {reduction!r}; expected one of "
+                             f"{REDUCTIONS}")
+        resolve_metric(metric, dim_mean)  # a clear error now, not at the first batch
+        super().__init__(**kwargs)
+        self.metric, self.dim_mean, self.constraint = metric, dim_mean, constraint
+        self.lambda_inner, self.lambda_outer = lambda_inner, lambda_outer
+        self.lambda_boundary, self.include_self, self.reduction = (lambda_boundary, include_self,
+                                                                   reduction)
+        self.backend, self.check_finite = backend, check_finite
+        self.global_batch, self.group, self.memory = global_batch, group, memory
+        for reducer in _reducers(self):
+            if isinstance(reducer, _SIGN_FILTERS):
+                raise ValueError(f"pml.ASLoss: reducer={type(reducer).__name__}() drops losses "
+                                 "by their value, and ASLoss's outer sub-loss is negative by "
+                                 "design (it rewards separation): it would be dropped")
+
+    def _sub_loss_names(self):
+        return ["inner_loss", "outer_loss", "boundary_loss"]
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None,
+                ref_labels=None):
+        """PML's forward, after checks that name the argument at fault (PML's own say only
+        "Number of embeddings must equal number of labels")."""
+        name = "pml.ASLoss"
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            raise ValueError(f"{name}: embeddings must be a 2-D [N, D] tensor")
+        _check_labels(name, labels, embeddings.shape[0])
+        if ref_emb is not None:
+            if not isinstance(ref_emb, torch.Tensor) or ref_emb.dim() != 2 \
+                    or ref_emb.shape[1] != embeddings.shape[1]:
+                raise ValueError(f"{name}: ref_emb must be [M, {embeddings.shape[1]}], got "
+                                 f"{tuple(getattr(ref_emb, 'shape', ()))}")
+            _check_labels(name, ref_labels, ref_emb.shape[0], "ref_labels")
+        elif ref_labels is not None:
+            raise ValueError(f"{name}: ref_labels without ref_emb")
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused(self) -> bool:
+        return all(type(r) is MeanReducer for r in _reducers(self))
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        name = "pml.ASLoss"
+        _check_labels(name, labels, embeddings.shape[0])
+        own = ref_emb is embeddings
+        if not own:
+            if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
+                raise ValueError(f"{name}: ref_emb must be [M, {embeddings.shape[1]}], got "
+                                 f"{tuple(ref_emb.shape)}")
+            _check_labels(name, ref_labels, ref_emb.shape[0], "ref_labels")
+        if indices_tuple is None and self._fused():
+            return self._fused_terms(embeddings, labels, None if own else ref_emb,
+                                     None if own else ref_labels)
+        if indices_tuple is None:
+            other = next(r for r in _reducers(self) if type(r) is not MeanReducer)
+            raise ValueError(f"{name}: reducer={type(other).__name__}() needs the loss of "
+                             "every pair, which the fused kernel never forms (N² of them): pass "
+                             "an indices_tuple (a miner's pairs or triplets), or keep the "
+                             "default MeanReducer")
+        return self._pair_terms(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused_terms(self, embeddings, labels, ref, ref_labels) -> dict:
+        if ref is None:
+            terms = as_loss_terms(
+                embeddings, labels, metric=self.metric, constraint=self.constraint,
+                include_self=self.include_self, reduction=self.reduction, dim_mean=self.dim_mean,
+                backend=self.backend, check_finite=self.check_finite,
+                global_batch=self.global_batch, group=self.group, memory=self.memory)
+            inner, outer, boundary = terms
+        else:
+            if self.global_batch or self.memory is not None:
+                raise ValueError("pml.ASLoss: ref_emb with global_batch or memory: the reference "
+                                 "set is given, so neither applies")
+            s_in, s_out = intra_inter_sums(embeddings, labels, self.metric, dim_mean=self.dim_mean,
+                                           backend=self.backend, check_finite=self.check_finite,
+                                           ref=ref, ref_labels=ref_labels)
+            acc = s_in.dtype
+            # every (embedding, reference row) pair counts, as in PML (include_self=True: a
+            # reference set has no left-out diagonal)
+            w_in, w_out = term_weights(labels.to(ref_labels.device), self.reduction, True, 1.0,
+                                       acc, ref_labels)
+            inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
+            boundary = radial_terms(embeddings, self.constraint, acc).mean()
+        return {"inner_loss": _already_reduced(self.lambda_inner * inner),
+                "outer_loss": _already_reduced(-self.lambda_outer * outer),
+                "boundary_loss": _already_reduced(self.lambda_boundary * boundary)}
+
+    def _pair_terms(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
+        name = "pml.ASLoss"
+        if self.reduction != "pair_mean":
+            raise ValueError(f"{name}: reduction='class_mean' weighs pairs per class; mined "
+                             "pairs and PML's reducers weigh each pair alike: use "
+                             "reduction='pair_mean'")
+        if self.global_batch or self.memory is not None:
+            raise ValueError(f"{name}: global_batch and memory apply to the fused form (no "
+                             "indices_tuple); with a miner, wrap the loss in PML's "
+                             "DistributedLossWrapper / CrossBatchMemory (docs/pml.md)")
+        _check_indices(name, indices_tuple, embeddings.shape[0], ref_emb.shape[0])
+        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        acc = output_dtype(embeddings.dtype)
+        e, r = embeddings.to(acc), ref_emb.to(acc)
+        losses = {}
+        for key, (a, b), weight, kind in (
+                ("inner_loss", (a1, p), self.lambda_inner, "pos_pair"),
+                ("outer_loss", (a2, n), -self.lambda_outer, "neg_pair")):
+            if a.numel() == 0:
+                losses[key] = self.zero_loss()
+                continue
+            d = paired_distances(e[a], r[b], self.metric, dim_mean=self.dim_mean)
+            losses[key] = {"losses": weight * d, "indices": (a, b), "reduction_type": kind}
+        radial = radial_terms(embeddings, self.constraint, acc)
+        losses["boundary_loss"] = {"losses": self.lambda_boundary * radial,
+                                   "indices": torch.arange(embeddings.shape[0], device=embeddings.device),
+                                   "reduction_type": "element"}
+        return losses
+
+
+class CrossBatchMemory(pml_losses.CrossBatchMemory):
+    """PML's ``CrossBatchMemory``, accepting ``pml.ASLoss`` as well: PML's checks the wrapped
+    loss's class name against a list of its own losses and refuses any other. Everything else
+    is PML's (the memory holds detached copies of the embeddings, the batch's own rows
+    included; the wrapped loss gets all (batch, memory) pairs but the self comparisons, or a
+    miner's). Our ``ASLoss(memory=...)`` is the fused equivalent (docs/pml.md)."""
+
+    @staticmethod
+    def supported_losses():
+        return [*pml_losses.CrossBatchMemory.supported_losses(), "ASLoss"]
+
+
+class _PrototypeLoss(BaseMetricLossFunction):
+    """A PML face for a loss of embeddings against a module's own class representatives."""
+
+    NAME = ""
+
+    def _refuse_pairs(self, embeddings, labels, indices_tuple, ref_emb) -> None:
+        if indices_tuple is not None:
+            raise ValueError(f"{self.NAME}: indices_tuple does not apply: the loss compares "
+                             "each embedding with its class's representatives, not pairs")
+        if ref_emb is not embeddings:
+            raise ValueError(f"{self.NAME}: ref_emb does not apply: the loss compares each "
+                             "embedding with its class's representatives")
+        _check_labels(self.NAME, labels, embeddings.shape[0])
+        for reducer in _reducers(self):
+            if type(reducer) is not MeanReducer:
+                raise ValueError(f"{self.NAME}: reducer={type(reducer).__name__}() needs "
+                                 "per-embedding losses; this loss runs with the MeanReducer "
+                                 "(its value is already the mean over the embeddings)")
+
+
+class AffinityLoss(_PrototypeLoss):
+    """The affinity loss as a PML loss; the arguments are those of
+    ``confusion_kernels.AffinityLoss`` (its prototypes are this module's ``prototypes``)."""
+
+    NAME = "pml.AffinityLoss"
+
+    def __init__(self, num_classes: int, embedding_dim: int, num_centers: int = 1, **kwargs):
+        pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
+                                                 "embedding_reg_weight", "distance")
+                      if k in kwargs}
+        _refuse_distance(self.NAME, pml_kwargs)
+        super().__init__(**pml_kwargs)
+        self.core = _affinity.AffinityLoss(num_classes, embedding_dim, num_centers, **kwargs)
+
+    @property
+    def prototypes(self) -> torch.nn.Parameter:
+        return self.core.prototypes
+
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.core.predict(embeddings)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        self._refuse_pairs(embeddings, labels, indices_tuple, ref_emb)
+        return {"loss": _already_reduced(self.core(embeddings, labels))}
+
+
+class NCentroidsLoss(_PrototypeLoss):
+    """The N-Centroids loss as a PML loss; the arguments are those of
+    ``confusion_kernels.NCentroidsLoss`` (its EMA centroids move in training mode, as there)."""
+
+    NAME = "pml.NCentroidsLoss"
+
+    def __init__(self, num_classes: int, embedding_dim: int, **kwargs):
+        pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
+                                                 "embedding_reg_weight", "distance")
+                      if k in kwargs}
+        _refuse_distance(self.NAME, pml_kwargs)
+        super().__init__(**pml_kwargs)
+        self.core = _n_centroids.NCentroidsLoss(num_classes, embedding_dim, **kwargs)
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.core.centroids
+
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.core.predict(embeddings)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        self._refuse_pairs(embeddings, labels, indices_tuple, ref_emb)
+        return {"loss": _already_reduced(self.core(embeddings, labels))}
