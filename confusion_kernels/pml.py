@@ -23,8 +23,10 @@ them. Reducers that drop losses by sign or threshold (``AvgNonZeroReducer``,
 A PML ``distance=`` is refused too: ``metric=`` chooses the distance the kernels fuse.
 
 **AffinityLoss / NCentroidsLoss** compare embeddings with learned prototypes / EMA centroids,
-not with each other: ``indices_tuple`` and ``ref_emb`` do not apply and are refused. They run
-with the mean reducer (the loss is already a mean over the embeddings).
+not with each other: ``indices_tuple`` and ``ref_emb`` do not apply and are refused. With the
+mean reducer they run fused (the loss is already a mean over the embeddings); NCentroidsLoss
+hands PML's other reducers its per-embedding losses (``reduction="none"``), AffinityLoss
+refuses them (its per-embedding hinge is not exposed yet).
 
 docs/pml.md compares these with our own ``memory=`` and ``global_batch=True``.
 """
@@ -118,6 +120,10 @@ class ASLoss(BaseMetricLossFunction):
                  check_finite: bool | None = None, global_batch: bool = False, group=None,
                  memory=None, **kwargs) -> None:
         _refuse_distance("pml.ASLoss", kwargs)
+        if reduction == "none":
+            raise ValueError("pml.ASLoss: reduction='none': in PML the reducer decides (pass "
+                             "reducer=DoNothingReducer() with a miner's pairs for per-pair "
+                             "losses, or use confusion_kernels.as_loss(reduction='none'))")
         if reduction not in REDUCTIONS:
             raise ValueError(f"pml.ASLoss: unknown reduction {reduction!r}; expected one of "
                              f"{REDUCTIONS}")
@@ -252,6 +258,8 @@ class _PrototypeLoss(BaseMetricLossFunction):
 
     NAME = ""
 
+    PER_ROW = False  # whether the loss gives per-embedding losses to PML's other reducers
+
     def _refuse_pairs(self, embeddings, labels, indices_tuple, ref_emb) -> None:
         if indices_tuple is not None:
             raise ValueError(f"{self.NAME}: indices_tuple does not apply: the loss compares "
@@ -261,7 +269,7 @@ class _PrototypeLoss(BaseMetricLossFunction):
                              "embedding with its class's representatives")
         _check_labels(self.NAME, labels, embeddings.shape[0])
         for reducer in _reducers(self):
-            if type(reducer) is not MeanReducer:
+            if type(reducer) is not MeanReducer and not self.PER_ROW:
                 raise ValueError(f"{self.NAME}: reducer={type(reducer).__name__}() needs "
                                  "per-embedding losses; this loss runs with the MeanReducer "
                                  "(its value is already the mean over the embeddings)")
@@ -298,6 +306,7 @@ class NCentroidsLoss(_PrototypeLoss):
     ``confusion_kernels.NCentroidsLoss`` (its EMA centroids move in training mode, as there)."""
 
     NAME = "pml.NCentroidsLoss"
+    PER_ROW = True
 
     def __init__(self, num_classes: int, embedding_dim: int, **kwargs):
         pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
@@ -316,4 +325,13 @@ class NCentroidsLoss(_PrototypeLoss):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._refuse_pairs(embeddings, labels, indices_tuple, ref_emb)
-        return {"loss": _already_reduced(self.core(embeddings, labels))}
+        if all(type(r) is MeanReducer for r in _reducers(self)):
+            return {"loss": _already_reduced(self.core(embeddings, labels))}
+        core = self.core  # per-embedding losses L_i for the other reducers, then the EMA step
+        rows = _n_centroids.n_centroids_loss(embeddings, labels, core.centroids,
+                                             metric=core.metric, use_negatives=core.use_negatives,
+                                             backend=core.backend, reduction="none")
+        if core.training:
+            core._ema_step(embeddings, labels)
+        return {"loss": {"losses": rows, "reduction_type": "element",
+                         "indices": torch.arange(rows.shape[0], device=rows.device)}}

@@ -102,3 +102,51 @@ def test_low_precision_terms_are_float32():
     ref = ck.reference.as_loss_terms(x.double(), labels)
     for a, b in zip(terms, ref):
         assert_rel(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + KERNEL_BACKENDS)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "manhattan"])
+@pytest.mark.parametrize("n,d", [(1, 3), (17, 4), (29, 12)])
+def test_reduction_none_gives_per_sample_contributions(backend, metric, n, d):
+    """reduction="none": c_i = l_in S_in[i] / n_in - l_out S_out[i] / n_out + l_b r_i / N,
+    written here from the distance matrix; they sum to the pair_mean loss, value and
+    gradient (ragged N, a duplicate, a class of one row)."""
+    from confusion_kernels.reference.pairwise import pairwise_distances
+
+    device = require_backend(backend) if backend != "reference" else torch.device("cpu")
+    x, labels = make_batch(n, d, 4, seed=n + d, device=device)
+    if n > 2:
+        labels[-2] = 9  # a class of one row
+    x.requires_grad_(True)
+    lam = dict(lambda_inner=0.7, lambda_outer=0.4, lambda_boundary=0.2)
+    got = ck.as_loss(x, labels, metric=metric, reduction="none", backend=backend, **lam)
+    dist = pairwise_distances(x.detach(), metric=metric)
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    other = labels[:, None] != labels[None, :]
+    n_in, n_out = same.sum().clamp_min(1), other.sum().clamp_min(1)
+    radial = (torch.linalg.vector_norm(x.detach(), dim=1) - 10.0).square()
+    want = (0.7 * (dist * same).sum(1) / n_in - 0.4 * (dist * other).sum(1) / n_out
+            + 0.2 * radial / n)
+    assert got.shape == (n,)
+    assert_rel(got, want, 1e-10, "per-sample contributions")
+    total = ck.as_loss(x, labels, metric=metric, backend=backend, **lam)
+    (g_none,) = torch.autograd.grad(got.sum(), x)
+    (g_mean,) = torch.autograd.grad(total, x)
+    assert_rel(got.sum(), total, 1e-10, "sum of the contributions")
+    assert_rel(g_none, g_mean, 1e-9, "gradient")
+    module = ck.ASLoss(metric, reduction="none", backend=backend, **lam)
+    assert_rel(module(x, labels), got, 1e-12, "module")
+
+
+def test_reduction_none_with_a_memory():
+    x, labels = make_batch(11, 5, 3, seed=4)
+    memory = ck.CrossBatchMemory(20, 5, dtype=torch.float64)
+    memory.enqueue(*make_batch(9, 5, 3, seed=5))
+    got = ck.as_loss_terms(x, labels, reduction="none", memory=memory, backend="reference")
+    want = ck.as_loss_terms(x, labels, memory=memory, backend="reference")
+    for a, b in zip(got, want):
+        assert a.shape == (11,)
+        assert_rel(a.sum(), b, 1e-12, "memory terms")
+    with pytest.raises(ValueError, match="unknown reduction 'mean'"):
+        ck.as_loss(x, labels, reduction="mean")

@@ -61,6 +61,15 @@ def as_loss_with_grad(z: torch.Tensor, labels: torch.Tensor, case, **kwargs):
     return loss.detach(), z.grad
 
 
+def per_sample_with_grad(z: torch.Tensor, labels: torch.Tensor, **kwargs):
+    """(per-sample ASLoss contributions, d(their sum)/dz) with reduction="none"."""
+    z = z.detach().clone().requires_grad_(True)
+    values = ck.as_loss(z, labels, metric="cosine", lambda_inner=0.7, lambda_outer=0.4,
+                        lambda_boundary=0.1, constraint=2.0, reduction="none", **kwargs)
+    values.sum().backward()
+    return values.detach(), z.grad
+
+
 def pml_wrapper_loss(rank: int, world: int):
     """(loss, dloss/dz) of pml.ASLoss inside PML's DistributedLossWrapper on this rank's equal
     share of the first 30 rows (PML's all_gather needs equal shares), or None without PML."""
@@ -98,7 +107,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save({"centroids": centroids, "counts": stats.counts, "mean": stats.mean,
                     "m2": stats.m2, "as_loss": as_losses,
                     "again": (again.counts, again.mean, again.m2),
-                    "pml_wrapper": pml_wrapper_loss(rank, world)},
+                    "pml_wrapper": pml_wrapper_loss(rank, world),
+                    "per_sample": per_sample_with_grad(z[lo:hi], labels[lo:hi],
+                                                       global_batch=True)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank has saved its results
     except BaseException:
@@ -170,6 +181,19 @@ def test_global_as_loss_equals_one_process(ranks, case):
     lo, hi = SLICES[world][0]
     local, _ = as_loss_with_grad(z[lo:hi], labels[lo:hi], case)
     assert not torch.allclose(local, loss)
+
+
+def test_global_per_sample_contributions_are_this_ranks_rows(ranks):
+    """reduction="none" with global_batch: each rank gets its rows' contributions to the
+    global loss (together: one process's vector) and its rows of the gradient of their sum."""
+    world, results = ranks
+    z, labels = global_batch()
+    values, grad = per_sample_with_grad(z, labels)
+    for r, res in enumerate(results):
+        lo, hi = SLICES[world][r]
+        rank_values, rank_grad = res["per_sample"]
+        assert_rel(rank_values, values[lo:hi], 1e-9, f"rank {r} contributions")
+        assert_rel(rank_grad, grad[lo:hi], 1e-9, f"rank {r} gradient")
 
 
 def test_pml_distributed_wrapper_is_world_size_times_our_global_batch(ranks):

@@ -219,3 +219,44 @@ def test_inference_methods_name_what_does_not_fit():
         module.confidence(torch.randn(2, 4), log_sigma=0.5)
     with pytest.raises(ValueError, match="on meta"):
         module.confidence(torch.randn(2, 4), kappa=torch.ones(2, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("metric", ["great_circle", "euclidean", "cosine"])
+def test_reduction_none_sum_and_mean(backend, metric):
+    """reduction="none" gives L_i [N] (written here from the distance matrix), whose mean is
+    the loss and whose sum is reduction="sum", with the same gradient; the module takes it."""
+    from conftest import assert_rel, require_backend
+
+    device = torch.device("cpu") if backend == "reference" else require_backend(
+        backend, "n_centroids_rows")
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(37, 5, generator=g, dtype=torch.float64).to(device)
+    z[5] = z[0]  # a duplicate
+    labels = torch.randint(0, 4, (37,), generator=g).to(device)
+    c = torch.nn.functional.normalize(torch.randn(4, 5, generator=g, dtype=torch.float64),
+                                      dim=1).to(device)
+    z.requires_grad_(True)
+    rows = ck.n_centroids_loss(z, labels, c, metric=metric, reduction="none", backend=backend)
+    d = ncl.sphere_distances(ncl.normalize(z.detach()), c, metric)
+    own = d[torch.arange(37), labels]
+    others = d.masked_fill(torch.nn.functional.one_hot(labels, 4).bool(), float("inf"))
+    mean_neg = (d.sum(1) - own) / 3
+    want = own - others.min(1).values - mean_neg
+    assert rows.shape == (37,)
+    assert_rel(rows, want, 1e-10, "rows")
+    mean = ck.n_centroids_loss(z, labels, c, metric=metric, backend=backend)
+    total = ck.n_centroids_loss(z, labels, c, metric=metric, reduction="sum", backend=backend)
+    assert_rel(rows.mean(), mean, 1e-12, "mean")
+    assert_rel(total, 37 * mean, 1e-12, "sum")
+    (g_rows,) = torch.autograd.grad(rows.sum(), z)
+    (g_sum,) = torch.autograd.grad(total, z)
+    assert_rel(g_rows, g_sum, 1e-9, "gradient")
+    module = ck.NCentroidsLoss(4, 5, metric=metric, reduction="none", backend=backend).double()
+    module.centroids = c.clone()
+    module.to(device)
+    assert_rel(module.eval()(z, labels), rows, 1e-12, "module")
+    with pytest.raises(ValueError, match="unknown reduction 'pair_mean'"):
+        ck.n_centroids_loss(z, labels, c, reduction="pair_mean")
+    with pytest.raises(ValueError, match="unknown reduction 'avg'"):
+        ck.NCentroidsLoss(4, 5, reduction="avg")

@@ -156,6 +156,8 @@ def test_what_cannot_be_fused_is_refused_by_name():
         pml.ASLoss(reducer=reducers.SumReducer())(x, y)
     with pytest.raises(ValueError, match="unknown metric 'chebyshev'"):
         pml.ASLoss("chebyshev")
+    with pytest.raises(ValueError, match="reduction='none': in PML the reducer decides"):
+        pml.ASLoss(reduction="none")
     a1, p, a2, n = lmu.get_all_pairs_indices(y)
     with pytest.raises(ValueError, match=r"indices_tuple\[1\] indexes outside the 23 reference"):
         pml.ASLoss()(x, y, (a1, p + 100, a2, n))
@@ -248,3 +250,18 @@ def test_affinity_and_n_centroids_match_ours_and_refuse_pairs():
 
     with pytest.raises(ValueError, match="cannot be fused"):
         pml.NCentroidsLoss(4, 6, distance=distances.LpDistance())
+
+
+def test_n_centroids_gives_per_embedding_losses_to_other_reducers():
+    x, y = _batch(seed=11)
+    y = y.clamp_max(3)
+    z = x.detach().clone().requires_grad_(True)
+    summed = pml.NCentroidsLoss(4, 6, reducer=reducers.SumReducer()).double()
+    ours = ck.NCentroidsLoss(4, 6).double()
+    got = summed(z, y)
+    want = ck.n_centroids_loss(z, y, ours.centroids, reduction="sum")
+    assert_rel(got, want, 1e-12, "sum")
+    ours(z.detach(), y)  # the EMA step of the same batch
+    assert torch.allclose(summed.centroids, ours.centroids)
+    out = pml.NCentroidsLoss(4, 6, reducer=reducers.DoNothingReducer()).double().eval()(z, y)
+    assert out["loss"]["losses"].shape == (23,) and out["loss"]["reduction_type"] == "element"

@@ -6,7 +6,10 @@
     ASLoss   = lambda_inner * inner - lambda_outer * outer + lambda_boundary * boundary
 
 ``reduction="class_mean"`` averages per class first, so every class weighs the
-same whatever its size. Memory is O(N*D): S_in / S_out are per-row sums.
+same whatever its size. ``reduction="none"``: per-sample contributions of the pair_mean
+loss, c_i = lambda_inner * S_in[i] / n_in - lambda_outer * S_out[i] / n_out
++ lambda_boundary * (|x_i| - R)^2 / N, [N], which sum to it (a pair's distance is shared
+by its two rows). Memory is O(N*D): S_in / S_out are per-row sums.
 
 ``global_batch=True`` evaluates the loss of the batch of all ranks of a process
 group: each rank's rows against the gathered rows of every rank (the rectangular
@@ -41,7 +44,7 @@ from .memory import CrossBatchMemory
 # the public API; radial_terms, term_weights and class_sizes are helpers of the benchmarks
 __all__ = ["ASLoss", "as_loss", "as_loss_terms"]
 
-REDUCTIONS = ("pair_mean", "class_mean")
+REDUCTIONS = ("pair_mean", "class_mean", "none")
 
 
 def _safe_ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,7 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
     per_row_out = ref_labels.shape[0] - columns
     weights = []
     for per_row in (per_row_in, per_row_out):
-        if reduction == "pair_mean":
+        if reduction in ("pair_mean", "none"):
             w = _safe_ratio(torch.ones_like(size), per_row.sum())
         else:
             pairs = size * per_row  # P_c
@@ -103,7 +106,9 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
                   group=None, memory: CrossBatchMemory | None = None) -> ASLossTerms:
     """The three ASLoss terms (inner, outer, boundary) of embeddings x [N, D].
 
-    Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype).
+    Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype); with
+    ``reduction="none"`` an [N] tensor of per-sample contributions that sum to the
+    ``pair_mean`` term (w_in[i] S_in[i], w_out[i] S_out[i], (|x_i| - R)^2 / N).
     ``inner`` is 0 when no class has two samples, ``outer`` 0 for a single class.
     When a gradient is needed and the backend has it (cpu and cuda: euclidean
     and sqeuclidean with D > 8, cosine; triton: euclidean, sqeuclidean, cosine),
@@ -158,15 +163,25 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
     if memory is not None:
         return _memory_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
                              backend, check_finite, memory)
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    per_sample = reduction == "none"  # needs the row sums: never the one pass
+    needs_grad = torch.is_grad_enabled() and x.requires_grad and not per_sample
     chosen = route("as_loss_terms", x, backend, metric=name, needs_grad=needs_grad)
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc)
     if chosen.algorithm == "one_pass":
         inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen.backend)
-    else:
-        s_in, s_out = checked_row_sums(x, labels, name, chosen)
-        inner, outer = (w_in * s_in).sum(), (w_out * s_out).sum()
-    return ASLossTerms(inner, outer, radial_terms(x, constraint, acc).mean())
+        return ASLossTerms(inner, outer, radial_terms(x, constraint, acc).mean())
+    s_in, s_out = checked_row_sums(x, labels, name, chosen)
+    return _reduce_terms(w_in * s_in, w_out * s_out, radial_terms(x, constraint, acc) / x.shape[0],
+                         per_sample)
+
+
+def _reduce_terms(inner: torch.Tensor, outer: torch.Tensor, boundary: torch.Tensor,
+                  per_sample: bool) -> ASLossTerms:
+    """The terms from their per-sample contributions: the vectors (reduction="none"), or
+    their sums."""
+    if per_sample:
+        return ASLossTerms(inner, outer, boundary)
+    return ASLossTerms(inner.sum(), outer.sum(), boundary.sum())
 
 
 def _check_terms_inputs(x, labels, metric: str, reduction: str, dim_mean: bool,
@@ -202,8 +217,8 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc, ref_labels)
     s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref, ref_labels=ref_labels,
                                    self_offset=0)
-    return ASLossTerms((w_in * s_in).sum(), (w_out * s_out).sum(),
-                       radial_terms(x, constraint, acc).mean())
+    return _reduce_terms(w_in * s_in, w_out * s_out, radial_terms(x, constraint, acc) / x.shape[0],
+                         reduction == "none")
 
 
 def _check_memory(memory, where: str | None) -> None:
@@ -251,6 +266,16 @@ def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
         check_all_finite(ref.detach(), "x (of some rank of the global batch)")
     acc = output_dtype(x.dtype)
     n = x.shape[0]
+    if reduction == "none":  # this rank's rows' contributions; all ranks' sum to the loss
+        if n == 0:  # (tied to the gathered rows, so that backward joins the all-reduce)
+            empty = ref.new_zeros(0, dtype=acc) + 0.0 * ref.to(acc).sum()
+            return ASLossTerms(empty, empty, empty)
+        w_in, w_out = (w[offset:offset + n] for w in
+                       term_weights(ref_labels, reduction, include_self, dim_scale, acc))
+        s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref,
+                                       ref_labels=ref_labels, self_offset=offset)
+        return ASLossTerms(w_in * s_in, w_out * s_out,
+                           radial_terms(x, constraint, acc) / ref.shape[0])
     if n == 0:
         # no rows here: zero shares, which still depend on the gathered rows, so that this
         # rank's backward joins the all-reduce of _GatherRows that the other ranks run

@@ -38,8 +38,9 @@ from .._validation import (
     names_errors,
     output_dtype,
     poison_all,
+    poison_rows,
 )
-from ..ops.n_centroids_rows import n_centroids_sum
+from ..ops.n_centroids_rows import n_centroids_rows, n_centroids_sum
 from ..reference import n_centroids as _reference
 from .confidence import _per_sample, gaussian_nll, vmf_nll
 
@@ -63,6 +64,7 @@ class Confidence(NamedTuple):
     log_likelihood: torch.Tensor | None
 
 _OP = "n_centroids_rows"
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_metric(metric: str) -> None:
@@ -72,9 +74,11 @@ def _check_metric(metric: str) -> None:
 
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
                   metric: str, backend: str, check_finite: bool | None = None,
-                  allow_empty: bool = False) -> tuple[torch.Tensor, str]:
+                  allow_empty: bool = False, reduction: str = "mean") -> tuple[torch.Tensor, str]:
     """(labels as int64, the route: backend and algorithm) after the checks (``allow_empty``: z
     may have no rows, one rank's part of a global batch)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     check_embeddings(z, "z", check_finite=check_finite, allow_empty=allow_empty)
     _check_metric(metric)
     if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2 \
@@ -86,7 +90,8 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     if centroids.device != z.device:
         raise ValueError(f"centroids are on {centroids.device} but z is on {z.device}")
     labels = check_labels(labels, z.shape[0], z.device)
-    chosen = route(_OP, z, backend, needs_grad=torch.is_grad_enabled() and z.requires_grad)
+    chosen = route(_OP, z, backend, needs_grad=torch.is_grad_enabled() and z.requires_grad
+                   and reduction != "none")  # (per-row losses: the rows algorithm)
     # the kernel ops guard the range themselves; the reference indexes with torch
     check_label_range(labels, centroids.shape[0], " (one centroid per class)",
                       host=True if chosen.backend == "reference" else None)
@@ -97,24 +102,28 @@ def _check_inputs(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
 @autocast_off
 def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
                      metric: str = "great_circle", use_negatives: bool = True,
-                     backend: str = "auto", check_finite: bool | None = None) -> torch.Tensor:
+                     backend: str = "auto", check_finite: bool | None = None,
+                     reduction: str = "mean") -> torch.Tensor:
     """The N-Centroids loss of embeddings z [N, D] (normalised here) against unit centroids
     [K, D] (no gradient flows into them). Labels must lie in [0, K); K >= 2 with negatives.
 
     ``check_finite``: scan z for NaN/Inf and raise ValueError (True), or not (False); None
     scans where that needs no host synchronisation (CPU tensors), as the other losses do.
     Non-finite z that is not scanned gives a NaN loss.
-    Returns a scalar in z's dtype (float32 for 16-bit inputs).
+    ``reduction``: "mean" (the loss), "sum", or "none" (the per-row losses L_i [N], which the
+    mean averages; NaN in the rows that are not finite or whose label is out of range).
+    Returns a scalar ([N] for "none") in z's dtype (float32 for 16-bit inputs).
     """
-    labels, chosen = _check_inputs(z, labels, centroids, metric, backend, check_finite)
+    labels, chosen = _check_inputs(z, labels, centroids, metric, backend, check_finite,
+                                   reduction=reduction)
     if use_negatives and centroids.shape[0] < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
-    return _checked_loss(z, labels, centroids, metric, use_negatives, chosen)
+    return _checked_loss(z, labels, centroids, metric, use_negatives, chosen, reduction)
 
 
 @autocast_off
 def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, metric: str,
-                  use_negatives: bool, chosen: Route) -> torch.Tensor:
+                  use_negatives: bool, chosen: Route, reduction: str = "mean") -> torch.Tensor:
     """n_centroids_loss on inputs its caller has checked (``_check_inputs``), on ``chosen``."""
     # (backward may need the centroids: autograd saves them on the reference and triton
     # backends; NCentroidsLoss's EMA step therefore replaces its buffer, never writes into it)
@@ -123,6 +132,15 @@ def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     # by a power of two first (fp32 rows of norm 1e19 became zero vectors)
     z = rescale_large_rows(z)
     out, work = output_dtype(z.dtype), accumulation_dtype(z.dtype)
+    if reduction == "none":
+        if chosen.backend == "reference":
+            index, bad = compiled_index(labels, centroids.shape[0])
+            rows = poison_rows(_reference_rows_in_chunks(z.to(work), index, centroids.to(work),
+                                                         metric, use_negatives), bad)
+        else:
+            rows = n_centroids_rows(z, labels, centroids, metric=metric,
+                                    use_negatives=use_negatives, backend=chosen.backend)
+        return rows.to(out)
     if chosen.backend == "reference":
         index, bad = compiled_index(labels, centroids.shape[0])
         loss = poison_all(_reference_in_row_chunks(z.to(work), index, centroids.to(work), metric,
@@ -130,7 +148,7 @@ def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     else:
         loss = n_centroids_sum(z, labels, centroids, metric=metric,
                                use_negatives=use_negatives, route=chosen) / z.shape[0]
-    return loss.to(out)
+    return (loss * z.shape[0] if reduction == "sum" else loss).to(out)
 
 
 # At most this many N x K x D difference entries are formed at a time (128 MiB in fp64).
@@ -156,6 +174,23 @@ def _reference_in_row_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: t
                                                   use_reentrant=False)
                 for i in range(0, n, rows))
     return total / n
+
+
+def _reference_rows_in_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                              metric: str, use_negatives: bool) -> torch.Tensor:
+    """The reference's per-row losses [N] over row chunks (each recomputed in the backward),
+    O(chunk x K x D + N D) memory."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, centroids.shape[0] * z.shape[1]))
+
+    def chunk(zc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        return _reference.n_centroids_rows(zc, yc, centroids, metric=metric,
+                                           use_negatives=use_negatives)
+
+    if rows >= z.shape[0]:
+        return chunk(z, labels)
+    return torch.cat([torch.utils.checkpoint.checkpoint(chunk, z[i:i + rows], labels[i:i + rows],
+                                                        use_reentrant=False)
+                      for i in range(0, z.shape[0], rows)])
 
 
 @torch.no_grad()
@@ -222,6 +257,8 @@ class NCentroidsLoss(nn.Module):
             different seeds start from the same ones.
         group: the process group for global_batch (None: the default group).
         backend: as for every op ("auto": cuda > triton > cpu > reference for the device).
+        reduction: "mean" (default), "sum", or "none": the per-row losses L_i [N] (this
+            rank's rows under global_batch), as ``n_centroids_loss``.
     """
 
     centroids: torch.Tensor
@@ -230,8 +267,11 @@ class NCentroidsLoss(nn.Module):
     def __init__(self, num_classes: int, embedding_dim: int, metric: str = "great_circle",
                  alpha0: float = 0.25, decay: float = 0.65, *, use_negatives: bool = True,
                  seed: int = 0, backend: str = "auto", global_batch: bool = False,
-                 group=None) -> None:
+                 group=None, reduction: str = "mean") -> None:
         super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+        self.reduction = reduction
         if num_classes < 1 or embedding_dim < 1:
             raise ValueError("num_classes and embedding_dim must be >= 1")
         if use_negatives and num_classes < 2:
@@ -261,7 +301,8 @@ class NCentroidsLoss(nn.Module):
         if self.global_batch:
             return self._global_forward(z, labels)
         loss = n_centroids_loss(z, labels, self.centroids, metric=self.metric,
-                                use_negatives=self.use_negatives, backend=self.backend)
+                                use_negatives=self.use_negatives, backend=self.backend,
+                                reduction=self.reduction)
         if self.training:
             self._ema_step(z, labels)
         return loss
@@ -277,7 +318,7 @@ class NCentroidsLoss(nn.Module):
         error = None
         try:
             labels, chosen = _check_inputs(z, labels, self.centroids, self.metric, self.backend,
-                                           allow_empty=True)
+                                           allow_empty=True, reduction=self.reduction)
         except (ValueError, TypeError, RuntimeError) as exc:
             error = exc
         c = self.centroids
@@ -291,11 +332,11 @@ class NCentroidsLoss(nn.Module):
             first = dist.get_global_rank(self.group, 0) if self.group is not None else 0
             dist.broadcast(self.centroids, src=first, group=self.group)
             self._centroids_broadcast = True
-        if z.shape[0] == 0:  # nothing here: 0, still a function of z (empty gradient)
-            loss = z.to(output_dtype(z.dtype)).sum()
+        if z.shape[0] == 0:  # nothing here: 0 (no rows), still a function of z (empty gradient)
+            loss = z.to(output_dtype(z.dtype)).sum(1 if self.reduction == "none" else None)
         else:  # checked above: not again
             loss = _checked_loss(z, labels, self.centroids, self.metric, self.use_negatives,
-                                 chosen)
+                                 chosen, self.reduction)
         if self.training:
             self._ema_step(z, labels)
         return loss

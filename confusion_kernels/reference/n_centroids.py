@@ -42,21 +42,29 @@ def sphere_distances(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> t
     raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
 
 
-def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
+def n_centroids_rows(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
                      metric: str = "great_circle", use_negatives: bool = True) -> torch.Tensor:
-    """mean_i [d(c_{y_i}, x_i) - g (min_{k != y_i} d(c_k, x_i) + mean_{k != y_i} d(c_k, x_i))]."""
+    """L_i = d(c_{y_i}, x_i) - g (min_{k != y_i} d(c_k, x_i) + mean_{k != y_i} d(c_k, x_i)),
+    [N] (g = 1 with negatives, else 0)."""
     x = normalize(z)
     d = sphere_distances(x, centroids.to(x.dtype), metric)
     own = d.gather(1, labels[:, None])[:, 0]
     if not use_negatives:
-        return own.mean()
+        return own
     k = d.shape[1]
     if k < 2:
         raise ValueError("negatives need at least 2 centroids (K >= 2)")
     is_own = torch.zeros_like(d, dtype=torch.bool).scatter_(1, labels[:, None], True)
     hardest = d.masked_fill(is_own, float("inf")).min(1).values
     mean_negative = d.masked_fill(is_own, 0.0).sum(1) / (k - 1)
-    return (own - hardest - mean_negative).mean()
+    return own - hardest - mean_negative
+
+
+def n_centroids_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, *,
+                     metric: str = "great_circle", use_negatives: bool = True) -> torch.Tensor:
+    """mean_i [d(c_{y_i}, x_i) - g (min_{k != y_i} d(c_k, x_i) + mean_{k != y_i} d(c_k, x_i))]."""
+    return n_centroids_rows(z, labels, centroids, metric=metric,
+                            use_negatives=use_negatives).mean()
 
 
 def ema_alpha(step: int | torch.Tensor, alpha0: float = 0.25,
