@@ -70,6 +70,20 @@ def per_sample_with_grad(z: torch.Tensor, labels: torch.Tensor, **kwargs):
     return values.detach(), z.grad
 
 
+def memory_steps(z: torch.Tensor, labels: torch.Tensor, **kwargs):
+    """Two training steps of ASLoss with a memory (the second batch meets the first one's
+    rows): (second loss, its dloss/dz)."""
+    criterion = ck.ASLoss("euclidean", lambda_inner=0.7, lambda_outer=0.4, lambda_boundary=0.1,
+                          constraint=2.0, memory=ck.CrossBatchMemory(50, DIM,
+                                                                     dtype=torch.float64),
+                          **kwargs)
+    criterion(z, labels)
+    z2 = (z + 0.5).detach().clone().requires_grad_(True)
+    loss = criterion(z2, labels)
+    loss.backward()
+    return loss.detach(), z2.grad
+
+
 def pml_wrapper_loss(rank: int, world: int):
     """(loss, dloss/dz) of pml.ASLoss inside PML's DistributedLossWrapper on this rank's equal
     share of the first 30 rows (PML's all_gather needs equal shares), or None without PML."""
@@ -109,7 +123,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     "again": (again.counts, again.mean, again.m2),
                     "pml_wrapper": pml_wrapper_loss(rank, world),
                     "per_sample": per_sample_with_grad(z[lo:hi], labels[lo:hi],
-                                                       global_batch=True)},
+                                                       global_batch=True),
+                    "memory": memory_steps(z[lo:hi], labels[lo:hi], global_batch=True),
+                    "ddp": as_loss_with_grad(z[lo:hi], labels[lo:hi], AS_LOSS_CASES[1],
+                                             global_batch=True, ddp_gradient=True)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank has saved its results
     except BaseException:
@@ -194,6 +211,30 @@ def test_global_per_sample_contributions_are_this_ranks_rows(ranks):
         rank_values, rank_grad = res["per_sample"]
         assert_rel(rank_values, values[lo:hi], 1e-9, f"rank {r} contributions")
         assert_rel(rank_grad, grad[lo:hi], 1e-9, f"rank {r} gradient")
+
+
+def test_global_batch_with_a_memory_equals_one_process(ranks):
+    """global_batch and memory together: the columns are the global batch and the memory,
+    which every rank fills with the gathered global batch: each rank's loss is that of one
+    process with a memory, and its gradient that process's rows."""
+    world, results = ranks
+    z, labels = global_batch()
+    loss, grad = memory_steps(z, labels)
+    for r, res in enumerate(results):
+        lo, hi = SLICES[world][r]
+        assert_rel(res["memory"][0], loss, 1e-9, f"rank {r} loss")
+        assert_rel(res["memory"][1], grad[lo:hi], 1e-9, f"rank {r} gradient")
+    assert not torch.allclose(loss, as_loss_with_grad(z + 0.5, labels, AS_LOSS_CASES[0])[0])
+
+
+def test_ddp_gradient_keeps_the_value_and_scales_the_gradient(ranks):
+    world, results = ranks
+    z, labels = global_batch()
+    loss, grad = as_loss_with_grad(z, labels, AS_LOSS_CASES[1])
+    for r, res in enumerate(results):
+        lo, hi = SLICES[world][r]
+        assert_rel(res["ddp"][0], loss, 1e-9, f"rank {r} loss")
+        assert_rel(res["ddp"][1], world * grad[lo:hi], 1e-9, f"rank {r} gradient")
 
 
 def test_pml_distributed_wrapper_is_world_size_times_our_global_batch(ranks):

@@ -121,8 +121,10 @@ def test_module_enqueues_in_training_only():
     assert memory.filled == 11
     with pytest.raises(ValueError, match="one representation"):
         criterion([x, x], labels)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        ck.ASLoss(memory=memory, global_batch=True)
+    with pytest.raises(ValueError, match="ddp_gradient=True needs global_batch=True"):
+        ck.ASLoss(memory=memory, ddp_gradient=True)
+    with pytest.raises(ValueError, match="ddp_gradient=True scales the gradient of a global"):
+        ck.as_loss(x, labels, ddp_gradient=True)
     with pytest.raises(ValueError, match="4-D rows"):
         ck.as_loss_terms(torch.randn(3, 5, dtype=torch.float64), labels[:3], memory=memory)
 

@@ -103,7 +103,8 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
                   constraint: float = 10.0, include_self: bool = False,
                   reduction: str = "pair_mean", dim_mean: bool = False, backend: str = "auto",
                   check_finite: bool | None = None, global_batch: bool = False,
-                  group=None, memory: CrossBatchMemory | None = None) -> ASLossTerms:
+                  group=None, memory: CrossBatchMemory | None = None,
+                  ddp_gradient: bool = False) -> ASLossTerms:
     """The three ASLoss terms (inner, outer, boundary) of embeddings x [N, D].
 
     Each term is a 0-d tensor (float32 for fp16/bf16 inputs, else x's dtype); with
@@ -122,7 +123,12 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     same values, and backward (which every rank must run) leaves in x.grad exactly this
     rank's rows of the gradient of the global loss. Under DistributedDataParallel, which
     averages parameter gradients over the W ranks, multiply the loss by W to get the
-    single-process gradient of the global batch.
+    single-process gradient of the global batch, or pass ``ddp_gradient=True``: the terms
+    keep their values and their gradient is multiplied by W, so that DDP's average is the
+    gradient of the global loss (as PML's DistributedLossWrapper does by scaling the value).
+    With ``memory`` as well, the columns are the global batch followed by the memory's rows;
+    every rank must keep the same memory (``ASLoss`` enqueues the gathered global batch),
+    which the ranks check by its size and fill.
 
     With ``memory`` (a :class:`CrossBatchMemory`), the columns are the batch followed by the
     rows stored in the memory (detached): inner and outer average over the pairs (row of x,
@@ -143,20 +149,24 @@ def as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str = "eucli
     return _as_loss_terms(x, labels, metric=metric, constraint=constraint,
                           include_self=include_self, reduction=reduction, dim_mean=dim_mean,
                           backend=backend, check_finite=check_finite, global_batch=global_batch,
-                          group=group, memory=memory)
+                          group=group, memory=memory, ddp_gradient=ddp_gradient)
 
 
 def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constraint: float,
                    include_self: bool, reduction: str, dim_mean: bool, backend: str,
                    check_finite: bool | None, global_batch: bool, group,
-                   memory: CrossBatchMemory | None,
+                   memory: CrossBatchMemory | None, ddp_gradient: bool = False,
                    settings: dict | None = None) -> ASLossTerms:
     """as_loss_terms; ``settings``: the caller's own options that every rank of a global
     batch must share too (as_loss's and ASLoss's λ's and layer weights)."""
     if global_batch:
-        return _checked_global_terms(x, labels, metric, constraint, include_self, reduction,
-                                     dim_mean, backend, check_finite, group, memory,
-                                     settings or {})
+        terms = _checked_global_terms(x, labels, metric, constraint, include_self, reduction,
+                                      dim_mean, backend, check_finite, group, memory,
+                                      dict(settings or {}, ddp_gradient=bool(ddp_gradient)))
+        return _scaled_for_ddp(terms, group) if ddp_gradient else terms
+    if ddp_gradient:
+        raise ValueError("ddp_gradient=True scales the gradient of a global batch: it needs "
+                         "global_batch=True")
     labels, name, _, dim_scale = _check_terms_inputs(x, labels, metric, reduction, dim_mean,
                                                      check_finite)
     acc = output_dtype(x.dtype)
@@ -221,6 +231,16 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
                          reduction == "none")
 
 
+def _scaled_for_ddp(terms: ASLossTerms, group) -> ASLossTerms:
+    """The terms with their values kept and their gradient times the world size W: under
+    DistributedDataParallel, which averages parameter gradients over the ranks, the average
+    is then the gradient of the global loss."""
+    import torch.distributed as dist
+
+    extra = dist.get_world_size(group) - 1
+    return ASLossTerms(*(t + extra * (t - t.detach()) for t in terms))
+
+
 def _check_memory(memory, where: str | None) -> None:
     if not isinstance(memory, CrossBatchMemory):
         raise TypeError(f"{where + ': ' if where else ''}memory must be a "
@@ -234,10 +254,13 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
     _distributed.require_process_group(what)
     error, name, chosen, scan, dim_scale = None, metric, None, None, 1.0
     try:
-        if memory is not None:
-            raise ValueError("global_batch and memory cannot be combined")
         labels, name, dim_mean, dim_scale = _check_terms_inputs(
             x, labels, metric, reduction, dim_mean, False, allow_empty=True)
+        if memory is not None:
+            _check_memory(memory, None)
+            if memory.embeddings.device != x.device or memory.embeddings.shape[1] != x.shape[1]:
+                raise ValueError(f"the memory holds {memory.embeddings.shape[1]}-D rows on "
+                                 f"{memory.embeddings.device}, x is {x.shape[1]}-D on {x.device}")
         chosen = route("intra_inter_sums_rect", x, backend, metric=name)
         scan = scan_finite(check_finite, x)
     except (ValueError, TypeError, RuntimeError) as exc:
@@ -247,23 +270,33 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
                   constraint=constraint, dim_mean=dim_mean,
                   dtype=str(x.dtype) if ok else None, dim=int(x.shape[1]) if ok else None,
                   device_type=x.device.type if ok else None, nan_scan=scan,
-                  gradient=bool(ok and torch.is_grad_enabled() and x.requires_grad), **settings)
+                  gradient=bool(ok and torch.is_grad_enabled() and x.requires_grad),
+                  memory=None if memory is None else (memory.size, memory.filled,
+                                                      memory.next_row), **settings)
     sizes = _distributed.agree(what, x.shape[0] if ok else 0, agreed, error, group)
     if sum(sizes) == 0:
         raise ValueError(f"{what}: the global batch has no rows (every rank's x has N = 0)")
     return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
-                         chosen, scan, group, sizes)
+                         chosen, scan, group, sizes, memory)
 
 
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
                   include_self: bool, reduction: str, dim_scale: float, chosen: Route,
-                  scan: bool, group, sizes: list[int]) -> ASLossTerms:
+                  scan: bool, group, sizes: list[int],
+                  memory: CrossBatchMemory | None = None) -> ASLossTerms:
     """as_loss_terms of the batch of all ranks: this rank's rows against the gathered rows
     (intra_inter_sums with ref and self_offset), weights from the global label counts, each
     term's per-rank share summed over the ranks (``_distributed.sum_over_ranks``)."""
     ref, ref_labels, offset = _distributed.gather_rows(x, labels, sizes, group)
     if scan:  # on the gathered rows: every rank raises together
         check_all_finite(ref.detach(), "x (of some rank of the global batch)")
+    rows_labels = ref_labels  # the global batch's; the columns may go on with the memory
+    if memory is not None:
+        stored, stored_labels = memory.contents()
+        if scan:
+            check_all_finite(stored, "the memory")
+        ref = torch.cat([ref, stored.to(dtype=ref.dtype)])
+        ref_labels = torch.cat([ref_labels, stored_labels.to(ref_labels.device)])
     acc = output_dtype(x.dtype)
     n = x.shape[0]
     if reduction == "none":  # this rank's rows' contributions; all ranks' sum to the loss
@@ -271,23 +304,25 @@ def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
             empty = ref.new_zeros(0, dtype=acc) + 0.0 * ref.to(acc).sum()
             return ASLossTerms(empty, empty, empty)
         w_in, w_out = (w[offset:offset + n] for w in
-                       term_weights(ref_labels, reduction, include_self, dim_scale, acc))
+                       term_weights(rows_labels, reduction, include_self, dim_scale, acc,
+                                    ref_labels))
         s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref,
                                        ref_labels=ref_labels, self_offset=offset)
         return ASLossTerms(w_in * s_in, w_out * s_out,
-                           radial_terms(x, constraint, acc) / ref.shape[0])
+                           radial_terms(x, constraint, acc) / rows_labels.shape[0])
     if n == 0:
         # no rows here: zero shares, which still depend on the gathered rows, so that this
         # rank's backward joins the all-reduce of _GatherRows that the other ranks run
         shares = ref.new_zeros(3, dtype=acc) + 0.0 * ref.to(acc).sum()
     else:
         w_in, w_out = (w[offset:offset + n] for w in
-                       term_weights(ref_labels, reduction, include_self, dim_scale, acc))
+                       term_weights(rows_labels, reduction, include_self, dim_scale, acc,
+                                    ref_labels))
         s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref,
                                        ref_labels=ref_labels, self_offset=offset)
         radial = radial_terms(x, constraint, acc).sum()
         shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(),
-                              radial / ref.shape[0]])
+                              radial / rows_labels.shape[0]])
     inner, outer, boundary = _distributed.sum_over_ranks(shares, group).unbind()
     return ASLossTerms(inner, outer, boundary)
 
@@ -322,7 +357,9 @@ class ASLoss(nn.Module):
     The paper trains with ``0.5 * cross_entropy + 0.5 * ASLoss``.
     ``global_batch=True``: the loss of the batch of all ranks (see :func:`as_loss_terms`).
     ``memory=CrossBatchMemory(size, D)``: every batch also meets the last ``size`` rows of
-    earlier batches; in training mode each batch is enqueued after its loss is computed.
+    earlier batches; in training mode each batch is enqueued after its loss is computed (with
+    ``global_batch``, the gathered global batch, on every rank).
+    ``ddp_gradient=True`` (with ``global_batch``): the gradient is scaled for DDP's averaging.
     ``last_terms`` holds the terms of the last call (one ASLossTerms per layer).
     """
 
@@ -332,7 +369,7 @@ class ASLoss(nn.Module):
                  reduction: str = "pair_mean", dim_mean: bool = False,
                  layer_weights: Sequence[float] | None = None, backend: str = "auto",
                  check_finite: bool | None = None, global_batch: bool = False, group=None,
-                 memory: CrossBatchMemory | None = None) -> None:
+                 memory: CrossBatchMemory | None = None, ddp_gradient: bool = False) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -351,9 +388,10 @@ class ASLoss(nn.Module):
         self.group = group
         if memory is not None:
             _check_memory(memory, "ASLoss")
-        if memory is not None and global_batch:
-            raise ValueError("ASLoss: global_batch and memory cannot be combined")
+        if ddp_gradient and not global_batch:
+            raise ValueError("ASLoss: ddp_gradient=True needs global_batch=True")
         self.memory = memory
+        self.ddp_gradient = ddp_gradient
         self.last_terms: list[ASLossTerms] = []
 
     @names_errors("ASLoss")
@@ -373,7 +411,8 @@ class ASLoss(nn.Module):
                                include_self=self.include_self, reduction=self.reduction,
                                dim_mean=self.dim_mean, backend=self.backend,
                                check_finite=self.check_finite, global_batch=self.global_batch,
-                               group=self.group, memory=self.memory, settings=dict(
+                               group=self.group, memory=self.memory,
+                               ddp_gradient=self.ddp_gradient, settings=dict(
                                    lambda_inner=self.lambda_inner,
                                    lambda_outer=self.lambda_outer,
                                    lambda_boundary=self.lambda_boundary, layers=len(layers),
@@ -383,7 +422,11 @@ class ASLoss(nn.Module):
                     + self.lambda_boundary * t.boundary)
             total = weight * loss if total is None else total + weight * loss
         if self.memory is not None and self.training:
-            self.memory.enqueue(layers[0], labels)
+            if self.global_batch:  # every rank keeps the same memory: the global batch's rows
+                self.memory.enqueue(*_distributed.gather_all_rows(layers[0], labels,
+                                                                  self.group))
+            else:
+                self.memory.enqueue(layers[0], labels)
         return total
 
     def extra_repr(self) -> str:
