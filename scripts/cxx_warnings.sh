@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Our C++ sources (csrc/ops.cpp, csrc/cpu/*.cpp, and the host side of csrc/cuda/*.cpp where
-# a CUDA toolkit is present) compiled with -Wall -Wextra -Werror, syntax only: torch's and
+# a CUDA toolkit is present; then csrc/cuda/*.cu with nvcc) compiled with -Wall -Wextra
+# -Werror (the .cpp syntax only): torch's and
 # Python's headers are system headers here (-isystem), so what fails is our code, not
 # theirs (the extension's own build passes torch's headers with -I, where they warn).
 #   PYTHON=.venv/bin/python bash scripts/cxx_warnings.sh
@@ -25,4 +26,23 @@ for f in "${files[@]}"; do
   fi
 done
 [ $fail = 0 ] && echo "cxx_warnings: ${#files[@]} sources clean under -Wall -Wextra (-std=$std)"
+# The .cu files: nvcc for one architecture (its front end and the host compiler see the same
+# code for every one), nvcc's own warnings and the host compiler's -Wall -Wextra as errors.
+nvcc=$cuda_home/bin/nvcc
+[ -x "$nvcc" ] || nvcc=$(command -v nvcc || true)
+if [ -n "$nvcc" ] && [ -f "$cuda_home/include/cuda_runtime.h" ] \
+    && $PY -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
+  cu_files=(csrc/cuda/*.cu)
+  out_dir=$(mktemp -d)
+  for f in "${cu_files[@]}"; do
+    if ! out=$("$nvcc" -std=$std -c "$f" -o "$out_dir/$(basename "$f").o" \
+        -gencode arch=compute_90,code=sm_90 --expt-relaxed-constexpr -O3 \
+        -Xcompiler=-fPIC,-Wall,-Wextra -Werror=all-warnings $torch_inc -isystem "$py_inc" \
+        -Icsrc/include -Icsrc/cuda 2>&1); then
+      echo "FAIL $f"; echo "$out" | grep -E "error|warning" | head -20; fail=1
+    fi
+  done
+  rm -rf "$out_dir"
+  [ $fail = 0 ] && echo "cxx_warnings: ${#cu_files[@]} .cu sources clean under nvcc -Werror=all-warnings, -Wall -Wextra"
+fi
 exit $fail

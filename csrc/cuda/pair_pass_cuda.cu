@@ -108,7 +108,9 @@ PairSums pair_pass_with_grad_cuda(const at::Tensor& xa, const at::Tensor& labels
                 at::zeros({n}, r.xs.options()),
                 at::zeros({n}, r.xs.options()),
                 at::zeros_like(r.xs),
-                at::zeros_like(r.xs)};
+                at::zeros_like(r.xs),
+                at::Tensor(),
+                at::Tensor()};
   // the exact pairs' and the eps branch's gradients are w.r.t. the rows: for
   // cosine apart from the unit-row gradient, otherwise the same buffers
   b.gx_in = metric == kCosine ? at::zeros_like(r.xs) : b.g_in;
