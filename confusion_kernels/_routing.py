@@ -18,6 +18,8 @@ one_pass         ASLoss terms: the two weighted sums and their gradient in one p
 sum_with_grad    affinity / N-Centroids training: sum_i L_i and its gradients in one pass
 rows             affinity / N-Centroids: per-row losses, the backward recomputes
 sums             class statistics: per-class shifted sums
+pairwise         diversity regularizer: the P x P squared distances between prototypes
+moments          diversity regularizer: the closed form from moments, O(P D^2)
 ===============  ==========================================================================
 
 Rules (each measured or forced by a kernel's limits; docs/design.md, "Routing"):
@@ -38,6 +40,9 @@ Rules (each measured or forced by a kernel's limits; docs/design.md, "Routing"):
   then a recomputing backward). The two cuda environment variables above do not change it.
 - Affinity and N-Centroids: ``sum_with_grad`` on cpu / cuda when a gradient is needed, else
   ``rows``.
+- The affinity loss's diversity regularizer R(W) over P prototypes of dimension D: ``pairwise``
+  (the P x P squared distances, O(P^2 D)) up to ``PAIRWISE_MAX_PROTOTYPES`` prototypes or
+  while P <= D, else ``moments`` (the closed form, O(P D^2) time, no P x P buffer).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from ._backend import select_backend
 from ._spec import DIRECT_MAX_DIM
 
 GRAM_METRIC_NAMES = frozenset({"euclidean", "sqeuclidean", "cosine"})
+# Above this many prototypes (and P > D) R(W) takes the O(P D^2) moment form.
+PAIRWISE_MAX_PROTOTYPES = 2048
 CUDA_EXACT_ENV = "CONFUSION_KERNELS_CUDA_EXACT"
 CUDA_PAIR_PASS_ENV = "CONFUSION_KERNELS_CUDA_PAIR_PASS"
 # route's ops, and the op whose kernel availability decides the backend for each.
@@ -136,6 +143,13 @@ def per_row_algorithm(backend: str, op: str, needs_grad: bool) -> str:
     fused = {"affinity_hinge": "affinity_hinge_sum_with_grad",
              "n_centroids_rows": "n_centroids_sum_with_grad"}[op]
     return "sum_with_grad" if needs_grad and _has_kernel(fused, backend) else "rows"
+
+
+def diversity_algorithm(num_prototypes: int, dim: int) -> str:
+    """``pairwise`` or ``moments`` for the diversity regularizer of P prototypes in D dims."""
+    if num_prototypes > PAIRWISE_MAX_PROTOTYPES and num_prototypes > dim:
+        return "moments"
+    return "pairwise"
 
 
 def route(op: str, x: torch.Tensor, backend: str = "auto", *, metric: str | None = None,

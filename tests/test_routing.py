@@ -95,6 +95,19 @@ def test_per_row_rules():
             assert _routing.per_row_algorithm("cpu", op, needs_grad=False) == "rows"
 
 
+def test_diversity_rule():
+    assert _routing.diversity_algorithm(2048, 16) == "pairwise"
+    assert _routing.diversity_algorithm(2049, 16) == "moments"
+    assert _routing.diversity_algorithm(4096, 8192) == "pairwise"  # P <= D: pairwise is cheaper
+    g = torch.Generator().manual_seed(1)
+    many = torch.randn(2050, 1, 4, generator=g, dtype=F64)  # P = 2050 > 2048 and > D
+    assert_rel(ck.diversity_regularizer(many), ck.diversity_moments(many), 0, "auto = moments")
+    few = many[:40]
+    from confusion_kernels.losses.affinity import diversity_pairwise
+
+    assert_rel(ck.diversity_regularizer(few), diversity_pairwise(few), 0, "auto = pairwise")
+
+
 def test_route_names_its_ops_and_refuses_others():
     x = torch.randn(5, 3)
     assert ck.route("intra_inter_sums", x, "reference", metric="euclidean") == \

@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-from .._routing import route
+from .._routing import diversity_algorithm, route
 from .._validation import (
     accumulation_dtype,
     autocast_off,
@@ -27,9 +27,6 @@ from .._validation import (
 )
 from ..ops.affinity_hinge import affinity_hinge_sum
 from ..reference import affinity as _reference
-
-# Above this many prototypes (and P > D) R(W) uses the O(P D^2) moment form.
-_PAIRWISE_MAX_PROTOTYPES = 2048
 
 
 def _check_prototypes(prototypes: torch.Tensor, embedding_dim: int | None = None,
@@ -128,8 +125,10 @@ def diversity_regularizer(prototypes: torch.Tensor, *, method: str = "auto") -> 
     _check_prototypes(prototypes)
     if method not in ("auto", "pairwise", "moments"):
         raise ValueError(f"method must be 'auto', 'pairwise' or 'moments', got {method!r}")
-    p, d = prototypes.shape[0] * prototypes.shape[1], prototypes.shape[2]
-    if method == "moments" or (method == "auto" and p > _PAIRWISE_MAX_PROTOTYPES and p > d):
+    if method == "auto":  # the router's rule (_routing.diversity_algorithm)
+        method = diversity_algorithm(prototypes.shape[0] * prototypes.shape[1],
+                                     prototypes.shape[2])
+    if method == "moments":
         return diversity_moments(prototypes)
     return diversity_pairwise(prototypes)
 
