@@ -24,9 +24,10 @@ A PML ``distance=`` is refused too: ``metric=`` chooses the distance the kernels
 
 **AffinityLoss / NCentroidsLoss** compare embeddings with learned prototypes / EMA centroids,
 not with each other: ``indices_tuple`` and ``ref_emb`` do not apply and are refused. With the
-mean reducer they run fused (the loss is already a mean over the embeddings); NCentroidsLoss
-hands PML's other reducers its per-embedding losses (``reduction="none"``), AffinityLoss
-refuses them (its per-embedding hinge is not exposed yet).
+mean reducer they run fused (the loss is already a mean over the embeddings); PML's other
+reducers get the per-embedding losses (``reduction="none"``: NCentroidsLoss's L_i;
+AffinityLoss's hinge L_i, with its diversity regularizer as a second, already reduced
+sub-loss).
 
 docs/pml.md compares these with our own ``memory=`` and ``global_batch=True``.
 """
@@ -258,8 +259,6 @@ class _PrototypeLoss(BaseMetricLossFunction):
 
     NAME = ""
 
-    PER_ROW = False  # whether the loss gives per-embedding losses to PML's other reducers
-
     def _refuse_pairs(self, embeddings, labels, indices_tuple, ref_emb) -> None:
         if indices_tuple is not None:
             raise ValueError(f"{self.NAME}: indices_tuple does not apply: the loss compares "
@@ -268,11 +267,6 @@ class _PrototypeLoss(BaseMetricLossFunction):
             raise ValueError(f"{self.NAME}: ref_emb does not apply: the loss compares each "
                              "embedding with its class's representatives")
         _check_labels(self.NAME, labels, embeddings.shape[0])
-        for reducer in _reducers(self):
-            if type(reducer) is not MeanReducer and not self.PER_ROW:
-                raise ValueError(f"{self.NAME}: reducer={type(reducer).__name__}() needs "
-                                 "per-embedding losses; this loss runs with the MeanReducer "
-                                 "(its value is already the mean over the embeddings)")
 
 
 class AffinityLoss(_PrototypeLoss):
@@ -280,6 +274,9 @@ class AffinityLoss(_PrototypeLoss):
     ``confusion_kernels.AffinityLoss`` (its prototypes are this module's ``prototypes``)."""
 
     NAME = "pml.AffinityLoss"
+
+    def _sub_loss_names(self):
+        return ["loss", "diversity_loss"]
 
     def __init__(self, num_classes: int, embedding_dim: int, num_centers: int = 1, **kwargs):
         pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
@@ -297,8 +294,21 @@ class AffinityLoss(_PrototypeLoss):
         return self.core.predict(embeddings)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """Two sub-losses: the hinge (fused mean with the MeanReducer, else the per-embedding
+        hinge L_i for PML's reducer) and lambda_diversity R(W), already reduced."""
         self._refuse_pairs(embeddings, labels, indices_tuple, ref_emb)
-        return {"loss": _already_reduced(self.core(embeddings, labels))}
+        core = self.core
+        mean = all(type(r) is MeanReducer for r in _reducers(self))
+        hinge = _affinity.affinity_loss(embeddings, labels, core.prototypes, sigma=core.sigma,
+                                        margin=core.margin, lambda_diversity=0.0,
+                                        similarity=core.similarity, backend=core.backend,
+                                        reduction="mean" if mean else "none")
+        loss = _already_reduced(hinge) if mean else {
+            "losses": hinge, "reduction_type": "element",
+            "indices": torch.arange(hinge.shape[0], device=hinge.device)}
+        diversity = (core.lambda_diversity * _affinity.diversity_regularizer(core.prototypes)
+                     if core.lambda_diversity else hinge.new_zeros(()))
+        return {"loss": loss, "diversity_loss": _already_reduced(diversity.to(hinge.dtype))}
 
 
 class NCentroidsLoss(_PrototypeLoss):
@@ -306,7 +316,6 @@ class NCentroidsLoss(_PrototypeLoss):
     ``confusion_kernels.NCentroidsLoss`` (its EMA centroids move in training mode, as there)."""
 
     NAME = "pml.NCentroidsLoss"
-    PER_ROW = True
 
     def __init__(self, num_classes: int, embedding_dim: int, **kwargs):
         pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",

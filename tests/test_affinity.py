@@ -399,3 +399,40 @@ def test_triton_scalar_arguments_keep_float64_precision(value):
     hi, lo = _split(value)
     assert float(torch.tensor(hi, dtype=torch.float32)) == hi
     assert abs((hi + float(torch.tensor(lo, dtype=torch.float32))) - value) <= 2.0 ** -46 * abs(value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("similarity", ["gaussian", "inverse"])
+def test_reduction_none_gives_the_per_row_hinge(backend, similarity):
+    """reduction="none": L_i + lambda R(W) [N], L_i = sum_{j != y_i} relu(margin + d_ij - d_iy)
+    written here from class_affinity; their mean is the loss, value and gradient."""
+    from conftest import assert_rel, require_backend
+
+    device = torch.device("cpu") if backend == "reference" else require_backend(
+        backend, "affinity_hinge")
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(23, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    w = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.randint(0, 4, (23,), generator=g).to(device)
+    kw = dict(sigma=2.0, margin=0.4, similarity=similarity, backend=backend)
+    rows = ck.affinity_loss(f, labels, w, lambda_diversity=0.3, reduction="none", **kw)
+    d = ck.class_affinity(f.detach(), w.detach(), sigma=2.0, similarity=similarity)
+    own = d[torch.arange(23), labels]
+    hinge = torch.relu(0.4 + d - own[:, None])
+    hinge[torch.arange(23), labels] = 0
+    want = hinge.sum(1) + 0.3 * ck.diversity_regularizer(w.detach())
+    assert rows.shape == (23,)
+    assert_rel(rows, want, 1e-9, "rows")
+    loss = ck.affinity_loss(f, labels, w, lambda_diversity=0.3, **kw)
+    assert_rel(rows.mean(), loss, 1e-12, "mean")
+    got = torch.autograd.grad(rows.mean(), (f, w))
+    wanted = torch.autograd.grad(loss, (f, w))
+    for a, b in zip(got, wanted):
+        assert_rel(a, b, 1e-9, "gradient")
+    module = ck.AffinityLoss(4, 5, 3, sigma=2.0, margin=0.4, lambda_diversity=0.3,
+                             similarity=similarity, backend=backend, reduction="none")
+    with pytest.raises(ValueError, match="unknown reduction 'sum'"):
+        ck.AffinityLoss(4, 5, reduction="sum")
+    with pytest.raises(ValueError, match="unknown reduction 'pair_mean'"):
+        ck.affinity_loss(f, labels, w, reduction="pair_mean")
+    assert module.reduction == "none"

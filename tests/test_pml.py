@@ -244,8 +244,14 @@ def test_affinity_and_n_centroids_match_ours_and_refuse_pairs():
             loss(f, y, (a1, p, a2, n))
         with pytest.raises(ValueError, match="ref_emb does not apply"):
             loss(f, y, ref_emb=f.detach(), ref_labels=y)
-    with pytest.raises(ValueError, match=r"reducer=SumReducer\(\) needs per-embedding losses"):
-        pml.AffinityLoss(4, 6, reducer=reducers.SumReducer())(f, y)
+    summed = pml.AffinityLoss(4, 6, 2, sigma=3.0, margin=0.5, lambda_diversity=0.1,
+                              reducer=reducers.SumReducer())
+    with torch.no_grad():
+        summed.core.prototypes.copy_(aff.prototypes)
+    want = (ck.affinity_loss(f, y, aff.prototypes, sigma=3.0, margin=0.5, lambda_diversity=0.0,
+                             reduction="none").sum()
+            + 0.1 * ck.diversity_regularizer(aff.prototypes))
+    assert_rel(summed(f, y), want, 1e-6, "affinity, sum reducer")
     from pytorch_metric_learning import distances
 
     with pytest.raises(ValueError, match="cannot be fused"):

@@ -25,7 +25,7 @@ from .._validation import (
     output_dtype,
     scan_finite,
 )
-from ..ops.affinity_hinge import affinity_hinge_sum
+from ..ops.affinity_hinge import affinity_hinge_rows, affinity_hinge_sum
 from ..reference import affinity as _reference
 
 
@@ -157,9 +157,13 @@ def class_affinity(f: torch.Tensor, prototypes: torch.Tensor, *, sigma: float = 
 def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
                   sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
                   similarity: str = "gaussian", backend: str = "auto",
-                  check_finite: bool | None = None) -> torch.Tensor:
+                  check_finite: bool | None = None, reduction: str = "mean") -> torch.Tensor:
     """Affinity loss of embeddings f [N, D] with labels in [0, C) against
     prototypes [C, m, D]: mean_i L_i + lambda_diversity R(W).
+
+    ``reduction="none"``: the per-row values L_i + lambda_diversity R(W) [N] (each row carries
+    the whole regularizer, so their mean is the loss; with lambda_diversity=0 they are the
+    per-row hinge losses).
 
     The hinge part runs fused on the chosen backend (no N x C m buffer on
     cpu / triton); gradients flow to f and to the prototypes. Returns a scalar,
@@ -180,14 +184,22 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     sigma = _check_similarity(sigma, similarity)
     if not (0 <= margin < 1):
         raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
-    needs_grad = torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+    needs_grad = (torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
+                  and reduction == "mean")  # (per-row values: the rows algorithm)
     chosen = route("affinity_hinge", f, backend, needs_grad=needs_grad)
     # the kernel ops guard the range themselves; the reference indexes with torch
     check_label_range(labels, prototypes.shape[0], " (one prototype set per class)",
                       host=True if chosen.backend == "reference" else None)
-    loss = affinity_hinge_sum(f, labels, prototypes, sigma=sigma, margin=margin,
-                              similarity=similarity, route=chosen,
-                              inputs_finite=scan) / f.shape[0]
+    if reduction == "none":
+        loss = affinity_hinge_rows(f, labels, prototypes, sigma=sigma, margin=margin,
+                                   similarity=similarity, backend=chosen.backend,
+                                   inputs_finite=scan)
+    else:
+        loss = affinity_hinge_sum(f, labels, prototypes, sigma=sigma, margin=margin,
+                                  similarity=similarity, route=chosen,
+                                  inputs_finite=scan) / f.shape[0]
     if lambda_diversity:
         loss = loss + lambda_diversity * diversity_regularizer(prototypes).to(loss.dtype)
     return loss
@@ -202,8 +214,11 @@ class AffinityLoss(nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, num_centers: int = 1,
                  sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
-                 similarity: str = "gaussian", backend: str = "auto"):
+                 similarity: str = "gaussian", backend: str = "auto", reduction: str = "mean"):
         super().__init__()
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+        self.reduction = reduction
         if num_classes < 1 or embedding_dim < 1 or num_centers < 1:
             raise ValueError("num_classes, embedding_dim and num_centers must be >= 1")
         sigma = _check_similarity(sigma, similarity)
@@ -218,7 +233,7 @@ class AffinityLoss(nn.Module):
     def forward(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return affinity_loss(f, labels, self.prototypes, sigma=self.sigma, margin=self.margin,
                              lambda_diversity=self.lambda_diversity, similarity=self.similarity,
-                             backend=self.backend)
+                             backend=self.backend, reduction=self.reduction)
 
     def affinity(self, f: torch.Tensor) -> torch.Tensor:
         return class_affinity(f, self.prototypes, sigma=self.sigma, similarity=self.similarity)
