@@ -7,6 +7,12 @@ A case builds its inputs once and returns, per provider, a step function that ru
   eager           the readable PyTorch definition (confusion_kernels.reference); for the
                   N-Centroids loss the plain N x K formulation of run_n_centroids.py
   compile         torch.compile of that definition (Inductor)
+  eager-plain     the fastest plain-PyTorch formulation a user would write, where it differs
+                  from the definition (plain_formulations.py: torch.cdist's matrix-product
+                  mode or the Gram form x @ y.T, then masked sums): the pair ops
+  compile-plain   torch.compile of it
+(the affinity reference is already the Gram form, the N-Centroids eager the plain N x K form,
+the class statistics' reference vectorised index_add: they need no second formulation)
   keops           a pykeops LazyTensor formulation, where KeOps expresses the op and is installed
 Each case also states its work (flops and bytes) for the floor of benchmarks/run.py: the
 matrix products of the least work that computes it, e.g. for the pair sums one product over
@@ -24,6 +30,7 @@ import confusion_kernels as ck
 from confusion_kernels import _backend, reference
 from confusion_kernels.analysis import ClassStatistics
 
+import plain_formulations as plain
 from bench_data import make_data
 from run_n_centroids import eager_loss as eager_n_centroids
 
@@ -85,6 +92,12 @@ def intra_inter_sums_case(device, n, d, data, metric, mode, keops) -> Case:
     case.steps["eager"] = _step(eager, [x], mode)
     compiled = _compiled(lambda a, y: reference.intra_inter_sums(a, y, metric))
     case.steps["compile"] = _step(lambda: _weighted(compiled(x, labels)), [x], mode)
+    if plain.has_plain_form(metric):
+        case.steps["eager-plain"] = _step(lambda: _weighted(plain.row_sums(x, labels, metric)),
+                                          [x], mode)
+        plain_compiled = _compiled(lambda a, y: plain.row_sums(a, y, metric))
+        case.steps["compile-plain"] = _step(lambda: _weighted(plain_compiled(x, labels)), [x],
+                                            mode)
     if keops:
         import keops_peer
 
@@ -103,6 +116,11 @@ def as_loss_case(device, n, d, data, metric) -> Case:
     case.steps["eager"] = _step(lambda: reference.as_loss(x, labels, metric=metric), [x], "fwd+bwd")
     compiled = _compiled(lambda a, y: reference.as_loss(a, y, metric=metric))
     case.steps["compile"] = _step(lambda: compiled(x, labels), [x], "fwd+bwd")
+    if plain.has_plain_form(metric):
+        case.steps["eager-plain"] = _step(lambda: plain.as_loss(x, labels, metric), [x],
+                                          "fwd+bwd")
+        plain_compiled = _compiled(lambda a, y: plain.as_loss(a, y, metric))
+        case.steps["compile-plain"] = _step(lambda: plain_compiled(x, labels), [x], "fwd+bwd")
     return case
 
 
@@ -160,6 +178,12 @@ def rect_case(device, n, m, d, data) -> Case:
                                                                         ref_labels=z))
     case.steps["compile"] = _step(lambda: total(compiled(x, labels, ref, ref_labels)), [x, ref],
                                   "fwd+bwd")
+    case.steps["eager-plain"] = _step(lambda: total(plain.row_sums(x, labels, "euclidean", ref,
+                                                                   ref_labels)), [x, ref],
+                                      "fwd+bwd")
+    plain_compiled = _compiled(lambda a, y, r, z: plain.row_sums(a, y, "euclidean", r, z))
+    case.steps["compile-plain"] = _step(lambda: total(plain_compiled(x, labels, ref, ref_labels)),
+                                        [x, ref], "fwd+bwd")
     return case
 
 

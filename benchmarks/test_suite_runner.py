@@ -30,6 +30,22 @@ def test_markdown_names_the_fastest_provider():
     assert "| 1.00 | 4.00 | error: X | ours-cpu |" in row
 
 
+def test_summary_compares_with_the_faster_formulation():
+    """ "vs compile" used the readable definition's compiled time even where the plain
+    formulation (cdist / Gram) compiled faster, which flattered us (issue 29)."""
+    base = dict(op="op", mode="fwd+bwd", data="random", N=8, D=2, K=3, peak_mib=1.0,
+                fraction_of_floor=0.5, status="ok")
+    rows = [dict(base, provider="ours-cpu", median_ms=10.0),
+            dict(base, provider="eager", median_ms=80.0),
+            dict(base, provider="eager-plain", median_ms=40.0),
+            dict(base, provider="compile", median_ms=60.0),
+            dict(base, provider="compile-plain", median_ms=20.0)]
+    line = run.summary(rows)[-1]
+    assert "| 40.00 ms (plain) | 20.00 ms (plain) | 4.0× | 2.0× |" in line, line
+    rows[2]["median_ms"] = 90.0
+    assert "| 80.00 ms | 20.00 ms (plain) | 8.0× | 2.0× |" in run.summary(rows)[-1]
+
+
 def test_tiny_suite_writes_every_column(tmp_path, monkeypatch):
     device = torch.device("cpu")
 
@@ -42,7 +58,8 @@ def test_tiny_suite_writes_every_column(tmp_path, monkeypatch):
     ceilings = {"fp32_tflops": 0.1, "bandwidth_gbs": 1.0}
     rows = run.run_suite("cpu", device, reps=2, budget_s=1.0, ceilings=ceilings, keops=False)
     providers = {r["provider"] for r in rows}
-    assert {"eager", "compile"} <= providers
+    assert {"eager", "compile", "eager-plain", "compile-plain"} <= providers
+    assert {r["floor_bound"] for r in rows} <= {"flops", "bytes"}
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     path = tmp_path / "suite.csv"
     with open(path, "w", newline="") as f:
@@ -52,3 +69,23 @@ def test_tiny_suite_writes_every_column(tmp_path, monkeypatch):
     read = list(csv.DictReader(open(path)))
     assert set(read[0]) == set(run.COLUMNS)
     assert all(float(r["median_ms"]) > 0 and float(r["fraction_of_floor"]) > 0 for r in read)
+
+
+def test_plain_formulations_compute_the_same_values():
+    """A baseline that computes something else would make every ratio meaningless."""
+    import plain_formulations as plain
+
+    from confusion_kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(37, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (37,), generator=g)
+    ref, ref_labels = torch.randn(29, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (29,), generator=g)
+    for metric in plain.PLAIN_METRICS:
+        got = plain.row_sums(x, labels, metric) + plain.row_sums(x, labels, metric, ref, ref_labels)
+        want = (reference.intra_inter_sums(x, labels, metric)
+                + reference.intra_inter_sums(x, labels, metric, ref=ref, ref_labels=ref_labels))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(plain.as_loss(x, labels, metric),
+                                   reference.as_loss(x, labels, metric=metric), rtol=1e-9, atol=1e-12)
+    assert not plain.has_plain_form("smooth_l1")
