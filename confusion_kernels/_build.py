@@ -150,8 +150,10 @@ def shared_libstdcxx_link_args() -> list[str]:
     return []
 
 
-def cuda_build_plan() -> tuple[bool, str]:
-    """(build CUDA?, why) decided from torch's build and nvcc, never from a GPU."""
+def cuda_build_plan(apply: bool = True) -> tuple[bool, str]:
+    """(build CUDA?, why) decided from torch's build and nvcc, never from a GPU. ``apply``: set
+    CUDA_HOME and TORCH_CUDA_ARCH_LIST for torch's extension builder (only when building: an
+    import that loads a cached build leaves the environment alone)."""
     import torch
 
     if flag("CONFUSION_KERNELS_NO_CUDA"):
@@ -166,14 +168,22 @@ def cuda_build_plan() -> tuple[bool, str]:
         # torch's cpp_extension refuses to mix CUDA major versions.
         return False, (f"nvcc {toolkit} in {cuda_home} and torch's CUDA {torch.version.cuda} "
                        "differ in their major version")
-    os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if torch.cuda.is_available():  # only to pick the arch of the GPU in use
-            major, minor = torch.cuda.get_device_capability()
-            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    if apply:
+        os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
     return True, f"CUDA {torch.version.cuda} with {cuda_home}"
+
+
+def arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST if set, else the visible GPU's architecture, else "8.0;9.0"."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():  # only to pick the arch of the GPU in use
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return DEFAULT_ARCH_LIST
 
 
 # --- the sources and flags ---------------------------------------------------------------------
@@ -252,12 +262,12 @@ def _plan(root: Path):
     """(with CUDA?, why, flags, build directory) for the sources under ``root``."""
     import torch
 
-    cuda, why = cuda_build_plan()
+    cuda, why = cuda_build_plan(apply=False)
     if flag("FORCE_CUDA") and not cuda:
         raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     flags = compile_flags()
     if cuda:
-        flags["arch"] = [os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+        flags["arch"] = [arch_list()]
     key = build_key(torch.__version__, torch.version.cuda if cuda else None,
                     sys.version_info[:2], source_hash(root), flags)
     return cuda, why, flags, cache_dir() / key
@@ -308,6 +318,8 @@ def load_or_build(build: bool = True, quiet: bool = False) -> JitResult:
         print(f"confusion_kernels: building the C++{' and CUDA' if cuda else ''} kernels for "
               f"torch {torch.__version__} (once; cached in {directory}) ...", file=sys.stderr,
               flush=True)
+    if cuda:
+        cuda_build_plan(apply=True)  # CUDA_HOME and the architectures for the builder
     directory.mkdir(parents=True, exist_ok=True)
     # (torch's extension builder logs a guess of CUDA_HOME when it is imported on a machine
     # without a GPU driver; the CUDA plan above has decided already: one line is ours to say)

@@ -125,3 +125,18 @@ def test_setup_needs_no_torch_to_build():
     assert any(d.startswith("ninja") for d in _pyproject()["project"]["dependencies"])
     setup_py = (ROOT / "setup.py").read_text()
     assert "_csrc" in setup_py and "torch_importable" in setup_py
+
+
+def test_loading_a_cached_build_leaves_the_environment_alone(monkeypatch):
+    """Working out the cache key (every import of an install without a prebuilt _C) set
+    CUDA_HOME and TORCH_CUDA_ARCH_LIST in the user's process; only a build may set them."""
+    import os
+
+    build = _rules()
+    for name in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(name, raising=False)
+    cuda, _, flags, directory = build._plan(build.source_root())
+    assert "CUDA_HOME" not in os.environ and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert directory.parent == build.cache_dir()
+    if cuda:
+        assert flags["arch"] == [build.arch_list()]
