@@ -60,3 +60,33 @@ def as_loss(x: torch.Tensor, labels: torch.Tensor, metric: str, lambda_inner: fl
     outer = (d * other).sum() / other.sum().clamp_min(1)
     boundary = (torch.linalg.vector_norm(x, dim=1) - constraint).square().mean()
     return lambda_inner * inner - lambda_outer * outer + lambda_boundary * boundary
+
+
+def pml_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pytorch_metric_learning") is not None
+
+
+def pml_contrastive_as_loss(x: torch.Tensor, labels: torch.Tensor,
+                            lambda_inner: float = 1e-3, lambda_outer: float = 1e-3,
+                            lambda_boundary: float = 1e-2, constraint: float = 10.0):
+    """The euclidean ASLoss through pytorch-metric-learning's ContrastiveLoss (the peer users
+    know): with pos_margin 0, a neg_margin far above every distance and unnormalised
+    euclidean distances, its positive and negative parts are the mean same-class distance and
+    a constant minus the mean other-class distance, so with equal lambdas this has ASLoss's
+    gradient (its value is off by the constant lambda_outer * NEG_MARGIN). None when PML is not
+    installed."""
+    try:
+        from pytorch_metric_learning import distances, losses
+    except ImportError:
+        return None
+    if lambda_inner != lambda_outer:
+        raise ValueError("the ContrastiveLoss peer weighs both pair terms alike")
+    loss = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=NEG_MARGIN,
+                                  distance=distances.LpDistance(normalize_embeddings=False))
+    boundary = (torch.linalg.vector_norm(x, dim=1) - constraint).square().mean()
+    return lambda_inner * loss(x, labels) + lambda_boundary * boundary
+
+
+NEG_MARGIN = 1e6

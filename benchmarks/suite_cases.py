@@ -11,6 +11,8 @@ A case builds its inputs once and returns, per provider, a step function that ru
                   from the definition (plain_formulations.py: torch.cdist's matrix-product
                   mode or the Gram form x @ y.T, then masked sums): the pair ops
   compile-plain   torch.compile of it
+  pml-contrastive pytorch-metric-learning's ContrastiveLoss set up to compute the euclidean
+                  ASLoss's pair means (as_loss[euclidean], where PML is installed)
 (the affinity reference is already the Gram form, the N-Centroids eager the plain N x K form,
 the class statistics' reference vectorised index_add: they need no second formulation)
   keops           a pykeops LazyTensor formulation, where KeOps expresses the op and is installed
@@ -116,6 +118,10 @@ def as_loss_case(device, n, d, data, metric) -> Case:
     case.steps["eager"] = _step(lambda: reference.as_loss(x, labels, metric=metric), [x], "fwd+bwd")
     compiled = _compiled(lambda a, y: reference.as_loss(a, y, metric=metric))
     case.steps["compile"] = _step(lambda: compiled(x, labels), [x], "fwd+bwd")
+    if metric == "euclidean" and plain.pml_available():
+        # the peer users know: pytorch-metric-learning's ContrastiveLoss, the same pair means
+        case.steps["pml-contrastive"] = _step(lambda: plain.pml_contrastive_as_loss(x, labels),
+                                              [x], "fwd+bwd")
     if plain.has_plain_form(metric):
         case.steps["eager-plain"] = _step(lambda: plain.as_loss(x, labels, metric), [x],
                                           "fwd+bwd")

@@ -89,3 +89,23 @@ def test_plain_formulations_compute_the_same_values():
         torch.testing.assert_close(plain.as_loss(x, labels, metric),
                                    reference.as_loss(x, labels, metric=metric), rtol=1e-9, atol=1e-12)
     assert not plain.has_plain_form("smooth_l1")
+
+
+def test_pml_contrastive_peer_has_the_as_loss_gradient():
+    import pytest
+
+    import plain_formulations as plain
+
+    import confusion_kernels as ck
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    peer = plain.pml_contrastive_as_loss(x, labels)
+    if peer is None:
+        pytest.skip("needs pytorch-metric-learning (the peer)")
+    want = ck.as_loss(x, labels, backend="reference")
+    torch.testing.assert_close(peer - 1e-3 * plain.NEG_MARGIN, want, rtol=1e-9, atol=1e-9)
+    (g_peer,) = torch.autograd.grad(peer, x)
+    (g_want,) = torch.autograd.grad(ck.as_loss(x, labels, backend="reference"), x)
+    torch.testing.assert_close(g_peer, g_want, rtol=1e-9, atol=1e-12)
