@@ -14,7 +14,9 @@ bytes / copy bandwidth), both measured on this device at the start, divided by t
 Writes to --out (default benchmarks/results/<date>-suite-<suite>-<device>/): suite.csv (long
 format: op, provider, mode, data, N, D, K, dtype, median_ms, p20_ms, p80_ms, peak_mib,
 fraction_of_floor, status, device, torch, triton, commit), suite.md (a table per op) and
-suite.png (median time per provider and case). --update-docs writes the Markdown tables
+suite.png (median time per provider and case); the cpu suite also measures the slowdown
+under two busy background processes (contention.csv, benchmarks/contention.py).
+--update-docs writes the Markdown tables
 between the suite markers of docs/benchmarks.md and a one-line-per-op summary between those
 of the README (the tables there are generated, not typed).
 """
@@ -300,6 +302,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed calls per provider and case (6 cpu, 2 gpu)")
     parser.add_argument("--update-docs", action="store_true")
+    parser.add_argument("--no-contention", action="store_true",
+                        help="skip the contention case of the cpu suite (benchmarks/contention.py)")
     args = parser.parse_args(argv)
     suites = ["cpu", "gpu"] if args.suite == "all" else [args.suite]
     if "gpu" in suites and not torch.cuda.is_available():
@@ -333,6 +337,18 @@ def main(argv: list[str] | None = None) -> Path:
                   f"{ceilings['fp32_tflops']:.2f} TFLOP/s, copy {ceilings['bandwidth_gbs']:.0f} GB/s "
                   f"measured at the start). Full CSV: `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/suite.csv`.")
         tables = markdown(rows)
+        if suite == "cpu" and not args.no_contention:
+            import contention
+
+            loaded = contention.measure(contention.default_steps())
+            with open(out / "contention.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(loaded[0]))
+                writer.writeheader()
+                writer.writerows(loaded)
+            tables += contention.markdown(loaded)
+            for r in loaded:
+                print(f"contention: {r['step']}: {r['idle_ms']:.1f} -> {r['loaded_ms']:.1f} ms "
+                      f"({r['slowdown']:.1f}x)", flush=True)
         (out / "suite.md").write_text("\n".join([f"# Benchmark suite: {suite}", "", header, "",
                                                  *tables]))
         plot(rows, out / "suite.png")

@@ -109,3 +109,21 @@ def test_pml_contrastive_peer_has_the_as_loss_gradient():
     (g_peer,) = torch.autograd.grad(peer, x)
     (g_want,) = torch.autograd.grad(ck.as_loss(x, labels, backend="reference"), x)
     torch.testing.assert_close(g_peer, g_want, rtol=1e-9, atol=1e-12)
+
+
+def test_contention_case_runs_and_stops_its_load():
+    """The contention case on tiny steps, one busy process for a bounded time (nothing timed
+    is asserted; the load must be gone afterwards)."""
+    import contention
+
+    calls = []
+    steps = {"tiny": lambda: calls.append(torch.ones(4).sum())}
+    load = contention.BackgroundLoad(1, 5.0)
+    with load:
+        assert all(p.is_alive() for p in load.procs)
+    assert not any(p.is_alive() for p in load.procs)
+    rows = contention.measure(steps, busy=1, reps=2, seconds=5.0)
+    assert rows[0]["step"] == "tiny" and rows[0]["slowdown"] > 0 and len(calls) == 6
+    assert "| tiny |" in "\n".join(contention.markdown(rows))
+    assert set(contention.default_steps(n=16, d=3, product=8)) == {
+        "as_loss ours-cpu (N=16, D=3)", "as_loss eager (N=16, D=3)", "matrix product 8^3"}
