@@ -127,3 +127,16 @@ def test_contention_case_runs_and_stops_its_load():
     assert "| tiny |" in "\n".join(contention.markdown(rows))
     assert set(contention.default_steps(n=16, d=3, product=8)) == {
         "as_loss ours-cpu (N=16, D=3)", "as_loss eager (N=16, D=3)", "matrix product 8^3"}
+
+
+def test_curves_run_on_tiny_sizes(tmp_path):
+    """benchmarks/curves.py end to end on N = 32 (nothing timed is asserted)."""
+    import curves
+
+    out = curves.main(["--sizes", "32", "--step-limit", "5", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(out / "curves.csv")))
+    assert {r["op"] for r in rows} == {"as_loss[euclidean]", "as_loss[cosine]",
+                                       "intra_inter_sums_rect[euclidean]",
+                                       "n_centroids_loss[great_circle]"}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert (out / "curves.png").stat().st_size > 1000

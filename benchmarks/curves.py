@@ -1,0 +1,140 @@
+"""Time and peak memory against N for the pair ops, with the compute floor drawn in.
+
+    python benchmarks/curves.py [--sizes 1024 2048 ...] [--out DIR] [--step-limit S]
+
+For ASLoss (euclidean, cosine; fwd+bwd, D = 64), the rectangular op (N rows against 8 N
+reference rows, D = 64) and the N-Centroids loss (K = 1000, D = 128), at each N: ours (the
+cpu backend) and the fastest plain formulation, eager and torch.compile'd (the suite's
+providers, benchmarks/suite_cases.py). A provider stops at the first N where one step takes
+longer than --step-limit seconds or runs out of memory (the row says so). Writes curves.csv
+and curves.png (log-log; the floor = flops at the product rate measured at the start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import roofline  # noqa: E402
+import run  # noqa: E402
+import suite_cases  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KEEP = ("ours-cpu", "eager-plain", "compile-plain", "eager", "compile")
+DENSE_LIMIT_GB = 6.0  # of this machine's 24 GB: three N x M float32 buffers at most
+
+
+def cases(n: int):
+    device = torch.device("cpu")
+    return [lambda: suite_cases.as_loss_case(device, n, 64, "random", "euclidean"),
+            lambda: suite_cases.as_loss_case(device, n, 64, "random", "cosine"),
+            lambda: suite_cases.rect_case(device, n, 8 * n, 64, "random"),
+            lambda: suite_cases.n_centroids_case(device, n, 128, "random", 1000)]
+
+
+def measure(sizes: list[int], step_limit: float, reps: int = 3) -> list[dict]:
+    rows, stopped = [], set()
+    for n in sizes:
+        for make in cases(n):
+            case = make()
+            # the plain formulations replace the literal ones where both exist
+            providers = [p for p in KEEP if p in case.steps]
+            if "eager-plain" in providers:
+                providers = [p for p in providers if p not in ("eager", "compile")]
+            for provider in providers:
+                key = (case.op, provider)
+                row = {"op": case.op, "provider": provider, "N": n, "D": case.d, "K": case.k,
+                       "flops": case.flops}
+                if key in stopped:
+                    continue
+                dense_gb = 3 * 4 * n * (case.k if case.op.startswith("intra_inter_sums_rect")
+                                        else n) / 1e9
+                if provider != "ours-cpu" and not case.op.startswith("n_centroids") \
+                        and dense_gb > DENSE_LIMIT_GB:
+                    # (a dense N x M formulation this large would be killed by the OOM killer,
+                    # not raise: not run)
+                    row.update(status=f"not run: N x M buffers of ~{dense_gb:.0f} GB")
+                    stopped.add(key)
+                    rows.append(row)
+                    continue
+                try:
+                    start = time.perf_counter()
+                    case.steps[provider]()  # warm-up (and compile)
+                    if time.perf_counter() - start > 3 * step_limit:
+                        raise TimeoutError
+                    times, peak = run.time_provider(case.steps[provider], torch.device("cpu"),
+                                                    reps, step_limit)
+                    median = run.quantile(times, 0.5)
+                    row.update(median_ms=median, peak_mib=peak, status="ok")
+                    if median > step_limit * 1e3:
+                        stopped.add(key)
+                except (torch.OutOfMemoryError, MemoryError):
+                    row.update(status="out of memory")
+                    stopped.add(key)
+                except TimeoutError:
+                    row.update(status=f"over {step_limit:g} s")
+                    stopped.add(key)
+                rows.append(row)
+                print(f"{case.op} N={n} {provider}: {row.get('median_ms', float('nan')):.1f} ms "
+                      f"{row.get('peak_mib', float('nan')):.0f} MiB ({row['status']})", flush=True)
+            del case
+    return rows
+
+
+def plot(rows: list[dict], tflops: float, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig = Figure(figsize=(11, 3.2 * len(ops)))
+    axes = fig.subplots(len(ops), 2, squeeze=False)
+    for (ax_t, ax_m), op in zip(axes, ops):
+        mine = [r for r in rows if r["op"] == op and r["status"] == "ok"]
+        for provider in dict.fromkeys(r["provider"] for r in mine):
+            pts = [r for r in mine if r["provider"] == provider]
+            ax_t.loglog([r["N"] for r in pts], [r["median_ms"] for r in pts], "o-", label=provider)
+            ax_m.loglog([r["N"] for r in pts], [max(r["peak_mib"], 0.1) for r in pts], "o-",
+                        label=provider)
+        sizes = sorted({r["N"] for r in rows if r["op"] == op})
+        floor = {r["N"]: r["flops"] / (tflops * 1e12) * 1e3 for r in rows if r["op"] == op}
+        ax_t.loglog(sizes, [floor[n] for n in sizes], "k--", label="floor (flops)")
+        ax_t.set_title(f"{op}: median ms (fwd+bwd)", fontsize=9)
+        ax_m.set_title(f"{op}: peak MiB", fontsize=9)
+        ax_t.legend(fontsize=7)
+        ax_m.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--step-limit", type=float, default=8.0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    ceilings = roofline.measure_ceilings("cpu")
+    rows = measure(args.sizes, args.step_limit)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
+        f"{datetime.date.today().isoformat()}-curves-cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["op", "provider", "N", "D", "K", "flops",
+                                               "median_ms", "peak_mib", "status"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, ceilings["fp32_tflops"], out / "curves.png")
+    print(f"wrote {out}/curves.csv, curves.png (product rate {ceilings['fp32_tflops']:.2f} "
+          f"TFLOP/s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
