@@ -146,12 +146,3 @@ def gather_rows(x: torch.Tensor, labels: torch.Tensor, sizes: list[int], group=N
     rows = _GatherRows.apply(x, sizes, offset, group)
     return rows, _gather_padded(labels, sizes, group), offset
 
-
-def gather_all_rows(x: torch.Tensor, labels: torch.Tensor, group=None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's rows (detached) and labels, concatenated in rank order, on every rank (for a
-    memory that every rank keeps the same: the global batch enqueued); ranks may hold
-    different numbers of rows."""
-    count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
-    sizes = [int(c) for c in all_gather_same_shape(count, group)]
-    return _gather_padded(x.detach(), sizes, group), _gather_padded(labels, sizes, group)

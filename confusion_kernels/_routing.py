@@ -54,9 +54,11 @@ import torch
 
 from . import _extension
 from ._backend import select_backend
+from ._metrics import GRAM_METRICS, METRIC_CODES
 from ._spec import DIRECT_MAX_DIM
 
-GRAM_METRIC_NAMES = frozenset({"euclidean", "sqeuclidean", "cosine"})
+# the names of _metrics.GRAM_METRICS (euclidean, sqeuclidean, cosine)
+GRAM_METRIC_NAMES = frozenset(name for name, code in METRIC_CODES.items() if code in GRAM_METRICS)
 # Above this many prototypes (and P > D) R(W) takes the O(P D^2) moment form.
 PAIRWISE_MAX_PROTOTYPES = 2048
 CUDA_EXACT_ENV = "CONFUSION_KERNELS_CUDA_EXACT"

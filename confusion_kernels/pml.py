@@ -76,8 +76,19 @@ def _reducers(module) -> list:
     return [reducer]
 
 
+def _all_means(module) -> bool:
+    """Whether every reducer of ``module`` is PML's plain MeanReducer (the fused forms)."""
+    return all(type(r) is MeanReducer for r in _reducers(module))
+
+
 def _already_reduced(value: torch.Tensor) -> dict:
     return {"losses": value, "indices": None, "reduction_type": "already_reduced"}
+
+
+def _per_element(losses: torch.Tensor) -> dict:
+    """Per-embedding losses [N] for PML's reducer."""
+    return {"losses": losses, "reduction_type": "element",
+            "indices": torch.arange(losses.shape[0], device=losses.device)}
 
 
 def _check_labels(name: str, labels, n: int, what: str = "labels") -> None:
@@ -163,19 +174,11 @@ class ASLoss(BaseMetricLossFunction):
             raise ValueError(f"{name}: ref_labels without ref_emb")
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
-    def _fused(self) -> bool:
-        return all(type(r) is MeanReducer for r in _reducers(self))
-
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """(after forward's checks; PML passes ref_emb = embeddings when none was given)"""
         name = "pml.ASLoss"
-        _check_labels(name, labels, embeddings.shape[0])
         own = ref_emb is embeddings
-        if not own:
-            if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
-                raise ValueError(f"{name}: ref_emb must be [M, {embeddings.shape[1]}], got "
-                                 f"{tuple(ref_emb.shape)}")
-            _check_labels(name, ref_labels, ref_emb.shape[0], "ref_labels")
-        if indices_tuple is None and self._fused():
+        if indices_tuple is None and _all_means(self):
             return self._fused_terms(embeddings, labels, None if own else ref_emb,
                                      None if own else ref_labels)
         if indices_tuple is None:
@@ -236,9 +239,7 @@ class ASLoss(BaseMetricLossFunction):
             d = paired_distances(e[a], r[b], self.metric, dim_mean=self.dim_mean)
             losses[key] = {"losses": weight * d, "indices": (a, b), "reduction_type": kind}
         radial = radial_terms(embeddings, self.constraint, acc)
-        losses["boundary_loss"] = {"losses": self.lambda_boundary * radial,
-                                   "indices": torch.arange(embeddings.shape[0], device=embeddings.device),
-                                   "reduction_type": "element"}
+        losses["boundary_loss"] = _per_element(self.lambda_boundary * radial)
         return losses
 
 
@@ -255,9 +256,21 @@ class CrossBatchMemory(pml_losses.CrossBatchMemory):
 
 
 class _PrototypeLoss(BaseMetricLossFunction):
-    """A PML face for a loss of embeddings against a module's own class representatives."""
+    """A PML face for a loss of embeddings against a module's own class representatives: the
+    loss module ``core`` (built from our arguments; PML's go to PML), its ``predict``."""
 
     NAME = ""
+
+    def __init__(self, core_class, *args, **kwargs):
+        pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
+                                                 "embedding_reg_weight", "distance")
+                      if k in kwargs}
+        _refuse_distance(self.NAME, pml_kwargs)
+        super().__init__(**pml_kwargs)
+        self.core = core_class(*args, **kwargs)
+
+    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.core.predict(embeddings)
 
     def _refuse_pairs(self, embeddings, labels, indices_tuple, ref_emb) -> None:
         if indices_tuple is not None:
@@ -279,33 +292,24 @@ class AffinityLoss(_PrototypeLoss):
         return ["loss", "diversity_loss"]
 
     def __init__(self, num_classes: int, embedding_dim: int, num_centers: int = 1, **kwargs):
-        pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
-                                                 "embedding_reg_weight", "distance")
-                      if k in kwargs}
-        _refuse_distance(self.NAME, pml_kwargs)
-        super().__init__(**pml_kwargs)
-        self.core = _affinity.AffinityLoss(num_classes, embedding_dim, num_centers, **kwargs)
+        super().__init__(_affinity.AffinityLoss, num_classes, embedding_dim, num_centers,
+                         **kwargs)
 
     @property
     def prototypes(self) -> torch.nn.Parameter:
         return self.core.prototypes
-
-    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.core.predict(embeddings)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """Two sub-losses: the hinge (fused mean with the MeanReducer, else the per-embedding
         hinge L_i for PML's reducer) and lambda_diversity R(W), already reduced."""
         self._refuse_pairs(embeddings, labels, indices_tuple, ref_emb)
         core = self.core
-        mean = all(type(r) is MeanReducer for r in _reducers(self))
+        mean = _all_means(self)
         hinge = _affinity.affinity_loss(embeddings, labels, core.prototypes, sigma=core.sigma,
                                         margin=core.margin, lambda_diversity=0.0,
                                         similarity=core.similarity, backend=core.backend,
                                         reduction="mean" if mean else "none")
-        loss = _already_reduced(hinge) if mean else {
-            "losses": hinge, "reduction_type": "element",
-            "indices": torch.arange(hinge.shape[0], device=hinge.device)}
+        loss = _already_reduced(hinge) if mean else _per_element(hinge)
         diversity = (core.lambda_diversity * _affinity.diversity_regularizer(core.prototypes)
                      if core.lambda_diversity else hinge.new_zeros(()))
         return {"loss": loss, "diversity_loss": _already_reduced(diversity.to(hinge.dtype))}
@@ -318,23 +322,15 @@ class NCentroidsLoss(_PrototypeLoss):
     NAME = "pml.NCentroidsLoss"
 
     def __init__(self, num_classes: int, embedding_dim: int, **kwargs):
-        pml_kwargs = {k: kwargs.pop(k) for k in ("reducer", "embedding_regularizer",
-                                                 "embedding_reg_weight", "distance")
-                      if k in kwargs}
-        _refuse_distance(self.NAME, pml_kwargs)
-        super().__init__(**pml_kwargs)
-        self.core = _n_centroids.NCentroidsLoss(num_classes, embedding_dim, **kwargs)
+        super().__init__(_n_centroids.NCentroidsLoss, num_classes, embedding_dim, **kwargs)
 
     @property
     def centroids(self) -> torch.Tensor:
         return self.core.centroids
 
-    def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.core.predict(embeddings)
-
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._refuse_pairs(embeddings, labels, indices_tuple, ref_emb)
-        if all(type(r) is MeanReducer for r in _reducers(self)):
+        if _all_means(self):
             return {"loss": _already_reduced(self.core(embeddings, labels))}
         core = self.core  # per-embedding losses L_i for the other reducers, then the EMA step
         rows = _n_centroids.n_centroids_loss(embeddings, labels, core.centroids,
@@ -342,5 +338,4 @@ class NCentroidsLoss(_PrototypeLoss):
                                              backend=core.backend, reduction="none")
         if core.training:
             core._ema_step(embeddings, labels)
-        return {"loss": {"losses": rows, "reduction_type": "element",
-                         "indices": torch.arange(rows.shape[0], device=rows.device)}}
+        return {"loss": _per_element(rows)}

@@ -29,6 +29,11 @@ from ..ops.affinity_hinge import affinity_hinge_rows, affinity_hinge_sum
 from ..reference import affinity as _reference
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+
+
 def _check_prototypes(prototypes: torch.Tensor, embedding_dim: int | None = None,
                       device: torch.device | None = None) -> None:
     if not isinstance(prototypes, torch.Tensor):
@@ -184,8 +189,7 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tenso
     sigma = _check_similarity(sigma, similarity)
     if not (0 <= margin < 1):
         raise ValueError(f"margin must satisfy 0 <= margin < 1 (affinities lie in (0, 1]), got {margin}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+    _check_reduction(reduction)
     needs_grad = (torch.is_grad_enabled() and (f.requires_grad or prototypes.requires_grad)
                   and reduction == "mean")  # (per-row values: the rows algorithm)
     chosen = route("affinity_hinge", f, backend, needs_grad=needs_grad)
@@ -216,8 +220,7 @@ class AffinityLoss(nn.Module):
                  sigma: float = 10.0, margin: float = 0.75, lambda_diversity: float = 1.0,
                  similarity: str = "gaussian", backend: str = "auto", reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'none'")
+        _check_reduction(reduction)
         self.reduction = reduction
         if num_classes < 1 or embedding_dim < 1 or num_centers < 1:
             raise ValueError("num_classes, embedding_dim and num_centers must be >= 1")

@@ -156,13 +156,15 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
                    include_self: bool, reduction: str, dim_mean: bool, backend: str,
                    check_finite: bool | None, global_batch: bool, group,
                    memory: CrossBatchMemory | None, ddp_gradient: bool = False,
-                   settings: dict | None = None) -> ASLossTerms:
+                   settings: dict | None = None, enqueue: bool = False) -> ASLossTerms:
     """as_loss_terms; ``settings``: the caller's own options that every rank of a global
-    batch must share too (as_loss's and ASLoss's λ's and layer weights)."""
+    batch must share too (as_loss's and ASLoss's λ's and layer weights); ``enqueue``: a global
+    batch stores its gathered rows in the memory once they are read (ASLoss, training)."""
     if global_batch:
         terms = _checked_global_terms(x, labels, metric, constraint, include_self, reduction,
                                       dim_mean, backend, check_finite, group, memory,
-                                      dict(settings or {}, ddp_gradient=bool(ddp_gradient)))
+                                      dict(settings or {}, ddp_gradient=bool(ddp_gradient)),
+                                      enqueue)
         return _scaled_for_ddp(terms, group) if ddp_gradient else terms
     if ddp_gradient:
         raise ValueError("ddp_gradient=True scales the gradient of a global batch: it needs "
@@ -181,17 +183,16 @@ def _as_loss_terms(x: torch.Tensor, labels: torch.Tensor, *, metric: str, constr
         inner, outer = weighted_pair_sums(x, labels, w_in, w_out, name, chosen.backend)
         return ASLossTerms(inner, outer, radial_terms(x, constraint, acc).mean())
     s_in, s_out = checked_row_sums(x, labels, name, chosen)
-    return _reduce_terms(w_in * s_in, w_out * s_out, radial_terms(x, constraint, acc) / x.shape[0],
-                         per_sample)
+    return _reduce_terms(w_in * s_in, w_out * s_out, radial_terms(x, constraint, acc), per_sample)
 
 
-def _reduce_terms(inner: torch.Tensor, outer: torch.Tensor, boundary: torch.Tensor,
+def _reduce_terms(inner: torch.Tensor, outer: torch.Tensor, radial: torch.Tensor,
                   per_sample: bool) -> ASLossTerms:
-    """The terms from their per-sample contributions: the vectors (reduction="none"), or
-    their sums."""
+    """The terms from the rows' contributions to inner and outer and their radial terms
+    (|x_i| - R)^2: the per-sample vectors (reduction="none"), or the sums and the mean."""
     if per_sample:
-        return ASLossTerms(inner, outer, boundary)
-    return ASLossTerms(inner.sum(), outer.sum(), boundary.sum())
+        return ASLossTerms(inner, outer, radial / radial.shape[0])
+    return ASLossTerms(inner.sum(), outer.sum(), radial.mean())
 
 
 def _check_terms_inputs(x, labels, metric: str, reduction: str, dim_mean: bool,
@@ -227,7 +228,7 @@ def _memory_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint
     w_in, w_out = term_weights(labels, reduction, include_self, dim_scale, acc, ref_labels)
     s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref, ref_labels=ref_labels,
                                    self_offset=0)
-    return _reduce_terms(w_in * s_in, w_out * s_out, radial_terms(x, constraint, acc) / x.shape[0],
+    return _reduce_terms(w_in * s_in, w_out * s_out, radial_terms(x, constraint, acc),
                          reduction == "none")
 
 
@@ -248,7 +249,8 @@ def _check_memory(memory, where: str | None) -> None:
 
 
 def _checked_global_terms(x, labels, metric, constraint, include_self, reduction, dim_mean,
-                          backend, check_finite, group, memory, settings) -> ASLossTerms:
+                          backend, check_finite, group, memory, settings,
+                          enqueue: bool = False) -> ASLossTerms:
     """_global_terms after every rank's checks and settings are agreed (``agree``)."""
     what = "global_batch=True"  # (the entry, as_loss / ASLoss / as_loss_terms, names itself)
     _distributed.require_process_group(what)
@@ -277,52 +279,51 @@ def _checked_global_terms(x, labels, metric, constraint, include_self, reduction
     if sum(sizes) == 0:
         raise ValueError(f"{what}: the global batch has no rows (every rank's x has N = 0)")
     return _global_terms(x, labels, name, constraint, include_self, reduction, dim_scale,
-                         chosen, scan, group, sizes, memory)
+                         chosen, scan, group, sizes, memory, enqueue)
 
 
 def _global_terms(x: torch.Tensor, labels: torch.Tensor, metric: str, constraint: float,
                   include_self: bool, reduction: str, dim_scale: float, chosen: Route,
-                  scan: bool, group, sizes: list[int],
-                  memory: CrossBatchMemory | None = None) -> ASLossTerms:
+                  scan: bool, group, sizes: list[int], memory: CrossBatchMemory | None = None,
+                  enqueue: bool = False) -> ASLossTerms:
     """as_loss_terms of the batch of all ranks: this rank's rows against the gathered rows
-    (intra_inter_sums with ref and self_offset), weights from the global label counts, each
-    term's per-rank share summed over the ranks (``_distributed.sum_over_ranks``)."""
-    ref, ref_labels, offset = _distributed.gather_rows(x, labels, sizes, group)
+    (intra_inter_sums with ref and self_offset) and the memory's, weights from the global label
+    counts, each term's per-rank share summed over the ranks (``_distributed.sum_over_ranks``;
+    reduction="none": this rank's rows' contributions). ``enqueue``: then store the gathered
+    global batch in the memory, on every rank alike (ASLoss in training mode)."""
+    rows, rows_labels, offset = _distributed.gather_rows(x, labels, sizes, group)
     if scan:  # on the gathered rows: every rank raises together
-        check_all_finite(ref.detach(), "x (of some rank of the global batch)")
-    rows_labels = ref_labels  # the global batch's; the columns may go on with the memory
+        check_all_finite(rows.detach(), "x (of some rank of the global batch)")
+    ref, ref_labels = rows, rows_labels  # the columns: the global batch, then the memory's rows
     if memory is not None:
         stored, stored_labels = memory.contents()
         if scan:
             check_all_finite(stored, "the memory")
-        ref = torch.cat([ref, stored.to(dtype=ref.dtype)])
-        ref_labels = torch.cat([ref_labels, stored_labels.to(ref_labels.device)])
+        ref = torch.cat([rows, stored.to(dtype=rows.dtype)])
+        ref_labels = torch.cat([rows_labels, stored_labels.to(rows_labels.device)])
+        if enqueue:  # (after the copy above: the columns keep the rows stored before)
+            memory.enqueue(rows.detach(), rows_labels)
     acc = output_dtype(x.dtype)
     n = x.shape[0]
-    if reduction == "none":  # this rank's rows' contributions; all ranks' sum to the loss
-        if n == 0:  # (tied to the gathered rows, so that backward joins the all-reduce)
-            empty = ref.new_zeros(0, dtype=acc) + 0.0 * ref.to(acc).sum()
-            return ASLossTerms(empty, empty, empty)
-        w_in, w_out = (w[offset:offset + n] for w in
-                       term_weights(rows_labels, reduction, include_self, dim_scale, acc,
-                                    ref_labels))
-        s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref,
-                                       ref_labels=ref_labels, self_offset=offset)
-        return ASLossTerms(w_in * s_in, w_out * s_out,
-                           radial_terms(x, constraint, acc) / rows_labels.shape[0])
     if n == 0:
         # no rows here: zero shares, which still depend on the gathered rows, so that this
         # rank's backward joins the all-reduce of _GatherRows that the other ranks run
-        shares = ref.new_zeros(3, dtype=acc) + 0.0 * ref.to(acc).sum()
+        tie = 0.0 * ref.to(acc).sum()
+        if reduction == "none":
+            empty = ref.new_zeros(0, dtype=acc) + tie
+            return ASLossTerms(empty, empty, empty)
+        shares = ref.new_zeros(3, dtype=acc) + tie
     else:
         w_in, w_out = (w[offset:offset + n] for w in
                        term_weights(rows_labels, reduction, include_self, dim_scale, acc,
                                     ref_labels))
         s_in, s_out = checked_row_sums(x, labels, metric, chosen, ref=ref,
                                        ref_labels=ref_labels, self_offset=offset)
-        radial = radial_terms(x, constraint, acc).sum()
-        shares = torch.stack([(w_in * s_in).sum(), (w_out * s_out).sum(),
-                              radial / rows_labels.shape[0]])
+        inner, outer = w_in * s_in, w_out * s_out
+        radial = radial_terms(x, constraint, acc)
+        if reduction == "none":
+            return ASLossTerms(inner, outer, radial / rows_labels.shape[0])
+        shares = torch.stack([inner.sum(), outer.sum(), radial.sum() / rows_labels.shape[0]])
     inner, outer, boundary = _distributed.sum_over_ranks(shares, group).unbind()
     return ASLossTerms(inner, outer, boundary)
 
@@ -412,7 +413,8 @@ class ASLoss(nn.Module):
                                dim_mean=self.dim_mean, backend=self.backend,
                                check_finite=self.check_finite, global_batch=self.global_batch,
                                group=self.group, memory=self.memory,
-                               ddp_gradient=self.ddp_gradient, settings=dict(
+                               ddp_gradient=self.ddp_gradient,
+                               enqueue=self.training and self.global_batch, settings=dict(
                                    lambda_inner=self.lambda_inner,
                                    lambda_outer=self.lambda_outer,
                                    lambda_boundary=self.lambda_boundary, layers=len(layers),
@@ -421,12 +423,9 @@ class ASLoss(nn.Module):
             loss = (self.lambda_inner * t.inner - self.lambda_outer * t.outer
                     + self.lambda_boundary * t.boundary)
             total = weight * loss if total is None else total + weight * loss
-        if self.memory is not None and self.training:
-            if self.global_batch:  # every rank keeps the same memory: the global batch's rows
-                self.memory.enqueue(*_distributed.gather_all_rows(layers[0], labels,
-                                                                  self.group))
-            else:
-                self.memory.enqueue(layers[0], labels)
+        # (with global_batch the terms enqueued the gathered global batch, on every rank)
+        if self.memory is not None and self.training and not self.global_batch:
+            self.memory.enqueue(layers[0], labels)
         return total
 
     def extra_repr(self) -> str:

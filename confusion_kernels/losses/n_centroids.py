@@ -155,13 +155,24 @@ def _checked_loss(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
 _CHUNK_ELEMENTS = 1 << 24
 
 
+def _chunk_rows(z: torch.Tensor, centroids: torch.Tensor) -> int:
+    """Rows per chunk: at most _CHUNK_ELEMENTS of the N x K x D differences at a time."""
+    return max(1, _CHUNK_ELEMENTS // max(1, centroids.shape[0] * z.shape[1]))
+
+
+def _in_row_chunks(fn, z: torch.Tensor, labels: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """fn(z_chunk, labels_chunk) over chunks of ``rows`` rows, each recomputed in the backward
+    (activation checkpointing), so memory stays O(chunk x K x D + N D) instead of O(N K D)."""
+    return [torch.utils.checkpoint.checkpoint(fn, z[i:i + rows], labels[i:i + rows],
+                                              use_reentrant=False)
+            for i in range(0, z.shape[0], rows)]
+
+
 def _reference_in_row_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
                              metric: str, use_negatives: bool) -> torch.Tensor:
-    """The reference loss over row chunks, each recomputed in the backward (activation
-    checkpointing), so memory stays O(chunk x K x D + N D) instead of O(N K D); the loss is a
-    mean of per-row terms, so the chunks' sums give it exactly."""
-    n, k = z.shape[0], centroids.shape[0]
-    rows = max(1, _CHUNK_ELEMENTS // max(1, k * z.shape[1]))
+    """The reference loss over row chunks; the loss is a mean of per-row terms, so the chunks'
+    sums give it exactly."""
+    n, rows = z.shape[0], _chunk_rows(z, centroids)
     if rows >= n:
         return _reference.n_centroids_loss(z, labels, centroids, metric=metric,
                                            use_negatives=use_negatives)
@@ -170,17 +181,13 @@ def _reference_in_row_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: t
         return zc.shape[0] * _reference.n_centroids_loss(zc, yc, centroids, metric=metric,
                                                          use_negatives=use_negatives)
 
-    total = sum(torch.utils.checkpoint.checkpoint(chunk_sum, z[i:i + rows], labels[i:i + rows],
-                                                  use_reentrant=False)
-                for i in range(0, n, rows))
-    return total / n
+    return sum(_in_row_chunks(chunk_sum, z, labels, rows)) / n
 
 
 def _reference_rows_in_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
                               metric: str, use_negatives: bool) -> torch.Tensor:
-    """The reference's per-row losses [N] over row chunks (each recomputed in the backward),
-    O(chunk x K x D + N D) memory."""
-    rows = max(1, _CHUNK_ELEMENTS // max(1, centroids.shape[0] * z.shape[1]))
+    """The reference's per-row losses [N] over row chunks."""
+    rows = _chunk_rows(z, centroids)
 
     def chunk(zc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
         return _reference.n_centroids_rows(zc, yc, centroids, metric=metric,
@@ -188,9 +195,7 @@ def _reference_rows_in_chunks(z: torch.Tensor, labels: torch.Tensor, centroids: 
 
     if rows >= z.shape[0]:
         return chunk(z, labels)
-    return torch.cat([torch.utils.checkpoint.checkpoint(chunk, z[i:i + rows], labels[i:i + rows],
-                                                        use_reentrant=False)
-                      for i in range(0, z.shape[0], rows)])
+    return torch.cat(_in_row_chunks(chunk, z, labels, rows))
 
 
 @torch.no_grad()

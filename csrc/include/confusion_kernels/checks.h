@@ -40,6 +40,11 @@ inline int64_t metric_code(c10::string_view name, const char* op) {
               "'; expected euclidean, sqeuclidean, manhattan, cosine or smooth_l1");
 }
 
+// True for the metrics with a Gram form: euclidean, sqeuclidean, cosine.
+constexpr bool has_gram_form(int64_t metric) {
+  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
+}
+
 // The row-sum ops' kernel algorithm (spec.h: Algorithm), chosen by the Python router
 // (confusion_kernels/_routing.py) and passed by name: the ops never choose by themselves. The
 // Gram forms (pair_pass, gram_tiles) take euclidean, sqeuclidean and cosine only.
@@ -50,10 +55,9 @@ inline int64_t algorithm_code(c10::string_view name, int64_t metric, const char*
     if (key == kAlgorithmNames[a]) code = a;
   TORCH_CHECK(code >= 0, op, ": unknown algorithm '", key,
               "'; expected direct, pair_pass or gram_tiles");
-  TORCH_CHECK(
-      code == kDirect || metric == kEuclidean || metric == kSqEuclidean || metric == kCosine, op,
-      ": algorithm '", key, "' is a Gram form (euclidean, sqeuclidean, cosine); ",
-      kMetricNames[metric], " runs 'direct'");
+  TORCH_CHECK(code == kDirect || has_gram_form(metric), op, ": algorithm '", key,
+              "' is a Gram form (euclidean, sqeuclidean, cosine); ", kMetricNames[metric],
+              " runs 'direct'");
   return code;
 }
 
@@ -176,7 +180,7 @@ inline RowSumsInputs prepare_pair_pass_inputs(const at::Tensor& x, const at::Ten
                                               c10::string_view metric_name,
                                               c10::DeviceType device) {
   RowSumsInputs in = prepare_row_sums_inputs(x, labels, metric_name, device);
-  TORCH_CHECK(in.metric == kEuclidean || in.metric == kSqEuclidean || in.metric == kCosine,
+  TORCH_CHECK(has_gram_form(in.metric),
               "weighted_pair_sums_with_grad: metrics with a Gram form only (euclidean, "
               "sqeuclidean, cosine)");
   const int64_t n = in.x.size(0);
@@ -206,11 +210,6 @@ void dispatch_metric(int64_t metric, const char* op, F&& f) {
     default:
       TORCH_CHECK(false, op, ": unknown metric code ", metric);
   }
-}
-
-// True for the metrics with a Gram form: euclidean, sqeuclidean, cosine.
-constexpr bool has_gram_form(int64_t metric) {
-  return metric == kEuclidean || metric == kSqEuclidean || metric == kCosine;
 }
 
 // dispatch_metric for a metric code with a Gram form; f is instantiated for those
