@@ -55,7 +55,7 @@ def median_ms(step: Callable[[], None], reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(steps: dict[str, Callable[[], None]], busy: int = 2, reps: int = 5,
+def measure(steps: dict[str, Callable[[], None]], busy: int = 2, reps: int = 11,
             seconds: float = 60.0) -> list[dict]:
     """Per step: idle median, loaded median (``busy`` processes beside it), slowdown."""
     rows = []
@@ -69,25 +69,49 @@ def measure(steps: dict[str, Callable[[], None]], busy: int = 2, reps: int = 5,
 
 
 def default_steps(n: int = 4096, d: int = 64, product: int = 2048) -> dict[str, Callable[[], None]]:
-    """The fused ASLoss (fwd+bwd, random data) on cpu, its eager definition, and a product."""
+    """Every fused CPU op at the suite's shapes (fwd+bwd, random data), the ASLoss's eager
+    definition, and a product. Sizes scale with ``n`` (the test runs them tiny)."""
     import confusion_kernels as ck
     from confusion_kernels import reference
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g).requires_grad_(True)
     labels = torch.randint(0, 10, (n,), generator=g)
+    rows = max(n // 4, 8)  # the rectangular op: N / 4 rows against 2 N reference rows
+    q, ql = x.detach()[:rows].clone().requires_grad_(True), labels[:rows]
+    ref = torch.randn(2 * n, d, generator=g).requires_grad_(True)
+    ref_labels = torch.randint(0, 10, (2 * n,), generator=g)
+    classes, wide = max(n // 4, 4), 2 * d  # affinity: N x (N / 4 classes), D = 2 D
+    f = torch.randn(n, wide, generator=g).requires_grad_(True)
+    f_labels = torch.randint(0, classes, (n,), generator=g)
+    protos = torch.randn(classes, 1, wide, generator=g).requires_grad_(True)
+    z = reference.n_centroids.normalize(torch.randn(4 * n, wide, generator=g)).requires_grad_(True)
+    z_labels = torch.randint(0, classes, (4 * n,), generator=g)
+    cents = reference.n_centroids.normalize(torch.randn(classes, wide, generator=g))
     a = torch.randn(product, product, generator=g)
 
-    def fused() -> None:
-        x.grad = None
-        ck.as_loss(x, labels, backend="cpu").backward()
+    def backward(loss: torch.Tensor, *leaves: torch.Tensor) -> None:
+        for t in leaves:
+            t.grad = None
+        loss.backward()
 
-    def eager() -> None:
-        x.grad = None
-        reference.as_loss(x, labels).backward()
+    def rect() -> None:
+        s_in, s_out = ck.intra_inter_sums(q, ql, ref=ref, ref_labels=ref_labels, backend="cpu")
+        backward(s_in.sum() + s_out.sum(), q, ref)
 
-    return {f"as_loss ours-cpu (N={n}, D={d})": fused, f"as_loss eager (N={n}, D={d})": eager,
-            f"matrix product {product}^3": lambda: a @ a}
+    return {
+        f"as_loss ours-cpu (N={n}, D={d})":
+            lambda: backward(ck.as_loss(x, labels, backend="cpu"), x),
+        f"as_loss eager (N={n}, D={d})":
+            lambda: backward(reference.as_loss(x, labels), x),
+        f"intra_inter_sums rect ours-cpu (N={rows}, M={2 * n}, D={d})": rect,
+        f"affinity_loss ours-cpu (N={n}, C={classes}, m=1, D={wide})":
+            lambda: backward(ck.affinity_loss(f, f_labels, protos, lambda_diversity=0.0,
+                                              backend="cpu"), f, protos),
+        f"n_centroids_loss ours-cpu (N={4 * n}, K={classes}, D={wide})":
+            lambda: backward(ck.n_centroids_loss(z, z_labels, cents, backend="cpu"), z),
+        f"matrix product {product}^3": lambda: a @ a,
+    }
 
 
 def markdown(rows: list[dict]) -> list[str]:

@@ -125,8 +125,14 @@ def test_contention_case_runs_and_stops_its_load():
     rows = contention.measure(steps, busy=1, reps=2, seconds=5.0)
     assert rows[0]["step"] == "tiny" and rows[0]["slowdown"] > 0 and len(calls) == 6
     assert "| tiny |" in "\n".join(contention.markdown(rows))
-    assert set(contention.default_steps(n=16, d=3, product=8)) == {
-        "as_loss ours-cpu (N=16, D=3)", "as_loss eager (N=16, D=3)", "matrix product 8^3"}
+    tiny = contention.default_steps(n=16, d=3, product=8)
+    assert set(tiny) == {
+        "as_loss ours-cpu (N=16, D=3)", "as_loss eager (N=16, D=3)",
+        "intra_inter_sums rect ours-cpu (N=8, M=32, D=3)",
+        "affinity_loss ours-cpu (N=16, C=4, m=1, D=6)",
+        "n_centroids_loss ours-cpu (N=64, K=4, D=6)", "matrix product 8^3"}
+    for step in tiny.values():  # every step runs (a fused op raising would show here)
+        step()
 
 
 def test_curves_run_on_tiny_sizes(tmp_path):

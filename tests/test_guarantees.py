@@ -362,6 +362,40 @@ def test_fused_losses_are_bitwise_reproducible(backend):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_cpu_pair_kernels_do_not_depend_on_the_thread_count(metric):
+    """The CPU pair pass (many tile pairs, run out of order by the threads) and the rectangular
+    op's row-tile jobs give the same bits on 1 and 2 threads, and twice in a row."""
+    require_backend("cpu", "intra_inter_sums")
+    g = torch.Generator().manual_seed(12)
+    n, m, d = 1500, 700, 24  # several tiles of both ops, ragged ends
+    x = torch.randn(n, d, generator=g)
+    x[7] = x[3]  # a duplicate: an exact pair
+    labels = torch.randint(0, 5, (n,), generator=g)
+    ref = torch.randn(m, d, generator=g)
+    ref_labels = torch.randint(0, 5, (m,), generator=g)
+
+    def run():
+        a, r = x.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+        loss = ck.as_loss(a, labels, metric=metric, backend="cpu")
+        s_in, s_out = ck.intra_inter_sums(a, labels, metric, ref=r, ref_labels=ref_labels,
+                                          backend="cpu")
+        (loss + s_in.sum() * 1e-3 - s_out.mean()).backward()
+        return loss.detach(), s_in.detach(), s_out.detach(), a.grad, r.grad
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two, again = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(b, c)
+        assert torch.equal(a, b)
+
+
 # --- one dtype policy -------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ALL)
 def test_mixed_embedding_and_prototype_dtypes(backend):

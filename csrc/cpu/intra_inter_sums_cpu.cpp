@@ -24,9 +24,10 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/direct_pass.h"
-#include "confusion_kernels/gram_tiles.h"
 #include "confusion_kernels/pair_math.h"
 #include "pair_pass.h"
+#include "parallel_jobs.h"
+#include "simd.h"
 
 namespace confusion_kernels {
 namespace {
@@ -172,31 +173,52 @@ struct BackwardLoops {
 // cosine): one matrix product per (row tile x column tile); the pairs the Gram
 // form cannot resolve (gram_distance) are recomputed from differences exactly
 // as the direct loops compute them, so duplicated rows get distance 0 and
-// gradient 0. Rows are accumulated tile by tile in a fixed order.
+// gradient 0. One parallel region per call (parallel_jobs.h): a job is a row
+// tile against every column tile in order, so each row is written by one
+// thread, in a fixed order (deterministic). The per-pair epilogue runs on SIMD
+// lanes (simd.h), with the same formulas as gram_distance and
+// gram_grad_coefficients.
 // ---------------------------------------------------------------------------
 constexpr int64_t kRectRowTile = 256;
 constexpr int64_t kRectColTile = 512;
 
+// Rows per job: kRectRowTile, or fewer (down to 64) so that every thread gets
+// two jobs or more.
+inline int64_t rect_row_tile(int64_t n) {
+  const int64_t want = (n + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  return std::min(kRectRowTile, std::max<int64_t>(64, (want + 7) / 8 * 8));
+}
+
 // The Gram operands op(.) of both sides and their squared norms: euclidean /
 // sqeuclidean rows centred on b's mean (distances do not change, the Gram form
 // keeps its digits on data far from the origin); cosine the unit rows, with the
-// squared norms of the rows before normalising (eps test, 1/|a|).
+// squared norms of the rows before normalising (eps test, 1/|a|). Both sides'
+// labels as dense int32 ids (the lanes compare them).
 struct GramSides {
-  at::Tensor a, b, a_sq, b_sq;
+  at::Tensor a, b, a_sq, b_sq, a_cls, b_cls;
 };
 
 template <int64_t M, typename T>
 GramSides gram_sides(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
                      const at::Tensor& b_rows) {
+  const auto labels = [](const PairSide<T>& side) {
+    return at::from_blob(const_cast<int64_t*>(side.labels), {side.n},
+                         at::TensorOptions().dtype(at::kLong));
+  };
+  const at::Tensor ids = std::get<1>(at::_unique(at::cat({labels(a), labels(b)}), /*sorted=*/true,
+                                                 /*return_inverse=*/true))
+                             .to(at::kInt);
+  const at::Tensor a_cls = ids.narrow(0, 0, a.n).contiguous();
+  const at::Tensor b_cls = ids.narrow(0, a.n, b.n).contiguous();
   if (M == kCosine) {
     const auto squared = [](const PairSide<T>& side, const at::Tensor& rows) {
       return at::from_blob(const_cast<T*>(side.norms), {side.n}, rows.options()).square();
     };
-    return {a_rows, b_rows, squared(a, a_rows), squared(b, b_rows)};
+    return {a_rows, b_rows, squared(a, a_rows), squared(b, b_rows), a_cls, b_cls};
   }
   const at::Tensor mean = finite_row_mean(b_rows, 0);
   const at::Tensor ac = (a_rows - mean).contiguous(), bc = (b_rows - mean).contiguous();
-  return {ac, bc, (ac * ac).sum(1).contiguous(), (bc * bc).sum(1).contiguous()};
+  return {ac, bc, (ac * ac).sum(1).contiguous(), (bc * bc).sum(1).contiguous(), a_cls, b_cls};
 }
 
 // The direct form of one pair, as the loops above compute it: pair_math.h's exact form for
@@ -229,37 +251,151 @@ void exact_pair_grad(const PairSide<T>& a, const PairSide<T>& b, int64_t i, int6
   for (int64_t k = 0; k < d; ++k) gi[k] += alpha * (bj[k] - ai[k]) + beta * ai[k] + gamma * bj[k];
 }
 
+// Row i of a rectangular Gram tile and what its lanes read (columns from the tile's first).
+template <typename T>
+struct RectRow {
+  int32_t ci;
+  T sqi;               // op(a_i)'s squared norm (cosine: |a_i|^2)
+  T wii, woi;          // backward: row i's own weights
+  T inv_norm_a;        // cosine backward: 1 / |a_i|
+  const T* gram;       // row i of the Gram tile
+  const int32_t* cls;  // the columns' class ids
+  const T* sq;         // the columns' squared norms
+  const T *wi, *wo;    // backward: the columns' weights
+  T* w;                // backward: out, the columns' coefficients of op(b_j)
+};
+
+// Gram-form distances of columns [jj, jj + L::kWidth) and the lanes whose pair
+// needs the exact form (gram_distance, lane by lane).
+template <int64_t M, typename L, typename T>
+inline typename L::V rect_distance(const RectRow<T>& r, int64_t jj, typename L::M* exact) {
+  using V = typename L::V;
+  const V dot = L::load(r.gram + jj);
+  if constexpr (M == kCosine) {
+    const V dist = L::set1(T(1)) - dot;
+    const V eps2 = L::set1(T(kCosineEps) * T(kCosineEps));
+    *exact = L::m_or(L::le(dist, L::set1(T(kGramExactFraction))),
+                     L::m_not(L::gt(L::set1(r.sqi) * L::load(r.sq + jj), eps2)));
+    return dist;
+  } else {
+    const V nsum = L::set1(r.sqi) + L::load(r.sq + jj);
+    const V d2 = L::max0(nsum - L::set1(T(2)) * dot);
+    *exact = L::le(d2, L::set1(T(kGramExactFraction)) * nsum);
+    if constexpr (M == kEuclidean) return L::sqrt(d2);
+    return d2;
+  }
+}
+
+// Forward lanes: the Gram-form distances added to tin / tout (same / other
+// class); returns the lanes to recompute exactly (bit k: column jj + k).
+template <int64_t M, typename L, typename T>
+inline uint32_t rect_sum_lanes(const RectRow<T>& r, int64_t jj, typename L::V& tin,
+                               typename L::V& tout) {
+  typename L::M exact;
+  const typename L::V dist = rect_distance<M, L>(r, jj, &exact);
+  const typename L::V wd = L::select(exact, L::zero(), dist);
+  const auto same = L::class_eq(r.cls + jj, r.ci);
+  tin = tin + L::select(same, wd, L::zero());
+  tout = tout + L::select(same, L::zero(), wd);
+  return L::bits(exact);
+}
+
+// Backward lanes: the pair's coefficient c_ij (pair_coefficient) times
+// dD/da_i = self_coef op(a_i) + other_coef op(b_j) (gram_grad_coefficients):
+// the self part added to `self`, the other part stored in w; pairs with
+// c_ij = 0 contribute nothing. Returns the lanes to recompute exactly.
+template <int64_t M, typename L, typename T>
+inline uint32_t rect_grad_lanes(const RectRow<T>& r, int64_t jj, typename L::V& self) {
+  using V = typename L::V;
+  const V zero = L::zero();
+  typename L::M exact;
+  const V dist = rect_distance<M, L>(r, jj, &exact);
+  const auto same = L::class_eq(r.cls + jj, r.ci);
+  const V coef =
+      L::select(same, L::set1(r.wii) + L::load(r.wi + jj), L::set1(r.woi) + L::load(r.wo + jj));
+  const auto nonzero = L::m_or(L::gt(coef, zero), L::gt(zero, coef));
+  const auto skip = L::m_or(exact, L::m_not(nonzero));
+  V self_coef, other_coef;
+  if constexpr (M == kEuclidean) {
+    const V inv = L::select(L::gt(dist, zero), L::set1(T(1)) / dist, zero);
+    self_coef = coef * inv;
+    other_coef = zero - self_coef;
+  } else if constexpr (M == kSqEuclidean) {
+    self_coef = L::set1(T(2)) * coef;
+    other_coef = zero - self_coef;
+  } else {
+    other_coef = zero - coef * L::set1(r.inv_norm_a);
+    self_coef = coef * L::load(r.gram + jj) * L::set1(r.inv_norm_a);
+  }
+  self = self + L::select(skip, zero, self_coef);
+  L::store(r.w + jj, L::select(skip, zero, other_coef));
+  return L::bits(exact) & L::bits(nonzero);
+}
+
+// Runs lanes(jj) over columns [lo, hi): AVX2 lanes for the body, one lane for
+// the tail; fix(jj) for every column whose lane bit came back set.
+template <typename T, class Wide, class One, class Fix>
+inline void over_columns(int64_t lo, int64_t hi, const Wide& wide, const One& one, const Fix& fix) {
+  using L = simd::Widest<T>;
+  int64_t jj = lo;
+  for (; jj + L::kWidth <= hi; jj += L::kWidth)
+    for (uint32_t bits = wide(jj); bits; bits &= bits - 1) fix(jj + __builtin_ctz(bits));
+  for (; jj < hi; ++jj)
+    if (one(jj)) fix(jj);
+}
+
+// The tile-local column of row i's left-out pair in [c0, c0 + ct), or ct.
+inline int64_t self_column(int64_t i, int64_t shift, int64_t c0, int64_t ct) {
+  if (shift == kNoSelfPair) return ct;
+  const int64_t jj = i + shift - c0;
+  return jj >= 0 && jj < ct ? jj : ct;
+}
+
 template <int64_t M, typename T>
 void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
                        const at::Tensor& b_rows, int64_t shift, T* s_in, T* s_out) {
+  using L = simd::Widest<T>;
+  using S = simd::Scalar<T>;
   const int64_t d = a_rows.size(1);
   const GramSides g = gram_sides<M>(a, b, a_rows, b_rows);
   const T* a_sq = g.a_sq.template data_ptr<T>();
   const T* b_sq = g.b_sq.template data_ptr<T>();
+  const int32_t* a_cls = g.a_cls.data_ptr<int32_t>();
+  const int32_t* b_cls = g.b_cls.data_ptr<int32_t>();
   std::fill(s_in, s_in + a.n, T(0));
   std::fill(s_out, s_out + a.n, T(0));
-  for_each_gram_tile(g.a, g.b, kRectRowTile, kRectColTile,
-                     [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
-                       const at::Tensor gram = tile.contiguous();
-                       const T* gp = gram.template data_ptr<T>();
-                       at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
-                         for (int64_t ii = begin; ii < end; ++ii) {
-                           const int64_t i = r0 + ii;
-                           T in = 0, out = 0;
-                           for (int64_t jj = 0; jj < ct; ++jj) {
-                             const int64_t j = c0 + jj;
-                             if (is_self_pair(i, j, shift)) continue;
-                             bool exact = false;
-                             T dist =
-                                 gram_distance<T>(M, a_sq[i], b_sq[j], gp[ii * ct + jj], &exact);
-                             if (exact) dist = exact_pair_distance<M>(a, b, i, j, d);
-                             (b.labels[j] == a.labels[i] ? in : out) += dist;
-                           }
-                           s_in[i] += in;
-                           s_out[i] += out;
-                         }
-                       });
-                     });
+  const int64_t row_tile = rect_row_tile(a.n);
+  run_jobs((a.n + row_tile - 1) / row_tile, [&](int64_t t, int64_t) {
+    const int64_t r0 = t * row_tile, rt = std::min(row_tile, a.n - r0);
+    const at::Tensor ar = g.a.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < b.n; c0 += kRectColTile) {
+      const int64_t ct = std::min(kRectColTile, b.n - c0);
+      const at::Tensor gram = at::mm(ar, g.b.narrow(0, c0, ct).t()).contiguous();
+      const T* gp = gram.template data_ptr<T>();
+      at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t ii = begin; ii < end; ++ii) {
+          const int64_t i = r0 + ii;
+          const RectRow<T> r{a_cls[i],   a_sq[i],   0,       0,       0,      gp + ii * ct,
+                             b_cls + c0, b_sq + c0, nullptr, nullptr, nullptr};
+          typename L::V tin = L::zero(), tout = L::zero();
+          T in_tail = 0, out_tail = 0, in_exact = 0, out_exact = 0;
+          const auto wide = [&](int64_t jj) { return rect_sum_lanes<M, L>(r, jj, tin, tout); };
+          const auto one = [&](int64_t jj) {
+            return rect_sum_lanes<M, S>(r, jj, in_tail, out_tail);
+          };
+          const auto fix = [&](int64_t jj) {
+            const int64_t j = c0 + jj;
+            (b_cls[j] == a_cls[i] ? in_exact : out_exact) += exact_pair_distance<M>(a, b, i, j, d);
+          };
+          const int64_t self = self_column(i, shift, c0, ct);
+          over_columns<T>(0, self, wide, one, fix);
+          over_columns<T>(std::min(self + 1, ct), ct, wide, one, fix);
+          s_in[i] += L::hsum(tin) + in_tail + in_exact;
+          s_out[i] += L::hsum(tout) + out_tail + out_exact;
+        }
+      });
+    }
+  });
 }
 
 // grad (zeroed, [a.n, D]) += sum_j c_ij dD(a_i, b_j)/da_i: per tile, the Gram pairs'
@@ -269,49 +405,68 @@ void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Ten
 template <int64_t M, typename T>
 void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
                         const at::Tensor& b_rows, int64_t shift, T* grad) {
+  using L = simd::Widest<T>;
+  using S = simd::Scalar<T>;
   const int64_t d = a_rows.size(1);
   const GramSides g = gram_sides<M>(a, b, a_rows, b_rows);
   const T* a_sq = g.a_sq.template data_ptr<T>();
   const T* b_sq = g.b_sq.template data_ptr<T>();
+  const int32_t* a_cls = g.a_cls.data_ptr<int32_t>();
+  const int32_t* b_cls = g.b_cls.data_ptr<int32_t>();
+  // the columns' weights (a side without them weighs 0)
+  const at::Tensor zeros = at::zeros({b.n}, a_rows.options());
+  const T* b_wi = b.g_in ? b.g_in : zeros.template data_ptr<T>();
+  const T* b_wo = b.g_out ? b.g_out : zeros.template data_ptr<T>();
   at::Tensor grad_rows = at::from_blob(grad, {a.n, d}, a_rows.options());
   at::Tensor self_sum = at::zeros({a.n}, a_rows.options());
   T* self_p = self_sum.template data_ptr<T>();
-  for_each_gram_tile(
-      g.a, g.b, kRectRowTile, kRectColTile,
-      [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& tile) {
-        const at::Tensor gram = tile.contiguous();
-        const T* gp = gram.template data_ptr<T>();
-        at::Tensor w = at::empty({rt, ct}, a_rows.options());
-        T* wp = w.template data_ptr<T>();
-        at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
-          for (int64_t ii = begin; ii < end; ++ii) {
-            const int64_t i = r0 + ii;
-            const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
-            T self = 0;
-            for (int64_t jj = 0; jj < ct; ++jj) {
-              const int64_t j = c0 + jj;
-              T& wij = wp[ii * ct + jj];
-              wij = T(0);
-              const T coef = pair_coefficient(a, b, i, j, shift);
-              if (coef == T(0)) continue;
-              const T dot = gp[ii * ct + jj];
-              bool exact = false;
-              const T dist = gram_distance<T>(M, a_sq[i], b_sq[j], dot, &exact);
-              if (exact) {
-                exact_pair_grad<M>(a, b, i, j, d, coef, grad + i * d);
-                continue;
-              }
-              T self_coef, other_coef;
-              gram_grad_coefficients<T>(M, dot, dist, inv_norm_a, &self_coef, &other_coef);
-              self += coef * self_coef;
-              wij = coef * other_coef;
-            }
-            self_p[i] += self;
-          }
-        });
-        grad_rows.narrow(0, r0, rt).addmm_(w, g.b.narrow(0, c0, ct));
+  const int64_t row_tile = rect_row_tile(a.n);
+  run_jobs((a.n + row_tile - 1) / row_tile, [&](int64_t t, int64_t) {
+    const int64_t r0 = t * row_tile, rt = std::min(row_tile, a.n - r0);
+    const at::Tensor ar = g.a.narrow(0, r0, rt);
+    at::Tensor w_all = at::empty({rt, std::min(kRectColTile, b.n)}, a_rows.options());
+    for (int64_t c0 = 0; c0 < b.n; c0 += kRectColTile) {
+      const int64_t ct = std::min(kRectColTile, b.n - c0);
+      const at::Tensor bt = g.b.narrow(0, c0, ct);
+      const at::Tensor gram = at::mm(ar, bt.t()).contiguous();
+      const T* gp = gram.template data_ptr<T>();
+      at::Tensor w = w_all.narrow(1, 0, ct);
+      T* wp = w_all.template data_ptr<T>();
+      const int64_t ld = w_all.size(1);
+      at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t ii = begin; ii < end; ++ii) {
+          const int64_t i = r0 + ii;
+          const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
+          const RectRow<T> r{a_cls[i],
+                             a_sq[i],
+                             side_weight(a.g_in, i),
+                             side_weight(a.g_out, i),
+                             inv_norm_a,
+                             gp + ii * ct,
+                             b_cls + c0,
+                             b_sq + c0,
+                             b_wi + c0,
+                             b_wo + c0,
+                             wp + ii * ld};
+          typename L::V self = L::zero();
+          T self_tail = 0;
+          const auto wide = [&](int64_t jj) { return rect_grad_lanes<M, L>(r, jj, self); };
+          const auto one = [&](int64_t jj) { return rect_grad_lanes<M, S>(r, jj, self_tail); };
+          const auto fix = [&](int64_t jj) {
+            exact_pair_grad<M>(a, b, i, c0 + jj, d, pair_coefficient(a, b, i, c0 + jj, shift),
+                               grad + i * d);
+          };
+          const int64_t skip = self_column(i, shift, c0, ct);
+          over_columns<T>(0, skip, wide, one, fix);
+          if (skip < ct) r.w[skip] = T(0);
+          over_columns<T>(std::min(skip + 1, ct), ct, wide, one, fix);
+          self_p[i] += L::hsum(self) + self_tail;
+        }
       });
-  grad_rows.add_(g.a * self_sum.unsqueeze(1));
+      grad_rows.narrow(0, r0, rt).addmm_(w, bt);
+    }
+    grad_rows.narrow(0, r0, rt).add_(ar * self_sum.narrow(0, r0, rt).unsqueeze(1));
+  });
 }
 
 // The rectangular op's passes: the Gram tiles ('gram_tiles') or the loops ('direct').

@@ -17,17 +17,20 @@
 // after the shift, duplicates among them, and cosine's eps branch) are
 // recomputed exactly with the shared per-pair math.
 //
-// Deterministic: tiles are visited in a fixed order, every row's partial sums
-// are owned by one thread, the exact pairs are added serially, no atomics.
+// Deterministic: each tile pair runs on one thread (its exact pairs serially)
+// and the pairs that touch a tile run in a fixed order (run_tile_pairs), so a
+// row's additions come in the same order whatever the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "confusion_kernels/checks.h"
@@ -35,6 +38,7 @@
 #include "confusion_kernels/pair_math.h"
 #include "confusion_kernels/sorted_rows.h"
 #include "pair_pass.h"
+#include "parallel_jobs.h"
 #include "simd.h"
 
 namespace confusion_kernels {
@@ -270,23 +274,210 @@ int32_t tile_row(const TileView<acc_t>& v, int64_t ii) {
   return any ? 1 : 0;
 }
 
-// The pass over the upper triangle of tile pairs. With Grad, the pair (i, j)
-// adds w * D(x_i, x_j) to row i's total (w = w_i + w_j of its kind) and
-// w * dD/dx to both rows' gradients; without Grad it adds D(x_i, x_j) to the
-// row sums of both i and j (S_in / S_out in t_in_rows / t_out_rows).
+// The tile pairs (r <= c) of `tiles` row tiles in rounds in which no two pairs
+// share a tile: round t pairs tile t + s with tile t - s (s = 1, 2, ...) modulo
+// an odd number of slots (one empty slot more when `tiles` is even) and gives
+// tile t its diagonal pair, so every unordered pair comes exactly once (the
+// circle method of round-robin tournaments). Listed round after round, with
+// each pair's place in its two tiles' sequences (see run_tile_pairs).
+struct TilePair {
+  int64_t r, c;
+  int64_t r_before, c_before;  // pairs of tile r / c listed before this one
+};
+
+std::vector<TilePair> tile_pair_schedule(int64_t tiles) {
+  const int64_t slots = tiles | 1;
+  std::vector<TilePair> pairs;
+  std::vector<int64_t> seen(tiles, 0);
+  const auto add = [&](int64_t r, int64_t c) {
+    pairs.push_back({r, c, seen[r], seen[c]});
+    ++seen[r];
+    if (c != r) ++seen[c];
+  };
+  for (int64_t t = 0; t < slots; ++t) {
+    for (int64_t s = 1; s <= slots / 2; ++s) {
+      const int64_t p = (t + s) % slots, q = (t - s + slots) % slots;
+      if (p < tiles && q < tiles) add(std::min(p, q), std::max(p, q));
+    }
+    if (t < tiles) add(t, t);  // the diagonal (half a pair's work) last in its round
+  }
+  return pairs;
+}
+
+// Runs job(pair, worker) for every scheduled tile pair in one parallel region
+// (parallel_jobs.h) with no barrier between rounds: threads take the pairs in
+// schedule order, and a pair starts once its two tiles have finished every
+// pair listed before it (per-tile counters), so each row receives its
+// contributions in schedule order whatever the number of threads or the
+// timing (deterministic, no atomics on the outputs, no per-thread copies). A
+// waiting thread yields its core; a descheduled one holds up only the pairs of
+// its two tiles.
+template <class Job>
+void run_tile_pairs(const std::vector<TilePair>& pairs, int64_t tiles, const Job& job) {
+  std::vector<std::atomic<int64_t>> done(tiles);
+  for (auto& d : done) d.store(0, std::memory_order_relaxed);
+  // a pair that throws (out of memory) never finishes: the pairs after it are
+  // skipped instead of waiting for it, and parallel_for rethrows the error
+  std::atomic<bool> failed{false};
+  run_jobs(static_cast<int64_t>(pairs.size()), [&](int64_t k, int64_t worker) {
+    const TilePair& tp = pairs[k];
+    while (done[tp.r].load(std::memory_order_acquire) != tp.r_before ||
+           done[tp.c].load(std::memory_order_acquire) != tp.c_before) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      std::this_thread::yield();
+    }
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      job(tp, worker);
+    } catch (...) {
+      failed.store(true);
+      throw;
+    }
+    done[tp.r].fetch_add(1, std::memory_order_release);
+    if (tp.c != tp.r) done[tp.c].fetch_add(1, std::memory_order_release);
+  });
+}
+
+// A worker's scratch for its tile pairs: the coefficients / distances W, which
+// pairs take the exact form (marked in the row loop, all 0 again after the
+// exact pass) and which rows have any.
+template <typename acc_t>
+struct TileScratch {
+  at::Tensor w_all;  // [tile, tile]
+  std::vector<uint8_t> exact;
+  std::vector<int32_t> flagged;
+  TileScratch(int64_t tile, const at::TensorOptions& opt)
+      : w_all(at::empty({tile, tile}, opt)), exact(tile * tile, 0), flagged(tile) {}
+};
+
+// A row tile's operands, shared by all its tile pairs: the rows shifted by the
+// tile's mean (a one-class tile by its class mean; then the tile's same-class
+// pairs need nothing more) and their squared norms.
+struct RowTile {
+  int64_t r0 = 0, rt = 0;
+  bool one_class = false;
+  at::Tensor shift, a, na;
+};
+
+// What every tile pair of one pass reads and writes.
+template <typename acc_t>
+struct PassData {
+  const acc_t* xp;  // sorted rows (exact pairs)
+  int64_t d, tile;
+  const int32_t* cls;
+  const acc_t *sq, *nc, *wi, *wo;
+  acc_t *t_in_rows, *t_out_rows;
+  TileGrads* g;
+  acc_t *gxi, *gxo;
+  at::Tensor zs, class_centred;
+};
+
+// One tile pair (row tile `rtile`, columns [c0, c0 + ct), c0 >= its rows): the
+// Gram tile, the row loop, the exact pairs, then the gradient products (Grad)
+// or the column sums. Writes only the rows of its two tiles.
+template <int64_t M, bool Grad, typename acc_t>
+void tile_pair(const PassData<acc_t>& p, const RowTile& rtile, int64_t c0, int64_t ct,
+               TileScratch<acc_t>& s) {
+  const int64_t r0 = rtile.r0, rt = rtile.rt, d = p.d, tile = p.tile;
+  const int32_t* cls = p.cls;
+  const bool diagonal = c0 == r0;
+  const at::Tensor& a = rtile.a;
+  const at::Tensor b = diagonal ? a : (p.zs.narrow(0, c0, ct) - rtile.shift).contiguous();
+  const at::Tensor nb = diagonal ? rtile.na : (b * b).sum(1);
+  at::Tensor gram = at::mm(a, b.t()).contiguous();
+  // Same-class blocks of a tile holding several classes: their Gram entries
+  // again, around the class mean (a small product per block), so that a tight
+  // class far from its tile's mean keeps its digits.
+  const std::vector<SameClassBlock> blocks = same_class_blocks(cls, r0, rt, c0, ct);
+  std::vector<std::pair<at::Tensor, at::Tensor>> block_ops;  // class-centred rows, columns
+  for (const SameClassBlock& blk : blocks) {
+    if (rtile.one_class) {
+      block_ops.emplace_back(a.narrow(0, blk.r0, blk.r1 - blk.r0),
+                             b.narrow(0, blk.c0, blk.c1 - blk.c0));
+      continue;
+    }
+    const at::Tensor sa = p.class_centred.narrow(0, r0 + blk.r0, blk.r1 - blk.r0);
+    const at::Tensor sb = p.class_centred.narrow(0, c0 + blk.c0, blk.c1 - blk.c0);
+    gram.narrow(0, blk.r0, blk.r1 - blk.r0)
+        .narrow(1, blk.c0, blk.c1 - blk.c0)
+        .copy_(at::mm(sa, sb.t()));
+    block_ops.emplace_back(sa, sb);
+  }
+  at::Tensor w = s.w_all.narrow(0, 0, rt).narrow(1, 0, ct);
+  acc_t* wp = s.w_all.template data_ptr<acc_t>();
+  uint8_t* ep = s.exact.data();
+  const TileView<acc_t> view{gram.data_ptr<acc_t>(),
+                             ct,
+                             r0,
+                             c0,
+                             diagonal,
+                             cls,
+                             rtile.na.data_ptr<acc_t>(),
+                             nb.data_ptr<acc_t>(),
+                             p.nc,
+                             p.sq,
+                             p.wi,
+                             p.wo,
+                             wp,
+                             tile,
+                             ep,
+                             p.t_in_rows,
+                             p.t_out_rows};
+  at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t ii = begin; ii < end; ++ii) s.flagged[ii] = tile_row<M, Grad, acc_t>(view, ii);
+  });
+  // The pairs the Gram form cannot resolve, exactly and serially (they update two rows).
+  for (int64_t ii = 0; ii < rt; ++ii) {
+    if (!s.flagged[ii]) continue;
+    const int64_t i = r0 + ii;
+    for (int64_t jj = 0; jj < ct; ++jj) {
+      if (!ep[ii * tile + jj]) continue;
+      ep[ii * tile + jj] = 0;
+      const int64_t j = c0 + jj;
+      const bool same = cls[j] == cls[i];
+      const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, p.xp + i * d, p.xp + j * d, d);
+      acc_t* rows = same ? p.t_in_rows : p.t_out_rows;
+      if constexpr (Grad) {
+        const acc_t pw = same ? p.wi[i] + p.wi[j] : p.wo[i] + p.wo[j];
+        rows[i] += pw * dist;
+        acc_t* gx = same ? p.gxi : p.gxo;
+        pair_grad_exact_accumulate<acc_t, acc_t>(M, p.xp + i * d, p.xp + j * d, d, pw, gx + i * d);
+        pair_grad_exact_accumulate<acc_t, acc_t>(M, p.xp + j * d, p.xp + i * d, d, pw, gx + j * d);
+      } else {
+        rows[i] += dist;
+        rows[j] += dist;
+      }
+    }
+  }
+  if constexpr (Grad) {
+    // same-class blocks on their class-centred operands, then the rest of W
+    for (size_t k = 0; k < blocks.size(); ++k) {
+      const SameClassBlock& blk = blocks[k];
+      at::Tensor sub = w.narrow(0, blk.r0, blk.r1 - blk.r0).narrow(1, blk.c0, blk.c1 - blk.c0);
+      add_tile_gradient(sub, block_ops[k].first, block_ops[k].second, p.g->same, r0 + blk.r0,
+                        c0 + blk.c0);
+      sub.zero_();
+    }
+    const bool all_same = cls[r0] == cls[c0 + ct - 1];  // one class covers both tiles
+    if (!all_same) add_tile_gradient(w, a, b, p.g->other, r0, c0);
+  } else {
+    add_column_sums<acc_t>(wp, tile, rt, ct, cls + r0, cls + c0, p.t_in_rows + c0,
+                           p.t_out_rows + c0);
+  }
+}
+
+// The pass over the upper triangle of tile pairs, scheduled by
+// tile_pair_schedule and run_tile_pairs: one parallel region for all of them,
+// each tile pair on one thread. With Grad, the pair (i, j) adds w * D(x_i, x_j) to
+// row i's total (w = w_i + w_j of its kind) and w * dD/dx to both rows'
+// gradients; without Grad it adds D(x_i, x_j) to the row sums of both i and j
+// (S_in / S_out in t_in_rows / t_out_rows).
 template <int64_t M, bool Grad, typename acc_t>
 void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const int32_t* cls,
               const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows, TileGrads* g,
               acc_t* gxi, acc_t* gxo) {
   const int64_t n = xs.size(0), d = xs.size(1);
-  const acc_t* xp = xs.data_ptr<acc_t>();
   const int64_t tile = std::min(kTile, n);
-  at::Tensor w_all = at::empty({tile, tile}, xs.options());
-  std::vector<int32_t> flagged(tile);
-  // which pairs of the tile take the exact form: marked in the row loop,
-  // cleared again as they are recomputed
-  std::vector<uint8_t> exact_pairs(tile * tile, 0);
-  uint8_t* ep = exact_pairs.data();
   const std::vector<int64_t> bounds = tile_bounds(cls, n);
   const int64_t tiles = static_cast<int64_t>(bounds.size()) - 1;
   // Class means (of the finite rows) and every row's squared distance to its
@@ -303,89 +494,28 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
                                .div_(counts.clamp_min(1));
   const at::Tensor class_centred = zs - means.index_select(0, cls_ids);
   const at::Tensor nc = (class_centred * class_centred).sum(1);
-  const acc_t* ncp = nc.data_ptr<acc_t>();
-  for (int64_t rtile = 0; rtile < tiles; ++rtile) {
-    const int64_t r0 = bounds[rtile], rt = bounds[rtile + 1] - r0;
-    const at::Tensor zr = zs.narrow(0, r0, rt);
-    // one class: its mean (then the tile's same-class pairs need nothing more)
-    const bool one_class = cls[r0] == cls[r0 + rt - 1];
-    const at::Tensor shift = one_class ? means.narrow(0, cls[r0], 1) : finite_row_mean(zr, 0);
-    const at::Tensor a = (zr - shift).contiguous();
-    const at::Tensor na = (a * a).sum(1);
-    const acc_t* nap = na.data_ptr<acc_t>();
-    for (int64_t ctile = rtile; ctile < tiles; ++ctile) {
-      const int64_t c0 = bounds[ctile], ct = bounds[ctile + 1] - c0;
-      const bool diagonal = c0 == r0;
-      const at::Tensor b = diagonal ? a : (zs.narrow(0, c0, ct) - shift).contiguous();
-      const at::Tensor nb = diagonal ? na : (b * b).sum(1);
-      const acc_t* nbp = nb.data_ptr<acc_t>();
-      at::Tensor gram = at::mm(a, b.t()).contiguous();
-      // Same-class blocks of a tile holding several classes: their Gram entries
-      // again, around the class mean (a small product per block), so that a tight
-      // class far from its tile's mean keeps its digits.
-      const std::vector<SameClassBlock> blocks = same_class_blocks(cls, r0, rt, c0, ct);
-      std::vector<std::pair<at::Tensor, at::Tensor>> block_ops;  // class-centred rows, columns
-      for (const SameClassBlock& blk : blocks) {
-        if (one_class) {
-          block_ops.emplace_back(a.narrow(0, blk.r0, blk.r1 - blk.r0),
-                                 b.narrow(0, blk.c0, blk.c1 - blk.c0));
-          continue;
-        }
-        const at::Tensor sa = class_centred.narrow(0, r0 + blk.r0, blk.r1 - blk.r0);
-        const at::Tensor sb = class_centred.narrow(0, c0 + blk.c0, blk.c1 - blk.c0);
-        gram.narrow(0, blk.r0, blk.r1 - blk.r0)
-            .narrow(1, blk.c0, blk.c1 - blk.c0)
-            .copy_(at::mm(sa, sb.t()));
-        block_ops.emplace_back(sa, sb);
-      }
-      const acc_t* gp = gram.data_ptr<acc_t>();
-      at::Tensor w = w_all.narrow(0, 0, rt).narrow(1, 0, ct);
-      acc_t* wp = w_all.data_ptr<acc_t>();
-      const TileView<acc_t> view{gp, ct, r0, c0, diagonal, cls, nap,       nbp,       ncp,
-                                 sq, wi, wo, wp, tile,     ep,  t_in_rows, t_out_rows};
-      at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t ii = begin; ii < end; ++ii) flagged[ii] = tile_row<M, Grad, acc_t>(view, ii);
-      });
-      // The pairs the Gram form cannot resolve, exactly and serially (they update two rows).
-      for (int64_t ii = 0; ii < rt; ++ii) {
-        if (!flagged[ii]) continue;
-        const int64_t i = r0 + ii;
-        for (int64_t jj = 0; jj < ct; ++jj) {
-          if (!ep[ii * tile + jj]) continue;
-          ep[ii * tile + jj] = 0;  // all 0 again for the next tile pair
-          const int64_t j = c0 + jj;
-          const bool same = cls[j] == cls[i];
-          const acc_t dist = pair_distance_exact<acc_t, acc_t>(M, xp + i * d, xp + j * d, d);
-          acc_t* rows = same ? t_in_rows : t_out_rows;
-          if constexpr (Grad) {
-            const acc_t pw = same ? wi[i] + wi[j] : wo[i] + wo[j];
-            rows[i] += pw * dist;
-            acc_t* gx = same ? gxi : gxo;
-            pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + i * d, xp + j * d, d, pw, gx + i * d);
-            pair_grad_exact_accumulate<acc_t, acc_t>(M, xp + j * d, xp + i * d, d, pw, gx + j * d);
-          } else {
-            rows[i] += dist;
-            rows[j] += dist;
-          }
-        }
-      }
-      if constexpr (Grad) {
-        // same-class blocks on their class-centred operands, then the rest of W
-        for (size_t k = 0; k < blocks.size(); ++k) {
-          const SameClassBlock& blk = blocks[k];
-          at::Tensor sub = w.narrow(0, blk.r0, blk.r1 - blk.r0).narrow(1, blk.c0, blk.c1 - blk.c0);
-          add_tile_gradient(sub, block_ops[k].first, block_ops[k].second, g->same, r0 + blk.r0,
-                            c0 + blk.c0);
-          sub.zero_();
-        }
-        const bool all_same = cls[r0] == cls[c0 + ct - 1];  // one class covers both tiles
-        if (!all_same) add_tile_gradient(w, a, b, g->other, r0, c0);
-      } else {
-        add_column_sums<acc_t>(wp, tile, rt, ct, cls + r0, cls + c0, t_in_rows + c0,
-                               t_out_rows + c0);
-      }
-    }
-  }
+  std::vector<RowTile> row_tiles(tiles);
+  run_jobs(tiles, [&](int64_t t, int64_t) {
+    RowTile& rtile = row_tiles[t];
+    rtile.r0 = bounds[t];
+    rtile.rt = bounds[t + 1] - rtile.r0;
+    const at::Tensor zr = zs.narrow(0, rtile.r0, rtile.rt);
+    rtile.one_class = cls[rtile.r0] == cls[rtile.r0 + rtile.rt - 1];
+    rtile.shift = rtile.one_class ? means.narrow(0, cls[rtile.r0], 1) : finite_row_mean(zr, 0);
+    rtile.a = (zr - rtile.shift).contiguous();
+    rtile.na = (rtile.a * rtile.a).sum(1);
+  });
+  const PassData<acc_t> data{
+      xs.data_ptr<acc_t>(), d, tile, cls, sq, nc.data_ptr<acc_t>(), wi, wo, t_in_rows,
+      t_out_rows,           g, gxi,  gxo, zs, class_centred};
+  const std::vector<TilePair> pairs = tile_pair_schedule(tiles);
+  std::vector<TileScratch<acc_t>> scratch;
+  for (int64_t k = 0; k < job_workers(static_cast<int64_t>(pairs.size())); ++k)
+    scratch.emplace_back(tile, xs.options());
+  run_tile_pairs(pairs, tiles, [&](const TilePair& tp, int64_t worker) {
+    const int64_t c0 = bounds[tp.c], ct = bounds[tp.c + 1] - c0;
+    tile_pair<M, Grad, acc_t>(data, row_tiles[tp.r], c0, ct, scratch[worker]);
+  });
 }
 
 }  // namespace
