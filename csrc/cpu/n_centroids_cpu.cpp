@@ -17,6 +17,7 @@
 
 #include "confusion_kernels/n_centroids_tiles.h"
 #include "confusion_kernels/sphere_math.h"
+#include "parallel_jobs.h"
 #include "simd.h"
 
 namespace confusion_kernels {
@@ -221,6 +222,13 @@ struct CpuTiles {
     NoAutocast no_autocast;
     explicit Guard(c10::Device) {}
   };
+  // job(r0, rt) for every row tile, in one parallel region (parallel_jobs.h): each
+  // tile on one thread, its products single-threaded, its rows written by it alone
+  template <class Job>
+  static void row_tiles(int64_t n, const Job& job) {
+    run_jobs((n + kRowTile - 1) / kRowTile,
+             [&](int64_t t, int64_t) { job(t * kRowTile, std::min(kRowTile, n - t * kRowTile)); });
+  }
   static void direct(const nc::Inputs& in, const at::Tensor& index, const at::Tensor& weight,
                      at::Tensor& dist, const at::Tensor& grad_x) {
     AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "n_centroids_direct_cpu", [&] {

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "confusion_kernels/n_centroids_tiles.h"
@@ -29,6 +30,11 @@ struct CudaTiles {
     NoAutocast no_autocast;
     explicit Guard(c10::Device d) : device(d) {}
   };
+  // job(r0, rt) for every row tile, one after another (stream order)
+  template <class Job>
+  static void row_tiles(int64_t n, const Job& job) {
+    for (int64_t r0 = 0; r0 < n; r0 += kRowTile) job(r0, std::min(kRowTile, n - r0));
+  }
 
   static void direct(const nc::Inputs& in, const at::Tensor& index, const at::Tensor& weight,
                      at::Tensor& dist, const at::Tensor& grad_x) {

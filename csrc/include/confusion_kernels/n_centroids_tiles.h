@@ -5,7 +5,8 @@
 //   h_i = argmin_{k != y_i} d(x_i, c_k)            (g = 1 with negatives, else 0)
 // The own and the hardest centroid are one pair per row, computed exactly from
 // differences (Tiles::direct). The hardest index and the mean over negatives
-// need every centroid: the prototype tile loop of gram_tiles.h with an epilogue
+// need every centroid: each row tile (Tiles::row_tiles) against every centroid
+// tile in order, one product per tile pair, with an epilogue
 // (Tiles::negatives, per pair sphere_math.h) that keeps per row the running
 // first minimum, the running sum and, for gradients, the coefficient tile B of
 // the centroids (grad_x += B C_t, one more product per tile) plus a per-row
@@ -104,24 +105,27 @@ void negatives_pass(const Inputs& in, const at::Tensor& best, const at::Tensor& 
                     const at::Tensor& sum, const at::Tensor& weight, const at::Tensor& grad_x) {
   const bool with_grad = weight.defined();
   const int64_t n = in.x.size(0), k = in.centroids.size(0);
-  const int64_t rt_max = std::min<int64_t>(Tiles::kRowTile, n);
   const int64_t ct_max = std::min<int64_t>(Tiles::kCentroidTile, k);
-  at::Tensor coef_buf, x_coef;
-  if (with_grad) {
-    coef_buf = at::empty({rt_max * ct_max}, in.x.options());
-    x_coef = at::zeros({n}, in.x.options());
-  }
-  for_each_gram_tile(in.x, in.centroids, Tiles::kRowTile, Tiles::kCentroidTile,
-                     [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const at::Tensor& g) {
-                       at::Tensor coef;
-                       if (with_grad) coef = coef_buf.narrow(0, 0, rt * ct).view({rt, ct});
-                       Tiles::negatives(g, in, r0, c0, rows_of(weight, r0, rt),
-                                        rows_of(best, r0, rt), rows_of(best_k, r0, rt),
-                                        rows_of(sum, r0, rt), coef, rows_of(x_coef, r0, rt),
-                                        rows_of(grad_x, r0, rt));
-                       if (with_grad)
-                         grad_x.narrow(0, r0, rt).addmm_(coef, in.centroids.narrow(0, c0, ct));
-                     });
+  at::Tensor x_coef;
+  if (with_grad) x_coef = at::zeros({n}, in.x.options());
+  // a row tile against every centroid tile in order (the first hardest negative and
+  // the sums keep that order); Tiles::row_tiles runs the row tiles (CPU: in parallel,
+  // each on one thread; CUDA: one after another on the stream)
+  Tiles::row_tiles(n, [&](int64_t r0, int64_t rt) {
+    at::Tensor coef_buf;
+    if (with_grad) coef_buf = at::empty({rt * ct_max}, in.x.options());
+    const at::Tensor xr = in.x.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < k; c0 += Tiles::kCentroidTile) {
+      const int64_t ct = std::min<int64_t>(Tiles::kCentroidTile, k - c0);
+      const at::Tensor cents = in.centroids.narrow(0, c0, ct);
+      at::Tensor coef;
+      if (with_grad) coef = coef_buf.narrow(0, 0, rt * ct).view({rt, ct});
+      Tiles::negatives(at::mm(xr, cents.t()), in, r0, c0, rows_of(weight, r0, rt),
+                       rows_of(best, r0, rt), rows_of(best_k, r0, rt), rows_of(sum, r0, rt), coef,
+                       rows_of(x_coef, r0, rt), rows_of(grad_x, r0, rt));
+      if (with_grad) grad_x.narrow(0, r0, rt).addmm_(coef, cents);
+    }
+  });
   if (with_grad) grad_x.addcmul_(x_coef.unsqueeze(1), in.x);
 }
 
