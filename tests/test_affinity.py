@@ -178,6 +178,55 @@ def test_far_points_underflow_to_zero_not_nan(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_float32_across_the_whole_exp_range(backend, m):
+    """fp32 against the float64 reference with exponents -s / sigma from about -1 to
+    -160: near classes (the AVX2 exp's polynomial and range reduction), the band
+    where exp(-s / sigma) is subnormal in fp32 (flushed to 0 by the C++ kernels,
+    a change below 1.2e-38 per term) and beyond; 37 classes leave a ragged lane tail. No
+    row sits on a prototype: there the fp32 Gram-form gradient 2 rowsum(A) f - 2 A W
+    cancels, an error of its own."""
+    device = require_backend(backend, OP)
+    gen = torch.Generator().manual_seed(12)
+    f = torch.randn(90, 8, generator=gen, dtype=torch.float64)
+    w = torch.randn(37, m, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 37, (90,), generator=gen)
+    sigma = 0.25
+    x = ref.squared_distances(f, w).min(dim=2).values / sigma
+    assert (x < 20).sum() > 50 and ((x > 87) & (x < 104)).sum() > 50 and (x > 120).any()
+    g = torch.randn(90, generator=gen, dtype=torch.float64)
+    kw = dict(sigma=sigma, margin=0.75, similarity="gaussian")
+    want = rows_and_grads(f, labels, w, g, "reference", **kw)
+    got = rows_and_grads(f.float().to(device), labels.to(device), w.float().to(device),
+                         g.to(device), backend, **kw)
+    for a, b, what in zip(got, want, ("rows", "grad f", "grad W")):
+        assert_rel(a, b, 1e-5, f"{backend} fp32 m={m} {what}", atol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("sigma,s", [(1.0, 95.0), (10.0, 865.0)])
+def test_affinities_below_the_normal_range_are_flushed(backend, sigma, s):
+    """The C++ kernels flush an affinity exp(-s / sigma) below the smallest normal float,
+    and a gradient coefficient -d / sigma below it, to 0: subnormal operands are 10-40x
+    slower on x86. Every class sits at s from every row: with s / sigma = 95 the affinities
+    are subnormal, with s / sigma = 86.5 and sigma = 10 they are normal but their
+    coefficients are not. The hinges are the margin and the gradient is exactly 0, where
+    fp32 eager keeps tiny subnormal values."""
+    device = require_backend(backend, OP)
+    f = torch.zeros(4, 3, dtype=torch.float32, device=device)
+    f[:, 0] = torch.tensor([0.0, 1e-3, 2e-3, 3e-3])
+    w = torch.zeros(3, 1, 3, dtype=torch.float32, device=device)
+    w[0, 0, 1], w[1, 0, 2], w[2, 0, 1] = s ** 0.5, s ** 0.5, -(s ** 0.5)
+    labels = torch.tensor([0, 1, 2, 0], device=device)
+    kw = dict(sigma=sigma, margin=0.75, similarity="gaussian")
+    coef_eager = ref.class_affinity(f, w, sigma=sigma) / sigma
+    assert ((coef_eager > 0) & (coef_eager < torch.finfo(torch.float32).tiny)).all()
+    rows, gf, gw = rows_and_grads(f, labels, w, torch.ones(4, device=device), backend, **kw)
+    assert torch.equal(rows, torch.full_like(rows, 0.75 * 2))
+    assert torch.equal(gf, torch.zeros_like(gf)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("margin", [0.0, 0.999])
 def test_margin_edges(backend, margin):
     device = require_backend(backend, OP)

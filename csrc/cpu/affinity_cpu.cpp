@@ -4,8 +4,8 @@
 //
 // Squared distances come from (row tile x prototype tile) matrix products in
 // the Gram form; a tile holds whole classes so the min over t stays inside it,
-// and its epilogue is one loop over the cache-resident tile with the per-pair
-// formulas of affinity_math.h (plus one vectorised exp pass). Forward:
+// and its epilogue is one pass over the cache-resident tile with the per-pair
+// formulas of affinity_math.h on AVX2 lanes (simd.h, exp included). Forward:
 // d_true by direct dot products (affinity_math.h), then every tile adds the
 // hinges of its classes. Backward recomputes each tile and turns it into the
 // sparse coefficient tile A (one entry per row and class: the arg-min
@@ -16,76 +16,128 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/affinity_tiles.h"
 #include "confusion_kernels/checks.h"
+#include "simd.h"
 
 namespace confusion_kernels {
 namespace {
 
-// Affinities of one (row tile x class tile) block from its Gram tile g
-// [rt, ct m]: per row and class the min over the m prototypes
-// (affinity_sq_distance, class_min), the first arg-min, and the similarity
-// (affinity_similarity; the exp as one vectorised pass over the tile).
-template <typename acc_t>
-void similarity_tile(const at::Tensor& g, const acc_t* fn_r, const acc_t* wn_t, int64_t m,
-                     acc_t sigma, int64_t kind, at::Tensor& d_tile, int64_t* arg_tile) {
-  const int64_t rt = g.size(0), ct = g.size(1) / m;
-  const acc_t* gp = g.data_ptr<acc_t>();
-  acc_t* dp = d_tile.data_ptr<acc_t>();
-  at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t ii = begin; ii < end; ++ii) {
-      for (int64_t jj = 0; jj < ct; ++jj) {
-        int64_t arg = 0;
-        const acc_t s = m == 1
-                            ? affinity_sq_distance(fn_r[ii], wn_t[jj], gp[ii * ct + jj])
-                            : class_min(gp + (ii * ct + jj) * m, wn_t + jj * m, fn_r[ii], m, &arg);
-        arg_tile[ii * ct + jj] = arg;
-        dp[ii * ct + jj] = kind == kInverse ? affinity_similarity(kind, s, sigma) : -s / sigma;
-      }
-    }
-  });
-  if (kind != kInverse) d_tile.exp_();
+// One row of a (row tile x class tile) block, as its lanes read it.
+template <typename T>
+struct AffinityRow {
+  T f_norm;         // |f_i|^2
+  T d_true;         // d_{i y_i}
+  T g;              // upstream gradient of L_i (1 in the fused pass)
+  T own_weight;     // the own class's weight: -active_i (backward) or 0 (added later)
+  int32_t own;      // the own class's column in the tile, -1 when not in it
+  const T* gram;    // the row of the Gram tile: f_i . w_jt at [j m + t]
+  const T* w_norm;  // |w_jt|^2 at [j m + t]
+  T* coef;          // out, when given: the row of the coefficient tile A [j m + t]
+};
+
+// Classes [jj, jj + L::kWidth) of one row: affinity_math.h's formulas on lanes
+// (affinity_sq_distance, keep_first_min over the m prototypes, affinity_similarity,
+// affinity_hinge, affinity_coefficient, in the same operation order), the
+// active hinges added to h_sum / count and the coefficients to coef_sum; each
+// coefficient goes to its class's arg-min slot of r.coef.
+template <class L, typename T>
+inline void affinity_lanes(const AffinityRow<T>& r, const int32_t* cols, int64_t jj, int64_t m,
+                           T sigma, T margin, int64_t kind, typename L::V& h_sum,
+                           typename L::V& count, typename L::V& coef_sum) {
+  using V = typename L::V;
+  const V zero = L::zero(), one = L::set1(T(1)), sig = L::set1(sigma);
+  V s = zero, arg = zero;  // the min over t, and its first arg-min (t as a T)
+  for (int64_t t = 0; t < m; ++t) {
+    const int64_t k = jj * m + t;
+    const V dot = m == 1 ? L::load(r.gram + k) : L::gather(r.gram + k, m);
+    const V wn = m == 1 ? L::load(r.w_norm + k) : L::gather(r.w_norm + k, m);
+    const V st = L::max0(L::set1(r.f_norm) + wn - L::set1(T(2)) * dot);
+    const auto closer = t == 0 ? L::le(zero, zero) : L::gt(s, st);
+    s = L::select(closer, st, s);
+    arg = L::select(closer, L::set1(T(t)), arg);
+  }
+  V d, dds;
+  if (kind == kInverse) {
+    d = one / (one + s / sig);
+    dds = zero - d * d / sig;
+  } else {  // exp of the exponent, 0 below the normal range (gaussian_exponent)
+    const V x = zero - s / sig, floor = L::set1(Subnormal<T>::kExpFloor);
+    d = L::select(L::gt(x, floor), L::exp(L::max(x, floor)), zero);
+    dds = zero - d / sig;
+  }
+  const V h = L::set1(margin) + d - L::set1(r.d_true);
+  const auto own = L::class_eq(cols + jj, r.own);
+  const auto on = L::m_and(L::gt(h, zero), L::m_not(own));
+  h_sum = h_sum + L::select(on, h, zero);
+  count = count + L::select(on, one, zero);
+  if (r.coef == nullptr) return;
+  const V weight = L::select(own, L::set1(r.own_weight), L::select(on, one, zero));
+  const V c = L::set1(r.g) * weight * dds;
+  const V tiny = L::set1(Subnormal<T>::kMin);  // flush_subnormal
+  const V flushed = L::select(L::m_and(L::gt(tiny, c), L::gt(c, zero - tiny)), zero, c);
+  coef_sum = coef_sum + flushed;
+  if (m == 1) return L::store(r.coef + jj, flushed);
+  T lanes_c[L::kWidth], lanes_t[L::kWidth];
+  L::store(lanes_c, flushed);
+  L::store(lanes_t, arg);
+  for (int k = 0; k < L::kWidth; ++k)
+    r.coef[(jj + k) * m + static_cast<int64_t>(lanes_t[k])] = lanes_c[k];
 }
 
-// Per row and class of a tile: the hinge against d_true (forward sums, when
-// rows_r is given) and the coefficient dL/ds at the class's arg-min prototype
-// into `a` [rt, ct m] (when given): g_i * w_ij * dd/ds with w_ij = 1 for an
-// active hinge, 0 otherwise, and for the own class -active_i when own_active_r
-// is given (else 0: the caller adds that term).
-template <typename acc_t>
-void hinge_tile(const acc_t* dp, const int64_t* arg_tile, int64_t rt, int64_t ct, int64_t m,
-                int64_t c0, const int64_t* lab_r, const acc_t* d_true_r, acc_t sigma, acc_t margin,
-                int64_t kind, acc_t* rows_r, acc_t* active_r, const acc_t* g_r,
-                const acc_t* own_active_r, acc_t* a, acc_t* a_row_sums) {
+// The classes [0, ct) of one row: AVX2 lanes for the body, one lane for the
+// tail; returns (sum of the active hinges, their count, sum of the coefficients).
+template <typename T>
+inline std::array<T, 3> affinity_row(const AffinityRow<T>& r, const int32_t* cols, int64_t ct,
+                                     int64_t m, T sigma, T margin, int64_t kind) {
+  using L = simd::Widest<T>;
+  using S = simd::Scalar<T>;
+  typename L::V h = L::zero(), n = L::zero(), c = L::zero();
+  int64_t jj = 0;
+  for (; jj + L::kWidth <= ct; jj += L::kWidth)
+    affinity_lanes<L>(r, cols, jj, m, sigma, margin, kind, h, n, c);
+  T h1 = L::hsum(h), n1 = L::hsum(n), c1 = L::hsum(c);
+  for (; jj < ct; ++jj) affinity_lanes<S>(r, cols, jj, m, sigma, margin, kind, h1, n1, c1);
+  return {h1, n1, c1};
+}
+
+// The epilogue of one (row tile x class tile) block from its Gram tile g
+// [rt, ct m], in one pass over it: per row and class the affinity of the
+// closest prototype, the hinge against d_true (into rows_r / active_r, when
+// given) and the coefficient dL/ds at the class's arg-min prototype into `a`
+// [rt, ct m] (when given; other slots stay as they are, the caller zeroes
+// them for m > 1), with its row sums into a_row_sums.
+template <typename T>
+void epilogue_tile(const at::Tensor& g, const T* fn_r, const T* wn_t, int64_t m, int64_t c0,
+                   const int64_t* lab_r, const T* d_true_r, T sigma, T margin, int64_t kind,
+                   T* rows_r, T* active_r, const T* g_r, const T* own_active_r, T* a,
+                   T* a_row_sums) {
+  const int64_t rt = g.size(0), ct = g.size(1) / m;
+  const T* gp = g.data_ptr<T>();
+  std::vector<int32_t> cols(ct);
+  for (int64_t jj = 0; jj < ct; ++jj) cols[jj] = static_cast<int32_t>(jj);
   at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
     for (int64_t ii = begin; ii < end; ++ii) {
-      acc_t h_sum = 0, count = 0, coef_sum = 0;
-      const acc_t g = g_r != nullptr ? g_r[ii] : acc_t(1);
-      for (int64_t jj = 0; jj < ct; ++jj) {
-        const acc_t d = dp[ii * ct + jj];
-        const bool own = c0 + jj == lab_r[ii];
-        bool on;
-        const acc_t h = affinity_hinge(margin, d, d_true_r[ii], &on);
-        on = on && !own;
-        h_sum += on ? h : acc_t(0);
-        count += on ? acc_t(1) : acc_t(0);
-        if (a != nullptr) {
-          const acc_t weight = own ? (own_active_r != nullptr ? -own_active_r[ii] : acc_t(0))
-                                   : (on ? acc_t(1) : acc_t(0));
-          const acc_t coef = g * weight * affinity_similarity_grad(kind, d, sigma);
-          a[(ii * ct + jj) * m + arg_tile[ii * ct + jj]] = coef;
-          coef_sum += coef;
-        }
-      }
+      const int64_t own = lab_r[ii] - c0;
+      const AffinityRow<T> r{fn_r[ii],
+                             d_true_r[ii],
+                             g_r != nullptr ? g_r[ii] : T(1),
+                             own_active_r != nullptr ? -own_active_r[ii] : T(0),
+                             own >= 0 && own < ct ? static_cast<int32_t>(own) : -1,
+                             gp + ii * ct * m,
+                             wn_t,
+                             a == nullptr ? nullptr : a + ii * ct * m};
+      const std::array<T, 3> sums = affinity_row(r, cols.data(), ct, m, sigma, margin, kind);
       if (rows_r != nullptr) {
-        rows_r[ii] += h_sum;
-        active_r[ii] += count;
+        rows_r[ii] += sums[0];
+        active_r[ii] += sums[1];
       }
-      if (a_row_sums != nullptr) a_row_sums[ii] += coef_sum;
+      if (a_row_sums != nullptr) a_row_sums[ii] += sums[2];
     }
   });
 }
@@ -134,28 +186,20 @@ struct CpuTiles {
                                     d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>());
     });
   }
-  static void similarity(const at::Tensor& g, const at::Tensor& fn_r, const at::Tensor& wn_t,
-                         int64_t m, double sigma, int64_t kind, at::Tensor& d_tile,
-                         at::Tensor& arg_tile) {
-    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "affinity_similarity_cpu", [&] {
-      similarity_tile<scalar_t>(g.contiguous(), fn_r.data_ptr<scalar_t>(),
-                                wn_t.data_ptr<scalar_t>(), m, scalar_t(sigma), kind, d_tile,
-                                arg_tile.data_ptr<int64_t>());
-    });
-  }
-  static void hinge(const at::Tensor& d_tile, const at::Tensor& arg_tile, int64_t m, int64_t c0,
-                    const at::Tensor& lab_r, const at::Tensor& d_true_r, double sigma,
-                    double margin, int64_t kind, const at::Tensor& rows_r,
-                    const at::Tensor& active_r, const at::Tensor& g_r,
-                    const at::Tensor& own_active_r, const at::Tensor& a,
-                    const at::Tensor& a_row_sums) {
-    AT_DISPATCH_FLOATING_TYPES(d_tile.scalar_type(), "affinity_hinge_tile_cpu", [&] {
-      hinge_tile<scalar_t>(d_tile.data_ptr<scalar_t>(), arg_tile.data_ptr<int64_t>(),
-                           d_tile.size(0), d_tile.size(1), m, c0, lab_r.data_ptr<int64_t>(),
-                           d_true_r.data_ptr<scalar_t>(), scalar_t(sigma), scalar_t(margin), kind,
-                           ptr_or_null<scalar_t>(rows_r), ptr_or_null<scalar_t>(active_r),
-                           ptr_or_null<scalar_t>(g_r), ptr_or_null<scalar_t>(own_active_r),
-                           ptr_or_null<scalar_t>(a), ptr_or_null<scalar_t>(a_row_sums));
+  static constexpr bool kTileScratch = false;  // the epilogue needs no d / arg tiles
+  static void epilogue(const at::Tensor& g, const at::Tensor& fn_r, const at::Tensor& wn_t,
+                       int64_t m, int64_t c0, const at::Tensor& lab_r, const at::Tensor& d_true_r,
+                       double sigma, double margin, int64_t kind, const at::Tensor& rows_r,
+                       const at::Tensor& active_r, const at::Tensor& g_r,
+                       const at::Tensor& own_active_r, const at::Tensor& a,
+                       const at::Tensor& a_row_sums, affinity::TileBuffers&) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "affinity_epilogue_cpu", [&] {
+      epilogue_tile<scalar_t>(g.contiguous(), fn_r.data_ptr<scalar_t>(), wn_t.data_ptr<scalar_t>(),
+                              m, c0, lab_r.data_ptr<int64_t>(), d_true_r.data_ptr<scalar_t>(),
+                              scalar_t(sigma), scalar_t(margin), kind,
+                              ptr_or_null<scalar_t>(rows_r), ptr_or_null<scalar_t>(active_r),
+                              ptr_or_null<scalar_t>(g_r), ptr_or_null<scalar_t>(own_active_r),
+                              ptr_or_null<scalar_t>(a), ptr_or_null<scalar_t>(a_row_sums));
     });
   }
 };

@@ -34,6 +34,24 @@ struct CudaTiles {
           d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>(), current_stream());
     });
   }
+  static constexpr bool kTileScratch = true;
+  // Two kernels per tile: the affinities and arg-mins into buf's d / arg
+  // tiles, then the hinges and coefficients from them.
+  static void epilogue(const at::Tensor& g, const at::Tensor& fn_r, const at::Tensor& wn_t,
+                       int64_t m, int64_t c0, const at::Tensor& lab_r, const at::Tensor& d_true_r,
+                       double sigma, double margin, int64_t kind, const at::Tensor& rows_r,
+                       const at::Tensor& active_r, const at::Tensor& g_r,
+                       const at::Tensor& own_active_r, const at::Tensor& a,
+                       const at::Tensor& a_row_sums, affinity::TileBuffers& buf) {
+    const int64_t rt = g.size(0), ct = g.size(1) / m;
+    at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
+    at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
+    similarity(g, fn_r, wn_t, m, sigma, kind, d_tile, arg_tile);
+    hinge(d_tile, arg_tile, m, c0, lab_r, d_true_r, sigma, margin, kind, rows_r, active_r, g_r,
+          own_active_r, a, a_row_sums);
+  }
+
+ private:
   static void similarity(const at::Tensor& g_in, const at::Tensor& fn_r, const at::Tensor& wn_t,
                          int64_t m, double sigma, int64_t kind, at::Tensor& d_tile,
                          at::Tensor& arg_tile) {

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     const T weight =
         own ? (own_active_r != nullptr ? -own_active_r[ii] : T(0)) : (on ? T(1) : T(0));
     const T g = g_r != nullptr ? g_r[ii] : T(1);
-    a[e * m + arg_tile[e]] = g * weight * affinity_similarity_grad(kind, d, sigma);
+    a[e * m + arg_tile[e]] = affinity_coefficient(kind, g, weight, d, sigma);
   }
 }
 

@@ -5,15 +5,15 @@
 // classes, so the min over the m prototypes stays inside it. The per-pair
 // epilogues are the device's own kernels (`Tiles`), written with affinity_math.h:
 //   Tiles::kDevice, Tiles::Guard (constructed from a c10::Device)
+//   Tiles::kTileScratch: whether the epilogue uses the d / arg tiles of TileBuffers
 //   Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg)
 //       d_true_i and the arg-min prototype of the own class (direct dots)
-//   Tiles::similarity(g, fn_r, wn_t, m, sigma, kind, d_tile, arg_tile)
-//       per row and class: d = sim(min_t s), and the first arg-min
-//   Tiles::hinge(d_tile, arg_tile, m, c0, lab_r, d_true_r, sigma, margin, kind,
-//                rows_r, active_r, g_r, own_active_r, a, a_row_sums)
-//       hinge sums into rows_r / active_r (when defined) and the coefficient
-//       tile a = dL/ds at each class's arg-min slot (when defined), with the
-//       own class weighted -own_active_r (when defined, else 0)
+//   Tiles::epilogue(g, fn_r, wn_t, m, c0, lab_r, d_true_r, sigma, margin, kind,
+//                   rows_r, active_r, g_r, own_active_r, a, a_row_sums, buf)
+//       per row and class d = sim(min_t s) at the first arg-min; the hinge
+//       sums into rows_r / active_r (when defined) and the coefficient tile
+//       a = dL/ds at each class's arg-min slot (when defined), with the own
+//       class weighted -own_active_r (when defined, else 0)
 // Gradients: dL/df = 2 rowsum(A) f - 2 A W, dL/dW = 2 colsum(A) W - 2 A^T f,
 // accumulated tile by tile in a fixed order (deterministic). Memory
 // O((N + P) D + tile); nothing of size N x P.
@@ -47,14 +47,17 @@ inline void add_tile_gradient(const at::Tensor& a, const at::Tensor& fr, const a
   col_coef.narrow(0, p0, pt).add_(a.sum(0));
 }
 
-// Scratch tiles reused across the loop.
+// Scratch tiles reused across the loop: the affinities and arg-mins of a tile
+// (for epilogues that keep them, `scratch`) and the coefficient tile.
 struct TileBuffers {
   at::Tensor d, arg, a;
-  TileBuffers(const AffinityInputs& in, bool with_a) {
+  TileBuffers(const AffinityInputs& in, bool scratch, bool with_a) {
     const int64_t rt = std::min(kRowTile, in.f.size(0));
     const int64_t ct = std::min(classes_per_tile(in.num_centers), in.num_classes);
-    d = at::empty({rt * ct}, in.f.options());
-    arg = at::empty({rt * ct}, in.labels.options());
+    if (scratch) {
+      d = at::empty({rt * ct}, in.f.options());
+      arg = at::empty({rt * ct}, in.labels.options());
+    }
     if (with_a) a = at::empty({rt * ct * in.num_centers}, in.f.options());
   }
 };
@@ -75,29 +78,24 @@ void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Te
   const at::Tensor& w = in.prototypes;
   const int64_t m = in.num_centers;
   const bool with_grad = grad_f.defined();
-  TileBuffers buf(in, with_grad);
+  TileBuffers buf(in, Tiles::kTileScratch, with_grad);
   const int64_t ct_max = classes_per_tile(m);
-  for_each_gram_tile(f, w, kRowTile, ct_max * m,
-                     [&](int64_t r0, int64_t rt, int64_t p0, int64_t pt, const at::Tensor& g) {
-                       const int64_t c0 = p0 / m, ct = pt / m;
-                       at::Tensor d_tile = buf.d.narrow(0, 0, rt * ct).view({rt, ct});
-                       at::Tensor arg_tile = buf.arg.narrow(0, 0, rt * ct).view({rt, ct});
-                       Tiles::similarity(g, f_norms.narrow(0, r0, rt), w_norms.narrow(0, p0, pt), m,
-                                         sigma, kind, d_tile, arg_tile);
-                       at::Tensor a;
-                       if (with_grad) {
-                         a = buf.a.narrow(0, 0, rt * pt).view({rt, pt});
-                         if (m > 1) a.zero_();
-                       }
-                       Tiles::hinge(d_tile, arg_tile, m, c0, in.labels.narrow(0, r0, rt),
-                                    d_true.narrow(0, r0, rt), sigma, margin, kind,
-                                    rows_of(rows, r0, rt), rows_of(active, r0, rt),
-                                    rows_of(g_rows, r0, rt), rows_of(own_active, r0, rt), a,
-                                    rows_of(row_coef, r0, rt));
-                       if (with_grad)
-                         add_tile_gradient(a, f.narrow(0, r0, rt), w.narrow(0, p0, pt), r0, p0,
-                                           grad_f, grad_w, col_coef);
-                     });
+  for_each_gram_tile(
+      f, w, kRowTile, ct_max * m,
+      [&](int64_t r0, int64_t rt, int64_t p0, int64_t pt, const at::Tensor& g) {
+        at::Tensor a;
+        if (with_grad) {
+          a = buf.a.narrow(0, 0, rt * pt).view({rt, pt});
+          if (m > 1) a.zero_();
+        }
+        Tiles::epilogue(g, f_norms.narrow(0, r0, rt), w_norms.narrow(0, p0, pt), m, p0 / m,
+                        in.labels.narrow(0, r0, rt), d_true.narrow(0, r0, rt), sigma, margin, kind,
+                        rows_of(rows, r0, rt), rows_of(active, r0, rt), rows_of(g_rows, r0, rt),
+                        rows_of(own_active, r0, rt), a, rows_of(row_coef, r0, rt), buf);
+        if (with_grad)
+          add_tile_gradient(a, f.narrow(0, r0, rt), w.narrow(0, p0, pt), r0, p0, grad_f, grad_w,
+                            col_coef);
+      });
 }
 
 // Forward rows, d_true and active counts; with grad_f / grad_w given, also the
