@@ -1,6 +1,6 @@
 """The benchmark suite: every op side by side in one process, on this machine.
 
-    python benchmarks/run.py --suite cpu|gpu|all [--out DIR] [--reps R] [--quick]
+    python benchmarks/run.py --suite cpu|gpu|all|crossover [--out DIR] [--reps R] [--quick]
                              [--update-docs]
 
 For each case (benchmarks/suite_cases.py: op, mode, random or clustered data, sizes) every
@@ -16,6 +16,9 @@ format: op, provider, mode, data, N, D, K, dtype, median_ms, p20_ms, p80_ms, pea
 fraction_of_floor, status, device, torch, triton, commit), suite.md (a table per op) and
 suite.png (median time per provider and case); the cpu suite also measures the slowdown
 under two busy background processes (contention.csv, benchmarks/contention.py).
+--suite crossover times the fused CPU kernels against the eager definitions at N = 16 ... 1024
+(benchmarks/crossover.py): crossover.csv and crossover.md, the source of the size thresholds of
+backend="auto" on CPU (confusion_kernels/_routing.py, CPU_FUSED_MIN_ROWS).
 --update-docs writes the Markdown tables
 between the suite markers of docs/benchmarks.md and a one-line-per-op summary between those
 of the README (the tables there are generated, not typed).
@@ -294,9 +297,34 @@ def update_docs(rows: list[dict], header: str, suite: str) -> None:
     replace_block(ROOT / "README.md", f"suite:{suite}:summary", [header, "", *summary(rows)])
 
 
+def run_crossover(args) -> Path:
+    """--suite crossover: crossover.csv and crossover.md (benchmarks/crossover.py)."""
+    import crossover
+
+    started = time.perf_counter()
+    rows = crossover.measure(reps=args.reps or 21)
+    device = torch.device("cpu")
+    stamp = datetime.date.today().isoformat()
+    tag = device_name(device).split(" (")[0].replace(" ", "-").lower()
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
+        f"{stamp}-crossover-{tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "crossover.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (f"Crossover on {device_name(device)}, {stamp}, commit {commit()}, torch "
+              f"{torch.__version__}: `python benchmarks/run.py --suite crossover` "
+              f"({time.perf_counter() - started:.0f} s, median of {args.reps or 21} calls).")
+    (out / "crossover.md").write_text("\n".join(["# Fused CPU kernels at small N", "", header, "",
+                                                 *crossover.markdown(rows)]))
+    print(f"wrote {out}/crossover.csv, crossover.md; thresholds {crossover.thresholds(rows)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("cpu", "gpu", "all"), required=True)
+    parser.add_argument("--suite", choices=("cpu", "gpu", "all", "crossover"), required=True)
     parser.add_argument("--out", default=None)
     parser.add_argument("--reps", type=int, default=None, help="timed calls (5 cpu, 20 gpu)")
     parser.add_argument("--budget", type=float, default=None,
@@ -305,6 +333,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--no-contention", action="store_true",
                         help="skip the contention case of the cpu suite (benchmarks/contention.py)")
     args = parser.parse_args(argv)
+    if args.suite == "crossover":
+        return run_crossover(args)
     suites = ["cpu", "gpu"] if args.suite == "all" else [args.suite]
     if "gpu" in suites and not torch.cuda.is_available():
         if args.suite == "gpu":

@@ -1,8 +1,9 @@
 """Which backend runs an op: ``available_backends`` and ``select_backend``.
 
 ``backend="auto"`` picks, for the tensor's device, cuda > triton > cpu >
-reference; the environment variable ``CONFUSION_KERNELS_BACKEND`` replaces
-"auto" with a fixed choice. An explicitly requested backend that cannot run
+reference (and ``_routing.route`` takes the reference instead of cpu for
+batches too small for the fused kernel to win); the environment variable
+``CONFUSION_KERNELS_BACKEND`` replaces "auto" with a fixed choice. An explicitly requested backend that cannot run
 raises ``RuntimeError`` saying why; nothing falls back silently.
 """
 
@@ -71,6 +72,12 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run now (for tensors on ``device`` when given)."""
     dev = torch.device(device) if device is not None else None
     return [b for b in BACKENDS if unavailable_reason(b, dev) is None]
+
+
+def auto_requested(backend: str = "auto") -> bool:
+    """Whether ``backend`` leaves the choice to the package (not fixed by the caller or by
+    ``CONFUSION_KERNELS_BACKEND``)."""
+    return backend == "auto" and (os.environ.get(ENV_VAR, "auto").strip().lower() or "auto") == "auto"
 
 
 def select_backend(tensor: torch.Tensor, backend: str = "auto",

@@ -24,6 +24,14 @@ moments          diversity regularizer: the closed form from moments, O(P D^2)
 
 Rules (each measured or forced by a kernel's limits; docs/design.md, "Routing"):
 
+- ``backend="auto"`` on CPU takes the reference for batches of fewer rows than
+  ``CPU_FUSED_MIN_ROWS[op]``: there the eager definition beats the fused kernel's fixed costs.
+  The numbers are those of the committed measurement ``CROSSOVER_SOURCE``
+  (``benchmarks/run.py --suite crossover``; a test checks that they agree). An explicit
+  ``backend="cpu"`` always runs the fused kernel. The rectangular op has no threshold: it
+  carries the global batch and the cross-batch memory, where a few query rows meet many
+  reference rows and the reference's N x M x D buffer is what must be avoided.
+
 - euclidean / sqeuclidean with D <= ``DIRECT_MAX_DIM`` take ``direct`` on cpu and cuda: a
   K <= 8 matrix product does too little work per output. Triton's pair pass takes any D.
 - Cosine takes the Gram form at any D on cpu; on cuda from D > ``DIRECT_MAX_DIM``.
@@ -53,7 +61,7 @@ from typing import NamedTuple
 import torch
 
 from . import _extension
-from ._backend import select_backend
+from ._backend import auto_requested, select_backend
 from ._metrics import GRAM_METRICS, METRIC_CODES
 from ._spec import DIRECT_MAX_DIM
 
@@ -61,6 +69,16 @@ from ._spec import DIRECT_MAX_DIM
 GRAM_METRIC_NAMES = frozenset(name for name, code in METRIC_CODES.items() if code in GRAM_METRICS)
 # Above this many prototypes (and P > D) R(W) takes the O(P D^2) moment form.
 PAIRWISE_MAX_PROTOTYPES = 2048
+# backend="auto" on CPU: the fewest rows for which the fused kernel is faster than the eager
+# definition at every measured size (benchmarks/crossover.py's thresholds of this file).
+CROSSOVER_SOURCE = "benchmarks/results/2026-12-07-crossover-x86_64/crossover.csv"
+CPU_FUSED_MIN_ROWS = {
+    "as_loss_terms": 0,
+    "intra_inter_sums": 0,
+    "affinity_hinge": 0,
+    "n_centroids_rows": 0,
+    "class_shifted_sums": 0,
+}
 CUDA_EXACT_ENV = "CONFUSION_KERNELS_CUDA_EXACT"
 CUDA_PAIR_PASS_ENV = "CONFUSION_KERNELS_CUDA_PAIR_PASS"
 # route's ops, and the op whose kernel availability decides the backend for each.
@@ -169,6 +187,9 @@ def route(op: str, x: torch.Tensor, backend: str = "auto", *, metric: str | None
     if op not in _KERNEL_OF:
         raise ValueError(f"unknown op {op!r}; expected one of {list(OPS)}")
     chosen = select_backend(x, backend, op=_KERNEL_OF[op])
+    if (chosen == "cpu" and x.shape[0] < CPU_FUSED_MIN_ROWS.get(op, 0)
+            and auto_requested(backend)):
+        chosen = "reference"
     if op == "intra_inter_sums":
         return Route(chosen, square_algorithm(chosen, metric, x))
     if op == "intra_inter_sums_rect":

@@ -265,3 +265,23 @@ def test_a_backend_that_cannot_run_is_named_by_the_entry():
     with pytest.raises(RuntimeError, match=r"^as_loss: backend='bogus' cannot run") as info:
         ck.as_loss(X, Y, backend="bogus")
     assert "confusion_kernels: " not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (257, 33)])
+def test_all_finite_agrees_with_isfinite(dtype, shape):
+    """The one-pass min/max scan behind check_all_finite finds every NaN and +-Inf, wherever
+    it sits (first, last, middle element), in every floating dtype."""
+    from confusion_kernels._validation import all_finite
+
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[0])
+    base = (torch.randn(shape, generator=g) * 100).to(dtype)
+    assert bool(all_finite(base))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, base.numel() // 2, base.numel() - 1):
+            t = base.clone().view(-1)
+            t[pos] = value
+            t = t.view(shape)
+            assert bool(all_finite(t)) == bool(torch.isfinite(t).all()) is False
+    assert bool(all_finite(base[:0]))
+    assert bool(all_finite(torch.arange(5)))

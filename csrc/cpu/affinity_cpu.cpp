@@ -171,6 +171,45 @@ void true_class_affinity(const AffinityInputs& in, const at::Tensor& f_norms,
   });
 }
 
+// The own-class terms (own_class_terms_aten's arithmetic) in two loops: the
+// rows in parallel, then the prototypes in parallel, each over its rows in
+// increasing order (a counting sort by prototype; deterministic).
+template <typename T>
+void own_class_terms(const T* f, const T* w, const int64_t* proto, const T* coef, int64_t n,
+                     int64_t p, int64_t d, T* grad_f, T* grad_w, T* row_coef, T* col_coef) {
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T c = coef[i];
+      const T* wp = w + proto[i] * d;
+      T* gi = grad_f + i * d;
+      for (int64_t k = 0; k < d; ++k) gi[k] += T(-2) * c * wp[k];
+      row_coef[i] += c;
+    }
+  });
+  std::vector<int64_t> start(p + 1, 0), order(n);
+  for (int64_t i = 0; i < n; ++i) ++start[proto[i] + 1];
+  for (int64_t q = 0; q < p; ++q) start[q + 1] += start[q];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) order[next[proto[i]]++] = i;
+  at::parallel_for(0, p, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(d);
+    for (int64_t q = begin; q < end; ++q) {
+      if (start[q] == start[q + 1]) continue;
+      std::fill(sum.begin(), sum.end(), T(0));
+      T csum = 0;
+      for (int64_t r = start[q]; r < start[q + 1]; ++r) {
+        const int64_t i = order[r];
+        const T* fi = f + i * d;
+        for (int64_t k = 0; k < d; ++k) sum[k] += fi[k] * coef[i];
+        csum += coef[i];
+      }
+      T* gq = grad_w + q * d;
+      for (int64_t k = 0; k < d; ++k) gq[k] += T(-2) * sum[k];
+      col_coef[q] += csum;
+    }
+  });
+}
+
 // The CPU epilogues of affinity_tiles.h.
 struct CpuTiles {
   static constexpr c10::DeviceType kDevice = c10::kCPU;
@@ -184,6 +223,17 @@ struct CpuTiles {
     AT_DISPATCH_FLOATING_TYPES(in.f.scalar_type(), "affinity_true_class_cpu", [&] {
       true_class_affinity<scalar_t>(in, f_norms, w_norms, scalar_t(sigma), kind,
                                     d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>());
+    });
+  }
+  static void own_class(const at::Tensor& f, const at::Tensor& w, const at::Tensor& own_proto,
+                        const at::Tensor& own_coef, at::Tensor& grad_f, at::Tensor& grad_w,
+                        at::Tensor& row_coef, at::Tensor& col_coef) {
+    AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "affinity_own_class_cpu", [&] {
+      own_class_terms<scalar_t>(f.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                own_proto.data_ptr<int64_t>(), own_coef.data_ptr<scalar_t>(),
+                                f.size(0), w.size(0), f.size(1), grad_f.data_ptr<scalar_t>(),
+                                grad_w.data_ptr<scalar_t>(), row_coef.data_ptr<scalar_t>(),
+                                col_coef.data_ptr<scalar_t>());
     });
   }
   static constexpr bool kTileScratch = false;  // the epilogue needs no d / arg tiles

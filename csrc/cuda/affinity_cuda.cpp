@@ -34,6 +34,11 @@ struct CudaTiles {
           d_true.data_ptr<scalar_t>(), true_arg.data_ptr<int64_t>(), current_stream());
     });
   }
+  static void own_class(const at::Tensor& f, const at::Tensor& w, const at::Tensor& own_proto,
+                        const at::Tensor& own_coef, at::Tensor& grad_f, at::Tensor& grad_w,
+                        at::Tensor& row_coef, at::Tensor& col_coef) {
+    affinity::own_class_terms_aten(f, w, own_proto, own_coef, grad_f, grad_w, row_coef, col_coef);
+  }
   static constexpr bool kTileScratch = true;
   // Two kernels per tile: the affinities and arg-mins into buf's d / arg
   // tiles, then the hinges and coefficients from them.

@@ -8,6 +8,8 @@
 //   Tiles::kTileScratch: whether the epilogue uses the d / arg tiles of TileBuffers
 //   Tiles::true_class(in, f_norms, w_norms, sigma, kind, d_true, true_arg)
 //       d_true_i and the arg-min prototype of the own class (direct dots)
+//   Tiles::own_class(f, w, own_proto, own_coef, grad_f, grad_w, row_coef, col_coef)
+//       the own-class gradient terms after the last tile (own_class_terms_aten)
 //   Tiles::epilogue(g, fn_r, wn_t, m, c0, lab_r, d_true_r, sigma, margin, kind,
 //                   rows_r, active_r, g_r, own_active_r, a, a_row_sums, buf)
 //       per row and class d = sim(min_t s) at the first arg-min; the hinge
@@ -35,6 +37,13 @@ constexpr int64_t kProtoTile = 1024;  // prototypes per tile, rounded down to wh
 
 inline int64_t classes_per_tile(int64_t m) { return std::max<int64_t>(1, kProtoTile / m); }
 
+// Rows per tile: kRowTile, or more while a tile stays within kRowTile x kProtoTile
+// entries (few prototypes: fewer, larger tiles, less fixed cost per tile).
+inline int64_t rows_per_tile(const AffinityInputs& in) {
+  const int64_t pt = std::min(classes_per_tile(in.num_centers), in.num_classes) * in.num_centers;
+  return std::min(in.f.size(0), std::max(kRowTile, kRowTile * kProtoTile / pt));
+}
+
 // grad_f -= 2 A W_t and grad_w -= 2 A^T f_r for a coefficient tile A [rt, ct m]
 // (ds/df = 2 (f - w), ds/dw = -2 (f - w)); the column sums of A for the
 // 2 colsum(A) W term added at the end.
@@ -52,7 +61,7 @@ inline void add_tile_gradient(const at::Tensor& a, const at::Tensor& fr, const a
 struct TileBuffers {
   at::Tensor d, arg, a;
   TileBuffers(const AffinityInputs& in, bool scratch, bool with_a) {
-    const int64_t rt = std::min(kRowTile, in.f.size(0));
+    const int64_t rt = rows_per_tile(in);
     const int64_t ct = std::min(classes_per_tile(in.num_centers), in.num_classes);
     if (scratch) {
       d = at::empty({rt * ct}, in.f.options());
@@ -81,7 +90,7 @@ void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Te
   TileBuffers buf(in, Tiles::kTileScratch, with_grad);
   const int64_t ct_max = classes_per_tile(m);
   for_each_gram_tile(
-      f, w, kRowTile, ct_max * m,
+      f, w, rows_per_tile(in), ct_max * m,
       [&](int64_t r0, int64_t rt, int64_t p0, int64_t pt, const at::Tensor& g) {
         at::Tensor a;
         if (with_grad) {
@@ -96,6 +105,32 @@ void tile_pass(const AffinityInputs& in, const at::Tensor& f_norms, const at::Te
           add_tile_gradient(a, f.narrow(0, r0, rt), w.narrow(0, p0, pt), r0, p0, grad_f, grad_w,
                             col_coef);
       });
+}
+
+// The own-class terms of the gradient with ATen ops (any device): coefficient
+// c_i at prototype p_i = own_proto_i of row i, so grad_f_i -= 2 c_i w_{p_i},
+// row_coef_i += c_i, and per prototype p, over its rows in increasing order,
+// grad_w_p -= 2 sum c_i f_i and col_coef_p += sum c_i.
+inline void own_class_terms_aten(const at::Tensor& f, const at::Tensor& w,
+                                 const at::Tensor& own_proto, const at::Tensor& own_coef,
+                                 at::Tensor& grad_f, at::Tensor& grad_w, at::Tensor& row_coef,
+                                 at::Tensor& col_coef) {
+  grad_f.addcmul_(own_coef.unsqueeze(1), w.index_select(0, own_proto), -2);
+  row_coef.add_(own_coef);
+  // Per prototype, the sum over its rows in a fixed order (index_add_ on CUDA
+  // would use atomics): stable sort by prototype, then segment sums over one
+  // segment per prototype (empty ones sum to 0). The segment lengths are integer
+  // counts (exact in any order); every size is known on the host (P = C m), so
+  // nothing waits for the device.
+  const at::Tensor order = std::get<1>(own_proto.sort(/*stable=*/true, 0, false));
+  const at::Tensor lengths = at::zeros({w.size(0)}, own_proto.options())
+                                 .index_add_(0, own_proto, at::ones_like(own_proto));
+  const at::Tensor sum_f = at::segment_reduce((f * own_coef.unsqueeze(1)).index_select(0, order),
+                                              "sum", lengths, {}, {}, 0, true);
+  const at::Tensor sum_c =
+      at::segment_reduce(own_coef.index_select(0, order), "sum", lengths, {}, {}, 0, true);
+  grad_w.add_(sum_f, -2);
+  col_coef.add_(sum_c);
 }
 
 // Forward rows, d_true and active counts; with grad_f / grad_w given, also the
@@ -127,23 +162,7 @@ void forward_tiles(const AffinityInputs& in, double sigma, double margin, int64_
   // the own class: coefficient -active_i d'(s_iy) at the direct arg-min prototype
   const at::Tensor dds = kind == kInverse ? d_true.square().div(-sigma) : d_true.div(-sigma);
   const at::Tensor own_coef = active.neg().mul(dds);
-  const at::Tensor own_proto = in.labels * m + true_arg;
-  grad_f->addcmul_(own_coef.unsqueeze(1), w.index_select(0, own_proto), -2);
-  row_coef.add_(own_coef);
-  // Per prototype, the sum over its rows in a fixed order (index_add_ on CUDA
-  // would use atomics): stable sort by prototype, then segment sums over one
-  // segment per prototype (empty ones sum to 0). The segment lengths are integer
-  // counts (exact in any order); every size is known on the host (P = C m), so
-  // nothing waits for the device.
-  const at::Tensor order = std::get<1>(own_proto.sort(/*stable=*/true, 0, false));
-  const at::Tensor lengths = at::zeros({w.size(0)}, own_proto.options())
-                                 .index_add_(0, own_proto, at::ones_like(own_proto));
-  const at::Tensor sum_f = at::segment_reduce((f * own_coef.unsqueeze(1)).index_select(0, order),
-                                              "sum", lengths, {}, {}, 0, true);
-  const at::Tensor sum_c =
-      at::segment_reduce(own_coef.index_select(0, order), "sum", lengths, {}, {}, 0, true);
-  grad_w->add_(sum_f, -2);
-  col_coef.add_(sum_c);
+  Tiles::own_class(f, w, in.labels * m + true_arg, own_coef, *grad_f, *grad_w, row_coef, col_coef);
   grad_f->addcmul_(row_coef.unsqueeze(1), f, 2);
   grad_w->addcmul_(col_coef.unsqueeze(1), w, 2);
 }
