@@ -1,9 +1,11 @@
 """Time and peak memory against N for the pair ops, with the compute floor drawn in.
 
-    python benchmarks/curves.py [--sizes 1024 2048 ...] [--out DIR] [--step-limit S]
+    python benchmarks/curves.py [--sizes 1024 2048 ...] [--ops OP ...] [--out DIR]
+                                [--step-limit S]
 
 For ASLoss (euclidean, cosine; fwd+bwd, D = 64), the rectangular op (N rows against 8 N
-reference rows, D = 64) and the N-Centroids loss (K = 1000, D = 128), at each N: ours (the
+reference rows, D = 64), the N-Centroids loss (K = 1000, D = 128) and the affinity loss
+(C = 1000 classes, m = 1 and 5 prototypes, D = 128), at each N: ours (the
 cpu backend) and the fastest plain formulation, eager and torch.compile'd (the suite's
 providers, benchmarks/suite_cases.py). A provider stops at the first N where one step takes
 longer than --step-limit seconds or runs out of memory (the row says so). Writes curves.csv
@@ -32,18 +34,36 @@ KEEP = ("ours-cpu", "eager-plain", "compile-plain", "eager", "compile")
 DENSE_LIMIT_GB = 6.0  # of this machine's 24 GB: three N x M float32 buffers at most
 
 
-def cases(n: int):
+def cases(n: int) -> dict:
+    """op name (as in the CSV) -> builder of its case at N = n."""
     device = torch.device("cpu")
-    return [lambda: suite_cases.as_loss_case(device, n, 64, "random", "euclidean"),
-            lambda: suite_cases.as_loss_case(device, n, 64, "random", "cosine"),
-            lambda: suite_cases.rect_case(device, n, 8 * n, 64, "random"),
-            lambda: suite_cases.n_centroids_case(device, n, 128, "random", 1000)]
+    return {
+        "as_loss[euclidean]": lambda: suite_cases.as_loss_case(device, n, 64, "random",
+                                                               "euclidean"),
+        "as_loss[cosine]": lambda: suite_cases.as_loss_case(device, n, 64, "random", "cosine"),
+        "intra_inter_sums_rect[euclidean]": lambda: suite_cases.rect_case(device, n, 8 * n, 64,
+                                                                          "random"),
+        "n_centroids_loss[great_circle]": lambda: suite_cases.n_centroids_case(
+            device, n, 128, "random", 1000),
+        "affinity_loss[m=1]": lambda: suite_cases.affinity_case(device, n, 128, "random", 1000, 1),
+        "affinity_loss[m=5]": lambda: suite_cases.affinity_case(device, n, 128, "random", 1000, 5),
+    }
 
 
-def measure(sizes: list[int], step_limit: float, reps: int = 3) -> list[dict]:
+# dense N x K buffers of the plain formulations: K is the reference rows (rect), the
+# prototypes (affinity) or N (the square pair ops); N-Centroids' K = 1000 stays small
+def _dense_gb(op: str, n: int, k: int) -> float:
+    width = k if op.startswith(("intra_inter_sums_rect", "affinity")) else n
+    return 0.0 if op.startswith("n_centroids") else 3 * 4 * n * width / 1e9
+
+
+def measure(sizes: list[int], step_limit: float, reps: int = 3,
+            ops: list[str] | None = None) -> list[dict]:
     rows, stopped = [], set()
     for n in sizes:
-        for make in cases(n):
+        for op, make in cases(n).items():
+            if ops and op not in ops:
+                continue
             case = make()
             # the plain formulations replace the literal ones where both exist
             providers = [p for p in KEEP if p in case.steps]
@@ -55,10 +75,8 @@ def measure(sizes: list[int], step_limit: float, reps: int = 3) -> list[dict]:
                        "flops": case.flops}
                 if key in stopped:
                     continue
-                dense_gb = 3 * 4 * n * (case.k if case.op.startswith("intra_inter_sums_rect")
-                                        else n) / 1e9
-                if provider != "ours-cpu" and not case.op.startswith("n_centroids") \
-                        and dense_gb > DENSE_LIMIT_GB:
+                dense_gb = _dense_gb(case.op, n, case.k)
+                if provider != "ours-cpu" and dense_gb > DENSE_LIMIT_GB:
                     # (a dense N x M formulation this large would be killed by the OOM killer,
                     # not raise: not run)
                     row.update(status=f"not run: N x M buffers of ~{dense_gb:.0f} GB")
@@ -117,11 +135,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+",
                         default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--ops", nargs="+", default=None, choices=list(cases(1)),
+                        help="only these ops (default: all)")
     parser.add_argument("--step-limit", type=float, default=8.0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     ceilings = roofline.measure_ceilings("cpu")
-    rows = measure(args.sizes, args.step_limit)
+    rows = measure(args.sizes, args.step_limit, ops=args.ops)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
         f"{datetime.date.today().isoformat()}-curves-cpu"
     out.mkdir(parents=True, exist_ok=True)

@@ -108,11 +108,13 @@ def intra_inter_sums_case(device, n, d, data, metric, mode, keops) -> Case:
     return case
 
 
-def as_loss_case(device, n, d, data, metric) -> Case:
+def as_loss_case(device, n, d, data, metric, auto: bool = False) -> Case:
+    """``auto``: also what backend="auto" runs (small batches: the reference on CPU below
+    the measured threshold, _routing.CPU_FUSED_MIN_ROWS)."""
     x, labels = _rows(n, d, data, 10, device)
     case = Case(f"as_loss[{metric}]", "fwd+bwd", data, n, d, 10,
                 flops=3.0 * n * n * d, nbytes=3.0 * n * d * 4)
-    for b in our_backends(device, "intra_inter_sums"):
+    for b in our_backends(device, "intra_inter_sums") + (["auto"] if auto else []):
         case.steps[f"ours-{b}"] = _step(lambda b=b: ck.as_loss(x, labels, metric=metric, backend=b),
                                         [x], "fwd+bwd")
     case.steps["eager"] = _step(lambda: reference.as_loss(x, labels, metric=metric), [x], "fwd+bwd")
@@ -130,14 +132,14 @@ def as_loss_case(device, n, d, data, metric) -> Case:
     return case
 
 
-def affinity_case(device, n, d, data, classes, centers) -> Case:
+def affinity_case(device, n, d, data, classes, centers, auto: bool = False) -> Case:
     f, labels = _rows(n, d, data, classes, device)
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(classes, centers, d, generator=g) * 3).to(device).requires_grad_(True)
     p = classes * centers
     case = Case(f"affinity_loss[m={centers}]", "fwd+bwd", data, n, d, p,
                 flops=6.0 * n * p * d, nbytes=4.0 * (n + p) * d * 2)
-    for b in our_backends(device, "affinity_hinge"):
+    for b in our_backends(device, "affinity_hinge") + (["auto"] if auto else []):
         case.steps[f"ours-{b}"] = _step(
             lambda b=b: ck.affinity_loss(f, labels, w, lambda_diversity=0.0, backend=b), [f, w],
             "fwd+bwd")
@@ -229,4 +231,10 @@ def suite_cases(suite: str, device: torch.device, keops: bool) -> list[Callable[
             device, 4096 if big else 1024, 65536 if big else 8192, 64, data))
         cases.append(lambda data=data: class_stats_case(
             device, 1048576 if big else 65536, 512, data, 1000))
+        if not big:  # small batches and the demo's affinity shape, with what auto runs
+            for n in (256, 1024):
+                cases.append(lambda data=data, n=n: as_loss_case(
+                    device, n, 64, data, "euclidean", auto=True))
+            cases.append(lambda data=data: affinity_case(device, 4096, 64, data, 10, 5,
+                                                         auto=True))
     return cases

@@ -143,6 +143,29 @@ def test_curves_run_on_tiny_sizes(tmp_path):
     rows = list(csv.DictReader(open(out / "curves.csv")))
     assert {r["op"] for r in rows} == {"as_loss[euclidean]", "as_loss[cosine]",
                                        "intra_inter_sums_rect[euclidean]",
-                                       "n_centroids_loss[great_circle]"}
+                                       "n_centroids_loss[great_circle]", "affinity_loss[m=1]",
+                                       "affinity_loss[m=5]"} == set(curves.cases(32))
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     assert (out / "curves.png").stat().st_size > 1000
+    some = curves.measure([32], 5.0, reps=1, ops=["affinity_loss[m=1]"])
+    assert {r["op"] for r in some} == {"affinity_loss[m=1]"}
+    assert {r["provider"] for r in some} == {"ours-cpu", "eager", "compile"}
+
+
+def test_crossover_runs_and_derives_thresholds(tmp_path):
+    """benchmarks/crossover.py on two tiny sizes: a row per case and size, and thresholds for
+    every routing key (no timing is asserted)."""
+    import crossover
+
+    rows = crossover.measure(sizes=(8, 12), reps=1)
+    assert {r["case"] for r in rows} == set(crossover.CASES)
+    assert all(r["fused_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
+    keys = crossover.thresholds(rows)
+    assert set(keys) == {op for op, _ in crossover.CASES.values()}
+    assert all(v in (0, 12, 13) for v in keys.values())
+    fake = [dict(case="c", op="k", N=n, fused_ms=f, eager_ms=1.0, eager_over_fused=1.0 / f)
+            for n, f in ((16, 3.0), (32, 0.5), (64, 1.04), (128, 0.5))]
+    assert crossover.thresholds(fake) == {"k": 32}  # 1.04 is a tie (TIE = 1.05): fused
+    fake[2]["fused_ms"] = 1.2
+    assert crossover.thresholds(fake) == {"k": 128}
+    assert "| k | 128 |" in "\n".join(crossover.markdown(fake))

@@ -25,7 +25,9 @@ moments          diversity regularizer: the closed form from moments, O(P D^2)
 Rules (each measured or forced by a kernel's limits; docs/design.md, "Routing"):
 
 - ``backend="auto"`` on CPU takes the reference for batches of fewer rows than
-  ``CPU_FUSED_MIN_ROWS[op]``: there the eager definition beats the fused kernel's fixed costs.
+  ``CPU_FUSED_MIN_ROWS`` gives for the op (``op[metric]`` for the pair ops; a metric not
+  measured takes the largest of its op): there the eager definition beats the fused kernel's
+  fixed costs.
   The numbers are those of the committed measurement ``CROSSOVER_SOURCE``
   (``benchmarks/run.py --suite crossover``; a test checks that they agree). An explicit
   ``backend="cpu"`` always runs the fused kernel. The rectangular op has no threshold: it
@@ -73,12 +75,24 @@ PAIRWISE_MAX_PROTOTYPES = 2048
 # definition at every measured size (benchmarks/crossover.py's thresholds of this file).
 CROSSOVER_SOURCE = "benchmarks/results/2026-12-07-crossover-x86_64/crossover.csv"
 CPU_FUSED_MIN_ROWS = {
-    "as_loss_terms": 0,
-    "intra_inter_sums": 0,
+    "as_loss_terms[euclidean]": 256,
+    "as_loss_terms[sqeuclidean]": 256,
+    "as_loss_terms[manhattan]": 128,
+    "as_loss_terms[cosine]": 128,
+    "intra_inter_sums[euclidean]": 256,
+    "intra_inter_sums[cosine]": 128,
     "affinity_hinge": 0,
     "n_centroids_rows": 0,
-    "class_shifted_sums": 0,
+    "class_shifted_sums": 64,
 }
+
+
+def cpu_fused_min_rows(op: str, metric: str | None = None) -> int:
+    """The fewest rows from which ``backend="auto"`` runs ``op`` fused on CPU."""
+    if f"{op}[{metric}]" in CPU_FUSED_MIN_ROWS:
+        return CPU_FUSED_MIN_ROWS[f"{op}[{metric}]"]
+    return max((n for key, n in CPU_FUSED_MIN_ROWS.items()
+                if key == op or key.startswith(f"{op}[")), default=0)
 CUDA_EXACT_ENV = "CONFUSION_KERNELS_CUDA_EXACT"
 CUDA_PAIR_PASS_ENV = "CONFUSION_KERNELS_CUDA_PAIR_PASS"
 # route's ops, and the op whose kernel availability decides the backend for each.
@@ -187,8 +201,8 @@ def route(op: str, x: torch.Tensor, backend: str = "auto", *, metric: str | None
     if op not in _KERNEL_OF:
         raise ValueError(f"unknown op {op!r}; expected one of {list(OPS)}")
     chosen = select_backend(x, backend, op=_KERNEL_OF[op])
-    if (chosen == "cpu" and x.shape[0] < CPU_FUSED_MIN_ROWS.get(op, 0)
-            and auto_requested(backend)):
+    if (chosen == "cpu" and op != "intra_inter_sums_rect"
+            and x.shape[0] < cpu_fused_min_rows(op, metric) and auto_requested(backend)):
         chosen = "reference"
     if op == "intra_inter_sums":
         return Route(chosen, square_algorithm(chosen, metric, x))

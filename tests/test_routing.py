@@ -119,6 +119,65 @@ def test_route_names_its_ops_and_refuses_others():
         ck.route("intra_inter_sums", x, "cuda", metric="euclidean")
 
 
+# --- backend="auto" at small N on CPU -----------------------------------------------------------
+
+def test_cpu_size_thresholds_are_the_committed_measurement():
+    """CPU_FUSED_MIN_ROWS holds what benchmarks/crossover.py derives from the committed CSV
+    it names (every routed key; the rectangular op is measured but never routed by size)."""
+    import csv
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("crossover", root / "benchmarks" / "crossover.py")
+    crossover = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crossover)
+    with open(root / _routing.CROSSOVER_SOURCE) as f:
+        rows = [dict(r, N=int(r["N"])) for r in csv.DictReader(f)]
+    measured = crossover.thresholds(rows)
+    measured.pop("intra_inter_sums_rect")
+    assert measured == _routing.CPU_FUSED_MIN_ROWS
+    routed = {key.split("[")[0] for key in measured}
+    assert routed == set(_routing.OPS) - {"intra_inter_sums_rect"}
+
+
+@pytest.mark.parametrize("op,metric", [("as_loss_terms", "euclidean"), ("as_loss_terms", "cosine"),
+                                       ("intra_inter_sums", "euclidean"),
+                                       ("class_shifted_sums", None)])
+def test_auto_takes_the_reference_below_the_cpu_threshold(monkeypatch, op, metric):
+    require_backend("cpu")
+    monkeypatch.delenv("CONFUSION_KERNELS_BACKEND", raising=False)
+    need = _routing.cpu_fused_min_rows(op, metric)
+    assert need > 1
+    small, large = torch.randn(need - 1, 20), torch.randn(need, 20)
+    assert ck.route(op, small, metric=metric).backend == "reference"
+    assert ck.route(op, large, metric=metric).backend == "cpu"
+    assert ck.route(op, small, "cpu", metric=metric).backend == "cpu"  # explicit: as asked
+    monkeypatch.setenv("CONFUSION_KERNELS_BACKEND", "cpu")
+    assert ck.route(op, small, metric=metric).backend == "cpu"
+
+
+def test_unmeasured_metric_takes_its_ops_largest_threshold():
+    assert _routing.cpu_fused_min_rows("as_loss_terms", "smooth_l1") == max(
+        n for key, n in _routing.CPU_FUSED_MIN_ROWS.items() if key.startswith("as_loss_terms["))
+    assert _routing.cpu_fused_min_rows("intra_inter_sums_rect", "euclidean") == 0
+    require_backend("cpu")
+    x = torch.randn(3, 20)
+    assert ck.route("intra_inter_sums_rect", x, metric="euclidean").backend == "cpu"
+
+
+def test_auto_small_batch_gives_the_fused_value():
+    """Below the threshold auto runs the reference: the same loss and gradient as the kernel."""
+    require_backend("cpu")
+    x, labels = make_batch(40, 20, 4, seed=8)
+    x.requires_grad_(True)
+    loss = ck.as_loss(x, labels)
+    (gx,) = torch.autograd.grad(loss, x)
+    fused = ck.as_loss(x, labels, backend="cpu")
+    (gf,) = torch.autograd.grad(fused, x)
+    assert_rel(loss, fused, 1e-5, "loss")
+    assert_rel(gx, gf, 1e-5, "grad")
+
+
 # --- what runs is what route says --------------------------------------------------------------
 
 class _RecordOps(TorchDispatchMode):
