@@ -351,27 +351,60 @@ inline int64_t self_column(int64_t i, int64_t shift, int64_t c0, int64_t ct) {
   return jj >= 0 && jj < ct ? jj : ct;
 }
 
+// What both passes of the rectangular Gram tiles share: the Gram sides and
+// their tables, one job per row tile (rect_row_tile rows) and, inside it, the
+// column tiles in order with their Gram tile.
+template <int64_t M, typename T>
+struct RectTiles {
+  GramSides g;
+  const T *a_sq, *b_sq;
+  const int32_t *a_cls, *b_cls;
+  RectTiles(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
+            const at::Tensor& b_rows)
+      : g(gram_sides<M>(a, b, a_rows, b_rows)),
+        a_sq(g.a_sq.template data_ptr<T>()),
+        b_sq(g.b_sq.template data_ptr<T>()),
+        a_cls(g.a_cls.template data_ptr<int32_t>()),
+        b_cls(g.b_cls.template data_ptr<int32_t>()) {}
+
+  // row_job(r0, rt, ar) per row tile (ar: its rows of op(a)), in one parallel region.
+  template <class RowJob>
+  void for_row_tiles(const RowJob& row_job) const {
+    const int64_t n = g.a.size(0), row_tile = rect_row_tile(n);
+    run_jobs((n + row_tile - 1) / row_tile, [&](int64_t t, int64_t) {
+      const int64_t r0 = t * row_tile;
+      const int64_t rt = std::min(row_tile, n - r0);
+      row_job(r0, rt, g.a.narrow(0, r0, rt));
+    });
+  }
+
+  // tile(c0, ct, bt, gram) per column tile of one row tile's rows ar (bt: the
+  // tile's rows of op(b); gram: the [rt, ct] product ar bt^T).
+  template <class Tile>
+  void for_column_tiles(const at::Tensor& ar, const Tile& tile) const {
+    const int64_t m = g.b.size(0);
+    for (int64_t c0 = 0; c0 < m; c0 += kRectColTile) {
+      const int64_t ct = std::min(kRectColTile, m - c0);
+      const at::Tensor bt = g.b.narrow(0, c0, ct);
+      const at::Tensor gram = at::mm(ar, bt.t()).contiguous();
+      tile(c0, ct, bt, gram.template data_ptr<T>());
+    }
+  }
+};
+
 template <int64_t M, typename T>
 void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
                        const at::Tensor& b_rows, int64_t shift, T* s_in, T* s_out) {
   using L = simd::Widest<T>;
   using S = simd::Scalar<T>;
   const int64_t d = a_rows.size(1);
-  const GramSides g = gram_sides<M>(a, b, a_rows, b_rows);
-  const T* a_sq = g.a_sq.template data_ptr<T>();
-  const T* b_sq = g.b_sq.template data_ptr<T>();
-  const int32_t* a_cls = g.a_cls.data_ptr<int32_t>();
-  const int32_t* b_cls = g.b_cls.data_ptr<int32_t>();
+  const RectTiles<M, T> tiles(a, b, a_rows, b_rows);
+  const T *a_sq = tiles.a_sq, *b_sq = tiles.b_sq;
+  const int32_t *a_cls = tiles.a_cls, *b_cls = tiles.b_cls;
   std::fill(s_in, s_in + a.n, T(0));
   std::fill(s_out, s_out + a.n, T(0));
-  const int64_t row_tile = rect_row_tile(a.n);
-  run_jobs((a.n + row_tile - 1) / row_tile, [&](int64_t t, int64_t) {
-    const int64_t r0 = t * row_tile, rt = std::min(row_tile, a.n - r0);
-    const at::Tensor ar = g.a.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < b.n; c0 += kRectColTile) {
-      const int64_t ct = std::min(kRectColTile, b.n - c0);
-      const at::Tensor gram = at::mm(ar, g.b.narrow(0, c0, ct).t()).contiguous();
-      const T* gp = gram.template data_ptr<T>();
+  tiles.for_row_tiles([&](int64_t r0, int64_t rt, const at::Tensor& ar) {
+    tiles.for_column_tiles(ar, [&](int64_t c0, int64_t ct, const at::Tensor&, const T* gp) {
       at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) {
           const int64_t i = r0 + ii;
@@ -394,7 +427,7 @@ void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Ten
           s_out[i] += L::hsum(tout) + out_tail + out_exact;
         }
       });
-    }
+    });
   });
 }
 
@@ -408,11 +441,9 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
   using L = simd::Widest<T>;
   using S = simd::Scalar<T>;
   const int64_t d = a_rows.size(1);
-  const GramSides g = gram_sides<M>(a, b, a_rows, b_rows);
-  const T* a_sq = g.a_sq.template data_ptr<T>();
-  const T* b_sq = g.b_sq.template data_ptr<T>();
-  const int32_t* a_cls = g.a_cls.data_ptr<int32_t>();
-  const int32_t* b_cls = g.b_cls.data_ptr<int32_t>();
+  const RectTiles<M, T> tiles(a, b, a_rows, b_rows);
+  const T *a_sq = tiles.a_sq, *b_sq = tiles.b_sq;
+  const int32_t *a_cls = tiles.a_cls, *b_cls = tiles.b_cls;
   // the columns' weights (a side without them weighs 0)
   const at::Tensor zeros = at::zeros({b.n}, a_rows.options());
   const T* b_wi = b.g_in ? b.g_in : zeros.template data_ptr<T>();
@@ -420,16 +451,9 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
   at::Tensor grad_rows = at::from_blob(grad, {a.n, d}, a_rows.options());
   at::Tensor self_sum = at::zeros({a.n}, a_rows.options());
   T* self_p = self_sum.template data_ptr<T>();
-  const int64_t row_tile = rect_row_tile(a.n);
-  run_jobs((a.n + row_tile - 1) / row_tile, [&](int64_t t, int64_t) {
-    const int64_t r0 = t * row_tile, rt = std::min(row_tile, a.n - r0);
-    const at::Tensor ar = g.a.narrow(0, r0, rt);
+  tiles.for_row_tiles([&](int64_t r0, int64_t rt, const at::Tensor& ar) {
     at::Tensor w_all = at::empty({rt, std::min(kRectColTile, b.n)}, a_rows.options());
-    for (int64_t c0 = 0; c0 < b.n; c0 += kRectColTile) {
-      const int64_t ct = std::min(kRectColTile, b.n - c0);
-      const at::Tensor bt = g.b.narrow(0, c0, ct);
-      const at::Tensor gram = at::mm(ar, bt.t()).contiguous();
-      const T* gp = gram.template data_ptr<T>();
+    tiles.for_column_tiles(ar, [&](int64_t c0, int64_t ct, const at::Tensor& bt, const T* gp) {
       at::Tensor w = w_all.narrow(1, 0, ct);
       T* wp = w_all.template data_ptr<T>();
       const int64_t ld = w_all.size(1);
@@ -464,7 +488,7 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
         }
       });
       grad_rows.narrow(0, r0, rt).addmm_(w, bt);
-    }
+    });
     grad_rows.narrow(0, r0, rt).add_(ar * self_sum.narrow(0, r0, rt).unsqueeze(1));
   });
 }

@@ -341,7 +341,6 @@ void run_tile_pairs(const std::vector<TilePair>& pairs, int64_t tiles, const Job
 // A worker's scratch for its tile pairs: the coefficients / distances W, which
 // pairs take the exact form (marked in the row loop, all 0 again after the
 // exact pass) and which rows have any.
-template <typename acc_t>
 struct TileScratch {
   at::Tensor w_all;  // [tile, tile]
   std::vector<uint8_t> exact;
@@ -377,7 +376,7 @@ struct PassData {
 // or the column sums. Writes only the rows of its two tiles.
 template <int64_t M, bool Grad, typename acc_t>
 void tile_pair(const PassData<acc_t>& p, const RowTile& rtile, int64_t c0, int64_t ct,
-               TileScratch<acc_t>& s) {
+               TileScratch& s) {
   const int64_t r0 = rtile.r0, rt = rtile.rt, d = p.d, tile = p.tile;
   const int32_t* cls = p.cls;
   const bool diagonal = c0 == r0;
@@ -509,7 +508,7 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
       xs.data_ptr<acc_t>(), d, tile, cls, sq, nc.data_ptr<acc_t>(), wi, wo, t_in_rows,
       t_out_rows,           g, gxi,  gxo, zs, class_centred};
   const std::vector<TilePair> pairs = tile_pair_schedule(tiles);
-  std::vector<TileScratch<acc_t>> scratch;
+  std::vector<TileScratch> scratch;
   for (int64_t k = 0; k < job_workers(static_cast<int64_t>(pairs.size())); ++k)
     scratch.emplace_back(tile, xs.options());
   run_tile_pairs(pairs, tiles, [&](const TilePair& tp, int64_t worker) {
