@@ -109,6 +109,38 @@ def test_merge_order_does_not_matter():
     np.testing.assert_allclose(results[0].var.numpy(), want[2], rtol=1e-12)
 
 
+def test_cpu_class_sums_are_row_order_sums_on_any_thread_count():
+    """The CPU kernel groups rows by class and splits the classes into jobs of about 2048
+    rows: each class's sums must still be the float64 sums of its rows in row order, bit for
+    bit, and the same on 1 and 2 threads (5000 rows: several jobs; a class with one row, one
+    with none). The squares may be fused into the adds (one rounding), so they are compared to
+    1e-14 against the loop and bit for bit across thread counts."""
+    require_backend("cpu", "class_shifted_sums")
+    g = torch.Generator().manual_seed(12)
+    labels = torch.randint(0, 6, (5000,), generator=g)
+    labels[1234] = 6  # one row; class 7 has none
+    x = torch.randn(5000, 5, generator=g) * 3
+    shift = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    want1 = torch.zeros(8, 5, dtype=torch.float64)
+    want2 = torch.zeros(8, 5, dtype=torch.float64)
+    d = x.double() - shift[labels]
+    for i in range(5000):  # sequential, row order
+        want1[labels[i]] += d[i]
+        want2[labels[i]] += d[i] * d[i]
+    threads, seen = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            count, s1, s2 = torch.ops.confusion_kernels.class_shifted_sums(x, labels, shift, 8)
+            assert torch.equal(s1, want1), n
+            torch.testing.assert_close(s2, want2, rtol=1e-14, atol=0)
+            assert count.tolist() == torch.bincount(labels, minlength=8).double().tolist()
+            seen.append(s2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(seen[0], seen[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cpu_kernel_low_precision_features(dtype):
     require_backend("cpu", "class_shifted_sums")

@@ -20,7 +20,14 @@ import torch
 from .. import _extension
 from .._routing import route
 from .._counts import class_counts
-from .._validation import check_labels, guard_label_range, host_checks, names_errors, poison_all
+from .._validation import (
+    all_finite,
+    check_labels,
+    guard_label_range,
+    host_checks,
+    names_errors,
+    poison_all,
+)
 
 
 if _extension.HAS_C and _extension.has_kernel("class_shifted_sums", "CPU"):
@@ -130,7 +137,7 @@ class ClassStatistics:
         # a NaN / Inf feature makes its class's sums non-finite: checked on the
         # [C, K] sums instead of a second pass over the features (on the host where data
         # checks run there; elsewhere those (class, feature) statistics become NaN)
-        if host_checks(features) and not bool(torch.isfinite(s2).all()):
+        if host_checks(features) and not bool(all_finite(s2)):
             if bool(torch.isfinite(features).all()):  # finite features: the squares overflowed
                 bad = (~torch.isfinite(s2)).nonzero()[0].tolist()
                 raise ValueError(

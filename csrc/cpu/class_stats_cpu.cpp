@@ -1,35 +1,64 @@
 // C++ CPU kernel of ClassStatistics.update (docs/math.md, "Similar labels"): per class c and
 // feature k, the float64 sums of (x - shift_c) and (x - shift_c)^2 over the
-// rows of class c, and the class counts, reading the features once. Threads
-// own blocks of features and walk the rows in order: no atomics, the same
-// sums on every run.
+// rows of class c, and the class counts, reading the features once.
+//
+// The rows are grouped by class first (a counting sort, stable), then each job
+// takes a run of classes and, per class, walks its rows in increasing order
+// with the class's shift and two sums (3 K doubles) kept in cache; each row is
+// read whole and once. A class's sums are the same in any thread count and on
+// every run (one owner, row order). Scattering rows into per-class sums in row
+// order instead touches a random class's 3 K doubles per row, which missed the
+// caches about 10x more than reading the row costs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "parallel_jobs.h"
 
 namespace confusion_kernels {
 namespace {
 
-constexpr int64_t kFeatureBlock = 64;
+// Rows per job, about: classes are grouped into jobs of at least this many rows.
+constexpr int64_t kRowsPerJob = 2048;
 
 template <typename scalar_t>
 void shifted_sums(const scalar_t* x, const int64_t* lab, const double* shift, int64_t b, int64_t k,
-                  double* s1, double* s2) {
-  at::parallel_for(0, (k + kFeatureBlock - 1) / kFeatureBlock, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t k0 = blk * kFeatureBlock, kn = std::min(kFeatureBlock, k - k0);
-      for (int64_t i = 0; i < b; ++i) {
-        const scalar_t* xi = x + i * k + k0;
-        const int64_t c = lab[i];
-        const double* sh = shift + c * k + k0;
-        double* a1 = s1 + c * k + k0;
-        double* a2 = s2 + c * k + k0;
+                  int64_t num_classes, double* s1, double* s2) {
+  // rows grouped by class, each class's rows in increasing order
+  std::vector<int64_t> start(num_classes + 1, 0), order(b);
+  for (int64_t i = 0; i < b; ++i) ++start[lab[i] + 1];
+  for (int64_t c = 0; c < num_classes; ++c) start[c + 1] += start[c];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < b; ++i) order[next[lab[i]]++] = i;
+  // jobs: runs of whole classes with about kRowsPerJob rows (the split depends on the
+  // labels only, not on the thread count)
+  std::vector<int64_t> first_class{0};
+  for (int64_t c = 0, rows = 0; c < num_classes; ++c) {
+    rows += start[c + 1] - start[c];
+    if (rows >= kRowsPerJob && c + 1 < num_classes) {
+      first_class.push_back(c + 1);
+      rows = 0;
+    }
+  }
+  first_class.push_back(num_classes);
+  run_jobs(int64_t(first_class.size()) - 1, [&](int64_t job, int64_t) {
+    for (int64_t c = first_class[job]; c < first_class[job + 1]; ++c) {
+      const double* sh = shift + c * k;
+      double* a1 = s1 + c * k;
+      double* a2 = s2 + c * k;
+      for (int64_t r = start[c]; r < start[c + 1]; ++r) {
+        const scalar_t* xi = x + order[r] * k;
+        if (r + 2 < b) {  // rows come in class order, not memory order: fetch ahead
+          const char* ahead = reinterpret_cast<const char*>(x + order[r + 2] * k);
+          for (int64_t off = 0; off < k * int64_t(sizeof(scalar_t)); off += 64)
+            __builtin_prefetch(ahead + off);
+        }
 #pragma omp simd
-        for (int64_t j = 0; j < kn; ++j) {
+        for (int64_t j = 0; j < k; ++j) {
           const double d = double(xi[j]) - sh[j];
           a1[j] += d;
           a2[j] += d * d;
@@ -62,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_shifted_sums_cpu(const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "class_shifted_sums", [&] {
         shifted_sums<scalar_t>(x.data_ptr<scalar_t>(), lab.data_ptr<int64_t>(),
-                               sh.data_ptr<double>(), b, k, s1.data_ptr<double>(),
+                               sh.data_ptr<double>(), b, k, num_classes, s1.data_ptr<double>(),
                                s2.data_ptr<double>());
       });
   at::Tensor count = at::bincount(lab, {}, num_classes).to(at::kDouble);
