@@ -218,14 +218,15 @@ def faster(a: dict | None, b: dict | None) -> dict | None:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """One line per op (random data, forward + backward where measured): ours against eager
-    and torch.compile, the README's speed table. Each baseline is the faster of the readable
-    definition and the plain formulation (``-plain`` providers), marked "(plain)" when the
-    latter won, so that no ratio flatters us against a slow formulation."""
+    """One line per op and shape (random data, forward + backward where measured): ours
+    against eager and torch.compile, the README's speed table. Each baseline is the faster of
+    the readable definition and the plain formulation (``-plain`` providers), marked "(plain)"
+    when the latter won, so that no ratio flatters us against a slow formulation."""
     lines = ["| op | N | D | K | ours | eager | torch.compile | vs eager | vs compile |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for op in dict.fromkeys(r["op"] for r in rows):
-        mine = [r for r in rows if r["op"] == op and r["data"] == "random" and r["status"] == "ok"]
+    for op, n, d, k in dict.fromkeys((r["op"], r["N"], r["D"], r["K"]) for r in rows):
+        mine = [r for r in rows if (r["op"], r["N"], r["D"], r["K"]) == (op, n, d, k)
+                and r["data"] == "random" and r["status"] == "ok"]
         modes = [r["mode"] for r in mine]
         mode = "fwd+bwd" if "fwd+bwd" in modes else (modes[0] if modes else None)
         pick = {r["provider"]: r for r in mine if r["mode"] == mode}

@@ -169,3 +169,15 @@ def test_crossover_runs_and_derives_thresholds(tmp_path):
     fake[2]["fused_ms"] = 1.2
     assert crossover.thresholds(fake) == {"k": 128}
     assert "| k | 128 |" in "\n".join(crossover.markdown(fake))
+
+
+def test_summary_has_a_line_per_shape():
+    """An op measured at several shapes (the small batches, the demo's affinity shape) gets
+    one summary line per shape, not only its last one."""
+    base = dict(op="op", mode="fwd+bwd", data="random", D=2, K=3, peak_mib=1.0,
+                fraction_of_floor=0.5, status="ok")
+    rows = [dict(base, N=n, provider=p, median_ms=ms)
+            for n in (8, 64) for p, ms in (("ours-cpu", 1.0 * n), ("eager", 3.0 * n))]
+    lines = run.summary(rows)[2:]
+    assert len(lines) == 2 and lines[0].startswith("| op (fwd+bwd) | 8 |")
+    assert lines[1].startswith("| op (fwd+bwd) | 64 |") and "3.0×" in lines[1]
