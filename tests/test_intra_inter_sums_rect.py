@@ -71,6 +71,24 @@ def test_float64_matches_reference(backend, metric):
             check_against_reference(case, metric, backend, F64_TOL, n + d, offset)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("offset", [None, 300])
+def test_cpu_one_pass_backward_matches_reference(metric, offset):
+    """The CPU backward of the Gram tiles for euclidean / sqeuclidean takes both gradients
+    from one coefficient tile per tile pair, with row tiles of 256 dealt to groups that keep
+    their own partial dL/dref: 600 rows are three ragged row tiles (three groups), 1100
+    reference rows three column tiles; a duplicate row (zero distance) or a self offset
+    (left-out pairs), and near-duplicate rows whose pairs the Gram form cannot resolve (the
+    direct form fixes both sides of them)."""
+    require_backend("cpu", OP)
+    x, labels, ref, ref_labels = rect_case(600, 1100, 20, 5, seed=21, device="cpu",
+                                           self_offset=offset)
+    g = torch.Generator().manual_seed(5)
+    for i, j in ((1, 1000), (450, 7), (599, 555)):
+        x[i] = ref[j] + 1e-4 * torch.randn(20, generator=g, dtype=torch.float64)
+    check_against_reference((x, labels, ref, ref_labels), metric, "cpu", F64_TOL, 3, offset)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("metric", ALL_METRICS)
 def test_float32_matches_float64_reference(backend, metric):
