@@ -20,7 +20,7 @@ under two busy background processes (contention.csv, benchmarks/contention.py).
 (benchmarks/crossover.py): crossover.csv and crossover.md, the source of the size thresholds of
 backend="auto" on CPU (confusion_kernels/_routing.py, CPU_FUSED_MIN_ROWS).
 --update-docs writes the Markdown tables
-between the suite markers of docs/benchmarks.md and a one-line-per-op summary between those
+between the suite markers of docs/benchmarks.md and a one-line-per-op-and-shape summary between those
 of the README (the tables there are generated, not typed).
 """
 
@@ -298,6 +298,22 @@ def update_docs(rows: list[dict], header: str, suite: str) -> None:
     replace_block(ROOT / "README.md", f"suite:{suite}:summary", [header, "", *summary(rows)])
 
 
+def results_dir(out: str | None, kind: str, device: torch.device) -> Path:
+    """--out, or benchmarks/results/<date>-<kind>-<device tag>/ (created)."""
+    tag = device_name(device).split(" (")[0].replace(" ", "-").lower()
+    path = Path(out) if out else ROOT / "benchmarks" / "results" / \
+        f"{datetime.date.today().isoformat()}-{kind}-{tag}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run_crossover(args) -> Path:
     """--suite crossover: crossover.csv and crossover.md (benchmarks/crossover.py)."""
     import crossover
@@ -306,14 +322,8 @@ def run_crossover(args) -> Path:
     rows = crossover.measure(reps=args.reps or 21)
     device = torch.device("cpu")
     stamp = datetime.date.today().isoformat()
-    tag = device_name(device).split(" (")[0].replace(" ", "-").lower()
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
-        f"{stamp}-crossover-{tag}"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "crossover.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    out = results_dir(args.out, "crossover", device)
+    write_csv(out / "crossover.csv", rows, list(rows[0]))
     header = (f"Crossover on {device_name(device)}, {stamp}, commit {commit()}, torch "
               f"{torch.__version__}: `python benchmarks/run.py --suite crossover` "
               f"({time.perf_counter() - started:.0f} s, median of {args.reps or 21} calls).")
@@ -353,14 +363,8 @@ def main(argv: list[str] | None = None) -> Path:
         keops = keops_peer.available() is None
         rows = run_suite(suite, device, reps, budget, ceilings, keops)
         stamp = datetime.date.today().isoformat()
-        tag = device_name(device).split(" (")[0].replace(" ", "-").lower()
-        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
-            f"{stamp}-suite-{suite}-{tag}"
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "suite.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        out = results_dir(args.out, f"suite-{suite}", device)
+        write_csv(out / "suite.csv", rows, COLUMNS)
         header = (f"Suite `{suite}` on {device_name(device)}, {stamp}, commit {commit()}, "
                   f"torch {torch.__version__}, Triton {_triton_version()}: "
                   f"`python benchmarks/run.py --suite {suite}` "
@@ -372,10 +376,7 @@ def main(argv: list[str] | None = None) -> Path:
             import contention
 
             loaded = contention.measure(contention.default_steps())
-            with open(out / "contention.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(loaded[0]))
-                writer.writeheader()
-                writer.writerows(loaded)
+            write_csv(out / "contention.csv", loaded, list(loaded[0]))
             tables += contention.markdown(loaded)
             for r in loaded:
                 print(f"contention: {r['step']}: {r['idle_ms']:.1f} -> {r['loaded_ms']:.1f} ms "

@@ -435,61 +435,82 @@ void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Ten
 // coefficients dD/da = self op(a_i) + other op(b_j) go to a row sum (self) and a
 // coefficient tile W (other) that one product multiplies into op(b); the exact pairs
 // add their direct-form gradient to their row.
+// What the gradient passes of the rectangular Gram tiles share: the tiles and
+// their tables, the columns' weights (a side without them weighs 0), the rows'
+// gradient and their self-coefficient sums, and the lanes of one row.
+template <int64_t M, typename T>
+struct RectGrad {
+  const PairSide<T>&a, &b;
+  RectTiles<M, T> tiles;
+  at::Tensor zeros, grad_rows, self_sum;
+  const T *b_wi, *b_wo;
+  T* self_p;
+  RectGrad(const PairSide<T>& a_, const PairSide<T>& b_, const at::Tensor& a_rows,
+           const at::Tensor& b_rows, T* grad)
+      : a(a_),
+        b(b_),
+        tiles(a_, b_, a_rows, b_rows),
+        zeros(at::zeros({b_.n}, a_rows.options())),
+        grad_rows(at::from_blob(grad, {a_.n, a_rows.size(1)}, a_rows.options())),
+        self_sum(at::zeros({a_.n}, a_rows.options())),
+        b_wi(b_.g_in ? b_.g_in : zeros.template data_ptr<T>()),
+        b_wo(b_.g_out ? b_.g_out : zeros.template data_ptr<T>()),
+        self_p(self_sum.template data_ptr<T>()) {}
+
+  // Row i against columns [c0, c0 + ct) of a tile (gp: its Gram row tile, w: row i of the
+  // coefficient tile): rect_grad_lanes over the columns but the left-out one, fix(j) for
+  // every pair that needs the exact form, the self coefficients into self_sum.
+  template <class Fix>
+  void row(int64_t i, int64_t c0, int64_t ct, const T* gram_row, T* w, int64_t shift,
+           const Fix& fix) const {
+    using L = simd::Widest<T>;
+    using S = simd::Scalar<T>;
+    const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
+    const RectRow<T> r{tiles.a_cls[i],
+                       tiles.a_sq[i],
+                       side_weight(a.g_in, i),
+                       side_weight(a.g_out, i),
+                       inv_norm_a,
+                       gram_row,
+                       tiles.b_cls + c0,
+                       tiles.b_sq + c0,
+                       b_wi + c0,
+                       b_wo + c0,
+                       w};
+    typename L::V self = L::zero();
+    T self_tail = 0;
+    const auto wide = [&](int64_t jj) { return rect_grad_lanes<M, L>(r, jj, self); };
+    const auto one = [&](int64_t jj) { return rect_grad_lanes<M, S>(r, jj, self_tail); };
+    const auto fix_column = [&](int64_t jj) { fix(c0 + jj); };
+    const int64_t skip = self_column(i, shift, c0, ct);
+    over_columns<T>(0, skip, wide, one, fix_column);
+    if (skip < ct) r.w[skip] = T(0);
+    over_columns<T>(std::min(skip + 1, ct), ct, wide, one, fix_column);
+    self_p[i] += L::hsum(self) + self_tail;
+  }
+};
+
 template <int64_t M, typename T>
 void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
                         const at::Tensor& b_rows, int64_t shift, T* grad) {
-  using L = simd::Widest<T>;
-  using S = simd::Scalar<T>;
   const int64_t d = a_rows.size(1);
-  const RectTiles<M, T> tiles(a, b, a_rows, b_rows);
-  const T *a_sq = tiles.a_sq, *b_sq = tiles.b_sq;
-  const int32_t *a_cls = tiles.a_cls, *b_cls = tiles.b_cls;
-  // the columns' weights (a side without them weighs 0)
-  const at::Tensor zeros = at::zeros({b.n}, a_rows.options());
-  const T* b_wi = b.g_in ? b.g_in : zeros.template data_ptr<T>();
-  const T* b_wo = b.g_out ? b.g_out : zeros.template data_ptr<T>();
-  at::Tensor grad_rows = at::from_blob(grad, {a.n, d}, a_rows.options());
-  at::Tensor self_sum = at::zeros({a.n}, a_rows.options());
-  T* self_p = self_sum.template data_ptr<T>();
-  tiles.for_row_tiles([&](int64_t r0, int64_t rt, const at::Tensor& ar) {
+  const RectGrad<M, T> rg(a, b, a_rows, b_rows, grad);
+  rg.tiles.for_row_tiles([&](int64_t r0, int64_t rt, const at::Tensor& ar) {
     at::Tensor w_all = at::empty({rt, std::min(kRectColTile, b.n)}, a_rows.options());
-    tiles.for_column_tiles(ar, [&](int64_t c0, int64_t ct, const at::Tensor& bt, const T* gp) {
-      at::Tensor w = w_all.narrow(1, 0, ct);
+    rg.tiles.for_column_tiles(ar, [&](int64_t c0, int64_t ct, const at::Tensor& bt, const T* gp) {
       T* wp = w_all.template data_ptr<T>();
       const int64_t ld = w_all.size(1);
       at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) {
           const int64_t i = r0 + ii;
-          const T inv_norm_a = M == kCosine && a.norms[i] > T(0) ? T(1) / a.norms[i] : T(0);
-          const RectRow<T> r{a_cls[i],
-                             a_sq[i],
-                             side_weight(a.g_in, i),
-                             side_weight(a.g_out, i),
-                             inv_norm_a,
-                             gp + ii * ct,
-                             b_cls + c0,
-                             b_sq + c0,
-                             b_wi + c0,
-                             b_wo + c0,
-                             wp + ii * ld};
-          typename L::V self = L::zero();
-          T self_tail = 0;
-          const auto wide = [&](int64_t jj) { return rect_grad_lanes<M, L>(r, jj, self); };
-          const auto one = [&](int64_t jj) { return rect_grad_lanes<M, S>(r, jj, self_tail); };
-          const auto fix = [&](int64_t jj) {
-            exact_pair_grad<M>(a, b, i, c0 + jj, d, pair_coefficient(a, b, i, c0 + jj, shift),
-                               grad + i * d);
-          };
-          const int64_t skip = self_column(i, shift, c0, ct);
-          over_columns<T>(0, skip, wide, one, fix);
-          if (skip < ct) r.w[skip] = T(0);
-          over_columns<T>(std::min(skip + 1, ct), ct, wide, one, fix);
-          self_p[i] += L::hsum(self) + self_tail;
+          rg.row(i, c0, ct, gp + ii * ct, wp + ii * ld, shift, [&](int64_t j) {
+            exact_pair_grad<M>(a, b, i, j, d, pair_coefficient(a, b, i, j, shift), grad + i * d);
+          });
         }
       });
-      grad_rows.narrow(0, r0, rt).addmm_(w, bt);
+      rg.grad_rows.narrow(0, r0, rt).addmm_(w_all.narrow(1, 0, ct), bt);
     });
-    grad_rows.narrow(0, r0, rt).add_(ar * self_sum.narrow(0, r0, rt).unsqueeze(1));
+    rg.grad_rows.narrow(0, r0, rt).add_(ar * rg.self_sum.narrow(0, r0, rt).unsqueeze(1));
   });
 }
 
@@ -520,18 +541,9 @@ void gram_rect_backward_both(const PairSide<T>& a, const PairSide<T>& b, const a
                              const at::Tensor& b_rows, int64_t shift, int64_t groups, T* grad_a,
                              T* grad_b) {
   static_assert(M == kEuclidean || M == kSqEuclidean, "antisymmetric metrics only");
-  using L = simd::Widest<T>;
-  using S = simd::Scalar<T>;
   const int64_t d = a_rows.size(1);
-  const RectTiles<M, T> tiles(a, b, a_rows, b_rows);
-  const T *a_sq = tiles.a_sq, *b_sq = tiles.b_sq;
-  const int32_t *a_cls = tiles.a_cls, *b_cls = tiles.b_cls;
-  const at::Tensor zeros = at::zeros({b.n}, a_rows.options());
-  const T* b_wi = b.g_in ? b.g_in : zeros.template data_ptr<T>();
-  const T* b_wo = b.g_out ? b.g_out : zeros.template data_ptr<T>();
-  at::Tensor grad_rows = at::from_blob(grad_a, {a.n, d}, a_rows.options());
-  at::Tensor self_sum = at::zeros({a.n}, a_rows.options());
-  T* self_p = self_sum.template data_ptr<T>();
+  const RectGrad<M, T> rg(a, b, a_rows, b_rows, grad_a);
+  const RectTiles<M, T>& tiles = rg.tiles;
   // the b side of every group: [groups, M, D] products and [groups, M] column sums of W
   // (a group's first row tile writes them, the later ones add: no fill)
   at::Tensor parts = at::empty({groups, b.n, d}, a_rows.options());
@@ -553,36 +565,15 @@ void gram_rect_backward_both(const PairSide<T>& a, const PairSide<T>& b, const a
         const int64_t ld = w_all.size(1);
         for (int64_t ii = 0; ii < rt; ++ii) {
           const int64_t i = r0 + ii;
-          const RectRow<T> r{a_cls[i],
-                             a_sq[i],
-                             side_weight(a.g_in, i),
-                             side_weight(a.g_out, i),
-                             T(0),
-                             gp + ii * ct,
-                             b_cls + c0,
-                             b_sq + c0,
-                             b_wi + c0,
-                             b_wo + c0,
-                             wp + ii * ld};
-          typename L::V self = L::zero();
-          T self_tail = 0;
-          const auto wide = [&](int64_t jj) { return rect_grad_lanes<M, L>(r, jj, self); };
-          const auto one = [&](int64_t jj) { return rect_grad_lanes<M, S>(r, jj, self_tail); };
-          const auto fix = [&](int64_t jj) {
-            const int64_t j = c0 + jj;
+          rg.row(i, c0, ct, gp + ii * ct, wp + ii * ld, shift, [&](int64_t j) {
             exact_pair_grad<M>(a, b, i, j, d, pair_coefficient(a, b, i, j, shift), grad_a + i * d);
             exact_pairs[group].emplace_back(i, j);
-          };
-          const int64_t skip = self_column(i, shift, c0, ct);
-          over_columns<T>(0, skip, wide, one, fix);
-          if (skip < ct) r.w[skip] = T(0);
-          over_columns<T>(std::min(skip + 1, ct), ct, wide, one, fix);
-          self_p[i] += L::hsum(self) + self_tail;
+          });
         }
         // w holds -W (rect_grad_lanes' other coefficient): grad_a += w op(B),
         // the b side += w^T op(A) and colsum(W) = -colsum(w)
         const bool first = t == group;
-        grad_rows.narrow(0, r0, rt).addmm_(w, bt);
+        rg.grad_rows.narrow(0, r0, rt).addmm_(w, bt);
         part.narrow(0, c0, ct).addmm_(w.t(), ar, first ? 0 : 1, 1);  // beta 0: not read
         T* __restrict__ cols = col_p + c0;
         if (first) std::fill(cols, cols + ct, T(0));
@@ -592,7 +583,7 @@ void gram_rect_backward_both(const PairSide<T>& a, const PairSide<T>& b, const a
           for (int64_t jj = 0; jj < ct; ++jj) cols[jj] -= wr[jj];
         }
       });
-      grad_rows.narrow(0, r0, rt).add_(ar * self_sum.narrow(0, r0, rt).unsqueeze(1));
+      rg.grad_rows.narrow(0, r0, rt).add_(ar * rg.self_sum.narrow(0, r0, rt).unsqueeze(1));
     }
   });
   at::Tensor grad_cols = at::from_blob(grad_b, {b.n, d}, a_rows.options());
