@@ -3,7 +3,8 @@
 ``backend="auto"`` picks, for the tensor's device, cuda > triton > cpu >
 reference (and ``_routing.route`` takes the reference instead of cpu for
 batches too small for the fused kernel to win); the environment variable
-``CONFUSION_KERNELS_BACKEND`` replaces "auto" with a fixed choice. An explicitly requested backend that cannot run
+``CONFUSION_KERNELS_BACKEND`` replaces "auto" with a fixed choice. An
+explicitly requested backend that cannot run
 raises ``RuntimeError`` saying why; nothing falls back silently.
 """
 
@@ -74,17 +75,25 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, dev) is None]
 
 
+def requested_backend(backend: str = "auto") -> str:
+    """``backend``, or for "auto" the choice ``CONFUSION_KERNELS_BACKEND`` fixes ("auto" when
+    it is unset or empty)."""
+    if backend != "auto":
+        return backend
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+
+
 def auto_requested(backend: str = "auto") -> bool:
     """Whether ``backend`` leaves the choice to the package (not fixed by the caller or by
     ``CONFUSION_KERNELS_BACKEND``)."""
-    return backend == "auto" and (os.environ.get(ENV_VAR, "auto").strip().lower() or "auto") == "auto"
+    return requested_backend(backend) == "auto"
 
 
 def select_backend(tensor: torch.Tensor, backend: str = "auto",
                    op: str = "intra_inter_sums") -> str:
     """The backend that runs ``op`` on ``tensor`` for the requested ``backend``."""
     if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        backend = requested_backend(backend)
         if backend == "auto":
             order = ("cuda", "triton", "cpu", "reference") if tensor.is_cuda else ("cpu", "reference")
             for candidate in order:

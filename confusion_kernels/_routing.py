@@ -72,7 +72,8 @@ GRAM_METRIC_NAMES = frozenset(name for name, code in METRIC_CODES.items() if cod
 # Above this many prototypes (and P > D) R(W) takes the O(P D^2) moment form.
 PAIRWISE_MAX_PROTOTYPES = 2048
 # backend="auto" on CPU: the fewest rows for which the fused kernel is faster than the eager
-# definition at every measured size (benchmarks/crossover.py's thresholds of this file).
+# definition at every measured size (benchmarks/crossover.py's thresholds of this file). An op
+# without a key (the rectangular op) always runs fused.
 CROSSOVER_SOURCE = "benchmarks/results/2026-12-07-crossover-x86_64/crossover.csv"
 CPU_FUSED_MIN_ROWS = {
     "as_loss_terms[euclidean]": 256,
@@ -201,8 +202,7 @@ def route(op: str, x: torch.Tensor, backend: str = "auto", *, metric: str | None
     if op not in _KERNEL_OF:
         raise ValueError(f"unknown op {op!r}; expected one of {list(OPS)}")
     chosen = select_backend(x, backend, op=_KERNEL_OF[op])
-    if (chosen == "cpu" and op != "intra_inter_sums_rect"
-            and x.shape[0] < cpu_fused_min_rows(op, metric) and auto_requested(backend)):
+    if chosen == "cpu" and x.shape[0] < cpu_fused_min_rows(op, metric) and auto_requested(backend):
         chosen = "reference"
     if op == "intra_inter_sums":
         return Route(chosen, square_algorithm(chosen, metric, x))

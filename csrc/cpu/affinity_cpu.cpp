@@ -23,6 +23,7 @@
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/affinity_tiles.h"
 #include "confusion_kernels/checks.h"
+#include "group_by_key.h"
 #include "simd.h"
 
 namespace confusion_kernels {
@@ -186,11 +187,8 @@ void own_class_terms(const T* f, const T* w, const int64_t* proto, const T* coef
       row_coef[i] += c;
     }
   });
-  std::vector<int64_t> start(p + 1, 0), order(n);
-  for (int64_t i = 0; i < n; ++i) ++start[proto[i] + 1];
-  for (int64_t q = 0; q < p; ++q) start[q + 1] += start[q];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < n; ++i) order[next[proto[i]]++] = i;
+  const KeyGroups groups = group_by_key(proto, n, p);
+  const std::vector<int64_t>&start = groups.start, &order = groups.order;
   at::parallel_for(0, p, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> sum(d);
     for (int64_t q = begin; q < end; ++q) {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "group_by_key.h"
 #include "parallel_jobs.h"
 
 namespace confusion_kernels {
@@ -29,11 +30,8 @@ template <typename scalar_t>
 void shifted_sums(const scalar_t* x, const int64_t* lab, const double* shift, int64_t b, int64_t k,
                   int64_t num_classes, double* s1, double* s2) {
   // rows grouped by class, each class's rows in increasing order
-  std::vector<int64_t> start(num_classes + 1, 0), order(b);
-  for (int64_t i = 0; i < b; ++i) ++start[lab[i] + 1];
-  for (int64_t c = 0; c < num_classes; ++c) start[c + 1] += start[c];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < b; ++i) order[next[lab[i]]++] = i;
+  const KeyGroups groups = group_by_key(lab, b, num_classes);
+  const std::vector<int64_t>&start = groups.start, &order = groups.order;
   // jobs: runs of whole classes with about kRowsPerJob rows (the split depends on the
   // labels only, not on the thread count)
   std::vector<int64_t> first_class{0};

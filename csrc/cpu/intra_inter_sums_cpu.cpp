@@ -24,6 +24,7 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/direct_pass.h"
+#include "confusion_kernels/gram_tiles.h"
 #include "confusion_kernels/pair_math.h"
 #include "pair_pass.h"
 #include "parallel_jobs.h"
@@ -382,13 +383,10 @@ struct RectTiles {
   // tile's rows of op(b); gram: the [rt, ct] product ar bt^T).
   template <class Tile>
   void for_column_tiles(const at::Tensor& ar, const Tile& tile) const {
-    const int64_t m = g.b.size(0);
-    for (int64_t c0 = 0; c0 < m; c0 += kRectColTile) {
-      const int64_t ct = std::min(kRectColTile, m - c0);
-      const at::Tensor bt = g.b.narrow(0, c0, ct);
-      const at::Tensor gram = at::mm(ar, bt.t()).contiguous();
-      tile(c0, ct, bt, gram.template data_ptr<T>());
-    }
+    for_each_column_tile(ar, g.b, kRectColTile,
+                         [&](int64_t c0, int64_t ct, const at::Tensor& bt, const at::Tensor& gram) {
+                           tile(c0, ct, bt, gram.template data_ptr<T>());
+                         });
   }
 };
 
@@ -431,10 +429,6 @@ void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Ten
   });
 }
 
-// grad (zeroed, [a.n, D]) += sum_j c_ij dD(a_i, b_j)/da_i: per tile, the Gram pairs'
-// coefficients dD/da = self op(a_i) + other op(b_j) go to a row sum (self) and a
-// coefficient tile W (other) that one product multiplies into op(b); the exact pairs
-// add their direct-form gradient to their row.
 // What the gradient passes of the rectangular Gram tiles share: the tiles and
 // their tables, the columns' weights (a side without them weighs 0), the rows'
 // gradient and their self-coefficient sums, and the lanes of one row.
@@ -490,6 +484,10 @@ struct RectGrad {
   }
 };
 
+// grad (zeroed, [a.n, D]) += sum_j c_ij dD(a_i, b_j)/da_i: per tile, the Gram pairs'
+// coefficients dD/da = self op(a_i) + other op(b_j) go to a row sum (self) and a
+// coefficient tile W (other) that one product multiplies into op(b); the exact pairs
+// add their direct-form gradient to their row.
 template <int64_t M, typename T>
 void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Tensor& a_rows,
                         const at::Tensor& b_rows, int64_t shift, T* grad) {

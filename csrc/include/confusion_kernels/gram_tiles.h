@@ -23,18 +23,30 @@ inline at::Tensor rows_of(const at::Tensor& t, int64_t r0, int64_t rt) {
   return t.defined() ? t.narrow(0, r0, rt) : at::Tensor();
 }
 
+// tile(p0, pt, wt, g) for every prototype tile of one row tile fr, in order:
+// wt = w[p0:p0+pt], g = fr wt^T (contiguous).
+template <class Tile>
+void for_each_column_tile(const at::Tensor& fr, const at::Tensor& w, int64_t proto_tile,
+                          Tile&& tile) {
+  const int64_t p = w.size(0);
+  for (int64_t p0 = 0; p0 < p; p0 += proto_tile) {
+    const int64_t pt = std::min(proto_tile, p - p0);
+    const at::Tensor wt = w.narrow(0, p0, pt);
+    tile(p0, pt, wt, at::mm(fr, wt.t()));
+  }
+}
+
 // epilogue(r0, rt, p0, pt, g) for every block, g = f[r0:r0+rt] w[p0:p0+pt]^T.
 template <class Epilogue>
 void for_each_gram_tile(const at::Tensor& f, const at::Tensor& w, int64_t row_tile,
                         int64_t proto_tile, Epilogue&& epilogue) {
-  const int64_t n = f.size(0), p = w.size(0);
+  const int64_t n = f.size(0);
   for (int64_t r0 = 0; r0 < n; r0 += row_tile) {
     const int64_t rt = std::min(row_tile, n - r0);
-    const at::Tensor fr = f.narrow(0, r0, rt);
-    for (int64_t p0 = 0; p0 < p; p0 += proto_tile) {
-      const int64_t pt = std::min(proto_tile, p - p0);
-      epilogue(r0, rt, p0, pt, at::mm(fr, w.narrow(0, p0, pt).t()));
-    }
+    for_each_column_tile(f.narrow(0, r0, rt), w, proto_tile,
+                         [&](int64_t p0, int64_t pt, const at::Tensor&, const at::Tensor& g) {
+                           epilogue(r0, rt, p0, pt, g);
+                         });
   }
 }
 

@@ -114,17 +114,16 @@ void negatives_pass(const Inputs& in, const at::Tensor& best, const at::Tensor& 
   Tiles::row_tiles(n, [&](int64_t r0, int64_t rt) {
     at::Tensor coef_buf;
     if (with_grad) coef_buf = at::empty({rt * ct_max}, in.x.options());
-    const at::Tensor xr = in.x.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < k; c0 += Tiles::kCentroidTile) {
-      const int64_t ct = std::min<int64_t>(Tiles::kCentroidTile, k - c0);
-      const at::Tensor cents = in.centroids.narrow(0, c0, ct);
-      at::Tensor coef;
-      if (with_grad) coef = coef_buf.narrow(0, 0, rt * ct).view({rt, ct});
-      Tiles::negatives(at::mm(xr, cents.t()), in, r0, c0, rows_of(weight, r0, rt),
-                       rows_of(best, r0, rt), rows_of(best_k, r0, rt), rows_of(sum, r0, rt), coef,
-                       rows_of(x_coef, r0, rt), rows_of(grad_x, r0, rt));
-      if (with_grad) grad_x.narrow(0, r0, rt).addmm_(coef, cents);
-    }
+    for_each_column_tile(in.x.narrow(0, r0, rt), in.centroids, Tiles::kCentroidTile,
+                         [&](int64_t c0, int64_t ct, const at::Tensor& cents, const at::Tensor& g) {
+                           at::Tensor coef;
+                           if (with_grad) coef = coef_buf.narrow(0, 0, rt * ct).view({rt, ct});
+                           Tiles::negatives(g, in, r0, c0, rows_of(weight, r0, rt),
+                                            rows_of(best, r0, rt), rows_of(best_k, r0, rt),
+                                            rows_of(sum, r0, rt), coef, rows_of(x_coef, r0, rt),
+                                            rows_of(grad_x, r0, rt));
+                           if (with_grad) grad_x.narrow(0, r0, rt).addmm_(coef, cents);
+                         });
   });
   if (with_grad) grad_x.addcmul_(x_coef.unsqueeze(1), in.x);
 }
