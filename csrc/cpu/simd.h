@@ -74,7 +74,11 @@ struct Avx2<float> {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V gather(const float* p, int64_t stride) {
     const __m256i k = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_i32gather_ps(p, _mm256_mullo_epi32(k, _mm256_set1_epi32(int32_t(stride))), 4);
+    // (the masked form with a zero source: the plain one leaves GCC 12 warning that its
+    // undefined source may be used)
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p,
+                                    _mm256_mullo_epi32(k, _mm256_set1_epi32(int32_t(stride))),
+                                    _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
   }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V set1(float s) { return _mm256_set1_ps(s); }
@@ -128,7 +132,9 @@ struct Avx2<double> {
   static V load(const double* p) { return _mm256_loadu_pd(p); }
   static V gather(const double* p, int64_t stride) {
     const __m128i k = _mm_setr_epi32(0, 1, 2, 3);
-    return _mm256_i32gather_pd(p, _mm_mullo_epi32(k, _mm_set1_epi32(int32_t(stride))), 8);
+    return _mm256_mask_i32gather_pd(_mm256_setzero_pd(), p,
+                                    _mm_mullo_epi32(k, _mm_set1_epi32(int32_t(stride))),
+                                    _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
   }
   static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
   static V set1(double s) { return _mm256_set1_pd(s); }
