@@ -295,6 +295,9 @@ def test_training_step_compiles_fullgraph_with_inductor(loss_name):
     make = makers[loss_name]
     eager_mod = make()
     compiled_mod = copy.deepcopy(eager_mod)
+    # other tests compile the same forward with other arguments (tests/test_n_centroids.py);
+    # their graphs count toward Dynamo's recompile limit for the code object
+    torch._dynamo.reset()
     compiled = torch.compile(compiled_mod, fullgraph=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
@@ -395,6 +398,39 @@ def test_cpu_pair_kernels_do_not_depend_on_the_thread_count(metric):
         assert torch.equal(b, c)
         assert torch.equal(a, b)
 
+
+
+def test_cpu_kernels_leave_the_thread_count_as_they_found_it():
+    """The CPU kernels run their set-up ATen calls on one thread (parallel_jobs.h, SerialAten)
+    and must give torch's thread count back afterwards, also when they raise inside."""
+    require_backend("cpu", "intra_inter_sums")
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(300, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    ref = torch.randn(200, 16, generator=g, requires_grad=True)
+    ref_labels = torch.randint(0, 4, (200,), generator=g)
+    z = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    z.requires_grad_(True)
+    cents = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    ops = torch.ops.confusion_kernels
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ck.as_loss(x, labels, backend="cpu").backward()
+        assert torch.get_num_threads() == 2
+        for metric in ("euclidean", "cosine", "manhattan"):
+            s_in, s_out = ck.intra_inter_sums(x, labels, metric, ref=ref, ref_labels=ref_labels,
+                                              backend="cpu")
+            (s_in.sum() + s_out.sum()).backward()
+            assert torch.get_num_threads() == 2, metric
+        ck.n_centroids_loss(z, labels, cents, backend="cpu").backward()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="metric"):
+            ops.intra_inter_sums_rect(x.detach(), labels, ref.detach(), ref_labels, None,
+                                      "no-such-metric", "gram_tiles")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 # --- one dtype policy -------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ALL)

@@ -76,7 +76,7 @@ inline acc_t block_distance(const PairSide<acc_t>& a, const PairSide<acc_t>& b, 
 template <int64_t M, typename acc_t>
 void direct_forward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt, int64_t d,
                     int64_t shift, acc_t* s_in, acc_t* s_out) {
-  at::parallel_for(0, a.n, 4, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, a.n, 4, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(kDirectColBlock), dots(kDirectColBlock);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t li = a.labels[i];
@@ -100,7 +100,7 @@ void direct_forward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const ac
 template <int64_t M, typename acc_t>
 void direct_backward(const PairSide<acc_t>& a, const PairSide<acc_t>& b, const acc_t* bt, int64_t d,
                      int64_t shift, acc_t* grad) {
-  at::parallel_for(0, a.n, 4, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, a.n, 4, [&](int64_t begin, int64_t end) {
     // coef: the pair's coefficient (euclidean: over the distance; cosine: alpha);
     // extra: cosine's gamma; sums / dots: the distance sums.
     std::vector<acc_t> coef(kDirectColBlock), extra(kDirectColBlock), sums(kDirectColBlock),
@@ -186,7 +186,7 @@ constexpr int64_t kRectColTile = 512;
 // Rows per job: kRectRowTile, or fewer (down to 64) so that every thread gets
 // two jobs or more.
 inline int64_t rect_row_tile(int64_t n) {
-  const int64_t want = (n + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t want = (n + 2 * region_threads() - 1) / (2 * region_threads());
   return std::min(kRectRowTile, std::max<int64_t>(64, (want + 7) / 8 * 8));
 }
 
@@ -403,7 +403,7 @@ void gram_rect_forward(const PairSide<T>& a, const PairSide<T>& b, const at::Ten
   std::fill(s_out, s_out + a.n, T(0));
   tiles.for_row_tiles([&](int64_t r0, int64_t rt, const at::Tensor& ar) {
     tiles.for_column_tiles(ar, [&](int64_t c0, int64_t ct, const at::Tensor&, const T* gp) {
-      at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+      parallel_rows(0, rt, 16, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) {
           const int64_t i = r0 + ii;
           const RectRow<T> r{a_cls[i],   a_sq[i],   0,       0,       0,      gp + ii * ct,
@@ -498,7 +498,7 @@ void gram_rect_backward(const PairSide<T>& a, const PairSide<T>& b, const at::Te
     rg.tiles.for_column_tiles(ar, [&](int64_t c0, int64_t ct, const at::Tensor& bt, const T* gp) {
       T* wp = w_all.template data_ptr<T>();
       const int64_t ld = w_all.size(1);
-      at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+      parallel_rows(0, rt, 16, [&](int64_t begin, int64_t end) {
         for (int64_t ii = begin; ii < end; ++ii) {
           const int64_t i = r0 + ii;
           rg.row(i, c0, ct, gp + ii * ct, wp + ii * ld, shift, [&](int64_t j) {
@@ -671,6 +671,7 @@ std::tuple<at::Tensor, at::Tensor> rect_backward_cpu(
     c10::optional<int64_t> self_offset, c10::string_view metric_name,
     c10::string_view algorithm_name) {
   const NoAutocast no_autocast;
+  const SerialAten serial;  // the row tiles' region is the op's only parallel one
   const RectInputs in = prepare_rect_backward_inputs(grad_in, grad_out, x, labels, ref, ref_labels,
                                                      self_offset, metric_name, c10::kCPU);
   const int64_t algorithm = rect_algorithm<c10::kCPU, RectBackward>(algorithm_name, in.metric);
@@ -697,13 +698,24 @@ std::tuple<at::Tensor, at::Tensor> rect_backward_cpu(
   return {grad_x.to(x.scalar_type()), grad_ref.to(ref.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> rect_forward_cpu(const at::Tensor& x, const at::Tensor& labels,
+                                                    const at::Tensor& ref,
+                                                    const at::Tensor& ref_labels,
+                                                    c10::optional<int64_t> self_offset,
+                                                    c10::string_view metric_name,
+                                                    c10::string_view algorithm_name) {
+  const SerialAten serial;  // the row tiles' region is the op's only parallel one
+  return rect_forward_op<c10::kCPU, RectForward>(x, labels, ref, ref_labels, self_offset,
+                                                 metric_name, algorithm_name);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
   m.impl("intra_inter_sums", &intra_inter_sums_cpu);
   m.impl("intra_inter_sums_backward", &intra_inter_sums_backward_cpu);
   // the rectangular op: Gram tiles ('gram_tiles') or the direct loops ('direct')
-  m.impl("intra_inter_sums_rect", &rect_forward_op<c10::kCPU, RectForward>);
+  m.impl("intra_inter_sums_rect", &rect_forward_cpu);
   m.impl("intra_inter_sums_rect_backward", &rect_backward_cpu);
 }
 

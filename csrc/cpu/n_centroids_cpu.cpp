@@ -31,7 +31,7 @@ void direct_rows(const nc::Inputs& in, const int64_t* index, const T* weight, T*
   const T* x = in.x.data_ptr<T>();
   const T* c = in.centroids.data_ptr<T>();
   const int64_t metric = in.metric;
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (index[i] < 0) {
         dist[i] = T(0);
@@ -128,7 +128,7 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   // the pairs where it cancels again from differences (rare: a row close to a
   // centroid or to its antipode)
   std::vector<uint8_t> row_has_exact(rt, 0);
-  at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, rt, 16, [&](int64_t begin, int64_t end) {
     const int64_t cols = ct;  // locals: the stores below cannot alias them
     const int64_t m = metric;
     for (int64_t i = begin; i < end; ++i) {
@@ -164,7 +164,7 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   }
   const T* dist = dist_t.data_ptr<T>();
   // (3) per row: first min and sum over negatives; the coefficient tile
-  at::parallel_for(0, rt, 16, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, rt, 16, [&](int64_t begin, int64_t end) {
     const int64_t cols = ct;  // locals: the stores below cannot alias them
     const int64_t m = metric;
     for (int64_t i = begin; i < end; ++i) {
@@ -220,6 +220,7 @@ struct CpuTiles {
   static constexpr int64_t kCentroidTile = 512;
   struct Guard {
     NoAutocast no_autocast;
+    SerialAten serial;  // the row tiles' region is the op's only parallel one
     explicit Guard(c10::Device) {}
   };
   // job(r0, rt) for every row tile, in one parallel region (parallel_jobs.h): each

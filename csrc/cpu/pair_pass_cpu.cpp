@@ -153,7 +153,7 @@ __attribute__((noinline)) void column_block_sums(const acc_t* wp, int64_t ld, in
 template <typename acc_t>
 void add_column_sums(const acc_t* wp, int64_t ld, int64_t rt, int64_t ct, const int32_t* rcls,
                      const int32_t* ccls, acc_t* col_in, acc_t* col_out) {
-  at::parallel_for(0, ct, 64, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, ct, 64, [&](int64_t begin, int64_t end) {
     column_block_sums(wp, ld, rt, rcls, ccls, begin, end, col_in, col_out);
   });
 }
@@ -422,7 +422,7 @@ void tile_pair(const PassData<acc_t>& p, const RowTile& rtile, int64_t c0, int64
                              ep,
                              p.t_in_rows,
                              p.t_out_rows};
-  at::parallel_for(0, rt, 8, [&](int64_t begin, int64_t end) {
+  parallel_rows(0, rt, 8, [&](int64_t begin, int64_t end) {
     for (int64_t ii = begin; ii < end; ++ii) s.flagged[ii] = tile_row<M, Grad, acc_t>(view, ii);
   });
   // The pairs the Gram form cannot resolve, exactly and serially (they update two rows).
@@ -562,6 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> weighted_pair_sums_wi
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_in, const at::Tensor& w_out,
     c10::string_view metric_name) {
   const NoAutocast no_autocast;
+  const SerialAten serial;
   const RowSumsInputs in = prepare_pair_pass_inputs(x, labels, w_in, w_out, metric_name, c10::kCPU);
   const PairSums r = pair_pass_with_grad(in.x, in.labels, w_in, w_out, in.metric);
   return {r.t_in, r.t_out, r.grad_in.to(x.scalar_type()), r.grad_out.to(x.scalar_type())};

@@ -10,6 +10,9 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -17,9 +20,76 @@
 
 namespace confusion_kernels {
 
+namespace detail {
+// The thread count a SerialAten scope on this thread replaced (0: none open).
+inline int& serial_outer_threads() {
+  thread_local int outer = 0;
+  return outer;
+}
+inline void set_region_threads(int threads) {
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+}
+}  // namespace detail
+
+// In its scope, the ATen calls of this thread open no parallel region (the
+// thread's OpenMP team size is 1): the O(N*D) steps before and after a
+// kernel's one region run on the calling thread. Under contention every
+// region costs a wake-up and a barrier, and GNU OpenMP's workers spin for a
+// while after each region on cores that the serial steps between regions
+// need. run_jobs and parallel_rows still use every thread.
+class SerialAten {
+ public:
+  SerialAten() : saved_(detail::serial_outer_threads()) {
+    if (saved_ == 0) {
+      detail::serial_outer_threads() = at::get_num_threads();
+      detail::set_region_threads(1);
+    }
+  }
+  ~SerialAten() {
+    if (saved_ == 0) {
+      detail::set_region_threads(detail::serial_outer_threads());
+      detail::serial_outer_threads() = 0;
+    }
+  }
+  SerialAten(const SerialAten&) = delete;
+  SerialAten& operator=(const SerialAten&) = delete;
+
+ private:
+  int saved_;
+};
+
+// Threads a region opened here gets: all of torch's, also inside a SerialAten scope.
+inline int64_t region_threads() {
+  const int outer = detail::serial_outer_threads();
+  return outer ? outer : at::get_num_threads();
+}
+
+// at::parallel_for(begin, end, grain, f) on region_threads() threads: a kernel's own
+// parallel loop, which a SerialAten scope around it must not make serial.
+template <class F>
+void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int outer = detail::serial_outer_threads();
+  if (outer == 0) {
+    at::parallel_for(begin, end, grain, f);
+    return;
+  }
+  detail::set_region_threads(outer);
+  try {
+    at::parallel_for(begin, end, grain, f);
+  } catch (...) {
+    detail::set_region_threads(1);
+    throw;
+  }
+  detail::set_region_threads(1);
+}
+
 // Threads a region of `jobs` jobs uses: at most one per job.
 inline int64_t job_workers(int64_t jobs) {
-  return std::max<int64_t>(1, std::min<int64_t>(jobs, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min<int64_t>(jobs, region_threads()));
 }
 
 // job(k, worker) for k in [0, jobs), in one parallel region; `worker` < job_workers(jobs)
@@ -34,7 +104,7 @@ void run_jobs(int64_t jobs, const Job& job) {
     return;
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t worker, int64_t) {
+  parallel_rows(0, workers, 1, [&](int64_t worker, int64_t) {
     for (int64_t k = next++; k < jobs; k = next++) job(k, worker);
   });
 }
