@@ -3,11 +3,22 @@ has data-loader workers beside it): each step's median time idle, then with ``bu
 spinning beside it for a bounded time, and the ratio. The reference point is a plain matrix
 product under the same load: a fused op should slow down no more than it does
 (benchmarks/run.py --suite cpu runs this and writes contention.csv and a table in suite.md).
+
+GNU OpenMP (torch's CPU threads on Linux) lets its worker threads spin for several
+milliseconds after each parallel region before they sleep; beside busy processes that spinning
+takes the cores the next serial step needs. ``OMP_WAIT_POLICY=passive`` makes them sleep at
+once. It is read when the OpenMP runtime loads, so the suite measures it in a second process:
+``python benchmarks/contention.py --json`` prints the rows of one measurement.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -114,11 +125,57 @@ def default_steps(n: int = 4096, d: int = 64, product: int = 2048) -> dict[str, 
     }
 
 
-def markdown(rows: list[dict]) -> list[str]:
-    lines = [f"**Under contention** ({rows[0]['busy']} busy processes beside each step; median ms)"
-             if rows else "**Under contention**", "",
-             "| step | idle | loaded | slowdown |", "|---|---:|---:|---:|"]
+def measure_with_env(env: dict[str, str], busy: int = 2, reps: int = 11,
+                     seconds: float = 60.0, n: int = 4096) -> list[dict]:
+    """``measure(default_steps(n))`` in a fresh Python process with ``env`` added to the
+    environment (for settings read when a runtime loads, such as ``OMP_WAIT_POLICY``)."""
+    cmd = [sys.executable, __file__, "--json", "--busy", str(busy), "--reps", str(reps),
+           "--seconds", str(seconds), "--n", str(n)]
+    done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict], passive: list[dict] | None = None) -> list[str]:
+    """The table of ``measure``'s rows; with ``passive`` (the same steps measured under
+    ``OMP_WAIT_POLICY=passive``) two more columns."""
+    title = (f"**Under contention** ({rows[0]['busy']} busy processes beside each step; median ms)"
+             if rows else "**Under contention**")
+    head, rule = "| step | idle | loaded | slowdown |", "|---|---:|---:|---:|"
+    if passive:
+        head += " idle (passive) | loaded (passive) | slowdown (passive) |"
+        rule += "---:|---:|---:|"
+    lines = [title, "", head, rule]
+    by_step = {r["step"]: r for r in passive or []}
     for r in rows:
-        lines.append(f"| {r['step']} | {r['idle_ms']:.1f} | {r['loaded_ms']:.1f} | "
-                     f"{r['slowdown']:.1f}× |")
+        line = f"| {r['step']} | {r['idle_ms']:.1f} | {r['loaded_ms']:.1f} | {r['slowdown']:.1f}× |"
+        if passive:
+            p = by_step.get(r["step"])
+            line += (f" {p['idle_ms']:.1f} | {p['loaded_ms']:.1f} | {p['slowdown']:.1f}× |" if p
+                     else " – | – | – |")
+        lines.append(line)
+    if passive:
+        lines += ["", "\"(passive)\": the same steps in a process started with "
+                  "`OMP_WAIT_POLICY=passive` (OpenMP workers sleep at the end of each parallel "
+                  "region instead of spinning; docs/design.md, \"Beside busy processes\")."]
     return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    parser.add_argument("--busy", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--n", type=int, default=4096)
+    args = parser.parse_args(argv)
+    rows = measure(default_steps(n=args.n), busy=args.busy, reps=args.reps, seconds=args.seconds)
+    for r in rows:
+        r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    print(json.dumps(rows) if args.json else "\n".join(markdown(rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,8 @@ Writes to --out (default benchmarks/results/<date>-suite-<suite>-<device>/): sui
 format: op, provider, mode, data, N, D, K, dtype, median_ms, p20_ms, p80_ms, peak_mib,
 fraction_of_floor, status, device, torch, triton, commit), suite.md (a table per op) and
 suite.png (median time per provider and case); the cpu suite also measures the slowdown
-under two busy background processes (contention.csv, benchmarks/contention.py).
+under two busy background processes, as started and again in a process with
+OMP_WAIT_POLICY=passive (contention.csv, benchmarks/contention.py).
 --suite crossover times the fused CPU kernels against the eager definitions at N = 16 ... 1024
 (benchmarks/crossover.py): crossover.csv and crossover.md, the source of the size thresholds of
 backend="auto" on CPU (confusion_kernels/_routing.py, CPU_FUSED_MIN_ROWS).
@@ -376,11 +377,15 @@ def main(argv: list[str] | None = None) -> Path:
             import contention
 
             loaded = contention.measure(contention.default_steps())
-            write_csv(out / "contention.csv", loaded, list(loaded[0]))
-            tables += contention.markdown(loaded)
             for r in loaded:
-                print(f"contention: {r['step']}: {r['idle_ms']:.1f} -> {r['loaded_ms']:.1f} ms "
-                      f"({r['slowdown']:.1f}x)", flush=True)
+                r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+            passive = contention.measure_with_env({"OMP_WAIT_POLICY": "passive"})
+            write_csv(out / "contention.csv", loaded + passive, list(loaded[0]))
+            tables += contention.markdown(loaded, passive)
+            for r in loaded + passive:
+                print(f"contention: {r['step']} (OMP_WAIT_POLICY={r['omp_wait_policy']!r}): "
+                      f"{r['idle_ms']:.1f} -> {r['loaded_ms']:.1f} ms ({r['slowdown']:.1f}x)",
+                      flush=True)
         (out / "suite.md").write_text("\n".join([f"# Benchmark suite: {suite}", "", header, "",
                                                  *tables]))
         plot(rows, out / "suite.png")

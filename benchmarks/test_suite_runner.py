@@ -135,6 +135,19 @@ def test_contention_case_runs_and_stops_its_load():
         step()
 
 
+def test_contention_case_in_a_process_with_another_wait_policy():
+    """The second measurement runs in a fresh process that sees the environment it was given
+    (OMP_WAIT_POLICY is read when the OpenMP runtime loads) and its rows land in the table."""
+    import contention
+
+    rows = contention.measure_with_env({"OMP_WAIT_POLICY": "passive"}, busy=1, reps=2,
+                                       seconds=5.0, n=16)
+    assert {r["omp_wait_policy"] for r in rows} == {"passive"}
+    assert len(rows) == 6 and all(r["slowdown"] > 0 for r in rows)
+    table = "\n".join(contention.markdown(rows, rows[:1]))
+    assert "slowdown (passive)" in table and "| – | – | – |" in table
+
+
 def test_curves_run_on_tiny_sizes(tmp_path):
     """benchmarks/curves.py end to end on N = 32 (nothing timed is asserted)."""
     import curves
