@@ -125,6 +125,25 @@ def default_steps(n: int = 4096, d: int = 64, product: int = 2048) -> dict[str, 
     }
 
 
+def spin_after_region_ms(samples: int = 21) -> float:
+    """CPU time (ms, median) the process burns while its main thread sleeps 200 ms right after
+    a parallel region: the worker threads' spinning before they sleep."""
+    import resource
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    a = torch.randn(1 << 22)
+    burned = []
+    for _ in range(samples):
+        a.exp_().clamp_(-1.0, 1.0)  # parallel regions on every thread
+        start = cpu()
+        time.sleep(0.2)
+        burned.append((cpu() - start) * 1e3)
+    return sorted(burned)[len(burned) // 2]
+
+
 def measure_with_env(env: dict[str, str], busy: int = 2, reps: int = 11,
                      seconds: float = 60.0, n: int = 4096) -> list[dict]:
     """``measure(default_steps(n))`` in a fresh Python process with ``env`` added to the
@@ -147,6 +166,10 @@ def markdown(rows: list[dict], passive: list[dict] | None = None) -> list[str]:
     if passive:
         head += " idle (passive) | loaded (passive) | slowdown (passive) |"
         rule += "---:|---:|---:|"
+    if rows and "spin_after_region_ms" in rows[0]:
+        title += (f"; idle OpenMP workers burn {rows[0]['spin_after_region_ms']:.1f} ms of CPU after "
+                  "a region" + (f" ({passive[0]['spin_after_region_ms']:.1f} ms passive)"
+                                if passive and "spin_after_region_ms" in passive[0] else ""))
     lines = [title, "", head, rule]
     by_step = {r["step"]: r for r in passive or []}
     for r in rows:
@@ -172,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=4096)
     args = parser.parse_args(argv)
     rows = measure(default_steps(n=args.n), busy=args.busy, reps=args.reps, seconds=args.seconds)
+    spin = spin_after_region_ms()
     for r in rows:
         r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+        r["spin_after_region_ms"] = spin
     print(json.dumps(rows) if args.json else "\n".join(markdown(rows)))
 
 

@@ -377,8 +377,10 @@ def main(argv: list[str] | None = None) -> Path:
             import contention
 
             loaded = contention.measure(contention.default_steps())
+            spin = contention.spin_after_region_ms()
             for r in loaded:
                 r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+                r["spin_after_region_ms"] = spin
             passive = contention.measure_with_env({"OMP_WAIT_POLICY": "passive"})
             write_csv(out / "contention.csv", loaded + passive, list(loaded[0]))
             tables += contention.markdown(loaded, passive)

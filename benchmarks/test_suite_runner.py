@@ -143,6 +143,7 @@ def test_contention_case_in_a_process_with_another_wait_policy():
     rows = contention.measure_with_env({"OMP_WAIT_POLICY": "passive"}, busy=1, reps=2,
                                        seconds=5.0, n=16)
     assert {r["omp_wait_policy"] for r in rows} == {"passive"}
+    assert all(r["spin_after_region_ms"] >= 0 for r in rows)
     assert len(rows) == 6 and all(r["slowdown"] > 0 for r in rows)
     table = "\n".join(contention.markdown(rows, rows[:1]))
     assert "slowdown (passive)" in table and "| – | – | – |" in table
