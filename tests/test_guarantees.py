@@ -2,8 +2,10 @@
 double backward, validation inside every registered op, the NaN policy, cosine at any
 scale, torch.compile with default arguments, bitwise determinism, one dtype policy."""
 
+import multiprocessing
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -397,6 +399,46 @@ def test_cpu_pair_kernels_do_not_depend_on_the_thread_count(metric):
     for a, b, c in zip(one, two, again):
         assert torch.equal(b, c)
         assert torch.equal(a, b)
+
+
+def _spin(seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
+
+
+def test_cpu_pair_pass_is_deterministic_beside_busy_processes():
+    """Beside busy processes the pair pass's threads take tile pairs out of list order (a
+    descheduled thread's tiles are passed over): the result is still the same bits as on one
+    thread."""
+    require_backend("cpu", "intra_inter_sums")
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(2300, 16, generator=g)  # 9 row tiles: several rounds to look ahead into
+    labels = torch.randint(0, 6, (2300,), generator=g)
+
+    def run():
+        a = x.clone().requires_grad_(True)
+        loss = ck.as_loss(a, labels, backend="cpu")
+        loss.backward()
+        return loss.detach(), a.grad
+
+    threads = torch.get_num_threads()
+    busy = [multiprocessing.get_context("fork").Process(target=_spin, args=(20.0,), daemon=True)
+            for _ in range(2)]
+    try:
+        torch.set_num_threads(1)
+        want = run()
+        torch.set_num_threads(2)
+        for p in busy:
+            p.start()
+        for _ in range(5):
+            for got, expected in zip(run(), want):
+                assert torch.equal(got, expected)
+    finally:
+        for p in busy:
+            p.terminate()
+            p.join(timeout=5)
+        torch.set_num_threads(threads)
 
 
 
