@@ -92,6 +92,17 @@ def _class_stats(n: int, g: torch.Generator) -> tuple[Step, Step]:
             lambda: ClassStatistics(100, 512).update(feats, y, backend="reference"))
 
 
+def _pair_loss(loss: str, metric: str) -> Callable[[int, torch.Generator], tuple[Step, Step]]:
+    fn = {"supcon": ck.supcon_loss, "contrastive": ck.contrastive_loss}[loss]
+
+    def build(n: int, g: torch.Generator) -> tuple[Step, Step]:
+        x = torch.randn(n, 128, generator=g).requires_grad_(True)
+        y = torch.randint(0, max(n // 2, 1), (n,), generator=g)  # about two samples a class
+        return (lambda: _backward(fn(x, y, metric=metric, backend="cpu"), x),
+                lambda: _backward(fn(x, y, metric=metric, backend="reference"), x))
+    return build
+
+
 # case name -> (the routing key it decides: op or op[metric], builder(n, generator) ->
 # (fused step, eager step))
 CASES: dict[str, tuple[str, Callable[[int, torch.Generator], tuple[Step, Step]]]] = {
@@ -105,6 +116,9 @@ CASES: dict[str, tuple[str, Callable[[int, torch.Generator], tuple[Step, Step]]]
     "affinity_loss C=10 m=5 D=64": ("affinity_hinge", _affinity),
     "n_centroids_loss K=100 D=128": ("n_centroids_rows", _n_centroids),
     "ClassStatistics.update C=100 D=512": ("class_shifted_sums", _class_stats),
+    "supcon_loss[cosine] D=128": ("pair_loss[cosine]", _pair_loss("supcon", "cosine")),
+    "contrastive_loss[euclidean] D=128": ("pair_loss[euclidean]",
+                                          _pair_loss("contrastive", "euclidean")),
 }
 
 

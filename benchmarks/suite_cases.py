@@ -208,6 +208,35 @@ def class_stats_case(device, n, d, data, classes) -> Case:
     return case
 
 
+PAIR_LOSSES = {  # function, PML class name, the metric of PML's default distance
+    "contrastive_loss": (ck.contrastive_loss, "ContrastiveLoss", "euclidean"),
+    "supcon_loss": (ck.supcon_loss, "SupConLoss", "cosine"),
+    "ntxent_loss": (ck.ntxent_loss, "NTXentLoss", "cosine"),
+    "multi_similarity_loss": (ck.multi_similarity_loss, "MultiSimilarityLoss", "cosine"),
+}
+
+
+def pair_losses_case(device, n, d, data, name) -> Case:
+    """A pair loss with its defaults against pytorch-metric-learning's class (the peer users
+    swap out) and the dense reference, eager and compiled. Floor: one N x N Gram product
+    forward and two backward (6 N^2 D flops)."""
+    fn, pml_name, metric = PAIR_LOSSES[name]
+    x, labels = _rows(n, d, data, max(n // 4, 2), device)  # about four samples a class
+    case = Case(f"{name}[{metric}]", "fwd+bwd", data, n, d, max(n // 4, 2),
+                flops=6.0 * n * n * d, nbytes=3.0 * n * d * 4)
+    for b in our_backends(device, "pair_loss_stats") + ["auto"]:
+        case.steps[f"ours-{b}"] = _step(lambda b=b: fn(x, labels, backend=b), [x], "fwd+bwd")
+    case.steps["eager"] = _step(lambda: fn(x, labels, backend="reference"), [x], "fwd+bwd")
+    compiled = _compiled(lambda a, y: fn(a, y, backend="reference"))
+    case.steps["compile"] = _step(lambda: compiled(x, labels), [x], "fwd+bwd")
+    if plain.pml_available():
+        from pytorch_metric_learning import losses
+
+        peer = getattr(losses, pml_name)()
+        case.steps["pml"] = _step(lambda: peer(x, labels), [x], "fwd+bwd")
+    return case
+
+
 def suite_cases(suite: str, device: torch.device, keops: bool) -> list[Callable[[], Case]]:
     """Lazily built cases (inputs are made when a case runs, and freed after it)."""
     big = suite == "gpu"
@@ -231,6 +260,9 @@ def suite_cases(suite: str, device: torch.device, keops: bool) -> list[Callable[
             device, 4096 if big else 1024, 65536 if big else 8192, 64, data))
         cases.append(lambda data=data: class_stats_case(
             device, 1048576 if big else 65536, 512, data, 1000))
+        for name in PAIR_LOSSES:
+            cases.append(lambda data=data, name=name: pair_losses_case(
+                device, 65536 if big else 4096, 128, data, name))
         if not big:  # small batches and the demo's affinity shape, with what auto runs
             for n in (256, 1024):
                 cases.append(lambda data=data, n=n: as_loss_case(

@@ -23,6 +23,8 @@ from .losses.as_loss import ASLoss, as_loss, as_loss_terms
 from .losses.confidence import gaussian_nll, vmf_nll
 from .losses.memory import CrossBatchMemory
 from .losses.n_centroids import NCentroidsLoss, n_centroids_loss
+from .losses.pair_losses import (contrastive_loss, multi_similarity_loss, ntxent_loss,
+                                 supcon_loss)
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.as_loss import ASLossTerms
 from .special import log_bessel_iv
@@ -51,6 +53,10 @@ __all__ = [
     "log_bessel_iv",
     "NCentroidsLoss",
     "n_centroids_loss",
+    "contrastive_loss",
+    "supcon_loss",
+    "ntxent_loss",
+    "multi_similarity_loss",
     "intra_inter_sums",
     "reference",
     "resolve_metric",

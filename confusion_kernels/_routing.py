@@ -18,6 +18,8 @@ one_pass         ASLoss terms: the two weighted sums and their gradient in one p
 sum_with_grad    affinity / N-Centroids training: sum_i L_i and its gradients in one pass
 rows             affinity / N-Centroids: per-row losses, the backward recomputes
 sums             class statistics: per-class shifted sums
+streaming        pair losses (contrastive, SupCon, NT-Xent, Multi-Similarity): per-row
+                 statistics streamed over reference tiles; the backward recomputes the tiles
 pairwise         diversity regularizer: the P x P squared distances between prototypes
 moments          diversity regularizer: the closed form from moments, O(P D^2)
 ===============  ==========================================================================
@@ -74,17 +76,19 @@ PAIRWISE_MAX_PROTOTYPES = 2048
 # backend="auto" on CPU: the fewest rows for which the fused kernel is faster than the eager
 # definition at every measured size (benchmarks/crossover.py's thresholds of this file). An op
 # without a key (the rectangular op) always runs fused.
-CROSSOVER_SOURCE = "benchmarks/results/2026-12-07-crossover-x86_64/crossover.csv"
+CROSSOVER_SOURCE = "benchmarks/results/2026-12-07b-crossover-x86_64/crossover.csv"
 CPU_FUSED_MIN_ROWS = {
     "as_loss_terms[euclidean]": 256,
     "as_loss_terms[sqeuclidean]": 256,
-    "as_loss_terms[manhattan]": 128,
-    "as_loss_terms[cosine]": 128,
+    "as_loss_terms[manhattan]": 64,
+    "as_loss_terms[cosine]": 64,
     "intra_inter_sums[euclidean]": 256,
     "intra_inter_sums[cosine]": 128,
     "affinity_hinge": 0,
     "n_centroids_rows": 0,
-    "class_shifted_sums": 64,
+    "class_shifted_sums": 0,
+    "pair_loss[cosine]": 1025,
+    "pair_loss[euclidean]": 0,
 }
 
 
@@ -104,6 +108,7 @@ _KERNEL_OF = {
     "affinity_hinge": "affinity_hinge",
     "n_centroids_rows": "n_centroids_rows",
     "class_shifted_sums": "class_shifted_sums",
+    "pair_loss": "pair_loss_stats",
 }
 OPS = tuple(_KERNEL_OF)
 
@@ -212,4 +217,6 @@ def route(op: str, x: torch.Tensor, backend: str = "auto", *, metric: str | None
         return Route(chosen, loss_terms_algorithm(chosen, metric, x, needs_grad))
     if op == "class_shifted_sums":
         return Route(chosen, "reference" if chosen == "reference" else "sums")
+    if op == "pair_loss":
+        return Route(chosen, "reference" if chosen == "reference" else "streaming")
     return Route(chosen, per_row_algorithm(chosen, op, needs_grad))

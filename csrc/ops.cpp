@@ -69,6 +69,19 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "n_centroids_sum_with_grad(Tensor z, Tensor centroids, Tensor labels, str metric, "
       "bool use_negatives) -> (Tensor, Tensor)");
+  // Pair losses in pytorch-metric-learning's form (docs/math.md, "Pair losses"): rows x [N, D]
+  // against ref [M, D] (self_offset o: x_i is ref_{o+i}, that pair left out); loss contrastive,
+  // supcon, ntxent or multi_similarity with its parameters; metric euclidean (distance) or
+  // cosine (similarity of the rows as given). Returns (rows [N, R], stats [N, 4]): the per-row
+  // outputs with a gradient (R = 2 for contrastive) and the statistics (pair_loss_math.h).
+  m.def(
+      "pair_loss_stats(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, int? self_offset, "
+      "str loss, float[] params, str metric) -> (Tensor, Tensor)");
+  // (dL/dx, dL/dref) from the upstream gradient of the rows and the forward's statistics.
+  m.def(
+      "pair_loss_backward(Tensor grad_rows, Tensor stats, Tensor x, Tensor labels, Tensor ref, "
+      "Tensor ref_labels, int? self_offset, str loss, float[] params, str metric) -> "
+      "(Tensor, Tensor)");
   // Per-class float64 sums of (x - shift_y) and (x - shift_y)^2, and counts (ClassStatistics).
   m.def(
       "class_shifted_sums(Tensor features, Tensor labels, Tensor shift, int num_classes) -> "

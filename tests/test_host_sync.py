@@ -157,6 +157,35 @@ def test_n_centroids_training_step(as_on_gpu, metric, use_negatives):
     assert not torch.equal(module.centroids, before)  # the EMA step ran
 
 
+def _pair_loss_step(fn, **params):
+    """The pair losses have no GPU kernel yet: on a GPU, auto runs the reference, whose Python
+    must not wait for the device either (a reference set and a one-sample class included)."""
+    x, y = _rows(30, 8, 5, 8)
+    ref, ref_y = _rows(11, 8, 5, 9, duplicates=False)
+    y[3] = 7  # a class with one sample and no reference
+    for args in ((y,), (y, ref, ref_y)):
+        with forbid_host_sync():
+            loss, grad = _training_step(
+                lambda a, *rest: fn(a, *rest, backend="reference", **params), x, *args)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_contrastive_loss_training_step(as_on_gpu):
+    _pair_loss_step(ck.contrastive_loss, pos_margin=0.1, neg_margin=0.9)
+
+
+def test_supcon_loss_training_step(as_on_gpu):
+    _pair_loss_step(ck.supcon_loss)
+
+
+def test_ntxent_loss_training_step(as_on_gpu):
+    _pair_loss_step(ck.ntxent_loss)
+
+
+def test_multi_similarity_loss_training_step(as_on_gpu):
+    _pair_loss_step(ck.multi_similarity_loss)
+
+
 def test_class_statistics_update(as_on_gpu):
     device = _triton()
     x, y = _rows(50, 24, 5, 7)

@@ -78,6 +78,20 @@ def _pair_weights(device):
     return (x, labels, w, w.flip(0), "euclidean")
 
 
+def _pair_loss(device, grad=True, loss="supcon", metric="cosine"):
+    x, labels, ref, ref_labels, self_offset = _rect(device, grad)
+    params = {"contrastive": [0.1, 0.9], "multi_similarity": [2.0, 50.0, 0.5]}.get(loss, [0.2])
+    return x, labels, ref, ref_labels, self_offset, loss, params, metric
+
+
+def _pair_loss_backward(device):
+    x, labels, ref, ref_labels, self_offset, loss, params, metric = _pair_loss(
+        device, grad=False, loss="contrastive", metric="euclidean")
+    _, stats = ops.pair_loss_stats(x, labels, ref, ref_labels, self_offset, loss, params, metric)
+    return (torch.randn(11, 2, dtype=torch.float64, device=device), stats, x, labels, ref,
+            ref_labels, self_offset, loss, params, metric)
+
+
 ops = torch.ops.confusion_kernels
 # op name -> (backend whose device runs it, function device -> args)
 SAMPLES = {
@@ -112,6 +126,8 @@ SAMPLES = {
     "n_centroids_rows_triton": ("triton", lambda dev: (*_ncl(dev), "cosine", True)),
     "n_centroids_rows_triton_backward": ("triton", lambda dev: _ncl_backward_args(
         dev, ops.n_centroids_rows_triton)),
+    "pair_loss_stats": ("cpu", lambda dev: _pair_loss(dev, loss="ntxent")),
+    "pair_loss_backward": ("cpu", _pair_loss_backward),
     "class_shifted_sums": ("cpu", lambda dev: (
         torch.randn(10, 3, dtype=torch.float32, device=dev), torch.arange(10, device=dev) % 4,
         torch.randn(4, 3, dtype=torch.float64, device=dev), 4)),

@@ -87,9 +87,10 @@ def pair_setup(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None =
     return PairSetup(mat, pos, neg, sign)
 
 
-def _mean_nonzero(losses: torch.Tensor) -> torch.Tensor:
-    kept = losses[losses > 0]
-    return kept.mean() if kept.numel() else losses.sum() * 0.0
+def _mean_nonzero(losses: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the losses > 0 (where ``mask``), 0 when there are none; no host sync."""
+    kept = losses > 0 if mask is None else mask & (losses > 0)
+    return torch.where(kept, losses, 0.0).sum() / kept.sum().clamp_min(1)
 
 
 def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor, add_one: bool) -> torch.Tensor:
@@ -106,11 +107,12 @@ def contrastive_loss(setup: PairSetup, *, pos_margin: float = 0.0,
     """mean of the non-zero relu(ς (mat - m+)) over P + mean of the non-zero
     relu(ς (m- - mat)) over Q."""
     mat, pos, neg, sign, pairs = setup
-    pos_d, neg_d = (mat[pos], mat[neg]) if pairs is None else (mat[pairs[0], pairs[1]],
-                                                               mat[pairs[2], pairs[3]])
-    pos_loss = torch.relu(sign * (pos_d - pos_margin))
-    neg_loss = torch.relu(sign * (neg_margin - neg_d))
-    return _mean_nonzero(pos_loss) + _mean_nonzero(neg_loss)
+    if pairs is not None:  # each listed pair, repeats included
+        pos_loss = torch.relu(sign * (mat[pairs[0], pairs[1]] - pos_margin))
+        neg_loss = torch.relu(sign * (neg_margin - mat[pairs[2], pairs[3]]))
+        return _mean_nonzero(pos_loss) + _mean_nonzero(neg_loss)
+    return (_mean_nonzero(torch.relu(sign * (mat - pos_margin)), pos)
+            + _mean_nonzero(torch.relu(sign * (neg_margin - mat)), neg))
 
 
 def supcon_rows(setup: PairSetup, *, temperature: float = 0.1) -> torch.Tensor:
@@ -125,19 +127,18 @@ def supcon_rows(setup: PairSetup, *, temperature: float = 0.1) -> torch.Tensor:
 
 def supcon_loss(setup: PairSetup, *, temperature: float = 0.1) -> torch.Tensor:
     """mean of the L_i > 0; 0 when no pair is positive or none negative."""
-    if not (setup.pos.any() and setup.neg.any()):
-        return setup.mat.sum() * 0.0
-    return _mean_nonzero(supcon_rows(setup, temperature=temperature))
+    both = setup.pos.any() & setup.neg.any()
+    return torch.where(both, _mean_nonzero(supcon_rows(setup, temperature=temperature)), 0.0)
 
 
 def ntxent_pairs(setup: PairSetup, *, temperature: float = 0.07) -> torch.Tensor:
-    """l_ij = log(e^z_ij + sum_{Q_i} e^z_ik) - z_ij for each positive pair (row-major order;
-    mined pairs: in list order, each negative counted as often as it is listed)."""
+    """l_ij = log(e^z_ij + sum_{Q_i} e^z_ik) - z_ij: [N, M] (0 off the positive pairs), or for
+    mined pairs one per listed positive pair, each negative counted as often as it is listed."""
     mat, pos, neg, sign, pairs = setup
     z = -sign * mat / temperature
     if pairs is None:
         neg_lse = torch.logsumexp(z.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
-        return (torch.logaddexp(z, neg_lse) - z)[pos]
+        return torch.where(pos, torch.logaddexp(z, neg_lse) - z, 0.0)
     a1, p, a2, n = pairs
     repeats = torch.zeros_like(z).index_put_((a2, n), torch.ones_like(z[a2, n]), accumulate=True)
     listed = (z + repeats.clamp_min(1).log()).masked_fill(repeats == 0, float("-inf"))
@@ -147,9 +148,10 @@ def ntxent_pairs(setup: PairSetup, *, temperature: float = 0.07) -> torch.Tensor
 
 def ntxent_loss(setup: PairSetup, *, temperature: float = 0.07) -> torch.Tensor:
     """mean over positive pairs of l_ij; 0 when no pair is positive or none negative."""
-    if not (setup.pos.any() and setup.neg.any()):
-        return setup.mat.sum() * 0.0
-    return ntxent_pairs(setup, temperature=temperature).mean()
+    both = setup.pos.any() & setup.neg.any()
+    per_pair = ntxent_pairs(setup, temperature=temperature)
+    count = setup.pos.sum() if setup.pairs is None else per_pair.new_tensor(per_pair.numel())
+    return torch.where(both, per_pair.sum() / count.clamp_min(1), 0.0)
 
 
 def multi_similarity_rows(setup: PairSetup, *, alpha: float = 2.0, beta: float = 50.0,

@@ -1,0 +1,341 @@
+// C++ CPU kernels of the pair losses (Contrastive, SupCon, NT-Xent, Multi-Similarity; per pair
+// pair_loss_math.h): rows x [N, D] against references r [M, D], nothing of size N x M held.
+//
+// pair_loss_stats: one job per row tile, in one parallel region (parallel_jobs.h); each job
+// walks the reference tiles in order with one single-threaded Gram product per tile and
+// streams every pair into its row's statistics (NT-Xent walks them twice: its positives need
+// the log-sum-exp over the negatives). pair_loss_backward recomputes the tiles: dL/dx by row
+// tiles (coefficient tile C, then C r), dL/dr by reference tiles (C^T x), so every output row
+// is written by one job, in a fixed order: the same bits on any number of threads.
+//
+// m_ij is the cosine x_i . r_j of the rows as given (the caller normalises) or the euclidean
+// |x_i - r_j|: from the Gram form, and from differences where that cancels (d^2 <=
+// (|x_i|^2 + |r_j|^2) / 16, the pair pass's rule; duplicates get 0 and gradient 0).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "confusion_kernels/checks.h"
+#include "confusion_kernels/pair_loss_math.h"
+#include "parallel_jobs.h"
+
+namespace confusion_kernels {
+namespace {
+
+constexpr int64_t kRowTile = 128;
+constexpr int64_t kRefTile = 512;
+constexpr int64_t kNoSelf = -1;
+
+int64_t pair_loss_code(c10::string_view name) {
+  const std::string key(name);
+  if (key == "contrastive") return kContrastive;
+  if (key == "supcon") return kSupCon;
+  if (key == "ntxent") return kNTXent;
+  if (key == "multi_similarity") return kMultiSimilarity;
+  TORCH_CHECK(false, "pair_loss: unknown loss '", key,
+              "'; expected contrastive, supcon, ntxent or multi_similarity");
+}
+
+bool pair_metric_is_cosine(c10::string_view name) {
+  const std::string key(name);
+  TORCH_CHECK(key == "euclidean" || key == "cosine", "pair_loss: unknown metric '", key,
+              "'; expected euclidean or cosine");
+  return key == "cosine";
+}
+
+template <typename T>
+PairLossParams<T> pair_loss_params(int64_t kind, bool cosine, at::ArrayRef<double> params) {
+  const size_t want = kind == kContrastive ? 2 : kind == kMultiSimilarity ? 3 : 1;
+  TORCH_CHECK(params.size() == want, "pair_loss: expected ", want, " parameters, got ",
+              params.size());
+  PairLossParams<T> p{kind, cosine ? T(-1) : T(1), T(params[0]), T(0), T(0)};
+  if (want > 1) p.b = T(params[1]);
+  if (want > 2) p.c = T(params[2]);
+  return p;
+}
+
+void check_pair_loss_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+                            const at::Tensor& ref_labels, c10::optional<int64_t> self_offset) {
+  TORCH_CHECK(x.dim() == 2 && ref.dim() == 2, "pair_loss: x and ref must be 2-D, got ", x.dim(),
+              "-D and ", ref.dim(), "-D");
+  TORCH_CHECK(x.size(1) == ref.size(1), "pair_loss: x has D = ", x.size(1),
+              ", ref D = ", ref.size(1));
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "pair_loss: x and ref must both be float32 or both float64, got ", x.scalar_type(),
+              " and ", ref.scalar_type());
+  TORCH_CHECK(x.is_cpu() && ref.is_cpu() && labels.is_cpu() && ref_labels.is_cpu(),
+              "pair_loss: the CPU kernel takes CPU tensors");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
+              "pair_loss: labels must be int64 [N] with N = ", x.size(0));
+  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == ref.size(0) &&
+                  ref_labels.scalar_type() == at::kLong,
+              "pair_loss: ref_labels must be int64 [M] with M = ", ref.size(0));
+  if (self_offset.has_value())
+    TORCH_CHECK(*self_offset >= 0 && *self_offset + x.size(0) <= ref.size(0),
+                "pair_loss: self_offset ", *self_offset, " puts x outside ref (N = ", x.size(0),
+                ", M = ", ref.size(0), ")");
+}
+
+// The rows, references and their tables, and the pair value m of a Gram tile entry.
+template <typename T>
+struct PairLossTiles {
+  at::Tensor x, ref;
+  const T *xp, *rp;
+  std::vector<T> x_sq, r_sq;
+  const int64_t *lab, *rlab;
+  int64_t n, m, d, shift;
+  bool cosine;
+
+  PairLossTiles(const at::Tensor& x_in, const at::Tensor& labels, const at::Tensor& ref_in,
+                const at::Tensor& ref_labels, c10::optional<int64_t> self_offset, bool cos)
+      : x(x_in.contiguous()),
+        ref(ref_in.contiguous()),
+        xp(x.data_ptr<T>()),
+        rp(ref.data_ptr<T>()),
+        lab(labels.data_ptr<int64_t>()),
+        rlab(ref_labels.data_ptr<int64_t>()),
+        n(x.size(0)),
+        m(ref.size(0)),
+        d(x.size(1)),
+        shift(self_offset.has_value() ? *self_offset : kNoSelf),
+        cosine(cos) {
+    if (!cosine) {
+      x_sq = squares(xp, n);
+      r_sq = squares(rp, m);
+    }
+  }
+
+  std::vector<T> squares(const T* rows, int64_t count) const {
+    std::vector<T> out(count);
+    for (int64_t i = 0; i < count; ++i) {
+      T s = 0;
+      for (int64_t k = 0; k < d; ++k) s += rows[i * d + k] * rows[i * d + k];
+      out[i] = s;
+    }
+    return out;
+  }
+
+  bool left_out(int64_t i, int64_t j) const { return shift != kNoSelf && j == i + shift; }
+
+  // m_ij from the Gram entry g; *exact: the euclidean pair was taken from differences.
+  T value(int64_t i, int64_t j, T g, bool* exact) const {
+    *exact = false;
+    if (cosine) return g;
+    const T s = x_sq[i] + r_sq[j];
+    const T d2 = s - T(2) * g;
+    if (d2 > s / T(16)) return std::sqrt(d2);
+    *exact = true;
+    T e = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const T t = xp[i * d + k] - rp[j * d + k];
+      e += t * t;
+    }
+    return std::sqrt(e);
+  }
+
+  // f(r0, rt, c0, ct, gram) for each reference tile of the row tile [r0, r0 + rt), in order.
+  template <class F>
+  void for_ref_tiles(int64_t r0, int64_t rt, const F& f) const {
+    const at::Tensor xr = x.narrow(0, r0, rt);
+    for (int64_t c0 = 0; c0 < m; c0 += kRefTile) {
+      const int64_t ct = std::min(kRefTile, m - c0);
+      const at::Tensor gram = at::mm(xr, ref.narrow(0, c0, ct).t()).contiguous();
+      f(c0, ct, gram.data_ptr<T>());
+    }
+  }
+};
+
+template <typename T>
+void stats_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats, T* rows) {
+  const int64_t outputs = pair_loss_outputs(p.kind);
+  run_jobs((t.n + kRowTile - 1) / kRowTile, [&](int64_t job, int64_t) {
+    const int64_t r0 = job * kRowTile, rt = std::min(kRowTile, t.n - r0);
+    for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_init(p, stats + i * kPairLossStats);
+    const auto pass = [&](bool positives_only) {
+      t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
+        for (int64_t ii = 0; ii < rt; ++ii) {
+          const int64_t i = r0 + ii;
+          T* st = stats + i * kPairLossStats;
+          for (int64_t jj = 0; jj < ct; ++jj) {
+            const int64_t j = c0 + jj;
+            if (t.left_out(i, j)) continue;
+            const bool same = t.lab[i] == t.rlab[j];
+            if (positives_only && !same) continue;
+            bool exact;
+            const T mij = t.value(i, j, gram[ii * ct + jj], &exact);
+            if (positives_only)
+              ntxent_accumulate_positive(p, mij, st);
+            else
+              pair_loss_accumulate(p, mij, same, st);
+          }
+        }
+      });
+    };
+    pass(false);
+    for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_finish_first(p, stats + i * kPairLossStats);
+    if (p.kind == kNTXent) pass(true);
+    for (int64_t i = r0; i < r0 + rt; ++i)
+      pair_loss_rows(p, stats + i * kPairLossStats, rows + i * outputs);
+  });
+}
+
+// grad_x (rows_side) or grad_ref: one job per tile of the side being written.
+template <typename T>
+void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
+                     const T* g, T* grad_x, T* grad_ref) {
+  const int64_t outputs = pair_loss_outputs(p.kind), d = t.d;
+  // dL/dx: row tiles against every reference tile
+  run_jobs((t.n + kRowTile - 1) / kRowTile, [&](int64_t job, int64_t) {
+    const int64_t r0 = job * kRowTile, rt = std::min(kRowTile, t.n - r0);
+    at::Tensor coef = at::zeros({rt, std::min(kRefTile, t.m)}, t.x.options());
+    at::Tensor out = at::zeros({rt, d}, t.x.options());
+    std::vector<T> row_coef(rt, T(0));
+    T* o = out.data_ptr<T>();
+    t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
+      T* cp = coef.data_ptr<T>();
+      const int64_t ld = coef.size(1);
+      for (int64_t ii = 0; ii < rt; ++ii) {
+        const int64_t i = r0 + ii;
+        const T* st = stats + i * kPairLossStats;
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          const int64_t j = c0 + jj;
+          T c = 0;
+          if (!t.left_out(i, j)) {
+            bool exact;
+            const T mij = t.value(i, j, gram[ii * ct + jj], &exact);
+            c = pair_loss_coefficient(p, mij, t.lab[i] == t.rlab[j], st, g + i * outputs);
+            if (!t.cosine) {  // dm/dx_i = (x_i - r_j) / m
+              c = mij > T(0) ? c / mij : T(0);
+              if (exact) {
+                for (int64_t k = 0; k < d; ++k)
+                  o[ii * d + k] += c * (t.xp[i * d + k] - t.rp[j * d + k]);
+                c = 0;
+              }
+              row_coef[ii] += c;
+            }
+          }
+          cp[ii * ld + jj] = c;
+        }
+      }
+      // cosine: + C r; euclidean: + rowsum(C) x - C r
+      out.addmm_(coef.narrow(1, 0, ct), t.ref.narrow(0, c0, ct), 1, t.cosine ? 1 : -1);
+    });
+    if (!t.cosine)
+      for (int64_t ii = 0; ii < rt; ++ii)
+        for (int64_t k = 0; k < d; ++k) o[ii * d + k] += row_coef[ii] * t.xp[(r0 + ii) * d + k];
+    std::copy(o, o + rt * d, grad_x + r0 * d);
+  });
+  // dL/dref: reference tiles against every row tile (coefficients of row i, transposed)
+  run_jobs((t.m + kRefTile - 1) / kRefTile, [&](int64_t job, int64_t) {
+    const int64_t c0 = job * kRefTile, ct = std::min(kRefTile, t.m - c0);
+    const at::Tensor rt_rows = t.ref.narrow(0, c0, ct);
+    at::Tensor coef = at::zeros({ct, std::min(kRowTile, t.n)}, t.x.options());
+    at::Tensor out = at::zeros({ct, d}, t.x.options());
+    std::vector<T> col_coef(ct, T(0));
+    T* o = out.data_ptr<T>();
+    for (int64_t r0 = 0; r0 < t.n; r0 += kRowTile) {
+      const int64_t rt = std::min(kRowTile, t.n - r0);
+      const at::Tensor gram = at::mm(rt_rows, t.x.narrow(0, r0, rt).t()).contiguous();
+      const T* gp = gram.data_ptr<T>();
+      T* cp = coef.data_ptr<T>();
+      const int64_t ld = coef.size(1);
+      for (int64_t jj = 0; jj < ct; ++jj) {
+        const int64_t j = c0 + jj;
+        for (int64_t ii = 0; ii < rt; ++ii) {
+          const int64_t i = r0 + ii;
+          T c = 0;
+          if (!t.left_out(i, j)) {
+            bool exact;
+            const T mij = t.value(i, j, gp[jj * rt + ii], &exact);
+            c = pair_loss_coefficient(p, mij, t.lab[i] == t.rlab[j], stats + i * kPairLossStats,
+                                      g + i * outputs);
+            if (!t.cosine) {  // dm/dr_j = (r_j - x_i) / m
+              c = mij > T(0) ? c / mij : T(0);
+              if (exact) {
+                for (int64_t k = 0; k < d; ++k)
+                  o[jj * d + k] += c * (t.rp[j * d + k] - t.xp[i * d + k]);
+                c = 0;
+              }
+              col_coef[jj] += c;
+            }
+          }
+          cp[jj * ld + ii] = c;
+        }
+      }
+      out.addmm_(coef.narrow(1, 0, rt), t.x.narrow(0, r0, rt), 1, t.cosine ? 1 : -1);
+    }
+    if (!t.cosine)
+      for (int64_t jj = 0; jj < ct; ++jj)
+        for (int64_t k = 0; k < d; ++k) o[jj * d + k] += col_coef[jj] * t.rp[(c0 + jj) * d + k];
+    std::copy(o, o + ct * d, grad_ref + c0 * d);
+  });
+}
+
+// (rows [N, outputs], stats [N, 4]): the per-row outputs with a gradient (contrastive: the
+// sums of l+ and l-; the others the row's loss) and the statistics the backward and the
+// reducers read (pair_loss_math.h).
+std::tuple<at::Tensor, at::Tensor> pair_loss_stats_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+    const at::Tensor& ref_labels, c10::optional<int64_t> self_offset, c10::string_view loss,
+    at::ArrayRef<double> params, c10::string_view metric) {
+  const NoAutocast no_autocast;
+  const SerialAten serial;
+  check_pair_loss_inputs(x, labels, ref, ref_labels, self_offset);
+  const int64_t kind = pair_loss_code(loss);
+  const bool cosine = pair_metric_is_cosine(metric);
+  at::Tensor rows = at::empty({x.size(0), pair_loss_outputs(kind)}, x.options());
+  at::Tensor stats = at::empty({x.size(0), kPairLossStats}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_loss_stats_cpu", [&] {
+    const PairLossTiles<scalar_t> t(x, labels.contiguous(), ref, ref_labels.contiguous(),
+                                    self_offset, cosine);
+    stats_kernel(t, pair_loss_params<scalar_t>(kind, cosine, params), stats.data_ptr<scalar_t>(),
+                 rows.data_ptr<scalar_t>());
+  });
+  return {rows, stats};
+}
+
+// (dL/dx, dL/dref) from the upstream gradient of the rows [N, outputs] and the forward's
+// statistics.
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& stats, const at::Tensor& x,
+    const at::Tensor& labels, const at::Tensor& ref, const at::Tensor& ref_labels,
+    c10::optional<int64_t> self_offset, c10::string_view loss, at::ArrayRef<double> params,
+    c10::string_view metric) {
+  const NoAutocast no_autocast;
+  const SerialAten serial;
+  check_pair_loss_inputs(x, labels, ref, ref_labels, self_offset);
+  const int64_t kind = pair_loss_code(loss);
+  const bool cosine = pair_metric_is_cosine(metric);
+  TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == x.size(0) &&
+                  grad_rows.size(1) == pair_loss_outputs(kind),
+              "pair_loss_backward: grad_rows must be [N, ", pair_loss_outputs(kind), "]");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == x.size(0) && stats.size(1) == kPairLossStats,
+              "pair_loss_backward: stats must be [N, ", kPairLossStats, "]");
+  const at::Tensor g = grad_rows.to(x.scalar_type()).contiguous();
+  const at::Tensor st = stats.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor grad_ref = at::empty_like(ref, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_loss_backward_cpu", [&] {
+    const PairLossTiles<scalar_t> t(x, labels.contiguous(), ref, ref_labels.contiguous(),
+                                    self_offset, cosine);
+    backward_kernel(t, pair_loss_params<scalar_t>(kind, cosine, params), st.data_ptr<scalar_t>(),
+                    g.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                    grad_ref.data_ptr<scalar_t>());
+  });
+  return {grad_x, grad_ref};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(confusion_kernels, CPU, m) {
+  m.impl("pair_loss_stats", &pair_loss_stats_cpu);
+  m.impl("pair_loss_backward", &pair_loss_backward_cpu);
+}
+
+}  // namespace confusion_kernels

@@ -1,0 +1,172 @@
+// Per-pair math of the pair losses in pytorch-metric-learning's form (docs/math.md, "Pair
+// losses"): Contrastive, SupCon, NT-Xent and Multi-Similarity as per-row statistics streamed
+// over the references, and the coefficient dLoss/dm_ij of each pair from them. Readable
+// definition: confusion_kernels/reference/pair_losses.py. m_ij is a distance (sign = +1) or a
+// similarity (sign = -1); z_ij = -sign m_ij / tau.
+//
+// Row statistics st[4] (kPairLossStats), per loss:
+//   contrastive       sum of l+, count of l+ > 0, sum of l-, count of l- > 0
+//   supcon            (max, sum) of the online log-sum-exp of z over P u Q; sum_P z; |P|
+//                     (after pair_loss_finish: st[0] = the log-sum-exp)
+//   ntxent            pass 1: (max, sum) over Q -> st[0] = lse_Q (-inf without negatives);
+//                     pass 2: st[1] = W = sum_P (1 - s_ij), st[2] = sum_P l_ij, st[3] = |P|
+//   multi_similarity  (max, sum) over P of a = alpha sign (m - base) and over Q of
+//                     b = beta sign (base - m), both starting from the "+ 1" (max 0, sum 1);
+//                     after pair_loss_finish: st[0] = lse_P, st[2] = lse_Q
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+
+enum PairLoss : int64_t { kContrastive = 0, kSupCon = 1, kNTXent = 2, kMultiSimilarity = 3 };
+constexpr int64_t kPairLossStats = 4;
+
+// Per-row outputs with a gradient: contrastive (sum l+, sum l-), the others one.
+CK_HOST_DEVICE int64_t pair_loss_outputs(int64_t kind) { return kind == kContrastive ? 2 : 1; }
+
+// The loss's constants: contrastive (a, b) = (pos_margin, neg_margin); supcon / ntxent
+// a = temperature; multi_similarity (a, b, c) = (alpha, beta, base).
+template <typename T>
+struct PairLossParams {
+  int64_t kind;
+  T sign;  // +1: m is a distance, -1: a similarity
+  T a, b, c;
+};
+
+// Adds e^v to the online log-sum-exp (mx, sum = sum of e^(v - mx)).
+template <typename T>
+CK_HOST_DEVICE void lse_add(T v, T* mx, T* sum) {
+  if (v <= *mx) {
+    *sum += std::exp(v - *mx);
+  } else {
+    *sum = *sum * std::exp(*mx - v) + T(1);
+    *mx = v;
+  }
+}
+
+template <typename T>
+CK_HOST_DEVICE T lse_value(T mx, T sum) {
+  return sum > T(0) ? mx + std::log(sum) : -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+CK_HOST_DEVICE void pair_loss_init(const PairLossParams<T>& p, T* st) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  st[0] = st[1] = st[2] = st[3] = T(0);
+  if (p.kind == kSupCon || p.kind == kNTXent) st[0] = ninf;
+  if (p.kind == kMultiSimilarity) st[1] = st[3] = T(1);  // the "+ 1": e^0 at max 0
+}
+
+// The first (for ntxent: the only one before pass_two) streaming pass: pair (i, j) of value m,
+// positive (same label) or negative; a left-out pair is never passed.
+template <typename T>
+CK_HOST_DEVICE void pair_loss_accumulate(const PairLossParams<T>& p, T m, bool same, T* st) {
+  switch (p.kind) {
+    case kContrastive: {
+      const T h = same ? p.sign * (m - p.a) : p.sign * (p.b - m);
+      if (h > T(0)) {
+        st[same ? 0 : 2] += h;
+        st[same ? 1 : 3] += T(1);
+      }
+      break;
+    }
+    case kSupCon: {
+      const T z = -p.sign * m / p.a;
+      lse_add(z, &st[0], &st[1]);
+      if (same) {
+        st[2] += z;
+        st[3] += T(1);
+      }
+      break;
+    }
+    case kNTXent:
+      if (!same) lse_add(-p.sign * m / p.a, &st[0], &st[1]);
+      break;
+    default:  // kMultiSimilarity
+      if (same)
+        lse_add(p.a * p.sign * (m - p.c), &st[0], &st[1]);
+      else
+        lse_add(p.b * p.sign * (p.c - m), &st[2], &st[3]);
+  }
+}
+
+// After the first pass: the log-sum-exps (ntxent: lse_Q in st[0], the rest cleared for pass 2).
+template <typename T>
+CK_HOST_DEVICE void pair_loss_finish_first(const PairLossParams<T>& p, T* st) {
+  if (p.kind == kSupCon) {
+    st[0] = lse_value(st[0], st[1]);
+  } else if (p.kind == kNTXent) {
+    st[0] = lse_value(st[0], st[1]);
+    st[1] = st[2] = st[3] = T(0);
+  } else if (p.kind == kMultiSimilarity) {
+    st[0] = lse_value(st[0], st[1]);
+    st[2] = lse_value(st[2], st[3]);
+  }
+}
+
+// s_ij = e^z / (e^z + e^lse_Q): the positive's share of its NT-Xent denominator.
+template <typename T>
+CK_HOST_DEVICE T ntxent_share(T z, T lse_q) {
+  return T(1) / (T(1) + std::exp(lse_q - z));
+}
+
+// NT-Xent's second pass, positive pairs only: l_ij = log(e^z + e^lse_Q) - z.
+template <typename T>
+CK_HOST_DEVICE void ntxent_accumulate_positive(const PairLossParams<T>& p, T m, T* st) {
+  const T z = -p.sign * m / p.a;
+  const T d = st[0] - z;  // lse_Q - z; -inf without negatives: l = 0
+  st[2] += d > T(0) ? d + std::log1p(std::exp(-d)) : std::log1p(std::exp(d));
+  st[1] += T(1) - ntxent_share(z, st[0]);
+  st[3] += T(1);
+}
+
+// The row's differentiable outputs from its finished statistics.
+template <typename T>
+CK_HOST_DEVICE void pair_loss_rows(const PairLossParams<T>& p, const T* st, T* rows) {
+  switch (p.kind) {
+    case kContrastive:
+      rows[0] = st[0];
+      rows[1] = st[2];
+      break;
+    case kSupCon:
+      rows[0] = st[3] > T(0) ? st[0] - st[2] / st[3] : T(0);
+      break;
+    case kNTXent:
+      rows[0] = st[2];
+      break;
+    default:
+      rows[0] = st[0] / p.a + st[2] / p.b;
+  }
+}
+
+// d(sum_r g[r] rows[r]) / dm_ij for a pair of row i (statistics st, upstream g).
+template <typename T>
+CK_HOST_DEVICE T pair_loss_coefficient(const PairLossParams<T>& p, T m, bool same, const T* st,
+                                       const T* g) {
+  switch (p.kind) {
+    case kContrastive:
+      if (same) return p.sign * (m - p.a) > T(0) ? g[0] * p.sign : T(0);
+      return p.sign * (p.b - m) > T(0) ? -g[1] * p.sign : T(0);
+    case kSupCon: {
+      if (st[3] == T(0)) return T(0);  // no positive: the row's loss is the constant 0
+      const T z = -p.sign * m / p.a;
+      const T softmax = std::exp(z - st[0]);
+      return g[0] * (-p.sign / p.a) * (softmax - (same ? T(1) / st[3] : T(0)));
+    }
+    case kNTXent: {
+      const T z = -p.sign * m / p.a;
+      if (same) return g[0] * (-p.sign / p.a) * (ntxent_share(z, st[0]) - T(1));
+      return g[0] * (-p.sign / p.a) * std::exp(z - st[0]) * st[1];
+    }
+    default:
+      if (same) return g[0] * p.sign * std::exp(p.a * p.sign * (m - p.c) - st[0]);
+      return -g[0] * p.sign * std::exp(p.b * p.sign * (p.c - m) - st[2]);
+  }
+}
+
+}  // namespace confusion_kernels

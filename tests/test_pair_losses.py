@@ -1,0 +1,176 @@
+"""The fused pair losses (ck.contrastive_loss, supcon_loss, ntxent_loss, multi_similarity_loss)
+against their reference in float64, against pytorch-metric-learning's classes, gradcheck, and
+the input rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import confusion_kernels as ck
+
+from conftest import require_backend
+
+LOSSES = {
+    "contrastive": (ck.contrastive_loss, {"pos_margin": 0.15, "neg_margin": 0.8}),
+    "supcon": (ck.supcon_loss, {"temperature": 0.2}),
+    "ntxent": (ck.ntxent_loss, {"temperature": 0.1}),
+    "multi_similarity": (ck.multi_similarity_loss, {"alpha": 2.0, "beta": 50.0, "base": 0.5}),
+}
+# (metric, normalize)
+DISTANCES = [("euclidean", True), ("euclidean", False), ("cosine", True)]
+
+
+def _batch(n, d, classes, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return x, labels
+
+
+def _both(name, x, labels, ref=None, ref_labels=None, metric="cosine", normalize=True, **extra):
+    fn, params = LOSSES[name]
+    out = []
+    for backend in ("reference", "cpu"):
+        a = x.clone().requires_grad_(True)
+        r = None if ref is None else ref.clone().requires_grad_(True)
+        loss = fn(a, labels, r, ref_labels, metric=metric, normalize=normalize, backend=backend,
+                  **params, **extra)
+        leaves = [a] + ([] if r is None else [r])
+        grads = torch.autograd.grad(loss, leaves) if loss.requires_grad else [None] * len(leaves)
+        out.append((loss, grads))
+    return out
+
+
+def _assert_same(pair, rtol=1e-9, atol=1e-12):
+    (want, want_grads), (got, got_grads) = pair
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    for g, w in zip(got_grads, want_grads):
+        if w is None:
+            assert g is None or not g.abs().any()
+        else:
+            torch.testing.assert_close(g, w, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("metric,normalize", DISTANCES)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cpu_equals_reference_over_ragged_tiles(name, metric, normalize):
+    """N = 300 (row tiles of 128: a ragged last tile) against itself, and 130 rows against
+    M = 700 references (two reference tiles of 512, the second ragged), float64."""
+    require_backend("cpu", "pair_loss_stats")
+    x, labels = _batch(300, 6, 9, seed=1)
+    _assert_same(_both(name, x, labels, metric=metric, normalize=normalize))
+    q, ql = _batch(130, 6, 9, seed=2)
+    r, rl = _batch(700, 6, 9, seed=3)
+    _assert_same(_both(name, q, ql, r, rl, metric=metric, normalize=normalize))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cpu_equals_reference_on_two_views_and_one_big_class(name):
+    require_backend("cpu", "pair_loss_stats")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    two_views = torch.arange(100).repeat_interleave(2)
+    _assert_same(_both(name, x, two_views))
+    one_class = torch.zeros(200, dtype=torch.long)
+    one_class[:3] = torch.tensor([1, 2, 2])
+    _assert_same(_both(name, x, one_class, metric="euclidean"))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_duplicates_and_near_duplicates_take_the_exact_distance(name):
+    """Equal rows (distance 0: gradient 0) and rows 1e-9 apart, where the Gram form cancels."""
+    require_backend("cpu", "pair_loss_stats")
+    x, labels = _batch(40, 4, 3, seed=5)
+    x[1], labels[1] = x[0], labels[0]
+    x[3], labels[3] = x[2] + 1e-9, labels[2]
+    x[5], labels[5] = x[4], (labels[4] + 1) % 3  # a duplicate with another label
+    _assert_same(_both(name, x, labels, metric="euclidean", normalize=False), rtol=1e-7,
+                 atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_gradcheck(name):
+    require_backend("cpu", "pair_loss_stats")
+    fn, params = LOSSES[name]
+    x, labels = _batch(9, 3, 3, seed=6)
+    ref, ref_labels = _batch(7, 3, 3, seed=7)
+    for metric in ("euclidean", "cosine"):
+        torch.autograd.gradcheck(
+            lambda a, r: fn(a, labels, r, ref_labels, metric=metric, backend="cpu", **params),
+            (x.requires_grad_(True), ref.requires_grad_(True)))
+        torch.autograd.gradcheck(lambda a: fn(a, labels, metric=metric, backend="cpu", **params),
+                                 (x,))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_equal_to_pytorch_metric_learning(name):
+    pml = pytest.importorskip("pytorch_metric_learning", reason="needs pytorch-metric-learning")
+    from pytorch_metric_learning import distances, losses
+
+    require_backend("cpu", "pair_loss_stats")
+    makers = {"contrastive": lambda: losses.ContrastiveLoss(pos_margin=0.15, neg_margin=0.8),
+              "supcon": lambda: losses.SupConLoss(temperature=0.2),
+              "ntxent": lambda: losses.NTXentLoss(temperature=0.1),
+              "multi_similarity": lambda: losses.MultiSimilarityLoss(2.0, 50.0, 0.5)}
+    assert pml is not None and distances is not None
+    fn, params = LOSSES[name]
+    x, labels = _batch(150, 8, 12, seed=8)
+    ref, ref_labels = _batch(90, 8, 12, seed=9)
+    for r, rl in ((None, None), (ref, ref_labels)):
+        a = x.clone().requires_grad_(True)
+        want = makers[name]()(a, labels, None, r, rl)
+        (gw,) = torch.autograd.grad(want, a)
+        b = x.clone().requires_grad_(True)
+        metric = "euclidean" if name == "contrastive" else "cosine"
+        got = fn(b, labels, r, rl, metric=metric, backend="cpu", **params)
+        (gg,) = torch.autograd.grad(got, b)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gg, gw, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_single_class_and_tiny_batches_give_what_pml_gives(name):
+    require_backend("cpu", "pair_loss_stats")
+    fn, params = LOSSES[name]
+    x, _ = _batch(12, 4, 1, seed=10)
+    for labels in (torch.zeros(12, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([3])):
+        rows = x[:labels.shape[0]]
+        _assert_same(_both(name, rows, labels))
+    if name in ("supcon", "ntxent"):  # no negative pair: PML's zero loss
+        assert fn(x, torch.zeros(12, dtype=torch.long), backend="cpu", **params).item() == 0.0
+
+
+def test_float32_close_to_float64_and_half_precision_returns_float32():
+    require_backend("cpu", "pair_loss_stats")
+    x, labels = _batch(260, 16, 7, seed=11)
+    for name, (fn, params) in LOSSES.items():
+        want = fn(x, labels, backend="cpu", **params)
+        got = fn(x.float(), labels, backend="cpu", **params)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-5)
+        assert fn(x.half(), labels, backend="cpu", **params).dtype == torch.float32
+
+
+def test_bad_input_gets_a_clear_error():
+    x, labels = _batch(10, 4, 3, seed=12)
+    with pytest.raises(ValueError, match="ref_emb and ref_labels go together"):
+        ck.supcon_loss(x, labels, x)
+    with pytest.raises(ValueError, match="D = 5"):
+        ck.supcon_loss(x, labels, torch.randn(6, 5, dtype=torch.float64),
+                       torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="ref_labels has 5 entries"):
+        ck.ntxent_loss(x, labels, torch.randn(6, 4, dtype=torch.float64),
+                       torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        ck.supcon_loss(x, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        ck.contrastive_loss(x, labels, metric="manhattan")
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ck.multi_similarity_loss(bad, labels)
+    with pytest.raises(ValueError, match="labels has 9 entries"):
+        ck.contrastive_loss(x, labels[:9])
+    with pytest.raises(RuntimeError, match="no Triton kernel for pair_loss_stats"):
+        ck.supcon_loss(x, labels, backend="triton")
