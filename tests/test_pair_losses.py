@@ -174,3 +174,28 @@ def test_bad_input_gets_a_clear_error():
         ck.contrastive_loss(x, labels[:9])
     with pytest.raises(RuntimeError, match="no Triton kernel for pair_loss_stats"):
         ck.supcon_loss(x, labels, backend="triton")
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_same_bits_on_one_and_two_threads(name):
+    require_backend("cpu", "pair_loss_stats")
+    fn, params = LOSSES[name]
+    x, labels = _batch(600, 16, 40, seed=13, dtype=torch.float32)  # 5 row tiles, 2 ref tiles
+    ref, ref_labels = _batch(700, 16, 40, seed=14, dtype=torch.float32)
+
+    def run():
+        a, r = x.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+        loss = fn(a, labels, r, ref_labels, backend="cpu", **params)
+        loss.backward()
+        return loss.detach(), a.grad, r.grad
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
