@@ -77,14 +77,17 @@ def test_cpu_equals_reference_on_two_views_and_one_big_class(name):
     _assert_same(_both(name, x, one_class, metric="euclidean"))
 
 
+@pytest.mark.parametrize("n", [40, 300])  # one row tile (the two-pass backward), three
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_duplicates_and_near_duplicates_take_the_exact_distance(name):
-    """Equal rows (distance 0: gradient 0) and rows 1e-9 apart, where the Gram form cancels."""
+def test_duplicates_and_near_duplicates_take_the_exact_distance(name, n):
+    """Equal rows (distance 0: gradient 0) and rows 1e-9 apart, where the Gram form cancels;
+    on one row tile (the two-pass backward) and on three (the one-pass backward's groups)."""
     require_backend("cpu", "pair_loss_stats")
-    x, labels = _batch(40, 4, 3, seed=5)
+    x, labels = _batch(n, 4, 3, seed=5)
     x[1], labels[1] = x[0], labels[0]
     x[3], labels[3] = x[2] + 1e-9, labels[2]
     x[5], labels[5] = x[4], (labels[4] + 1) % 3  # a duplicate with another label
+    x[n - 1], labels[n - 1] = x[1], labels[1]  # across row tiles
     _assert_same(_both(name, x, labels, metric="euclidean", normalize=False), rtol=1e-7,
                  atol=1e-9)
 

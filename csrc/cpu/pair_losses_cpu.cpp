@@ -23,6 +23,7 @@
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/pair_loss_math.h"
 #include "parallel_jobs.h"
+#include "simd.h"
 
 namespace confusion_kernels {
 namespace {
@@ -151,41 +152,200 @@ struct PairLossTiles {
   }
 };
 
+// e^v of every v[k] in place, on simd lanes (float: the lane exp of simd.h; double: std::exp
+// per lane). v below the normal range gives 0 (as the affinity kernels flush), v above it the
+// largest normal exp (only NT-Xent's share 1 / (1 + e) can ask for it: it is 0 there either way).
+template <typename T>
+void exp_in_place(T* v, int64_t n) {
+  using L = simd::Widest<T>;
+  constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
+  int64_t k = 0;
+  for (; k + L::kWidth <= n; k += L::kWidth) {
+    const typename L::V x = L::load(v + k);
+    const typename L::V clamped =
+        L::select(L::gt(x, L::set1(hi)), L::set1(hi), L::max(x, L::set1(lo)));
+    L::store(v + k, L::select(L::gt(x, L::set1(lo)), L::exp(clamped), L::zero()));
+  }
+  for (; k < n; ++k) v[k] = v[k] > lo ? std::exp(std::min(v[k], hi)) : T(0);
+}
+
+// Adds the e^v[k], k < n, to the online log-sum-exp (mx, sum) (v is overwritten).
+template <typename T>
+void lse_add_tile(T* v, int64_t n, T* mx, T* sum) {
+  if (n == 0) return;
+  T tile_max = v[0];
+  for (int64_t k = 1; k < n; ++k) tile_max = std::max(tile_max, v[k]);
+  for (int64_t k = 0; k < n; ++k) v[k] -= tile_max;
+  exp_in_place(v, n);
+  T tile_sum = 0;
+  for (int64_t k = 0; k < n; ++k) tile_sum += v[k];
+  lse_merge(tile_max, tile_sum, mx, sum);
+}
+
 template <typename T>
 void stats_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats, T* rows) {
   const int64_t outputs = pair_loss_outputs(p.kind);
   run_jobs((t.n + kRowTile - 1) / kRowTile, [&](int64_t job, int64_t) {
     const int64_t r0 = job * kRowTile, rt = std::min(kRowTile, t.n - r0);
+    std::vector<T> slot0(kRefTile), slot2(kRefTile);  // a row's exponents of one tile, by slot
     for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_init(p, stats + i * kPairLossStats);
-    const auto pass = [&](bool positives_only) {
+    // the first pass: each pair's non-exp parts at once, its e^v per row and tile in a batch
+    t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
+      for (int64_t ii = 0; ii < rt; ++ii) {
+        const int64_t i = r0 + ii;
+        T* st = stats + i * kPairLossStats;
+        int64_t n0 = 0, n2 = 0;
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          const int64_t j = c0 + jj;
+          if (t.left_out(i, j)) continue;
+          bool exact;
+          const T mij = t.value(i, j, gram[ii * ct + jj], &exact);
+          int slot;
+          const T v = pair_loss_stream(p, mij, t.lab[i] == t.rlab[j], st, &slot);
+          if (slot == 0) slot0[n0++] = v;
+          if (slot == 2) slot2[n2++] = v;
+        }
+        lse_add_tile(slot0.data(), n0, &st[0], &st[1]);
+        lse_add_tile(slot2.data(), n2, &st[2], &st[3]);
+      }
+    });
+    for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_finish_first(p, stats + i * kPairLossStats);
+    if (p.kind == kNTXent) {  // the positives, with the negatives' log-sum-exp known
       t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
         for (int64_t ii = 0; ii < rt; ++ii) {
           const int64_t i = r0 + ii;
-          T* st = stats + i * kPairLossStats;
           for (int64_t jj = 0; jj < ct; ++jj) {
             const int64_t j = c0 + jj;
-            if (t.left_out(i, j)) continue;
-            const bool same = t.lab[i] == t.rlab[j];
-            if (positives_only && !same) continue;
+            if (t.left_out(i, j) || t.lab[i] != t.rlab[j]) continue;
             bool exact;
-            const T mij = t.value(i, j, gram[ii * ct + jj], &exact);
-            if (positives_only)
-              ntxent_accumulate_positive(p, mij, st);
-            else
-              pair_loss_accumulate(p, mij, same, st);
+            ntxent_accumulate_positive(p, t.value(i, j, gram[ii * ct + jj], &exact),
+                                       stats + i * kPairLossStats);
           }
         }
       });
-    };
-    pass(false);
-    for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_finish_first(p, stats + i * kPairLossStats);
-    if (p.kind == kNTXent) pass(true);
+    }
     for (int64_t i = r0; i < r0 + rt; ++i)
       pair_loss_rows(p, stats + i * kPairLossStats, rows + i * outputs);
   });
 }
 
-// grad_x (rows_side) or grad_ref: one job per tile of the side being written.
+// The coefficients of one row against one tile: c[k] for columns k < ct of the tile (the
+// Gram entries gram[k * stride]), the e^v of the tile's pairs in a batch. Euclidean: c / m,
+// and the pairs taken from differences go to `direct` (their c left 0 here). Returns the
+// sum of the c / m (euclidean) for the row's own term.
+template <typename T, class Direct>
+T row_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i, int64_t c0,
+                   int64_t ct, const T* gram, int64_t stride, const T* st, const T* g, T* c,
+                   T* m_buf, uint8_t* flags, const Direct& direct) {
+  for (int64_t k = 0; k < ct; ++k) {
+    const int64_t j = c0 + k;
+    flags[k] = t.left_out(i, j) ? 4 : 0;
+    if (flags[k]) continue;
+    bool exact;
+    const bool same = t.lab[i] == t.rlab[j];
+    const T m = t.value(i, j, gram[k * stride], &exact);
+    flags[k] = (same ? 1 : 0) | (exact ? 2 : 0);
+    m_buf[k] = m;
+    c[k] = pair_loss_exponent(p, m, same, st);
+  }
+  if (p.kind != kContrastive) exp_in_place(c, ct);
+  T own = 0;
+  for (int64_t k = 0; k < ct; ++k) {
+    if (flags[k] & 4) {
+      c[k] = 0;
+      continue;
+    }
+    const T m = m_buf[k];
+    T coef = pair_loss_coefficient_from_exp(p, m, (flags[k] & 1) != 0, st, g, c[k]);
+    if (!t.cosine) {  // dm/dx_i = (x_i - r_j) / m
+      coef = m > T(0) ? coef / m : T(0);
+      if (flags[k] & 2) {
+        direct(c0 + k, coef);
+        coef = 0;
+      }
+      own += coef;
+    }
+    c[k] = coef;
+  }
+  return own;
+}
+
+// Groups of the one-pass backward: row tiles dealt in contiguous runs to at most 16 groups (a
+// split that depends on the sizes only), each group with its own partial dL/dref [M, D], all
+// partials within 64 MB; fewer than 2 groups: the two-pass backward.
+int64_t one_pass_groups(int64_t n, int64_t m, int64_t d, int64_t element_size) {
+  const int64_t tiles = (n + kRowTile - 1) / kRowTile;
+  const int64_t cap = (int64_t(64) << 20) / std::max<int64_t>(1, m * (d + 1) * element_size);
+  return std::min<int64_t>({16, tiles, cap});
+}
+
+// One pass over the (row tile, reference tile) pairs: each coefficient tile C gives both
+// dL/dx += C r (the group's own rows) and the group's partial dL/dr += C^T x; the partials
+// are added in group order after the region (the same bits on any number of threads).
+template <typename T>
+void backward_one_pass(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
+                       const T* g, T* grad_x, T* grad_ref, int64_t groups) {
+  const int64_t outputs = pair_loss_outputs(p.kind), d = t.d, m = t.m;
+  const int64_t tiles = (t.n + kRowTile - 1) / kRowTile;
+  const T sign = t.cosine ? T(1) : T(-1);  // cosine: + C r; euclidean: + rowsum(C) x - C r
+  at::Tensor partial = at::zeros({groups, m, d}, t.x.options());
+  std::vector<T> col_sums(t.cosine ? 0 : groups * m, T(0));
+  run_jobs(groups, [&](int64_t group, int64_t) {
+    at::Tensor part = partial[group];
+    T* pp = part.data_ptr<T>();
+    T* cs = t.cosine ? nullptr : col_sums.data() + group * m;
+    at::Tensor coef = at::empty({kRowTile, std::min(kRefTile, m)}, t.x.options());
+    std::vector<T> m_buf(kRefTile);
+    std::vector<uint8_t> flags(kRefTile);
+    for (int64_t tile = tiles * group / groups; tile < tiles * (group + 1) / groups; ++tile) {
+      const int64_t r0 = tile * kRowTile, rt = std::min(kRowTile, t.n - r0);
+      const at::Tensor xr = t.x.narrow(0, r0, rt);
+      at::Tensor out = at::zeros({rt, d}, t.x.options());
+      T* o = out.data_ptr<T>();
+      std::vector<T> row_coef(rt, T(0));
+      t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
+        T* cp = coef.data_ptr<T>();
+        const int64_t ld = coef.size(1);
+        for (int64_t ii = 0; ii < rt; ++ii) {
+          const int64_t i = r0 + ii;
+          row_coef[ii] += row_coefficients(
+              t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats, g + i * outputs,
+              cp + ii * ld, m_buf.data(), flags.data(), [&](int64_t j, T c) {
+                for (int64_t k = 0; k < d; ++k) {
+                  const T diff = t.xp[i * d + k] - t.rp[j * d + k];
+                  o[ii * d + k] += c * diff;
+                  pp[j * d + k] -= c * diff;
+                }
+              });
+          if (cs != nullptr)
+            for (int64_t jj = 0; jj < ct; ++jj) cs[c0 + jj] += cp[ii * ld + jj];
+        }
+        const at::Tensor w = coef.narrow(0, 0, rt).narrow(1, 0, ct);
+        out.addmm_(w, t.ref.narrow(0, c0, ct), 1, sign);
+        part.narrow(0, c0, ct).addmm_(w.t(), xr, 1, sign);
+      });
+      if (!t.cosine)
+        for (int64_t ii = 0; ii < rt; ++ii)
+          for (int64_t k = 0; k < d; ++k) o[ii * d + k] += row_coef[ii] * t.xp[(r0 + ii) * d + k];
+      std::copy(o, o + rt * d, grad_x + r0 * d);
+    }
+  });
+  const T* all = partial.data_ptr<T>();
+  parallel_rows(0, m, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T own = 0;
+      if (!t.cosine)
+        for (int64_t q = 0; q < groups; ++q) own += col_sums[q * m + j];
+      for (int64_t k = 0; k < d; ++k) {
+        T sum = 0;
+        for (int64_t q = 0; q < groups; ++q) sum += all[(q * m + j) * d + k];
+        grad_ref[j * d + k] = sum + own * t.rp[j * d + k];
+      }
+    }
+  });
+}
+
+// The two-pass backward (partials too large): one job per tile of the side being written.
 template <typename T>
 void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
                      const T* g, T* grad_x, T* grad_ref) {
@@ -197,31 +357,19 @@ void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, cons
     at::Tensor out = at::zeros({rt, d}, t.x.options());
     std::vector<T> row_coef(rt, T(0));
     T* o = out.data_ptr<T>();
+    std::vector<T> m_buf(kRefTile);
+    std::vector<uint8_t> flags(kRefTile);
     t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
       T* cp = coef.data_ptr<T>();
       const int64_t ld = coef.size(1);
       for (int64_t ii = 0; ii < rt; ++ii) {
         const int64_t i = r0 + ii;
-        const T* st = stats + i * kPairLossStats;
-        for (int64_t jj = 0; jj < ct; ++jj) {
-          const int64_t j = c0 + jj;
-          T c = 0;
-          if (!t.left_out(i, j)) {
-            bool exact;
-            const T mij = t.value(i, j, gram[ii * ct + jj], &exact);
-            c = pair_loss_coefficient(p, mij, t.lab[i] == t.rlab[j], st, g + i * outputs);
-            if (!t.cosine) {  // dm/dx_i = (x_i - r_j) / m
-              c = mij > T(0) ? c / mij : T(0);
-              if (exact) {
-                for (int64_t k = 0; k < d; ++k)
-                  o[ii * d + k] += c * (t.xp[i * d + k] - t.rp[j * d + k]);
-                c = 0;
-              }
-              row_coef[ii] += c;
-            }
-          }
-          cp[ii * ld + jj] = c;
-        }
+        row_coef[ii] += row_coefficients(
+            t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats, g + i * outputs,
+            cp + ii * ld, m_buf.data(), flags.data(), [&](int64_t j, T c) {
+              for (int64_t k = 0; k < d; ++k)
+                o[ii * d + k] += c * (t.xp[i * d + k] - t.rp[j * d + k]);
+            });
       }
       // cosine: + C r; euclidean: + rowsum(C) x - C r
       out.addmm_(coef.narrow(1, 0, ct), t.ref.narrow(0, c0, ct), 1, t.cosine ? 1 : -1);
@@ -237,7 +385,8 @@ void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, cons
     const at::Tensor rt_rows = t.ref.narrow(0, c0, ct);
     at::Tensor coef = at::zeros({ct, std::min(kRowTile, t.n)}, t.x.options());
     at::Tensor out = at::zeros({ct, d}, t.x.options());
-    std::vector<T> col_coef(ct, T(0));
+    std::vector<T> col_coef(ct, T(0)), c_row(ct), m_buf(ct);
+    std::vector<uint8_t> flags(ct);
     T* o = out.data_ptr<T>();
     for (int64_t r0 = 0; r0 < t.n; r0 += kRowTile) {
       const int64_t rt = std::min(kRowTile, t.n - r0);
@@ -245,27 +394,20 @@ void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, cons
       const T* gp = gram.data_ptr<T>();
       T* cp = coef.data_ptr<T>();
       const int64_t ld = coef.size(1);
-      for (int64_t jj = 0; jj < ct; ++jj) {
-        const int64_t j = c0 + jj;
-        for (int64_t ii = 0; ii < rt; ++ii) {
-          const int64_t i = r0 + ii;
-          T c = 0;
-          if (!t.left_out(i, j)) {
-            bool exact;
-            const T mij = t.value(i, j, gp[jj * rt + ii], &exact);
-            c = pair_loss_coefficient(p, mij, t.lab[i] == t.rlab[j], stats + i * kPairLossStats,
-                                      g + i * outputs);
-            if (!t.cosine) {  // dm/dr_j = (r_j - x_i) / m
-              c = mij > T(0) ? c / mij : T(0);
-              if (exact) {
-                for (int64_t k = 0; k < d; ++k)
-                  o[jj * d + k] += c * (t.rp[j * d + k] - t.xp[i * d + k]);
-                c = 0;
-              }
-              col_coef[jj] += c;
-            }
-          }
-          cp[jj * ld + ii] = c;
+      // row i's coefficients against this reference tile (column ii of the [ct, rt] Gram
+      // tile), written as column ii of the [ct, rt] coefficient tile
+      for (int64_t ii = 0; ii < rt; ++ii) {
+        const int64_t i = r0 + ii;
+        row_coefficients(t, p, i, c0, ct, gp + ii, rt, stats + i * kPairLossStats, g + i * outputs,
+                         c_row.data(), m_buf.data(), flags.data(),
+                         [&](int64_t j, T c) {  // dm/dr_j = (r_j - x_i) / m
+                           const int64_t jj = j - c0;
+                           for (int64_t k = 0; k < d; ++k)
+                             o[jj * d + k] += c * (t.rp[j * d + k] - t.xp[i * d + k]);
+                         });
+        for (int64_t jj = 0; jj < ct; ++jj) {
+          cp[jj * ld + ii] = c_row[jj];
+          col_coef[jj] += c_row[jj];
         }
       }
       out.addmm_(coef.narrow(1, 0, rt), t.x.narrow(0, r0, rt), 1, t.cosine ? 1 : -1);
@@ -324,9 +466,14 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_loss_backward_cpu", [&] {
     const PairLossTiles<scalar_t> t(x, labels.contiguous(), ref, ref_labels.contiguous(),
                                     self_offset, cosine);
-    backward_kernel(t, pair_loss_params<scalar_t>(kind, cosine, params), st.data_ptr<scalar_t>(),
-                    g.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
-                    grad_ref.data_ptr<scalar_t>());
+    const PairLossParams<scalar_t> p = pair_loss_params<scalar_t>(kind, cosine, params);
+    const int64_t groups = one_pass_groups(t.n, t.m, t.d, int64_t(sizeof(scalar_t)));
+    if (groups >= 2)
+      backward_one_pass(t, p, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                        grad_x.data_ptr<scalar_t>(), grad_ref.data_ptr<scalar_t>(), groups);
+    else
+      backward_kernel(t, p, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                      grad_x.data_ptr<scalar_t>(), grad_ref.data_ptr<scalar_t>());
   });
   return {grad_x, grad_ref};
 }

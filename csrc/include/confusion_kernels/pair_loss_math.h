@@ -62,10 +62,14 @@ CK_HOST_DEVICE void pair_loss_init(const PairLossParams<T>& p, T* st) {
   if (p.kind == kMultiSimilarity) st[1] = st[3] = T(1);  // the "+ 1": e^0 at max 0
 }
 
-// The first (for ntxent: the only one before pass_two) streaming pass: pair (i, j) of value m,
-// positive (same label) or negative; a left-out pair is never passed.
+// The first streaming pass (for ntxent the one before its positives' pass), pair (i, j) of
+// value m, positive (same label) or negative; a left-out pair is never passed. The parts
+// without an exp go into st here; the return value is the exponent v whose e^v joins the
+// online log-sum-exp (st[*slot], st[*slot + 1]), *slot = -1 when there is none. Kernels may
+// add the e^v of a tile in a batch (lse_add_tile).
 template <typename T>
-CK_HOST_DEVICE void pair_loss_accumulate(const PairLossParams<T>& p, T m, bool same, T* st) {
+CK_HOST_DEVICE T pair_loss_stream(const PairLossParams<T>& p, T m, bool same, T* st, int* slot) {
+  *slot = -1;
   switch (p.kind) {
     case kContrastive: {
       const T h = same ? p.sign * (m - p.a) : p.sign * (p.b - m);
@@ -73,25 +77,44 @@ CK_HOST_DEVICE void pair_loss_accumulate(const PairLossParams<T>& p, T m, bool s
         st[same ? 0 : 2] += h;
         st[same ? 1 : 3] += T(1);
       }
-      break;
+      return T(0);
     }
     case kSupCon: {
       const T z = -p.sign * m / p.a;
-      lse_add(z, &st[0], &st[1]);
       if (same) {
         st[2] += z;
         st[3] += T(1);
       }
-      break;
+      *slot = 0;
+      return z;
     }
     case kNTXent:
-      if (!same) lse_add(-p.sign * m / p.a, &st[0], &st[1]);
-      break;
+      if (same) return T(0);
+      *slot = 0;
+      return -p.sign * m / p.a;
     default:  // kMultiSimilarity
-      if (same)
-        lse_add(p.a * p.sign * (m - p.c), &st[0], &st[1]);
-      else
-        lse_add(p.b * p.sign * (p.c - m), &st[2], &st[3]);
+      *slot = same ? 0 : 2;
+      return same ? p.a * p.sign * (m - p.c) : p.b * p.sign * (p.c - m);
+  }
+}
+
+// pair_loss_stream with the exp taken at once.
+template <typename T>
+CK_HOST_DEVICE void pair_loss_accumulate(const PairLossParams<T>& p, T m, bool same, T* st) {
+  int slot;
+  const T v = pair_loss_stream(p, m, same, st, &slot);
+  if (slot >= 0) lse_add(v, &st[slot], &st[slot + 1]);
+}
+
+// Merges a tile's (max, sum of e^(v - max)) into the online log-sum-exp (mx, sum).
+template <typename T>
+CK_HOST_DEVICE void lse_merge(T tile_max, T tile_sum, T* mx, T* sum) {
+  if (tile_sum == T(0)) return;
+  if (tile_max <= *mx) {
+    *sum += tile_sum * std::exp(tile_max - *mx);
+  } else {
+    *sum = *sum * std::exp(*mx - tile_max) + tile_sum;
+    *mx = tile_max;
   }
 }
 
@@ -144,29 +167,52 @@ CK_HOST_DEVICE void pair_loss_rows(const PairLossParams<T>& p, const T* st, T* r
   }
 }
 
-// d(sum_r g[r] rows[r]) / dm_ij for a pair of row i (statistics st, upstream g).
+// The exponent whose exp a pair's coefficient needs (0 for contrastive, which needs none):
+// supcon z - lse, ntxent positives lse_Q - z (its share is 1 / (1 + e)), ntxent negatives
+// z - lse_Q, multi_similarity a - lse_P / b - lse_Q. Kernels may compute the exps in batches.
 template <typename T>
-CK_HOST_DEVICE T pair_loss_coefficient(const PairLossParams<T>& p, T m, bool same, const T* st,
-                                       const T* g) {
+CK_HOST_DEVICE T pair_loss_exponent(const PairLossParams<T>& p, T m, bool same, const T* st) {
+  switch (p.kind) {
+    case kContrastive:
+      return T(0);
+    case kSupCon:
+      return -p.sign * m / p.a - st[0];
+    case kNTXent: {
+      const T z = -p.sign * m / p.a;
+      return same ? st[0] - z : z - st[0];
+    }
+    default:
+      return same ? p.a * p.sign * (m - p.c) - st[0] : p.b * p.sign * (p.c - m) - st[2];
+  }
+}
+
+// d(sum_r g[r] rows[r]) / dm_ij for a pair of row i (statistics st, upstream g) from
+// e = exp(pair_loss_exponent(...)).
+template <typename T>
+CK_HOST_DEVICE T pair_loss_coefficient_from_exp(const PairLossParams<T>& p, T m, bool same,
+                                                const T* st, const T* g, T e) {
   switch (p.kind) {
     case kContrastive:
       if (same) return p.sign * (m - p.a) > T(0) ? g[0] * p.sign : T(0);
       return p.sign * (p.b - m) > T(0) ? -g[1] * p.sign : T(0);
-    case kSupCon: {
+    case kSupCon:
       if (st[3] == T(0)) return T(0);  // no positive: the row's loss is the constant 0
-      const T z = -p.sign * m / p.a;
-      const T softmax = std::exp(z - st[0]);
-      return g[0] * (-p.sign / p.a) * (softmax - (same ? T(1) / st[3] : T(0)));
-    }
-    case kNTXent: {
-      const T z = -p.sign * m / p.a;
-      if (same) return g[0] * (-p.sign / p.a) * (ntxent_share(z, st[0]) - T(1));
-      return g[0] * (-p.sign / p.a) * std::exp(z - st[0]) * st[1];
-    }
+      return g[0] * (-p.sign / p.a) * (e - (same ? T(1) / st[3] : T(0)));
+    case kNTXent:
+      if (same) return g[0] * (-p.sign / p.a) * (T(1) / (T(1) + e) - T(1));
+      return g[0] * (-p.sign / p.a) * e * st[1];
     default:
-      if (same) return g[0] * p.sign * std::exp(p.a * p.sign * (m - p.c) - st[0]);
-      return -g[0] * p.sign * std::exp(p.b * p.sign * (p.c - m) - st[2]);
+      return same ? g[0] * p.sign * e : -g[0] * p.sign * e;
   }
+}
+
+// The same, computing the exp itself.
+template <typename T>
+CK_HOST_DEVICE T pair_loss_coefficient(const PairLossParams<T>& p, T m, bool same, const T* st,
+                                       const T* g) {
+  return pair_loss_coefficient_from_exp(
+      p, m, same, st, g,
+      p.kind == kContrastive ? T(0) : std::exp(pair_loss_exponent(p, m, same, st)));
 }
 
 }  // namespace confusion_kernels
