@@ -81,14 +81,14 @@ CPU_FUSED_MIN_ROWS = {
     "as_loss_terms[euclidean]": 256,
     "as_loss_terms[sqeuclidean]": 256,
     "as_loss_terms[manhattan]": 64,
-    "as_loss_terms[cosine]": 64,
+    "as_loss_terms[cosine]": 128,
     "intra_inter_sums[euclidean]": 256,
     "intra_inter_sums[cosine]": 128,
     "affinity_hinge": 0,
     "n_centroids_rows": 0,
-    "class_shifted_sums": 0,
-    "pair_loss[cosine]": 1025,
-    "pair_loss[euclidean]": 0,
+    "class_shifted_sums": 32,
+    "pair_loss[cosine]": 0,
+    "pair_loss[euclidean]": 32,
 }
 
 

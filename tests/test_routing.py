@@ -142,7 +142,7 @@ def test_cpu_size_thresholds_are_the_committed_measurement():
 
 @pytest.mark.parametrize("op,metric", [("as_loss_terms", "euclidean"), ("as_loss_terms", "cosine"),
                                        ("intra_inter_sums", "euclidean"),
-                                       ("pair_loss", "cosine")])
+                                       ("pair_loss", "euclidean")])
 def test_auto_takes_the_reference_below_the_cpu_threshold(monkeypatch, op, metric):
     require_backend("cpu")
     monkeypatch.delenv("CONFUSION_KERNELS_BACKEND", raising=False)
