@@ -34,9 +34,12 @@ docs/pml.md compares these with our own ``memory=`` and ``global_batch=True``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
+    from pytorch_metric_learning import distances as pml_distances
     from pytorch_metric_learning import losses as pml_losses
     from pytorch_metric_learning.losses import BaseMetricLossFunction
     from pytorch_metric_learning.reducers import (
@@ -54,11 +57,13 @@ from ._metrics import resolve_metric
 from ._validation import output_dtype
 from .losses import affinity as _affinity
 from .losses import n_centroids as _n_centroids
+from .losses import pair_losses as _pair_losses
 from .losses.as_loss import REDUCTIONS, as_loss_terms, radial_terms, term_weights
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.pairwise import paired_distances
 
-__all__ = ["ASLoss", "AffinityLoss", "CrossBatchMemory", "NCentroidsLoss"]
+__all__ = ["ASLoss", "AffinityLoss", "ContrastiveLoss", "CrossBatchMemory",
+           "MultiSimilarityLoss", "NCentroidsLoss", "NTXentLoss", "SupConLoss"]
 
 _SIGN_FILTERS = (AvgNonZeroReducer, ThresholdReducer)
 
@@ -339,3 +344,126 @@ class NCentroidsLoss(_PrototypeLoss):
         if core.training:
             core._ema_step(embeddings, labels)
         return {"loss": _per_element(rows)}
+
+
+# --- pytorch-metric-learning's pair losses, fused ---------------------------------------------
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(name: str, why: str) -> None:
+    if (name, why) not in _WARNED:
+        _WARNED.add((name, why))
+        warnings.warn(f"confusion_kernels.pml.{name}: {why}; running pytorch-metric-learning's "
+                      "own implementation (N x M memory). This warning is shown once.",
+                      stacklevel=5)
+
+
+class _FusedPairLoss:
+    """Mixin for a subclass of PML's own loss class: the same constructor (plus ``backend=``),
+    the same attributes, distance and reducer. ``compute_loss`` runs the fused function when
+    PML would compute exactly what it computes (the class's default reducer, a distance it
+    fuses, no ``indices_tuple``), else PML's own code with a one-time warning saying why."""
+
+    _fused_name = ""
+    _default_reducer = MeanReducer
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = backend
+
+    def _why_not_fused(self, indices_tuple) -> str | None:
+        d = self.distance
+        if type(d) is pml_distances.LpDistance:
+            if d.p != 2 or d.power != 1:
+                return f"LpDistance(p={d.p}, power={d.power}) is not fused (p=2, power=1 is)"
+        elif type(d) is pml_distances.CosineSimilarity:
+            if d.power != 1:
+                return f"CosineSimilarity(power={d.power}) is not fused (power=1 is)"
+        else:
+            return (f"distance={type(d).__name__}() is not fused (LpDistance(p=2, power=1) "
+                    "and CosineSimilarity() are)")
+        default = self._default_reducer
+        reducer = self.reducer  # PML wraps a loss with several sub-losses in MultipleReducers
+        for r in ([reducer.reducers[k] if k in reducer.reducers else reducer.default_reducer
+                   for k in self._sub_loss_names()]
+                  if isinstance(reducer, MultipleReducers) else [reducer]):
+            if type(r) is not default or (default is AvgNonZeroReducer
+                                          and (r.low != 0 or r.high is not None)):
+                return (f"reducer={type(r).__name__}() is not fused (the default "
+                        f"{default.__name__}() is)")
+        if indices_tuple is not None:
+            return "an indices_tuple (mined pairs) is not fused"
+        return None
+
+    def _fused_call(self, embeddings, labels, ref_emb, ref_labels):
+        own = ref_emb is embeddings
+        metric = "cosine" if type(self.distance) is pml_distances.CosineSimilarity else "euclidean"
+        kwargs = dict(metric=metric, normalize=self.distance.normalize_embeddings,
+                      backend=self.backend)
+        return self._fused(embeddings, labels, None if own else ref_emb,
+                           None if own else ref_labels, **kwargs)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        why = self._why_not_fused(indices_tuple)
+        if why is not None or labels is None:
+            _warn_once(type(self).__name__, why or "no labels")
+            return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return self._fused_call(embeddings, labels, ref_emb, ref_labels)
+
+
+class ContrastiveLoss(_FusedPairLoss, pml_losses.ContrastiveLoss):
+    """PML's ``ContrastiveLoss(pos_margin=0, neg_margin=1, **kwargs)``, fused (O(N D) memory)
+    with its default distance and reducer; ``backend=`` picks ours."""
+
+    _default_reducer = AvgNonZeroReducer
+
+    def __init__(self, pos_margin=0, neg_margin=1, *, backend: str = "auto", **kwargs):
+        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, **kwargs)
+        self._init_fused(backend)
+
+    def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
+        pos, neg = _pair_losses.contrastive_parts(
+            embeddings, labels, ref_emb, ref_labels, pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin, **kwargs)
+        return {"pos_loss": _already_reduced(pos), "neg_loss": _already_reduced(neg)}
+
+
+class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
+    """PML's ``SupConLoss(temperature=0.1, **kwargs)``, fused with its defaults."""
+
+    _default_reducer = AvgNonZeroReducer
+
+    def __init__(self, temperature=0.1, *, backend: str = "auto", **kwargs):
+        super().__init__(temperature=temperature, **kwargs)
+        self._init_fused(backend)
+
+    def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
+        return {"loss": _already_reduced(_pair_losses.supcon_loss(
+            embeddings, labels, ref_emb, ref_labels, temperature=self.temperature, **kwargs))}
+
+
+class NTXentLoss(_FusedPairLoss, pml_losses.NTXentLoss):
+    """PML's ``NTXentLoss(temperature=0.07, **kwargs)``, fused with its defaults (PML's own
+    forms the product of positive and negative pairs: 270 GB at N = 4096 with four samples a
+    class)."""
+
+    def __init__(self, temperature=0.07, *, backend: str = "auto", **kwargs):
+        super().__init__(temperature=temperature, **kwargs)
+        self._init_fused(backend)
+
+    def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
+        return {"loss": _already_reduced(_pair_losses.ntxent_loss(
+            embeddings, labels, ref_emb, ref_labels, temperature=self.temperature, **kwargs))}
+
+
+class MultiSimilarityLoss(_FusedPairLoss, pml_losses.MultiSimilarityLoss):
+    """PML's ``MultiSimilarityLoss(alpha=2, beta=50, base=0.5, **kwargs)``, fused with its
+    defaults."""
+
+    def __init__(self, alpha=2, beta=50, base=0.5, *, backend: str = "auto", **kwargs):
+        super().__init__(alpha=alpha, beta=beta, base=base, **kwargs)
+        self._init_fused(backend)
+
+    def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
+        return {"loss": _already_reduced(_pair_losses.multi_similarity_loss(
+            embeddings, labels, ref_emb, ref_labels, alpha=self.alpha, beta=self.beta,
+            base=self.base, **kwargs))}

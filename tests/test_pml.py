@@ -7,6 +7,8 @@ often each (embedding, reference) pair occurs among the pairs used.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -271,3 +273,92 @@ def test_n_centroids_gives_per_embedding_losses_to_other_reducers():
     assert torch.allclose(summed.centroids, ours.centroids)
     out = pml.NCentroidsLoss(4, 6, reducer=reducers.DoNothingReducer()).double().eval()(z, y)
     assert out["loss"]["losses"].shape == (23,) and out["loss"]["reduction_type"] == "element"
+
+
+# --- PML's pair losses, fused (pml.ContrastiveLoss, SupConLoss, NTXentLoss, MultiSimilarityLoss)
+from pytorch_metric_learning import distances as pml_distances  # noqa: E402
+
+PAIR_LOSSES = {
+    "ContrastiveLoss": {"pos_margin": 0.1, "neg_margin": 0.7},
+    "SupConLoss": {"temperature": 0.3},
+    "NTXentLoss": {"temperature": 0.2},
+    "MultiSimilarityLoss": {"alpha": 3.0, "beta": 40.0, "base": 0.4},
+}
+
+
+def _swap(name, x, labels, ref=None, ref_labels=None, indices=None, **kwargs):
+    """(ours, PML's): loss and input gradient of the same call, ours by the one-line swap."""
+    out = []
+    for module in (pml, pml_losses):
+        loss_fn = getattr(module, name)(**kwargs)
+        a = x.clone().requires_grad_(True)
+        loss = loss_fn(a, labels, indices, ref, ref_labels)
+        (grad,) = torch.autograd.grad(loss, a)
+        out.append((loss, grad))
+    return out
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("defaults", [True, False])
+@pytest.mark.parametrize("name", list(PAIR_LOSSES))
+def test_pair_loss_swap_changes_nothing(name, defaults, with_ref, recwarn):
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(150, 12, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 30, (150,), generator=g)
+    ref = torch.randn(70, 12, generator=g, dtype=torch.float64) if with_ref else None
+    ref_labels = torch.randint(0, 30, (70,), generator=g) if with_ref else None
+    kwargs = {} if defaults else PAIR_LOSSES[name]
+    (ours, g_ours), (theirs, g_theirs) = _swap(name, x, labels, ref, ref_labels, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-6, atol=1e-9)
+    assert not [w for w in recwarn if "confusion_kernels.pml" in str(w.message)]  # fused
+
+
+@pytest.mark.parametrize("name", list(PAIR_LOSSES))
+def test_pair_loss_fused_with_unnormalised_euclidean_and_on_cpu(name):
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(90, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 12, (90,), generator=g)
+    distance = pml_distances.LpDistance(normalize_embeddings=False)
+    ours = getattr(pml, name)(distance=distance, backend="cpu")(x, labels)
+    theirs = getattr(pml_losses, name)(distance=distance)(x, labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("why,kwargs,mined", [
+    ("distance=DotProductSimilarity", {"distance": pml_distances.DotProductSimilarity()}, False),
+    (r"LpDistance\(p=1", {"distance": pml_distances.LpDistance(p=1)}, False),
+    ("reducer=MeanReducer", {"reducer": reducers.MeanReducer()}, False),
+    ("an indices_tuple", {}, True),
+])
+def test_what_is_not_fused_runs_pmls_own_code_with_a_warning_once(why, kwargs, mined):
+    pml._WARNED.clear()
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (40,), generator=g)
+    indices = miners.MultiSimilarityMiner()(x, labels) if mined else None
+    with pytest.warns(UserWarning, match=why) as record:
+        (ours, g_ours), (theirs, g_theirs) = _swap("SupConLoss", x, labels, indices=indices,
+                                                   **kwargs)
+        _swap("SupConLoss", x, labels, indices=indices, **kwargs)
+    assert len([w for w in record if "confusion_kernels.pml" in str(w.message)]) == 1
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_pml_cross_batch_memory_wraps_a_pair_loss():
+    """PML's CrossBatchMemory passes the loss an indices_tuple (it leaves out each row's own
+    copy in the memory): our class runs PML's code for it, with the same values."""
+    pml._WARNED.clear()
+    g = torch.Generator().manual_seed(24)
+    batches = [(torch.randn(32, 8, generator=g, dtype=torch.float64),
+                torch.randint(0, 8, (32,), generator=g)) for _ in range(3)]
+    values = []
+    for module in (pml, pml_losses):
+        memory = pml_losses.CrossBatchMemory(module.NTXentLoss(), embedding_size=8,
+                                             memory_size=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values.append([memory(x, y) for x, y in batches])
+    for ours, theirs in zip(*values):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)

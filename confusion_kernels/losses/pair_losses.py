@@ -134,6 +134,25 @@ def _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend,
 
 @names_errors("contrastive_loss")
 @autocast_off
+def contrastive_parts(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
+                      neg_margin=1.0, metric="euclidean", normalize=True, backend="auto",
+                      check_finite=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sub-losses of ``contrastive_loss`` (their sum): the mean of the non-zero
+    positive-pair hinges and that of the non-zero negative-pair hinges."""
+    params = [_check_number("pos_margin", pos_margin), _check_number("neg_margin", neg_margin)]
+    b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
+    if b.backend == "reference":
+        pos, neg = _reference.contrastive_parts(b.setup(), pos_margin=params[0],
+                                                neg_margin=params[1])
+    else:
+        rows, stats = b.fused("contrastive", params)
+        pos = rows[:, 0].sum() / stats[:, 1].sum().clamp_min(1)
+        neg = rows[:, 1].sum() / stats[:, 3].sum().clamp_min(1)
+    return b.value(pos), b.value(neg)
+
+
+@names_errors("contrastive_loss")
+@autocast_off
 def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                      ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None,
                      *, pos_margin: float = 0.0, neg_margin: float = 1.0,
@@ -142,14 +161,10 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
     """PML's ContrastiveLoss(pos_margin, neg_margin) with its AvgNonZeroReducer:
     mean of the non-zero max(0, ς(m - m+)) over positive pairs + mean of the non-zero
     max(0, ς(m- - m)) over negative pairs (ς = +1 for the euclidean distance, -1 for cosine)."""
-    params = [_check_number("pos_margin", pos_margin), _check_number("neg_margin", neg_margin)]
-    b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
-    if b.backend == "reference":
-        return b.value(_reference.contrastive_loss(b.setup(), pos_margin=params[0],
-                                                   neg_margin=params[1]))
-    rows, stats = b.fused("contrastive", params)
-    return b.value(rows[:, 0].sum() / stats[:, 1].sum().clamp_min(1)
-                   + rows[:, 1].sum() / stats[:, 3].sum().clamp_min(1))
+    pos, neg = contrastive_parts(embeddings, labels, ref_emb, ref_labels, pos_margin=pos_margin,
+                                 neg_margin=neg_margin, metric=metric, normalize=normalize,
+                                 backend=backend, check_finite=check_finite)
+    return pos + neg
 
 
 @names_errors("supcon_loss")

@@ -102,17 +102,24 @@ def _masked_logsumexp(z: torch.Tensor, mask: torch.Tensor, add_one: bool) -> tor
     return torch.where(mask.any(dim=1), out, out.new_zeros(()))
 
 
-def contrastive_loss(setup: PairSetup, *, pos_margin: float = 0.0,
-                     neg_margin: float = 1.0) -> torch.Tensor:
-    """mean of the non-zero relu(ς (mat - m+)) over P + mean of the non-zero
-    relu(ς (m- - mat)) over Q."""
+def contrastive_parts(setup: PairSetup, *, pos_margin: float = 0.0,
+                      neg_margin: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of the non-zero relu(ς (mat - m+)) over P, mean of the non-zero
+    relu(ς (m- - mat)) over Q)."""
     mat, pos, neg, sign, pairs = setup
     if pairs is not None:  # each listed pair, repeats included
         pos_loss = torch.relu(sign * (mat[pairs[0], pairs[1]] - pos_margin))
         neg_loss = torch.relu(sign * (neg_margin - mat[pairs[2], pairs[3]]))
-        return _mean_nonzero(pos_loss) + _mean_nonzero(neg_loss)
-    return (_mean_nonzero(torch.relu(sign * (mat - pos_margin)), pos)
-            + _mean_nonzero(torch.relu(sign * (neg_margin - mat)), neg))
+        return _mean_nonzero(pos_loss), _mean_nonzero(neg_loss)
+    return (_mean_nonzero(torch.relu(sign * (mat - pos_margin)), pos),
+            _mean_nonzero(torch.relu(sign * (neg_margin - mat)), neg))
+
+
+def contrastive_loss(setup: PairSetup, *, pos_margin: float = 0.0,
+                     neg_margin: float = 1.0) -> torch.Tensor:
+    """The sum of the two parts of ``contrastive_parts``."""
+    pos, neg = contrastive_parts(setup, pos_margin=pos_margin, neg_margin=neg_margin)
+    return pos + neg
 
 
 def supcon_rows(setup: PairSetup, *, temperature: float = 0.1) -> torch.Tensor:
