@@ -182,7 +182,7 @@ def markdown(rows: list[dict], passive: list[dict] | None = None) -> list[str]:
     if passive:
         lines += ["", "\"(passive)\": the same steps in a process started with "
                   "`OMP_WAIT_POLICY=passive` (OpenMP workers sleep at the end of each parallel "
-                  "region instead of spinning; docs/design.md, \"Beside busy processes\")."]
+                  "region instead of spinning; docs/design.md, \"Beside busy processes on CPU\")."]
     return lines + [""]
 
 
