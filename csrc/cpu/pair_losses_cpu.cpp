@@ -279,55 +279,76 @@ int64_t one_pass_groups(int64_t n, int64_t m, int64_t d, int64_t element_size) {
   return std::min<int64_t>({16, tiles, cap});
 }
 
+// A job's scratch for its row tiles: the coefficient tile and a row's pair values and flags.
+template <typename T>
+struct RowScratch {
+  at::Tensor coef;
+  std::vector<T> m_buf;
+  std::vector<uint8_t> flags;
+  explicit RowScratch(const PairLossTiles<T>& t)
+      : coef(at::empty({kRowTile, std::min(kRefTile, t.m)}, t.x.options())),
+        m_buf(kRefTile),
+        flags(kRefTile) {}
+};
+
+// dL/dx of the row tile [r0, r0 + rt) against every reference tile (coefficient tiles C:
+// cosine + C r, euclidean + rowsum(C) x - C r). With `part` (this job's [M, D] partial dL/dr)
+// and `col_sums` (euclidean), the same C also adds C^T x and its column sums there.
+template <typename T>
+void row_tile_backward(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
+                       const T* g, int64_t r0, int64_t rt, RowScratch<T>& s, T* grad_x,
+                       at::Tensor* part, T* col_sums) {
+  const int64_t outputs = pair_loss_outputs(p.kind), d = t.d;
+  const T sign = t.cosine ? T(1) : T(-1);
+  const at::Tensor xr = t.x.narrow(0, r0, rt);
+  at::Tensor out = at::zeros({rt, d}, t.x.options());
+  T* o = out.data_ptr<T>();
+  T* pp = part != nullptr ? part->data_ptr<T>() : nullptr;
+  std::vector<T> row_coef(rt, T(0));
+  t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
+    T* cp = s.coef.template data_ptr<T>();
+    const int64_t ld = s.coef.size(1);
+    for (int64_t ii = 0; ii < rt; ++ii) {
+      const int64_t i = r0 + ii;
+      row_coef[ii] += row_coefficients(
+          t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats, g + i * outputs,
+          cp + ii * ld, s.m_buf.data(), s.flags.data(), [&](int64_t j, T c) {
+            for (int64_t k = 0; k < d; ++k) {
+              const T diff = t.xp[i * d + k] - t.rp[j * d + k];
+              o[ii * d + k] += c * diff;
+              if (pp != nullptr) pp[j * d + k] -= c * diff;  // dm/dr_j = (r_j - x_i) / m
+            }
+          });
+      if (col_sums != nullptr)
+        for (int64_t jj = 0; jj < ct; ++jj) col_sums[c0 + jj] += cp[ii * ld + jj];
+    }
+    const at::Tensor w = s.coef.narrow(0, 0, rt).narrow(1, 0, ct);
+    out.addmm_(w, t.ref.narrow(0, c0, ct), 1, sign);
+    if (part != nullptr) part->narrow(0, c0, ct).addmm_(w.t(), xr, 1, sign);
+  });
+  if (!t.cosine)
+    for (int64_t ii = 0; ii < rt; ++ii)
+      for (int64_t k = 0; k < d; ++k) o[ii * d + k] += row_coef[ii] * t.xp[(r0 + ii) * d + k];
+  std::copy(o, o + rt * d, grad_x + r0 * d);
+}
+
 // One pass over the (row tile, reference tile) pairs: each coefficient tile C gives both
-// dL/dx += C r (the group's own rows) and the group's partial dL/dr += C^T x; the partials
-// are added in group order after the region (the same bits on any number of threads).
+// dL/dx (the group's own rows) and the group's partial dL/dr; the partials are added in group
+// order after the region (the same bits on any number of threads).
 template <typename T>
 void backward_one_pass(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
                        const T* g, T* grad_x, T* grad_ref, int64_t groups) {
-  const int64_t outputs = pair_loss_outputs(p.kind), d = t.d, m = t.m;
+  const int64_t d = t.d, m = t.m;
   const int64_t tiles = (t.n + kRowTile - 1) / kRowTile;
-  const T sign = t.cosine ? T(1) : T(-1);  // cosine: + C r; euclidean: + rowsum(C) x - C r
   at::Tensor partial = at::zeros({groups, m, d}, t.x.options());
   std::vector<T> col_sums(t.cosine ? 0 : groups * m, T(0));
   run_jobs(groups, [&](int64_t group, int64_t) {
     at::Tensor part = partial[group];
-    T* pp = part.data_ptr<T>();
-    T* cs = t.cosine ? nullptr : col_sums.data() + group * m;
-    at::Tensor coef = at::empty({kRowTile, std::min(kRefTile, m)}, t.x.options());
-    std::vector<T> m_buf(kRefTile);
-    std::vector<uint8_t> flags(kRefTile);
+    RowScratch<T> scratch(t);
     for (int64_t tile = tiles * group / groups; tile < tiles * (group + 1) / groups; ++tile) {
-      const int64_t r0 = tile * kRowTile, rt = std::min(kRowTile, t.n - r0);
-      const at::Tensor xr = t.x.narrow(0, r0, rt);
-      at::Tensor out = at::zeros({rt, d}, t.x.options());
-      T* o = out.data_ptr<T>();
-      std::vector<T> row_coef(rt, T(0));
-      t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
-        T* cp = coef.data_ptr<T>();
-        const int64_t ld = coef.size(1);
-        for (int64_t ii = 0; ii < rt; ++ii) {
-          const int64_t i = r0 + ii;
-          row_coef[ii] += row_coefficients(
-              t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats, g + i * outputs,
-              cp + ii * ld, m_buf.data(), flags.data(), [&](int64_t j, T c) {
-                for (int64_t k = 0; k < d; ++k) {
-                  const T diff = t.xp[i * d + k] - t.rp[j * d + k];
-                  o[ii * d + k] += c * diff;
-                  pp[j * d + k] -= c * diff;
-                }
-              });
-          if (cs != nullptr)
-            for (int64_t jj = 0; jj < ct; ++jj) cs[c0 + jj] += cp[ii * ld + jj];
-        }
-        const at::Tensor w = coef.narrow(0, 0, rt).narrow(1, 0, ct);
-        out.addmm_(w, t.ref.narrow(0, c0, ct), 1, sign);
-        part.narrow(0, c0, ct).addmm_(w.t(), xr, 1, sign);
-      });
-      if (!t.cosine)
-        for (int64_t ii = 0; ii < rt; ++ii)
-          for (int64_t k = 0; k < d; ++k) o[ii * d + k] += row_coef[ii] * t.xp[(r0 + ii) * d + k];
-      std::copy(o, o + rt * d, grad_x + r0 * d);
+      const int64_t r0 = tile * kRowTile;
+      row_tile_backward(t, p, stats, g, r0, std::min(kRowTile, t.n - r0), scratch, grad_x, &part,
+                        t.cosine ? nullptr : col_sums.data() + group * m);
     }
   });
   const T* all = partial.data_ptr<T>();
@@ -345,39 +366,17 @@ void backward_one_pass(const PairLossTiles<T>& t, const PairLossParams<T>& p, co
   });
 }
 
-// The two-pass backward (partials too large): one job per tile of the side being written.
+// The two-pass backward (one row tile, or partials too large): dL/dx by row tiles, then
+// dL/dr by reference tiles, each output row written by one job.
 template <typename T>
 void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
                      const T* g, T* grad_x, T* grad_ref) {
   const int64_t outputs = pair_loss_outputs(p.kind), d = t.d;
-  // dL/dx: row tiles against every reference tile
   run_jobs((t.n + kRowTile - 1) / kRowTile, [&](int64_t job, int64_t) {
-    const int64_t r0 = job * kRowTile, rt = std::min(kRowTile, t.n - r0);
-    at::Tensor coef = at::zeros({rt, std::min(kRefTile, t.m)}, t.x.options());
-    at::Tensor out = at::zeros({rt, d}, t.x.options());
-    std::vector<T> row_coef(rt, T(0));
-    T* o = out.data_ptr<T>();
-    std::vector<T> m_buf(kRefTile);
-    std::vector<uint8_t> flags(kRefTile);
-    t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
-      T* cp = coef.data_ptr<T>();
-      const int64_t ld = coef.size(1);
-      for (int64_t ii = 0; ii < rt; ++ii) {
-        const int64_t i = r0 + ii;
-        row_coef[ii] += row_coefficients(
-            t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats, g + i * outputs,
-            cp + ii * ld, m_buf.data(), flags.data(), [&](int64_t j, T c) {
-              for (int64_t k = 0; k < d; ++k)
-                o[ii * d + k] += c * (t.xp[i * d + k] - t.rp[j * d + k]);
-            });
-      }
-      // cosine: + C r; euclidean: + rowsum(C) x - C r
-      out.addmm_(coef.narrow(1, 0, ct), t.ref.narrow(0, c0, ct), 1, t.cosine ? 1 : -1);
-    });
-    if (!t.cosine)
-      for (int64_t ii = 0; ii < rt; ++ii)
-        for (int64_t k = 0; k < d; ++k) o[ii * d + k] += row_coef[ii] * t.xp[(r0 + ii) * d + k];
-    std::copy(o, o + rt * d, grad_x + r0 * d);
+    RowScratch<T> scratch(t);
+    const int64_t r0 = job * kRowTile;
+    row_tile_backward(t, p, stats, g, r0, std::min(kRowTile, t.n - r0), scratch, grad_x,
+                      static_cast<at::Tensor*>(nullptr), static_cast<T*>(nullptr));
   });
   // dL/dref: reference tiles against every row tile (coefficients of row i, transposed)
   run_jobs((t.m + kRefTile - 1) / kRefTile, [&](int64_t job, int64_t) {
