@@ -362,7 +362,8 @@ class _FusedPairLoss:
     """Mixin for a subclass of PML's own loss class: the same constructor (plus ``backend=``),
     the same attributes, distance and reducer. ``compute_loss`` runs the fused function when
     PML would compute exactly what it computes (the class's default reducer, a distance it
-    fuses, no ``indices_tuple``), else PML's own code with a one-time warning saying why."""
+    fuses; an ``indices_tuple`` takes the mined pairs only, O(pairs * D)), else PML's own code
+    with a one-time warning saying why."""
 
     _fused_name = ""
     _default_reducer = MeanReducer
@@ -390,15 +391,13 @@ class _FusedPairLoss:
                                           and (r.low != 0 or r.high is not None)):
                 return (f"reducer={type(r).__name__}() is not fused (the default "
                         f"{default.__name__}() is)")
-        if indices_tuple is not None:
-            return "an indices_tuple (mined pairs) is not fused"
         return None
 
-    def _fused_call(self, embeddings, labels, ref_emb, ref_labels):
+    def _fused_call(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         own = ref_emb is embeddings
         metric = "cosine" if type(self.distance) is pml_distances.CosineSimilarity else "euclidean"
         kwargs = dict(metric=metric, normalize=self.distance.normalize_embeddings,
-                      backend=self.backend)
+                      backend=self.backend, indices_tuple=indices_tuple)
         return self._fused(embeddings, labels, None if own else ref_emb,
                            None if own else ref_labels, **kwargs)
 
@@ -407,7 +406,7 @@ class _FusedPairLoss:
         if why is not None or labels is None:
             _warn_once(type(self).__name__, why or "no labels")
             return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return self._fused_call(embeddings, labels, ref_emb, ref_labels)
+        return self._fused_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
 class ContrastiveLoss(_FusedPairLoss, pml_losses.ContrastiveLoss):

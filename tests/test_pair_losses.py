@@ -202,3 +202,33 @@ def test_same_bits_on_one_and_two_threads(name):
         torch.set_num_threads(threads)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_mined_pairs_equal_the_reference_masked_to_them(name):
+    """indices_tuple: the listed pairs only (losses/mined_pairs.py), equal to the dense
+    reference restricted to them; pairs repeated; a reference set; at most one pair of each
+    kind gives PML's 0."""
+    from confusion_kernels.reference import pair_losses as reference
+
+    fn, params = LOSSES[name]
+    x, labels = _batch(25, 4, 4, seed=15)
+    ref, ref_labels = _batch(18, 4, 4, seed=16)
+    same = (labels[:, None] == ref_labels[None, :]).nonzero()
+    other = (labels[:, None] != ref_labels[None, :]).nonzero()
+    pairs = (same[::2, 0], same[::2, 1], other[::3, 0], other[::3, 1])
+    pairs = tuple(torch.cat([t, t[:3]]) for t in pairs)  # three pairs listed twice
+    for metric in ("euclidean", "cosine"):
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = fn(a, labels, ref, ref_labels, metric=metric, indices_tuple=pairs, **params)
+        setup = reference.pair_setup(b, labels, ref, ref_labels, metric=metric,
+                                     indices_tuple=pairs)
+        ref_fn = {"contrastive": reference.contrastive_loss, "supcon": reference.supcon_loss,
+                  "ntxent": reference.ntxent_loss,
+                  "multi_similarity": reference.multi_similarity_loss}[name]
+        want = ref_fn(setup, **params)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, a)[0],
+                                   torch.autograd.grad(want, b)[0], rtol=1e-8, atol=1e-12)
+    one = tuple(t[:1] for t in pairs)
+    assert fn(x, labels, ref, ref_labels, indices_tuple=one, **params).item() == 0.0

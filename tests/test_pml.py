@@ -7,8 +7,6 @@ often each (embedding, reference) pair occurs among the pairs used.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -328,8 +326,7 @@ def test_pair_loss_fused_with_unnormalised_euclidean_and_on_cpu(name):
 @pytest.mark.parametrize("why,kwargs,mined", [
     ("distance=DotProductSimilarity", {"distance": pml_distances.DotProductSimilarity()}, False),
     (r"LpDistance\(p=1", {"distance": pml_distances.LpDistance(p=1)}, False),
-    ("reducer=MeanReducer", {"reducer": reducers.MeanReducer()}, False),
-    ("an indices_tuple", {}, True),
+    ("reducer=MeanReducer", {"reducer": reducers.MeanReducer()}, True),
 ])
 def test_what_is_not_fused_runs_pmls_own_code_with_a_warning_once(why, kwargs, mined):
     pml._WARNED.clear()
@@ -346,9 +343,33 @@ def test_what_is_not_fused_runs_pmls_own_code_with_a_warning_once(why, kwargs, m
     torch.testing.assert_close(g_ours, g_theirs)
 
 
-def test_pml_cross_batch_memory_wraps_a_pair_loss():
+@pytest.mark.parametrize("miner", ["pairs", "triplets"])
+@pytest.mark.parametrize("name", list(PAIR_LOSSES))
+def test_pair_loss_on_mined_pairs_is_fused_and_equal(name, miner, recwarn):
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(70, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 9, (70,), generator=g)
+    mine = (miners.MultiSimilarityMiner() if miner == "pairs"
+            else miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"))
+    indices = mine(x, labels)
+    (ours, g_ours), (theirs, g_theirs) = _swap(name, x, labels, indices=indices,
+                                               **PAIR_LOSSES[name])
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-6, atol=1e-9)
+    assert not [w for w in recwarn if "confusion_kernels.pml" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", list(PAIR_LOSSES))
+def test_mined_pairs_outside_the_batch_are_refused(name):
+    x, labels = torch.randn(10, 4, dtype=torch.float64), torch.arange(10) % 3
+    bad = (torch.tensor([0, 1]), torch.tensor([2, 10]), torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"indices_tuple\[1\] indexes outside the 10"):
+        getattr(pml, name)()(x, labels, bad)
+
+
+def test_pml_cross_batch_memory_wraps_a_pair_loss(recwarn):
     """PML's CrossBatchMemory passes the loss an indices_tuple (it leaves out each row's own
-    copy in the memory): our class runs PML's code for it, with the same values."""
+    copy in the memory): the mined-pair path, fused, with PML's values."""
     pml._WARNED.clear()
     g = torch.Generator().manual_seed(24)
     batches = [(torch.randn(32, 8, generator=g, dtype=torch.float64),
@@ -357,8 +378,7 @@ def test_pml_cross_batch_memory_wraps_a_pair_loss():
     for module in (pml, pml_losses):
         memory = pml_losses.CrossBatchMemory(module.NTXentLoss(), embedding_size=8,
                                              memory_size=64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values.append([memory(x, y) for x, y in batches])
+        values.append([memory(x, y) for x, y in batches])
     for ours, theirs in zip(*values):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    assert not [w for w in recwarn if "confusion_kernels.pml" in str(w.message)]

@@ -8,6 +8,9 @@ references and each pair (i, i) is left out), and returns the value PML's class 
 default reducer: ``metric="euclidean"`` is PML's ``LpDistance(normalize_embeddings=normalize)``,
 ``metric="cosine"`` its ``CosineSimilarity()``.
 
+``indices_tuple`` (a miner's pairs (a1, p, a2, n) or triplets (a, p, n)): the loss of the listed
+pairs only, O(pairs * D) on any device (``mined_pairs``), as PML computes it from them.
+
 Backends: ``reference`` (the dense N x M definition) and ``cpu`` (the fused C++ kernel: per-row
 statistics streamed over reference tiles, the backward recomputing them). There is no Triton
 or CUDA kernel for these losses yet: on a GPU, ``backend="auto"`` runs the reference (N x M
@@ -31,6 +34,7 @@ from .._validation import (
     scan_finite,
 )
 from ..ops.pair_losses import pair_loss_rows
+from . import mined_pairs as _mined
 from ..reference import pair_losses as _reference
 
 PAIR_METRICS = _reference.PAIR_METRICS
@@ -116,6 +120,16 @@ class _Batch(NamedTuple):
         return _reference.pair_setup(self.x, self.labels, self.ref, self.ref_labels,
                                      metric=self.metric, normalize=False)
 
+    def mined(self, indices_tuple):
+        """(rows, references, pairs, sign) for a loss on the listed pairs only, or None where
+        PML gives 0 (at most one entry in each index list)."""
+        ref = self.x if self.ref is None else self.ref
+        pairs = _mined.check_pairs(_mined.as_pairs(indices_tuple), self.x.shape[0],
+                                   ref.shape[0])
+        if all(t.numel() <= 1 for t in pairs):
+            return None
+        return self.x, ref, pairs, -1.0 if self.metric == "cosine" else 1.0
+
     def fused(self, loss: str, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         own = self.ref is None
         return pair_loss_rows(self.x, self.labels, self.x if own else self.ref,
@@ -136,11 +150,16 @@ def _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend,
 @autocast_off
 def contrastive_parts(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
                       neg_margin=1.0, metric="euclidean", normalize=True, backend="auto",
-                      check_finite=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      check_finite=None, indices_tuple=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two sub-losses of ``contrastive_loss`` (their sum): the mean of the non-zero
     positive-pair hinges and that of the non-zero negative-pair hinges."""
     params = [_check_number("pos_margin", pos_margin), _check_number("neg_margin", neg_margin)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
+    if indices_tuple is not None:
+        mined = b.mined(indices_tuple)
+        if mined is None:
+            return b.x.sum() * 0.0, b.x.sum() * 0.0
+        return _mined.contrastive_parts(*mined[:2], mined[2], metric, mined[3], *params)
     if b.backend == "reference":
         pos, neg = _reference.contrastive_parts(b.setup(), pos_margin=params[0],
                                                 neg_margin=params[1])
@@ -157,13 +176,15 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                      ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None,
                      *, pos_margin: float = 0.0, neg_margin: float = 1.0,
                      metric: str = "euclidean", normalize: bool = True, backend: str = "auto",
-                     check_finite: bool | None = None) -> torch.Tensor:
+                     check_finite: bool | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's ContrastiveLoss(pos_margin, neg_margin) with its AvgNonZeroReducer:
     mean of the non-zero max(0, ς(m - m+)) over positive pairs + mean of the non-zero
     max(0, ς(m- - m)) over negative pairs (ς = +1 for the euclidean distance, -1 for cosine)."""
     pos, neg = contrastive_parts(embeddings, labels, ref_emb, ref_labels, pos_margin=pos_margin,
                                  neg_margin=neg_margin, metric=metric, normalize=normalize,
-                                 backend=backend, check_finite=check_finite)
+                                 backend=backend, check_finite=check_finite,
+                                 indices_tuple=indices_tuple)
     return pos + neg
 
 
@@ -172,12 +193,17 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
 def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None, *,
                 temperature: float = 0.1, metric: str = "cosine", normalize: bool = True,
-                backend: str = "auto", check_finite: bool | None = None) -> torch.Tensor:
+                backend: str = "auto", check_finite: bool | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's SupConLoss(temperature) with its AvgNonZeroReducer: the mean of the
     L_i = logsumexp_{P u Q} z_i. - mean_P z_i. that are > 0 (z = -ς m / τ); 0 without a
     positive or without a negative pair."""
     params = [_check_positive("temperature", temperature)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
+    if indices_tuple is not None:
+        mined = b.mined(indices_tuple)
+        return b.x.sum() * 0.0 if mined is None else _mined.supcon(
+            *mined[:3], metric, mined[3], params[0])
     if b.backend == "reference":
         return b.value(_reference.supcon_loss(b.setup(), temperature=params[0]), needs_both=True)
     rows = b.fused("supcon", params)[0][:, 0]
@@ -191,12 +217,17 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor,
 def ntxent_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None, *,
                 temperature: float = 0.07, metric: str = "cosine", normalize: bool = True,
-                backend: str = "auto", check_finite: bool | None = None) -> torch.Tensor:
+                backend: str = "auto", check_finite: bool | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's NTXentLoss(temperature) with its MeanReducer: the mean over positive pairs of
     log(e^z_ij + sum_{Q_i} e^z_ik) - z_ij (z = -ς m / τ); 0 without a positive or without a
     negative pair."""
     params = [_check_positive("temperature", temperature)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
+    if indices_tuple is not None:
+        mined = b.mined(indices_tuple)
+        return b.x.sum() * 0.0 if mined is None else _mined.ntxent(
+            *mined[:3], metric, mined[3], params[0])
     if b.backend == "reference":
         return b.value(_reference.ntxent_loss(b.setup(), temperature=params[0]), needs_both=True)
     total = b.fused("ntxent", params)[0][:, 0].sum()
@@ -210,12 +241,17 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                           ref_labels: torch.Tensor | None = None, *, alpha: float = 2.0,
                           beta: float = 50.0, base: float = 0.5, metric: str = "cosine",
                           normalize: bool = True, backend: str = "auto",
-                          check_finite: bool | None = None) -> torch.Tensor:
+                          check_finite: bool | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's MultiSimilarityLoss(alpha, beta, base) with its MeanReducer: the mean over rows of
     (1/α) log(1 + sum_P e^{α ς (m - base)}) + (1/β) log(1 + sum_Q e^{β ς (base - m)})."""
     params = [_check_positive("alpha", alpha), _check_positive("beta", beta),
               _check_number("base", base)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
+    if indices_tuple is not None:
+        mined = b.mined(indices_tuple)
+        return b.x.sum() * 0.0 if mined is None else _mined.multi_similarity(
+            *mined[:3], metric, mined[3], *params)
     if b.backend == "reference":
         return b.value(_reference.multi_similarity_loss(b.setup(), alpha=params[0],
                                                         beta=params[1], base=params[2]))
