@@ -5,7 +5,9 @@
 
 For ASLoss (euclidean, cosine; fwd+bwd, D = 64), the rectangular op (N rows against 8 N
 reference rows, D = 64), the N-Centroids loss (K = 1000, D = 128) and the affinity loss
-(C = 1000 classes, m = 1 and 5 prototypes, D = 128), at each N: ours (the
+(C = 1000 classes, m = 1 and 5 prototypes, D = 128) and the pair losses (Contrastive,
+SupCon, NT-Xent, Multi-Similarity; D = 128, about four samples a class, beside
+pytorch-metric-learning's classes except NT-Xent's), at each N: ours (the
 cpu backend) and the fastest plain formulation, eager and torch.compile'd (the suite's
 providers, benchmarks/suite_cases.py). A provider stops at the first N where one step takes
 longer than --step-limit seconds or runs out of memory (the row says so). Writes curves.csv
@@ -30,7 +32,7 @@ import run  # noqa: E402
 import suite_cases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KEEP = ("ours-cpu", "eager-plain", "compile-plain", "eager", "compile")
+KEEP = ("ours-cpu", "eager-plain", "compile-plain", "eager", "compile", "pml")
 DENSE_LIMIT_GB = 6.0  # of this machine's 24 GB: three N x M float32 buffers at most
 
 
@@ -47,6 +49,9 @@ def cases(n: int) -> dict:
             device, n, 128, "random", 1000),
         "affinity_loss[m=1]": lambda: suite_cases.affinity_case(device, n, 128, "random", 1000, 1),
         "affinity_loss[m=5]": lambda: suite_cases.affinity_case(device, n, 128, "random", 1000, 5),
+        **{f"{name}[{suite_cases.PAIR_LOSSES[name][2]}]":
+           (lambda name=name: suite_cases.pair_losses_case(device, n, 128, "random", name))
+           for name in suite_cases.PAIR_LOSSES},
     }
 
 
@@ -69,6 +74,10 @@ def measure(sizes: list[int], step_limit: float, reps: int = 3,
             providers = [p for p in KEEP if p in case.steps]
             if "eager-plain" in providers:
                 providers = [p for p in providers if p not in ("eager", "compile")]
+            if case.op.startswith("ntxent_loss"):
+                # PML's NTXentLoss forms (positive pairs) x (negative pairs): 8 GB at N = 512
+                # and four samples a class, 270 GB at 4096; the machine would swap, not raise
+                providers = [p for p in providers if p != "pml"]
             for provider in providers:
                 key = (case.op, provider)
                 row = {"op": case.op, "provider": provider, "N": n, "D": case.d, "K": case.k,

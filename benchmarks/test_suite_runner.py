@@ -158,12 +158,18 @@ def test_curves_run_on_tiny_sizes(tmp_path):
     assert {r["op"] for r in rows} == {"as_loss[euclidean]", "as_loss[cosine]",
                                        "intra_inter_sums_rect[euclidean]",
                                        "n_centroids_loss[great_circle]", "affinity_loss[m=1]",
-                                       "affinity_loss[m=5]"} == set(curves.cases(32))
+                                       "affinity_loss[m=5]", "contrastive_loss[euclidean]",
+                                       "supcon_loss[cosine]", "ntxent_loss[cosine]",
+                                       "multi_similarity_loss[cosine]"} == set(curves.cases(32))
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     assert (out / "curves.png").stat().st_size > 1000
     some = curves.measure([32], 5.0, reps=1, ops=["affinity_loss[m=1]"])
     assert {r["op"] for r in some} == {"affinity_loss[m=1]"}
     assert {r["provider"] for r in some} == {"ours-cpu", "eager", "compile"}
+    pair = curves.measure([32], 5.0, reps=1, ops=["supcon_loss[cosine]", "ntxent_loss[cosine]"])
+    assert {(r["op"], r["provider"]) for r in pair} >= {("supcon_loss[cosine]", "pml"),
+                                                        ("ntxent_loss[cosine]", "ours-cpu")}
+    assert ("ntxent_loss[cosine]", "pml") not in {(r["op"], r["provider"]) for r in pair}
 
 
 def test_crossover_runs_and_derives_thresholds(tmp_path):
