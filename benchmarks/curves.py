@@ -69,7 +69,8 @@ def measure(sizes: list[int], step_limit: float, reps: int = 3,
         for op, make in cases(n).items():
             if ops and op not in ops:
                 continue
-            case = make()
+            torch._dynamo.reset()  # one compiled lambda serves every N: keep its recompiles
+            case = make()           # below Dynamo's limit (past it, "compile" runs eager)
             # the plain formulations replace the literal ones where both exist
             providers = [p for p in KEEP if p in case.steps]
             if "eager-plain" in providers:
