@@ -130,6 +130,12 @@ class _Batch(NamedTuple):
             return None
         return self.x, ref, pairs, -1.0 if self.metric == "cosine" else 1.0
 
+    def on_mined(self, indices_tuple, loss, *params) -> torch.Tensor:
+        """``loss`` (a function of ``mined_pairs``) of the listed pairs, or PML's 0."""
+        mined = self.mined(indices_tuple)
+        return self.x.sum() * 0.0 if mined is None else loss(*mined[:3], self.metric, mined[3],
+                                                              *params)
+
     def fused(self, loss: str, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         own = self.ref is None
         return pair_loss_rows(self.x, self.labels, self.x if own else self.ref,
@@ -177,7 +183,7 @@ def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                      *, pos_margin: float = 0.0, neg_margin: float = 1.0,
                      metric: str = "euclidean", normalize: bool = True, backend: str = "auto",
                      check_finite: bool | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                     indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's ContrastiveLoss(pos_margin, neg_margin) with its AvgNonZeroReducer:
     mean of the non-zero max(0, ς(m - m+)) over positive pairs + mean of the non-zero
     max(0, ς(m- - m)) over negative pairs (ς = +1 for the euclidean distance, -1 for cosine)."""
@@ -194,16 +200,14 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None, *,
                 temperature: float = 0.1, metric: str = "cosine", normalize: bool = True,
                 backend: str = "auto", check_finite: bool | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's SupConLoss(temperature) with its AvgNonZeroReducer: the mean of the
     L_i = logsumexp_{P u Q} z_i. - mean_P z_i. that are > 0 (z = -ς m / τ); 0 without a
     positive or without a negative pair."""
     params = [_check_positive("temperature", temperature)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
     if indices_tuple is not None:
-        mined = b.mined(indices_tuple)
-        return b.x.sum() * 0.0 if mined is None else _mined.supcon(
-            *mined[:3], metric, mined[3], params[0])
+        return b.on_mined(indices_tuple, _mined.supcon, params[0])
     if b.backend == "reference":
         return b.value(_reference.supcon_loss(b.setup(), temperature=params[0]), needs_both=True)
     rows = b.fused("supcon", params)[0][:, 0]
@@ -218,16 +222,14 @@ def ntxent_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None, *,
                 temperature: float = 0.07, metric: str = "cosine", normalize: bool = True,
                 backend: str = "auto", check_finite: bool | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's NTXentLoss(temperature) with its MeanReducer: the mean over positive pairs of
     log(e^z_ij + sum_{Q_i} e^z_ik) - z_ij (z = -ς m / τ); 0 without a positive or without a
     negative pair."""
     params = [_check_positive("temperature", temperature)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
     if indices_tuple is not None:
-        mined = b.mined(indices_tuple)
-        return b.x.sum() * 0.0 if mined is None else _mined.ntxent(
-            *mined[:3], metric, mined[3], params[0])
+        return b.on_mined(indices_tuple, _mined.ntxent, params[0])
     if b.backend == "reference":
         return b.value(_reference.ntxent_loss(b.setup(), temperature=params[0]), needs_both=True)
     total = b.fused("ntxent", params)[0][:, 0].sum()
@@ -242,16 +244,14 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor,
                           beta: float = 50.0, base: float = 0.5, metric: str = "cosine",
                           normalize: bool = True, backend: str = "auto",
                           check_finite: bool | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                          indices_tuple: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """PML's MultiSimilarityLoss(alpha, beta, base) with its MeanReducer: the mean over rows of
     (1/α) log(1 + sum_P e^{α ς (m - base)}) + (1/β) log(1 + sum_Q e^{β ς (base - m)})."""
     params = [_check_positive("alpha", alpha), _check_positive("beta", beta),
               _check_number("base", base)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
     if indices_tuple is not None:
-        mined = b.mined(indices_tuple)
-        return b.x.sum() * 0.0 if mined is None else _mined.multi_similarity(
-            *mined[:3], metric, mined[3], *params)
+        return b.on_mined(indices_tuple, _mined.multi_similarity, *params)
     if b.backend == "reference":
         return b.value(_reference.multi_similarity_loss(b.setup(), alpha=params[0],
                                                         beta=params[1], base=params[2]))
