@@ -232,3 +232,26 @@ def test_mined_pairs_equal_the_reference_masked_to_them(name):
                                    torch.autograd.grad(want, b)[0], rtol=1e-8, atol=1e-12)
     one = tuple(t[:1] for t in pairs)
     assert fn(x, labels, ref, ref_labels, indices_tuple=one, **params).item() == 0.0
+
+
+def _largest_allocation(step) -> int:
+    """The largest net allocation of any op (bytes) while ``step`` runs (torch's profiler)."""
+    with torch.profiler.profile(profile_memory=True) as prof:
+        step()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_no_n_by_m_buffer_on_cpu(name):
+    """fwd+bwd of the fused kernel allocates nothing near N x M (the largest piece is the
+    backward's partials, groups x M x D); the dense reference's N x M matrices show that the
+    check sees such a buffer."""
+    require_backend("cpu", "pair_loss_stats")
+    fn, params = LOSSES[name]
+    x, labels = _batch(3000, 16, 750, seed=17, dtype=torch.float32)
+    x.requires_grad_(True)
+    n_by_m = 3000 * 3000 * 4
+    fused = _largest_allocation(lambda: fn(x, labels, backend="cpu", **params).backward())
+    dense = _largest_allocation(lambda: fn(x, labels, backend="reference", **params).backward())
+    assert fused < n_by_m / 4, (fused, n_by_m)
+    assert dense >= n_by_m, (dense, n_by_m)
