@@ -2,15 +2,17 @@
 // pair_loss_math.h): rows x [N, D] against references r [M, D], nothing of size N x M held.
 //
 // pair_loss_stats: one job per row tile, in one parallel region (parallel_jobs.h); each job
-// walks the reference tiles in order with one single-threaded Gram product per tile and
-// streams every pair into its row's statistics (NT-Xent walks them twice: its positives need
-// the log-sum-exp over the negatives). pair_loss_backward recomputes the tiles: dL/dx by row
-// tiles (coefficient tile C, then C r), dL/dr by reference tiles (C^T x), so every output row
-// is written by one job, in a fixed order: the same bits on any number of threads.
+// walks the reference tiles in order with one single-threaded Gram product per tile
+// (gram_tiles.h) and streams every pair into its row's statistics, the exps of a row's tile
+// in a batch (NT-Xent walks them twice: its positives need the log-sum-exp over the
+// negatives). pair_loss_backward recomputes the tiles: each coefficient tile C gives dL/dx
+// (C r) and, into its group's partial, dL/dr (C^T x), the partials added in group order
+// (backward_one_pass); with one row tile or partials over 64 MB, dL/dr by reference tiles
+// instead. Every output is written in a fixed order: the same bits on any number of threads.
 //
 // m_ij is the cosine x_i . r_j of the rows as given (the caller normalises) or the euclidean
-// |x_i - r_j|: from the Gram form, and from differences where that cancels (d^2 <=
-// (|x_i|^2 + |r_j|^2) / 16, the pair pass's rule; duplicates get 0 and gradient 0).
+// |x_i - r_j|: from the Gram form, and from differences where that cancels (pair_math.h's
+// gram_distance / pair_distance_exact, the pair pass's rule; duplicates get 0 and gradient 0).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_tiles.h"
 #include "confusion_kernels/pair_loss_math.h"
 #include "parallel_jobs.h"
 #include "simd.h"
@@ -124,31 +127,22 @@ struct PairLossTiles {
 
   bool left_out(int64_t i, int64_t j) const { return shift != kNoSelf && j == i + shift; }
 
-  // m_ij from the Gram entry g; *exact: the euclidean pair was taken from differences.
+  // m_ij from the Gram entry g (pair_math.h's euclidean Gram rule); *exact: the euclidean
+  // pair cancels there and was taken from differences.
   T value(int64_t i, int64_t j, T g, bool* exact) const {
     *exact = false;
     if (cosine) return g;
-    const T s = x_sq[i] + r_sq[j];
-    const T d2 = s - T(2) * g;
-    if (d2 > s / T(16)) return std::sqrt(d2);
-    *exact = true;
-    T e = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const T t = xp[i * d + k] - rp[j * d + k];
-      e += t * t;
-    }
-    return std::sqrt(e);
+    const T dist = gram_distance(kEuclidean, x_sq[i], r_sq[j], g, exact);
+    return *exact ? pair_distance_exact<T, T>(kEuclidean, xp + i * d, rp + j * d, d) : dist;
   }
 
-  // f(r0, rt, c0, ct, gram) for each reference tile of the row tile [r0, r0 + rt), in order.
+  // f(c0, ct, gram) for each reference tile of the row tile [r0, r0 + rt), in order.
   template <class F>
   void for_ref_tiles(int64_t r0, int64_t rt, const F& f) const {
-    const at::Tensor xr = x.narrow(0, r0, rt);
-    for (int64_t c0 = 0; c0 < m; c0 += kRefTile) {
-      const int64_t ct = std::min(kRefTile, m - c0);
-      const at::Tensor gram = at::mm(xr, ref.narrow(0, c0, ct).t()).contiguous();
-      f(c0, ct, gram.data_ptr<T>());
-    }
+    for_each_column_tile(x.narrow(0, r0, rt), ref, kRefTile,
+                         [&](int64_t c0, int64_t ct, const at::Tensor&, const at::Tensor& gram) {
+                           f(c0, ct, gram.template data_ptr<T>());
+                         });
   }
 };
 

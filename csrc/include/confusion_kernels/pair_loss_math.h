@@ -7,12 +7,12 @@
 // Row statistics st[4] (kPairLossStats), per loss:
 //   contrastive       sum of l+, count of l+ > 0, sum of l-, count of l- > 0
 //   supcon            (max, sum) of the online log-sum-exp of z over P u Q; sum_P z; |P|
-//                     (after pair_loss_finish: st[0] = the log-sum-exp)
+//                     (after pair_loss_finish_first: st[0] = the log-sum-exp)
 //   ntxent            pass 1: (max, sum) over Q -> st[0] = lse_Q (-inf without negatives);
 //                     pass 2: st[1] = W = sum_P (1 - s_ij), st[2] = sum_P l_ij, st[3] = |P|
 //   multi_similarity  (max, sum) over P of a = alpha sign (m - base) and over Q of
 //                     b = beta sign (base - m), both starting from the "+ 1" (max 0, sum 1);
-//                     after pair_loss_finish: st[0] = lse_P, st[2] = lse_Q
+//                     after pair_loss_finish_first: st[0] = lse_P, st[2] = lse_Q
 #pragma once
 
 #include <cmath>
@@ -38,17 +38,6 @@ struct PairLossParams {
   T a, b, c;
 };
 
-// Adds e^v to the online log-sum-exp (mx, sum = sum of e^(v - mx)).
-template <typename T>
-CK_HOST_DEVICE void lse_add(T v, T* mx, T* sum) {
-  if (v <= *mx) {
-    *sum += std::exp(v - *mx);
-  } else {
-    *sum = *sum * std::exp(*mx - v) + T(1);
-    *mx = v;
-  }
-}
-
 template <typename T>
 CK_HOST_DEVICE T lse_value(T mx, T sum) {
   return sum > T(0) ? mx + std::log(sum) : -std::numeric_limits<T>::infinity();
@@ -65,8 +54,8 @@ CK_HOST_DEVICE void pair_loss_init(const PairLossParams<T>& p, T* st) {
 // The first streaming pass (for ntxent the one before its positives' pass), pair (i, j) of
 // value m, positive (same label) or negative; a left-out pair is never passed. The parts
 // without an exp go into st here; the return value is the exponent v whose e^v joins the
-// online log-sum-exp (st[*slot], st[*slot + 1]), *slot = -1 when there is none. Kernels may
-// add the e^v of a tile in a batch (lse_add_tile).
+// online log-sum-exp (st[*slot], st[*slot + 1]), *slot = -1 when there is none; a kernel adds
+// the e^v of a row's tile in a batch and merges them with lse_merge.
 template <typename T>
 CK_HOST_DEVICE T pair_loss_stream(const PairLossParams<T>& p, T m, bool same, T* st, int* slot) {
   *slot = -1;
@@ -96,14 +85,6 @@ CK_HOST_DEVICE T pair_loss_stream(const PairLossParams<T>& p, T m, bool same, T*
       *slot = same ? 0 : 2;
       return same ? p.a * p.sign * (m - p.c) : p.b * p.sign * (p.c - m);
   }
-}
-
-// pair_loss_stream with the exp taken at once.
-template <typename T>
-CK_HOST_DEVICE void pair_loss_accumulate(const PairLossParams<T>& p, T m, bool same, T* st) {
-  int slot;
-  const T v = pair_loss_stream(p, m, same, st, &slot);
-  if (slot >= 0) lse_add(v, &st[slot], &st[slot + 1]);
 }
 
 // Merges a tile's (max, sum of e^(v - max)) into the online log-sum-exp (mx, sum).
@@ -169,7 +150,7 @@ CK_HOST_DEVICE void pair_loss_rows(const PairLossParams<T>& p, const T* st, T* r
 
 // The exponent whose exp a pair's coefficient needs (0 for contrastive, which needs none):
 // supcon z - lse, ntxent positives lse_Q - z (its share is 1 / (1 + e)), ntxent negatives
-// z - lse_Q, multi_similarity a - lse_P / b - lse_Q. Kernels may compute the exps in batches.
+// z - lse_Q, multi_similarity a - lse_P / b - lse_Q (a kernel computes the exps in batches).
 template <typename T>
 CK_HOST_DEVICE T pair_loss_exponent(const PairLossParams<T>& p, T m, bool same, const T* st) {
   switch (p.kind) {
@@ -204,15 +185,6 @@ CK_HOST_DEVICE T pair_loss_coefficient_from_exp(const PairLossParams<T>& p, T m,
     default:
       return same ? g[0] * p.sign * e : -g[0] * p.sign * e;
   }
-}
-
-// The same, computing the exp itself.
-template <typename T>
-CK_HOST_DEVICE T pair_loss_coefficient(const PairLossParams<T>& p, T m, bool same, const T* st,
-                                       const T* g) {
-  return pair_loss_coefficient_from_exp(
-      p, m, same, st, g,
-      p.kind == kContrastive ? T(0) : std::exp(pair_loss_exponent(p, m, same, st)));
 }
 
 }  // namespace confusion_kernels
