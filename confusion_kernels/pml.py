@@ -48,7 +48,6 @@ try:
         MultipleReducers,
         ThresholdReducer,
     )
-    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 except ImportError as exc:  # pragma: no cover - the optional dependency is missing
     raise ImportError("confusion_kernels.pml needs pytorch-metric-learning: "
                       "pip install pytorch-metric-learning (or the 'pml' extra)") from exc
@@ -58,6 +57,7 @@ from ._validation import output_dtype
 from .losses import affinity as _affinity
 from .losses import n_centroids as _n_centroids
 from .losses import pair_losses as _pair_losses
+from .losses.mined_pairs import check_indices_tuple
 from .losses.as_loss import REDUCTIONS, as_loss_terms, radial_terms, term_weights
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.pairwise import paired_distances
@@ -102,25 +102,6 @@ def _check_labels(name: str, labels, n: int, what: str = "labels") -> None:
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"{name}: {what} must be 1-D of length {n}, got shape "
                          f"{tuple(labels.shape)}")
-
-
-def _check_indices(name: str, indices_tuple, n: int, m: int) -> None:
-    """indices_tuple: (a, p, n) or (a1, p, a2, n), 1-D integer tensors within the batch (the
-    anchors, < N) and the reference rows (the others, < M)."""
-    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-        raise ValueError(f"{name}: indices_tuple must be (anchors, positives, negatives) or "
-                         f"(anchors1, positives, anchors2, negatives), got {type(indices_tuple)}")
-    anchors = (0,) if len(indices_tuple) == 3 else (0, 2)
-    for k, t in enumerate(indices_tuple):
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
-            raise ValueError(f"{name}: indices_tuple[{k}] must be a 1-D integer tensor")
-        bound, what = (n, "embeddings") if k in anchors else (m, "reference rows")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
-            raise ValueError(f"{name}: indices_tuple[{k}] indexes outside the {bound} {what} "
-                             f"(values in [{int(t.min())}, {int(t.max())}])")
-    if len(indices_tuple) == 4 and (indices_tuple[0].shape != indices_tuple[1].shape
-                                    or indices_tuple[2].shape != indices_tuple[3].shape):
-        raise ValueError(f"{name}: indices_tuple's anchors and partners differ in length")
 
 
 class ASLoss(BaseMetricLossFunction):
@@ -230,8 +211,8 @@ class ASLoss(BaseMetricLossFunction):
             raise ValueError(f"{name}: global_batch and memory apply to the fused form (no "
                              "indices_tuple); with a miner, wrap the loss in PML's "
                              "DistributedLossWrapper / CrossBatchMemory (docs/pml.md)")
-        _check_indices(name, indices_tuple, embeddings.shape[0], ref_emb.shape[0])
-        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        a1, p, a2, n = check_indices_tuple(indices_tuple, embeddings.shape[0], ref_emb.shape[0],
+                                           f"{name}: ")  # PML's convert_to_pairs, checked
         acc = output_dtype(embeddings.dtype)
         e, r = embeddings.to(acc), ref_emb.to(acc)
         losses = {}
@@ -365,13 +346,9 @@ class _FusedPairLoss:
     fuses; an ``indices_tuple`` takes the mined pairs only, O(pairs * D)), else PML's own code
     with a one-time warning saying why."""
 
-    _fused_name = ""
     _default_reducer = MeanReducer
 
-    def _init_fused(self, backend: str) -> None:
-        self.backend = backend
-
-    def _why_not_fused(self, indices_tuple) -> str | None:
+    def _why_not_fused(self) -> str | None:
         d = self.distance
         if type(d) is pml_distances.LpDistance:
             if d.p != 2 or d.power != 1:
@@ -402,7 +379,7 @@ class _FusedPairLoss:
                            None if own else ref_labels, **kwargs)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        why = self._why_not_fused(indices_tuple)
+        why = self._why_not_fused()
         if why is not None or labels is None:
             _warn_once(type(self).__name__, why or "no labels")
             return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -417,7 +394,7 @@ class ContrastiveLoss(_FusedPairLoss, pml_losses.ContrastiveLoss):
 
     def __init__(self, pos_margin=0, neg_margin=1, *, backend: str = "auto", **kwargs):
         super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, **kwargs)
-        self._init_fused(backend)
+        self.backend = backend
 
     def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
         pos, neg = _pair_losses.contrastive_parts(
@@ -433,7 +410,7 @@ class SupConLoss(_FusedPairLoss, pml_losses.SupConLoss):
 
     def __init__(self, temperature=0.1, *, backend: str = "auto", **kwargs):
         super().__init__(temperature=temperature, **kwargs)
-        self._init_fused(backend)
+        self.backend = backend
 
     def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
         return {"loss": _already_reduced(_pair_losses.supcon_loss(
@@ -447,7 +424,7 @@ class NTXentLoss(_FusedPairLoss, pml_losses.NTXentLoss):
 
     def __init__(self, temperature=0.07, *, backend: str = "auto", **kwargs):
         super().__init__(temperature=temperature, **kwargs)
-        self._init_fused(backend)
+        self.backend = backend
 
     def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
         return {"loss": _already_reduced(_pair_losses.ntxent_loss(
@@ -460,7 +437,7 @@ class MultiSimilarityLoss(_FusedPairLoss, pml_losses.MultiSimilarityLoss):
 
     def __init__(self, alpha=2, beta=50, base=0.5, *, backend: str = "auto", **kwargs):
         super().__init__(alpha=alpha, beta=beta, base=base, **kwargs)
-        self._init_fused(backend)
+        self.backend = backend
 
     def _fused(self, embeddings, labels, ref_emb, ref_labels, **kwargs):
         return {"loss": _already_reduced(_pair_losses.multi_similarity_loss(

@@ -12,30 +12,32 @@ from __future__ import annotations
 
 import torch
 
-
-def as_pairs(indices_tuple) -> tuple[torch.Tensor, ...]:
-    """(a1, p, a2, n) from pairs or triplets (PML's convert_to_pairs)."""
-    if len(indices_tuple) == 3:
-        a, p, n = indices_tuple
-        return a, p, a, n
-    return tuple(indices_tuple)
+from ..reference.pair_losses import mean_nonzero
 
 
-def check_pairs(pairs, n: int, m: int) -> tuple[torch.Tensor, ...]:
-    """1-D integer index tensors within the rows (anchors, < n) and references (< m); as int64."""
-    out = []
-    for k, t in enumerate(pairs):
+def check_indices_tuple(indices_tuple, n: int, m: int, who: str = "") -> tuple[torch.Tensor, ...]:
+    """(a1, p, a2, n) as int64 from a miner's pairs (a1, p, a2, n) or triplets (a, p, n) (PML's
+    convert_to_pairs), after checking them: 1-D integer tensors, the anchors within the n
+    embeddings and the others within the m reference rows, partners of equal length. ``who``
+    prefixes the messages (the caller's name)."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(f"{who}indices_tuple must be (anchors, positives, negatives) or "
+                         f"(anchors1, positives, anchors2, negatives), got {type(indices_tuple)}")
+    anchors = (0,) if len(indices_tuple) == 3 else (0, 2)
+    for k, t in enumerate(indices_tuple):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() \
                 or t.dtype == torch.bool:
-            raise ValueError(f"indices_tuple[{k}] must be a 1-D integer tensor")
-        bound, what = (n, "embeddings") if k in (0, 2) else (m, "references")
+            raise ValueError(f"{who}indices_tuple[{k}] must be a 1-D integer tensor")
+        bound, what = (n, "embeddings") if k in anchors else (m, "reference rows")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
-            raise ValueError(f"indices_tuple[{k}] indexes outside the {bound} {what} (values "
-                             f"in [{int(t.min())}, {int(t.max())}])")
-        out.append(t.to(torch.int64))
-    if out[0].shape != out[1].shape or out[2].shape != out[3].shape:
-        raise ValueError("indices_tuple's anchors and partners differ in length")
-    return tuple(out)
+            raise ValueError(f"{who}indices_tuple[{k}] indexes outside the {bound} {what} "
+                             f"(values in [{int(t.min())}, {int(t.max())}])")
+    pairs = tuple(t.to(torch.int64) for t in indices_tuple)
+    if len(pairs) == 3:
+        pairs = (pairs[0], pairs[1], pairs[0], pairs[2])
+    if pairs[0].shape != pairs[1].shape or pairs[2].shape != pairs[3].shape:
+        raise ValueError(f"{who}indices_tuple's anchors and partners differ in length")
+    return pairs
 
 
 def pair_values(x: torch.Tensor, ref: torch.Tensor, a: torch.Tensor, j: torch.Tensor,
@@ -63,16 +65,11 @@ def _segment_lse(v: torch.Tensor, seg: torch.Tensor, n: int, add_one: bool) -> t
     return torch.where(total > 0, safe + total.log(), float("-inf"))
 
 
-def _mean_nonzero(losses: torch.Tensor) -> torch.Tensor:
-    kept = losses > 0
-    return torch.where(kept, losses, 0.0).sum() / kept.sum().clamp_min(1)
-
-
 def contrastive_parts(x, ref, pairs, metric, sign, pos_margin, neg_margin):
     a1, p, a2, n = pairs
     pos = torch.relu(sign * (pair_values(x, ref, a1, p, metric) - pos_margin))
     neg = torch.relu(sign * (neg_margin - pair_values(x, ref, a2, n, metric)))
-    return _mean_nonzero(pos), _mean_nonzero(neg)
+    return mean_nonzero(pos), mean_nonzero(neg)
 
 
 def supcon(x, ref, pairs, metric, sign, temperature):
@@ -88,7 +85,7 @@ def supcon(x, ref, pairs, metric, sign, temperature):
     count = torch.zeros(rows, dtype=x.dtype, device=x.device).index_add(0, pa, torch.ones_like(zp))
     total = torch.zeros(rows, dtype=x.dtype, device=x.device).index_add(0, pa, zp)
     per_row = torch.where(count > 0, lse - total / count.clamp_min(1), 0.0)
-    return _mean_nonzero(per_row)
+    return mean_nonzero(per_row)
 
 
 def ntxent(x, ref, pairs, metric, sign, temperature):

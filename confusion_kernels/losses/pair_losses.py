@@ -120,25 +120,31 @@ class _Batch(NamedTuple):
         return _reference.pair_setup(self.x, self.labels, self.ref, self.ref_labels,
                                      metric=self.metric, normalize=False)
 
-    def mined(self, indices_tuple):
-        """(rows, references, pairs, sign) for a loss on the listed pairs only, or None where
-        PML gives 0 (at most one entry in each index list)."""
-        ref = self.x if self.ref is None else self.ref
-        pairs = _mined.check_pairs(_mined.as_pairs(indices_tuple), self.x.shape[0],
-                                   ref.shape[0])
-        if all(t.numel() <= 1 for t in pairs):
-            return None
-        return self.x, ref, pairs, -1.0 if self.metric == "cosine" else 1.0
+    @property
+    def refs(self) -> torch.Tensor:
+        return self.x if self.ref is None else self.ref
+
+    @property
+    def sign(self) -> float:
+        """ς: +1 for a distance, -1 for a similarity."""
+        return -1.0 if self.metric == "cosine" else 1.0
+
+    def mined_pairs(self, indices_tuple) -> tuple[torch.Tensor, ...] | None:
+        """The checked pairs (a1, p, a2, n) of ``indices_tuple``, or None where PML gives 0
+        (at most one entry in each index list)."""
+        pairs = _mined.check_indices_tuple(indices_tuple, self.x.shape[0], self.refs.shape[0])
+        return None if all(t.numel() <= 1 for t in pairs) else pairs
 
     def on_mined(self, indices_tuple, loss, *params) -> torch.Tensor:
         """``loss`` (a function of ``mined_pairs``) of the listed pairs, or PML's 0."""
-        mined = self.mined(indices_tuple)
-        return self.x.sum() * 0.0 if mined is None else loss(*mined[:3], self.metric, mined[3],
-                                                              *params)
+        pairs = self.mined_pairs(indices_tuple)
+        if pairs is None:
+            return self.x.sum() * 0.0
+        return loss(self.x, self.refs, pairs, self.metric, self.sign, *params)
 
     def fused(self, loss: str, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         own = self.ref is None
-        return pair_loss_rows(self.x, self.labels, self.x if own else self.ref,
+        return pair_loss_rows(self.x, self.labels, self.refs,
                               self.labels if own else self.ref_labels, 0 if own else None,
                               loss, params, self.metric)
 
@@ -162,10 +168,10 @@ def contrastive_parts(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_
     params = [_check_number("pos_margin", pos_margin), _check_number("neg_margin", neg_margin)]
     b = _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend, check_finite)
     if indices_tuple is not None:
-        mined = b.mined(indices_tuple)
-        if mined is None:
+        pairs = b.mined_pairs(indices_tuple)
+        if pairs is None:
             return b.x.sum() * 0.0, b.x.sum() * 0.0
-        return _mined.contrastive_parts(*mined[:2], mined[2], metric, mined[3], *params)
+        return _mined.contrastive_parts(b.x, b.refs, pairs, metric, b.sign, *params)
     if b.backend == "reference":
         pos, neg = _reference.contrastive_parts(b.setup(), pos_margin=params[0],
                                                 neg_margin=params[1])
@@ -210,10 +216,7 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor,
         return b.on_mined(indices_tuple, _mined.supcon, params[0])
     if b.backend == "reference":
         return b.value(_reference.supcon_loss(b.setup(), temperature=params[0]), needs_both=True)
-    rows = b.fused("supcon", params)[0][:, 0]
-    kept = rows > 0
-    return b.value(torch.where(kept, rows, 0.0).sum() / kept.sum().clamp_min(1),
-                   needs_both=True)
+    return b.value(_reference.mean_nonzero(b.fused("supcon", params)[0][:, 0]), needs_both=True)
 
 
 @names_errors("ntxent_loss")

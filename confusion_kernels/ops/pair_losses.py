@@ -19,7 +19,6 @@ from ._registration import refuse_double_backward
 
 CPP_OP = "confusion_kernels::pair_loss_stats"
 CPP_BACKWARD_OP = "confusion_kernels::pair_loss_backward"
-PAIR_LOSS_KINDS = ("contrastive", "supcon", "ntxent", "multi_similarity")
 
 
 def outputs_of(loss: str) -> int:

@@ -87,7 +87,7 @@ def pair_setup(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None =
     return PairSetup(mat, pos, neg, sign)
 
 
-def _mean_nonzero(losses: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def mean_nonzero(losses: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of the losses > 0 (where ``mask``), 0 when there are none; no host sync."""
     kept = losses > 0 if mask is None else mask & (losses > 0)
     return torch.where(kept, losses, 0.0).sum() / kept.sum().clamp_min(1)
@@ -110,9 +110,9 @@ def contrastive_parts(setup: PairSetup, *, pos_margin: float = 0.0,
     if pairs is not None:  # each listed pair, repeats included
         pos_loss = torch.relu(sign * (mat[pairs[0], pairs[1]] - pos_margin))
         neg_loss = torch.relu(sign * (neg_margin - mat[pairs[2], pairs[3]]))
-        return _mean_nonzero(pos_loss), _mean_nonzero(neg_loss)
-    return (_mean_nonzero(torch.relu(sign * (mat - pos_margin)), pos),
-            _mean_nonzero(torch.relu(sign * (neg_margin - mat)), neg))
+        return mean_nonzero(pos_loss), mean_nonzero(neg_loss)
+    return (mean_nonzero(torch.relu(sign * (mat - pos_margin)), pos),
+            mean_nonzero(torch.relu(sign * (neg_margin - mat)), neg))
 
 
 def contrastive_loss(setup: PairSetup, *, pos_margin: float = 0.0,
@@ -135,7 +135,7 @@ def supcon_rows(setup: PairSetup, *, temperature: float = 0.1) -> torch.Tensor:
 def supcon_loss(setup: PairSetup, *, temperature: float = 0.1) -> torch.Tensor:
     """mean of the L_i > 0; 0 when no pair is positive or none negative."""
     both = setup.pos.any() & setup.neg.any()
-    return torch.where(both, _mean_nonzero(supcon_rows(setup, temperature=temperature)), 0.0)
+    return torch.where(both, mean_nonzero(supcon_rows(setup, temperature=temperature)), 0.0)
 
 
 def ntxent_pairs(setup: PairSetup, *, temperature: float = 0.07) -> torch.Tensor:
