@@ -187,7 +187,8 @@ def launch_cases() -> dict:
     import torch
 
     from confusion_kernels import _metrics
-    from confusion_kernels.triton import affinity, class_stats, n_centroids, pair_pass
+    from confusion_kernels.triton import (affinity, class_stats, n_centroids, pair_losses,
+                                          pair_pass)
     from confusion_kernels.triton import intra_inter_sums as direct
 
     float_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -364,6 +365,29 @@ def launch_cases() -> dict:
                 lambda xs=xs, labs=labs: class_stats.shifted_sums(
                     xs, labs, torch.zeros(5, d_odd, dtype=torch.float64), 5))
 
+    # Pair losses: every loss, both pair values, fp32 (tf32 on / off) and fp64, forward and
+    # both backward launches (the inputs are float32 or float64 there; fp16 / bf16 are
+    # widened before the kernels), with a left-out pair and near pairs in the data.
+    for dname in ("fp32", "fp64"):
+        dtype = float_dtypes[dname]
+        for tf32 in tf32_modes(dtype):
+            for loss, params in (("contrastive", [0.1, 0.9]), ("supcon", [0.1]),
+                                 ("ntxent", [0.07]), ("multi_similarity", [2.0, 50.0, 0.5])):
+                for metric in ("euclidean", "cosine"):
+                    x = torch.randn(40, 32, generator=gen(40), dtype=dtype)
+                    ref = torch.cat([torch.randn(20, 32, generator=gen(41), dtype=dtype), x])
+                    lab = torch.randint(0, 4, (40,), generator=gen(42))
+                    ref_lab = torch.cat([torch.randint(0, 4, (20,), generator=gen(43)), lab])
+                    tag = f"{dname}{'-tf32' if tf32 else ''}-{loss}-{metric}"
+
+                    def pair_loss(x=x, lab=lab, ref=ref, rl=ref_lab, loss=loss, params=params,
+                                  metric=metric):
+                        rows, stats = pair_losses.forward(x, lab, ref, rl, 20, loss, params,
+                                                          metric)
+                        pair_losses.backward(torch.ones_like(rows), stats, x, lab, ref, rl, 20,
+                                             loss, params, metric)
+                    cases[f"pair_losses/{tag}"] = with_tf32(tf32, pair_loss)
+
     # Class statistics (float features of any dtype; fp64 sums).
     for dname, dtype in float_dtypes.items():
         feats = torch.randn(70, 48, generator=gen(16)).to(dtype)
@@ -376,11 +400,12 @@ def launch_cases() -> dict:
 
 def budgets() -> dict:
     """Kernel name -> its module's RESOURCE_BUDGET entry (min_blocks_per_sm)."""
-    from confusion_kernels.triton import affinity, class_stats, n_centroids, pair_pass
+    from confusion_kernels.triton import (affinity, class_stats, n_centroids, pair_losses,
+                                          pair_pass)
     from confusion_kernels.triton import intra_inter_sums as direct
 
     out = {}
-    for module in (pair_pass, direct, affinity, n_centroids, class_stats):
+    for module in (pair_pass, direct, affinity, n_centroids, class_stats, pair_losses):
         short = module.__name__.rsplit(".", 1)[-1]
         out.update({f"{short}.{k}": v for k, v in getattr(module, "RESOURCE_BUDGET", {}).items()})
     return out
@@ -509,8 +534,16 @@ def f32_constants(launch: Launch, ttir: str) -> int:
                if _F32_CONSTANT.search(line) and not _exact_in_fp32(line))
 
 
+# libdevice's float64 log (tl.log of an fp64 tensor: the pair losses' log-sum-exps) seeds its
+# reciprocal with rcp.approx.ftz.f64 and refines it to full precision: counted apart, allowed.
+LIBDEVICE_F64_SEED = "rcp.approx.ftz.f64"
+
+
 def approx_counts(ptx: str) -> str:
+    seeds = ptx.count(LIBDEVICE_F64_SEED)
     counts = {op: ptx.count(op + ".") for op in APPROX_PTX}
+    counts["rcp.approx"] -= seeds
+    counts["rcp.approx.ftz.f64 (libdevice log)"] = seeds
     return " ".join(f"{op}:{n}" for op, n in counts.items() if n)
 
 

@@ -158,16 +158,21 @@ def test_n_centroids_training_step(as_on_gpu, metric, use_negatives):
 
 
 def _pair_loss_step(fn, **params):
-    """The pair losses have no GPU kernel yet: on a GPU, auto runs the reference, whose Python
-    must not wait for the device either (a reference set and a one-sample class included)."""
+    """The Triton kernels (what auto runs on a GPU) and the reference: a reference set, a
+    one-sample class and duplicates (the euclidean difference form) included."""
+    device = _triton()
     x, y = _rows(30, 8, 5, 8)
     ref, ref_y = _rows(11, 8, 5, 9, duplicates=False)
     y[3] = 7  # a class with one sample and no reference
-    for args in ((y,), (y, ref, ref_y)):
-        with forbid_host_sync():
-            loss, grad = _training_step(
-                lambda a, *rest: fn(a, *rest, backend="reference", **params), x, *args)
-        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    for backend in ("triton", "reference"):
+        for metric in ("euclidean", "cosine"):
+            for args in ((y,), (y, ref, ref_y)):
+                args = tuple(t.to(device) for t in args)
+                with forbid_host_sync():
+                    loss, grad = _training_step(
+                        lambda a, *rest: fn(a, *rest, backend=backend, metric=metric, **params),
+                        x.to(device), *args)
+                assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 def test_contrastive_loss_training_step(as_on_gpu):

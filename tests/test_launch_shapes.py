@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from confusion_kernels import _metrics  # noqa: E402
-from confusion_kernels.triton import _support, affinity, class_stats, intra_inter_sums, n_centroids, pair_pass  # noqa: E402
+from confusion_kernels.triton import _support, affinity, class_stats, intra_inter_sums, n_centroids, pair_losses, pair_pass  # noqa: E402
 
-MODULES = (affinity, intra_inter_sums, n_centroids, pair_pass)
+MODULES = (affinity, intra_inter_sums, n_centroids, pair_pass, pair_losses)
 MAX_X, MAX_YZ = 2**31 - 1, 65535
 SMS = 132  # H100 / H200
 BIG_N = 2**24
@@ -55,6 +55,23 @@ def test_grids_within_cuda_limits_at_n_2_pow_24(gpu_configs, dtype, d):
     for g in n_centroids.launch_grids(BIG_N, d, n_centroids._config(x)).values():
         assert within_limits(g), g
     assert within_limits(class_stats.grid(BIG_N, d))
+    if dtype in (torch.float32, torch.float64):  # the pair losses' inputs
+        for m in (1, BIG_N):
+            grids = pair_losses.launch_grids(BIG_N, m, pair_losses._config(dtype), 4 * SMS)
+            for name in ("stats", "grad_x", "grad_ref"):
+                assert within_limits(grids[name]), (name, grids[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_losses_give_every_sm_work(gpu_configs, dtype):
+    """At the benchmark's N = M = 4,096 the 128 row blocks alone would leave SMs idle: each
+    launch is split to at least 2 programs per SM, and the splits' partials stay within
+    a few copies of the rows."""
+    grids = pair_losses.launch_grids(4096, 4096, pair_losses._config(dtype), 4 * SMS)
+    for name in ("stats", "grad_x", "grad_ref"):
+        programs = grids[name][0] * grids[name][1]
+        assert 2 * SMS <= programs <= 8 * SMS, (name, grids[name])
+        assert grids[name + "_splits"][0] <= 8
 
 
 def test_pair_pass_launches_one_kernel_per_round(gpu_configs):

@@ -18,7 +18,8 @@ TRITON_OPS = {"intra_inter_sums_triton", "intra_inter_sums_triton_backward",
               "affinity_hinge_triton", "affinity_hinge_triton_backward",
               "weighted_pair_sums_with_grad_triton", "n_centroids_rows_triton",
               "n_centroids_rows_triton_backward", "intra_inter_sums_rect_triton",
-              "intra_inter_sums_rect_triton_backward"}
+              "intra_inter_sums_rect_triton_backward", "pair_loss_stats_triton",
+              "pair_loss_backward_triton"}
 
 
 def _rows(device, grad=True):
@@ -84,10 +85,11 @@ def _pair_loss(device, grad=True, loss="supcon", metric="cosine"):
     return x, labels, ref, ref_labels, self_offset, loss, params, metric
 
 
-def _pair_loss_backward(device):
+def _pair_loss_backward(device, stats_op=None):
     x, labels, ref, ref_labels, self_offset, loss, params, metric = _pair_loss(
         device, grad=False, loss="contrastive", metric="euclidean")
-    _, stats = ops.pair_loss_stats(x, labels, ref, ref_labels, self_offset, loss, params, metric)
+    _, stats = (stats_op or ops.pair_loss_stats)(x, labels, ref, ref_labels, self_offset, loss,
+                                                 params, metric)
     return (torch.randn(11, 2, dtype=torch.float64, device=device), stats, x, labels, ref,
             ref_labels, self_offset, loss, params, metric)
 
@@ -128,6 +130,10 @@ SAMPLES = {
         dev, ops.n_centroids_rows_triton)),
     "pair_loss_stats": ("cpu", lambda dev: _pair_loss(dev, loss="ntxent")),
     "pair_loss_backward": ("cpu", _pair_loss_backward),
+    "pair_loss_stats_triton": ("triton", lambda dev: _pair_loss(dev, loss="multi_similarity",
+                                                               metric="euclidean")),
+    "pair_loss_backward_triton": ("triton", lambda dev: _pair_loss_backward(
+        dev, ops.pair_loss_stats_triton)),
     "class_shifted_sums": ("cpu", lambda dev: (
         torch.randn(10, 3, dtype=torch.float32, device=dev), torch.arange(10, device=dev) % 4,
         torch.randn(4, 3, dtype=torch.float64, device=dev), 4)),

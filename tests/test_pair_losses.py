@@ -1,6 +1,7 @@
 """The fused pair losses (ck.contrastive_loss, supcon_loss, ntxent_loss, multi_similarity_loss)
-against their reference in float64, against pytorch-metric-learning's classes, gradcheck, and
-the input rules."""
+on the cpu and triton backends (Triton: under TRITON_INTERPRET=1 without a GPU) against their
+reference in float64, against pytorch-metric-learning's classes, gradcheck, and the input
+rules."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 import confusion_kernels as ck
 
+from confusion_kernels import _backend
 from conftest import require_backend
 
 LOSSES = {
@@ -19,6 +21,16 @@ LOSSES = {
 }
 # (metric, normalize)
 DISTANCES = [("euclidean", True), ("euclidean", False), ("cosine", True)]
+FUSED = ["cpu", "triton"]
+# Triton runs in its interpreter here (numpy, one program at a time): smaller batches that
+# still span several blocks of 32 with a ragged last one. CI runs the suite three times.
+SMALL = {"cpu": 1.0, "triton": 0.25}
+
+
+def _n(fused: str, n: int) -> int:
+    """n rows on cpu, about a quarter (at least 33, never a multiple of 32) on triton."""
+    m = max(33, int(n * SMALL[fused]))
+    return m + 1 if m % 32 == 0 else m
 
 
 def _batch(n, d, classes, seed, dtype=torch.float64):
@@ -28,12 +40,17 @@ def _batch(n, d, classes, seed, dtype=torch.float64):
     return x, labels
 
 
-def _both(name, x, labels, ref=None, ref_labels=None, metric="cosine", normalize=True, **extra):
+def _both(name, x, labels, ref=None, ref_labels=None, metric="cosine", normalize=True,
+          fused="cpu", **extra):
+    """(loss, grads) of the reference and of the ``fused`` backend."""
     fn, params = LOSSES[name]
+    device = require_backend(fused, "pair_loss_stats")
+    labels = labels.to(device)
+    ref_labels = None if ref_labels is None else ref_labels.to(device)
     out = []
-    for backend in ("reference", "cpu"):
-        a = x.clone().requires_grad_(True)
-        r = None if ref is None else ref.clone().requires_grad_(True)
+    for backend in ("reference", fused):
+        a = x.clone().to(device).requires_grad_(True)
+        r = None if ref is None else ref.clone().to(device).requires_grad_(True)
         loss = fn(a, labels, r, ref_labels, metric=metric, normalize=normalize, backend=backend,
                   **params, **extra)
         leaves = [a] + ([] if r is None else [r])
@@ -52,107 +69,117 @@ def _assert_same(pair, rtol=1e-9, atol=1e-12):
             torch.testing.assert_close(g, w, rtol=rtol * 10, atol=atol * 10)
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("metric,normalize", DISTANCES)
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_cpu_equals_reference_over_ragged_tiles(name, metric, normalize):
-    """N = 300 (row tiles of 128: a ragged last tile) against itself, and 130 rows against
-    M = 700 references (two reference tiles of 512, the second ragged), float64."""
-    require_backend("cpu", "pair_loss_stats")
-    x, labels = _batch(300, 6, 9, seed=1)
-    _assert_same(_both(name, x, labels, metric=metric, normalize=normalize))
-    q, ql = _batch(130, 6, 9, seed=2)
-    r, rl = _batch(700, 6, 9, seed=3)
-    _assert_same(_both(name, q, ql, r, rl, metric=metric, normalize=normalize))
+def test_fused_equals_reference_over_ragged_tiles(name, metric, normalize, fused):
+    """N = 300 (cpu row tiles of 128: a ragged last tile; triton: 75, blocks of 32) against
+    itself, and 130 rows against M = 700 references (two cpu reference tiles of 512, the
+    second ragged; triton 33 against 175), float64."""
+    x, labels = _batch(_n(fused, 300), 6, 9, seed=1)
+    _assert_same(_both(name, x, labels, metric=metric, normalize=normalize, fused=fused))
+    q, ql = _batch(_n(fused, 130), 6, 9, seed=2)
+    r, rl = _batch(_n(fused, 700), 6, 9, seed=3)
+    _assert_same(_both(name, q, ql, r, rl, metric=metric, normalize=normalize, fused=fused))
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_cpu_equals_reference_on_two_views_and_one_big_class(name):
-    require_backend("cpu", "pair_loss_stats")
+def test_fused_equals_reference_on_two_views_and_one_big_class(name, fused):
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
-    two_views = torch.arange(100).repeat_interleave(2)
-    _assert_same(_both(name, x, two_views))
-    one_class = torch.zeros(200, dtype=torch.long)
+    n = 2 * (_n(fused, 200) // 2)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    two_views = torch.arange(n // 2).repeat_interleave(2)
+    _assert_same(_both(name, x, two_views, fused=fused))
+    one_class = torch.zeros(n, dtype=torch.long)
     one_class[:3] = torch.tensor([1, 2, 2])
-    _assert_same(_both(name, x, one_class, metric="euclidean"))
+    _assert_same(_both(name, x, one_class, metric="euclidean", fused=fused))
 
 
-@pytest.mark.parametrize("n", [40, 300])  # one row tile (the two-pass backward), three
+# cpu: one row tile (the two-pass backward), three; triton: three blocks, the last ragged
+@pytest.mark.parametrize("fused,n", [("cpu", 40), ("cpu", 300), ("triton", 70)])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_duplicates_and_near_duplicates_take_the_exact_distance(name, n):
+def test_duplicates_and_near_duplicates_take_the_exact_distance(name, n, fused):
     """Equal rows (distance 0: gradient 0) and rows 1e-9 apart, where the Gram form cancels;
     on one row tile (the two-pass backward) and on three (the one-pass backward's groups)."""
-    require_backend("cpu", "pair_loss_stats")
     x, labels = _batch(n, 4, 3, seed=5)
     x[1], labels[1] = x[0], labels[0]
     x[3], labels[3] = x[2] + 1e-9, labels[2]
     x[5], labels[5] = x[4], (labels[4] + 1) % 3  # a duplicate with another label
     x[n - 1], labels[n - 1] = x[1], labels[1]  # across row tiles
-    _assert_same(_both(name, x, labels, metric="euclidean", normalize=False), rtol=1e-7,
-                 atol=1e-9)
+    _assert_same(_both(name, x, labels, metric="euclidean", normalize=False, fused=fused),
+                 rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_gradcheck(name):
-    require_backend("cpu", "pair_loss_stats")
+def test_gradcheck(name, fused):
+    device = require_backend(fused, "pair_loss_stats")
     fn, params = LOSSES[name]
     x, labels = _batch(9, 3, 3, seed=6)
     ref, ref_labels = _batch(7, 3, 3, seed=7)
+    x, labels, ref, ref_labels = (t.to(device) for t in (x, labels, ref, ref_labels))
     for metric in ("euclidean", "cosine"):
         torch.autograd.gradcheck(
-            lambda a, r: fn(a, labels, r, ref_labels, metric=metric, backend="cpu", **params),
+            lambda a, r: fn(a, labels, r, ref_labels, metric=metric, backend=fused, **params),
             (x.requires_grad_(True), ref.requires_grad_(True)))
-        torch.autograd.gradcheck(lambda a: fn(a, labels, metric=metric, backend="cpu", **params),
+        torch.autograd.gradcheck(lambda a: fn(a, labels, metric=metric, backend=fused, **params),
                                  (x,))
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_equal_to_pytorch_metric_learning(name):
+def test_equal_to_pytorch_metric_learning(name, fused):
     pml = pytest.importorskip("pytorch_metric_learning", reason="needs pytorch-metric-learning")
     from pytorch_metric_learning import distances, losses
 
-    require_backend("cpu", "pair_loss_stats")
+    device = require_backend(fused, "pair_loss_stats")
     makers = {"contrastive": lambda: losses.ContrastiveLoss(pos_margin=0.15, neg_margin=0.8),
               "supcon": lambda: losses.SupConLoss(temperature=0.2),
               "ntxent": lambda: losses.NTXentLoss(temperature=0.1),
               "multi_similarity": lambda: losses.MultiSimilarityLoss(2.0, 50.0, 0.5)}
     assert pml is not None and distances is not None
     fn, params = LOSSES[name]
-    x, labels = _batch(150, 8, 12, seed=8)
-    ref, ref_labels = _batch(90, 8, 12, seed=9)
+    x, labels = _batch(_n(fused, 150), 8, 12, seed=8)
+    ref, ref_labels = _batch(_n(fused, 90), 8, 12, seed=9)
+    x, labels, ref, ref_labels = (t.to(device) for t in (x, labels, ref, ref_labels))
     for r, rl in ((None, None), (ref, ref_labels)):
         a = x.clone().requires_grad_(True)
         want = makers[name]()(a, labels, None, r, rl)
         (gw,) = torch.autograd.grad(want, a)
         b = x.clone().requires_grad_(True)
         metric = "euclidean" if name == "contrastive" else "cosine"
-        got = fn(b, labels, r, rl, metric=metric, backend="cpu", **params)
+        got = fn(b, labels, r, rl, metric=metric, backend=fused, **params)
         (gg,) = torch.autograd.grad(got, b)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(gg, gw, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_single_class_and_tiny_batches_give_what_pml_gives(name):
-    require_backend("cpu", "pair_loss_stats")
+def test_single_class_and_tiny_batches_give_what_pml_gives(name, fused):
+    device = require_backend(fused, "pair_loss_stats")
     fn, params = LOSSES[name]
     x, _ = _batch(12, 4, 1, seed=10)
     for labels in (torch.zeros(12, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([3])):
         rows = x[:labels.shape[0]]
-        _assert_same(_both(name, rows, labels))
+        _assert_same(_both(name, rows, labels, fused=fused))
     if name in ("supcon", "ntxent"):  # no negative pair: PML's zero loss
-        assert fn(x, torch.zeros(12, dtype=torch.long), backend="cpu", **params).item() == 0.0
+        zeros = torch.zeros(12, dtype=torch.long, device=device)
+        assert fn(x.to(device), zeros, backend=fused, **params).item() == 0.0
 
 
-def test_float32_close_to_float64_and_half_precision_returns_float32():
-    require_backend("cpu", "pair_loss_stats")
-    x, labels = _batch(260, 16, 7, seed=11)
+@pytest.mark.parametrize("fused", FUSED)
+def test_float32_close_to_float64_and_half_precision_returns_float32(fused):
+    device = require_backend(fused, "pair_loss_stats")
+    x, labels = _batch(_n(fused, 260), 16, 7, seed=11)
+    x, labels = x.to(device), labels.to(device)
     for name, (fn, params) in LOSSES.items():
-        want = fn(x, labels, backend="cpu", **params)
-        got = fn(x.float(), labels, backend="cpu", **params)
+        want = fn(x, labels, backend=fused, **params)
+        got = fn(x.float(), labels, backend=fused, **params)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-5)
-        assert fn(x.half(), labels, backend="cpu", **params).dtype == torch.float32
+        assert fn(x.half(), labels, backend=fused, **params).dtype == torch.float32
 
 
 def test_bad_input_gets_a_clear_error():
@@ -175,8 +202,8 @@ def test_bad_input_gets_a_clear_error():
         ck.multi_similarity_loss(bad, labels)
     with pytest.raises(ValueError, match="labels has 9 entries"):
         ck.contrastive_loss(x, labels[:9])
-    with pytest.raises(RuntimeError, match="no Triton kernel for pair_loss_stats"):
-        ck.supcon_loss(x, labels, backend="triton")
+    with pytest.raises(RuntimeError, match="cannot run pair_loss_stats"):
+        ck.supcon_loss(x, labels, backend="cuda")
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -241,17 +268,68 @@ def _largest_allocation(step) -> int:
     return max((e.cpu_memory_usage for e in prof.events()), default=0)
 
 
+@pytest.mark.parametrize("fused,n", [("cpu", 3000), ("triton", 320)])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_no_n_by_m_buffer_on_cpu(name):
-    """fwd+bwd of the fused kernel allocates nothing near N x M (the largest piece is the
-    backward's partials, groups x M x D); the dense reference's N x M matrices show that the
-    check sees such a buffer."""
-    require_backend("cpu", "pair_loss_stats")
+def test_no_n_by_m_buffer(name, fused, n):
+    """fwd+bwd of the fused kernel allocates nothing near N x M (on cpu the largest piece is
+    the backward's partials, groups x M x D; the Triton launchers allocate O(N D)); the dense
+    reference's N x M matrices show that the check sees such a buffer."""
+    device = require_backend(fused, "pair_loss_stats")
     fn, params = LOSSES[name]
-    x, labels = _batch(3000, 16, 750, seed=17, dtype=torch.float32)
-    x.requires_grad_(True)
-    n_by_m = 3000 * 3000 * 4
-    fused = _largest_allocation(lambda: fn(x, labels, backend="cpu", **params).backward())
+    x, labels = _batch(n, 16, n // 4, seed=17, dtype=torch.float32)
+    x, labels = x.to(device).requires_grad_(True), labels.to(device)
+    n_by_m = n * n * 4
+    fused_peak = _largest_allocation(lambda: fn(x, labels, backend=fused, **params).backward())
     dense = _largest_allocation(lambda: fn(x, labels, backend="reference", **params).backward())
-    assert fused < n_by_m / 4, (fused, n_by_m)
+    assert fused_peak < n_by_m / 4, (fused_peak, n_by_m)
     assert dense >= n_by_m, (dense, n_by_m)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_triton_gives_the_same_bits_on_every_run_and_equals_cpu(name):
+    """Each output row has one writer: two runs are bit for bit equal; float32 against the
+    C++ kernel (another summation order) to rounding."""
+    device = require_backend("triton", "pair_loss_stats")
+    fn, params = LOSSES[name]
+    x, labels = _batch(97, 16, 6, seed=18, dtype=torch.float32)
+    ref, ref_labels = _batch(75, 16, 6, seed=19, dtype=torch.float32)
+
+    def run(backend, dev):
+        a = x.clone().to(dev).requires_grad_(True)
+        r = ref.clone().to(dev).requires_grad_(True)
+        loss = fn(a, labels.to(dev), r, ref_labels.to(dev), backend=backend, **params)
+        loss.backward()
+        return [t.cpu() for t in (loss.detach(), a.grad, r.grad)]
+
+    first, second = run("triton", device), run("triton", device)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    if _backend.unavailable_reason("cpu", torch.device("cpu"), "pair_loss_stats") is None:
+        for a, b in zip(first, run("cpu", torch.device("cpu"))):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_triton_op_refuses_bad_input():
+    """Direct calls of the registered Triton op get the C++ op's rules."""
+    require_backend("triton", "pair_loss_stats")
+    ops = torch.ops.confusion_kernels
+    x, labels = _batch(10, 4, 3, seed=20)
+    ref, ref_labels = _batch(12, 4, 3, seed=21)
+    with pytest.raises(ValueError, match="self_offset must satisfy"):
+        ops.pair_loss_stats_triton(x, labels, ref, ref_labels, 3, "supcon", [0.1], "cosine")
+    with pytest.raises(ValueError, match="must both be float32 or both float64"):
+        ops.pair_loss_stats_triton(x, labels, ref.float(), ref_labels, None, "supcon", [0.1],
+                                   "cosine")
+    with pytest.raises(ValueError, match="multi_similarity takes 3 parameters"):
+        ops.pair_loss_stats_triton(x, labels, ref, ref_labels, None, "multi_similarity", [0.1],
+                                   "cosine")
+    with pytest.raises(ValueError, match="ref_labels must be 1-D of length M = 12"):
+        ops.pair_loss_stats_triton(x, labels, ref, ref_labels[:5], None, "ntxent", [0.1],
+                                   "cosine")
+    with pytest.raises(ValueError, match="unknown metric"):
+        ops.pair_loss_stats_triton(x, labels, ref, ref_labels, None, "ntxent", [0.1], "l1")
+    rows, stats = ops.pair_loss_stats_triton(x, labels, ref, ref_labels, None, "contrastive",
+                                             [0.1, 0.9], "euclidean")
+    with pytest.raises(ValueError, match="grad_rows must be floating"):
+        ops.pair_loss_backward_triton(rows[:, :1], stats, x, labels, ref, ref_labels, None,
+                                      "contrastive", [0.1, 0.9], "euclidean")

@@ -11,10 +11,10 @@ default reducer: ``metric="euclidean"`` is PML's ``LpDistance(normalize_embeddin
 ``indices_tuple`` (a miner's pairs (a1, p, a2, n) or triplets (a, p, n)): the loss of the listed
 pairs only, O(pairs * D) on any device (``mined_pairs``), as PML computes it from them.
 
-Backends: ``reference`` (the dense N x M definition) and ``cpu`` (the fused C++ kernel: per-row
-statistics streamed over reference tiles, the backward recomputing them). There is no Triton
-or CUDA kernel for these losses yet: on a GPU, ``backend="auto"`` runs the reference (N x M
-memory) and asking for ``"triton"`` or ``"cuda"`` raises.
+Backends: ``reference`` (the dense N x M definition), ``cpu`` (the fused C++ kernel) and
+``triton`` (the fused Triton kernels): per-row statistics streamed over reference tiles, the
+backward recomputing them. There is no CUDA C++ kernel for these losses yet: on a GPU,
+``backend="auto"`` runs the Triton kernels and asking for ``"cuda"`` raises.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class _Batch(NamedTuple):
         own = self.ref is None
         return pair_loss_rows(self.x, self.labels, self.refs,
                               self.labels if own else self.ref_labels, 0 if own else None,
-                              loss, params, self.metric)
+                              loss, params, self.metric, backend=self.backend)
 
 
 def _batch(embeddings, labels, ref_emb, ref_labels, metric, normalize, backend,

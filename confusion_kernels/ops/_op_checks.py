@@ -153,3 +153,43 @@ def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
             hardest, bad_hardest = guard_label_range(hardest, k, f" ({op})", name="hardest")
             bad = bad if bad_hardest is None else bad_hardest | bad
     return labels, bad, hardest
+
+
+PAIR_LOSSES = {"contrastive": 2, "supcon": 1, "ntxent": 1, "multi_similarity": 3}  # parameters
+
+
+def check_pair_loss(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
+                    ref_labels: torch.Tensor, self_offset: int | None, loss: str,
+                    params: list[float], metric: str,
+                    grads: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """pair_loss_stats_triton(x, labels, ref, ref_labels, self_offset, loss, params, metric)
+    and its backward (grads = (grad_rows, stats)): the C++ op's rules (pair_losses_cpu.cpp);
+    labels are compared, never used as indices, so any int64 value is valid."""
+    op = "pair_loss_stats_triton"
+    if x.dim() != 2 or ref.dim() != 2:
+        _fail(op, f"x and ref must be 2-D, got {x.dim()}-D and {ref.dim()}-D")
+    if x.dtype not in (torch.float32, torch.float64) or ref.dtype != x.dtype:
+        _fail(op, f"x and ref must both be float32 or both float64, got {x.dtype} and "
+                  f"{ref.dtype}")
+    if ref.shape[1] != x.shape[1] or ref.device != x.device:
+        _fail(op, f"ref must be [M, {x.shape[1]}] on {x.device}, got {tuple(ref.shape)} on "
+                  f"{ref.device}")
+    _check_vector(op, "labels", labels, x, dtype=torch.int64)
+    _check_vector(op, "ref_labels", ref_labels, ref, dtype=torch.int64, count="M")
+    if self_offset is not None and not 0 <= self_offset <= ref.shape[0] - x.shape[0]:
+        _fail(op, f"self_offset must satisfy 0 <= self_offset and self_offset + N <= M "
+                  f"(N = {x.shape[0]}, M = {ref.shape[0]}), got {self_offset}")
+    if loss not in PAIR_LOSSES:
+        _fail(op, f"unknown loss {loss!r}; expected one of {list(PAIR_LOSSES)}")
+    if len(params) != PAIR_LOSSES[loss]:
+        _fail(op, f"{loss} takes {PAIR_LOSSES[loss]} parameters, got {len(params)}")
+    if metric not in ("euclidean", "cosine"):
+        _fail(op, f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
+    if grads is not None:
+        grad_rows, stats = grads
+        outputs = 2 if loss == "contrastive" else 1
+        for name, t, width in (("grad_rows", grad_rows, outputs), ("stats", stats, 4)):
+            if t.dim() != 2 or tuple(t.shape) != (x.shape[0], width) or \
+                    not t.dtype.is_floating_point or t.device != x.device:
+                _fail(op, f"{name} must be floating [{x.shape[0]}, {width}] on {x.device}, got "
+                          f"{t.dtype} {tuple(t.shape)} on {t.device}")
