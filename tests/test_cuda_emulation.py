@@ -1,5 +1,5 @@
 """The CUDA kernels (csrc/cuda/gram_tile_kernels.cuh, affinity_kernels.cuh,
-pair_pass_kernels.cuh, n_centroids_kernels.cuh) run on the CPU.
+pair_pass_kernels.cuh, n_centroids_kernels.cuh, pair_loss_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/cuda_host_shim.h compiles the kernel bodies unchanged as
 C++ with one thread per CUDA thread, so the tiling, ragged edges, shared-memory
@@ -545,3 +545,125 @@ def test_n_centroids_epilogue_kernels_match_reference(ncl_kernels, metric, n, k,
     (want * g_rows).sum().backward()
     assert_rel(rows, want.detach(), 1e-12, "rows")
     assert_rel(grad, zr.grad, 1e-10, "grad z")
+
+
+# ---------------------------------------------------------------------------
+# The pair losses (csrc/cuda/pair_loss_kernels.cuh), with the host steps of
+# pair_losses_cuda.cpp in torch, against the C++ CPU op (itself tested against the
+# reference in tests/test_pair_losses.py).
+# ---------------------------------------------------------------------------
+PAIR_LOSS_PARAMS = {"contrastive": (0, [0.15, 0.8]), "supcon": (1, [0.2]), "ntxent": (2, [0.1]),
+                    "multi_similarity": (3, [2.0, 50.0, 0.5])}
+
+
+@pytest.fixture(scope="session")
+def pair_loss_kernels(tmp_path_factory) -> ctypes.CDLL:
+    return _build(tmp_path_factory, ROOT / "tests/cuda_emulation/pair_loss_kernels_on_host.cpp",
+                  [ROOT / "csrc/cuda/pair_loss_kernels.cuh", ROOT / "csrc/cuda/pair_loss_tile.h",
+                   SOURCES[1], SOURCES[3], SOURCES[4],
+                   ROOT / "csrc/include/confusion_kernels/pair_loss_math.h"])
+
+
+def emulated_pair_loss(lib, x, labels, ref, ref_labels, self_offset, loss, metric, grad_rows,
+                       row_tile, ref_tile, threads):
+    """((rows, stats), (grad_x, grad_ref)) of pair_losses_cuda.cpp's tile loops with tiles of
+    row_tile x ref_tile pairs and blocks of ``threads``, the kernels emulated, cuBLAS's
+    products in torch."""
+    kind, params = PAIR_LOSS_PARAMS[loss]
+    a, b, c = (params + [0.0, 0.0])[:3]
+    consts = (_i64(kind), ctypes.c_double(a), ctypes.c_double(b), ctypes.c_double(c))
+    cosine = ctypes.c_int(metric == "cosine")
+    n, d = x.shape
+    m = ref.shape[0]
+    xn, rn = (x * x).sum(1).contiguous(), (ref * ref).sum(1).contiguous()
+    block = ctypes.c_uint(threads)
+
+    def tiles():
+        for r0 in range(0, n, row_tile):
+            rt = min(row_tile, n - r0)
+            for c0 in range(0, m, ref_tile):
+                ct = min(ref_tile, m - c0)
+                g = (x[r0:r0 + rt] @ ref[c0:c0 + ct].T).contiguous()
+                has_self = self_offset is not None
+                delta = r0 + self_offset - c0 if has_self else 0
+                args = (_ptr(g), _ptr(x[r0:]), _ptr(xn[r0:]), _ptr(labels[r0:]), _ptr(ref[c0:]),
+                        _ptr(rn[c0:]), _ptr(ref_labels[c0:]), _i64(rt), _i64(ct), _i64(d),
+                        _i64(delta), ctypes.c_int(has_self), cosine)
+                yield r0, rt, c0, ct, args
+
+    stats = torch.empty(n, 4, dtype=torch.float64)
+    rows = torch.empty(n, 2 if loss == "contrastive" else 1, dtype=torch.float64)
+    lib.ck_pl_row_step(consts[0], cosine, *consts[1:], _i64(n), 0, _ptr(stats), None, block)
+    for second in (False, True):
+        if second and loss != "ntxent":
+            break
+        for r0, _, _, _, args in tiles():
+            lib.ck_pl_stats(*args, *consts, ctypes.c_int(second), _ptr(stats[r0:]), block)
+        if not second:
+            lib.ck_pl_row_step(consts[0], cosine, *consts[1:], _i64(n), 1, _ptr(stats), None,
+                               block)
+    lib.ck_pl_row_step(consts[0], cosine, *consts[1:], _i64(n), 2, _ptr(stats), _ptr(rows), block)
+
+    grad_x, grad_ref = torch.zeros_like(x), torch.zeros_like(ref)
+    sign = 1.0 if metric == "cosine" else -1.0
+    for r0, rt, c0, ct, args in tiles():
+        coef = torch.empty(rt, ct, dtype=torch.float64)
+        near = torch.empty(rt, ct, dtype=torch.float64)
+        lib.ck_pl_coefficients(*args, *consts, _ptr(stats[r0:]), _ptr(grad_rows[r0:]), _ptr(coef),
+                               _ptr(near), block)
+        xr, rc = x[r0:r0 + rt], ref[c0:c0 + ct]
+        gx = grad_x[r0:r0 + rt]
+        gr = grad_ref[c0:c0 + ct]
+        gx += sign * (coef @ rc)
+        gr += sign * (coef.T @ xr)
+        if metric != "cosine":
+            gx += xr * coef.sum(1, keepdim=True)
+            gr += rc * coef.sum(0)[:, None]
+            lib.ck_pl_near_grads(_ptr(xr), _ptr(rc), _i64(rt), _i64(ct), _i64(d), _ptr(near),
+                                 _ptr(gx), _ptr(gr), block)
+    return (rows, stats), (grad_x, grad_ref)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("loss", list(PAIR_LOSS_PARAMS))
+def test_pair_loss_kernels_match_the_cpu_op(pair_loss_kernels, loss, metric):
+    """Several row and reference tiles (ragged), blocks of 8 threads (a tree of 3 merges, a
+    tile's columns not a multiple of 8), a left-out pair, duplicates (exact distance 0) and
+    rows 1e-9 apart (the difference form), a one-sample class; float64 against the C++ CPU
+    op's rows, statistics and gradients."""
+    from confusion_kernels import _extension
+
+    if not _extension.has_kernel("pair_loss_stats", "CPU"):
+        pytest.skip("needs the C++ CPU kernel (the extension is not built)")
+    g = torch.Generator().manual_seed(len(loss) + len(metric))
+    n, d = 37, 5
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    x[1], labels[1] = x[0], labels[0]
+    x[3], labels[3] = x[2] + 1e-9, labels[2]
+    x[5], labels[5] = x[4], (labels[4] + 1) % 4
+    labels[6] = 9  # one sample
+    extra = torch.randn(11, d, generator=g, dtype=torch.float64)
+    ref = torch.cat([extra, x]).contiguous()
+    ref_labels = torch.cat([torch.randint(0, 4, (11,), generator=g), labels]).contiguous()
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+        ref = torch.nn.functional.normalize(ref, dim=1)
+    grad_rows = torch.rand(n, 2 if loss == "contrastive" else 1, generator=g, dtype=torch.float64)
+    kind, params = PAIR_LOSS_PARAMS[loss]
+    ops = torch.ops.confusion_kernels
+    for r, rl, offset in ((x, labels, 0), (ref, ref_labels, 11), (extra, ref_labels[:11], None)):
+        r = r.contiguous()
+        (rows, stats), (gx, gr) = emulated_pair_loss(
+            pair_loss_kernels, x, labels, r, rl.contiguous(), offset, loss, metric, grad_rows,
+            row_tile=16, ref_tile=13, threads=8)
+        want_rows, want_stats = ops.pair_loss_stats(x, labels, r, rl, offset, loss, params,
+                                                    metric)
+        want_gx, want_gr = ops.pair_loss_backward(grad_rows, want_stats, x, labels, r, rl, offset,
+                                                  loss, params, metric)
+        torch.testing.assert_close(rows, want_rows, rtol=1e-12, atol=1e-12)
+        finite = torch.isfinite(want_stats)
+        assert torch.equal(finite, torch.isfinite(stats))
+        torch.testing.assert_close(stats[finite], want_stats[finite], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, want_gx, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gr, want_gr, rtol=1e-10, atol=1e-12)

@@ -21,14 +21,16 @@ LOSSES = {
 }
 # (metric, normalize)
 DISTANCES = [("euclidean", True), ("euclidean", False), ("cosine", True)]
-FUSED = ["cpu", "triton"]
+FUSED = ["cpu", "triton", "cuda"]  # cuda: skipped without a GPU
 # Triton runs in its interpreter here (numpy, one program at a time): smaller batches that
 # still span several blocks of 32 with a ragged last one. CI runs the suite three times.
-SMALL = {"cpu": 1.0, "triton": 0.25}
+SMALL = {"cpu": 1.0, "cuda": 1.0, "triton": 0.25}
 
 
 def _n(fused: str, n: int) -> int:
-    """n rows on cpu, about a quarter (at least 33, never a multiple of 32) on triton."""
+    """n rows on cpu and cuda, about a quarter (at least 33, never a multiple of 32) on triton."""
+    if SMALL[fused] == 1.0:
+        return n
     m = max(33, int(n * SMALL[fused]))
     return m + 1 if m % 32 == 0 else m
 

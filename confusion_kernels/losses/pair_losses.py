@@ -11,10 +11,10 @@ default reducer: ``metric="euclidean"`` is PML's ``LpDistance(normalize_embeddin
 ``indices_tuple`` (a miner's pairs (a1, p, a2, n) or triplets (a, p, n)): the loss of the listed
 pairs only, O(pairs * D) on any device (``mined_pairs``), as PML computes it from them.
 
-Backends: ``reference`` (the dense N x M definition), ``cpu`` (the fused C++ kernel) and
-``triton`` (the fused Triton kernels): per-row statistics streamed over reference tiles, the
-backward recomputing them. There is no CUDA C++ kernel for these losses yet: on a GPU,
-``backend="auto"`` runs the Triton kernels and asking for ``"cuda"`` raises.
+Backends: ``reference`` (the dense N x M definition), and fused with O((N + M) D) memory:
+``cpu`` (C++), ``triton`` and ``cuda`` (CUDA C++ kernels with cuBLAS Gram tiles; what
+``backend="auto"`` runs on a GPU): per-row statistics streamed over reference tiles, the
+backward recomputing them.
 """
 
 from __future__ import annotations

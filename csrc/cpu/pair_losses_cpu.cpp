@@ -24,6 +24,7 @@
 
 #include "confusion_kernels/checks.h"
 #include "confusion_kernels/gram_tiles.h"
+#include "confusion_kernels/pair_loss_args.h"
 #include "confusion_kernels/pair_loss_math.h"
 #include "parallel_jobs.h"
 #include "simd.h"
@@ -34,57 +35,6 @@ namespace {
 constexpr int64_t kRowTile = 128;
 constexpr int64_t kRefTile = 512;
 constexpr int64_t kNoSelf = -1;
-
-int64_t pair_loss_code(c10::string_view name) {
-  const std::string key(name);
-  if (key == "contrastive") return kContrastive;
-  if (key == "supcon") return kSupCon;
-  if (key == "ntxent") return kNTXent;
-  if (key == "multi_similarity") return kMultiSimilarity;
-  TORCH_CHECK(false, "pair_loss: unknown loss '", key,
-              "'; expected contrastive, supcon, ntxent or multi_similarity");
-}
-
-bool pair_metric_is_cosine(c10::string_view name) {
-  const std::string key(name);
-  TORCH_CHECK(key == "euclidean" || key == "cosine", "pair_loss: unknown metric '", key,
-              "'; expected euclidean or cosine");
-  return key == "cosine";
-}
-
-template <typename T>
-PairLossParams<T> pair_loss_params(int64_t kind, bool cosine, at::ArrayRef<double> params) {
-  const size_t want = kind == kContrastive ? 2 : kind == kMultiSimilarity ? 3 : 1;
-  TORCH_CHECK(params.size() == want, "pair_loss: expected ", want, " parameters, got ",
-              params.size());
-  PairLossParams<T> p{kind, cosine ? T(-1) : T(1), T(params[0]), T(0), T(0)};
-  if (want > 1) p.b = T(params[1]);
-  if (want > 2) p.c = T(params[2]);
-  return p;
-}
-
-void check_pair_loss_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
-                            const at::Tensor& ref_labels, c10::optional<int64_t> self_offset) {
-  TORCH_CHECK(x.dim() == 2 && ref.dim() == 2, "pair_loss: x and ref must be 2-D, got ", x.dim(),
-              "-D and ", ref.dim(), "-D");
-  TORCH_CHECK(x.size(1) == ref.size(1), "pair_loss: x has D = ", x.size(1),
-              ", ref D = ", ref.size(1));
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "pair_loss: x and ref must both be float32 or both float64, got ", x.scalar_type(),
-              " and ", ref.scalar_type());
-  TORCH_CHECK(x.is_cpu() && ref.is_cpu() && labels.is_cpu() && ref_labels.is_cpu(),
-              "pair_loss: the CPU kernel takes CPU tensors");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0) && labels.scalar_type() == at::kLong,
-              "pair_loss: labels must be int64 [N] with N = ", x.size(0));
-  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == ref.size(0) &&
-                  ref_labels.scalar_type() == at::kLong,
-              "pair_loss: ref_labels must be int64 [M] with M = ", ref.size(0));
-  if (self_offset.has_value())
-    TORCH_CHECK(*self_offset >= 0 && *self_offset + x.size(0) <= ref.size(0),
-                "pair_loss: self_offset ", *self_offset, " puts x outside ref (N = ", x.size(0),
-                ", M = ", ref.size(0), ")");
-}
 
 // The rows, references and their tables, and the pair value m of a Gram tile entry.
 template <typename T>
@@ -421,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_stats_cpu(
     at::ArrayRef<double> params, c10::string_view metric) {
   const NoAutocast no_autocast;
   const SerialAten serial;
-  check_pair_loss_inputs(x, labels, ref, ref_labels, self_offset);
+  check_pair_loss_inputs(x, labels, ref, ref_labels, self_offset, c10::kCPU);
   const int64_t kind = pair_loss_code(loss);
   const bool cosine = pair_metric_is_cosine(metric);
   at::Tensor rows = at::empty({x.size(0), pair_loss_outputs(kind)}, x.options());
@@ -444,14 +394,10 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
     c10::string_view metric) {
   const NoAutocast no_autocast;
   const SerialAten serial;
-  check_pair_loss_inputs(x, labels, ref, ref_labels, self_offset);
+  check_pair_loss_inputs(x, labels, ref, ref_labels, self_offset, c10::kCPU);
   const int64_t kind = pair_loss_code(loss);
   const bool cosine = pair_metric_is_cosine(metric);
-  TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == x.size(0) &&
-                  grad_rows.size(1) == pair_loss_outputs(kind),
-              "pair_loss_backward: grad_rows must be [N, ", pair_loss_outputs(kind), "]");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == x.size(0) && stats.size(1) == kPairLossStats,
-              "pair_loss_backward: stats must be [N, ", kPairLossStats, "]");
+  check_pair_loss_backward_inputs(grad_rows, stats, x, kind);
   const at::Tensor g = grad_rows.to(x.scalar_type()).contiguous();
   const at::Tensor st = stats.to(x.scalar_type()).contiguous();
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);

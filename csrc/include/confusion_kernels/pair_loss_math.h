@@ -61,10 +61,14 @@ CK_HOST_DEVICE T pair_loss_stream(const PairLossParams<T>& p, T m, bool same, T*
   *slot = -1;
   switch (p.kind) {
     case kContrastive: {
+      // constant indices: a CUDA thread keeps st in registers
       const T h = same ? p.sign * (m - p.a) : p.sign * (p.b - m);
-      if (h > T(0)) {
-        st[same ? 0 : 2] += h;
-        st[same ? 1 : 3] += T(1);
+      if (h > T(0) && same) {
+        st[0] += h;
+        st[1] += T(1);
+      } else if (h > T(0)) {
+        st[2] += h;
+        st[3] += T(1);
       }
       return T(0);
     }
@@ -96,6 +100,46 @@ CK_HOST_DEVICE void lse_merge(T tile_max, T tile_sum, T* mx, T* sum) {
   } else {
     *sum = *sum * std::exp(*mx - tile_max) + tile_sum;
     *mx = tile_max;
+  }
+}
+
+// A partial of the first pass (a share of a row's pairs, the CUDA kernels' threads): empty
+// sums and empty log-sum-exps (max -inf, sum 0); the "+ 1" of multi_similarity stays in the
+// row's own statistics (pair_loss_init).
+template <typename T>
+CK_HOST_DEVICE void pair_loss_init_partial(const PairLossParams<T>& p, T* st) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  st[0] = st[1] = st[2] = st[3] = T(0);
+  if (p.kind != kContrastive) st[0] = ninf;
+  if (p.kind == kMultiSimilarity) st[2] = ninf;
+}
+
+// One pair of the first pass into a partial: pair_loss_stream, its e^v merged at once.
+template <typename T>
+CK_HOST_DEVICE void pair_loss_add(const PairLossParams<T>& p, T m, bool same, T* st) {
+  int slot;
+  const T v = pair_loss_stream(p, m, same, st, &slot);
+  if (slot == 0) lse_merge(v, T(1), &st[0], &st[1]);  // constant indices (registers on CUDA)
+  if (slot == 2) lse_merge(v, T(1), &st[2], &st[3]);
+}
+
+// Merges the first-pass partial `part` into `st` (sums added, log-sum-exps merged); with
+// `second`, NT-Xent's second-pass sums (slots 1-3; slot 0 holds lse_Q in both).
+template <typename T>
+CK_HOST_DEVICE void pair_loss_merge(const PairLossParams<T>& p, const T* part, bool second, T* st) {
+  if (second || p.kind == kContrastive) {
+    if (!second) st[0] += part[0];
+    st[1] += part[1];
+    st[2] += part[2];
+    st[3] += part[3];
+    return;
+  }
+  lse_merge(part[0], part[1], &st[0], &st[1]);
+  if (p.kind == kMultiSimilarity) {
+    lse_merge(part[2], part[3], &st[2], &st[3]);
+  } else if (p.kind == kSupCon) {
+    st[2] += part[2];
+    st[3] += part[3];
   }
 }
 

@@ -1,0 +1,41 @@
+// The tile the pair-loss CUDA kernels (pair_loss_kernels.cuh) work on, shared with the host
+// code that fills it (pair_losses_cuda.cpp); CUDA-free.
+#pragma once
+
+#include <cstdint>
+
+#include "confusion_kernels/pair_math.h"
+
+namespace confusion_kernels {
+namespace pair_losses {
+
+// A tile: rows x [rt, d] with squared norms xn, labels lab; references r [ct, d], rn, rlab;
+// the Gram tile g [rt, ct]. Pair (i, j) of the tile is left out when `has_self` and
+// j == i + self_delta (the caller's x_i is ref_{i + self_offset}).
+template <typename T>
+struct PairTile {
+  const T* g;
+  const T* x;
+  const T* xn;
+  const int64_t* lab;
+  const T* r;
+  const T* rn;
+  const int64_t* rlab;
+  int64_t rt, ct, d, self_delta;
+  bool has_self, cosine;
+
+  CK_HOST_DEVICE bool left_out(int64_t i, int64_t j) const {
+    return has_self && j == i + self_delta;
+  }
+  // m_ij; *exact: a euclidean pair whose Gram form cancels, taken from differences.
+  CK_HOST_DEVICE T value(int64_t i, int64_t j, bool* exact) const {
+    *exact = false;
+    const T dot = g[i * ct + j];
+    if (cosine) return dot;
+    const T dist = gram_distance(kEuclidean, xn[i], rn[j], dot, exact);
+    return *exact ? pair_distance_exact<T, T>(kEuclidean, x + i * d, r + j * d, d) : dist;
+  }
+};
+
+}  // namespace pair_losses
+}  // namespace confusion_kernels
