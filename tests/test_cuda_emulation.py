@@ -652,7 +652,10 @@ def test_pair_loss_kernels_match_the_cpu_op(pair_loss_kernels, loss, metric):
     grad_rows = torch.rand(n, 2 if loss == "contrastive" else 1, generator=g, dtype=torch.float64)
     kind, params = PAIR_LOSS_PARAMS[loss]
     ops = torch.ops.confusion_kernels
-    for r, rl, offset in ((x, labels, 0), (ref, ref_labels, 11), (extra, ref_labels[:11], None)):
+    # x as its own references through a copy: the CPU op's self path (the same tensor) returns
+    # the whole gradient in dL/dx, this comparison wants the two parts
+    for r, rl, offset in ((x.clone(), labels.clone(), 0), (ref, ref_labels, 11),
+                          (extra, ref_labels[:11], None)):
         r = r.contiguous()
         (rows, stats), (gx, gr) = emulated_pair_loss(
             pair_loss_kernels, x, labels, r, rl.contiguous(), offset, loss, metric, grad_rows,

@@ -219,7 +219,10 @@ def test_same_bits_on_one_and_two_threads(name):
         a, r = x.clone().requires_grad_(True), ref.clone().requires_grad_(True)
         loss = fn(a, labels, r, ref_labels, backend="cpu", **params)
         loss.backward()
-        return loss.detach(), a.grad, r.grad
+        own = x.clone().requires_grad_(True)  # the self path: 3 tiles of 256, 6 tile pairs
+        own_loss = fn(own, labels, backend="cpu", **params)
+        own_loss.backward()
+        return loss.detach(), a.grad, r.grad, own_loss.detach(), own.grad
 
     threads = torch.get_num_threads()
     try:

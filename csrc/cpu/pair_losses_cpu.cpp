@@ -28,6 +28,7 @@
 #include "confusion_kernels/pair_loss_math.h"
 #include "parallel_jobs.h"
 #include "simd.h"
+#include "tile_pairs.h"
 
 namespace confusion_kernels {
 namespace {
@@ -126,6 +127,39 @@ void lse_add_tile(T* v, int64_t n, T* mx, T* sum) {
   lse_merge(tile_max, tile_sum, mx, sum);
 }
 
+// Row i's first-pass pairs with the columns [c0, c0 + ct) (Gram entries gram[k * stride])
+// into its statistics st: each pair's non-exp parts at once, its e^v in a batch (slot0 /
+// slot2: scratch of ct values).
+template <typename T>
+void stream_row(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i, int64_t c0,
+                int64_t ct, const T* gram, int64_t stride, T* st, T* slot0, T* slot2) {
+  int64_t n0 = 0, n2 = 0;
+  for (int64_t jj = 0; jj < ct; ++jj) {
+    const int64_t j = c0 + jj;
+    if (t.left_out(i, j)) continue;
+    bool exact;
+    const T mij = t.value(i, j, gram[jj * stride], &exact);
+    int slot;
+    const T v = pair_loss_stream(p, mij, t.lab[i] == t.rlab[j], st, &slot);
+    if (slot == 0) slot0[n0++] = v;
+    if (slot == 2) slot2[n2++] = v;
+  }
+  lse_add_tile(slot0, n0, &st[0], &st[1]);
+  lse_add_tile(slot2, n2, &st[2], &st[3]);
+}
+
+// NT-Xent's second pass for row i: its positives among the columns [c0, c0 + ct).
+template <typename T>
+void stream_row_positives(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i,
+                          int64_t c0, int64_t ct, const T* gram, int64_t stride, T* st) {
+  for (int64_t jj = 0; jj < ct; ++jj) {
+    const int64_t j = c0 + jj;
+    if (t.left_out(i, j) || t.lab[i] != t.rlab[j]) continue;
+    bool exact;
+    ntxent_accumulate_positive(p, t.value(i, j, gram[jj * stride], &exact), st);
+  }
+}
+
 template <typename T>
 void stats_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats, T* rows) {
   const int64_t outputs = pair_loss_outputs(p.kind);
@@ -133,44 +167,87 @@ void stats_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stat
     const int64_t r0 = job * kRowTile, rt = std::min(kRowTile, t.n - r0);
     std::vector<T> slot0(kRefTile), slot2(kRefTile);  // a row's exponents of one tile, by slot
     for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_init(p, stats + i * kPairLossStats);
-    // the first pass: each pair's non-exp parts at once, its e^v per row and tile in a batch
     t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
-      for (int64_t ii = 0; ii < rt; ++ii) {
-        const int64_t i = r0 + ii;
-        T* st = stats + i * kPairLossStats;
-        int64_t n0 = 0, n2 = 0;
-        for (int64_t jj = 0; jj < ct; ++jj) {
-          const int64_t j = c0 + jj;
-          if (t.left_out(i, j)) continue;
-          bool exact;
-          const T mij = t.value(i, j, gram[ii * ct + jj], &exact);
-          int slot;
-          const T v = pair_loss_stream(p, mij, t.lab[i] == t.rlab[j], st, &slot);
-          if (slot == 0) slot0[n0++] = v;
-          if (slot == 2) slot2[n2++] = v;
-        }
-        lse_add_tile(slot0.data(), n0, &st[0], &st[1]);
-        lse_add_tile(slot2.data(), n2, &st[2], &st[3]);
-      }
+      for (int64_t ii = 0; ii < rt; ++ii)
+        stream_row(t, p, r0 + ii, c0, ct, gram + ii * ct, 1, stats + (r0 + ii) * kPairLossStats,
+                   slot0.data(), slot2.data());
     });
     for (int64_t i = r0; i < r0 + rt; ++i) pair_loss_finish_first(p, stats + i * kPairLossStats);
     if (p.kind == kNTXent) {  // the positives, with the negatives' log-sum-exp known
       t.for_ref_tiles(r0, rt, [&](int64_t c0, int64_t ct, const T* gram) {
-        for (int64_t ii = 0; ii < rt; ++ii) {
-          const int64_t i = r0 + ii;
-          for (int64_t jj = 0; jj < ct; ++jj) {
-            const int64_t j = c0 + jj;
-            if (t.left_out(i, j) || t.lab[i] != t.rlab[j]) continue;
-            bool exact;
-            ntxent_accumulate_positive(p, t.value(i, j, gram[ii * ct + jj], &exact),
-                                       stats + i * kPairLossStats);
-          }
-        }
+        for (int64_t ii = 0; ii < rt; ++ii)
+          stream_row_positives(t, p, r0 + ii, c0, ct, gram + ii * ct, 1,
+                               stats + (r0 + ii) * kPairLossStats);
       });
     }
     for (int64_t i = r0; i < r0 + rt; ++i)
       pair_loss_rows(p, stats + i * kPairLossStats, rows + i * outputs);
   });
+}
+
+// The self case (the rows are their own references: the same tensor and labels, each (i, i)
+// left out): every unordered pair of row tiles once (tile_pairs.h), one Gram tile for both
+// orders of its pairs, half the products of the general path. Each tile's rows receive their
+// contributions in schedule order (run_tile_pairs): the same bits on any number of threads.
+constexpr int64_t kSelfTile = 256;
+
+template <typename T>
+bool is_self(const PairLossTiles<T>& t) {
+  return t.shift == 0 && t.n == t.m && t.xp == t.rp && t.lab == t.rlab;
+}
+
+// The workers (worker < this) for_self_tile_pairs runs for n rows: run_tile_pairs's, one per
+// scheduled pair at most.
+inline int64_t self_pair_workers(int64_t n) {
+  const int64_t tiles = (n + kSelfTile - 1) / kSelfTile;
+  return job_workers(tiles * (tiles + 1) / 2);
+}
+
+// job(r0, rt, c0, ct, gram [rt, ct], worker) for every unordered pair of row tiles (r0 <= c0).
+template <typename T, class Job>
+void for_self_tile_pairs(const PairLossTiles<T>& t, const Job& job) {
+  const int64_t tiles = (t.n + kSelfTile - 1) / kSelfTile;
+  run_tile_pairs(tile_pair_schedule(tiles), tiles, [&](const TilePair& tp, int64_t worker) {
+    const int64_t r0 = tp.r * kSelfTile, rt = std::min(kSelfTile, t.n - r0);
+    const int64_t c0 = tp.c * kSelfTile, ct = std::min(kSelfTile, t.n - c0);
+    const at::Tensor gram = at::mm(t.x.narrow(0, r0, rt), t.x.narrow(0, c0, ct).t());
+    job(r0, rt, c0, ct, gram.template data_ptr<T>(), worker);
+  });
+}
+
+template <typename T>
+void stats_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats, T* rows) {
+  const int64_t outputs = pair_loss_outputs(p.kind);
+  for (int64_t i = 0; i < t.n; ++i) pair_loss_init(p, stats + i * kPairLossStats);
+  const int64_t workers = self_pair_workers(t.n);
+  std::vector<std::vector<T>> slots(workers, std::vector<T>(2 * kSelfTile));
+  for (const bool second : {false, true}) {
+    if (second && p.kind != kNTXent) break;
+    for_self_tile_pairs(
+        t, [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
+          T* slot0 = slots[worker].data();
+          T* slot2 = slot0 + kSelfTile;
+          for (int64_t ii = 0; ii < rt; ++ii) {  // rows of tile r against tile c
+            T* st = stats + (r0 + ii) * kPairLossStats;
+            if (second)
+              stream_row_positives(t, p, r0 + ii, c0, ct, gram + ii * ct, 1, st);
+            else
+              stream_row(t, p, r0 + ii, c0, ct, gram + ii * ct, 1, st, slot0, slot2);
+          }
+          if (c0 == r0) return;
+          for (int64_t jj = 0; jj < ct; ++jj) {  // rows of tile c against tile r: Gram columns
+            T* st = stats + (c0 + jj) * kPairLossStats;
+            if (second)
+              stream_row_positives(t, p, c0 + jj, r0, rt, gram + jj, ct, st);
+            else
+              stream_row(t, p, c0 + jj, r0, rt, gram + jj, ct, st, slot0, slot2);
+          }
+        });
+    if (!second)
+      for (int64_t i = 0; i < t.n; ++i) pair_loss_finish_first(p, stats + i * kPairLossStats);
+  }
+  for (int64_t i = 0; i < t.n; ++i)
+    pair_loss_rows(p, stats + i * kPairLossStats, rows + i * outputs);
 }
 
 // The coefficients of one row against one tile: c[k] for columns k < ct of the tile (the
@@ -362,6 +439,73 @@ void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, cons
   });
 }
 
+// The self case's backward (see stats_self), into grad [N, D] (zeros on entry): for a tile
+// pair (P, Q) the coefficients of P's rows against Q (C1, their statistics) and of Q's rows
+// against P (C2) combine to S = C1 + C2^T, since a pair's value enters both rows' losses:
+// dL/dx_P += S x_Q (cosine) or rowsum(S) x_P - S x_Q (euclidean, S over m), and the same
+// with S^T for Q; a diagonal tile has S = C1 + C1^T and one update. Pairs taken from
+// differences update both rows there.
+template <typename T>
+void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
+                   const T* g, T* grad) {
+  const int64_t outputs = pair_loss_outputs(p.kind), d = t.d;
+  const int64_t workers = self_pair_workers(t.n);
+  const at::Tensor grad_t = at::from_blob(grad, {t.n, d}, t.x.options());
+  struct Scratch {
+    at::Tensor c1, c2;
+    std::vector<T> m_buf;
+    std::vector<uint8_t> flags;
+  };
+  std::vector<Scratch> scratch(workers);
+  for (Scratch& sc : scratch) {
+    sc.c1 = at::empty({kSelfTile, kSelfTile}, t.x.options());
+    sc.c2 = at::empty({kSelfTile, kSelfTile}, t.x.options());
+    sc.m_buf.resize(kSelfTile);
+    sc.flags.resize(kSelfTile);
+  }
+  for_self_tile_pairs(
+      t, [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
+        Scratch& sc = scratch[worker];
+        const auto pair_direct = [&](int64_t i, int64_t j, T c) {  // d(c m_ij)/dx_i, /dx_j
+          for (int64_t k = 0; k < d; ++k) {
+            const T diff = t.xp[i * d + k] - t.xp[j * d + k];
+            grad[i * d + k] += c * diff;
+            grad[j * d + k] -= c * diff;
+          }
+        };
+        at::Tensor c1 = sc.c1.narrow(0, 0, rt).narrow(1, 0, ct);  // [rt, ct] with row stride
+        T* c1p = sc.c1.template data_ptr<T>();
+        for (int64_t ii = 0; ii < rt; ++ii) {
+          const int64_t i = r0 + ii;
+          row_coefficients(t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats,
+                           g + i * outputs, c1p + ii * kSelfTile, sc.m_buf.data(), sc.flags.data(),
+                           [&](int64_t j, T c) { pair_direct(i, j, c); });
+        }
+        at::Tensor s_tile;
+        if (c0 == r0) {
+          s_tile = c1 + c1.t();
+        } else {
+          T* c2p = sc.c2.template data_ptr<T>();
+          for (int64_t jj = 0; jj < ct; ++jj) {
+            const int64_t j = c0 + jj;
+            row_coefficients(t, p, j, r0, rt, gram + jj, ct, stats + j * kPairLossStats,
+                             g + j * outputs, c2p + jj * kSelfTile, sc.m_buf.data(),
+                             sc.flags.data(), [&](int64_t i, T c) { pair_direct(j, i, c); });
+          }
+          s_tile = c1 + sc.c2.narrow(0, 0, ct).narrow(1, 0, rt).t();
+        }
+        const at::Tensor xp = t.x.narrow(0, r0, rt), xq = t.x.narrow(0, c0, ct);
+        at::Tensor gp = grad_t.narrow(0, r0, rt);
+        const T sign = t.cosine ? T(1) : T(-1);
+        if (!t.cosine) gp.add_(xp * s_tile.sum(1, true));
+        gp.addmm_(s_tile, xq, 1, sign);
+        if (c0 == r0) return;
+        at::Tensor gq = grad_t.narrow(0, c0, ct);
+        if (!t.cosine) gq.add_(xq * s_tile.sum(0).unsqueeze(1));
+        gq.addmm_(s_tile.t(), xp, 1, sign);
+      });
+}
+
 // (rows [N, outputs], stats [N, 4]): the per-row outputs with a gradient (contrastive: the
 // sums of l+ and l-; the others the row's loss) and the statistics the backward and the
 // reducers read (pair_loss_math.h).
@@ -379,8 +523,11 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_stats_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_loss_stats_cpu", [&] {
     const PairLossTiles<scalar_t> t(x, labels.contiguous(), ref, ref_labels.contiguous(),
                                     self_offset, cosine);
-    stats_kernel(t, pair_loss_params<scalar_t>(kind, cosine, params), stats.data_ptr<scalar_t>(),
-                 rows.data_ptr<scalar_t>());
+    const PairLossParams<scalar_t> p = pair_loss_params<scalar_t>(kind, cosine, params);
+    if (is_self(t))
+      stats_self(t, p, stats.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>());
+    else
+      stats_kernel(t, p, stats.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>());
   });
   return {rows, stats};
 }
@@ -407,7 +554,12 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
                                     self_offset, cosine);
     const PairLossParams<scalar_t> p = pair_loss_params<scalar_t>(kind, cosine, params);
     const int64_t groups = one_pass_groups(t.n, t.m, t.d, int64_t(sizeof(scalar_t)));
-    if (groups >= 2)
+    if (is_self(t)) {  // the whole gradient in dL/dx (autograd adds dL/dref to it)
+      grad_x.zero_();
+      grad_ref.zero_();
+      backward_self(t, p, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                    grad_x.data_ptr<scalar_t>());
+    } else if (groups >= 2)
       backward_one_pass(t, p, st.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
                         grad_x.data_ptr<scalar_t>(), grad_ref.data_ptr<scalar_t>(), groups);
     else
