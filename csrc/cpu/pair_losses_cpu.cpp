@@ -203,14 +203,42 @@ inline int64_t self_pair_workers(int64_t n) {
   return job_workers(tiles * (tiles + 1) / 2);
 }
 
-// job(r0, rt, c0, ct, gram [rt, ct], worker) for every unordered pair of row tiles (r0 <= c0).
+// A worker's buffer of tiles x [kSelfTile, kSelfTile] values; tile(k, rows, cols) views the
+// k-th as a contiguous [rows, cols] tensor. The self schedule allocates nothing per tile pair:
+// thousands of small temporaries on the pool's threads left glibc holding hundreds of MB of
+// freed memory (N = 16384).
+template <typename T>
+struct SelfScratch {
+  at::Tensor buf;
+  SelfScratch(int64_t tiles, const at::TensorOptions& opt)
+      : buf(at::empty({tiles, kSelfTile * kSelfTile}, opt)) {}
+  at::Tensor tile(int64_t k, int64_t rows, int64_t cols) const {
+    return buf[k].narrow(0, 0, rows * cols).view({rows, cols});
+  }
+};
+
+// One SelfScratch of `tiles` tiles per worker, each its own buffer (a vector filled with one
+// SelfScratch would share a single tensor among the workers).
+template <typename T>
+std::vector<SelfScratch<T>> self_scratch(int64_t workers, int64_t tiles,
+                                         const at::TensorOptions& opt) {
+  std::vector<SelfScratch<T>> out;
+  out.reserve(workers);
+  for (int64_t w = 0; w < workers; ++w) out.emplace_back(tiles, opt);
+  return out;
+}
+
+// job(r0, rt, c0, ct, gram [rt, ct], worker) for every unordered pair of row tiles (r0 <= c0);
+// the Gram tile is written into tile 0 of scratch[worker].
 template <typename T, class Job>
-void for_self_tile_pairs(const PairLossTiles<T>& t, const Job& job) {
+void for_self_tile_pairs(const PairLossTiles<T>& t, const std::vector<SelfScratch<T>>& scratch,
+                         const Job& job) {
   const int64_t tiles = (t.n + kSelfTile - 1) / kSelfTile;
   run_tile_pairs(tile_pair_schedule(tiles), tiles, [&](const TilePair& tp, int64_t worker) {
     const int64_t r0 = tp.r * kSelfTile, rt = std::min(kSelfTile, t.n - r0);
     const int64_t c0 = tp.c * kSelfTile, ct = std::min(kSelfTile, t.n - c0);
-    const at::Tensor gram = at::mm(t.x.narrow(0, r0, rt), t.x.narrow(0, c0, ct).t());
+    at::Tensor gram = scratch[worker].tile(0, rt, ct);
+    at::mm_out(gram, t.x.narrow(0, r0, rt), t.x.narrow(0, c0, ct).t());
     job(r0, rt, c0, ct, gram.template data_ptr<T>(), worker);
   });
 }
@@ -221,10 +249,12 @@ void stats_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats,
   for (int64_t i = 0; i < t.n; ++i) pair_loss_init(p, stats + i * kPairLossStats);
   const int64_t workers = self_pair_workers(t.n);
   std::vector<std::vector<T>> slots(workers, std::vector<T>(2 * kSelfTile));
+  const std::vector<SelfScratch<T>> scratch = self_scratch<T>(workers, 1, t.x.options());
   for (const bool second : {false, true}) {
     if (second && p.kind != kNTXent) break;
     for_self_tile_pairs(
-        t, [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
+        t, scratch,
+        [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
           T* slot0 = slots[worker].data();
           T* slot2 = slot0 + kSelfTile;
           for (int64_t ii = 0; ii < rt; ++ii) {  // rows of tile r against tile c
@@ -451,21 +481,14 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
   const int64_t outputs = pair_loss_outputs(p.kind), d = t.d;
   const int64_t workers = self_pair_workers(t.n);
   const at::Tensor grad_t = at::from_blob(grad, {t.n, d}, t.x.options());
-  struct Scratch {
-    at::Tensor c1, c2;
-    std::vector<T> m_buf;
-    std::vector<uint8_t> flags;
-  };
-  std::vector<Scratch> scratch(workers);
-  for (Scratch& sc : scratch) {
-    sc.c1 = at::empty({kSelfTile, kSelfTile}, t.x.options());
-    sc.c2 = at::empty({kSelfTile, kSelfTile}, t.x.options());
-    sc.m_buf.resize(kSelfTile);
-    sc.flags.resize(kSelfTile);
-  }
+  // per worker: tiles 0 (Gram), 1 (C1, then S), 2 (C2), 3 (row and column sums of S)
+  const std::vector<SelfScratch<T>> scratch = self_scratch<T>(workers, 4, t.x.options());
+  std::vector<std::vector<T>> m_buf(workers, std::vector<T>(kSelfTile));
+  std::vector<std::vector<uint8_t>> flags(workers, std::vector<uint8_t>(kSelfTile));
   for_self_tile_pairs(
-      t, [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
-        Scratch& sc = scratch[worker];
+      t, scratch,
+      [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
+        const SelfScratch<T>& sc = scratch[worker];
         const auto pair_direct = [&](int64_t i, int64_t j, T c) {  // d(c m_ij)/dx_i, /dx_j
           for (int64_t k = 0; k < d; ++k) {
             const T diff = t.xp[i * d + k] - t.xp[j * d + k];
@@ -473,35 +496,44 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
             grad[j * d + k] -= c * diff;
           }
         };
-        at::Tensor c1 = sc.c1.narrow(0, 0, rt).narrow(1, 0, ct);  // [rt, ct] with row stride
-        T* c1p = sc.c1.template data_ptr<T>();
+        at::Tensor s_tile = sc.tile(1, rt, ct);  // C1 [rt, ct], then S
+        T* c1p = s_tile.template data_ptr<T>();
         for (int64_t ii = 0; ii < rt; ++ii) {
           const int64_t i = r0 + ii;
           row_coefficients(t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats,
-                           g + i * outputs, c1p + ii * kSelfTile, sc.m_buf.data(), sc.flags.data(),
-                           [&](int64_t j, T c) { pair_direct(i, j, c); });
+                           g + i * outputs, c1p + ii * ct, m_buf[worker].data(),
+                           flags[worker].data(), [&](int64_t j, T c) { pair_direct(i, j, c); });
         }
-        at::Tensor s_tile;
+        at::Tensor c2 = sc.tile(2, ct, rt);  // C2 [ct, rt]
         if (c0 == r0) {
-          s_tile = c1 + c1.t();
+          c2.copy_(s_tile);  // a diagonal tile: C2 = C1, S = C1 + C1^T
         } else {
-          T* c2p = sc.c2.template data_ptr<T>();
+          T* c2p = c2.template data_ptr<T>();
           for (int64_t jj = 0; jj < ct; ++jj) {
             const int64_t j = c0 + jj;
             row_coefficients(t, p, j, r0, rt, gram + jj, ct, stats + j * kPairLossStats,
-                             g + j * outputs, c2p + jj * kSelfTile, sc.m_buf.data(),
-                             sc.flags.data(), [&](int64_t i, T c) { pair_direct(j, i, c); });
+                             g + j * outputs, c2p + jj * rt, m_buf[worker].data(),
+                             flags[worker].data(), [&](int64_t i, T c) { pair_direct(j, i, c); });
           }
-          s_tile = c1 + sc.c2.narrow(0, 0, ct).narrow(1, 0, rt).t();
         }
+        s_tile.add_(c2.t());
         const at::Tensor xp = t.x.narrow(0, r0, rt), xq = t.x.narrow(0, c0, ct);
         at::Tensor gp = grad_t.narrow(0, r0, rt);
         const T sign = t.cosine ? T(1) : T(-1);
-        if (!t.cosine) gp.add_(xp * s_tile.sum(1, true));
+        at::Tensor sums = sc.tile(3, 2, kSelfTile);
+        if (!t.cosine) {
+          at::Tensor row_sums = sums[0].narrow(0, 0, rt).unsqueeze(1);
+          at::sum_out(row_sums, s_tile, {1}, true);
+          gp.addcmul_(xp, row_sums);
+        }
         gp.addmm_(s_tile, xq, 1, sign);
         if (c0 == r0) return;
         at::Tensor gq = grad_t.narrow(0, c0, ct);
-        if (!t.cosine) gq.add_(xq * s_tile.sum(0).unsqueeze(1));
+        if (!t.cosine) {
+          at::Tensor col_sums = sums[1].narrow(0, 0, ct).unsqueeze(1);
+          at::sum_out(col_sums, s_tile.t(), {1}, true);
+          gq.addcmul_(xq, col_sums);
+        }
         gq.addmm_(s_tile.t(), xp, 1, sign);
       });
 }

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -69,17 +70,26 @@ inline int64_t region_threads() {
 }
 
 // at::parallel_for(begin, end, grain, f) on region_threads() threads: a kernel's own
-// parallel loop, which a SerialAten scope around it must not make serial.
+// parallel loop, which a SerialAten scope around it must not make serial. Each thread runs f
+// under the caller's thread-local state (at::parallel_for does not carry it over): the op's
+// dispatch guards (checks.h, NoAutocast: no autocast, below autograd) and grad mode hold for
+// the ATen calls inside the jobs too. Without it a job's matrix product on an input that
+// requires grad recorded an autograd node per tile.
 template <class F>
 void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  const auto in_state = [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  };
   const int outer = detail::serial_outer_threads();
   if (outer == 0) {
-    at::parallel_for(begin, end, grain, f);
+    at::parallel_for(begin, end, grain, in_state);
     return;
   }
   detail::set_region_threads(outer);
   try {
-    at::parallel_for(begin, end, grain, f);
+    at::parallel_for(begin, end, grain, in_state);
   } catch (...) {
     detail::set_region_threads(1);
     throw;

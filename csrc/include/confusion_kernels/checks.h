@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <limits>
@@ -20,8 +21,12 @@ namespace confusion_kernels {
 // products, reductions) on tensors already in their compute dtype; under
 // torch.autocast those calls would be re-cast (an fp32 Gram tile computed in
 // bf16, then handed to an fp32 epilogue), so the autocast keys are excluded.
+// They also run below autograd: the ops' gradients are their registered backward
+// ops, and an ATen call on an input that requires grad would otherwise record a
+// graph node for every tile (and `out=` calls would refuse to run).
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
 // float64 accumulates in float64, everything else (fp16, bf16, fp32) in fp32.
