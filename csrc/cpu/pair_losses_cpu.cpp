@@ -189,7 +189,10 @@ void stats_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stat
 // left out): every unordered pair of row tiles once (tile_pairs.h), one Gram tile for both
 // orders of its pairs, half the products of the general path. Each tile's rows receive their
 // contributions in schedule order (run_tile_pairs): the same bits on any number of threads.
-constexpr int64_t kSelfTile = 256;
+// Tiles of 256 rows; below 2048 rows tiles of 64, so that a small batch still has tile
+// pairs for every thread (crossover measurement: with 256 at N = 256 and 512 the fused
+// SupCon was slower than the dense reference).
+inline int64_t self_tile(int64_t n) { return n >= 2048 ? 256 : 64; }
 
 template <typename T>
 bool is_self(const PairLossTiles<T>& t) {
@@ -199,19 +202,19 @@ bool is_self(const PairLossTiles<T>& t) {
 // The workers (worker < this) for_self_tile_pairs runs for n rows: run_tile_pairs's, one per
 // scheduled pair at most.
 inline int64_t self_pair_workers(int64_t n) {
-  const int64_t tiles = (n + kSelfTile - 1) / kSelfTile;
+  const int64_t tiles = (n + self_tile(n) - 1) / self_tile(n);
   return job_workers(tiles * (tiles + 1) / 2);
 }
 
-// A worker's buffer of tiles x [kSelfTile, kSelfTile] values; tile(k, rows, cols) views the
+// A worker's buffer of tiles x [tile, tile] values; tile(k, rows, cols) views the
 // k-th as a contiguous [rows, cols] tensor. The self schedule allocates nothing per tile pair:
 // thousands of small temporaries on the pool's threads left glibc holding hundreds of MB of
 // freed memory (N = 16384).
 template <typename T>
 struct SelfScratch {
   at::Tensor buf;
-  SelfScratch(int64_t tiles, const at::TensorOptions& opt)
-      : buf(at::empty({tiles, kSelfTile * kSelfTile}, opt)) {}
+  SelfScratch(int64_t tiles, int64_t tile, const at::TensorOptions& opt)
+      : buf(at::empty({tiles, tile * tile}, opt)) {}
   at::Tensor tile(int64_t k, int64_t rows, int64_t cols) const {
     return buf[k].narrow(0, 0, rows * cols).view({rows, cols});
   }
@@ -220,11 +223,11 @@ struct SelfScratch {
 // One SelfScratch of `tiles` tiles per worker, each its own buffer (a vector filled with one
 // SelfScratch would share a single tensor among the workers).
 template <typename T>
-std::vector<SelfScratch<T>> self_scratch(int64_t workers, int64_t tiles,
+std::vector<SelfScratch<T>> self_scratch(int64_t workers, int64_t tiles, int64_t tile,
                                          const at::TensorOptions& opt) {
   std::vector<SelfScratch<T>> out;
   out.reserve(workers);
-  for (int64_t w = 0; w < workers; ++w) out.emplace_back(tiles, opt);
+  for (int64_t w = 0; w < workers; ++w) out.emplace_back(tiles, tile, opt);
   return out;
 }
 
@@ -233,10 +236,10 @@ std::vector<SelfScratch<T>> self_scratch(int64_t workers, int64_t tiles,
 template <typename T, class Job>
 void for_self_tile_pairs(const PairLossTiles<T>& t, const std::vector<SelfScratch<T>>& scratch,
                          const Job& job) {
-  const int64_t tiles = (t.n + kSelfTile - 1) / kSelfTile;
+  const int64_t tile = self_tile(t.n), tiles = (t.n + tile - 1) / tile;
   run_tile_pairs(tile_pair_schedule(tiles), tiles, [&](const TilePair& tp, int64_t worker) {
-    const int64_t r0 = tp.r * kSelfTile, rt = std::min(kSelfTile, t.n - r0);
-    const int64_t c0 = tp.c * kSelfTile, ct = std::min(kSelfTile, t.n - c0);
+    const int64_t r0 = tp.r * tile, rt = std::min(tile, t.n - r0);
+    const int64_t c0 = tp.c * tile, ct = std::min(tile, t.n - c0);
     at::Tensor gram = scratch[worker].tile(0, rt, ct);
     at::mm_out(gram, t.x.narrow(0, r0, rt), t.x.narrow(0, c0, ct).t());
     job(r0, rt, c0, ct, gram.template data_ptr<T>(), worker);
@@ -248,15 +251,16 @@ void stats_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats,
   const int64_t outputs = pair_loss_outputs(p.kind);
   for (int64_t i = 0; i < t.n; ++i) pair_loss_init(p, stats + i * kPairLossStats);
   const int64_t workers = self_pair_workers(t.n);
-  std::vector<std::vector<T>> slots(workers, std::vector<T>(2 * kSelfTile));
-  const std::vector<SelfScratch<T>> scratch = self_scratch<T>(workers, 1, t.x.options());
+  std::vector<std::vector<T>> slots(workers, std::vector<T>(2 * self_tile(t.n)));
+  const std::vector<SelfScratch<T>> scratch =
+      self_scratch<T>(workers, 1, self_tile(t.n), t.x.options());
   for (const bool second : {false, true}) {
     if (second && p.kind != kNTXent) break;
     for_self_tile_pairs(
         t, scratch,
         [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
           T* slot0 = slots[worker].data();
-          T* slot2 = slot0 + kSelfTile;
+          T* slot2 = slot0 + self_tile(t.n);
           for (int64_t ii = 0; ii < rt; ++ii) {  // rows of tile r against tile c
             T* st = stats + (r0 + ii) * kPairLossStats;
             if (second)
@@ -482,9 +486,10 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
   const int64_t workers = self_pair_workers(t.n);
   const at::Tensor grad_t = at::from_blob(grad, {t.n, d}, t.x.options());
   // per worker: tiles 0 (Gram), 1 (C1, then S), 2 (C2), 3 (row and column sums of S)
-  const std::vector<SelfScratch<T>> scratch = self_scratch<T>(workers, 4, t.x.options());
-  std::vector<std::vector<T>> m_buf(workers, std::vector<T>(kSelfTile));
-  std::vector<std::vector<uint8_t>> flags(workers, std::vector<uint8_t>(kSelfTile));
+  const std::vector<SelfScratch<T>> scratch =
+      self_scratch<T>(workers, 4, self_tile(t.n), t.x.options());
+  std::vector<std::vector<T>> m_buf(workers, std::vector<T>(self_tile(t.n)));
+  std::vector<std::vector<uint8_t>> flags(workers, std::vector<uint8_t>(self_tile(t.n)));
   for_self_tile_pairs(
       t, scratch,
       [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
@@ -520,7 +525,7 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
         const at::Tensor xp = t.x.narrow(0, r0, rt), xq = t.x.narrow(0, c0, ct);
         at::Tensor gp = grad_t.narrow(0, r0, rt);
         const T sign = t.cosine ? T(1) : T(-1);
-        at::Tensor sums = sc.tile(3, 2, kSelfTile);
+        at::Tensor sums = sc.tile(3, 2, self_tile(t.n));
         if (!t.cosine) {
           at::Tensor row_sums = sums[0].narrow(0, 0, rt).unsqueeze(1);
           at::sum_out(row_sums, s_tile, {1}, true);
