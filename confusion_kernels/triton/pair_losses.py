@@ -38,8 +38,9 @@ from .._backend import triton_interpreting
 from ._support import (FP64_DOT, MAXNREG, div_rn, dot_precision, launch_options, pad_columns,
                        shares, sqrt_rn, target_programs)
 from ._support import use_dot as use_dot_for
-from .affinity import _dot_nn, _dot_nt
+from .affinity import _dot_nn
 from .intra_inter_sums import _direct_distance
+from .n_centroids import _gram
 
 # pair_loss_math.h's PairLoss codes
 LOSS_CODES = {"contrastive": 0, "supcon": 1, "ntxent": 2, "multi_similarity": 3}
@@ -80,15 +81,7 @@ def _values(X, R, XN, RN, rows, rmask, cols, cmask, valid, D, IS_COSINE: tl.cons
             BLOCK_K: tl.constexpr):
     """(m, near) of a tile: m_ij from the Gram form, near marking the valid euclidean pairs
     taken from differences (all False for cosine)."""
-    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        x = tl.load(X + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :],
-                    other=0.0)
-        r = tl.load(R + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & dmask[None, :],
-                    other=0.0)
-        g += _dot_nt(x, r, USE_DOT, ACC, PREC)
+    g = _gram(X, R, rows, rmask, cols, cmask, D, ACC, USE_DOT, PREC, BLOCK_M, BLOCK_N, BLOCK_D)
     if IS_COSINE:
         m = g
         near = valid & (valid == 0)

@@ -1,32 +1,17 @@
 // Affinity epilogue kernels (affinity_kernels.cuh), fp32 and fp64.
-#include <stdexcept>
-#include <string>
-
 #include "affinity_kernels.cuh"
 #include "affinity_launch.h"
+#include "launch_checks.h"
 
 namespace confusion_kernels {
 namespace affinity {
-namespace {
-
-unsigned blocks_for(int64_t count) {
-  return static_cast<unsigned>((count + kEpilogueThreads - 1) / kEpilogueThreads);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-}  // namespace
 
 template <typename T>
 void launch_true_class(const T* f, const T* w, const T* f_norms, const T* w_norms,
                        const int64_t* labels, int64_t n, int64_t d, int64_t m, T sigma,
                        int64_t kind, T* d_true, int64_t* arg, cudaStream_t stream) {
   if (n == 0) return;
-  true_class_kernel<T><<<blocks_for(n), kEpilogueThreads, 0, stream>>>(
+  true_class_kernel<T><<<blocks_for(n, kEpilogueThreads), kEpilogueThreads, 0, stream>>>(
       f, w, f_norms, w_norms, labels, n, d, m, sigma, kind, d_true, arg);
   check_launch("affinity true-class kernel");
 }
@@ -35,7 +20,7 @@ template <typename T>
 void launch_similarity(const T* g, const T* fn_r, const T* wn_t, int64_t rt, int64_t ct, int64_t m,
                        T sigma, int64_t kind, T* d_tile, int64_t* arg_tile, cudaStream_t stream) {
   if (rt * ct == 0) return;
-  similarity_kernel<T><<<blocks_for(rt * ct), kEpilogueThreads, 0, stream>>>(
+  similarity_kernel<T><<<blocks_for(rt * ct, kEpilogueThreads), kEpilogueThreads, 0, stream>>>(
       g, fn_r, wn_t, rt, ct, m, sigma, kind, d_tile, arg_tile);
   check_launch("affinity similarity kernel");
 }
@@ -46,7 +31,7 @@ void launch_hinge(const T* d_tile, const int64_t* arg_tile, int64_t rt, int64_t 
                   int64_t kind, const T* g_r, const T* own_active_r, T* h_tile, T* on_tile, T* a,
                   cudaStream_t stream) {
   if (rt * ct == 0) return;
-  hinge_kernel<T><<<blocks_for(rt * ct), kEpilogueThreads, 0, stream>>>(
+  hinge_kernel<T><<<blocks_for(rt * ct, kEpilogueThreads), kEpilogueThreads, 0, stream>>>(
       d_tile, arg_tile, rt, ct, m, c0, lab_r, d_true_r, sigma, margin, kind, g_r, own_active_r,
       h_tile, on_tile, a);
   check_launch("affinity hinge kernel");

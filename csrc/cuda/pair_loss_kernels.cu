@@ -1,25 +1,10 @@
 // Pair-loss kernels (pair_loss_kernels.cuh), fp32 and fp64.
-#include <stdexcept>
-#include <string>
-
+#include "launch_checks.h"
 #include "pair_loss_kernels.cuh"
 #include "pair_loss_launch.h"
 
 namespace confusion_kernels {
 namespace pair_losses {
-namespace {
-
-unsigned blocks_for(int64_t count, int threads) {
-  return static_cast<unsigned>((count + threads - 1) / threads);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-}  // namespace
 
 template <typename T>
 void launch_row_step(const PairLossParams<T>& p, int64_t n, int step, T* stats, T* rows,
