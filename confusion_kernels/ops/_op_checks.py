@@ -156,6 +156,13 @@ def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
 
 
 PAIR_LOSSES = {"contrastive": 2, "supcon": 1, "ntxent": 1, "multi_similarity": 3}  # parameters
+PAIR_LOSS_STATS = 4  # statistics per row (pair_loss_math.h's kPairLossStats)
+
+
+def pair_loss_outputs(loss: str) -> int:
+    """R, the per-row outputs with a gradient (contrastive: the sums of l+ and l-; the others
+    the row's loss)."""
+    return 2 if loss == "contrastive" else 1
 
 
 def check_pair_loss(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
@@ -187,8 +194,8 @@ def check_pair_loss(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
         _fail(op, f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
     if grads is not None:
         grad_rows, stats = grads
-        outputs = 2 if loss == "contrastive" else 1
-        for name, t, width in (("grad_rows", grad_rows, outputs), ("stats", stats, 4)):
+        for name, t, width in (("grad_rows", grad_rows, pair_loss_outputs(loss)),
+                               ("stats", stats, PAIR_LOSS_STATS)):
             if t.dim() != 2 or tuple(t.shape) != (x.shape[0], width) or \
                     not t.dtype.is_floating_point or t.device != x.device:
                 _fail(op, f"{name} must be floating [{x.shape[0]}, {width}] on {x.device}, got "

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _extension
-from ._op_checks import check_pair_loss
+from ._op_checks import PAIR_LOSS_STATS, check_pair_loss, pair_loss_outputs
 from ._registration import refuse_double_backward
 
 CPP_OP = "confusion_kernels::pair_loss_stats"
@@ -27,13 +27,9 @@ TRITON_OP = "confusion_kernels::pair_loss_stats_triton"
 TRITON_BACKWARD_OP = "confusion_kernels::pair_loss_backward_triton"
 
 
-def outputs_of(loss: str) -> int:
-    """R, the per-row outputs with a gradient."""
-    return 2 if loss == "contrastive" else 1
-
-
 def _fake_stats(x, labels, ref, ref_labels, self_offset, loss, params, metric):
-    return x.new_empty(x.shape[0], outputs_of(loss)), x.new_empty(x.shape[0], 4)
+    return (x.new_empty(x.shape[0], pair_loss_outputs(loss)),
+            x.new_empty(x.shape[0], PAIR_LOSS_STATS))
 
 
 def _fake_backward(grad_rows, stats, x, labels, ref, ref_labels, self_offset, loss, params,
@@ -55,7 +51,7 @@ def _backward_with(backward_op: Callable) -> Callable:
         refuse_double_backward("pair losses")
         x, labels, ref, ref_labels, stats = ctx.saved_tensors
         if grad_rows is None:
-            grad_rows = stats.new_zeros(stats.shape[0], outputs_of(ctx.args[1]))
+            grad_rows = stats.new_zeros(stats.shape[0], pair_loss_outputs(ctx.args[1]))
         grad_x, grad_ref = backward_op(grad_rows, stats, x, labels, ref, ref_labels, *ctx.args)
         return grad_x, None, grad_ref, None, None, None, None, None
     return backward

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .. import _metrics
 from .._backend import triton_interpreting
+from ..ops._op_checks import PAIR_LOSS_STATS, pair_loss_outputs
 from ._support import (FP64_DOT, MAXNREG, div_rn, dot_precision, launch_options, pad_columns,
                        shares, sqrt_rn, target_programs)
 from ._support import use_dot as use_dot_for
@@ -50,16 +51,10 @@ NTXENT = tl.constexpr(LOSS_CODES["ntxent"])
 MULTI_SIMILARITY = tl.constexpr(LOSS_CODES["multi_similarity"])
 EUCLIDEAN = tl.constexpr(_metrics.EUCLIDEAN)
 EXACT_FRACTION = tl.constexpr(_metrics.GRAM_EXACT_FRACTION)
-STATS = 4  # pair_loss_math.h's kPairLossStats
 # What the launchers assume of each kernel's occupancy (scripts/triton_aot.py fails a
 # variant that fits fewer blocks per SM): one resident block per SM.
 RESOURCE_BUDGET = {"_stats_kernel": dict(min_blocks_per_sm=1),
                    "_grad_kernel": dict(min_blocks_per_sm=1)}
-
-
-def outputs_of(loss: str) -> int:
-    """R, the per-row outputs with a gradient (contrastive: the sums of l+ and l-)."""
-    return 2 if loss == "contrastive" else 1
 
 
 # ---------------------------------------------------------------------------
@@ -433,7 +428,7 @@ def _run_stats(o: _Operands, lse_q: torch.Tensor | None = None) -> torch.Tensor:
     """The splits' accumulators [S, N, 4] (``lse_q``: NT-Xent's second walk)."""
     grids = launch_grids(o.n, o.m, o.cfg, target_programs(o.x.device))
     splits, per_split = grids["stats_splits"]
-    part = torch.empty(splits, o.n, STATS, dtype=o.x.dtype, device=o.x.device)
+    part = torch.empty(splits, o.n, PAIR_LOSS_STATS, dtype=o.x.dtype, device=o.x.device)
     _stats_kernel[grids["stats"]](
         o.x, o.ref, o.xn, o.rn, o.labels, o.ref_labels, o.params,
         o.xn if lse_q is None else lse_q, part, o.n, o.m, o.d, o.shift, per_split,
@@ -449,7 +444,7 @@ def forward(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels
     the splits' accumulators merged in a fixed order and finished here (O(N) work)."""
     o = _Operands(x, labels, ref, ref_labels, self_offset, loss, params, metric)
     if o.n == 0:
-        return o.x.new_zeros(0, outputs_of(loss)), o.x.new_zeros(0, STATS)
+        return o.x.new_zeros(0, pair_loss_outputs(loss)), o.x.new_zeros(0, PAIR_LOSS_STATS)
     part = _run_stats(o)
     if loss == "contrastive":
         stats = part.sum(0)

@@ -78,13 +78,9 @@ struct PairLossTiles {
 
   bool left_out(int64_t i, int64_t j) const { return shift != kNoSelf && j == i + shift; }
 
-  // m_ij from the Gram entry g (pair_math.h's euclidean Gram rule); *exact: the euclidean
-  // pair cancels there and was taken from differences.
+  // m_ij from the Gram entry g (pair_loss_value); *exact: taken from differences.
   T value(int64_t i, int64_t j, T g, bool* exact) const {
-    *exact = false;
-    if (cosine) return g;
-    const T dist = gram_distance(kEuclidean, x_sq[i], r_sq[j], g, exact);
-    return *exact ? pair_distance_exact<T, T>(kEuclidean, xp + i * d, rp + j * d, d) : dist;
+    return pair_loss_value(cosine, x_sq.data(), r_sq.data(), xp, rp, i, j, d, g, exact);
   }
 
   // f(c0, ct, gram) for each reference tile of the row tile [r0, r0 + rt), in order.

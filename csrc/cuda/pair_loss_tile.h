@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "confusion_kernels/pair_math.h"
+#include "confusion_kernels/pair_loss_math.h"
 
 namespace confusion_kernels {
 namespace pair_losses {
@@ -27,13 +27,9 @@ struct PairTile {
   CK_HOST_DEVICE bool left_out(int64_t i, int64_t j) const {
     return has_self && j == i + self_delta;
   }
-  // m_ij; *exact: a euclidean pair whose Gram form cancels, taken from differences.
+  // m_ij (pair_loss_value); *exact: a euclidean pair taken from differences.
   CK_HOST_DEVICE T value(int64_t i, int64_t j, bool* exact) const {
-    *exact = false;
-    const T dot = g[i * ct + j];
-    if (cosine) return dot;
-    const T dist = gram_distance(kEuclidean, xn[i], rn[j], dot, exact);
-    return *exact ? pair_distance_exact<T, T>(kEuclidean, x + i * d, r + j * d, d) : dist;
+    return pair_loss_value(cosine, xn, rn, x, r, i, j, d, g[i * ct + j], exact);
   }
 };
 

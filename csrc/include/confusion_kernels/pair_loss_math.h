@@ -38,6 +38,19 @@ struct PairLossParams {
   T a, b, c;
 };
 
+// m_ij of rows x_i and references r_j from their Gram entry `dot`: the cosine of the rows as
+// given (the caller normalises), or the euclidean distance by pair_math.h's Gram rule, taken
+// from differences where that cancels (*exact). xn, rn: the squared norms of the rows and of
+// the references, read for euclidean only.
+template <typename T>
+CK_HOST_DEVICE T pair_loss_value(bool cosine, const T* xn, const T* rn, const T* x, const T* r,
+                                 int64_t i, int64_t j, int64_t d, T dot, bool* exact) {
+  *exact = false;
+  if (cosine) return dot;
+  const T dist = gram_distance(kEuclidean, xn[i], rn[j], dot, exact);
+  return *exact ? pair_distance_exact<T, T>(kEuclidean, x + i * d, r + j * d, d) : dist;
+}
+
 template <typename T>
 CK_HOST_DEVICE T lse_value(T mx, T sum) {
   return sum > T(0) ? mx + std::log(sum) : -std::numeric_limits<T>::infinity();
