@@ -16,6 +16,7 @@ from .._spec import ROW_SUMS_ALGORITHMS
 from .._validation import guard_label_range
 from ..reference.affinity import SIMILARITIES
 from ..reference.n_centroids import METRICS as SPHERE_METRICS
+from ..reference.pair_losses import PAIR_LOSS_OUTPUTS, PAIR_LOSS_STATS
 
 # Most prototypes per class the Triton affinity kernels take: a class's next_pow2(m)
 # slots are one tile, and beyond 64 the tiles no longer fit the registers and shared
@@ -156,13 +157,6 @@ def check_n_centroids(z: torch.Tensor, centroids: torch.Tensor, labels: torch.Te
 
 
 PAIR_LOSSES = {"contrastive": 2, "supcon": 1, "ntxent": 1, "multi_similarity": 3}  # parameters
-PAIR_LOSS_STATS = 4  # statistics per row (pair_loss_math.h's kPairLossStats)
-
-
-def pair_loss_outputs(loss: str) -> int:
-    """R, the per-row outputs with a gradient (contrastive: the sums of l+ and l-; the others
-    the row's loss)."""
-    return 2 if loss == "contrastive" else 1
 
 
 def check_pair_loss(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
@@ -194,7 +188,7 @@ def check_pair_loss(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
         _fail(op, f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
     if grads is not None:
         grad_rows, stats = grads
-        for name, t, width in (("grad_rows", grad_rows, pair_loss_outputs(loss)),
+        for name, t, width in (("grad_rows", grad_rows, PAIR_LOSS_OUTPUTS[loss]),
                                ("stats", stats, PAIR_LOSS_STATS)):
             if t.dim() != 2 or tuple(t.shape) != (x.shape[0], width) or \
                     not t.dtype.is_floating_point or t.device != x.device:

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import _extension
-from ._op_checks import PAIR_LOSS_STATS, check_pair_loss, pair_loss_outputs
+from ..reference.pair_losses import PAIR_LOSS_OUTPUTS, PAIR_LOSS_STATS
+from ._op_checks import check_pair_loss
 from ._registration import refuse_double_backward
 
 CPP_OP = "confusion_kernels::pair_loss_stats"
@@ -28,7 +29,7 @@ TRITON_BACKWARD_OP = "confusion_kernels::pair_loss_backward_triton"
 
 
 def _fake_stats(x, labels, ref, ref_labels, self_offset, loss, params, metric):
-    return (x.new_empty(x.shape[0], pair_loss_outputs(loss)),
+    return (x.new_empty(x.shape[0], PAIR_LOSS_OUTPUTS[loss]),
             x.new_empty(x.shape[0], PAIR_LOSS_STATS))
 
 
@@ -51,7 +52,7 @@ def _backward_with(backward_op: Callable) -> Callable:
         refuse_double_backward("pair losses")
         x, labels, ref, ref_labels, stats = ctx.saved_tensors
         if grad_rows is None:
-            grad_rows = stats.new_zeros(stats.shape[0], pair_loss_outputs(ctx.args[1]))
+            grad_rows = stats.new_zeros(stats.shape[0], PAIR_LOSS_OUTPUTS[ctx.args[1]])
         grad_x, grad_ref = backward_op(grad_rows, stats, x, labels, ref, ref_labels, *ctx.args)
         return grad_x, None, grad_ref, None, None, None, None, None
     return backward
@@ -61,7 +62,7 @@ if _extension.HAS_C and _extension.has_kernel("pair_loss_stats", "CPU"):
     torch.library.register_fake(CPP_OP)(_fake_stats)
     torch.library.register_fake(CPP_BACKWARD_OP)(_fake_backward)
     torch.library.register_autograd(
-        CPP_OP, _backward_with(lambda *a: torch.ops.confusion_kernels.pair_loss_backward(*a)),
+        CPP_OP, _backward_with(torch.ops.confusion_kernels.pair_loss_backward),
         setup_context=_setup_context)
 
 

@@ -37,6 +37,11 @@ import torch
 from .pairwise import _upcast
 
 PAIR_METRICS = ("euclidean", "cosine")
+# The fused kernels' per-row layout (every backend's pair_loss_stats op; pair_loss_math.h):
+# the outputs with a gradient per row (contrastive: the sums of l+ and l-; the others the
+# row's loss) and the statistics per row (kPairLossStats).
+PAIR_LOSS_OUTPUTS = {"contrastive": 2, "supcon": 1, "ntxent": 1, "multi_similarity": 1}
+PAIR_LOSS_STATS = 4
 
 
 class PairSetup(NamedTuple):

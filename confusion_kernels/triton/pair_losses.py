@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import _metrics
 from .._backend import triton_interpreting
-from ..ops._op_checks import PAIR_LOSS_STATS, pair_loss_outputs
+from ..reference.pair_losses import PAIR_LOSS_OUTPUTS, PAIR_LOSS_STATS
 from ._support import (FP64_DOT, MAXNREG, div_rn, dot_precision, launch_options, pad_columns,
                        shares, sqrt_rn, target_programs)
 from ._support import use_dot as use_dot_for
@@ -444,7 +444,7 @@ def forward(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor, ref_labels
     the splits' accumulators merged in a fixed order and finished here (O(N) work)."""
     o = _Operands(x, labels, ref, ref_labels, self_offset, loss, params, metric)
     if o.n == 0:
-        return o.x.new_zeros(0, pair_loss_outputs(loss)), o.x.new_zeros(0, PAIR_LOSS_STATS)
+        return o.x.new_zeros(0, PAIR_LOSS_OUTPUTS[loss]), o.x.new_zeros(0, PAIR_LOSS_STATS)
     part = _run_stats(o)
     if loss == "contrastive":
         stats = part.sum(0)
