@@ -13,7 +13,7 @@ of non-zero hinges, |P|).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence  # torch 2.6 custom ops reject list[float]
 
 import torch
 
@@ -69,7 +69,7 @@ if _extension.HAS_C and _extension.has_kernel("pair_loss_stats", "CPU"):
 @torch.library.custom_op(TRITON_OP, mutates_args=())
 def _triton_stats(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
                   ref_labels: torch.Tensor, self_offset: Optional[int], loss: str,
-                  params: list[float], metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  params: Sequence[float], metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import pair_losses as kernels
 
     check_pair_loss(x, labels, ref, ref_labels, self_offset, loss, params, metric)
@@ -79,7 +79,7 @@ def _triton_stats(x: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
 @torch.library.custom_op(TRITON_BACKWARD_OP, mutates_args=())
 def _triton_backward(grad_rows: torch.Tensor, stats: torch.Tensor, x: torch.Tensor,
                      labels: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor,
-                     self_offset: Optional[int], loss: str, params: list[float],
+                     self_offset: Optional[int], loss: str, params: Sequence[float],
                      metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton import pair_losses as kernels
 
