@@ -153,3 +153,27 @@ def test_opcheck(name):
     backend, make_args = SAMPLES[name]
     device = require_backend(backend, name)
     torch.library.opcheck(getattr(ops, name), make_args(device))
+
+
+def test_custom_op_parameters_parse_on_the_oldest_torch():
+    """torch 2.6 (constraints/oldest.txt) infers a custom op's schema only from typing's
+    generics for its parameters (typing.Sequence[float], Optional[int]); list[float] or
+    int | None made the import fail there. Read from the source: the newer torch here accepts
+    both spellings."""
+    import ast
+    import pathlib
+
+    import confusion_kernels.ops as ops_package
+
+    found = 0
+    for path in sorted(pathlib.Path(ops_package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or not any(
+                    "custom_op" in ast.unparse(d) for d in node.decorator_list):
+                continue
+            found += 1
+            for arg in node.args.args:
+                text = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                assert not any(bad in text for bad in ("list[", "tuple[", "dict[", "|")), (
+                    f"{path.name}: {node.name}({arg.arg}: {text})")
+    assert found >= len(TRITON_OPS)
