@@ -27,6 +27,7 @@ from .losses.pair_losses import (contrastive_loss, multi_similarity_loss, ntxent
                                  supcon_loss)
 from .ops.intra_inter_sums import intra_inter_sums
 from .reference.as_loss import ASLossTerms
+from .retrieval import nearest_neighbors, retrieval_metrics
 from .special import log_bessel_iv
 
 __version__ = "0.1.0"
@@ -58,6 +59,8 @@ __all__ = [
     "ntxent_loss",
     "multi_similarity_loss",
     "intra_inter_sums",
+    "nearest_neighbors",
+    "retrieval_metrics",
     "reference",
     "resolve_metric",
     "Route",

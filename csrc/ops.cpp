@@ -86,4 +86,11 @@ TORCH_LIBRARY(confusion_kernels, m) {
   m.def(
       "class_shifted_sums(Tensor features, Tensor labels, Tensor shift, int num_classes) -> "
       "(Tensor, Tensor, Tensor)");
+  // The k nearest references of each query (docs/math.md, "Retrieval"): (distances [N, K],
+  // indices [N, K]), K = min(k, M - [self_offset given]), ordered by (distance, index);
+  // metric euclidean, sqeuclidean or cosine (unit rows: the caller normalises); self_offset
+  // o: query i is reference o + i and not its own neighbour.
+  m.def(
+      "nearest_neighbors(Tensor query, Tensor reference, int k, str metric, int? self_offset) "
+      "-> (Tensor, Tensor)");
 }

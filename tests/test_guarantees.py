@@ -541,7 +541,8 @@ def test_extension_lists_every_op_of_the_library():
                                    "affinity_hinge_sum_with_grad", "class_shifted_sums",
                                    "weighted_pair_sums_with_grad", "n_centroids_rows",
                                    "n_centroids_rows_backward", "n_centroids_sum_with_grad",
-                                   "pair_loss_stats", "pair_loss_backward"}
+                                   "pair_loss_stats", "pair_loss_backward",
+                                   "nearest_neighbors"}
 
 
 # --- torch.autocast: one policy on every backend ------------------------------------------

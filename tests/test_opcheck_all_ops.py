@@ -134,6 +134,9 @@ SAMPLES = {
                                                                metric="euclidean")),
     "pair_loss_backward_triton": ("triton", lambda dev: _pair_loss_backward(
         dev, ops.pair_loss_stats_triton)),
+    "nearest_neighbors": ("cpu", lambda dev: (
+        torch.randn(13, 3, dtype=torch.float64, device=dev),
+        torch.randn(13, 3, dtype=torch.float64, device=dev), 4, "euclidean", None)),
     "class_shifted_sums": ("cpu", lambda dev: (
         torch.randn(10, 3, dtype=torch.float32, device=dev), torch.arange(10, device=dev) % 4,
         torch.randn(4, 3, dtype=torch.float64, device=dev), 4)),
