@@ -11,6 +11,8 @@ Memory O(N x M), like the reference. Metrics without a plain form faster than th
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +92,20 @@ def pml_contrastive_as_loss(x: torch.Tensor, labels: torch.Tensor,
 
 
 NEG_MARGIN = 1e6
+
+
+def retrieval_topk(x: torch.Tensor, k: int, chunk: int = 4096,
+                   topk: Callable | None = None) -> torch.Tensor:
+    """Self-retrieval the way a user writes it: the unit rows' Gram product in row chunks,
+    the diagonal masked, ``torch.topk`` of each chunk (``topk``: a compiled chunk step).
+    Returns the indices [N, k] of the k most similar other rows."""
+    u = torch.nn.functional.normalize(x, dim=1)
+    step = topk or _chunk_topk
+    return torch.cat([step(u[r0:r0 + chunk], u, r0, k) for r0 in range(0, u.shape[0], chunk)])
+
+
+def _chunk_topk(rows: torch.Tensor, u: torch.Tensor, r0: int, k: int) -> torch.Tensor:
+    sim = rows @ u.T
+    idx = torch.arange(rows.shape[0], device=rows.device)
+    sim[idx, idx + r0] = float("-inf")
+    return torch.topk(sim, k, dim=1).indices

@@ -1,6 +1,6 @@
 """The benchmark suite: every op side by side in one process, on this machine.
 
-    python benchmarks/run.py --suite cpu|gpu|all|crossover [--out DIR] [--reps R] [--quick]
+    python benchmarks/run.py --suite cpu|gpu|all|crossover|retrieval [--out DIR] [--reps R]
                              [--update-docs]
 
 For each case (benchmarks/suite_cases.py: op, mode, random or clustered data, sizes) every
@@ -20,6 +20,9 @@ OMP_WAIT_POLICY=passive (contention.csv, benchmarks/contention.py).
 --suite crossover times the fused CPU kernels against the eager definitions at N = 16 ... 1024
 (benchmarks/crossover.py): crossover.csv and crossover.md, the source of the size thresholds of
 backend="auto" on CPU (confusion_kernels/_routing.py, CPU_FUSED_MIN_ROWS).
+--suite retrieval times self-retrieval scores on this CPU at N = 16384 and 65536 (D = 128, 1000
+classes, cosine) beside faiss-cpu's exact search, the plain Gram + topk and PML's
+AccuracyCalculator (suite_cases.retrieval_case).
 --update-docs writes the Markdown tables
 between the suite markers of docs/benchmarks.md and a one-line-per-op-and-shape summary between those
 of the README (the tables there are generated, not typed).
@@ -336,7 +339,8 @@ def run_crossover(args) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=("cpu", "gpu", "all", "crossover"), required=True)
+    parser.add_argument("--suite", choices=("cpu", "gpu", "all", "crossover", "retrieval"),
+                        required=True)
     parser.add_argument("--out", default=None)
     parser.add_argument("--reps", type=int, default=None, help="timed calls (5 cpu, 20 gpu)")
     parser.add_argument("--budget", type=float, default=None,
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path:
         suites.remove("gpu")
     out = None
     for suite in suites:
-        device = torch.device("cuda" if suite == "gpu" else "cpu")
+        device = torch.device("cuda" if suite == "gpu" else "cpu")  # retrieval: this CPU
         reps = args.reps or (20 if suite == "gpu" else 5)
         budget = args.budget or (2.0 if suite == "gpu" else 6.0)
         started = time.perf_counter()

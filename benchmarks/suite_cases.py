@@ -238,8 +238,67 @@ def pair_losses_case(device, n, d, data, name) -> Case:
     return case
 
 
+RETRIEVAL_KS = (1, 10)
+
+
+def retrieval_case(device, n, d, data, classes) -> Case:
+    """Self-retrieval scores (P@1, R-precision, MAP@R, recall@1/10) of N rows, cosine, against
+    faiss-cpu's exact IndexFlatIP search and the plain chunked Gram + torch.topk (eager and
+    compiled) for the same depth K (the largest class's R, as the scores need), each followed
+    by the same O(N K) scoring; pytorch-metric-learning's AccuracyCalculator (faiss inside)
+    and the dense reference up to N = 16384. Floor: the N x N Gram product, 2 N^2 D flops."""
+    x, labels = make_data(n, d, data, classes=classes)
+    x, labels = x.to(device), labels.to(device)
+    relevant = reference.retrieval.relevant_counts(labels, labels, True)
+    depth = max(int(relevant.max()), *RETRIEVAL_KS)
+    case = Case("retrieval[cosine]", "fwd", data, n, d, classes, flops=2.0 * n * n * d,
+                nbytes=2.0 * n * d * 4)
+
+    def score(idx: torch.Tensor) -> None:
+        reference.retrieval.scores_from_neighbors(idx, labels, labels, relevant, RETRIEVAL_KS)
+
+    for b in our_backends(device, "nearest_neighbors") + ["auto"]:
+        case.steps[f"ours-{b}"] = lambda b=b: ck.retrieval_metrics(
+            x, labels, metric="cosine", k=RETRIEVAL_KS, backend=b)
+    if n <= 16384:
+        case.steps["eager"] = lambda: reference.retrieval.retrieval_metrics(
+            x, labels, metric="cosine", k=RETRIEVAL_KS)
+    case.steps["eager-plain"] = lambda: score(plain.retrieval_topk(x, depth))
+    compiled = _compiled(plain._chunk_topk)
+    case.steps["compile-plain"] = lambda: score(plain.retrieval_topk(x, depth, topk=compiled))
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None and device.type == "cpu":
+        def faiss_step() -> None:
+            u = torch.nn.functional.normalize(x, dim=1).numpy()
+            index = faiss.IndexFlatIP(d)
+            index.add(u)
+            _, found = index.search(u, depth + 1)
+            found = torch.from_numpy(found)
+            rows = torch.arange(n)[:, None]
+            # drop each row's own entry (first, or displaced by an exact duplicate)
+            own = (found == rows).int().argmax(1, keepdim=True)
+            keep = torch.ones_like(found, dtype=torch.bool).scatter_(1, own, False)
+            score(found[keep].view(n, depth))
+
+        case.steps["faiss-flatip"] = faiss_step
+    if plain.pml_available() and n <= 16384:  # 51 s at N = 16384 here: minutes beyond
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(include=("precision_at_1", "r_precision",
+                                           "mean_average_precision_at_r"), device=device)
+        case.steps["pml"] = lambda: calc.get_accuracy(
+            torch.nn.functional.normalize(x, dim=1), labels)
+    return case
+
+
 def suite_cases(suite: str, device: torch.device, keops: bool) -> list[Callable[[], Case]]:
     """Lazily built cases (inputs are made when a case runs, and freed after it)."""
+    if suite == "retrieval":
+        return [lambda data=data, n=n: retrieval_case(device, n, 128, data, 1000)
+                for data in ("random", "clustered") for n in (16384, 65536)]
     big = suite == "gpu"
     n_pairs = 65536 if big else 4096
     cases: list[Callable[[], Case]] = []

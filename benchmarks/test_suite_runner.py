@@ -201,3 +201,27 @@ def test_summary_has_a_line_per_shape():
     lines = run.summary(rows)[2:]
     assert len(lines) == 2 and lines[0].startswith("| op (fwd+bwd) | 8 |")
     assert lines[1].startswith("| op (fwd+bwd) | 64 |") and "3.0×" in lines[1]
+
+
+def test_retrieval_peers_find_the_same_neighbours():
+    """The retrieval case's plain Gram + topk and faiss find our neighbours (no ties on random
+    data), so the suite times the same work."""
+    import pytest
+
+    import confusion_kernels as ck
+    import plain_formulations as plain
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(700, 16, generator=g)
+    _, ours = ck.nearest_neighbors(x, k=12, metric="cosine")
+    assert torch.equal(plain.retrieval_topk(x, 12, chunk=256), ours)
+    faiss = pytest.importorskip("faiss", reason="needs faiss-cpu")
+    u = torch.nn.functional.normalize(x, dim=1).numpy()
+    index = faiss.IndexFlatIP(16)
+    index.add(u)
+    found = torch.from_numpy(index.search(u, 13)[1])
+    assert torch.equal(found[:, 0], torch.arange(700)) and torch.equal(found[:, 1:], ours)
+    case = suite_cases.retrieval_case(torch.device("cpu"), 300, 8, "clustered", 7)
+    assert {"ours-cpu", "eager", "eager-plain", "compile-plain"} <= set(case.steps)
+    for name in ("ours-cpu", "eager", "eager-plain"):
+        case.steps[name]()
