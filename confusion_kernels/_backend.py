@@ -18,8 +18,6 @@ import torch
 from . import _extension
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-# ops (C++ op names) that have no Triton kernel yet: backend="triton" refuses them
-NO_TRITON_KERNEL = frozenset({"nearest_neighbors"})
 ENV_VAR = "CONFUSION_KERNELS_BACKEND"
 
 
@@ -48,8 +46,6 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
             return f"it runs on CPU tensors, got a tensor on {device}"
         return None
     if backend == "triton":
-        if op in NO_TRITON_KERNEL:
-            return f"confusion_kernels has no Triton kernel for {op} yet"
         if not TRITON_INSTALLED:
             return "triton is not installed"
         if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
@@ -63,8 +59,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None,
         return f"the compiled kernels are not available ({_extension.IMPORT_ERROR})"
     if not _extension.has_kernel(op, "CUDA"):
         if _extension.has_kernel("intra_inter_sums", "CUDA"):
-            hint = "" if op in NO_TRITON_KERNEL else " (use 'triton')"
-            return f"confusion_kernels has no CUDA C++ kernel for {op} yet{hint}"
+            return f"confusion_kernels has no CUDA C++ kernel for {op} yet (use 'triton')"
         return ("confusion_kernels._C was built without CUDA kernels (torch without CUDA, "
                 "no nvcc, or CONFUSION_KERNELS_NO_CUDA=1 at build time)")
     if not torch.cuda.is_available():

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ._backend import select_backend
+from ._backend import auto_requested, select_backend
 from ._validation import check_embeddings, check_labels, names_errors
 from .ops.nearest_neighbors import check_neighbor_inputs, nearest_neighbors_rows
 from .reference import retrieval as _reference
@@ -30,6 +30,12 @@ def _prepared(query: torch.Tensor, reference: torch.Tensor | None, k: int, metri
     check_neighbor_inputs(query, ref, k, metric, self_offset)
     # no size threshold on CPU: the fused kernel was faster than the reference from N = 16 on
     chosen = select_backend(query, backend, op="nearest_neighbors")
+    depth = min(k, ref.shape[0] - (1 if self_offset is not None else 0))
+    if chosen == "triton" and auto_requested(backend):
+        from .triton.nearest_neighbors import MAX_NEIGHBORS
+
+        if depth > MAX_NEIGHBORS:
+            chosen = "reference"  # more neighbours than the Triton kernel keeps: row chunks
     q, r = query.detach(), ref.detach()
     if q.dtype not in (torch.float32, torch.float64):
         q, r = q.float(), r.float()
@@ -95,8 +101,9 @@ def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor,
         per_class: average each score per query class first, then over classes (PML's
             ``avg_of_avgs``); the result also holds ``classes`` and ``per_class``
             ({score: [C] tensor}).
-        backend: "auto" | "reference" | "cpu" (the fused kernel needs CPU tensors; on a GPU
-            "auto" runs the reference, in row chunks: O(1024 M) memory).
+        backend: "auto" | "reference" | "cpu" | "triton" (cpu: CPU tensors; triton: CUDA
+            tensors, at most 128 neighbours per query (32 with Triton before 3.5), where
+            "auto" takes the reference in row chunks beyond: O(1024 M) memory).
 
     Returns:
         {"precision_at_1", "r_precision", "mean_average_precision_at_r", "recall_at_{k}"...:

@@ -187,8 +187,8 @@ def launch_cases() -> dict:
     import torch
 
     from confusion_kernels import _metrics
-    from confusion_kernels.triton import (affinity, class_stats, n_centroids, pair_losses,
-                                          pair_pass)
+    from confusion_kernels.triton import (affinity, class_stats, n_centroids, nearest_neighbors,
+                                          pair_losses, pair_pass)
     from confusion_kernels.triton import intra_inter_sums as direct
 
     float_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -388,6 +388,23 @@ def launch_cases() -> dict:
                                              loss, params, metric)
                     cases[f"pair_losses/{tag}"] = with_tf32(tf32, pair_loss)
 
+    # Nearest neighbours: every KP (16 .. MAX_NEIGHBORS), both key forms, fp32 (tf32 on / off) and fp64
+    # (fp16 / bf16 are widened before the kernel), with and without the own row left out.
+    for dname in ("fp32", "fp64"):
+        dtype = float_dtypes[dname]
+        for tf32 in tf32_modes(dtype):
+            for metric in ("euclidean", "cosine"):
+                for k in (k for k in (5, 20, 50, 100, 200)
+                          if k <= nearest_neighbors.MAX_NEIGHBORS):
+                    q = torch.randn(40, 24, generator=gen(44), dtype=dtype)
+                    ref = torch.randn(300, 24, generator=gen(45), dtype=dtype)
+                    tag = f"{dname}{'-tf32' if tf32 else ''}-{metric}-k{k}"
+
+                    def neighbors(q=q, ref=ref, metric=metric, k=k):
+                        nearest_neighbors.nearest_neighbors(q, ref, k, metric, None)
+                        nearest_neighbors.nearest_neighbors(ref, ref, k, metric, 0)
+                    cases[f"nearest_neighbors/{tag}"] = with_tf32(tf32, neighbors)
+
     # Class statistics (float features of any dtype; fp64 sums).
     for dname, dtype in float_dtypes.items():
         feats = torch.randn(70, 48, generator=gen(16)).to(dtype)
@@ -400,12 +417,13 @@ def launch_cases() -> dict:
 
 def budgets() -> dict:
     """Kernel name -> its module's RESOURCE_BUDGET entry (min_blocks_per_sm)."""
-    from confusion_kernels.triton import (affinity, class_stats, n_centroids, pair_losses,
-                                          pair_pass)
+    from confusion_kernels.triton import (affinity, class_stats, n_centroids, nearest_neighbors,
+                                          pair_losses, pair_pass)
     from confusion_kernels.triton import intra_inter_sums as direct
 
     out = {}
-    for module in (pair_pass, direct, affinity, n_centroids, class_stats, pair_losses):
+    for module in (pair_pass, direct, affinity, n_centroids, class_stats, pair_losses,
+                   nearest_neighbors):
         short = module.__name__.rsplit(".", 1)[-1]
         out.update({f"{short}.{k}": v for k, v in getattr(module, "RESOURCE_BUDGET", {}).items()})
     return out

@@ -19,7 +19,7 @@ TRITON_OPS = {"intra_inter_sums_triton", "intra_inter_sums_triton_backward",
               "weighted_pair_sums_with_grad_triton", "n_centroids_rows_triton",
               "n_centroids_rows_triton_backward", "intra_inter_sums_rect_triton",
               "intra_inter_sums_rect_triton_backward", "pair_loss_stats_triton",
-              "pair_loss_backward_triton"}
+              "pair_loss_backward_triton", "nearest_neighbors_triton"}
 
 
 def _rows(device, grad=True):
@@ -137,6 +137,9 @@ SAMPLES = {
     "nearest_neighbors": ("cpu", lambda dev: (
         torch.randn(13, 3, dtype=torch.float64, device=dev),
         torch.randn(13, 3, dtype=torch.float64, device=dev), 4, "euclidean", None)),
+    "nearest_neighbors_triton": ("triton", lambda dev: (
+        torch.randn(13, 3, dtype=torch.float64, device=dev),
+        torch.randn(20, 3, dtype=torch.float64, device=dev), 4, "euclidean", 2)),
     "class_shifted_sums": ("cpu", lambda dev: (
         torch.randn(10, 3, dtype=torch.float32, device=dev), torch.arange(10, device=dev) % 4,
         torch.randn(4, 3, dtype=torch.float64, device=dev), 4)),

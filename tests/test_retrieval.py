@@ -1,6 +1,7 @@
-"""Retrieval (ck.nearest_neighbors, ck.retrieval_metrics): the fused CPU kernel against the
-reference in float64 and against a brute force written here from scipy's cdist, the scores
-against pytorch-metric-learning's AccuracyCalculator, the tie rule, and the input rules."""
+"""Retrieval (ck.nearest_neighbors, ck.retrieval_metrics): the fused CPU and Triton kernels
+(Triton under TRITON_INTERPRET=1 without a GPU) against the reference in float64 and against a
+brute force written here from scipy's cdist, the scores against pytorch-metric-learning's
+AccuracyCalculator, the tie rule, and the input rules."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from conftest import require_backend
 scipy_distance = pytest.importorskip("scipy.spatial.distance")
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
-FUSED = ["cpu", "cuda"]  # cuda: skipped without a GPU
+FUSED = ["cpu", "triton", "cuda"]  # cuda: skipped without a GPU (no CUDA C++ kernel yet)
 # (N, M or None for self-retrieval, k): ragged against the kernel's tiles (64 or more queries,
-# 512 references), k beyond the references, one query, more neighbours than one tile
+# 512 references), k beyond the references, one query, more neighbours than one tile, the
+# Triton kernel's largest KP (128)
 SHAPES = [(130, None, 7), (70, 2100, 50), (3, None, 5), (1, 1, 3), (65, 1025, 1200),
-          (200, None, 199)]
+          (200, None, 199), (150, None, 100)]
 
 
 def _device(backend: str) -> torch.device:
@@ -27,6 +29,12 @@ def _device(backend: str) -> torch.device:
     if backend == "reference":
         return torch.device("cpu")
     return require_backend(backend, "nearest_neighbors")
+
+
+def _triton_max() -> int:
+    from confusion_kernels.triton.nearest_neighbors import MAX_NEIGHBORS
+
+    return MAX_NEIGHBORS
 
 
 def _rows(n, d, seed, dtype=torch.float64):
@@ -78,6 +86,9 @@ def _scores_brute_force(q, yq, r, yr, metric, ks, self_retrieval):
 def test_neighbors_equal_the_reference_and_scipy(backend, metric, shape):
     device = _device(backend)
     n, m, k = shape
+    if backend == "triton" and min(k, (m or n) - (m is None)) > _triton_max():
+        pytest.skip(f"the Triton kernel keeps at most {_triton_max()} neighbours with this "
+                    "Triton (its error: test_triton_refuses_more_neighbours_than_it_keeps)")
     q = _rows(n, 9, seed=n + k)
     r = None if m is None else _rows(m, 9, seed=m + 1)
     dist, idx = ck.nearest_neighbors(q.to(device), None if r is None else r.to(device), k,
@@ -98,8 +109,9 @@ def test_float32_neighbors_are_the_float64_ones_on_separated_data(backend):
     1e-7 |q|^2 in squared distance)."""
     device = _device(backend)
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(300, 16, generator=g)
-    r = torch.randn(3000, 16, generator=g)
+    small = backend == "triton"  # the interpreter: about a tenth of the work
+    q = torch.randn(60 if small else 300, 16, generator=g)
+    r = torch.randn(700 if small else 3000, 16, generator=g)
     d32, i32 = ck.nearest_neighbors(q.to(device), r.to(device), 20, backend=backend)
     d64, i64 = ck.nearest_neighbors(q.double(), r.double(), 20, backend="reference")
     gaps = (d64[:, 1:] - d64[:, :-1]).min(dim=1).values
@@ -208,11 +220,12 @@ def test_equal_to_pytorch_metric_learning(backend):
                               reason="needs pytorch-metric-learning")
     device = _device(backend)
     g = torch.Generator().manual_seed(19)
-    x = torch.randn(700, 12, generator=g)
-    y = torch.randint(0, 25, (700,), generator=g)
+    n, nq = (250, 40) if backend == "triton" else (700, 150)  # triton: the interpreter
+    x = torch.randn(n, 12, generator=g)
+    y = torch.randint(0, 25, (n,), generator=g)
     y[3] = 99  # a lone query
-    qx = torch.randn(150, 12, generator=g)
-    qy = torch.randint(0, 25, (150,), generator=g)
+    qx = torch.randn(nq, 12, generator=g)
+    qy = torch.randint(0, 25, (nq,), generator=g)
     keys = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
     for avg in (False, True):
         calc = acc.AccuracyCalculator(include=keys, avg_of_avgs=avg, device=torch.device("cpu"))
@@ -227,7 +240,17 @@ def test_equal_to_pytorch_metric_learning(backend):
             assert got_ref[key] == pytest.approx(want_ref[key], rel=1e-6), (avg, key)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+def test_triton_refuses_more_neighbours_than_it_keeps():
+    device = _device("triton")
+    most = _triton_max()
+    q = _rows(300, 4, seed=3).to(device)
+    with pytest.raises(ValueError, match=f"at most {most} neighbours"):
+        ck.nearest_neighbors(q, k=most + 1, backend="triton")
+    # auto takes the reference beyond (on CPU tensors it takes the CPU kernel anyway)
+    assert ck.nearest_neighbors(q, k=most + 1)[1].shape == (300, most + 1)
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
 def test_same_result_on_any_thread_count(backend):
     device = _device(backend)
     q = _rows(300, 20, seed=23, dtype=torch.float32).to(device)
@@ -281,7 +304,7 @@ BAD = [
     (lambda q, y: ck.nearest_neighbors(q, k=0), ValueError, "k must"),
     (lambda q, y: ck.nearest_neighbors(q, q.double()), TypeError, "dtype"),
     (lambda q, y: ck.nearest_neighbors(q[0]), ValueError, "2-D"),
-    (lambda q, y: ck.nearest_neighbors(q, backend="triton"), RuntimeError, "no Triton kernel"),
+    (lambda q, y: ck.nearest_neighbors(q, backend="cuda"), RuntimeError, "cannot run"),
 ]
 
 
@@ -294,7 +317,7 @@ def test_bad_input_raises_a_clear_error(case):
         make(q, y)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_non_finite_rows_are_refused(backend):
     _device(backend)
     q = _rows(10, 4, seed=43)

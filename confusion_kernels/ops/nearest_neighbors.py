@@ -5,8 +5,11 @@ Queries q [N, D] against references r [M, D] (``self_offset`` o: q_i is r_{o+i} 
 own neighbour): (distances [N, K], indices [N, K]) with K = min(k, M - [o given]), each row in
 the order of (distance, index). The C++ CPU kernel (csrc/cpu/nearest_neighbors_cpu.cpp, per
 pair csrc/include/confusion_kernels/neighbor_math.h) walks reference tiles with a threshold per
-query and never holds N x M; the reference (reference/retrieval.py) holds a row chunk's
-distances. No gradient: retrieval is an evaluation.
+query, the Triton kernel (confusion_kernels/triton/nearest_neighbors.py; K <= its
+MAX_NEIGHBORS, 128) keeps each
+query's K best sorted in registers; neither holds N x M. The reference
+(reference/retrieval.py) holds a row chunk's distances. No gradient: retrieval is an
+evaluation.
 
 The order is computed from the Gram form |r|^2 - 2 q.r (cosine: -q.r of the unit rows), the
 distances returned from the rows themselves: in float32, references whose distances to a query
@@ -15,12 +18,15 @@ differ by less than the Gram form's rounding (about 1e-7 |q|^2) may come in eith
 
 from __future__ import annotations
 
+from typing import Optional  # torch 2.6 custom ops reject int | None
+
 import torch
 
 from .. import _extension
 from ..reference import retrieval as _reference
 
 CPP_OP = "confusion_kernels::nearest_neighbors"
+TRITON_OP = "confusion_kernels::nearest_neighbors_triton"
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 
@@ -34,9 +40,25 @@ if _extension.HAS_C and _extension.has_kernel("nearest_neighbors", "CPU"):
     torch.library.register_fake(CPP_OP)(_fake)
 
 
+@torch.library.custom_op(TRITON_OP, mutates_args=())
+def _triton_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
+                      self_offset: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton import nearest_neighbors as kernels
+
+    check_neighbor_inputs(query, reference, k, metric, self_offset, scan=False)
+    if query.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"nearest_neighbors: the Triton kernel takes float32 or float64, got "
+                        f"{query.dtype}")
+    return kernels.nearest_neighbors(query, reference, k, metric, self_offset)
+
+
+_triton_neighbors.register_fake(_fake)
+
+
 def check_neighbor_inputs(query: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
-                          self_offset: int | None) -> None:
-    """ValueError / TypeError for inputs the kernels cannot order (before any kernel runs)."""
+                          self_offset: int | None, scan: bool = True) -> None:
+    """ValueError / TypeError for inputs the kernels cannot order (before any kernel runs);
+    ``scan``: also read the values (NaN / inf rows; a host synchronisation on a GPU)."""
     if not isinstance(query, torch.Tensor) or not isinstance(reference, torch.Tensor):
         raise TypeError("nearest_neighbors: query and reference must be tensors")
     if query.dim() != 2 or reference.dim() != 2:
@@ -59,7 +81,7 @@ def check_neighbor_inputs(query: torch.Tensor, reference: torch.Tensor, k: int, 
     if self_offset is not None and not 0 <= self_offset <= reference.shape[0] - query.shape[0]:
         raise ValueError(f"nearest_neighbors: self_offset {self_offset} puts the "
                          f"{query.shape[0]} queries outside the {reference.shape[0]} references")
-    for name, t in (("query", query), ("reference", reference)):
+    for name, t in (("query", query), ("reference", reference)) if scan else ():
         bad = ~torch.isfinite(t).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:5].tolist()
@@ -70,10 +92,12 @@ def check_neighbor_inputs(query: torch.Tensor, reference: torch.Tensor, k: int, 
 def nearest_neighbors_rows(query: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
                            self_offset: int | None, backend: str
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distances, indices) on ``backend`` ("reference" or "cpu"); inputs checked, cosine rows
-    already unit (or zero), float32 / float64."""
+    """(distances, indices) on ``backend`` ("reference", "cpu" or "triton"); inputs checked,
+    cosine rows already unit (or zero), float32 / float64."""
     with torch.no_grad():
         if backend == "reference":
             return _reference.nearest_neighbors(query, reference, k, metric, self_offset)
+        if backend == "triton":
+            return _triton_neighbors(query, reference, k, metric, self_offset)
         return torch.ops.confusion_kernels.nearest_neighbors(query, reference, k, metric,
                                                              self_offset)
