@@ -45,6 +45,27 @@ def test_verdicts_compare_with_the_spread():
     assert "recall of digits 0-4 +0.150 (better than CE)" in line
     one = {k: v[:1] for k, v in results.items()}
     assert "one seed" in report.verdicts(one)[0]
+    for runs, gain in ((results["CE"], (0.50, 0.52)), (results["X"], (0.70, 0.71))):
+        for run, value in zip(runs, gain):
+            run.update(map_at_r=value, recall_at_1=0.9, recall_at_10=1.0)
+    (line,) = report.verdicts(results)
+    assert "MAP@R +0.195 (better than CE)" in line
+    assert report.results_table(results)[0].endswith("| MAP@R | R@1 | R@10 |")
+
+
+def test_retrieval_scores_of_a_trained_method():
+    """The demo's retrieval columns are ck.retrieval_metrics of the test representation."""
+    import confusion_kernels as ck
+    from confusion_kernels.demo import evaluation, training
+
+    split = data.imbalanced_digits(0)
+    trained = training.train(training.METHODS[0], split, dim=4, seed=0, epochs=1,
+                             backend="auto")
+    got = evaluation.retrieval_scores(trained, split.x_test, split.y_test)
+    _, z, _ = trained.outputs(split.x_test)
+    want = ck.retrieval_metrics(z, split.y_test, k=(1, 10))
+    assert got == {"map_at_r": want["mean_average_precision_at_r"],
+                   "recall_at_1": want["recall_at_1"], "recall_at_10": want["recall_at_10"]}
 
 
 def test_short_run_writes_the_report(tmp_path):
@@ -53,6 +74,7 @@ def test_short_run_writes_the_report(tmp_path):
     for heading in ("## Results", "## Similar labels", "## Out of distribution",
                     "## Kernel speed on this machine"):
         assert heading in text
+    assert "| method | accuracy | macro-F1 | recall of digits 0-4 | MAP@R | R@1 | R@10 |" in text
     for name in ("| CE |", "| CE + ASLoss |", "| CE + ASLoss (class_mean) |", "| Affinity (m=1) |",
                  "| Affinity (m=5) |", "| CE + NCL |"):
         assert name in text

@@ -1,5 +1,6 @@
-"""Scores of a trained method: accuracy, macro-F1, mean recall of the minority digits; and the
-out-of-distribution AUROC of the NCL confidence against CE's max softmax."""
+"""Scores of a trained method: accuracy, macro-F1, mean recall of the minority digits, retrieval
+(MAP@R, recall@1 and @10) in its representation; and the out-of-distribution AUROC of the NCL
+confidence against CE's max softmax."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from .data import MINORITY, DigitsSplit
-from .training import METHODS, train
+from .training import METHODS, Trained, train
 
 OOD_KNOWN = 8  # the OOD run trains on digits 0-7 and scores the test 8s and 9s as unseen
 
@@ -22,6 +23,23 @@ def scores(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, float]:
             "macro_f1": float(f1_score(t, p, average="macro")),
             "minority_recall": float(np.mean(recall_score(t, p, labels=list(MINORITY),
                                                           average=None)))}
+
+
+def retrieval_scores(trained: Trained, x: torch.Tensor, y: torch.Tensor,
+                     backend: str = "auto") -> dict[str, float]:
+    """MAP@R, recall@1 and recall@10 of the images x among themselves, in the representation
+    z the method learned (euclidean; ck.retrieval_metrics)."""
+    import confusion_kernels as ck
+
+    _, z, _ = trained.outputs(x)
+    found = ck.retrieval_metrics(z, y, k=(1, 10), backend=_retrieval_backend(backend))
+    return {"map_at_r": found["mean_average_precision_at_r"],
+            "recall_at_1": found["recall_at_1"], "recall_at_10": found["recall_at_10"]}
+
+
+def _retrieval_backend(backend: str) -> str:
+    # the losses' backend where retrieval has a kernel for it, else the package's choice
+    return backend if backend in ("auto", "reference", "cpu") else "auto"
 
 
 @dataclass

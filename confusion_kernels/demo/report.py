@@ -15,6 +15,14 @@ from .training import Trained
 
 SCORES = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"),
           ("minority_recall", "recall of digits 0-4"))
+# retrieval among the test images in the representation (evaluation.retrieval_scores)
+RETRIEVAL_SCORES = (("map_at_r", "MAP@R"), ("recall_at_1", "R@1"), ("recall_at_10", "R@10"))
+
+
+def _columns(results: dict[str, list[dict[str, float]]]) -> tuple[tuple[str, str], ...]:
+    """The scores every run has: the classification ones, and retrieval where measured."""
+    runs = [r for rs in results.values() for r in rs]
+    return tuple(c for c in SCORES + RETRIEVAL_SCORES if all(c[0] in r for r in runs))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -23,11 +31,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def results_table(results: dict[str, list[dict[str, float]]]) -> list[str]:
     """Markdown rows: method, then mean ± std of every score over the seeds."""
-    lines = ["| method | " + " | ".join(title for _, title in SCORES) + " |",
-             "|---|" + "---:|" * len(SCORES)]
+    columns = _columns(results)
+    lines = ["| method | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name, runs in results.items():
         cells = []
-        for key, _ in SCORES:
+        for key, _ in columns:
             m, s = mean_std([r[key] for r in runs])
             cells.append(f"{m:.3f} ± {s:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -35,15 +44,16 @@ def results_table(results: dict[str, list[dict[str, float]]]) -> list[str]:
 
 
 def verdicts(results: dict[str, list[dict[str, float]]], baseline: str = "CE") -> list[str]:
-    """One sentence per method: does it beat the baseline on macro-F1 and on the minority
-    recall by more than the spread over seeds?"""
+    """One sentence per method: does it beat the baseline on macro-F1, on the minority
+    recall (and on MAP@R, where measured) by more than the spread over seeds?"""
     lines = []
-    base = {key: mean_std([r[key] for r in results[baseline]]) for key, _ in SCORES}
+    judged = [c for c in _columns(results) if c[0] in ("macro_f1", "minority_recall", "map_at_r")]
+    base = {key: mean_std([r[key] for r in results[baseline]]) for key, _ in judged}
     for name, runs in results.items():
         if name == baseline:
             continue
         parts = []
-        for key, title in SCORES[1:]:
+        for key, title in judged:
             m, s = mean_std([r[key] for r in runs])
             diff = m - base[key][0]
             noise = max(s, base[key][1])
@@ -108,6 +118,10 @@ def write_report(out: Path, *, header: list[str], split: DigitsSplit,
              f"## Results ({dim}-D representation, test split, mean ± std over {seeds} seed(s), "
              f"{epochs} epochs)", "",
              *results_table(results), "",
+             "MAP@R and R@k: retrieval among the test images in the learned representation "
+             "(each image's nearest other test images, euclidean, `ck.retrieval_metrics`): "
+             "the mean average precision over its R same-digit images, and the fraction of "
+             "images with a same-digit image among their k nearest.", "",
              "Against CE:", "", *verdicts(results), "",
              "## Representations (2-D runs) and confusion matrices", "",
              "Left: a run with a 2-D representation (train | test). Right: the confusion matrix "
