@@ -86,6 +86,9 @@ def _scores_brute_force(q, yq, r, yr, metric, ks, self_retrieval):
 def test_neighbors_equal_the_reference_and_scipy(backend, metric, shape):
     device = _device(backend)
     n, m, k = shape
+    if backend == "triton" and m is not None and m > 1024:
+        pytest.skip("interpreter time: the CPU tiles' ragged edges; Triton's ragged tiles are "
+                    "the other shapes' (130 rows, 150 of KP = 128)")
     if backend == "triton" and min(k, (m or n) - (m is None)) > _triton_max():
         pytest.skip(f"the Triton kernel keeps at most {_triton_max()} neighbours with this "
                     "Triton (its error: test_triton_refuses_more_neighbours_than_it_keeps)")
@@ -155,8 +158,9 @@ def test_scores_equal_a_brute_force(backend, metric, self_retrieval):
     q = torch.randn(157, 8, generator=g, dtype=torch.float64)
     yq = torch.randint(0, 12, (157,), generator=g)
     yq[0] = 40  # a query whose label no other sample has: left out
-    r = q if self_retrieval else torch.randn(1100, 8, generator=g, dtype=torch.float64)
-    yr = yq if self_retrieval else torch.randint(0, 12, (1100,), generator=g)
+    m = 400 if backend == "triton" else 1100  # triton: the interpreter
+    r = q if self_retrieval else torch.randn(m, 8, generator=g, dtype=torch.float64)
+    yr = yq if self_retrieval else torch.randint(0, 12, (m,), generator=g)
     ks = (1, 4, 30)
     got = ck.retrieval_metrics(q.to(device), yq.to(device),
                                None if self_retrieval else r.to(device),
