@@ -34,6 +34,8 @@ from .pairwise import pairwise_distances
 
 # rows of queries whose distance block [rows, M] the reference holds at once
 REFERENCE_ROW_CHUNK = 1024
+# queries scored at once (a few [chunk, K] float64 tables)
+SCORE_ROW_CHUNK = 4096
 
 
 def distances(query: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
@@ -89,6 +91,24 @@ def _class_means(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return classes, sums / counts
 
 
+def _per_query(idx: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
+               reference_labels: torch.Tensor, ks: Sequence[int]) -> dict:
+    """Each score of the queries with neighbours idx [Q, K], labels y, R_i = r (float64)."""
+    rel = (reference_labels[idx] == y[:, None]).to(torch.float64)  # [Q, K]
+    kk = rel.shape[1]
+    t = torch.arange(1, kk + 1, dtype=torch.float64, device=rel.device)
+    within_r = (t[None, :] <= r[:, None]).to(torch.float64)
+    precision_at_t = rel.cumsum(1) / t
+    out = {
+        "precision_at_1": rel[:, 0] if kk else torch.zeros_like(r),
+        "r_precision": (rel * within_r).sum(1) / r,
+        "mean_average_precision_at_r": (rel * precision_at_t * within_r).sum(1) / r,
+    }
+    for k in ks:
+        out[f"recall_at_{k}"] = rel[:, :k].amax(1) if kk else torch.zeros_like(r)
+    return out
+
+
 def scores_from_neighbors(neighbor_indices: torch.Tensor, query_labels: torch.Tensor,
                           reference_labels: torch.Tensor, relevant: torch.Tensor,
                           ks: Sequence[int], per_class: bool = False) -> dict:
@@ -98,18 +118,10 @@ def scores_from_neighbors(neighbor_indices: torch.Tensor, query_labels: torch.Te
     idx = neighbor_indices[kept]
     y = query_labels[kept]
     r = relevant[kept].to(torch.float64)
-    rel = (reference_labels[idx] == y[:, None]).to(torch.float64)  # [Q, K]
-    kk = rel.shape[1]
-    t = torch.arange(1, kk + 1, dtype=torch.float64, device=rel.device)
-    within_r = (t[None, :] <= r[:, None]).to(torch.float64)
-    precision_at_t = rel.cumsum(1) / t
-    per_query = {
-        "precision_at_1": rel[:, 0] if kk else torch.zeros_like(r),
-        "r_precision": (rel * within_r).sum(1) / r,
-        "mean_average_precision_at_r": (rel * precision_at_t * within_r).sum(1) / r,
-    }
-    for k in ks:
-        per_query[f"recall_at_{k}"] = rel[:, :k].amax(1) if kk else torch.zeros_like(r)
+    parts = [_per_query(idx[q0:q0 + SCORE_ROW_CHUNK], y[q0:q0 + SCORE_ROW_CHUNK],
+                        r[q0:q0 + SCORE_ROW_CHUNK], reference_labels, ks)
+             for q0 in range(0, max(1, idx.shape[0]), SCORE_ROW_CHUNK)]
+    per_query = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     result: dict = {}
     classes = None
     for name, values in per_query.items():
