@@ -21,16 +21,22 @@ from .reference import retrieval as _reference
 __all__ = ["nearest_neighbors", "retrieval_metrics"]
 
 
+def _check_rows(query: torch.Tensor, reference: torch.Tensor | None) -> None:
+    check_embeddings(query, "query", check_finite=False)
+    if reference is not None:
+        check_embeddings(reference, "reference", check_finite=False, count="M")
+
+
 def _prepared(query: torch.Tensor, reference: torch.Tensor | None, k: int, metric: str,
               backend: str) -> tuple[torch.Tensor, torch.Tensor, int | None, str]:
+    """The rows the kernels take (``_check_rows`` already passed), the self offset and the
+    backend."""
     self_offset = 0 if reference is None else None
     ref = query if reference is None else reference
-    check_embeddings(query, "query", check_finite=False)
-    check_embeddings(ref, "reference", check_finite=False, count="M")
     check_neighbor_inputs(query, ref, k, metric, self_offset)
     # no size threshold on CPU: the fused kernel was faster than the reference from N = 16 on
     chosen = select_backend(query, backend, op="nearest_neighbors")
-    depth = min(k, ref.shape[0] - (1 if self_offset is not None else 0))
+    depth = _reference.neighbor_count(k, ref.shape[0], self_offset)
     if chosen == "triton" and auto_requested(backend):
         from .triton.nearest_neighbors import MAX_NEIGHBORS
 
@@ -60,6 +66,7 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor | None = None
         (distances [N, K], indices [N, K]) with K = min(k, number of references available),
         distances in float32 (float64 for float64 inputs). No gradient.
     """
+    _check_rows(query, reference)
     q, r, self_offset, chosen = _prepared(query, reference, k, metric, backend)
     return nearest_neighbors_rows(q, r, k, metric, self_offset, chosen)
 
@@ -117,8 +124,7 @@ def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor,
                          "(or neither, to retrieve among the queries)")
     ref = query if self_retrieval else reference
     ref_labels = query_labels if self_retrieval else reference_labels
-    check_embeddings(query, "query", check_finite=False)
-    check_embeddings(ref, "reference", check_finite=False, count="M")
+    _check_rows(query, reference)
     query_labels = check_labels(query_labels, query.shape[0], query.device, "query_labels")
     if not self_retrieval:
         ref_labels = check_labels(ref_labels, ref.shape[0], ref.device, "reference_labels")

@@ -31,7 +31,7 @@ METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 
 def _fake(query, reference, k, metric, self_offset):
-    kk = max(0, min(k, reference.shape[0] - (1 if self_offset is not None else 0)))
+    kk = _reference.neighbor_count(k, reference.shape[0], self_offset)
     return (query.new_empty(query.shape[0], kk),
             query.new_empty(query.shape[0], kk, dtype=torch.long))
 
@@ -81,7 +81,9 @@ def check_neighbor_inputs(query: torch.Tensor, reference: torch.Tensor, k: int, 
     if self_offset is not None and not 0 <= self_offset <= reference.shape[0] - query.shape[0]:
         raise ValueError(f"nearest_neighbors: self_offset {self_offset} puts the "
                          f"{query.shape[0]} queries outside the {reference.shape[0]} references")
-    for name, t in (("query", query), ("reference", reference)) if scan else ():
+    rows = (("query", query),) if reference is query else (("query", query),
+                                                            ("reference", reference))
+    for name, t in rows if scan else ():
         bad = ~torch.isfinite(t).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:5].tolist()

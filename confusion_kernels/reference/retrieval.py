@@ -51,12 +51,17 @@ def distances(query: torch.Tensor, reference: torch.Tensor, metric: str) -> torc
     return torch.where(zero, torch.ones_like(half_sq), half_sq)
 
 
+def neighbor_count(k: int, m: int, self_offset: int | None) -> int:
+    """K = min(k, M - [self_offset given]): the neighbours a query has among M references."""
+    return max(0, min(k, m - (1 if self_offset is not None else 0)))
+
+
 def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
                       self_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distances [N, K], indices [N, K]) of the K = min(k, M - [self]) nearest references of
+    """(distances [N, K], indices [N, K]) of the K = ``neighbor_count`` nearest references of
     each query, ordered by (distance, index)."""
-    n, m = query.shape[0], reference.shape[0]
-    kk = min(k, m - (1 if self_offset is not None else 0))
+    n = query.shape[0]
+    kk = neighbor_count(k, reference.shape[0], self_offset)
     dists, idxs = [], []
     for r0 in range(0, n, REFERENCE_ROW_CHUNK):
         block = distances(query[r0:r0 + REFERENCE_ROW_CHUNK], reference, metric)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.retrieval import neighbor_count
 from ._support import MAXNREG, TRITON_VERSION, dot_precision, launch_options
 from ._support import use_dot as use_dot_for
 from .n_centroids import _gram
@@ -132,8 +133,7 @@ def _config(kp: int, dtype: torch.dtype) -> dict:
         block_d = 16  # exact fp32 products run on the FMA units; tl.dot needs 16 at least
     else:
         block_d = 32
-    return dict(KP=kp, BLOCK_D=block_d, BLOCK_M=BLOCK_M, num_warps=4 if kp <= 64 else 8,
-                maxnreg=MAXNREG)
+    return dict(BLOCK_D=block_d, num_warps=4 if kp <= 64 else 8, maxnreg=MAXNREG)
 
 
 def _padded(k: int) -> int:
@@ -167,17 +167,16 @@ def _exact_order(q: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, metric: st
 
 def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
                       self_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distances [N, K], indices [N, K]), K = min(k, M - [self_offset given]) <= MAX_NEIGHBORS;
+    """(distances [N, K], indices [N, K]), K = neighbor_count(k, M, self_offset) <= MAX_NEIGHBORS;
     float32 / float64 rows, cosine rows unit (or zero)."""
     n, m = query.shape[0], reference.shape[0]
-    kk = min(k, m - (1 if self_offset is not None else 0))
+    kk = neighbor_count(k, m, self_offset)
     if kk > MAX_NEIGHBORS:
         raise ValueError(f"nearest_neighbors: the Triton kernel keeps at most {MAX_NEIGHBORS} "
                          f"neighbours per query, {kk} were asked (backend='cpu' on CPU "
                          "tensors, or backend='reference', keeps any number)")
-    if n == 0 or kk <= 0:
-        return (query.new_empty(n, max(kk, 0)),
-                torch.empty(n, max(kk, 0), dtype=torch.long, device=query.device))
+    if n == 0 or kk == 0:
+        return (query.new_empty(n, kk), torch.empty(n, kk, dtype=torch.long, device=query.device))
     q, r = query.contiguous(), reference.contiguous()
     acc = tl.float64 if q.dtype == torch.float64 else tl.float32
     rn = r.square().sum(1) if metric != "cosine" else r.new_empty(0)
@@ -190,8 +189,7 @@ def nearest_neighbors(query: torch.Tensor, reference: torch.Tensor, k: int, metr
     grid = (triton.cdiv(n, BLOCK_M),)
     _topk_kernel[grid](q, r, rn, out, n, m, q.shape[1], shift, IS_COSINE=metric == "cosine",
                        ACC=acc, USE_DOT=use_dot_for(q.dtype), PREC=dot_precision(q.dtype),
-                       BLOCK_M=cfg["BLOCK_M"], KP=kp, LOG_KP=kp.bit_length() - 1,
-                       BLOCK_D=cfg["BLOCK_D"],
-                       **launch_options(cfg))
+                       BLOCK_M=BLOCK_M, KP=kp, LOG_KP=kp.bit_length() - 1,
+                       BLOCK_D=cfg["BLOCK_D"], **launch_options(cfg))
     idx = out[:, :kk] & 0xFFFFFFFF
     return _exact_order(q, r, idx, metric)

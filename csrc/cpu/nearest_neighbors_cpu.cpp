@@ -218,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_neighbors_cpu(const at::Tensor& query
   const NoAutocast no_autocast;
   const SerialAten serial;
   check_inputs(query, reference, k, self_offset);
-  TORCH_CHECK(at::isfinite(query).all().item<bool>() && at::isfinite(reference).all().item<bool>(),
+  TORCH_CHECK(at::isfinite(query).all().item<bool>() &&
+                  (reference.is_same(query) || at::isfinite(reference).all().item<bool>()),
               "nearest_neighbors: query and reference must be finite (a NaN or inf row has no "
               "order of neighbours)");
   const int64_t code = neighbor_metric_code(metric);
