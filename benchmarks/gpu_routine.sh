@@ -45,7 +45,8 @@ TEST_FILES=${TEST_FILES:-$(echo $HEAVY; ls tests/test_*.py | grep -v -E "test_(d
 # family; racecheck is the slowest: 8 one-pass tests took its first 20 s on an H200)
 SANITIZE=(
   "memcheck|20|tests/test_cuda.py|gram_kernels and 65-24 and (fp32 or bf16)"
-  "racecheck|30|tests/test_weighted_pair_sums.py|cuda and duplicates"
+  "racecheck|20|tests/test_weighted_pair_sums.py|cuda and duplicates"
+  "racecheck|10|tests/test_retrieval.py|cuda and ties"
   "synccheck|15|tests/test_weighted_pair_sums.py|cuda and bitwise"
   "initcheck|15|tests/test_intra_inter_sums.py|cuda and (singleton or identical)"
 )

@@ -15,7 +15,7 @@ import torch
 
 from ._backend import auto_requested, select_backend
 from ._validation import check_embeddings, check_labels, names_errors
-from .ops.nearest_neighbors import check_neighbor_inputs, nearest_neighbors_rows
+from .ops.nearest_neighbors import check_neighbor_inputs, max_neighbors, nearest_neighbors_rows
 from .reference import retrieval as _reference
 
 __all__ = ["nearest_neighbors", "retrieval_metrics"]
@@ -37,11 +37,13 @@ def _prepared(query: torch.Tensor, reference: torch.Tensor | None, k: int, metri
     # no size threshold on CPU: the fused kernel was faster than the reference from N = 16 on
     chosen = select_backend(query, backend, op="nearest_neighbors")
     depth = _reference.neighbor_count(k, ref.shape[0], self_offset)
-    if chosen == "triton" and auto_requested(backend):
-        from .triton.nearest_neighbors import MAX_NEIGHBORS
-
-        if depth > MAX_NEIGHBORS:
-            chosen = "reference"  # more neighbours than the Triton kernel keeps: row chunks
+    most = max_neighbors(chosen)
+    if most is not None and depth > most:
+        if not auto_requested(backend):
+            raise ValueError(f"nearest_neighbors: the {chosen} kernel keeps at most {most} "
+                             f"neighbours per query, {depth} asked for (backend='auto' takes "
+                             f"the reference in row chunks beyond)")
+        chosen = "reference"  # more neighbours than the GPU kernels keep: row chunks
     q, r = query.detach(), ref.detach()
     if q.dtype not in (torch.float32, torch.float64):
         q, r = q.float(), r.float()
@@ -108,9 +110,10 @@ def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor,
         per_class: average each score per query class first, then over classes (PML's
             ``avg_of_avgs``); the result also holds ``classes`` and ``per_class``
             ({score: [C] tensor}).
-        backend: "auto" | "reference" | "cpu" | "triton" (cpu: CPU tensors; triton: CUDA
-            tensors, at most 128 neighbours per query (32 with Triton before 3.5), where
-            "auto" takes the reference in row chunks beyond: O(1024 M) memory).
+        backend: "auto" | "reference" | "cpu" | "triton" | "cuda" (cpu: CPU tensors; cuda:
+            CUDA tensors, at most 1024 neighbours per query; triton: CUDA tensors, at most
+            128 (32 with Triton before 3.5). "auto" takes cuda, else triton, on a GPU, and
+            the reference in row chunks beyond their depth: O(1024 M) memory).
 
     Returns:
         {"precision_at_1", "r_precision", "mean_average_precision_at_r", "recall_at_{k}"...:

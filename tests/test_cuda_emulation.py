@@ -1,5 +1,6 @@
 """The CUDA kernels (csrc/cuda/gram_tile_kernels.cuh, affinity_kernels.cuh,
-pair_pass_kernels.cuh, n_centroids_kernels.cuh, pair_loss_kernels.cuh) run on the CPU.
+pair_pass_kernels.cuh, n_centroids_kernels.cuh, pair_loss_kernels.cuh,
+nearest_neighbors_kernels.cuh) run on the CPU.
 
 tests/cuda_emulation/cuda_host_shim.h compiles the kernel bodies unchanged as
 C++ with one thread per CUDA thread, so the tiling, ragged edges, shared-memory
@@ -670,3 +671,153 @@ def test_pair_loss_kernels_match_the_cpu_op(pair_loss_kernels, loss, metric):
         torch.testing.assert_close(stats[finite], want_stats[finite], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gx, want_gx, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gr, want_gr, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# nearest_neighbors (csrc/cuda/nearest_neighbors_kernels.cuh), with the host loop of
+# nearest_neighbors_cuda.cpp in torch, against the reference and the C++ CPU op.
+# ---------------------------------------------------------------------------
+NEIGHBOR_METRICS = {"euclidean": 0, "sqeuclidean": 1, "cosine": 2}
+
+
+@pytest.fixture(scope="session")
+def neighbor_kernels(tmp_path_factory) -> ctypes.CDLL:
+    lib = _build(tmp_path_factory,
+                 ROOT / "tests/cuda_emulation/nearest_neighbors_kernels_on_host.cpp",
+                 [ROOT / "csrc/cuda/nearest_neighbors_kernels.cuh",
+                  ROOT / "csrc/cuda/nearest_neighbors_tile.h", SOURCES[1], SOURCES[3],
+                  ROOT / "csrc/include/confusion_kernels/neighbor_math.h"])
+    lib.ck_nn_list_bytes.restype = ctypes.c_int64
+    return lib
+
+
+def emulated_neighbors(lib, q, r, k, metric, self_offset, query_tile, ref_tile, threads):
+    """(distances, indices) of nearest_neighbors_cuda.cpp's tile loop with tiles of
+    query_tile x ref_tile and blocks of ``threads``, the kernels emulated, cuBLAS's Gram
+    products in torch (float64)."""
+    from confusion_kernels.reference.retrieval import neighbor_count
+
+    n, d = q.shape
+    m = r.shape[0]
+    kk = neighbor_count(k, m, self_offset)
+    code = _i64(NEIGHBOR_METRICS[metric])
+    q_sq, r_sq = (q * q).sum(1).contiguous(), (r * r).sum(1).contiguous()
+    keys = torch.full((n, kk), float("nan"), dtype=torch.float64)  # garbage until written
+    index = torch.full((n, kk), -7, dtype=torch.long)
+    count = torch.zeros(n, dtype=torch.long)
+    block = ctypes.c_uint(threads)
+    for r0 in range(0, n, query_tile):
+        rt = min(query_tile, n - r0)
+        for c0 in range(0, m, ref_tile):
+            ct = min(ref_tile, m - c0)
+            g = (q[r0:r0 + rt] @ r[c0:c0 + ct].T).contiguous()
+            has_self = self_offset is not None
+            delta = r0 + self_offset - c0 if has_self else 0
+            lib.ck_nn_offer(_ptr(g), _ptr(r_sq[c0:]), _i64(rt), _i64(ct), _i64(c0), _i64(delta),
+                            ctypes.c_int(has_self), code, _i64(kk), _ptr(keys[r0:]),
+                            _ptr(index[r0:]), _ptr(count[r0:]), block)
+    assert torch.all(count == kk), "every query holds K candidates after the last tile"
+    dist = torch.empty(n, kk, dtype=torch.float64)
+    out = torch.empty(n, kk, dtype=torch.long)
+    lib.ck_nn_finish(_ptr(q), _ptr(q_sq), _ptr(r), _ptr(r_sq), _i64(n), _i64(d), _i64(kk), code,
+                     _ptr(index), _ptr(dist), _ptr(out), block)
+    return dist, out
+
+
+def _neighbor_rows(seed, metric):
+    """Random queries [37, 5] with a pair 1e-9 apart and, for cosine, a zero row; 11 extra
+    references before them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    x[3] = x[2] + 1e-9
+    extra = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    if metric == "cosine":
+        x[9] = 0.0
+        x = torch.nn.functional.normalize(x, dim=1)
+        extra = torch.nn.functional.normalize(extra, dim=1)
+    return x.contiguous(), extra.contiguous()
+
+
+def _check_neighbors(lib, x, r, k, metric, offset, **tiles):
+    """The emulated kernels against the reference (indices equal) and scipy's cdist."""
+    from scipy.spatial.distance import cdist
+
+    from confusion_kernels.reference import retrieval as reference
+
+    dist, idx = emulated_neighbors(lib, x, r, k, metric, offset, **tiles)
+    want_dist, want_idx = reference.nearest_neighbors(x, r, k, metric, offset)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(dist, want_dist, rtol=1e-12, atol=1e-15)
+    full = torch.from_numpy(np.nan_to_num(cdist(x.numpy(), r.numpy(), metric),
+                                          nan=1.0))  # scipy: 0 / 0 for a zero row
+    torch.testing.assert_close(dist, full.gather(1, idx), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", list(NEIGHBOR_METRICS))
+@pytest.mark.parametrize("k", [1, 3, 20, 100])
+def test_neighbor_kernels_match_the_reference(neighbor_kernels, metric, k):
+    """Several query and reference tiles (ragged), blocks of 8 threads (rounds of 8 columns,
+    a tile of 13 not a multiple of them, lists cut inside a tile for k = 1 and 3 and carried
+    over many tiles for k = 20), k beyond the references (100: every reference); the query's
+    own row left out (self retrieval, and inside a larger reference set); float64 against the
+    reference and scipy's cdist."""
+    x, extra = _neighbor_rows(k + len(metric), metric)
+    for r, offset in ((x, 0), (torch.cat([extra, x]).contiguous(), 11), (extra, None)):
+        _check_neighbors(neighbor_kernels, x, r, k, metric, offset, query_tile=16, ref_tile=13,
+                         threads=8)
+
+
+@pytest.mark.parametrize("metric", list(NEIGHBOR_METRICS))
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_neighbor_kernels_break_exact_ties_by_index(neighbor_kernels, metric, k):
+    """Rows whose Gram products are exact in any order (small integers; for cosine, signed
+    multiples of unit vectors; no zero row: the reference's distance of orthogonal rows,
+    cdist squared, is 1 + 2e-16, where the zero row's is 1), so duplicates and equal distances tie exactly
+    in the kernels' keys too: equal keys in one round of entrants, across rounds and across
+    reference tiles, at the K-th place, go to the lower index, as in the reference."""
+    g = torch.Generator().manual_seed(k)
+    if metric == "cosine":
+        axes = torch.randint(0, 4, (60,), generator=g)
+        x = torch.nn.functional.one_hot(axes, 4).double()
+        x *= torch.randint(1, 4, (60, 1), generator=g) * (2 * torch.randint(0, 2, (60, 1),
+                                                                             generator=g) - 1)
+        x = torch.nn.functional.normalize(x, dim=1)
+    else:
+        x = torch.randint(-2, 3, (60, 4), generator=g).double()
+    x[40] = x[3]
+    for r, offset in ((x, 0), (x.flip(0).contiguous(), None)):
+        _check_neighbors(neighbor_kernels, x, r, k, metric, offset, query_tile=23, ref_tile=17,
+                         threads=8)
+
+
+def test_neighbor_kernels_match_the_cpu_op(neighbor_kernels):
+    """Many entrants per tile (clustered queries against 300 references in tiles of 64, lists
+    of 5 cut every few rounds of 8) and the GPU's own tile sizes' shapes: the emulated kernels
+    give the C++ CPU op's neighbours."""
+    from confusion_kernels import _extension
+
+    if not _extension.has_kernel("nearest_neighbors", "CPU"):
+        pytest.skip("needs the C++ CPU kernel (the extension is not built)")
+    g = torch.Generator().manual_seed(5)
+    centers = torch.randn(6, 16, generator=g, dtype=torch.float64) * 3
+    r = (centers[torch.arange(300) % 6] + torch.randn(300, 16, generator=g,
+                                                      dtype=torch.float64)).contiguous()
+    q = (centers[torch.arange(21) % 6] + torch.randn(21, 16, generator=g,
+                                                     dtype=torch.float64)).contiguous()
+    for metric in NEIGHBOR_METRICS:
+        qm, rm = q, r
+        if metric == "cosine":
+            qm = torch.nn.functional.normalize(q, dim=1)
+            rm = torch.nn.functional.normalize(r, dim=1)
+        dist, idx = emulated_neighbors(neighbor_kernels, qm, rm, 5, metric, None, query_tile=21,
+                                       ref_tile=64, threads=8)
+        want_dist, want_idx = torch.ops.confusion_kernels.nearest_neighbors(qm, rm, 5, metric,
+                                                                            None)
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(dist, want_dist, rtol=1e-12, atol=1e-15)
+
+
+def test_neighbor_lists_fit_the_default_shared_memory(neighbor_kernels):
+    """The largest list (1024 neighbours, blocks of 256: 2048 entries) fits the 48 KiB a
+    kernel gets without opting in, in float64 too."""
+    assert neighbor_kernels.ck_nn_list_bytes(_i64(1024), ctypes.c_uint(256)) <= 48 * 1024

@@ -16,7 +16,7 @@ from conftest import require_backend
 scipy_distance = pytest.importorskip("scipy.spatial.distance")
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
-FUSED = ["cpu", "triton", "cuda"]  # cuda: skipped without a GPU (no CUDA C++ kernel yet)
+FUSED = ["cpu", "triton", "cuda"]  # cuda: skipped without a GPU
 # (N, M or None for self-retrieval, k): ragged against the kernel's tiles (64 or more queries,
 # 512 references), k beyond the references, one query, more neighbours than one tile, the
 # Triton kernel's largest KP (128)
@@ -31,17 +31,21 @@ def _device(backend: str) -> torch.device:
     return require_backend(backend, "nearest_neighbors")
 
 
-def _triton_max() -> int:
-    from confusion_kernels.triton.nearest_neighbors import MAX_NEIGHBORS
+def _kernel_max(backend: str) -> int | None:
+    """The most neighbours the backend's kernel keeps (triton: 128, 32 with Triton < 3.5;
+    cuda: 1024; None: any number)."""
+    from confusion_kernels.ops.nearest_neighbors import max_neighbors
 
-    return MAX_NEIGHBORS
+    return max_neighbors(backend)
 
 
 def _require_depth(backend: str, depth: int) -> None:
-    """Skip where the Triton kernel cannot keep ``depth`` neighbours (32 with Triton < 3.5)."""
-    if backend == "triton" and depth > _triton_max():
-        pytest.skip(f"the Triton kernel keeps at most {_triton_max()} neighbours with this "
-                    f"Triton, the test needs {depth}")
+    """Skip where the backend's kernel cannot keep ``depth`` neighbours (its error:
+    test_gpu_kernels_refuse_more_neighbours_than_they_keep)."""
+    most = _kernel_max(backend)
+    if most is not None and depth > most:
+        pytest.skip(f"the {backend} kernel keeps at most {most} neighbours (with this Triton), "
+                    f"the test needs {depth}")
 
 
 def _rows(n, d, seed, dtype=torch.float64):
@@ -96,9 +100,7 @@ def test_neighbors_equal_the_reference_and_scipy(backend, metric, shape):
     if backend == "triton" and m is not None and m > 1024:
         pytest.skip("interpreter time: the CPU tiles' ragged edges; Triton's ragged tiles are "
                     "the other shapes' (130 rows, 150 of KP = 128)")
-    if backend == "triton" and min(k, (m or n) - (m is None)) > _triton_max():
-        pytest.skip(f"the Triton kernel keeps at most {_triton_max()} neighbours with this "
-                    "Triton (its error: test_triton_refuses_more_neighbours_than_it_keeps)")
+    _require_depth(backend, min(k, (m or n) - (m is None)))
     q = _rows(n, 9, seed=n + k)
     r = None if m is None else _rows(m, 9, seed=m + 1)
     dist, idx = ck.nearest_neighbors(q.to(device), None if r is None else r.to(device), k,
@@ -254,14 +256,30 @@ def test_equal_to_pytorch_metric_learning(backend):
             assert got_ref[key] == pytest.approx(want_ref[key], rel=1e-6), (avg, key)
 
 
-def test_triton_refuses_more_neighbours_than_it_keeps():
-    device = _device("triton")
-    most = _triton_max()
-    q = _rows(300, 4, seed=3).to(device)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_kernels_refuse_more_neighbours_than_they_keep(backend):
+    device = _device(backend)
+    most = _kernel_max(backend)
+    q = _rows(most + 40, 4, seed=3).to(device)
     with pytest.raises(ValueError, match=f"at most {most} neighbours"):
-        ck.nearest_neighbors(q, k=most + 1, backend="triton")
+        ck.nearest_neighbors(q, k=most + 1, backend=backend)
     # auto takes the reference beyond (on CPU tensors it takes the CPU kernel anyway)
-    assert ck.nearest_neighbors(q, k=most + 1)[1].shape == (300, most + 1)
+    dist, idx = ck.nearest_neighbors(q, k=most + 1)
+    assert idx.shape == (most + 40, most + 1)
+    if backend == "cuda":  # the C++ op itself refuses too
+        with pytest.raises(RuntimeError, match=f"at most {most} neighbours"):
+            torch.ops.confusion_kernels.nearest_neighbors(q, q, most + 1, "euclidean", 0)
+
+
+def test_cuda_depth_is_the_kernel_sources():
+    """CUDA_MAX_NEIGHBORS (what auto routes by, on machines without a GPU too) is the list
+    size the CUDA kernel was written for."""
+    from pathlib import Path
+
+    from confusion_kernels.ops.nearest_neighbors import CUDA_MAX_NEIGHBORS
+
+    source = (Path(__file__).resolve().parents[1] / "csrc/cuda/nearest_neighbors_tile.h")
+    assert f"kMaxNeighbors = {CUDA_MAX_NEIGHBORS};" in source.read_text()
 
 
 @pytest.mark.parametrize("backend", ["cpu"])
@@ -292,6 +310,19 @@ def test_no_gradient_and_inputs_untouched():
     dist, idx = ck.nearest_neighbors(q, k=3)
     assert not dist.requires_grad
     assert torch.equal(q.detach(), before)
+
+
+def test_cuda_kernel_never_holds_the_distance_matrix():
+    """N = M = 16384 on the GPU: an N x M float32 buffer is 1 GiB; the kernel's largest is a
+    Gram tile (2048 x 8192, 64 MiB)."""
+    device = _device("cuda")
+    q = _rows(16384, 16, seed=37, dtype=torch.float32).to(device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    ck.nearest_neighbors(q, k=10, backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(device) - start < 16384 * 16384 * 4 // 8
 
 
 def test_cpu_kernel_never_holds_the_distance_matrix():
@@ -331,7 +362,7 @@ def test_bad_input_raises_a_clear_error(case):
         make(q, y)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 def test_non_finite_rows_are_refused(backend):
     _device(backend)
     q = _rows(10, 4, seed=43)

@@ -6,10 +6,10 @@ own neighbour): (distances [N, K], indices [N, K]) with K = min(k, M - [o given]
 the order of (distance, index). The C++ CPU kernel (csrc/cpu/nearest_neighbors_cpu.cpp, per
 pair csrc/include/confusion_kernels/neighbor_math.h) walks reference tiles with a threshold per
 query, the Triton kernel (confusion_kernels/triton/nearest_neighbors.py; K <= its
-MAX_NEIGHBORS, 128) keeps each
-query's K best sorted in registers; neither holds N x M. The reference
-(reference/retrieval.py) holds a row chunk's distances. No gradient: retrieval is an
-evaluation.
+MAX_NEIGHBORS, 128) keeps each query's K best sorted in registers, the CUDA C++ kernel
+(csrc/cuda/nearest_neighbors_cuda.cpp; K <= CUDA_MAX_NEIGHBORS, 1024) in shared memory; none
+holds N x M. The reference (reference/retrieval.py) holds a row chunk's distances. No
+gradient: retrieval is an evaluation.
 
 The order is computed from the Gram form |r|^2 - 2 q.r (cosine: -q.r of the unit rows), the
 distances returned from the rows themselves: in float32, references whose distances to a query
@@ -28,6 +28,17 @@ from ..reference import retrieval as _reference
 CPP_OP = "confusion_kernels::nearest_neighbors"
 TRITON_OP = "confusion_kernels::nearest_neighbors_triton"
 METRICS = ("euclidean", "sqeuclidean", "cosine")
+# the CUDA C++ kernel's list size (csrc/cuda/nearest_neighbors_tile.h, kMaxNeighbors)
+CUDA_MAX_NEIGHBORS = 1024
+
+
+def max_neighbors(backend: str) -> int | None:
+    """The most neighbours per query that ``backend``'s kernel keeps (None: any number)."""
+    if backend == "triton":
+        from ..triton.nearest_neighbors import MAX_NEIGHBORS
+
+        return MAX_NEIGHBORS
+    return CUDA_MAX_NEIGHBORS if backend == "cuda" else None
 
 
 def _fake(query, reference, k, metric, self_offset):
@@ -94,8 +105,8 @@ def check_neighbor_inputs(query: torch.Tensor, reference: torch.Tensor, k: int, 
 def nearest_neighbors_rows(query: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
                            self_offset: int | None, backend: str
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distances, indices) on ``backend`` ("reference", "cpu" or "triton"); inputs checked,
-    cosine rows already unit (or zero), float32 / float64."""
+    """(distances, indices) on ``backend`` ("reference", "cpu", "triton" or "cuda"); inputs
+    checked, cosine rows already unit (or zero), float32 / float64."""
     with torch.no_grad():
         if backend == "reference":
             return _reference.nearest_neighbors(query, reference, k, metric, self_offset)

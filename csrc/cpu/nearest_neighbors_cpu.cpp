@@ -17,10 +17,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/neighbor_args.h"
 #include "confusion_kernels/neighbor_math.h"
 #include "parallel_jobs.h"
 #include "simd.h"
@@ -37,35 +37,6 @@ constexpr int64_t kRefTile = 512;
 int64_t query_tile(int64_t n) {
   const int64_t share = (n + 4 * region_threads() - 1) / (4 * region_threads());
   return std::max(kMinQueryTile, std::min(kMaxQueryTile, share));
-}
-
-int64_t neighbor_metric_code(c10::string_view name) {
-  const std::string key(name);
-  if (key == "euclidean") return kNeighborEuclidean;
-  if (key == "sqeuclidean") return kNeighborSqEuclidean;
-  if (key == "cosine") return kNeighborCosine;
-  TORCH_CHECK(false, "nearest_neighbors: unknown metric '", key,
-              "'; expected euclidean, sqeuclidean or cosine");
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& r, int64_t k,
-                  c10::optional<int64_t> self_offset) {
-  TORCH_CHECK(q.dim() == 2 && r.dim() == 2,
-              "nearest_neighbors: query and reference must be 2-D, "
-              "got ",
-              q.sizes(), " and ", r.sizes());
-  TORCH_CHECK(q.size(1) == r.size(1), "nearest_neighbors: query has D = ", q.size(1),
-              ", reference D = ", r.size(1));
-  TORCH_CHECK(q.scalar_type() == r.scalar_type(), "nearest_neighbors: query is ", q.scalar_type(),
-              ", reference ", r.scalar_type());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "nearest_neighbors: the CPU kernel takes float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(q.is_cpu() && r.is_cpu(), "nearest_neighbors: the CPU kernel takes CPU tensors");
-  TORCH_CHECK(k >= 1, "nearest_neighbors: k must be at least 1, got ", k);
-  if (self_offset.has_value())
-    TORCH_CHECK(*self_offset >= 0 && *self_offset + q.size(0) <= r.size(0),
-                "nearest_neighbors: self_offset ", *self_offset, " puts the ", q.size(0),
-                " queries outside the ", r.size(0), " references");
 }
 
 template <typename T>
@@ -217,14 +188,14 @@ std::tuple<at::Tensor, at::Tensor> nearest_neighbors_cpu(const at::Tensor& query
                                                          c10::optional<int64_t> self_offset) {
   const NoAutocast no_autocast;
   const SerialAten serial;
-  check_inputs(query, reference, k, self_offset);
+  check_neighbor_inputs(query, reference, k, self_offset, c10::kCPU);
   TORCH_CHECK(at::isfinite(query).all().item<bool>() &&
                   (reference.is_same(query) || at::isfinite(reference).all().item<bool>()),
               "nearest_neighbors: query and reference must be finite (a NaN or inf row has no "
               "order of neighbours)");
   const int64_t code = neighbor_metric_code(metric);
   const int64_t n = query.size(0), m = reference.size(0);
-  const int64_t kk = std::min<int64_t>(k, m - (self_offset.has_value() ? 1 : 0));
+  const int64_t kk = neighbor_count(k, m, self_offset);
   at::Tensor dist = at::empty({n, kk}, query.options());
   at::Tensor idx = at::empty({n, kk}, query.options().dtype(at::kLong));
   if (n == 0 || kk <= 0) return {dist, idx};

@@ -1,8 +1,8 @@
 // Just enough of CUDA to run a kernel body on the CPU, one std::thread per
 // CUDA thread: threadIdx / blockIdx, __syncthreads(_or) on a std::barrier,
-// dynamic shared memory, fp16 / bf16 storage types and a WMMA whose fragments
-// hold the whole 16x16 tile in every thread (WMMA fixes no element-to-thread
-// mapping, so kernels that only use load / mma / store / fill and elementwise
+// dynamic shared memory, atomicAdd on an int, fp16 / bf16 storage types and
+// a WMMA whose fragments hold the whole 16x16 tile in every thread (WMMA fixes
+// no element-to-thread mapping, so kernels that only use load / mma / store / fill and elementwise
 // updates behave the same). It checks the indexing, tiling, synchronisation
 // and arithmetic of a kernel, not its speed, registers or the GPU's hardware
 // limits; the GPU tests do that. Test-only code, never part of the package.
@@ -53,6 +53,11 @@ inline int __syncthreads_or(int predicate) {
   if (threadIdx.x == 0) ck_emulation::or_flag.store(0);
   __syncthreads();
   return result;
+}
+
+// Shared-memory atomics: the block's threads are std::threads.
+inline int atomicAdd(int* address, int value) {
+  return std::atomic_ref<int>(*address).fetch_add(value);
 }
 
 [[noreturn]] inline void __trap() { std::abort(); }
