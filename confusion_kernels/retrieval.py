@@ -110,10 +110,11 @@ def retrieval_metrics(query: torch.Tensor, query_labels: torch.Tensor,
         per_class: average each score per query class first, then over classes (PML's
             ``avg_of_avgs``); the result also holds ``classes`` and ``per_class``
             ({score: [C] tensor}).
-        backend: "auto" | "reference" | "cpu" | "triton" | "cuda" (cpu: CPU tensors; cuda:
-            CUDA tensors, at most 1024 neighbours per query; triton: CUDA tensors, at most
-            128 (32 with Triton before 3.5). "auto" takes cuda, else triton, on a GPU, and
-            the reference in row chunks beyond their depth: O(1024 M) memory).
+        backend: "auto" | "reference" | "cpu" | "triton" | "cuda" (cpu: CPU tensors; cuda
+            and triton: CUDA tensors, at most 1024 neighbours per query (triton: in registers
+            up to 128, 32 with Triton before 3.5, a slower path beyond). "auto" takes cuda,
+            else triton, on a GPU, and the reference in row chunks beyond 1024: O(1024 M)
+            memory).
 
     Returns:
         {"precision_at_1", "r_precision", "mean_average_precision_at_r", "recall_at_{k}"...:

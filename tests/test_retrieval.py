@@ -19,7 +19,7 @@ METRICS = ("euclidean", "sqeuclidean", "cosine")
 FUSED = ["cpu", "triton", "cuda"]  # cuda: skipped without a GPU
 # (N, M or None for self-retrieval, k): ragged against the kernel's tiles (64 or more queries,
 # 512 references), k beyond the references, one query, more neighbours than one tile, the
-# Triton kernel's largest KP (128)
+# Triton kernel's largest KP (128), and beyond its registers (199)
 SHAPES = [(130, None, 7), (70, 2100, 50), (3, None, 5), (1, 1, 3), (65, 1025, 1200),
           (200, None, 199), (150, None, 100)]
 
@@ -32,8 +32,8 @@ def _device(backend: str) -> torch.device:
 
 
 def _kernel_max(backend: str) -> int | None:
-    """The most neighbours the backend's kernel keeps (triton: 128, 32 with Triton < 3.5;
-    cuda: 1024; None: any number)."""
+    """The most neighbours the backend's kernel keeps (triton and cuda: 1024; None: any
+    number)."""
     from confusion_kernels.ops.nearest_neighbors import max_neighbors
 
     return max_neighbors(backend)
@@ -167,7 +167,7 @@ def test_scores_equal_a_brute_force(backend, metric, self_retrieval):
     q = torch.randn(157, 8, generator=g, dtype=torch.float64)
     yq = torch.randint(0, 12, (157,), generator=g)
     yq[0] = 40  # a query whose label no other sample has: left out
-    m = 160 if backend == "triton" else 1100  # triton: the interpreter (and R <= 32)
+    m = 160 if backend == "triton" else 1100  # triton: the interpreter
     r = q if self_retrieval else torch.randn(m, 8, generator=g, dtype=torch.float64)
     yr = yq if self_retrieval else torch.randint(0, 12, (m,), generator=g)
     _require_depth(backend, max(int(torch.bincount(yr).max()), 30))
@@ -187,7 +187,7 @@ def test_scores_equal_a_brute_force(backend, metric, self_retrieval):
 @pytest.mark.parametrize("backend", ["reference", *FUSED])
 def test_single_class_and_singleton_classes(backend):
     device = _device(backend)
-    n = 31 if backend == "triton" else 37  # triton: at most 32 neighbours with Triton < 3.5
+    n = 37
     q = _rows(n, 5, seed=13).to(device)
     one = ck.retrieval_metrics(q, torch.zeros(n, dtype=torch.long, device=device),
                                k=(1, 50), backend=backend)
@@ -254,6 +254,41 @@ def test_equal_to_pytorch_metric_learning(backend):
         for key in keys:
             assert got_self[key] == pytest.approx(want_self[key], rel=1e-6), (avg, key)
             assert got_ref[key] == pytest.approx(want_ref[key], rel=1e-6), (avg, key)
+
+
+def _tied_rows(n, metric, seed):
+    """Rows whose Gram products are exact in any summation order, so that equal distances tie
+    exactly in every kernel's keys too: small integers; for cosine, signed multiples of the
+    axes (unit after normalisation)."""
+    g = torch.Generator().manual_seed(seed)
+    if metric != "cosine":
+        return torch.randint(-3, 4, (n, 6), generator=g).double()
+    axes = torch.nn.functional.one_hot(torch.randint(0, 6, (n,), generator=g), 6).double()
+    return axes * torch.randint(1, 4, (n, 1), generator=g) * (
+        2 * torch.randint(0, 2, (n, 1), generator=g) - 1)
+
+
+@pytest.mark.parametrize("data", ["random", "tied"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_lists_beyond_the_registers(metric, data, monkeypatch):
+    """More neighbours than the Triton kernel keeps in registers (MAX_NEIGHBORS): the lists in
+    global memory, cut after each reference tile (tiles of 256 here, patched from 1024, so
+    that 770 references give four cuts, the last tile ragged); self retrieval and a separate
+    reference set; on rows with exact ties everywhere (equal keys at the K-th place, copies in
+    other tiles) the order is the reference's: ties to the lower index."""
+    device = _device("triton")
+    from confusion_kernels.triton import nearest_neighbors as triton_neighbors
+
+    monkeypatch.setattr(triton_neighbors, "DEEP_REF_TILE", 256)
+    k = triton_neighbors.MAX_NEIGHBORS + 7
+    r = _rows(770, 6, seed=61) if data == "random" else _tied_rows(770, metric, seed=61)
+    q = torch.cat([r[:5], r[300:310], _rows(15, 6, seed=62)])
+    for query, refs, offset in ((q, r, None), (r, None, 0)):
+        dist, idx = ck.nearest_neighbors(query.to(device), None if refs is None else
+                                         refs.to(device), k, metric=metric, backend="triton")
+        want_d, want_i = ref_retrieval.nearest_neighbors(query, r, k, metric, offset)
+        assert torch.equal(idx.cpu(), want_i)
+        torch.testing.assert_close(dist.cpu(), want_d, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -5,8 +5,9 @@ Queries q [N, D] against references r [M, D] (``self_offset`` o: q_i is r_{o+i} 
 own neighbour): (distances [N, K], indices [N, K]) with K = min(k, M - [o given]), each row in
 the order of (distance, index). The C++ CPU kernel (csrc/cpu/nearest_neighbors_cpu.cpp, per
 pair csrc/include/confusion_kernels/neighbor_math.h) walks reference tiles with a threshold per
-query, the Triton kernel (confusion_kernels/triton/nearest_neighbors.py; K <= its
-MAX_NEIGHBORS, 128) keeps each query's K best sorted in registers, the CUDA C++ kernel
+query, the Triton kernel (confusion_kernels/triton/nearest_neighbors.py) keeps each query's K
+best sorted in registers up to its MAX_NEIGHBORS (128) and in global memory beyond, up to
+DEEP_MAX_NEIGHBORS (1024), the CUDA C++ kernel
 (csrc/cuda/nearest_neighbors_cuda.cpp; K <= CUDA_MAX_NEIGHBORS, 1024) in shared memory; none
 holds N x M. The reference (reference/retrieval.py) holds a row chunk's distances. No
 gradient: retrieval is an evaluation.
@@ -35,9 +36,9 @@ CUDA_MAX_NEIGHBORS = 1024
 def max_neighbors(backend: str) -> int | None:
     """The most neighbours per query that ``backend``'s kernel keeps (None: any number)."""
     if backend == "triton":
-        from ..triton.nearest_neighbors import MAX_NEIGHBORS
+        from ..triton.nearest_neighbors import DEEP_MAX_NEIGHBORS
 
-        return MAX_NEIGHBORS
+        return DEEP_MAX_NEIGHBORS
     return CUDA_MAX_NEIGHBORS if backend == "cuda" else None
 
 
