@@ -44,6 +44,7 @@ struct PairLossTiles {
   const T *xp, *rp;
   std::vector<T> x_sq, r_sq;
   const int64_t *lab, *rlab;
+  std::vector<int32_t> lab_id, rlab_id;  // the labels as int32 class ids (lane compares)
   int64_t n, m, d, shift;
   bool cosine;
 
@@ -64,6 +65,12 @@ struct PairLossTiles {
       x_sq = squares(xp, n);
       r_sq = squares(rp, m);
     }
+    // a label's id: its rank among the distinct labels of both sets
+    const at::Tensor ids = std::get<1>(at::_unique(at::cat({labels, ref_labels}), true, true));
+    const at::Tensor ids32 = ids.to(at::kInt).contiguous();
+    const int32_t* idp = ids32.data_ptr<int32_t>();
+    lab_id.assign(idp, idp + n);
+    rlab_id.assign(idp + n, idp + n + m);
   }
 
   std::vector<T> squares(const T* rows, int64_t count) const {
@@ -77,6 +84,12 @@ struct PairLossTiles {
   }
 
   bool left_out(int64_t i, int64_t j) const { return shift != kNoSelf && j == i + shift; }
+
+  // Row i's left-out column within the tile starting at c0 (-1 without one; it may lie
+  // outside the tile).
+  int64_t left_out_column(int64_t i, int64_t c0) const {
+    return shift == kNoSelf ? -1 : i + shift - c0;
+  }
 
   // m_ij from the Gram entry g (pair_loss_value); *exact: taken from differences.
   T value(int64_t i, int64_t j, T g, bool* exact) const {
@@ -123,6 +136,87 @@ void lse_add_tile(T* v, int64_t n, T* mx, T* sum) {
   lse_merge(tile_max, tile_sum, mx, sum);
 }
 
+// Contrastive on simd lanes: lanes k .. k + W of row i's tile (Gram entries gram[k * stride])
+// give the pair values m (cosine: g; euclidean: the Gram form, pair_loss_value's rule) and
+// the hinge masks of the positive and negative pairs. False when the lanes must run pair by
+// pair: the row's left-out column, or a euclidean pair the Gram form cannot give (taken
+// from differences).
+template <typename T, class L>
+struct ContrastiveLanes {
+  using V = typename L::V;
+  using M = typename L::M;
+  const PairLossTiles<T>& t;
+  int64_t c0, skip;
+  int32_t label;
+  V xn, sign, a, b;
+  const T* gram;
+  int64_t stride;
+  V m, hp, hn;
+  M on_p, on_n;
+
+  ContrastiveLanes(const PairLossTiles<T>& tiles, const PairLossParams<T>& p, int64_t i,
+                   int64_t c0_in, const T* g, int64_t st)
+      : t(tiles),
+        c0(c0_in),
+        skip(tiles.left_out_column(i, c0_in)),
+        label(tiles.lab_id[i]),
+        xn(L::set1(tiles.cosine ? T(0) : tiles.x_sq[i])),
+        sign(L::set1(p.sign)),
+        a(L::set1(p.a)),
+        b(L::set1(p.b)),
+        gram(g),
+        stride(st) {}
+
+  bool load(int64_t k) {
+    if (skip >= k && skip < k + L::kWidth) return false;
+    const V g = stride == 1 ? L::load(gram + k) : L::gather(gram + k * stride, stride);
+    if (t.cosine) {
+      m = g;
+    } else {
+      const V rn = L::load(t.r_sq.data() + c0 + k);
+      const V d2 = L::max0(xn + rn - (g + g));  // gram_sq_distance
+      if (L::bits(L::le(d2, L::set1(T(kGramExactFraction)) * (xn + rn))) != 0) return false;
+      m = L::sqrt(d2);
+    }
+    const M same = L::class_eq(t.rlab_id.data() + c0 + k, label);
+    hp = sign * (m - a);
+    hn = sign * (b - m);
+    on_p = L::m_and(same, L::gt(hp, L::zero()));
+    on_n = L::m_and(L::m_not(same), L::gt(hn, L::zero()));
+    return true;
+  }
+};
+
+// Contrastive's first pass for row i against the columns [c0, c0 + ct): the hinge sums and
+// non-zero counts of its positive and negative pairs, on simd lanes where ContrastiveLanes
+// can, pair by pair (stream_pair) elsewhere.
+template <typename T, class StreamPair>
+void stream_row_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i,
+                            int64_t c0, int64_t ct, const T* gram, int64_t stride, T* st,
+                            const StreamPair& stream_pair) {
+  using L = simd::Widest<T>;
+  using V = typename L::V;
+  ContrastiveLanes<T, L> lanes(t, p, i, c0, gram, stride);
+  const V zero = L::zero(), one = L::set1(T(1));
+  V sp = zero, cp = zero, sn = zero, cn = zero;
+  int64_t k = 0;
+  for (; k + L::kWidth <= ct; k += L::kWidth) {
+    if (!lanes.load(k)) {
+      for (int64_t kk = k; kk < k + L::kWidth; ++kk) stream_pair(kk);
+      continue;
+    }
+    sp = sp + L::select(lanes.on_p, lanes.hp, zero);
+    cp = cp + L::select(lanes.on_p, one, zero);
+    sn = sn + L::select(lanes.on_n, lanes.hn, zero);
+    cn = cn + L::select(lanes.on_n, one, zero);
+  }
+  for (; k < ct; ++k) stream_pair(k);
+  st[0] += L::hsum(sp);
+  st[1] += L::hsum(cp);
+  st[2] += L::hsum(sn);
+  st[3] += L::hsum(cn);
+}
+
 // Row i's first-pass pairs with the columns [c0, c0 + ct) (Gram entries gram[k * stride])
 // into its statistics st: each pair's non-exp parts at once, its e^v in a batch (slot0 /
 // slot2: scratch of ct values).
@@ -130,16 +224,21 @@ template <typename T>
 void stream_row(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i, int64_t c0,
                 int64_t ct, const T* gram, int64_t stride, T* st, T* slot0, T* slot2) {
   int64_t n0 = 0, n2 = 0;
-  for (int64_t jj = 0; jj < ct; ++jj) {
+  const auto stream_pair = [&](int64_t jj) {
     const int64_t j = c0 + jj;
-    if (t.left_out(i, j)) continue;
+    if (t.left_out(i, j)) return;
     bool exact;
     const T mij = t.value(i, j, gram[jj * stride], &exact);
     int slot;
     const T v = pair_loss_stream(p, mij, t.lab[i] == t.rlab[j], st, &slot);
     if (slot == 0) slot0[n0++] = v;
     if (slot == 2) slot2[n2++] = v;
+  };
+  if (p.kind == kContrastive) {  // no exps: every pair on lanes
+    stream_row_contrastive(t, p, i, c0, ct, gram, stride, st, stream_pair);
+    return;
   }
+  for (int64_t jj = 0; jj < ct; ++jj) stream_pair(jj);
   lse_add_tile(slot0, n0, &st[0], &st[1]);
   lse_add_tile(slot2, n2, &st[2], &st[3]);
 }
@@ -280,6 +379,53 @@ void stats_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats,
     pair_loss_rows(p, stats + i * kPairLossStats, rows + i * outputs);
 }
 
+// row_coefficients for Contrastive: dL/dm is g+ sign on a positive pair with a non-zero
+// hinge, -g- sign on such a negative pair (pair_loss_coefficient_from_exp), on simd lanes
+// where ContrastiveLanes can, pair by pair elsewhere.
+template <typename T, class Direct>
+T row_coefficients_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i,
+                               int64_t c0, int64_t ct, const T* gram, int64_t stride, const T* st,
+                               const T* g, T* c, const Direct& direct) {
+  using L = simd::Widest<T>;
+  using V = typename L::V;
+  T own = 0;
+  const auto pair = [&](int64_t k) {
+    const int64_t j = c0 + k;
+    c[k] = 0;
+    if (t.left_out(i, j)) return;
+    bool exact;
+    const T m = t.value(i, j, gram[k * stride], &exact);
+    T coef = pair_loss_coefficient_from_exp(p, m, t.lab[i] == t.rlab[j], st, g, T(0));
+    if (!t.cosine) {  // dm/dx_i = (x_i - r_j) / m
+      coef = m > T(0) ? coef / m : T(0);
+      if (exact) {
+        direct(j, coef);
+        coef = 0;
+      }
+      own += coef;
+    }
+    c[k] = coef;
+  };
+  ContrastiveLanes<T, L> lanes(t, p, i, c0, gram, stride);
+  const V zero = L::zero(), pos = L::set1(g[0] * p.sign), neg = L::set1(-g[1] * p.sign);
+  V own_lanes = zero;
+  int64_t k = 0;
+  for (; k + L::kWidth <= ct; k += L::kWidth) {
+    if (!lanes.load(k)) {
+      for (int64_t kk = k; kk < k + L::kWidth; ++kk) pair(kk);
+      continue;
+    }
+    V coef = L::select(lanes.on_p, pos, zero) + L::select(lanes.on_n, neg, zero);
+    if (!t.cosine) {
+      coef = L::select(L::gt(lanes.m, zero), coef / lanes.m, zero);
+      own_lanes = own_lanes + coef;
+    }
+    L::store(c + k, coef);
+  }
+  for (; k < ct; ++k) pair(k);
+  return own + L::hsum(own_lanes);
+}
+
 // The coefficients of one row against one tile: c[k] for columns k < ct of the tile (the
 // Gram entries gram[k * stride]), the e^v of the tile's pairs in a batch. Euclidean: c / m,
 // and the pairs taken from differences go to `direct` (their c left 0 here). Returns the
@@ -288,6 +434,8 @@ template <typename T, class Direct>
 T row_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i, int64_t c0,
                    int64_t ct, const T* gram, int64_t stride, const T* st, const T* g, T* c,
                    T* m_buf, uint8_t* flags, const Direct& direct) {
+  if (p.kind == kContrastive)
+    return row_coefficients_contrastive(t, p, i, c0, ct, gram, stride, st, g, c, direct);
   for (int64_t k = 0; k < ct; ++k) {
     const int64_t j = c0 + k;
     flags[k] = t.left_out(i, j) ? 4 : 0;
@@ -319,6 +467,62 @@ T row_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_
     c[k] = coef;
   }
   return own;
+}
+
+// Contrastive's S = C1 + C2^T of a self tile pair (backward_self) in one pass over its Gram
+// tile: a pair's dL/dm depends on the pair (m, same) and on the upstream gradient of the row
+// whose loss it enters, so S_ij = (c(g_i) + c(g_j)) [/ m] (pair_loss_coefficient_from_exp).
+// A pair taken from differences goes to direct(i, j, w) instead, with S_ij = 0: w of both rows,
+// or on a diagonal tile (both orders visited) each order its own row's.
+template <typename T, class Direct>
+void self_coefficients_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& p,
+                                   int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram,
+                                   const T* g, T* s, const Direct& direct) {
+  using L = simd::Widest<T>;
+  using V = typename L::V;
+  const bool diagonal = r0 == c0;
+  const V zero = L::zero(), sign = L::set1(p.sign);
+  for (int64_t ii = 0; ii < rt; ++ii) {
+    const int64_t i = r0 + ii;
+    T* srow = s + ii * ct;
+    const T* grow = gram + ii * ct;
+    const auto pair = [&](int64_t k) {
+      const int64_t j = c0 + k;
+      srow[k] = 0;
+      if (t.left_out(i, j)) return;
+      bool exact;
+      const T m = t.value(i, j, grow[k], &exact);
+      const bool same = t.lab[i] == t.rlab[j];
+      T wi = pair_loss_coefficient_from_exp(p, m, same, static_cast<const T*>(nullptr), g + i * 2,
+                                            T(0));
+      T wj = pair_loss_coefficient_from_exp(p, m, same, static_cast<const T*>(nullptr), g + j * 2,
+                                            T(0));
+      if (!t.cosine) {  // over m: dm/dx_i = (x_i - x_j) / m
+        wi = m > T(0) ? wi / m : T(0);
+        wj = m > T(0) ? wj / m : T(0);
+      }
+      if (exact)
+        direct(i, j, diagonal ? wi : wi + wj);
+      else
+        srow[k] = wi + wj;
+    };
+    ContrastiveLanes<T, L> lanes(t, p, i, c0, grow, 1);
+    const V gi0 = L::set1(g[i * 2]), gi1 = L::set1(g[i * 2 + 1]);
+    int64_t k = 0;
+    for (; k + L::kWidth <= ct; k += L::kWidth) {
+      if (!lanes.load(k)) {
+        for (int64_t kk = k; kk < k + L::kWidth; ++kk) pair(kk);
+        continue;
+      }
+      const V g0 = gi0 + L::gather(g + (c0 + k) * 2, 2);
+      const V g1 = gi1 + L::gather(g + (c0 + k) * 2 + 1, 2);
+      V coef =
+          L::select(lanes.on_p, g0 * sign, zero) + L::select(lanes.on_n, zero - g1 * sign, zero);
+      if (!t.cosine) coef = L::select(L::gt(lanes.m, zero), coef / lanes.m, zero);
+      L::store(srow + k, coef);
+    }
+    for (; k < ct; ++k) pair(k);
+  }
 }
 
 // Groups of the one-pass backward: row tiles dealt in contiguous runs to at most 16 groups (a
@@ -499,25 +703,29 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
         };
         at::Tensor s_tile = sc.tile(1, rt, ct);  // C1 [rt, ct], then S
         T* c1p = s_tile.template data_ptr<T>();
-        for (int64_t ii = 0; ii < rt; ++ii) {
-          const int64_t i = r0 + ii;
-          row_coefficients(t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats,
-                           g + i * outputs, c1p + ii * ct, m_buf[worker].data(),
-                           flags[worker].data(), [&](int64_t j, T c) { pair_direct(i, j, c); });
-        }
-        at::Tensor c2 = sc.tile(2, ct, rt);  // C2 [ct, rt]
-        if (c0 == r0) {
-          c2.copy_(s_tile);  // a diagonal tile: C2 = C1, S = C1 + C1^T
+        if (p.kind == kContrastive) {
+          self_coefficients_contrastive(t, p, r0, rt, c0, ct, gram, g, c1p, pair_direct);
         } else {
-          T* c2p = c2.template data_ptr<T>();
-          for (int64_t jj = 0; jj < ct; ++jj) {
-            const int64_t j = c0 + jj;
-            row_coefficients(t, p, j, r0, rt, gram + jj, ct, stats + j * kPairLossStats,
-                             g + j * outputs, c2p + jj * rt, m_buf[worker].data(),
-                             flags[worker].data(), [&](int64_t i, T c) { pair_direct(j, i, c); });
+          for (int64_t ii = 0; ii < rt; ++ii) {
+            const int64_t i = r0 + ii;
+            row_coefficients(t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats,
+                             g + i * outputs, c1p + ii * ct, m_buf[worker].data(),
+                             flags[worker].data(), [&](int64_t j, T c) { pair_direct(i, j, c); });
           }
+          at::Tensor c2 = sc.tile(2, ct, rt);  // C2 [ct, rt]
+          if (c0 == r0) {
+            c2.copy_(s_tile);  // a diagonal tile: C2 = C1, S = C1 + C1^T
+          } else {
+            T* c2p = c2.template data_ptr<T>();
+            for (int64_t jj = 0; jj < ct; ++jj) {
+              const int64_t j = c0 + jj;
+              row_coefficients(t, p, j, r0, rt, gram + jj, ct, stats + j * kPairLossStats,
+                               g + j * outputs, c2p + jj * rt, m_buf[worker].data(),
+                               flags[worker].data(), [&](int64_t i, T c) { pair_direct(j, i, c); });
+            }
+          }
+          s_tile.add_(c2.t());
         }
-        s_tile.add_(c2.t());
         const at::Tensor xp = t.x.narrow(0, r0, rt), xq = t.x.narrow(0, c0, ct);
         at::Tensor gp = grad_t.narrow(0, r0, rt);
         const T sign = t.cosine ? T(1) : T(-1);
