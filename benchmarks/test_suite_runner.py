@@ -5,6 +5,7 @@ import csv
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -170,6 +171,22 @@ def test_curves_run_on_tiny_sizes(tmp_path):
     assert {(r["op"], r["provider"]) for r in pair} >= {("supcon_loss[cosine]", "pml"),
                                                         ("ntxent_loss[cosine]", "ours-cpu")}
     assert ("ntxent_loss[cosine]", "pml") not in {(r["op"], r["provider"]) for r in pair}
+
+
+def test_pair_losses_vs_pml_runs_on_tiny_sizes(tmp_path):
+    """benchmarks/pair_losses_vs_pml.py on N = 32, two rounds (nothing timed is asserted):
+    every loss, PML beside all but NT-Xent, the tables written."""
+    import pair_losses_vs_pml as vs
+
+    pytest.importorskip("pytorch_metric_learning", reason="the peer is PML")
+    rows = vs.measure(32, 2)
+    assert [r["loss"] for r in rows] == ["contrastive_loss[euclidean]", "supcon_loss[cosine]",
+                                         "ntxent_loss[cosine]", "multi_similarity_loss[cosine]"]
+    assert all(r["ours_ms"] > 0 for r in rows)
+    assert [r["pml_ms"] == r["pml_ms"] for r in rows] == [True, True, False, True]
+    vs.write(rows, tmp_path, "header")
+    assert "| ntxent_loss[cosine] | 32 |" in (tmp_path / "pair_losses_vs_pml.md").read_text()
+    assert len(list(csv.DictReader(open(tmp_path / "pair_losses_vs_pml.csv")))) == 4
 
 
 def test_crossover_runs_and_derives_thresholds(tmp_path):

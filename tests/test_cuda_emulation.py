@@ -561,6 +561,7 @@ PAIR_LOSS_PARAMS = {"contrastive": (0, [0.15, 0.8]), "supcon": (1, [0.2]), "ntxe
 def pair_loss_kernels(tmp_path_factory) -> ctypes.CDLL:
     return _build(tmp_path_factory, ROOT / "tests/cuda_emulation/pair_loss_kernels_on_host.cpp",
                   [ROOT / "csrc/cuda/pair_loss_kernels.cuh", ROOT / "csrc/cuda/pair_loss_tile.h",
+                   ROOT / "csrc/cuda/kernel_prelude.cuh",
                    SOURCES[1], SOURCES[3], SOURCES[4],
                    ROOT / "csrc/include/confusion_kernels/pair_loss_math.h"])
 
@@ -685,7 +686,8 @@ def neighbor_kernels(tmp_path_factory) -> ctypes.CDLL:
     lib = _build(tmp_path_factory,
                  ROOT / "tests/cuda_emulation/nearest_neighbors_kernels_on_host.cpp",
                  [ROOT / "csrc/cuda/nearest_neighbors_kernels.cuh",
-                  ROOT / "csrc/cuda/nearest_neighbors_tile.h", SOURCES[1], SOURCES[3],
+                  ROOT / "csrc/cuda/nearest_neighbors_tile.h",
+                  ROOT / "csrc/cuda/kernel_prelude.cuh", SOURCES[1], SOURCES[3],
                   ROOT / "csrc/include/confusion_kernels/neighbor_math.h"])
     lib.ck_nn_list_bytes.restype = ctypes.c_int64
     return lib

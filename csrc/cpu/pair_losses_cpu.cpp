@@ -136,13 +136,13 @@ void lse_add_tile(T* v, int64_t n, T* mx, T* sum) {
   lse_merge(tile_max, tile_sum, mx, sum);
 }
 
-// Contrastive on simd lanes: lanes k .. k + W of row i's tile (Gram entries gram[k * stride])
-// give the pair values m (cosine: g; euclidean: the Gram form, pair_loss_value's rule) and
-// the hinge masks of the positive and negative pairs. False when the lanes must run pair by
-// pair: the row's left-out column, or a euclidean pair the Gram form cannot give (taken
-// from differences).
+// Pairs on simd lanes: lanes k .. k + W of row i's tile (Gram entries gram[k * stride]) give
+// the pair values m (cosine: g; euclidean: the Gram form, pair_loss_value's rule) and the
+// same-label mask; for Contrastive (with_hinges) also the hinge masks of the positive and
+// negative pairs. load(k) is false when the lanes must run pair by pair: the row's left-out
+// column, or a euclidean pair the Gram form cannot give (taken from differences).
 template <typename T, class L>
-struct ContrastiveLanes {
+struct PairLanes {
   using V = typename L::V;
   using M = typename L::M;
   const PairLossTiles<T>& t;
@@ -152,10 +152,10 @@ struct ContrastiveLanes {
   const T* gram;
   int64_t stride;
   V m, hp, hn;
-  M on_p, on_n;
+  M same, on_p, on_n;
 
-  ContrastiveLanes(const PairLossTiles<T>& tiles, const PairLossParams<T>& p, int64_t i,
-                   int64_t c0_in, const T* g, int64_t st)
+  PairLanes(const PairLossTiles<T>& tiles, const PairLossParams<T>& p, int64_t i, int64_t c0_in,
+            const T* g, int64_t st)
       : t(tiles),
         c0(c0_in),
         skip(tiles.left_out_column(i, c0_in)),
@@ -167,7 +167,7 @@ struct ContrastiveLanes {
         gram(g),
         stride(st) {}
 
-  bool load(int64_t k) {
+  bool load(int64_t k, bool with_hinges) {
     if (skip >= k && skip < k + L::kWidth) return false;
     const V g = stride == 1 ? L::load(gram + k) : L::gather(gram + k * stride, stride);
     if (t.cosine) {
@@ -178,17 +178,19 @@ struct ContrastiveLanes {
       if (L::bits(L::le(d2, L::set1(T(kGramExactFraction)) * (xn + rn))) != 0) return false;
       m = L::sqrt(d2);
     }
-    const M same = L::class_eq(t.rlab_id.data() + c0 + k, label);
-    hp = sign * (m - a);
-    hn = sign * (b - m);
-    on_p = L::m_and(same, L::gt(hp, L::zero()));
-    on_n = L::m_and(L::m_not(same), L::gt(hn, L::zero()));
+    same = L::class_eq(t.rlab_id.data() + c0 + k, label);
+    if (with_hinges) {
+      hp = sign * (m - a);
+      hn = sign * (b - m);
+      on_p = L::m_and(same, L::gt(hp, L::zero()));
+      on_n = L::m_and(L::m_not(same), L::gt(hn, L::zero()));
+    }
     return true;
   }
 };
 
 // Contrastive's first pass for row i against the columns [c0, c0 + ct): the hinge sums and
-// non-zero counts of its positive and negative pairs, on simd lanes where ContrastiveLanes
+// non-zero counts of its positive and negative pairs, on simd lanes where PairLanes
 // can, pair by pair (stream_pair) elsewhere.
 template <typename T, class StreamPair>
 void stream_row_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i,
@@ -196,12 +198,12 @@ void stream_row_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& 
                             const StreamPair& stream_pair) {
   using L = simd::Widest<T>;
   using V = typename L::V;
-  ContrastiveLanes<T, L> lanes(t, p, i, c0, gram, stride);
+  PairLanes<T, L> lanes(t, p, i, c0, gram, stride);
   const V zero = L::zero(), one = L::set1(T(1));
   V sp = zero, cp = zero, sn = zero, cn = zero;
   int64_t k = 0;
   for (; k + L::kWidth <= ct; k += L::kWidth) {
-    if (!lanes.load(k)) {
+    if (!lanes.load(k, true)) {
       for (int64_t kk = k; kk < k + L::kWidth; ++kk) stream_pair(kk);
       continue;
     }
@@ -381,7 +383,7 @@ void stats_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, T* stats,
 
 // row_coefficients for Contrastive: dL/dm is g+ sign on a positive pair with a non-zero
 // hinge, -g- sign on such a negative pair (pair_loss_coefficient_from_exp), on simd lanes
-// where ContrastiveLanes can, pair by pair elsewhere.
+// where PairLanes can, pair by pair elsewhere.
 template <typename T, class Direct>
 T row_coefficients_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t i,
                                int64_t c0, int64_t ct, const T* gram, int64_t stride, const T* st,
@@ -406,12 +408,12 @@ T row_coefficients_contrastive(const PairLossTiles<T>& t, const PairLossParams<T
     }
     c[k] = coef;
   };
-  ContrastiveLanes<T, L> lanes(t, p, i, c0, gram, stride);
+  PairLanes<T, L> lanes(t, p, i, c0, gram, stride);
   const V zero = L::zero(), pos = L::set1(g[0] * p.sign), neg = L::set1(-g[1] * p.sign);
   V own_lanes = zero;
   int64_t k = 0;
   for (; k + L::kWidth <= ct; k += L::kWidth) {
-    if (!lanes.load(k)) {
+    if (!lanes.load(k, true)) {
       for (int64_t kk = k; kk < k + L::kWidth; ++kk) pair(kk);
       continue;
     }
@@ -469,23 +471,54 @@ T row_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_
   return own;
 }
 
-// Contrastive's S = C1 + C2^T of a self tile pair (backward_self) in one pass over its Gram
-// tile: a pair's dL/dm depends on the pair (m, same) and on the upstream gradient of the row
-// whose loss it enters, so S_ij = (c(g_i) + c(g_j)) [/ m] (pair_loss_coefficient_from_exp).
-// A pair taken from differences goes to direct(i, j, w) instead, with S_ij = 0: w of both rows,
-// or on a diagonal tile (both orders visited) each order its own row's.
+// e^v clamped as exp_in_place does (0 below the normal range, the largest normal exp above).
+template <typename T>
+T clamped_exp(T v) {
+  constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
+  return v > lo ? std::exp(std::min(v, hi)) : T(0);
+}
+
+template <class L, typename T>
+typename L::V clamped_exp_lanes(typename L::V v) {
+  constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
+  const typename L::V clamped =
+      L::select(L::gt(v, L::set1(hi)), L::set1(hi), L::max(v, L::set1(lo)));
+  return L::select(L::gt(v, L::set1(lo)), L::exp(clamped), L::zero());
+}
+
+// The losses whose self backward runs on lanes (self_coefficients): their coefficient per pair
+// needs only the pair and the two rows' statistics and upstream gradients.
+inline bool self_lanes(int64_t kind) { return kind == kContrastive || kind == kSupCon; }
+
+// S = C1 + C2^T of a self tile pair (backward_self) in one pass over its Gram tile, for the
+// losses of self_lanes: a pair's value enters the losses of both its rows, so
+// S_ij = c_i(m_ij) + c_j(m_ij) (over m for euclidean), c_r the coefficient of row r's loss
+// (pair_loss_coefficient_from_exp with row r's statistics and upstream gradient). A pair taken
+// from differences goes to direct(i, j, w) instead, with S_ij = 0: w of both rows, or on a
+// diagonal tile (both orders visited) each order its own row's. Lanes where PairLanes can,
+// pair by pair elsewhere.
 template <typename T, class Direct>
-void self_coefficients_contrastive(const PairLossTiles<T>& t, const PairLossParams<T>& p,
-                                   int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram,
-                                   const T* g, T* s, const Direct& direct) {
+void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_t r0,
+                       int64_t rt, int64_t c0, int64_t ct, const T* gram, const T* stats,
+                       const T* g, T* s, const Direct& direct) {
   using L = simd::Widest<T>;
   using V = typename L::V;
+  using M = typename L::M;
   const bool diagonal = r0 == c0;
-  const V zero = L::zero(), sign = L::set1(p.sign);
+  const int64_t outputs = pair_loss_outputs(p.kind);
+  const bool contrastive = p.kind == kContrastive;
+  const auto side = [&](int64_t r, T m, bool same) {  // c_r(m), over m for euclidean
+    const T* st = stats + r * kPairLossStats;
+    const T e = contrastive ? T(0) : clamped_exp(pair_loss_exponent(p, m, same, st));
+    const T c = pair_loss_coefficient_from_exp(p, m, same, st, g + r * outputs, e);
+    return t.cosine ? c : m > T(0) ? c / m : T(0);
+  };
+  const V zero = L::zero(), sign = L::set1(p.sign), scale = L::set1(-p.sign / p.a);
   for (int64_t ii = 0; ii < rt; ++ii) {
     const int64_t i = r0 + ii;
     T* srow = s + ii * ct;
     const T* grow = gram + ii * ct;
+    const T* sti = stats + i * kPairLossStats;
     const auto pair = [&](int64_t k) {
       const int64_t j = c0 + k;
       srow[k] = 0;
@@ -493,31 +526,45 @@ void self_coefficients_contrastive(const PairLossTiles<T>& t, const PairLossPara
       bool exact;
       const T m = t.value(i, j, grow[k], &exact);
       const bool same = t.lab[i] == t.rlab[j];
-      T wi = pair_loss_coefficient_from_exp(p, m, same, static_cast<const T*>(nullptr), g + i * 2,
-                                            T(0));
-      T wj = pair_loss_coefficient_from_exp(p, m, same, static_cast<const T*>(nullptr), g + j * 2,
-                                            T(0));
-      if (!t.cosine) {  // over m: dm/dx_i = (x_i - x_j) / m
-        wi = m > T(0) ? wi / m : T(0);
-        wj = m > T(0) ? wj / m : T(0);
-      }
+      const T wi = side(i, m, same), wj = side(j, m, same);
       if (exact)
         direct(i, j, diagonal ? wi : wi + wj);
       else
         srow[k] = wi + wj;
     };
-    ContrastiveLanes<T, L> lanes(t, p, i, c0, grow, 1);
-    const V gi0 = L::set1(g[i * 2]), gi1 = L::set1(g[i * 2 + 1]);
+    PairLanes<T, L> lanes(t, p, i, c0, grow, 1);
+    // Contrastive: g+ and g- of row i; SupCon: its lse, factor g (-sign / tau) and 1 / |P|
+    // (both 0 without a positive: the row's loss is the constant 0)
+    const V gi0 = L::set1(g[i * outputs]), gi1 = L::set1(contrastive ? g[i * 2 + 1] : T(0));
+    const bool has_p = !contrastive && sti[3] != T(0);
+    const V lse_i = L::set1(contrastive ? T(0) : sti[0]);
+    const V inv_pi = L::set1(has_p ? T(1) / sti[3] : T(0));
+    const V factor_i = has_p ? gi0 * scale : zero;
     int64_t k = 0;
     for (; k + L::kWidth <= ct; k += L::kWidth) {
-      if (!lanes.load(k)) {
+      if (!lanes.load(k, contrastive)) {
         for (int64_t kk = k; kk < k + L::kWidth; ++kk) pair(kk);
         continue;
       }
-      const V g0 = gi0 + L::gather(g + (c0 + k) * 2, 2);
-      const V g1 = gi1 + L::gather(g + (c0 + k) * 2 + 1, 2);
-      V coef =
-          L::select(lanes.on_p, g0 * sign, zero) + L::select(lanes.on_n, zero - g1 * sign, zero);
+      const int64_t j0 = c0 + k;
+      V coef;
+      if (contrastive) {
+        const V g0 = gi0 + L::gather(g + j0 * 2, 2);
+        const V g1 = gi1 + L::gather(g + j0 * 2 + 1, 2);
+        coef =
+            L::select(lanes.on_p, g0 * sign, zero) + L::select(lanes.on_n, zero - g1 * sign, zero);
+      } else {  // SupCon: c_r = g_r (-sign / tau) (e^(z - lse_r) - [same] / |P_r|)
+        const V z = (L::set1(-p.sign) * lanes.m) / L::set1(p.a);
+        const V pj = L::gather(stats + j0 * kPairLossStats + 3, kPairLossStats);
+        const M no_p = L::m_not(L::gt(pj, zero));  // |P_j| = 0 (counts are never negative)
+        const V inv_pj = L::select(no_p, zero, L::set1(T(1)) / L::max(pj, L::set1(T(1))));
+        const V factor_j = L::select(no_p, zero, L::gather(g + j0 * outputs, outputs) * scale);
+        const V e_i = clamped_exp_lanes<L, T>(z - lse_i);
+        const V e_j =
+            clamped_exp_lanes<L, T>(z - L::gather(stats + j0 * kPairLossStats, kPairLossStats));
+        coef = factor_i * (e_i - L::select(lanes.same, inv_pi, zero)) +
+               factor_j * (e_j - L::select(lanes.same, inv_pj, zero));
+      }
       if (!t.cosine) coef = L::select(L::gt(lanes.m, zero), coef / lanes.m, zero);
       L::store(srow + k, coef);
     }
@@ -703,8 +750,8 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
         };
         at::Tensor s_tile = sc.tile(1, rt, ct);  // C1 [rt, ct], then S
         T* c1p = s_tile.template data_ptr<T>();
-        if (p.kind == kContrastive) {
-          self_coefficients_contrastive(t, p, r0, rt, c0, ct, gram, g, c1p, pair_direct);
+        if (self_lanes(p.kind)) {
+          self_coefficients(t, p, r0, rt, c0, ct, gram, stats, g, c1p, pair_direct);
         } else {
           for (int64_t ii = 0; ii < rt; ++ii) {
             const int64_t i = r0 + ii;

@@ -20,14 +20,8 @@
 #include <cstdint>
 #include <limits>
 
-#ifndef CK_CUDA_HOST_EMULATION
-#include <cuda_runtime.h>
-#endif
-#ifndef CK_DYNAMIC_SMEM
-#define CK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 #include "confusion_kernels/neighbor_math.h"
+#include "kernel_prelude.cuh"
 #include "nearest_neighbors_tile.h"
 
 namespace confusion_kernels {

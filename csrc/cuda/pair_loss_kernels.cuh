@@ -7,14 +7,8 @@
 // atomics. Torch-free, so tests/cuda_emulation runs these bodies on the CPU.
 #include <cstdint>
 
-#ifndef CK_CUDA_HOST_EMULATION
-#include <cuda_runtime.h>
-#endif
-#ifndef CK_DYNAMIC_SMEM
-#define CK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
-
 #include "confusion_kernels/pair_loss_math.h"
+#include "kernel_prelude.cuh"
 #include "pair_loss_tile.h"
 
 namespace confusion_kernels {
