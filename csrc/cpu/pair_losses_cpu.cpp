@@ -486,12 +486,9 @@ typename L::V clamped_exp_lanes(typename L::V v) {
   return L::select(L::gt(v, L::set1(lo)), L::exp(clamped), L::zero());
 }
 
-// The losses whose self backward runs on lanes (self_coefficients): their coefficient per pair
-// needs only the pair and the two rows' statistics and upstream gradients.
-inline bool self_lanes(int64_t kind) { return kind == kContrastive || kind == kSupCon; }
-
-// S = C1 + C2^T of a self tile pair (backward_self) in one pass over its Gram tile, for the
-// losses of self_lanes: a pair's value enters the losses of both its rows, so
+// S = C1 + C2^T of a self tile pair (backward_self) in one pass over its Gram tile: a pair's
+// coefficient needs only the pair and the two rows' statistics and upstream gradients, and
+// its value enters the losses of both its rows, so
 // S_ij = c_i(m_ij) + c_j(m_ij) (over m for euclidean), c_r the coefficient of row r's loss
 // (pair_loss_coefficient_from_exp with row r's statistics and upstream gradient). A pair taken
 // from differences goes to direct(i, j, w) instead, with S_ij = 0: w of both rows, or on a
@@ -538,6 +535,8 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
     const V gi0 = L::set1(g[i * outputs]), gi1 = L::set1(contrastive ? g[i * 2 + 1] : T(0));
     const bool has_p = !contrastive && sti[3] != T(0);
     const V lse_i = L::set1(contrastive ? T(0) : sti[0]);
+    const V lse_q_i = L::set1(sti[2]);  // Multi-Similarity's lse_Q
+    const V w_i = L::set1(sti[1]);      // NT-Xent's W
     const V inv_pi = L::set1(has_p ? T(1) / sti[3] : T(0));
     const V factor_i = has_p ? gi0 * scale : zero;
     int64_t k = 0;
@@ -553,6 +552,34 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
         const V g1 = gi1 + L::gather(g + j0 * 2 + 1, 2);
         coef =
             L::select(lanes.on_p, g0 * sign, zero) + L::select(lanes.on_n, zero - g1 * sign, zero);
+      } else if (p.kind == kNTXent) {
+        // c_r = g_r (-sign / tau) (1 / (1 + e^(lse_r - z)) - 1) on a positive pair,
+        // g_r (-sign / tau) e^(z - lse_r) W_r on a negative one (lse_r over the negatives)
+        const M same = lanes.same;
+        const V one = L::set1(T(1));
+        const V z = (L::set1(-p.sign) * lanes.m) / L::set1(p.a);
+        const T* stj = stats + j0 * kPairLossStats;
+        const V lse_j = L::gather(stj, kPairLossStats);
+        const V e_i = clamped_exp_lanes<L, T>(L::select(same, lse_i - z, z - lse_i));
+        const V e_j = clamped_exp_lanes<L, T>(L::select(same, lse_j - z, z - lse_j));
+        const V t_i = L::select(same, one / (one + e_i) - one, e_i * w_i);
+        const V t_j =
+            L::select(same, one / (one + e_j) - one, e_j * L::gather(stj + 1, kPairLossStats));
+        coef = (gi0 * scale) * t_i + (L::gather(g + j0, 1) * scale) * t_j;
+      } else if (p.kind == kMultiSimilarity) {
+        // c_r = +-g_r sign e^(v - lse_r): v = alpha sign (m - base) and lse_P (same), or
+        // beta sign (base - m) and lse_Q
+        const M same = lanes.same;
+        const V v = L::select(same, L::set1(p.a * p.sign) * (lanes.m - L::set1(p.c)),
+                              L::set1(p.b * p.sign) * (L::set1(p.c) - lanes.m));
+        const T* stj = stats + j0 * kPairLossStats;
+        const V lse_j =
+            L::select(same, L::gather(stj, kPairLossStats), L::gather(stj + 2, kPairLossStats));
+        const V e_i = clamped_exp_lanes<L, T>(v - L::select(same, lse_i, lse_q_i));
+        const V e_j = clamped_exp_lanes<L, T>(v - lse_j);
+        const V gj = L::gather(g + j0, 1);
+        coef = L::select(same, gi0 * sign * e_i, (zero - gi0) * sign * e_i) +
+               L::select(same, gj * sign * e_j, (zero - gj) * sign * e_j);
       } else {  // SupCon: c_r = g_r (-sign / tau) (e^(z - lse_r) - [same] / |P_r|)
         const V z = (L::set1(-p.sign) * lanes.m) / L::set1(p.a);
         const V pj = L::gather(stats + j0 * kPairLossStats + 3, kPairLossStats);
@@ -722,21 +749,19 @@ void backward_kernel(const PairLossTiles<T>& t, const PairLossParams<T>& p, cons
 
 // The self case's backward (see stats_self), into grad [N, D] (zeros on entry): for a tile
 // pair (P, Q) the coefficients of P's rows against Q (C1, their statistics) and of Q's rows
-// against P (C2) combine to S = C1 + C2^T, since a pair's value enters both rows' losses:
-// dL/dx_P += S x_Q (cosine) or rowsum(S) x_P - S x_Q (euclidean, S over m), and the same
-// with S^T for Q; a diagonal tile has S = C1 + C1^T and one update. Pairs taken from
-// differences update both rows there.
+// against P (C2) combine to S = C1 + C2^T, since a pair's value enters both rows' losses
+// (self_coefficients writes S in one pass): dL/dx_P += S x_Q (cosine) or rowsum(S) x_P - S x_Q
+// (euclidean, S over m), and the same with S^T for Q; a diagonal tile has S = C1 + C1^T and
+// one update. Pairs taken from differences update both rows there.
 template <typename T>
 void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const T* stats,
                    const T* g, T* grad) {
-  const int64_t outputs = pair_loss_outputs(p.kind), d = t.d;
+  const int64_t d = t.d;
   const int64_t workers = self_pair_workers(t.n);
   const at::Tensor grad_t = at::from_blob(grad, {t.n, d}, t.x.options());
-  // per worker: tiles 0 (Gram), 1 (C1, then S), 2 (C2), 3 (row and column sums of S)
+  // per worker: tiles 0 (Gram), 1 (S), 2 (row and column sums of S)
   const std::vector<SelfScratch<T>> scratch =
-      self_scratch<T>(workers, 4, self_tile(t.n), t.x.options());
-  std::vector<std::vector<T>> m_buf(workers, std::vector<T>(self_tile(t.n)));
-  std::vector<std::vector<uint8_t>> flags(workers, std::vector<uint8_t>(self_tile(t.n)));
+      self_scratch<T>(workers, 3, self_tile(t.n), t.x.options());
   for_self_tile_pairs(
       t, scratch,
       [&](int64_t r0, int64_t rt, int64_t c0, int64_t ct, const T* gram, int64_t worker) {
@@ -748,35 +773,13 @@ void backward_self(const PairLossTiles<T>& t, const PairLossParams<T>& p, const 
             grad[j * d + k] -= c * diff;
           }
         };
-        at::Tensor s_tile = sc.tile(1, rt, ct);  // C1 [rt, ct], then S
-        T* c1p = s_tile.template data_ptr<T>();
-        if (self_lanes(p.kind)) {
-          self_coefficients(t, p, r0, rt, c0, ct, gram, stats, g, c1p, pair_direct);
-        } else {
-          for (int64_t ii = 0; ii < rt; ++ii) {
-            const int64_t i = r0 + ii;
-            row_coefficients(t, p, i, c0, ct, gram + ii * ct, 1, stats + i * kPairLossStats,
-                             g + i * outputs, c1p + ii * ct, m_buf[worker].data(),
-                             flags[worker].data(), [&](int64_t j, T c) { pair_direct(i, j, c); });
-          }
-          at::Tensor c2 = sc.tile(2, ct, rt);  // C2 [ct, rt]
-          if (c0 == r0) {
-            c2.copy_(s_tile);  // a diagonal tile: C2 = C1, S = C1 + C1^T
-          } else {
-            T* c2p = c2.template data_ptr<T>();
-            for (int64_t jj = 0; jj < ct; ++jj) {
-              const int64_t j = c0 + jj;
-              row_coefficients(t, p, j, r0, rt, gram + jj, ct, stats + j * kPairLossStats,
-                               g + j * outputs, c2p + jj * rt, m_buf[worker].data(),
-                               flags[worker].data(), [&](int64_t i, T c) { pair_direct(j, i, c); });
-            }
-          }
-          s_tile.add_(c2.t());
-        }
+        at::Tensor s_tile = sc.tile(1, rt, ct);  // S [rt, ct]
+        self_coefficients(t, p, r0, rt, c0, ct, gram, stats, g, s_tile.template data_ptr<T>(),
+                          pair_direct);
         const at::Tensor xp = t.x.narrow(0, r0, rt), xq = t.x.narrow(0, c0, ct);
         at::Tensor gp = grad_t.narrow(0, r0, rt);
         const T sign = t.cosine ? T(1) : T(-1);
-        at::Tensor sums = sc.tile(3, 2, self_tile(t.n));
+        at::Tensor sums = sc.tile(2, 2, self_tile(t.n));
         if (!t.cosine) {
           at::Tensor row_sums = sums[0].narrow(0, 0, rt).unsqueeze(1);
           at::sum_out(row_sums, s_tile, {1}, true);
