@@ -106,21 +106,34 @@ struct PairLossTiles {
   }
 };
 
-// e^v of every v[k] in place, on simd lanes (float: the lane exp of simd.h; double: std::exp
-// per lane). v below the normal range gives 0 (as the affinity kernels flush), v above it the
-// largest normal exp (only NT-Xent's share 1 / (1 + e) can ask for it: it is 0 there either way).
+// e^v for v in the normal range; 0 below it (as the affinity kernels flush), the largest
+// normal exp above it (only NT-Xent's share 1 / (1 + e) can ask for it: it is 0 there either
+// way). On simd lanes (float: the lane exp of simd.h; double: std::exp per lane) and one value.
+template <typename T>
+struct ExpRange {
+  static constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
+};
+
+template <class L, typename T>
+typename L::V clamped_exp_lanes(typename L::V v) {
+  const typename L::V lo = L::set1(ExpRange<T>::lo), hi = L::set1(ExpRange<T>::hi);
+  const typename L::V clamped = L::select(L::gt(v, hi), hi, L::max(v, lo));
+  return L::select(L::gt(v, lo), L::exp(clamped), L::zero());
+}
+
+template <typename T>
+T clamped_exp(T v) {
+  return v > ExpRange<T>::lo ? std::exp(std::min(v, ExpRange<T>::hi)) : T(0);
+}
+
+// clamped_exp of every v[k], in place.
 template <typename T>
 void exp_in_place(T* v, int64_t n) {
   using L = simd::Widest<T>;
-  constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
   int64_t k = 0;
-  for (; k + L::kWidth <= n; k += L::kWidth) {
-    const typename L::V x = L::load(v + k);
-    const typename L::V clamped =
-        L::select(L::gt(x, L::set1(hi)), L::set1(hi), L::max(x, L::set1(lo)));
-    L::store(v + k, L::select(L::gt(x, L::set1(lo)), L::exp(clamped), L::zero()));
-  }
-  for (; k < n; ++k) v[k] = v[k] > lo ? std::exp(std::min(v[k], hi)) : T(0);
+  for (; k + L::kWidth <= n; k += L::kWidth)
+    L::store(v + k, clamped_exp_lanes<L, T>(L::load(v + k)));
+  for (; k < n; ++k) v[k] = clamped_exp(v[k]);
 }
 
 // Adds the e^v[k], k < n, to the online log-sum-exp (mx, sum) (v is overwritten).
@@ -471,21 +484,6 @@ T row_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, int64_
   return own;
 }
 
-// e^v clamped as exp_in_place does (0 below the normal range, the largest normal exp above).
-template <typename T>
-T clamped_exp(T v) {
-  constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
-  return v > lo ? std::exp(std::min(v, hi)) : T(0);
-}
-
-template <class L, typename T>
-typename L::V clamped_exp_lanes(typename L::V v) {
-  constexpr T lo = sizeof(T) == 4 ? T(-87) : T(-708), hi = sizeof(T) == 4 ? T(88) : T(709);
-  const typename L::V clamped =
-      L::select(L::gt(v, L::set1(hi)), L::set1(hi), L::max(v, L::set1(lo)));
-  return L::select(L::gt(v, L::set1(lo)), L::exp(clamped), L::zero());
-}
-
 // S = C1 + C2^T of a self tile pair (backward_self) in one pass over its Gram tile: a pair's
 // coefficient needs only the pair and the two rows' statistics and upstream gradients, and
 // its value enters the losses of both its rows, so
@@ -530,13 +528,13 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
         srow[k] = wi + wj;
     };
     PairLanes<T, L> lanes(t, p, i, c0, grow, 1);
-    // Contrastive: g+ and g- of row i; SupCon: its lse, factor g (-sign / tau) and 1 / |P|
-    // (both 0 without a positive: the row's loss is the constant 0)
+    // row i's upstream gradients (Contrastive: g+ and g-) and statistics: lse (SupCon,
+    // NT-Xent: over the negatives; Multi-Similarity: lse_P), Multi-Similarity's lse_Q,
+    // NT-Xent's W, and SupCon's factor g (-sign / tau) and 1 / |P| (both 0 without a
+    // positive: the row's loss is the constant 0)
     const V gi0 = L::set1(g[i * outputs]), gi1 = L::set1(contrastive ? g[i * 2 + 1] : T(0));
-    const bool has_p = !contrastive && sti[3] != T(0);
-    const V lse_i = L::set1(contrastive ? T(0) : sti[0]);
-    const V lse_q_i = L::set1(sti[2]);  // Multi-Similarity's lse_Q
-    const V w_i = L::set1(sti[1]);      // NT-Xent's W
+    const V lse_i = L::set1(sti[0]), lse_q_i = L::set1(sti[2]), w_i = L::set1(sti[1]);
+    const bool has_p = p.kind == kSupCon && sti[3] != T(0);
     const V inv_pi = L::set1(has_p ? T(1) / sti[3] : T(0));
     const V factor_i = has_p ? gi0 * scale : zero;
     int64_t k = 0;
@@ -546,6 +544,9 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
         continue;
       }
       const int64_t j0 = c0 + k;
+      const T* stj = stats + j0 * kPairLossStats;  // the lanes' rows' statistics (stride 4)
+      // z = -sign m / tau (SupCon, NT-Xent)
+      const auto z_lanes = [&] { return (L::set1(-p.sign) * lanes.m) / L::set1(p.a); };
       V coef;
       if (contrastive) {
         const V g0 = gi0 + L::gather(g + j0 * 2, 2);
@@ -556,9 +557,7 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
         // c_r = g_r (-sign / tau) (1 / (1 + e^(lse_r - z)) - 1) on a positive pair,
         // g_r (-sign / tau) e^(z - lse_r) W_r on a negative one (lse_r over the negatives)
         const M same = lanes.same;
-        const V one = L::set1(T(1));
-        const V z = (L::set1(-p.sign) * lanes.m) / L::set1(p.a);
-        const T* stj = stats + j0 * kPairLossStats;
+        const V one = L::set1(T(1)), z = z_lanes();
         const V lse_j = L::gather(stj, kPairLossStats);
         const V e_i = clamped_exp_lanes<L, T>(L::select(same, lse_i - z, z - lse_i));
         const V e_j = clamped_exp_lanes<L, T>(L::select(same, lse_j - z, z - lse_j));
@@ -572,7 +571,6 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
         const M same = lanes.same;
         const V v = L::select(same, L::set1(p.a * p.sign) * (lanes.m - L::set1(p.c)),
                               L::set1(p.b * p.sign) * (L::set1(p.c) - lanes.m));
-        const T* stj = stats + j0 * kPairLossStats;
         const V lse_j =
             L::select(same, L::gather(stj, kPairLossStats), L::gather(stj + 2, kPairLossStats));
         const V e_i = clamped_exp_lanes<L, T>(v - L::select(same, lse_i, lse_q_i));
@@ -581,14 +579,12 @@ void self_coefficients(const PairLossTiles<T>& t, const PairLossParams<T>& p, in
         coef = L::select(same, gi0 * sign * e_i, (zero - gi0) * sign * e_i) +
                L::select(same, gj * sign * e_j, (zero - gj) * sign * e_j);
       } else {  // SupCon: c_r = g_r (-sign / tau) (e^(z - lse_r) - [same] / |P_r|)
-        const V z = (L::set1(-p.sign) * lanes.m) / L::set1(p.a);
-        const V pj = L::gather(stats + j0 * kPairLossStats + 3, kPairLossStats);
+        const V z = z_lanes(), pj = L::gather(stj + 3, kPairLossStats);
         const M no_p = L::m_not(L::gt(pj, zero));  // |P_j| = 0 (counts are never negative)
         const V inv_pj = L::select(no_p, zero, L::set1(T(1)) / L::max(pj, L::set1(T(1))));
         const V factor_j = L::select(no_p, zero, L::gather(g + j0 * outputs, outputs) * scale);
         const V e_i = clamped_exp_lanes<L, T>(z - lse_i);
-        const V e_j =
-            clamped_exp_lanes<L, T>(z - L::gather(stats + j0 * kPairLossStats, kPairLossStats));
+        const V e_j = clamped_exp_lanes<L, T>(z - L::gather(stj, kPairLossStats));
         coef = factor_i * (e_i - L::select(lanes.same, inv_pi, zero)) +
                factor_j * (e_j - L::select(lanes.same, inv_pj, zero));
       }
