@@ -24,8 +24,17 @@ def rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
     """
     top = x.detach().abs().amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(
         *x.shape[:-1], 1)
+    if _host_value(top) and not bool((top > RESCALE_ABOVE[_work_dtype(x)]).any()):
+        return x  # no row to rescale (on the host, where asking costs nothing)
     down, _ = _scale_down(top.to(_work_dtype(x)))
     return x * down.to(x.dtype)
+
+
+def _host_value(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value costs no device synchronisation and no graph break: a
+    CPU tensor outside torch.compile. There the common case (nothing to rescale) returns
+    the input itself, skipping a multiplication by one and its autograd node."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -49,12 +58,15 @@ def common_scale(metric: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, tor
     factor for the sums), powers of two (exact) that bring the largest |entry| of all
     ``tensors`` below 1 when it exceeds ``RESCALE_ABOVE`` (1 and 1 otherwise), so that the
     kernels' squares cannot overflow while the true sums are finite (fp32 entries of 1e20:
-    true sums ~1e22, but NaN or inf from inf - inf). None for other metrics. No host
-    synchronisation: the factors are tensors."""
+    true sums ~1e22, but NaN or inf from inf - inf). None for other metrics, and for CPU
+    tensors that need no scaling. No host synchronisation on a GPU: the factors are
+    tensors."""
     degree = HOMOGENEOUS_DEGREE.get(metric)
     if degree is None or not all(t.numel() for t in tensors):
         return None
     work = _work_dtype(tensors[0])
     top = torch.stack([t.detach().abs().amax().to(work) for t in tensors]).amax()
+    if _host_value(top) and not float(top) > RESCALE_ABOVE[work]:
+        return None  # nothing to scale (NaN included: its factors would be 1 too)
     down, exponent = _scale_down(top)
     return down, torch.ldexp(torch.ones_like(top), degree * exponent)

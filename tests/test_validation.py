@@ -285,3 +285,21 @@ def test_all_finite_agrees_with_isfinite(dtype, shape):
             assert bool(all_finite(t)) == bool(torch.isfinite(t).all()) is False
     assert bool(all_finite(base[:0]))
     assert bool(all_finite(torch.arange(5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_rows_agrees_with_isfinite(dtype):
+    """finite_rows (one |x| max pass per row) marks exactly the rows that hold a NaN or
+    +-Inf, wherever it sits in the row; no features: every row is finite."""
+    from confusion_kernels._validation import finite_rows
+
+    g = torch.Generator().manual_seed(5)
+    t = (torch.randn(40, 33, generator=g) * 100).to(dtype)
+    for row, col, value in ((0, 0, float("nan")), (7, 32, float("inf")),
+                            (8, 16, -float("inf")), (39, 1, float("nan"))):
+        t[row, col] = value
+    want = torch.isfinite(t).all(1)
+    assert want.sum() == 36
+    assert torch.equal(finite_rows(t), want)
+    assert torch.equal(finite_rows(t[:, :0]), torch.ones(40, dtype=torch.bool))
+    assert finite_rows(t[:0]).shape == (0,)

@@ -166,6 +166,21 @@ def test_bitwise_reproducible(backend):
 
 
 @pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
+def test_relabelling_gives_the_same_bits(backend):
+    """Classes are ordered by first appearance, not by label value (on the CPU by a hash pass
+    and a counting sort, on a GPU by tensor ops): any relabelling that keeps equality (here
+    reversed, negative and 2^40-sized values) gives bit-identical terms and gradient."""
+    device = require_backend(backend, OP)
+    x, labels = _data(700, 16, 9, seed=21, dtype=torch.float32)
+    x[5] = x[2]  # a duplicate: an exact pair
+    values = torch.tensor([-7, 2**40, 3, -(2**40), 0, 11, 5, -1, 9])[torch.arange(8, -1, -1)]
+    want = _terms_and_grad(x.to(device), labels.to(device), backend)
+    got = _terms_and_grad(x.to(device), values[labels].to(device), backend)
+    assert torch.equal(got[1], want[1])
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+
+
+@pytest.mark.parametrize("backend", ONE_PASS_BACKENDS)
 def test_opcheck(backend):
     device = require_backend(backend, OP)
     x, labels = _data(300, 16, 5, seed=8, dtype=torch.float32)

@@ -80,9 +80,11 @@ def term_weights(labels: torch.Tensor, reduction: str, include_self: bool, dim_s
     Weights are 0 where there is no pair to average (the term is then 0).
     ``dim_scale`` multiplies them (1/D for ``dim_mean``).
     """
-    ref_labels = labels if ref_labels is None else ref_labels
     size = class_sizes(labels).to(dtype)  # n_c of each row's class among the rows
-    columns = class_sizes(labels, ref_labels).to(dtype)  # m_c
+    if ref_labels is None:  # the columns are the rows: m_c = n_c
+        ref_labels, columns = labels, size
+    else:
+        columns = class_sizes(labels, ref_labels).to(dtype)  # m_c
     per_row_in = columns - (0.0 if include_self else 1.0)
     per_row_out = ref_labels.shape[0] - columns
     weights = []

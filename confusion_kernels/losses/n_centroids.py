@@ -35,6 +35,7 @@ from .._validation import (
     check_label_range,
     check_labels,
     compiled_index,
+    finite_rows,
     names_errors,
     output_dtype,
     poison_all,
@@ -207,7 +208,7 @@ def class_sums(centroids: torch.Tensor, z: torch.Tensor,
     so that a bad batch gives a NaN loss but does not corrupt the centroids."""
     x = _reference.normalize(rescale_large_rows(z.detach().to(centroids.dtype)))
     k = centroids.shape[0]
-    valid = torch.isfinite(x).all(1) & (labels >= 0) & (labels < k)
+    valid = finite_rows(x) & (labels >= 0) & (labels < k)
     index = torch.where(valid, labels, 0)
     sums = torch.zeros_like(centroids).index_add_(0, index, torch.where(valid[:, None], x, 0.0))
     counts = torch.zeros(k, dtype=torch.long, device=z.device).index_add_(

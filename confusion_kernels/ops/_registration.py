@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .._validation import accumulation_dtype as _accumulation
+from .._validation import all_finite, finite_rows
 
 
 def fake_row_sums(x: torch.Tensor, labels: torch.Tensor, metric: str, algorithm: str):
@@ -120,5 +121,5 @@ def nonfinite_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """[N]: 0 where row rows_i and the whole table (prototypes, centroids) are finite, NaN
     elsewhere (no host sync). A kernel's min over the table would turn NaN into a plausible
     number; adding this to its per-row result keeps the NaN policy: non-finite in, NaN out."""
-    ok = torch.isfinite(rows).all(1) & torch.isfinite(table).all()
+    ok = finite_rows(rows) & all_finite(table)
     return torch.where(ok, 0.0, float("nan")).to(_accumulation(rows.dtype))

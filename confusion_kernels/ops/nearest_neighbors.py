@@ -24,6 +24,7 @@ from typing import Optional  # torch 2.6 custom ops reject int | None
 import torch
 
 from .. import _extension
+from .._validation import finite_rows
 from ..reference import retrieval as _reference
 
 CPP_OP = "confusion_kernels::nearest_neighbors"
@@ -96,7 +97,7 @@ def check_neighbor_inputs(query: torch.Tensor, reference: torch.Tensor, k: int, 
     rows = (("query", query),) if reference is query else (("query", query),
                                                             ("reference", reference))
     for name, t in rows if scan else ():
-        bad = ~torch.isfinite(t).all(dim=1)
+        bad = ~finite_rows(t)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:5].tolist()
             raise ValueError(f"nearest_neighbors: {name} rows {rows} hold NaN or inf (a "

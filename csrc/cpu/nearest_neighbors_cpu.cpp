@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
+#include "confusion_kernels/gram_operands.h"
 #include "confusion_kernels/neighbor_args.h"
 #include "confusion_kernels/neighbor_math.h"
 #include "parallel_jobs.h"
@@ -189,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_neighbors_cpu(const at::Tensor& query
   const NoAutocast no_autocast;
   const SerialAten serial;
   check_neighbor_inputs(query, reference, k, self_offset, c10::kCPU);
-  TORCH_CHECK(at::isfinite(query).all().item<bool>() &&
-                  (reference.is_same(query) || at::isfinite(reference).all().item<bool>()),
+  TORCH_CHECK(all_finite(query) && (reference.is_same(query) || all_finite(reference)),
               "nearest_neighbors: query and reference must be finite (a NaN or inf row has no "
               "order of neighbours)");
   const int64_t code = neighbor_metric_code(metric);

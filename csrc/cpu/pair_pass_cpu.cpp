@@ -45,7 +45,17 @@
 namespace confusion_kernels {
 namespace {
 
-constexpr int64_t kTile = 512;
+// Rows per tile: N / 4 rounded up to a multiple of 64, within [128, 512]. Large
+// batches take 512 (a tile pair's products run at the full single-thread product
+// rate there); a batch of a few tiles takes smaller ones, so that a round of the
+// schedule holds two tile pairs and both threads of a 2-core machine work: at
+// N = 1024, four tiles of 256 run the pass in 0.7x the time of two tiles of 512
+// (docs/design.md, "ASLoss and intra_inter_sums"). The size depends on N only,
+// never on the thread count (the order of additions stays fixed).
+constexpr int64_t kMaxTile = 512, kMinTile = 128;
+int64_t tile_rows(int64_t n) {
+  return std::min(kMaxTile, std::max(kMinTile, (n / 4 + 63) / 64 * 64));
+}
 
 struct TileGrads {
   at::Tensor same;   // [N, D] gradient of t_in in operand space
@@ -102,20 +112,20 @@ std::vector<SameClassBlock> same_class_blocks(const int32_t* cls, int64_t r0, in
 }
 
 // Row tiles of the label-sorted rows, as boundaries 0 = b_0 < b_1 < ... = n.
-// A class of more than kTile rows is cut into near-equal tiles of its own; the
-// other classes are packed whole into tiles of at most kTile rows.
-std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n) {
+// A class of more than `tile` rows is cut into near-equal tiles of its own; the
+// other classes are packed whole into tiles of at most `tile` rows.
+std::vector<int64_t> tile_bounds(const int32_t* cls, int64_t n, int64_t tile) {
   std::vector<int64_t> bounds{0};
   int64_t packed = 0;  // rows in the open tile
   for (const auto& run : class_runs(cls, n)) {
     const int64_t len = run.second - run.first;
-    if (len > kTile) {
+    if (len > tile) {
       if (packed) bounds.push_back(run.first);
       packed = 0;
-      const int64_t pieces = (len + kTile - 1) / kTile;
+      const int64_t pieces = (len + tile - 1) / tile;
       for (int64_t k = 1; k <= pieces; ++k) bounds.push_back(run.first + len * k / pieces);
     } else {
-      if (packed + len > kTile) {
+      if (packed + len > tile) {
         bounds.push_back(run.first);
         packed = 0;
       }
@@ -402,6 +412,34 @@ void tile_pair(const PassData<acc_t>& p, const RowTile& rtile, int64_t c0, int64
   }
 }
 
+// Per class (a run of the sorted rows) the mean of its finite rows (zeros where
+// none is finite) into means [classes, d], every row minus its class mean into
+// centred and that difference's squared norm into nc. Serial, O(N D).
+template <typename acc_t>
+void class_centred_rows(const acc_t* z, const bool* finite, const int32_t* cls, int64_t n,
+                        int64_t d, acc_t* means, acc_t* centred, acc_t* nc) {
+  for (const auto& run : class_runs(cls, n)) {
+    acc_t* mean = means + int64_t(cls[run.first]) * d;
+    int64_t count = 0;
+    for (int64_t i = run.first; i < run.second; ++i) {
+      if (!finite[i]) continue;
+      ++count;
+      for (int64_t k = 0; k < d; ++k) mean[k] += z[i * d + k];
+    }
+    const acc_t divisor = acc_t(std::max<int64_t>(count, 1));
+    for (int64_t k = 0; k < d; ++k) mean[k] /= divisor;
+    for (int64_t i = run.first; i < run.second; ++i) {
+      acc_t sq = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        const acc_t c = z[i * d + k] - mean[k];
+        centred[i * d + k] = c;
+        sq += c * c;
+      }
+      nc[i] = sq;
+    }
+  }
+}
+
 // The pass over the upper triangle of tile pairs, scheduled by
 // tile_pair_schedule and run_tile_pairs: one parallel region for all of them,
 // each tile pair on one thread. With Grad, the pair (i, j) adds w * D(x_i, x_j) to
@@ -413,23 +451,18 @@ void one_pass(const at::Tensor& xs, const at::Tensor& zs, const acc_t* sq, const
               const acc_t* wi, const acc_t* wo, acc_t* t_in_rows, acc_t* t_out_rows, TileGrads* g,
               acc_t* gxi, acc_t* gxo) {
   const int64_t n = xs.size(0), d = xs.size(1);
-  const int64_t tile = std::min(kTile, n);
-  const std::vector<int64_t> bounds = tile_bounds(cls, n);
+  const int64_t tile = std::min(tile_rows(n), n);
+  const std::vector<int64_t> bounds = tile_bounds(cls, n, tile);
   const int64_t tiles = static_cast<int64_t>(bounds.size()) - 1;
   // Class means (of the finite rows) and every row's squared distance to its
   // class mean: same-class pairs take their Gram form around the class mean.
-  const at::Tensor cls_ids =
-      at::from_blob(const_cast<int32_t*>(cls), {n}, at::TensorOptions().dtype(at::kInt))
-          .to(at::kLong);
   const int64_t classes = n ? int64_t(cls[n - 1]) + 1 : 0;
-  const at::Tensor finite = at::isfinite(zs).all(/*dim=*/1, /*keepdim=*/true);
-  const at::Tensor counts =
-      at::zeros({classes, 1}, zs.options()).index_add_(0, cls_ids, finite.to(zs.scalar_type()));
-  const at::Tensor means = at::zeros({classes, d}, zs.options())
-                               .index_add_(0, cls_ids, at::where(finite, zs, at::zeros_like(zs)))
-                               .div_(counts.clamp_min(1));
-  const at::Tensor class_centred = zs - means.index_select(0, cls_ids);
-  const at::Tensor nc = (class_centred * class_centred).sum(1);
+  const at::Tensor means = at::zeros({classes, d}, zs.options());
+  const at::Tensor class_centred = at::empty_like(zs);
+  const at::Tensor nc = at::empty({n}, zs.options());
+  class_centred_rows<acc_t>(zs.data_ptr<acc_t>(), finite_rows(zs).data_ptr<bool>(), cls, n, d,
+                            means.data_ptr<acc_t>(), class_centred.data_ptr<acc_t>(),
+                            nc.data_ptr<acc_t>());
   std::vector<RowTile> row_tiles(tiles);
   run_jobs(tiles, [&](int64_t t, int64_t) {
     RowTile& rtile = row_tiles[t];

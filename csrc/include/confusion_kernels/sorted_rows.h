@@ -5,8 +5,12 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <limits>
 #include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "confusion_kernels/pair_math.h"
 
@@ -21,16 +25,17 @@ struct SortedRows {
   at::Tensor cls;   // [N] int32 dense class ids 0, 1, ... (nondecreasing)
 };
 
-inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int64_t metric) {
-  const int64_t n = xa.size(0);
-  SortedRows r;
-  // Classes ordered by first appearance, not by label value: relabelling that
-  // keeps equality (the only thing that matters) gives the same order of rows,
-  // tiles and additions, so bit-identical results.
-  // Dense ids in label order from a sort and a cumulative sum (what unique(...,
-  // return_inverse) gives, but no output size hangs on the data, so the host
-  // never waits for the device); id tables sized N, not the number of classes
-  // (unused slots keep N and sort last).
+// perm and cls of SortedRows from the labels: the classes in order of first
+// appearance (not of label value: relabelling that keeps equality, the only
+// thing that matters, gives the same order of rows, tiles and additions, so
+// bit-identical results), the rows of a class in input order.
+//
+// On the device: dense ids in label order from a sort and a cumulative sum (what
+// unique(..., return_inverse) gives, but no output size hangs on the data, so
+// the host never waits for the device); id tables sized N, not the number of
+// classes (unused slots keep N and sort last).
+inline void sort_labels_on_device(const at::Tensor& labels, SortedRows& r) {
+  const int64_t n = labels.size(0);
   const auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor& values = std::get<0>(sorted);
   at::Tensor starts = at::ones_like(values);
@@ -45,9 +50,45 @@ inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int6
       at::empty_like(first).index_copy_(0, at::argsort(first), at::arange(n, labels.options()));
   const at::Tensor key = rank.index_select(0, inverse);
   r.perm = at::argsort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  r.xs = xa.index_select(0, r.perm).contiguous();
-  // dense int32 class ids of the sorted rows: 0, 1, ... in order
   r.cls = key.index_select(0, r.perm).to(at::kInt).contiguous();
+}
+
+// On the host (CPU labels): the same order from one pass over the labels (a
+// hash map from label to class id) and a stable counting sort by id, without the
+// fixed cost of the dozen tensor ops above (tens of microseconds at any N).
+inline void sort_labels_on_host(const at::Tensor& labels, SortedRows& r) {
+  const int64_t n = labels.size(0);
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  std::unordered_map<int64_t, int32_t> ids;
+  std::vector<int32_t> id(n);
+  std::vector<int64_t> next;  // rows per class, then the class's next sorted position
+  for (int64_t i = 0; i < n; ++i) {
+    id[i] = ids.try_emplace(lp[i], static_cast<int32_t>(ids.size())).first->second;
+    if (static_cast<size_t>(id[i]) == next.size()) next.push_back(0);
+    ++next[id[i]];
+  }
+  int64_t offset = 0;
+  for (int64_t& k : next) offset += std::exchange(k, offset);
+  r.perm = at::empty({n}, lab.options());
+  r.cls = at::empty({n}, lab.options().dtype(at::kInt));
+  int64_t* pp = r.perm.data_ptr<int64_t>();
+  int32_t* cp = r.cls.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = next[id[i]]++;
+    pp[k] = i;
+    cp[k] = id[i];
+  }
+}
+
+inline SortedRows sort_rows(const at::Tensor& xa, const at::Tensor& labels, int64_t metric) {
+  const int64_t n = xa.size(0);
+  SortedRows r;
+  if (labels.device().is_cpu())
+    sort_labels_on_host(labels, r);
+  else
+    sort_labels_on_device(labels, r);
+  r.xs = xa.index_select(0, r.perm).contiguous();
   // Cosine: the squared norms (its eps test and the projection back from the unit
   // rows) in float64, clamped to the dtype's largest value, and the unit rows.
   // The other metrics read neither: zeros, and the rows themselves.
