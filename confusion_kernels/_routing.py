@@ -76,19 +76,19 @@ PAIRWISE_MAX_PROTOTYPES = 2048
 # backend="auto" on CPU: the fewest rows for which the fused kernel is faster than the eager
 # definition at every measured size (benchmarks/crossover.py's thresholds of this file). An op
 # without a key (the rectangular op) always runs fused.
-CROSSOVER_SOURCE = "benchmarks/results/2026-12-07h-crossover-x86_64/crossover.csv"
+CROSSOVER_SOURCE = "benchmarks/results/2026-12-07k-crossover-x86_64/crossover.csv"
 CPU_FUSED_MIN_ROWS = {
-    "as_loss_terms[euclidean]": 256,
-    "as_loss_terms[sqeuclidean]": 256,
-    "as_loss_terms[manhattan]": 64,
-    "as_loss_terms[cosine]": 128,
+    "as_loss_terms[euclidean]": 128,
+    "as_loss_terms[sqeuclidean]": 128,
+    "as_loss_terms[manhattan]": 128,
+    "as_loss_terms[cosine]": 64,
     "intra_inter_sums[euclidean]": 256,
-    "intra_inter_sums[cosine]": 128,
+    "intra_inter_sums[cosine]": 64,
     "affinity_hinge": 0,
     "n_centroids_rows": 0,
     "class_shifted_sums": 0,
     "pair_loss[cosine]": 0,
-    "pair_loss[euclidean]": 32,
+    "pair_loss[euclidean]": 64,
 }
 
 
