@@ -60,6 +60,24 @@ CPU_SHAPES = SHAPES + [(300, 600, 9)]  # ragged cpu tiles: 256 rows x 512 centro
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_angles_over_the_half_circle(backend):
+    """float32 great-circle distances from rows at every angle to two negative centroids (0 to
+    pi, near 0, near pi/2, near pi, exactly on and opposite them): the CPU tiles take the angle
+    from a float polynomial (both folds and the swap at pi/2), checked against float64."""
+    device = require_backend(backend, OP)
+    c = torch.eye(3, dtype=torch.float64)  # negatives c0, c1; every row's own class is c2
+    theta = torch.cat([torch.linspace(0, torch.pi, 181, dtype=torch.float64),
+                       torch.tensor([1e-6, 1e-3, torch.pi / 8, torch.pi / 2 - 1e-4,
+                                     torch.pi - 1e-3, torch.pi - 1e-6], dtype=torch.float64)])
+    z = torch.stack([theta.cos(), theta.sin(), 0.3 * torch.ones_like(theta)], 1) * 2.0
+    labels = torch.full((theta.shape[0],), 2)
+    expected, _ = reference_rows(z, labels, c, "great_circle", True)
+    got = rows_op(backend)(z.float().to(device), c.float().to(device), labels.to(device),
+                           "great_circle", True)[0]
+    assert_rel(got.double().cpu(), expected, 1e-6, "rows", atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("use_negatives", [True, False])
 @pytest.mark.parametrize("shape", CPU_SHAPES)

@@ -1,8 +1,8 @@
 // C++ CPU epilogues of the N-Centroids loss (n_centroids_tiles.h; per pair
 // sphere_math.h). A Gram tile [rt, ct] is turned into distances in three
 // sweeps over the cache-resident tile: (1) a and b per pair from the Gram form,
-// recomputed from differences where it cancels; (2) for the angle, one
-// vectorised at::atan2 over the tile; (3) per row the first minimum and the sum
+// recomputed from differences where it cancels; (2) for the angle, atan2 over
+// the tile (float lanes; at::atan2 for double); (3) per row the first minimum and the sum
 // over the negatives and, for gradients, the coefficient tile. The element
 // loops of (1) and (3) are written over simd.h's lane types (AVX2 for the body
 // of a row, one lane for its tail) with the formulas of sphere_math.h, which
@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "confusion_kernels/n_centroids_tiles.h"
@@ -102,6 +103,54 @@ T coefficient_lanes(int64_t& j, int64_t cols, int64_t metric, T w, const T* ai, 
   return L::hsum(alpha_sum);
 }
 
+// atan2(a, b) for a, b >= 0 (the norms |x - c|, |x + c|) on lanes of floats:
+// t = min / max in [0, 1], folded by atan(t) = pi/4 + atan((t - 1) / (t + 1))
+// to |u| <= tan(pi/8) (one division either way), Cephes' atanf polynomial there,
+// then pi/2 - atan(t) where a > b: within 3 ulp of the float64 angle (2.2e-7
+// relative). atan2(0, 0) = 0 as std::atan2 gives; NaN stays NaN. The
+// N-Centroids step (N = 16384, K = 1000, D = 128) took 0.93x the time of
+// at::atan2's (three alternating runs, 2-core VM, 2026-12-07).
+template <class L>
+inline typename L::V angle_lanes(typename L::V a, typename L::V b) {
+  using V = typename L::V;
+  const V zero = L::zero();
+  const auto swap = L::gt(a, b);
+  const V hi = L::select(swap, a, b), lo = L::select(swap, b, a);
+  const auto fold = L::gt(lo, L::set1(0.4142135623730950f) * hi);           // t > tan(pi/8)
+  const V u = L::select(fold, lo - hi, lo) / L::select(fold, lo + hi, hi);  // one division
+  const V z = u * u;
+  V p = L::set1(8.05374449538e-2f);
+  p = p * z - L::set1(1.38776856032e-1f);
+  p = p * z + L::set1(1.99777106478e-1f);
+  p = p * z - L::set1(3.33329491539e-1f);
+  V r = p * z * u + u;
+  r = L::select(fold, r + L::set1(0.7853981633974483f), r);
+  r = L::select(swap, L::set1(1.5707963267948966f) - r, r);
+  return L::select(L::m_and(L::le(hi, zero), L::le(lo, zero)), zero, r);
+}
+
+// dist[k] = atan2(a[k], b[k]) for k < count: float lanes (angle_lanes), at::atan2
+// for double (the polynomial is a float one).
+template <typename T>
+at::Tensor tile_angles(const at::Tensor& a_t, const at::Tensor& b_t) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return at::atan2(a_t, b_t);
+  } else {
+    at::Tensor out = at::empty_like(a_t);
+    const float* a = a_t.data_ptr<float>();
+    const float* b = b_t.data_ptr<float>();
+    float* d = out.data_ptr<float>();
+    const int64_t count = a_t.numel();
+    using L = simd::Widest<float>;
+    using S = simd::Scalar<float>;
+    int64_t k = 0;
+    for (; k + L::kWidth <= count; k += L::kWidth)
+      L::store(d + k, angle_lanes<L>(L::load(a + k), L::load(b + k)));
+    for (; k < count; ++k) d[k] = angle_lanes<S>(a[k], b[k]);
+    return out;
+  }
+}
+
 template <typename T>
 void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, int64_t c0,
                     const T* weight, T* best, int64_t* best_k, T* sum, T* coef, T* x_coef,
@@ -151,11 +200,11 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
       }
     }
   });
-  // (2) the distances of the tile (the angle: one vectorised atan2; x 2 below)
+  // (2) the distances of the tile (the angle: tile_angles; x 2 below)
   at::Tensor dist_t;
   T scale = 1;
   if (metric == kGreatCircle) {
-    dist_t = at::atan2(a_t, b_t);
+    dist_t = tile_angles<T>(a_t, b_t);
     scale = 2;
   } else if (metric == kChord) {
     dist_t = a_t;
