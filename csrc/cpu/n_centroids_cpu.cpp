@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -262,6 +264,49 @@ void negatives_tile(const at::Tensor& g_tile, const nc::Inputs& in, int64_t r0, 
   });
 }
 
+// x_i = z_i / max(|z_i|, eps) and |x_i|^2 from the norms |z_i|, one pass per
+// row, the rows in one parallel region: the tensor ops this replaces ran
+// serially here (SerialAten), each over all of z. (The norms stay torch's: a row
+// that is a multiple of a centroid must normalise to that centroid's exact bits,
+// as the reference's does, or its zero distance turns into rounding noise.)
+template <typename T>
+void normalise_rows(const T* z, const T* norms, int64_t n, int64_t d, T* x, T* x_norm2) {
+  parallel_rows(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* zi = z + i * d;
+      const T divisor = std::max(norms[i], T(kNormEps));
+      T* xi = x + i * d;
+      T xsq = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        xi[k] = zi[k] / divisor;
+        xsq += xi[k] * xi[k];
+      }
+      x_norm2[i] = xsq;
+    }
+  });
+}
+
+// dL/dz_i = (g_i - x_i (x_i . g_i)) / |z_i|, or g_i / eps below the clamp, per row
+// in one parallel region (n_centroids_tiles.h, through_normalisation_with_aten).
+template <typename T>
+void rows_through_normalisation(const T* g, const T* x, const T* norms, int64_t n, int64_t d,
+                                T* out) {
+  parallel_rows(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gi = g + i * d;
+      const T* xi = x + i * d;
+      T* oi = out + i * d;
+      if (!(norms[i] >= T(kNormEps))) {
+        for (int64_t k = 0; k < d; ++k) oi[k] = gi[k] / T(kNormEps);
+        continue;
+      }
+      T radial = 0;
+      for (int64_t k = 0; k < d; ++k) radial += gi[k] * xi[k];
+      for (int64_t k = 0; k < d; ++k) oi[k] = (gi[k] - xi[k] * radial) / norms[i];
+    }
+  });
+}
+
 // The CPU epilogues of n_centroids_tiles.h.
 struct CpuTiles {
   static constexpr c10::DeviceType kDevice = c10::kCPU;
@@ -272,6 +317,26 @@ struct CpuTiles {
     SerialAten serial;  // the row tiles' region is the op's only parallel one
     explicit Guard(c10::Device) {}
   };
+  static void normalise(nc::Inputs& in) {
+    const int64_t n = in.z.size(0), d = in.z.size(1);
+    in.norms = at::linalg_vector_norm(in.z, 2, {1}, false, c10::nullopt).contiguous();
+    in.x = at::empty_like(in.z);
+    in.x_norm2 = at::empty({n}, in.z.options());
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "n_centroids_normalise_cpu", [&] {
+      normalise_rows<scalar_t>(in.z.data_ptr<scalar_t>(), in.norms.data_ptr<scalar_t>(), n, d,
+                               in.x.data_ptr<scalar_t>(), in.x_norm2.data_ptr<scalar_t>());
+    });
+  }
+  static at::Tensor through_normalisation(const nc::Inputs& in, const at::Tensor& grad_x) {
+    const at::Tensor g = grad_x.contiguous();
+    at::Tensor out = at::empty_like(g);
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "n_centroids_through_normalisation_cpu", [&] {
+      rows_through_normalisation<scalar_t>(g.data_ptr<scalar_t>(), in.x.data_ptr<scalar_t>(),
+                                           in.norms.data_ptr<scalar_t>(), g.size(0), g.size(1),
+                                           out.data_ptr<scalar_t>());
+    });
+    return out;
+  }
   // job(r0, rt) for every row tile, in one parallel region (parallel_jobs.h): each
   // tile on one thread, its products single-threaded, its rows written by it alone
   template <class Job>

@@ -30,6 +30,10 @@ struct CudaTiles {
     NoAutocast no_autocast;
     explicit Guard(c10::Device d) : device(d) {}
   };
+  static void normalise(nc::Inputs& in) { nc::normalise_with_aten(in); }
+  static at::Tensor through_normalisation(const nc::Inputs& in, const at::Tensor& grad_x) {
+    return nc::through_normalisation_with_aten(in, grad_x);
+  }
   // job(r0, rt) for every row tile, one after another (stream order)
   template <class Job>
   static void row_tiles(int64_t n, const Job& job) {

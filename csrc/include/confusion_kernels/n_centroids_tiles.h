@@ -16,6 +16,8 @@
 //
 // The device's epilogues (`Tiles`):
 //   Tiles::kDevice, Tiles::kRowTile, Tiles::kCentroidTile, Tiles::Guard
+//   Tiles::normalise(in): in.norms, in.x, in.x_norm2 from in.z
+//   Tiles::through_normalisation(in, grad_x): dL/dz from dL/dx
 //   Tiles::direct(in, index, weight, dist, grad_x): per row with index_i >= 0
 //       dist_i = d(x_i, c_{index_i}) (exact) and, when grad_x is defined,
 //       grad_x_i += weight_i dd/dx; rows with index_i < 0 get dist_i = 0
@@ -64,9 +66,18 @@ struct Inputs {
   bool negatives = true;
 };
 
-inline Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids,
-                             const at::Tensor& labels, c10::string_view metric, bool use_negatives,
-                             c10::DeviceType device, const char* op) {
+// norms, x and x_norm2 of `in` from in.z with tensor ops (a device's
+// Tiles::normalise may run them so).
+inline void normalise_with_aten(Inputs& in) {
+  in.norms = at::linalg_vector_norm(in.z, 2, {1}, false, c10::nullopt);
+  in.x = (in.z / in.norms.clamp_min(kNormEps).unsqueeze(1)).contiguous();
+  in.x_norm2 = (in.x * in.x).sum(1);
+}
+
+template <class Tiles>
+Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids, const at::Tensor& labels,
+                      c10::string_view metric, bool use_negatives, c10::DeviceType device,
+                      const char* op) {
   Inputs in;
   in.metric = sphere_metric_code(metric, op);
   TORCH_CHECK(z.dim() == 2 && z.size(0) > 0 && z.size(1) > 0, op,
@@ -86,9 +97,7 @@ inline Inputs prepare_inputs(const at::Tensor& z, const at::Tensor& centroids,
   const GuardedIndex guarded = guard_label_range(labels, centroids.size(0), op);
   const at::ScalarType acc = accumulation_type(z.scalar_type());
   in.z = z.to(acc).contiguous();
-  in.norms = at::linalg_vector_norm(in.z, 2, {1}, false, c10::nullopt);
-  in.x = (in.z / in.norms.clamp_min(kNormEps).unsqueeze(1)).contiguous();
-  in.x_norm2 = (in.x * in.x).sum(1);
+  Tiles::normalise(in);
   in.centroids = centroids.to(acc).contiguous();
   in.c_norm2 = (in.centroids * in.centroids).sum(1);
   in.labels = guarded.index.contiguous();
@@ -128,8 +137,9 @@ void negatives_pass(const Inputs& in, const at::Tensor& best, const at::Tensor& 
   if (with_grad) grad_x.addcmul_(x_coef.unsqueeze(1), in.x);
 }
 
-// dL/dz from dL/dx through x = z / max(|z|, eps).
-inline at::Tensor through_normalisation(const Inputs& in, const at::Tensor& grad_x) {
+// dL/dz from dL/dx through x = z / max(|z|, eps), with tensor ops (a device's
+// Tiles::through_normalisation may run them so).
+inline at::Tensor through_normalisation_with_aten(const Inputs& in, const at::Tensor& grad_x) {
   const at::Tensor radial = (grad_x * in.x).sum(1, true);
   const at::Tensor n = in.norms.unsqueeze(1);
   return at::where(n >= kNormEps, (grad_x - in.x * radial) / n, grad_x / kNormEps);
@@ -161,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor> rows_op(const at::Tensor& z, const at::Tensor
                                            const at::Tensor& labels, c10::string_view metric,
                                            bool use_negatives) {
   const typename Tiles::Guard guard(z.device());
-  const Inputs in = prepare_inputs(z, centroids, labels, metric, use_negatives, Tiles::kDevice,
-                                   "n_centroids_rows");
+  const Inputs in = prepare_inputs<Tiles>(z, centroids, labels, metric, use_negatives,
+                                          Tiles::kDevice, "n_centroids_rows");
   auto [rows, hardest] = rows_and_grad<Tiles>(in, at::Tensor(), at::Tensor());
   return {poison_rows(rows, in.bad), hardest};
 }
@@ -173,8 +183,8 @@ at::Tensor rows_backward_op(const at::Tensor& grad_rows, const at::Tensor& z,
                             const at::Tensor& hardest, c10::string_view metric,
                             bool use_negatives) {
   const typename Tiles::Guard guard(z.device());
-  const Inputs in = prepare_inputs(z, centroids, labels, metric, use_negatives, Tiles::kDevice,
-                                   "n_centroids_rows_backward");
+  const Inputs in = prepare_inputs<Tiles>(z, centroids, labels, metric, use_negatives,
+                                          Tiles::kDevice, "n_centroids_rows_backward");
   const int64_t n = in.x.size(0), k = in.centroids.size(0);
   for (const at::Tensor* t : {&grad_rows, &hardest})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->device() == z.device(),
@@ -192,7 +202,7 @@ at::Tensor rows_backward_op(const at::Tensor& grad_rows, const at::Tensor& z,
     Tiles::direct(in, h.index.contiguous(), -g, scratch, grad_x);
     negatives_pass<Tiles>(in, at::Tensor(), at::Tensor(), at::Tensor(), g / -double(k - 1), grad_x);
   }
-  return poison_rows(through_normalisation(in, grad_x), bad).to(z.scalar_type());
+  return poison_rows(Tiles::through_normalisation(in, grad_x), bad).to(z.scalar_type());
 }
 
 // sum_i L_i and its gradient in z from one pass (the training path, whose
@@ -203,13 +213,13 @@ std::tuple<at::Tensor, at::Tensor> sum_with_grad_op(const at::Tensor& z,
                                                     const at::Tensor& labels,
                                                     c10::string_view metric, bool use_negatives) {
   const typename Tiles::Guard guard(z.device());
-  const Inputs in = prepare_inputs(z, centroids, labels, metric, use_negatives, Tiles::kDevice,
-                                   "n_centroids_sum_with_grad");
+  const Inputs in = prepare_inputs<Tiles>(z, centroids, labels, metric, use_negatives,
+                                          Tiles::kDevice, "n_centroids_sum_with_grad");
   at::Tensor grad_x = at::zeros_like(in.x);
   const at::Tensor ones = at::ones({in.x.size(0)}, in.x.options());
   const at::Tensor rows = std::get<0>(rows_and_grad<Tiles>(in, ones, grad_x));
   return {poison_all(rows.sum(), in.bad),
-          poison_rows(through_normalisation(in, grad_x), in.bad).to(z.scalar_type())};
+          poison_rows(Tiles::through_normalisation(in, grad_x), in.bad).to(z.scalar_type())};
 }
 
 }  // namespace n_centroids
