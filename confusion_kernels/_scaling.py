@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import reads_for_free
+
 # Rows whose largest |x_ik| exceeds this (by the dtype the kernels compute in) are rescaled:
 # D x (2^40)^2 stays below fp32's 2^128 for any D < 2^48; likewise 2^400 for fp64.
 RESCALE_ABOVE = {torch.float32: 2.0 ** 40, torch.float64: 2.0 ** 400}
@@ -24,17 +26,11 @@ def rescale_large_rows(x: torch.Tensor) -> torch.Tensor:
     """
     top = x.detach().abs().amax(-1, keepdim=True) if x.shape[-1] else x.new_zeros(
         *x.shape[:-1], 1)
-    if _host_value(top) and not bool((top > RESCALE_ABOVE[_work_dtype(x)]).any()):
-        return x  # no row to rescale (on the host, where asking costs nothing)
+    if reads_for_free(top) and not bool((top > RESCALE_ABOVE[_work_dtype(x)]).any()):
+        return x  # no row to rescale: on the host, where asking costs nothing, the input
+        # itself (no multiplication by one, no autograd node)
     down, _ = _scale_down(top.to(_work_dtype(x)))
     return x * down.to(x.dtype)
-
-
-def _host_value(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s value costs no device synchronisation and no graph break: a
-    CPU tensor outside torch.compile. There the common case (nothing to rescale) returns
-    the input itself, skipping a multiplication by one and its autograd node."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -66,7 +62,7 @@ def common_scale(metric: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, tor
         return None
     work = _work_dtype(tensors[0])
     top = torch.stack([t.detach().abs().amax().to(work) for t in tensors]).amax()
-    if _host_value(top) and not float(top) > RESCALE_ABOVE[work]:
+    if reads_for_free(top) and not float(top) > RESCALE_ABOVE[work]:
         return None  # nothing to scale (NaN included: its factors would be 1 too)
     down, exponent = _scale_down(top)
     return down, torch.ldexp(torch.ones_like(top), degree * exponent)

@@ -115,6 +115,14 @@ def host_checks(t: torch.Tensor) -> bool:
     return _CheckPolicy.strict or (t.device.type == "cpu" and not _CheckPolicy.cpu_as_gpu)
 
 
+def reads_for_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s value costs no device synchronisation and no graph break: a CPU
+    tensor (not treated as a GPU one, as the host-sync tests do) outside torch.compile. Host
+    shortcuts (nothing to rescale; a finiteness test in Python) are taken only there."""
+    return (t.device.type == "cpu" and not _CheckPolicy.cpu_as_gpu
+            and not torch.compiler.is_compiling())
+
+
 def scan_finite(check_finite: bool | None, t: torch.Tensor) -> bool:
     """Whether to scan ``t`` for NaN/Inf: ``check_finite`` when given, else ``host_checks(t)``."""
     return host_checks(t) if check_finite is None else bool(check_finite)
@@ -143,7 +151,7 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     if t.dtype.is_complex:
         return torch.isfinite(t).all()
     lo, hi = torch.aminmax(t)
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if reads_for_free(t):
         # two Python floats: torch.isfinite on a 0-d tensor costs ~10 us a call on CPU
         return torch.tensor(math.isfinite(lo.item()) and math.isfinite(hi.item()))
     return torch.isfinite(lo) & torch.isfinite(hi)

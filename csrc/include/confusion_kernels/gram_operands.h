@@ -23,12 +23,6 @@ inline at::Tensor finite_rows(const at::Tensor& z) {
   return at::isfinite(z.abs().amax(/*dim=*/-1, /*keepdim=*/true));
 }
 
-// Whether z holds no NaN/Inf (a host check: waits for the device), by the same
-// single pass as finite_rows.
-inline bool all_finite(const at::Tensor& z) {
-  return z.numel() == 0 || at::isfinite(z.abs().amax()).item<bool>();
-}
-
 // The mean over `dim` of the rows of z (its last dimension holds the features)
 // that contain no NaN/Inf, keeping `dim`; zeros where there is none. A row
 // holding NaN/Inf stays non-finite itself (and so do the sums it enters) but
