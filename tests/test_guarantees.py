@@ -413,7 +413,7 @@ def test_cpu_pair_pass_is_deterministic_beside_busy_processes():
     thread."""
     require_backend("cpu", "intra_inter_sums")
     g = torch.Generator().manual_seed(14)
-    x = torch.randn(2300, 16, generator=g)  # 9 row tiles: several rounds to look ahead into
+    x = torch.randn(2300, 16, generator=g)  # 6 row tiles (a class each): rounds to look ahead into
     labels = torch.randint(0, 6, (2300,), generator=g)
 
     def run():
