@@ -67,10 +67,11 @@ def _chan(a: tuple, b: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     n_b, mean_b, m2_b = b
     n = n_a + n_b
     has = (n_b > 0).unsqueeze(1)
-    safe = n.clamp_min(1).unsqueeze(1)
+    safe = n.clamp_min(1)
     delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b.unsqueeze(1) / safe)
-    m2 = m2_a + m2_b + delta * delta * (n_a * n_b).unsqueeze(1) / safe
+    # per-class factors first ([C]), so that each [C, K] result is one pass over its inputs
+    mean = torch.addcmul(mean_a, delta, (n_b / safe).unsqueeze(1))
+    m2 = torch.add(m2_a, m2_b).addcmul_(delta.mul_(delta), (n_a * n_b / safe).unsqueeze(1))
     return n, torch.where(has, mean, mean_a), torch.where(has, m2, m2_a)
 
 
@@ -95,6 +96,9 @@ class ClassStatistics:
         # updates) never counts a sample twice
         self._synced = self._zeros()
         self._pending = self._zeros()
+        # while nothing has been synced, what this rank added is the whole statistics: one
+        # Chan update per batch serves both (bit for bit the same: the same inputs)
+        self._pending_is_total = True
 
     def _zeros(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c, k = self.num_classes, self.num_features
@@ -147,8 +151,8 @@ class ClassStatistics:
             raise ValueError("features contain NaN or Inf (the statistics are left unchanged)")
         safe = count.clamp_min(1).unsqueeze(1)
         delta = s1 / safe  # batch mean - shift
-        m2_b = s2 - s1 * delta  # sum (x - mean_b)^2 = s2 - s1^2 / n
-        self._merge(count, shift.to(self.device) + delta, m2_b.clamp_min(0))
+        m2_b = torch.addcmul(s2, s1, delta, value=-1)  # sum (x - mean_b)^2 = s2 - s1^2 / n
+        self._merge(count, shift.to(self.device) + delta, m2_b.clamp_min_(0))
         return self
 
     def _shift(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -166,9 +170,10 @@ class ClassStatistics:
         return torch.where(fresh.unsqueeze(1), rows, shift)
 
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        self.counts, self.mean, self.m2 = _chan((self.counts, self.mean, self.m2),
-                                                (n_b, mean_b, m2_b))
-        self._pending = _chan(self._pending, (n_b, mean_b, m2_b))
+        totals = _chan((self.counts, self.mean, self.m2), (n_b, mean_b, m2_b))
+        self._pending = totals if self._pending_is_total else _chan(self._pending,
+                                                                    (n_b, mean_b, m2_b))
+        self.counts, self.mean, self.m2 = totals
 
     def merge(self, other: "ClassStatistics") -> "ClassStatistics":
         """Adds another ClassStatistics of the same shape (Chan's parallel merge)."""
@@ -200,6 +205,7 @@ class ClassStatistics:
         for pending in zip(*parts):
             totals = _chan(totals, pending)
         self._synced, self._pending = totals, self._zeros()
+        self._pending_is_total = False
         self.counts, self.mean, self.m2 = totals
         return self
 
@@ -252,6 +258,7 @@ class ClassStatistics:
             loaded.append(t.detach().to(device=self.device, dtype=torch.float64).clone())
         self.counts, self.mean, self.m2 = loaded[:3]
         self._synced, self._pending = tuple(loaded[3:6]), tuple(loaded[6:])
+        self._pending_is_total = False
         return self
 
     def to(self, device: torch.device | str) -> "ClassStatistics":
