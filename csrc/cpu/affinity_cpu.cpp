@@ -23,7 +23,7 @@
 #include "confusion_kernels/affinity_math.h"
 #include "confusion_kernels/affinity_tiles.h"
 #include "confusion_kernels/checks.h"
-#include "group_by_key.h"
+#include "confusion_kernels/group_by_key.h"
 #include "simd.h"
 
 namespace confusion_kernels {

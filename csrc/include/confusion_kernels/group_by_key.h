@@ -1,5 +1,6 @@
-// Rows grouped by an integer key (a class, a prototype), for CPU kernels that
-// give each key one owner: a stable counting sort, O(n + keys).
+// Rows grouped by an integer key (a class, a prototype), for host code: CPU
+// kernels that give each key one owner, and the host label sort of
+// sorted_rows.h. A stable counting sort, O(n + keys).
 #pragma once
 
 #include <cstdint>
