@@ -17,6 +17,7 @@ both ways share.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -92,13 +93,31 @@ class BuildPyWithSources(build_py):
                     shutil.copy2(os.path.join(directory, name), os.path.join(target, rel))
 
 
+def object_directory() -> str:
+    """build/objects-<python>-<venv>: where the compiled objects of this interpreter's builds
+    stay between builds. An editable install (pip install -e) otherwise compiles into a new
+    temporary directory every time, so that each reinstall (scripts/install.sh with other
+    extras) rebuilds every source, the CUDA ones included; here ninja recompiles only what
+    changed: a source or a header it includes (ninja's depfiles), or the compile command (other
+    flags, another torch)."""
+    venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return os.path.join(ROOT, "build", f"objects-{sys.implementation.cache_tag}-{venv}")
+
+
 def cmdclass():
     commands = {"build_py": BuildPyWithSources}
     if torch_importable():
         from torch.utils.cpp_extension import BuildExtension
 
-        commands["build_ext"] = BuildExtension.with_options(
-            use_ninja=shutil.which("ninja") is not None)
+        use_ninja = shutil.which("ninja") is not None
+
+        class BuildExtensionKeepingObjects(BuildExtension.with_options(use_ninja=use_ninja)):
+            def finalize_options(self):
+                super().finalize_options()
+                if use_ninja:  # (without ninja nothing is incremental: the default stays)
+                    self.build_temp = object_directory()
+
+        commands["build_ext"] = BuildExtensionKeepingObjects
     return commands
 
 

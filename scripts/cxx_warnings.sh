@@ -4,7 +4,8 @@
 # -Werror (the .cpp syntax only): torch's and
 # Python's headers are system headers here (-isystem), so what fails is our code, not
 # theirs (the extension's own build passes torch's headers with -I, where they warn).
-#   PYTHON=.venv/bin/python bash scripts/cxx_warnings.sh
+# The sources compile JOBS at a time (default: the number of cores).
+#   PYTHON=.venv/bin/python [JOBS=2] bash scripts/cxx_warnings.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,12 +20,32 @@ if [ -f "$cuda_home/include/cuda_runtime.h" ] && $PY -c "import torch, sys; sys.
   files+=(csrc/cuda/*.cpp)
   flags+=(-isystem "$cuda_home/include" -Icsrc/cuda)
 fi
-fail=0
-for f in "${files[@]}"; do
-  if ! out=$($CXX "${flags[@]}" $torch_inc "$f" 2>&1); then
-    echo "FAIL $f"; echo "$out" | grep -E "error|warning" | head -20; fail=1
+# Each source is its own compiler process, JOBS (default: the cores) at a time; a failing
+# source prints its errors and warnings under a FAIL line and leaves a mark in $marks.
+JOBS=${JOBS:-$(nproc)}
+marks=$(mktemp -d)
+trap 'rm -rf "$marks"' EXIT
+check() {  # check NAME COMMAND...: runs the command, reports and marks NAME if it fails
+  local name=$1 out
+  shift
+  if ! out=$("$@" 2>&1); then
+    printf 'FAIL %s\n%s\n' "$name" "$(echo "$out" | grep -E "error|warning" | head -20)"
+    touch "$marks/${name//\//_}.failed"
   fi
-done
+}
+run_parallel() {  # run_parallel FILE...: check_one FILE for each, JOBS at a time
+  local f
+  for f in "$@"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    check_one "$f" &
+  done
+  wait
+}
+failed() { compgen -G "$marks/*.failed" > /dev/null; }
+check_one() { check "$1" $CXX "${flags[@]}" $torch_inc "$1"; }
+run_parallel "${files[@]}"
+fail=0
+failed && fail=1
 [ $fail = 0 ] && echo "cxx_warnings: ${#files[@]} sources clean under -Wall -Wextra (-std=$std)"
 # The .cu files: nvcc for one architecture (its front end and the host compiler see the same
 # code for every one), nvcc's own warnings and the host compiler's -Wall -Wextra as errors.
@@ -34,15 +55,15 @@ if [ -n "$nvcc" ] && [ -f "$cuda_home/include/cuda_runtime.h" ] \
     && $PY -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
   cu_files=(csrc/cuda/*.cu)
   out_dir=$(mktemp -d)
-  for f in "${cu_files[@]}"; do
-    if ! out=$("$nvcc" -std=$std -c "$f" -o "$out_dir/$(basename "$f").o" \
-        -gencode arch=compute_90,code=sm_90 --expt-relaxed-constexpr -O3 \
-        -Xcompiler=-fPIC,-Wall,-Wextra -Werror=all-warnings $torch_inc -isystem "$py_inc" \
-        -Icsrc/include -Icsrc/cuda 2>&1); then
-      echo "FAIL $f"; echo "$out" | grep -E "error|warning" | head -20; fail=1
-    fi
-  done
+  check_one() {
+    check "$1" "$nvcc" -std=$std -c "$1" -o "$out_dir/$(basename "$1").o" \
+      -gencode arch=compute_90,code=sm_90 --expt-relaxed-constexpr -O3 \
+      -Xcompiler=-fPIC,-Wall,-Wextra -Werror=all-warnings $torch_inc -isystem "$py_inc" \
+      -Icsrc/include -Icsrc/cuda
+  }
+  run_parallel "${cu_files[@]}"
   rm -rf "$out_dir"
+  failed && fail=1
   [ $fail = 0 ] && echo "cxx_warnings: ${#cu_files[@]} .cu sources clean under nvcc -Werror=all-warnings, -Wall -Wextra"
 fi
 exit $fail
