@@ -33,17 +33,18 @@ check() {  # check NAME COMMAND...: runs the command, reports and marks NAME if 
     touch "$marks/${name//\//_}.failed"
   fi
 }
-run_parallel() {  # run_parallel FILE...: check_one FILE for each, JOBS at a time
-  local f
+run_parallel() {  # run_parallel CHECKER FILE...: CHECKER FILE for each, JOBS at a time
+  local checker=$1 f
+  shift
   for f in "$@"; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-    check_one "$f" &
+    "$checker" "$f" &
   done
   wait
 }
 failed() { compgen -G "$marks/*.failed" > /dev/null; }
-check_one() { check "$1" $CXX "${flags[@]}" $torch_inc "$1"; }
-run_parallel "${files[@]}"
+check_cpp() { check "$1" $CXX "${flags[@]}" $torch_inc "$1"; }
+run_parallel check_cpp "${files[@]}"
 fail=0
 failed && fail=1
 [ $fail = 0 ] && echo "cxx_warnings: ${#files[@]} sources clean under -Wall -Wextra (-std=$std)"
@@ -55,13 +56,13 @@ if [ -n "$nvcc" ] && [ -f "$cuda_home/include/cuda_runtime.h" ] \
     && $PY -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
   cu_files=(csrc/cuda/*.cu)
   out_dir=$(mktemp -d)
-  check_one() {
+  check_cu() {
     check "$1" "$nvcc" -std=$std -c "$1" -o "$out_dir/$(basename "$1").o" \
       -gencode arch=compute_90,code=sm_90 --expt-relaxed-constexpr -O3 \
       -Xcompiler=-fPIC,-Wall,-Wextra -Werror=all-warnings $torch_inc -isystem "$py_inc" \
       -Icsrc/include -Icsrc/cuda
   }
-  run_parallel "${cu_files[@]}"
+  run_parallel check_cu "${cu_files[@]}"
   rm -rf "$out_dir"
   failed && fail=1
   [ $fail = 0 ] && echo "cxx_warnings: ${#cu_files[@]} .cu sources clean under nvcc -Werror=all-warnings, -Wall -Wextra"

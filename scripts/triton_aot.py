@@ -741,8 +741,8 @@ def check(rows: list[dict], budget: dict, max_seconds: float,
             problems.append(f"{what}: {r['blocks_per_sm']} blocks/SM, its launcher assumes {need}")
     for entry in KNOWN_SPILLS:
         applies = version < entry.get("triton_below", (99, 0))
-        compiled = any(_matches(entry, r) for r in rows)  # (an architecture not compiled
-        # this run, e.g. `--arch 90`, leaves its entries unchecked)
+        # (an architecture not compiled in this run, e.g. `--arch 90`, leaves its entries be)
+        compiled = any(_matches(entry, r) for r in rows)
         if applies and id(entry) not in used and compiled:
             problems.append(f"KNOWN_SPILLS entry for {entry['kernel']} [{entry['variant']}] matches "
                             "no spilling variant any more: remove it")
